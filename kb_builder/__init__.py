@@ -1,0 +1,1 @@
+"""Offline knowledge-base pipeline of RetFormer: encoders, datasets, shards, embed, index, neighbours."""

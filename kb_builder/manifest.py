@@ -1,0 +1,94 @@
+"""YAML manifests: one per KB source, per dataset, per experiment; a path works wherever a name does.
+
+Values can be overridden from the command line with `--set dotted.key=value` (the value is parsed as
+YAML, so `--set train.epochs=3` gives an int and `--set encoders.image.pretrained=null` gives None).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kb_builder.errors import UserError
+
+CATEGORIES = ("kb", "datasets", "experiments")
+
+
+def manifest_roots() -> list[Path]:
+    """Where named manifests are looked up: $RETFORMER_MANIFESTS, ./manifests, then the repo's own."""
+    roots = []
+    if env := os.environ.get("RETFORMER_MANIFESTS"):
+        roots.append(Path(env))
+    roots.append(Path.cwd() / "manifests")
+    roots.append(Path(__file__).resolve().parents[1] / "manifests")
+    seen: list[Path] = []
+    for r in roots:
+        if r not in seen:
+            seen.append(r)
+    return seen
+
+
+def available(category: str) -> list[str]:
+    """Names of the manifests of one category found in the manifest roots."""
+    names: set[str] = set()
+    for root in manifest_roots():
+        names.update(p.stem for p in (root / category).glob("*.yaml"))
+    return sorted(names)
+
+
+def resolve(category: str, name_or_path: str) -> Path:
+    """The file behind a manifest name (looked up in `category`) or an explicit path to a YAML file."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown manifest category {category!r}")
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not candidate.is_file():
+            raise UserError(f"manifest file not found: {candidate}")
+        return candidate
+    for root in manifest_roots():
+        path = root / category / f"{name_or_path}.yaml"
+        if path.is_file():
+            return path
+    known = ", ".join(available(category)) or "none"
+    singular = {"kb": "knowledge base", "datasets": "dataset", "experiments": "experiment"}[category]
+    raise UserError(f"unknown {singular} {name_or_path!r}: known {category} manifests are {known}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of `data` with each `dotted.key=value` override applied (value parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UserError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def load(category: str, name_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Load a manifest by name or path and apply overrides; `name` defaults to the file's stem."""
+    path = resolve(category, name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"manifest {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"manifest {path} must be a mapping at the top level")
+    data.setdefault("name", path.stem)
+    data = apply_overrides(data, overrides)
+    data["_manifest_path"] = str(path)
+    return data

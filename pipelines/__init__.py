@@ -1,0 +1,1 @@
+"""Orchestration of RetFormer: the CLI, Dask scheduling of the stages, and the demo."""
