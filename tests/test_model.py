@@ -1,0 +1,164 @@
+"""RetFormer and baseline models: shapes, no leakage of the query's own text, attention, gradients."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from trainer.model import (
+    LinearProbe,
+    MLPOnly,
+    RetFormer,
+    build_model,
+    model_from_config,
+    neighbour_attention,
+)
+
+torch.set_num_threads(1)
+
+DI, DT, C, K, B = 16, 12, 5, 6, 3
+KINDS = ("retformer", "no_text", "no_image", "linear", "mlp")
+
+
+def _inputs(seed: int = 0, k: int = K) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, DI, generator=g),
+        torch.randn(B, k, DI, generator=g),
+        torch.randn(B, k, DT, generator=g),
+    )
+
+
+def _model(kind: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    extra = {"width": 32, "depth": 2, "heads": 4, **kw} if kind not in ("linear", "mlp") else {}
+    return build_model(kind, C, DI, DT, K, **extra).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_shapes(kind: str) -> None:
+    """Every model kind maps (z, nn_img, nn_txt) to (B, C) logits, also with fewer than k neighbours."""
+    model = _model(kind)
+    assert model(*_inputs()).shape == (B, C)
+    assert model(*_inputs(k=K - 2)).shape == (B, C)
+
+
+def test_too_many_neighbours_rejected() -> None:
+    """More neighbours than the model has position embeddings is an error, not a silent truncation."""
+    with pytest.raises(ValueError, match="neighbour positions"):
+        _model("retformer")(*_inputs(k=K + 1))
+
+
+def test_no_input_for_query_text_and_zero_slot() -> None:
+    """The forward signature has no argument for the query's own text, and the query's text token
+    entering the first fusion layer is exactly its position embedding (a zero vector before it)."""
+    for cls in (RetFormer, LinearProbe, MLPOnly):
+        params = list(inspect.signature(cls.forward).parameters)
+        assert params[:4] == ["self", "z", "nn_img", "nn_txt"]
+        assert set(params) <= {"self", "z", "nn_img", "nn_txt", "return_attention"}
+    for kind in ("retformer", "no_image"):
+        model = _model(kind)
+        seen = {}
+
+        def hook(module, args, seen=seen, kind=kind):
+            # CrossFusionLayer(x_img, x_txt, need_weights); SelfAttentionLayer(x, need_weights)
+            seen["txt"] = args[1] if kind == "retformer" else args[0]
+
+        model.layers[0].register_forward_pre_hook(hook)
+        model(*_inputs())
+        expected = model.pos_txt[0, 1].expand(B, -1)
+        torch.testing.assert_close(seen["txt"][:, 1], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text_matters", "image_matters"),
+    [
+        ("retformer", True, True),
+        ("no_image", True, False),
+        ("no_text", False, True),
+        ("linear", False, False),
+        ("mlp", False, False),
+    ],
+)
+def test_which_neighbour_inputs_change_logits(kind: str, text_matters: bool, image_matters: bool) -> None:
+    """Changing the neighbours' texts changes the logits of "full" and "no_image" only; changing the
+    neighbours' images changes "full" and "no_text" only; the baselines ignore both."""
+    model = _model(kind)
+    z, nn_img, nn_txt = _inputs(0)
+    _, other_img, other_txt = _inputs(1)
+    with torch.no_grad():
+        base = model(z, nn_img, nn_txt)
+        new_txt = model(z, nn_img, other_txt)
+        new_img = model(z, other_img, nn_txt)
+    assert (not torch.allclose(base, new_txt)) == text_matters
+    assert (not torch.allclose(base, new_img)) == image_matters
+
+
+@pytest.mark.parametrize("kind", ["retformer", "no_text", "no_image"])
+def test_attention_weights_are_distributions(kind: str) -> None:
+    """return_attention gives (L, B, H, P, P) weights per stream whose rows sum to 1, the same logits
+    as the fused-kernel path, and (B, k) class-token weights over the neighbours (Fig. 5)."""
+    model = _model(kind)
+    inputs = _inputs()
+    with torch.no_grad():
+        logits, attn = model(*inputs, return_attention=True)
+        torch.testing.assert_close(logits, model(*inputs), rtol=1e-5, atol=1e-5)
+    expected = {"retformer": {"image", "text"}, "no_text": {"image"}, "no_image": {"text"}}[kind]
+    assert set(attn) == expected
+    for w in attn.values():
+        assert w.shape == (2, B, 4, K + 2, K + 2)
+        assert (w >= 0).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+    for w in neighbour_attention(attn).values():
+        assert w.shape == (B, K)
+        assert (w.sum(-1) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("ffn", [True, False])
+def test_gradients_reach_every_parameter(ffn: bool) -> None:
+    """One backward pass gives every parameter of the full model a non-zero gradient (no dead branch)."""
+    model = _model("retformer", ffn=ffn).train()
+    z, nn_img, nn_txt = _inputs()
+    loss = torch.nn.functional.cross_entropy(model(z, nn_img, nn_txt), torch.tensor([0, 1, 2]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+    if not ffn:
+        assert not any("ffn" in n for n, _ in model.named_parameters())
+
+
+def test_logits_are_tau_half_sum_of_branches() -> None:
+    """logits = tau/2 * (L_I + L_R) (Eq. 3): doubling tau doubles the logits, and L_I is MLP(z)."""
+    m2 = _model("retformer", tau=2.0)
+    m4 = _model("retformer", tau=4.0)
+    m4.load_state_dict(m2.state_dict())
+    inputs = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(m4(*inputs), 2 * m2(*inputs))
+        # Zeroing the retrieval head leaves exactly the MLP branch.
+        m2.head.weight.zero_()
+        m2.head.bias.zero_()
+        torch.testing.assert_close(m2(*inputs), m2.mlp(inputs[0]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_from_config_roundtrip(kind: str) -> None:
+    """A model rebuilt from its .config and state_dict gives identical logits (what checkpoints rely on)."""
+    model = _model(kind)
+    clone = model_from_config(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(*_inputs()), clone(*_inputs()))
+
+
+def test_bad_arguments() -> None:
+    """Unknown variants / kinds and a missing required modality fail loudly."""
+    with pytest.raises(ValueError, match="variant"):
+        RetFormer(DI, DT, C, variant="both")
+    with pytest.raises(ValueError, match="kind"):
+        build_model("resnet", C, DI)
+    with pytest.raises(ValueError, match="nn_txt"):
+        _model("retformer")(_inputs()[0], _inputs()[1], None)

@@ -1,0 +1,38 @@
+"""Training-free baselines over retrieval features."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.features import RetrievalFeatures
+
+
+def knn_vote(
+    features: RetrievalFeatures, num_classes: int | None = None, batch_size: int = 65536
+) -> torch.Tensor:
+    """k-NN majority vote of the retrieved KB items' labels, as (N, C) scores for `evaluate()`.
+
+    score[c] = votes[c] + (summed cosine of the neighbours voting c + k) / (2k + 1).
+    The second term is in [0, 1), so it only breaks ties between equal vote counts (higher summed
+    similarity wins) and never outweighs one vote. Neighbours with label -1 (unlabelled KB rows)
+    or a label outside [0, C) do not vote. A query with no labelled neighbour gets a uniform row
+    (argmax falls on class 0, so it counts as wrong unless its label is 0).
+    num_classes defaults to max(query label) + 1.
+    """
+    if num_classes is None:
+        num_classes = int(features.labels.max()) + 1 if len(features) else 0
+    n, k = features.nn_rows.shape
+    out = torch.zeros(n, num_classes, dtype=torch.float32)
+    for start in range(0, n, batch_size):
+        rows = features.nn_rows[start : start + batch_size].cpu()
+        lab = features.store_label.cpu()[rows]  # (B, k)
+        sim = features.nn_score[start : start + batch_size].cpu().float()
+        valid = (lab >= 0) & (lab < num_classes)
+        lab = torch.where(valid, lab, torch.zeros_like(lab))
+        votes = torch.zeros(len(rows), num_classes).scatter_add_(1, lab, valid.float())
+        sim_sum = torch.zeros(len(rows), num_classes).scatter_add_(1, lab, torch.where(valid, sim, 0.0))
+        tie = (sim_sum.clamp(-k, k) + k) / (2 * k + 1)
+        # Classes without votes all get the same tie value k/(2k+1): no spurious ordering among them.
+        tie = torch.where(votes > 0, tie, torch.full_like(tie, k / (2 * k + 1)))
+        out[start : start + batch_size] = votes + tie
+    return out

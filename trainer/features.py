@@ -1,0 +1,217 @@
+"""Retrieval features in memory: query embeddings, neighbour ids, and the compact neighbour store.
+
+Memory layout: the neighbours' vectors are never materialised per query as (N, k, D) (for
+ImageNet-LT at k=32 that is the paper's 30 GB); each query holds k row indexes into the store and
+`batch()` gathers the vectors of one mini-batch. The store keeps the dtype it was read with
+(float16 from Parquet: half the memory); `batch()` returns float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from kb_builder.embeddings_io import read_embeddings, read_part_arrow
+from kb_builder.errors import UserError
+
+
+@dataclass
+class RetrievalFeatures:
+    """Queries of one split with their top-k neighbours, as row indexes into a shared store.
+
+    query_img (N, Di) float32, labels (N,) int64 (-1 = unknown), uids list[str] (N),
+    nn_rows (N, k) int64 rows of the store, nn_score (N, k) float32 cosine (descending),
+    store_img (M, Di), store_txt (M, Dt) (zeros where no text), store_has_text (M,) bool,
+    store_label (M,) int64 (-1 = none).
+    """
+
+    query_img: torch.Tensor
+    labels: torch.Tensor
+    uids: list[str]
+    nn_rows: torch.Tensor
+    nn_score: torch.Tensor
+    store_img: torch.Tensor
+    store_txt: torch.Tensor
+    store_has_text: torch.Tensor
+    store_label: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.query_img.shape[0]
+        m = self.store_img.shape[0]
+        if not (len(self.labels) == len(self.uids) == self.nn_rows.shape[0] == self.nn_score.shape[0] == n):
+            raise ValueError("query_img, labels, uids, nn_rows and nn_score must have the same length")
+        if self.nn_rows.shape != self.nn_score.shape:
+            raise ValueError(f"nn_rows {tuple(self.nn_rows.shape)} != nn_score {tuple(self.nn_score.shape)}")
+        if not (self.store_txt.shape[0] == len(self.store_has_text) == len(self.store_label) == m):
+            raise ValueError("store arrays must have the same number of rows")
+        if self.nn_rows.numel() and (int(self.nn_rows.min()) < 0 or int(self.nn_rows.max()) >= m):
+            raise ValueError(f"nn_rows out of range for a store of {m} rows")
+
+    def __len__(self) -> int:
+        return int(self.query_img.shape[0])
+
+    @property
+    def k(self) -> int:
+        """Neighbours per query."""
+        return int(self.nn_rows.shape[1])
+
+    @property
+    def img_dim(self) -> int:
+        return int(self.query_img.shape[1])
+
+    @property
+    def txt_dim(self) -> int:
+        return int(self.store_txt.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_img.device
+
+    def batch(
+        self, idx: torch.Tensor | np.ndarray | list[int], neighbours: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Gather one mini-batch: z (B, Di), y (B,), and unless neighbours=False, nn_img (B, k, Di),
+        nn_txt (B, k, Dt), nn_label (B, k), nn_score (B, k), nn_has_text (B, k); all on self.device,
+        vectors float32."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        out = {"z": self.query_img[idx].float(), "y": self.labels[idx]}
+        if neighbours:
+            rows = self.nn_rows[idx]  # (B, k)
+            out["nn_img"] = self.store_img[rows].float()
+            out["nn_txt"] = self.store_txt[rows].float()
+            out["nn_label"] = self.store_label[rows]
+            out["nn_score"] = self.nn_score[idx]
+            out["nn_has_text"] = self.store_has_text[rows]
+        return out
+
+    def subset_k(self, k: int) -> RetrievalFeatures:
+        """The same queries with only their first (best) k neighbours; the store is shared, not copied."""
+        if not 1 <= k <= self.k:
+            raise ValueError(f"k={k} must be in [1, {self.k}] (features were loaded with k={self.k})")
+        return replace(self, nn_rows=self.nn_rows[:, :k], nn_score=self.nn_score[:, :k])
+
+    def subset(self, idx: torch.Tensor | np.ndarray | list[int]) -> RetrievalFeatures:
+        """The given queries (e.g. a held-out part of train); the store is shared, not copied."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        pos = idx.cpu().tolist()
+        return replace(
+            self,
+            query_img=self.query_img[idx],
+            labels=self.labels[idx],
+            uids=[self.uids[i] for i in pos],
+            nn_rows=self.nn_rows[idx],
+            nn_score=self.nn_score[idx],
+        )
+
+    def to(self, device: torch.device | str) -> RetrievalFeatures:
+        """A copy with every tensor on `device` (gathering on the GPU avoids a host copy per batch)."""
+        return replace(
+            self,
+            query_img=self.query_img.to(device),
+            labels=self.labels.to(device),
+            nn_rows=self.nn_rows.to(device),
+            nn_score=self.nn_score.to(device),
+            store_img=self.store_img.to(device),
+            store_txt=self.store_txt.to(device),
+            store_has_text=self.store_has_text.to(device),
+            store_label=self.store_label.to(device),
+        )
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    # np.frombuffer views over Arrow buffers are read-only; torch wants writable memory.
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a)
+
+
+def _fixed_list_to_numpy(column: pa.ChunkedArray, k: int, dtype: type, path: Path, name: str) -> np.ndarray:
+    arr = column.combine_chunks()
+    if not pa.types.is_fixed_size_list(arr.type) and not pa.types.is_list(arr.type):
+        raise UserError(f"{path}: column {name} is {arr.type}, expected fixed_size_list[{k}]")
+    if arr.null_count:
+        raise UserError(f"{path}: column {name} has {arr.null_count} null rows")
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != k).any():
+        bad = int(lengths[lengths != k][0])
+        raise UserError(f"{path}: column {name} holds lists of {bad} values, expected k={k}")
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(arr), k)
+
+
+def load_retrieval_features(dataset_dir: Path | str, kb: str, k: int, split: str) -> RetrievalFeatures:
+    """Load one split: `embeddings/<split>/` (queries and labels), `neighbors/<kb>/k<k>/<split>.parquet`
+    (joined by uid) and `neighbors/<kb>/k<k>/store.parquet` (nn_id -> store row by kb_id).
+
+    Raises UserError naming the file when a query has no neighbour row, when a neighbour id is
+    missing from the store, or when a file is absent."""
+    dataset_dir = Path(dataset_dir)
+    emb_dir = dataset_dir / "embeddings" / split
+    nn_dir = dataset_dir / "neighbors" / kb / f"k{k}"
+    nn_path = nn_dir / f"{split}.parquet"
+    store_path = nn_dir / "store.parquet"
+    for p in (nn_path, store_path):
+        if not p.is_file():
+            raise UserError(f"neighbour file not found: {p} (run the neighbors stage for kb={kb}, k={k})")
+
+    queries = read_embeddings(emb_dir)
+
+    # Join queries to neighbour rows by uid (Arrow's hash join; neighbour rows may be in any order).
+    nn = read_part_arrow(nn_path, columns=["uid", "nn_id", "nn_score"])
+    nn_uid = nn.column("uid").combine_chunks()
+    if pc.count_distinct(nn_uid).as_py() != len(nn_uid):
+        raise UserError(f"{nn_path}: duplicate query uids")
+    q_uid = pa.array(queries.uid.tolist(), type=pa.string())
+    pos = pc.index_in(q_uid, value_set=nn_uid)
+    if pos.null_count:
+        missing = q_uid.filter(pos.is_null())
+        raise UserError(
+            f"{nn_path}: no neighbour row for {pos.null_count} of {len(q_uid)} queries "
+            f"(first: {missing[0].as_py()!r}); rerun the neighbors stage for split {split!r}"
+        )
+    pos_np = pos.to_numpy(zero_copy_only=False).astype(np.int64)
+    nn_id = _fixed_list_to_numpy(nn.column("nn_id"), k, np.int64, nn_path, "nn_id")[pos_np]
+    nn_score = _fixed_list_to_numpy(nn.column("nn_score"), k, np.float32, nn_path, "nn_score")[pos_np]
+
+    # Map KB ids to store rows with a binary search over the (ascending) kb_id column.
+    store = read_embeddings(store_path)
+    kb_id = read_part_arrow(store_path, columns=["kb_id"]).column("kb_id").to_numpy().astype(np.int64)
+    order = None
+    if len(kb_id) > 1 and not (np.diff(kb_id) > 0).all():
+        order = np.argsort(kb_id, kind="stable")  # contract says ascending; tolerate, but no duplicates
+        kb_id = kb_id[order]
+        if (np.diff(kb_id) == 0).any():
+            raise UserError(f"{store_path}: duplicate kb_id values")
+    rows = np.searchsorted(kb_id, nn_id)
+    rows_c = np.minimum(rows, max(len(kb_id) - 1, 0))
+    found = (kb_id[rows_c] == nn_id) if len(kb_id) else np.zeros_like(nn_id, dtype=bool)
+    if not found.all():
+        bad = int(nn_id[~found][0])
+        raise UserError(
+            f"{store_path}: kb_id {bad} used by {nn_path.name} is missing from the store "
+            f"({int((~found).sum())} missing references); rerun the neighbors stage"
+        )
+    if order is not None:
+        rows_c = order[rows_c]
+
+    if queries.image_dim != store.image_dim:
+        raise UserError(
+            f"{store_path}: KB image_dim {store.image_dim} != query image_dim {queries.image_dim} "
+            f"in {emb_dir} (different image encoders?)"
+        )
+    return RetrievalFeatures(
+        query_img=_tensor(queries.image_emb).float(),
+        labels=_tensor(queries.label.astype(np.int64)),
+        uids=queries.uid.tolist(),
+        nn_rows=_tensor(rows_c.astype(np.int64)),
+        nn_score=_tensor(nn_score),
+        store_img=_tensor(store.image_emb),
+        store_txt=_tensor(store.text_emb),
+        store_has_text=_tensor(store.has_text.astype(bool)),
+        store_label=_tensor(store.label.astype(np.int64)),
+    )

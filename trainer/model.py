@@ -1,0 +1,386 @@
+"""RetFormer (paper Eq. 3-6) and the baselines that share its forward signature.
+
+    logits = tau/2 * (L_I + L_R),  L_I = MLP(z),  L_R = h(r(z, V_NN))          (Eq. 3)
+
+r is the retrieval cross-fusion module. Two token streams of k+2 positions each:
+
+    image: [cls_I, P_I(z),  P_I(E^I_1), ..., P_I(E^I_k)] + pos_I
+    text:  [cls_T, 0,       P_T(E^T_1), ..., P_T(E^T_k)] + pos_T
+
+The query's text slot is an all-zero vector (before its position embedding): the query's own
+caption or label never enters the model; `forward` has no argument through which it could.
+Each fusion layer (Eq. 4-6) updates both streams from the same input states:
+
+    image <- Att(Q from text,  K, V from image) + image
+    text  <- Att(Q from image, K, V from text)  + text
+
+Departures from the bare equations, all standard ViT practice (the paper says it follows ViT):
+pre-LayerNorm on each attention input; multi-head attention with an output projection; and a
+feed-forward block (LN -> Linear -> GELU -> Linear, residual) after each attention. Eq. 5-6 show
+attention + residual only: `ffn=False` gives exactly that form (still pre-LN). The head h reads
+the final LayerNorm of the class-token outputs (full variant: cls_I and cls_T concatenated).
+
+Variants (paper Sec. 4.5): "no_text" keeps only the image stream and "no_image" only the text
+stream; a single stream attends to itself, i.e. "degenerates into a vanilla transformer encoder".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VARIANTS = ("full", "no_text", "no_image")
+MODEL_KINDS = ("retformer", "no_text", "no_image", "linear", "mlp")
+
+
+class MultiHeadAttention(nn.Module):
+    """Att(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V with Q from `q_src`, K and V from `kv_src` (Eq. 4-5)."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = width // heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, _ = x.shape
+        return x.view(b, p, self.heads, self.head_dim).transpose(1, 2)  # (B, H, P, dh)
+
+    def forward(
+        self, q_src: torch.Tensor, kv_src: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (output (B, P, W), weights (B, H, P, P) or None). Rows of the weights sum to 1."""
+        q, k, v = (
+            self._split(self.q_proj(q_src)),
+            self._split(self.k_proj(kv_src)),
+            self._split(self.v_proj(kv_src)),
+        )
+        drop = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            # Explicit path: the fused kernel does not expose the softmax.
+            weights = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim), dim=-1)
+            out = F.dropout(weights, drop, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        b, _, p, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, p, -1)), weights
+
+
+class FeedForward(nn.Module):
+    """ViT MLP block: Linear -> GELU -> Linear."""
+
+    def __init__(self, width: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(width, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, width),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CrossFusionLayer(nn.Module):
+    """One retrieval cross-fusion layer (Eq. 5-6): each stream attends to its own keys/values with the
+    other stream's queries; both updates read the same input states."""
+
+    def __init__(self, width: int, heads: int, ffn: bool, ffn_hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_img = nn.LayerNorm(width)
+        self.norm_txt = nn.LayerNorm(width)
+        self.attn_img = MultiHeadAttention(width, heads, dropout)  # Att(Q_T, K_I, V_I)
+        self.attn_txt = MultiHeadAttention(width, heads, dropout)  # Att(Q_I, K_T, V_T)
+        self.drop = nn.Dropout(dropout)
+        self.ffn = ffn
+        if ffn:
+            self.ffn_norm_img = nn.LayerNorm(width)
+            self.ffn_norm_txt = nn.LayerNorm(width)
+            self.ffn_img = FeedForward(width, ffn_hidden, dropout)
+            self.ffn_txt = FeedForward(width, ffn_hidden, dropout)
+
+    def forward(
+        self, x_img: torch.Tensor, x_txt: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        h_img, h_txt = self.norm_img(x_img), self.norm_txt(x_txt)
+        a_img, w_img = self.attn_img(h_txt, h_img, need_weights)
+        a_txt, w_txt = self.attn_txt(h_img, h_txt, need_weights)
+        x_img = x_img + self.drop(a_img)
+        x_txt = x_txt + self.drop(a_txt)
+        if self.ffn:
+            x_img = x_img + self.ffn_img(self.ffn_norm_img(x_img))
+            x_txt = x_txt + self.ffn_txt(self.ffn_norm_txt(x_txt))
+        return x_img, x_txt, (w_img, w_txt)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Pre-LN transformer encoder layer: the single-stream ("no_text" / "no_image") form."""
+
+    def __init__(self, width: int, heads: int, ffn: bool, ffn_hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = MultiHeadAttention(width, heads, dropout)
+        self.drop = nn.Dropout(dropout)
+        self.ffn = ffn
+        if ffn:
+            self.ffn_norm = nn.LayerNorm(width)
+            self.ffn_block = FeedForward(width, ffn_hidden, dropout)
+
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.norm(x)
+        a, w = self.attn(h, h, need_weights)
+        x = x + self.drop(a)
+        if self.ffn:
+            x = x + self.ffn_block(self.ffn_norm(x))
+        return x, w
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Two linear layers with a ReLU in the middle (the paper's MLP(z))."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+class RetFormer(nn.Module):
+    """Retrieval-augmented classifier: logits = tau/2 * (MLP(z) + h(cross_fusion(z, neighbours))).
+
+    forward(z (B, Di), nn_img (B, k', Di), nn_txt (B, k', Dt)) with k' <= k (the model's number of
+    neighbour positions). The variant "no_text" ignores nn_txt, "no_image" ignores nn_img (pass None).
+    """
+
+    needs_neighbours = True
+
+    def __init__(
+        self,
+        img_dim: int,
+        txt_dim: int,
+        num_classes: int,
+        width: int = 256,
+        depth: int = 4,
+        heads: int = 4,
+        k: int = 32,
+        mlp_hidden: int | None = None,
+        tau: float = 2.0,
+        variant: str = "full",
+        dropout: float = 0.0,
+        ffn: bool = True,
+        ffn_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        mlp_hidden = mlp_hidden or img_dim
+        self.config: dict[str, Any] = {
+            "kind": "retformer" if variant == "full" else variant,
+            "img_dim": img_dim,
+            "txt_dim": txt_dim,
+            "num_classes": num_classes,
+            "width": width,
+            "depth": depth,
+            "heads": heads,
+            "k": k,
+            "mlp_hidden": mlp_hidden,
+            "tau": tau,
+            "variant": variant,
+            "dropout": dropout,
+            "ffn": ffn,
+            "ffn_ratio": ffn_ratio,
+        }
+        self.variant = variant
+        self.k = k
+        self.tau = tau
+        self.use_img = variant in ("full", "no_text")
+        self.use_txt = variant in ("full", "no_image")
+        ffn_hidden = int(width * ffn_ratio)
+
+        if self.use_img:
+            self.proj_img = nn.Linear(img_dim, width)
+            self.cls_img = nn.Parameter(torch.zeros(1, 1, width))
+            self.pos_img = nn.Parameter(torch.zeros(1, k + 2, width))
+        if self.use_txt:
+            self.proj_txt = nn.Linear(txt_dim, width)
+            self.cls_txt = nn.Parameter(torch.zeros(1, 1, width))
+            self.pos_txt = nn.Parameter(torch.zeros(1, k + 2, width))
+        layer = CrossFusionLayer if variant == "full" else SelfAttentionLayer
+        self.layers = nn.ModuleList(layer(width, heads, ffn, ffn_hidden, dropout) for _ in range(depth))
+        if self.use_img:
+            self.norm_img = nn.LayerNorm(width)
+        if self.use_txt:
+            self.norm_txt = nn.LayerNorm(width)
+        streams = int(self.use_img) + int(self.use_txt)
+        self.head = nn.Linear(streams * width, num_classes)  # h
+        self.mlp = _mlp(img_dim, mlp_hidden, num_classes)  # L_I branch
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # ViT-style init for the fusion module; the MLP branch and head keep PyTorch's default.
+        for name, p in self.named_parameters():
+            if name.startswith(("cls_", "pos_")):
+                nn.init.trunc_normal_(p, std=0.02)
+        for module in [self.layers] + [
+            getattr(self, n) for n in ("proj_img", "proj_txt") if hasattr(self, n)
+        ]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (class tokens, position embeddings), as in ViT."""
+        return {n for n, _ in self.named_parameters() if n.startswith(("cls_", "pos_"))}
+
+    def _tokens(
+        self, first: torch.Tensor, nn_vec: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        b, kk, _ = nn_vec.shape
+        if kk > self.k:
+            raise ValueError(f"got {kk} neighbours, the model has {self.k} neighbour positions")
+        x = torch.cat([cls.expand(b, -1, -1), first[:, None, :], nn_vec], dim=1)
+        return x + pos[:, : kk + 2]
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        nn_img: torch.Tensor | None = None,
+        nn_txt: torch.Tensor | None = None,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits (B, C). With return_attention=True also a dict stream -> weights (L, B, H, P, P),
+        P = k'+2, token order [cls, query, nn_1..nn_k']; stream "image" holds the weights over image
+        tokens (queries from the text stream in the full variant), "text" over text tokens."""
+        x_img = x_txt = None
+        if self.use_img:
+            if nn_img is None:
+                raise ValueError(f"variant {self.variant!r} needs nn_img")
+            x_img = self._tokens(self.proj_img(z), self.proj_img(nn_img), self.cls_img, self.pos_img)
+        if self.use_txt:
+            if nn_txt is None:
+                raise ValueError(f"variant {self.variant!r} needs nn_txt")
+            t = self.proj_txt(nn_txt)
+            # The query's text slot: zeros, never the query's own caption (no leakage of its label).
+            x_txt = self._tokens(t.new_zeros(t.shape[0], t.shape[2]), t, self.cls_txt, self.pos_txt)
+
+        w_img: list[torch.Tensor] = []
+        w_txt: list[torch.Tensor] = []
+        for layer in self.layers:
+            if self.variant == "full":
+                x_img, x_txt, (wi, wt) = layer(x_img, x_txt, return_attention)
+                if return_attention:
+                    w_img.append(wi)
+                    w_txt.append(wt)
+            elif self.use_img:
+                x_img, wi = layer(x_img, return_attention)
+                if return_attention:
+                    w_img.append(wi)
+            else:
+                x_txt, wt = layer(x_txt, return_attention)
+                if return_attention:
+                    w_txt.append(wt)
+
+        cls_out = []
+        if self.use_img:
+            cls_out.append(self.norm_img(x_img[:, 0]))
+        if self.use_txt:
+            cls_out.append(self.norm_txt(x_txt[:, 0]))
+        logits_r = self.head(torch.cat(cls_out, dim=-1))
+        logits_i = self.mlp(z)
+        logits = self.tau / 2 * (logits_i + logits_r)
+        if not return_attention:
+            return logits
+        attn = {}
+        if w_img:
+            attn["image"] = torch.stack(w_img)
+        if w_txt:
+            attn["text"] = torch.stack(w_txt)
+        return logits, attn
+
+
+def neighbour_attention(attn: dict[str, torch.Tensor], layer: int = -1) -> dict[str, torch.Tensor]:
+    """The class token's attention over the k neighbours (head mean), per stream: (B, k) each.
+
+    This is what the paper's Fig. 5 displays above each retrieved image. The rest of the class
+    token's attention mass goes to itself and to the query slot."""
+    return {name: w[layer].mean(dim=1)[:, 0, 2:] for name, w in attn.items()}
+
+
+class LinearProbe(nn.Module):
+    """Linear classifier on the query embedding ("CLIP classifier FT"); ignores the neighbours."""
+
+    needs_neighbours = False
+
+    def __init__(self, img_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {"kind": "linear", "img_dim": img_dim, "num_classes": num_classes}
+        self.fc = nn.Linear(img_dim, num_classes)
+
+    def forward(
+        self, z: torch.Tensor, nn_img: torch.Tensor | None = None, nn_txt: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.fc(z)
+
+
+class MLPOnly(nn.Module):
+    """The L_I branch alone: MLP(z), two linear layers with a ReLU; ignores the neighbours."""
+
+    needs_neighbours = False
+
+    def __init__(self, img_dim: int, num_classes: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or img_dim
+        self.config: dict[str, Any] = {
+            "kind": "mlp",
+            "img_dim": img_dim,
+            "num_classes": num_classes,
+            "hidden": hidden,
+        }
+        self.mlp = _mlp(img_dim, hidden, num_classes)
+
+    def forward(
+        self, z: torch.Tensor, nn_img: torch.Tensor | None = None, nn_txt: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.mlp(z)
+
+
+def build_model(
+    kind: str, num_classes: int, img_dim: int, txt_dim: int = 0, k: int = 32, **kwargs: Any
+) -> nn.Module:
+    """One constructor for every model the trainer runs.
+
+    kind: "retformer" (full), "no_text", "no_image", "linear" (LinearProbe), "mlp" (MLPOnly).
+    kwargs go to the model (RetFormer: width, depth, heads, mlp_hidden, tau, dropout, ffn, ffn_ratio;
+    MLPOnly: hidden). Typical: build_model("retformer", C, feats.img_dim, feats.txt_dim, feats.k)."""
+    if kind in ("retformer", "full", "no_text", "no_image"):
+        variant = "full" if kind in ("retformer", "full") else kind
+        return RetFormer(img_dim, txt_dim, num_classes, k=k, variant=variant, **kwargs)
+    if kind == "linear":
+        return LinearProbe(img_dim, num_classes, **kwargs)
+    if kind == "mlp":
+        return MLPOnly(img_dim, num_classes, **kwargs)
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+
+
+def model_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from its `.config` dict (as stored in checkpoints)."""
+    cfg = dict(config)
+    kind = cfg.pop("kind")
+    if kind in ("retformer", "no_text", "no_image"):
+        return RetFormer(**cfg)
+    if kind == "linear":
+        return LinearProbe(**cfg)
+    if kind == "mlp":
+        return MLPOnly(**cfg)
+    raise ValueError(f"unknown model kind {kind!r} in config")
