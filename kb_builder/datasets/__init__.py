@@ -1,0 +1,104 @@
+"""Downstream datasets, loaded from a manifest entry (`manifests/datasets/<name>.yaml`).
+
+Kinds and the keys read here (besides `name`, `kind`, `shot_thresholds`):
+
+- `fashion_mnist`: balanced Fashion-MNIST. `root`, `test_limit`, `seed`.
+- `fashion_mnist_lt`: Fashion-MNIST-LT, the CIFAR-LT rule on the training set; test = balanced t10k.
+  `root`, `n_max` (500), `imbalance_ratio` (100), `seed` (0), `test_limit` (None = all 10,000).
+- `imagefolder`: `root/<split>/<class>/<image>`. `root`, `imbalance_ratio` (None), `n_max`, `seed`.
+
+`test_limit` keeps a seeded, class-balanced subsample of at most that many test images
+(test_limit // num_classes per class). `shot_thresholds` is a mapping with any of `many` (100),
+`few` (20), `scale` (False), `reference_max` (None); see `longtail.shot_split`.
+
+A manifest also carries keys of other stages (`shard_size`, `neighbors`, ...), which are ignored
+here; an unknown key that looks like a misspelling of one of the keys above (`imbalance_ration`)
+is refused rather than silently replaced by a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import numpy as np
+
+from kb_builder.datasets import fashion_mnist, imagefolder
+from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
+from kb_builder.datasets.longtail import longtail_counts, longtail_indices, shot_split, shot_thresholds
+from kb_builder.errors import UserError
+
+__all__ = [
+    "DatasetSplit",
+    "DownstreamDataset",
+    "KINDS",
+    "fashion_mnist_world_pool",
+    "load_dataset",
+    "longtail_counts",
+    "longtail_indices",
+    "make_uid",
+    "safe_token",
+    "shot_split",
+    "shot_thresholds",
+]
+
+_COMMON_KEYS = {"name", "kind", "description", "shot_thresholds"}
+KINDS: dict[str, set[str]] = {
+    "fashion_mnist": {"root", "test_limit", "seed"},
+    "fashion_mnist_lt": {"root", "n_max", "imbalance_ratio", "seed", "test_limit"},
+    "imagefolder": {"root", "imbalance_ratio", "n_max", "seed"},
+}
+_ALL_KEYS = _COMMON_KEYS.union(*KINDS.values())
+_SHOT_KEYS = {"many", "few", "scale", "reference_max"}
+
+
+def _validate(spec: dict[str, Any]) -> str:
+    if not isinstance(spec, dict):
+        raise UserError(f"a dataset spec must be a mapping, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise UserError(f"unknown dataset kind {kind!r}: known kinds are {', '.join(sorted(KINDS))}")
+    label = repr(spec.get("name", kind))
+    allowed = _COMMON_KEYS | KINDS[kind]
+    for key in spec:
+        key = str(key)
+        if key in allowed or key.startswith("_"):
+            continue
+        if key in _ALL_KEYS:
+            raise UserError(
+                f"dataset {label}: key {key!r} does not apply to kind {kind} (allowed: {sorted(allowed)})"
+            )
+        close = difflib.get_close_matches(key, sorted(_ALL_KEYS), n=1, cutoff=0.8)
+        if close:
+            raise UserError(f"dataset {label}: unknown key {key!r} (did you mean {close[0]!r}?)")
+    shot = spec.get("shot_thresholds") or {}
+    if not isinstance(shot, dict) or set(shot) - _SHOT_KEYS:
+        raise UserError(
+            f"dataset {label}: `shot_thresholds` must be a mapping with keys among {sorted(_SHOT_KEYS)}"
+        )
+    ratio = spec.get("imbalance_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1):
+        raise UserError(f"dataset {label}: imbalance_ratio must be a number >= 1, got {ratio!r}")
+    for key in ("n_max", "test_limit"):
+        value = spec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"dataset {label}: {key} must be a positive integer, got {value!r}")
+    return kind
+
+
+def load_dataset(spec: dict[str, Any]) -> DownstreamDataset:
+    """The DownstreamDataset a manifest entry describes (see the module docstring for the kinds)."""
+    kind = _validate(spec)
+    if kind == "fashion_mnist":
+        return fashion_mnist.load_fashion_mnist(spec, long_tailed=False)
+    if kind == "fashion_mnist_lt":
+        return fashion_mnist.load_fashion_mnist(spec, long_tailed=True)
+    return imagefolder.load_imagefolder(spec)
+
+
+def fashion_mnist_world_pool(spec: dict[str, Any]) -> np.ndarray:
+    """Sorted Fashion-MNIST training indices NOT in the spec's training split (the demo KB's pool)."""
+    kind = _validate(spec)
+    if kind not in ("fashion_mnist", "fashion_mnist_lt"):
+        raise UserError(f"the world pool is defined for Fashion-MNIST datasets, not kind {kind!r}")
+    return fashion_mnist.world_pool(spec)

@@ -1,0 +1,97 @@
+"""A generic labelled image tree: `root/<split>/<class>/<image>`, splits among train / val / test.
+
+Class names are the sorted subdirectory names of `root/train`; label i is the i-th name. Images are
+the files with a known image extension, sorted by name within each class, classes in label order;
+item i of a split gets the uid `<name>-<split>-<i>` (stable while the tree is unchanged). An optional
+`imbalance_ratio` turns the training split long-tailed with the CIFAR-LT rule (`longtail.py`),
+`n_max` defaulting to the largest training class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
+from kb_builder.datasets.longtail import longtail_indices
+from kb_builder.errors import UserError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def _list_dir(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot read image folder {path}: {exc.strerror or exc}") from exc
+
+
+def _scan_split(split_dir: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+    paths: list[Path] = []
+    labels: list[int] = []
+    present = [p for p in _list_dir(split_dir) if p.is_dir()]
+    unknown = sorted({p.name for p in present} - set(class_names))
+    if unknown:
+        raise UserError(
+            f"{split_dir}: classes {unknown} do not appear in the train split {split_dir.parent / 'train'}"
+        )
+    for label, name in enumerate(class_names):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            continue
+        for f in _list_dir(class_dir):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(f)
+                labels.append(label)
+    return paths, labels
+
+
+def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
+    """Load `root/<split>/<class>/<image>` as a DownstreamDataset.
+
+    spec keys: `root` (required), `name` (default: the root's directory name), `imbalance_ratio`
+    (None = keep the training split as is), `n_max` (default: largest training class), `seed` (0),
+    `shot_thresholds` (many/medium/few thresholds, see `DownstreamDataset`).
+    """
+    if not spec.get("root"):
+        raise UserError("imagefolder dataset: `root` is required (a directory with train/ and val/ or test/)")
+    root = Path(spec["root"]).expanduser()
+    if not root.is_dir():
+        raise UserError(f"image folder root {root} does not exist or is not a directory")
+    splits_present = [s for s in SPLITS if (root / s).is_dir()]
+    _list_dir(root)  # an unreadable root fails here with a clear message
+    if "train" not in splits_present:
+        raise UserError(
+            f"image folder root {root} has no train/ subdirectory (expected root/<split>/<class>/<image>)"
+        )
+    class_names = [p.name for p in _list_dir(root / "train") if p.is_dir()]
+    if not class_names:
+        raise UserError(f"{root / 'train'} has no class subdirectories")
+    name = spec.get("name") or root.name
+    prefix = safe_token(name)
+    splits: dict[str, DatasetSplit] = {}
+    for split in splits_present:
+        paths, labels = _scan_split(root / split, class_names)
+        if not paths:
+            raise UserError(f"{root / split}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
+        splits[split] = DatasetSplit(
+            [make_uid(prefix, split, i) for i in range(len(paths))], np.asarray(labels), paths=paths
+        )
+    ratio = spec.get("imbalance_ratio")
+    if ratio is not None:
+        train = splits["train"]
+        n_max = spec.get("n_max") or int(np.bincount(train.labels).max())
+        rows = longtail_indices(
+            train.labels, int(n_max), float(ratio), int(spec.get("seed", 0)), num_classes=len(class_names)
+        )
+        splits["train"] = train.subset(rows)
+    return DownstreamDataset(
+        name=name,
+        class_names=class_names,
+        splits=splits,
+        spec=dict(spec),
+        shot=dict(spec.get("shot_thresholds") or {}),
+    )

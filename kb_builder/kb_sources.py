@@ -1,0 +1,283 @@
+"""Knowledge bases built from local data, written as webdataset shard sets (`shards.py`).
+
+No package ships real image-text pairs offline, so the captions written here are SYNTHETIC: each is
+a class name put into one of a handful of templates ("a photo of a bag.", "product photo: bag.", ...).
+They stand in for alt-text; they carry no information beyond the class they name.
+
+KB sources (`kind` of the `source:` mapping of a KB manifest, which is the `kb_spec` passed here):
+
+- `world` (alias `fashion_mnist_world`): the demo KB. Fashion-MNIST training images that are NOT
+  in the downstream long-tailed training subset (disjoint from it, as DataComp is disjoint from
+  the downstream sets), optionally subsampled uniformly at random to `size`. A fixed fraction
+  `wrong_caption_fraction` (default 0.2) of the captions names a wrong class, drawn uniformly from
+  the other classes, to mimic noisy web alt-text. The `label` column is the class the caption
+  NAMES (noisy, like a label inferred from alt-text); the json also records `true_label`.
+- `downstream`: the downstream training split itself, captions from the same templates naming the
+  true label, uids identical to the dataset's train uids (so the neighbour stage can exclude a
+  query retrieving itself by uid).
+- `all`: both, as two shard sets (`world-*.tar` and `downstream-*.tar`) in one directory.
+
+Keys read here: `kind` (world / fashion_mnist_world / downstream / all), `size` (None = the whole
+pool), `seed` (0), `wrong_caption_fraction` (0.2), `templates` (optional list; each contains
+`{name}` or `{a}`, the class name with its indefinite article), `name` (only for messages). Other
+keys (e.g. `dataset`) belong to the caller and are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kb_builder.datasets import fashion_mnist as fm
+from kb_builder.datasets import fashion_mnist_world_pool
+from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
+from kb_builder.errors import UserError
+from kb_builder.shards import Sample, write_shards
+
+SOURCES = ("world", "downstream", "all")
+_ALIASES = {"fashion_mnist_world": "world"}
+DEFAULT_WRONG_CAPTION_FRACTION = 0.2
+TEMPLATES: tuple[str, ...] = (
+    "a photo of {a}.",
+    "{a} on a white background.",
+    "product photo: {name}.",
+    "a black and white photo of {a}.",
+    "a low resolution photo of {a}.",
+    "{name} for sale, studio shot.",
+    "a close-up photo of {a}.",
+    "catalogue image of {a}.",
+)
+_FINGERPRINT_VERSION = 1
+
+
+def _label(kb_spec: dict[str, Any]) -> str:
+    return repr(kb_spec.get("name") or f"source {kb_spec.get('kind')}")
+
+
+def caption_for(template: str, class_name: str) -> str:
+    """A synthetic caption: `template` with `{name}` = the lower-cased class name, `{a}` = with article."""
+    name = class_name.lower()
+    article = "an" if name[:1] in "aeiou" else "a"
+    return template.format(name=name, a=f"{article} {name}")
+
+
+def _templates(kb_spec: dict[str, Any]) -> list[str]:
+    templates = kb_spec.get("templates") or list(TEMPLATES)
+    for t in templates:
+        if not isinstance(t, str) or ("{name}" not in t and "{a}" not in t):
+            raise UserError(f"KB {_label(kb_spec)}: template {t!r} must contain {{name}} or {{a}}")
+        try:
+            caption_for(t, "x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UserError(f"KB {_label(kb_spec)}: template {t!r} is not a valid format string") from exc
+    return list(templates)
+
+
+def _fingerprint(description: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> str:
+    """sha256 of everything that determines a shard set's content (metadata + image pixels)."""
+    h = hashlib.sha256(
+        json.dumps({"v": _FINGERPRINT_VERSION, **description}, sort_keys=True, default=str).encode()
+    )
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _split_image_identity(split: DatasetSplit) -> tuple[list[Any], list[np.ndarray]]:
+    """What identifies a split's images: their pixels, or (path, size, mtime) of their files."""
+    if split.pixels is not None:
+        return [], [split.pixels]
+    assert split.paths is not None
+    ident = []
+    for p in split.paths:
+        st = p.stat()
+        ident.append([str(p), st.st_size, st.st_mtime_ns])
+    return ident, []
+
+
+def _rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
+    # Independent streams, so that changing e.g. the wrong-caption fraction does not change the subsample.
+    subsample, wrong, template = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    return subsample, wrong, template
+
+
+def world_samples(
+    kb_spec: dict[str, Any], dataset: DownstreamDataset
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """The world KB's metadata, before any image is encoded.
+
+    Returns (uids, captions, named labels, true labels, row indices into the Fashion-MNIST training
+    set, info). Every draw is seeded by `kb_spec["seed"]`.
+    """
+    kind = dataset.spec.get("kind")
+    if kind not in ("fashion_mnist", "fashion_mnist_lt"):
+        raise UserError(
+            f"KB source 'world' is built from the Fashion-MNIST training images the downstream set leaves "
+            f"out; dataset {dataset.name!r} is of kind {kind!r}"
+        )
+    seed = int(kb_spec.get("seed", 0))
+    frac = float(kb_spec.get("wrong_caption_fraction", DEFAULT_WRONG_CAPTION_FRACTION))
+    if not 0.0 <= frac <= 1.0:
+        raise UserError(f"KB {_label(kb_spec)}: wrong_caption_fraction must be in [0, 1], got {frac}")
+    templates = _templates(kb_spec)
+    pool = fashion_mnist_world_pool(dataset.spec)
+    if len(pool) == 0:
+        raise UserError(
+            f"the world pool of dataset {dataset.name!r} is empty: its training split uses every "
+            "Fashion-MNIST training image (use kind fashion_mnist_lt)"
+        )
+    size = kb_spec.get("size")
+    if size is not None and (int(size) < 1 or int(size) > len(pool)):
+        raise UserError(f"KB {_label(kb_spec)}: size {size} must be between 1 and the pool size {len(pool)}")
+    _, labels = fm.load_arrays(dataset.spec.get("root") or fm.DEFAULT_ROOT, "train")
+    rng_sub, rng_wrong, rng_tpl = _rngs(seed)
+    # Uniform without replacement: the (nearly balanced) class proportions of the pool carry over.
+    rows = np.sort(rng_sub.choice(pool, int(size), replace=False)) if size is not None else pool
+    true = labels[rows].astype(np.int64)
+    n, c = len(rows), len(fm.CLASS_NAMES)
+    n_wrong = int(round(frac * n))
+    named = true.copy()
+    if c > 1 and n_wrong:
+        wrong_pos = rng_wrong.choice(n, n_wrong, replace=False)
+        # true + uniform{1..C-1} mod C: uniform over the other classes.
+        named[wrong_pos] = (true[wrong_pos] + rng_wrong.integers(1, c, n_wrong)) % c
+    tpl = rng_tpl.integers(0, len(templates), n)
+    captions = [caption_for(templates[t], fm.CLASS_NAMES[k]) for t, k in zip(tpl, named, strict=True)]
+    uids = [make_uid(fm.UID_PREFIX, "train", int(r)) for r in rows]
+    info = {
+        "pool_size": int(len(pool)),
+        "size": n,
+        "seed": seed,
+        "wrong_caption_fraction": {
+            "requested": frac,
+            "measured": float(np.mean(named != true)) if n else 0.0,
+        },
+        "true_class_counts": np.bincount(true, minlength=c).tolist(),
+        "named_class_counts": np.bincount(named, minlength=c).tolist(),
+    }
+    return uids, captions, named, true, rows, info
+
+
+def _build_world(kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: Path, shard_size: int) -> dict:
+    uids, captions, named, true, rows, info = world_samples(kb_spec, dataset)
+    images, _ = fm.load_arrays(dataset.spec.get("root") or fm.DEFAULT_ROOT, "train")
+    pixels = images[rows]
+    fp = _fingerprint(
+        {
+            "source": "world",
+            "uids": uids,
+            "captions": captions,
+            "named": named.tolist(),
+            "true": true.tolist(),
+        },
+        [pixels],
+    )
+
+    def gen() -> Iterator[Sample]:
+        for i, uid in enumerate(uids):
+            yield Sample(uid, pixels[i], captions[i], int(named[i]), "world", {"true_label": int(true[i])})
+
+    shards = write_shards(gen(), out_dir, "world", shard_size, fingerprint=fp)
+    return {**info, "count": len(uids), "shards": [str(p) for p in shards], "fingerprint": fp}
+
+
+def _build_downstream(
+    kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: Path, shard_size: int
+) -> dict:
+    split = dataset.train
+    seed = int(kb_spec.get("seed", 0))
+    templates = _templates(kb_spec)
+    _, _, rng_tpl = _rngs(seed)
+    tpl = rng_tpl.integers(0, len(templates), len(split))
+    captions = [
+        caption_for(templates[t], dataset.class_names[k]) for t, k in zip(tpl, split.labels, strict=True)
+    ]
+    ident, arrays = _split_image_identity(split)
+    fp = _fingerprint(
+        {
+            "source": "downstream",
+            "uids": split.uids,
+            "captions": captions,
+            "labels": split.labels.tolist(),
+            "files": ident,
+        },
+        arrays,
+    )
+
+    def gen() -> Iterator[Sample]:
+        for i, uid in enumerate(split.uids):
+            yield Sample(uid, split.image_source(i), captions[i], int(split.labels[i]), "downstream")
+
+    shards = write_shards(gen(), out_dir, "downstream", shard_size, fingerprint=fp)
+    return {"count": len(split), "seed": seed, "shards": [str(p) for p in shards], "fingerprint": fp}
+
+
+def build_kb_shards(
+    kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: Path, shard_size: int
+) -> dict[str, Any]:
+    """Write the shard sets of the KB `kb_spec` describes (source world / downstream / all) into `out_dir`.
+
+    Idempotent (see `shards.write_shards`). Returns the facts for the stage record: shards, counts,
+    seeds, requested and measured wrong-caption fraction, class counts, templates.
+    """
+    kind = kb_spec.get("kind")
+    source = _ALIASES.get(kind, kind) if isinstance(kind, str) else kind
+    if source not in SOURCES:
+        known = ", ".join([*SOURCES, *_ALIASES])
+        raise UserError(f"KB {_label(kb_spec)}: unknown local source kind {kind!r}: known kinds are {known}")
+    out_dir = Path(out_dir)
+    parts: dict[str, dict[str, Any]] = {}
+    if source in ("world", "all"):
+        parts["world"] = _build_world(kb_spec, dataset, out_dir, shard_size)
+    if source in ("downstream", "all"):
+        parts["downstream"] = _build_downstream(kb_spec, dataset, out_dir, shard_size)
+    shards = sorted(s for p in parts.values() for s in p["shards"])
+    world = parts.get("world", {})
+    return {
+        "kb": kb_spec.get("name"),
+        "kind": source,
+        "dataset": dataset.name,
+        "synthetic_captions": True,
+        "templates": _templates(kb_spec),
+        "seed": int(kb_spec.get("seed", 0)),
+        "shard_size": shard_size,
+        "counts": {
+            **{k: v["count"] for k, v in parts.items()},
+            "total": sum(v["count"] for v in parts.values()),
+        },
+        "wrong_caption_fraction": world.get("wrong_caption_fraction"),
+        "parts": {k: {kk: vv for kk, vv in v.items() if kk != "shards"} for k, v in parts.items()},
+        "shards": shards,
+    }
+
+
+def write_dataset_shards(dataset: DownstreamDataset, out_dir: Path, shard_size: int) -> dict[str, list[Path]]:
+    """Write every split of `dataset` as `<split>-%05d.tar` (no captions, source "downstream").
+
+    Idempotent per split. Returns {split: shard paths}.
+    """
+    out: dict[str, list[Path]] = {}
+    for name, split in dataset.splits.items():
+        ident, arrays = _split_image_identity(split)
+        fp = _fingerprint(
+            {
+                "dataset": dataset.name,
+                "split": name,
+                "uids": split.uids,
+                "labels": split.labels.tolist(),
+                "files": ident,
+            },
+            arrays,
+        )
+
+        def gen(split: DatasetSplit = split) -> Iterator[Sample]:
+            for i, uid in enumerate(split.uids):
+                yield Sample(uid, split.image_source(i), None, int(split.labels[i]), "downstream")
+
+        out[name] = write_shards(gen(), out_dir, name, shard_size, fingerprint=fp)
+    return out

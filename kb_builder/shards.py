@@ -1,0 +1,296 @@
+"""Webdataset tar shards: the input format of the embed stage (docs/CONTRACTS_DRAFT.md).
+
+One sample per key: `__key__` = uid (`[A-Za-z0-9_-]` only), `png` or `jpg` = the encoded image,
+`txt` = the caption (absent when there is none), `json` = {"uid", "label", "source", ...extra}.
+
+A shard set is the files `<prefix>-00000.tar`, `<prefix>-00001.tar`, ... in one directory plus a
+manifest `_SUCCESS-<prefix>.json` listing every shard with its sample count and size. Each shard is
+written under a temporary name (`<shard>.tmp-<pid>`) and renamed when complete; the manifest is
+written last, so its presence means the whole set is complete. A rerun whose manifest matches
+(same fingerprint and shard size, every listed shard present with its recorded size) writes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import webdataset
+from PIL import Image
+
+from kb_builder.atomic import is_leftover_tmp, tmp_name, write_json_atomic
+from kb_builder.errors import UserError
+
+SHARD_FORMAT = "{prefix}-{index:05d}.tar"
+MANIFEST_FORMAT = "_SUCCESS-{prefix}.json"
+FORMAT_VERSION = 1
+_UID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+class Sample(NamedTuple):
+    """One shard record. `image` is encoded bytes (PNG/JPEG kept as they are), a PIL image or a
+    uint8 array (encoded to PNG). `meta` adds fields to the json (e.g. `true_label`)."""
+
+    uid: str
+    image: bytes | Image.Image | np.ndarray
+    caption: str | None
+    label: int | None
+    source: str
+    meta: dict[str, Any] | None = None
+
+
+def encode_image(image: bytes | Image.Image | np.ndarray) -> tuple[bytes, str]:
+    """(encoded bytes, extension): PNG and JPEG bytes pass through; anything else becomes PNG.
+
+    Grayscale stays grayscale (the encoders convert to RGB); modes PNG cannot hold become RGB.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if data.startswith(_PNG_MAGIC):
+            return data, "png"
+        if data.startswith(_JPEG_MAGIC):
+            return data, "jpg"
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            image = img.copy()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image))
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"cannot encode an image of type {type(image).__name__}")
+    if image.mode not in _PNG_MODES:
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def shard_path(out_dir: Path, prefix: str, index: int) -> Path:
+    """The path of shard `index` of the set `prefix`."""
+    return Path(out_dir) / SHARD_FORMAT.format(prefix=prefix, index=index)
+
+
+def manifest_path(out_dir: Path, prefix: str) -> Path:
+    """The completion manifest of the shard set `prefix`."""
+    return Path(out_dir) / MANIFEST_FORMAT.format(prefix=prefix)
+
+
+def read_manifest(out_dir: Path, prefix: str) -> dict[str, Any] | None:
+    """The manifest of a complete shard set, or None when there is none (or it is unreadable)."""
+    path = manifest_path(out_dir, prefix)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def complete_shard_set(
+    out_dir: Path, prefix: str, shard_size: int, fingerprint: str | None = None
+) -> list[Path] | None:
+    """The shards of a complete set matching `shard_size` and `fingerprint`, or None (must rewrite)."""
+    out_dir = Path(out_dir)
+    m = read_manifest(out_dir, prefix)
+    if m is None or m.get("format_version") != FORMAT_VERSION or m.get("shard_size") != shard_size:
+        return None
+    if fingerprint is not None and m.get("fingerprint") != fingerprint:
+        return None
+    paths = []
+    for entry in m.get("shards", []):
+        p = out_dir / entry["name"]
+        if not p.is_file() or p.stat().st_size != entry["bytes"]:
+            return None
+        paths.append(p)
+    return paths
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
+    """Delete this set's shards not in `keep` and temporary files whose writer process is gone."""
+    shard_re = re.compile(rf"^{re.escape(prefix)}-\d{{5}}\.tar$")
+    own = re.compile(
+        rf"^({re.escape(prefix)}-\d{{5}}\.tar|{re.escape(MANIFEST_FORMAT.format(prefix=prefix))})"
+    )
+    for p in out_dir.iterdir():
+        if is_leftover_tmp(p) and own.match(p.name):
+            pid = p.name.rsplit(".tmp-", 1)[1]
+            # Only a dead writer's leftovers: a live process may be writing this very file.
+            if not pid.isdigit() or (int(pid) != os.getpid() and not _pid_alive(int(pid))):
+                p.unlink(missing_ok=True)
+        elif shard_re.match(p.name) and p.name not in keep:
+            p.unlink()
+
+
+def _record(sample: Sample) -> dict[str, Any]:
+    if not _UID_RE.match(sample.uid or ""):
+        raise ValueError(f"uid {sample.uid!r} has characters outside [A-Za-z0-9_-]")
+    data, ext = encode_image(sample.image)
+    meta = {
+        "uid": sample.uid,
+        "label": None if sample.label is None else int(sample.label),
+        "source": sample.source,
+        **(sample.meta or {}),
+    }
+    rec: dict[str, Any] = {"__key__": sample.uid, ext: data, "json": json.dumps(meta).encode()}
+    if sample.caption is not None:
+        rec["txt"] = sample.caption.encode("utf-8")
+    return rec
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: Path,
+    prefix: str,
+    shard_size: int,
+    fingerprint: str | None = None,
+) -> list[Path]:
+    """Write `samples` as `<prefix>-%05d.tar` shards of `shard_size` samples; return their paths.
+
+    Idempotent: when `_SUCCESS-<prefix>.json` matches (`fingerprint`, which the caller derives from
+    everything that determines the content, and `shard_size`), `samples` is not even iterated and the
+    existing shards are returned. Otherwise the set is rewritten: the old manifest goes first, each
+    shard is written to a temporary name and renamed, shards left over from an older, larger set are
+    deleted, and the manifest is written last. Tar entries carry a fixed mtime, so a rewrite of the
+    same samples is byte-identical.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not re.match(r"^[A-Za-z0-9_-]+$", prefix):
+        raise ValueError(f"shard prefix {prefix!r} has characters outside [A-Za-z0-9_-]")
+    out_dir = Path(out_dir)
+    existing = complete_shard_set(out_dir, prefix, shard_size, fingerprint)
+    if existing is not None:
+        return existing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path(out_dir, prefix).unlink(missing_ok=True)
+    entries: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    it = iter(samples)
+    index = 0
+    exhausted = False
+    while not exhausted:
+        path = shard_path(out_dir, prefix, index)
+        tmp = tmp_name(path)
+        count = 0
+        try:
+            with open(tmp, "wb") as f, webdataset.TarWriter(f, encoder=False, mtime=0) as writer:
+                while count < shard_size:
+                    try:
+                        sample = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if sample.uid in seen:
+                        raise ValueError(f"duplicate uid {sample.uid!r} in shard set {prefix!r}")
+                    seen.add(sample.uid)
+                    writer.write(_record(sample))
+                    count += 1
+            if count == 0:
+                tmp.unlink()
+                break
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        entries.append({"name": path.name, "count": count, "bytes": path.stat().st_size})
+        index += 1
+    _remove_stale(out_dir, prefix, {e["name"] for e in entries})
+    write_json_atomic(
+        manifest_path(out_dir, prefix),
+        {
+            "format_version": FORMAT_VERSION,
+            "prefix": prefix,
+            "shard_size": shard_size,
+            "fingerprint": fingerprint,
+            "num_samples": sum(e["count"] for e in entries),
+            "shards": entries,
+        },
+    )
+    return [out_dir / e["name"] for e in entries]
+
+
+def list_shards(out_dir: Path) -> list[Path]:
+    """Every shard of every complete set (one with a manifest) in `out_dir`, in sorted name order.
+
+    Temporary files and shards of incomplete sets are never listed.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise UserError(f"shard directory not found: {out_dir}")
+    paths: list[Path] = []
+    for m in sorted(out_dir.glob(MANIFEST_FORMAT.format(prefix="*"))):
+        if is_leftover_tmp(m):
+            continue
+        prefix = m.name[len("_SUCCESS-") : -len(".json")]
+        info = read_manifest(out_dir, prefix)
+        if info is not None:
+            paths.extend(out_dir / e["name"] for e in info.get("shards", []))
+    return sorted(paths)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    # webdataset's convention: the key is everything before the first dot of the file's base name.
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
+
+
+def _to_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
+    meta = json.loads(files["json"]) if "json" in files else {}
+    image_ext = next((e for e in _IMAGE_EXTS if e in files), None)
+    caption = files["txt"].decode("utf-8") if "txt" in files else None
+    return {
+        "uid": meta.get("uid", key),
+        "image_bytes": files.get(image_ext) if image_ext else None,
+        "image_ext": image_ext,
+        "caption": caption,
+        "label": meta.get("label"),
+        "source": meta.get("source"),
+        "meta": meta,
+    }
+
+
+def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:
+    """Yield each sample of a shard as dict(uid, image_bytes, image_ext, caption, label, source, meta).
+
+    `meta` is the whole json (img2dataset shards carry url, caption, status, ...; `label` and
+    `source` are then None). A truncated or corrupt shard raises a UserError naming it.
+    """
+    path = Path(path)
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            key: str | None = None
+            files: dict[str, bytes] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _split_name(member.name)
+                if key is not None and k != key:
+                    yield _to_record(key, files)
+                    files = {}
+                key = k
+                f = tar.extractfile(member)
+                files[ext] = f.read() if f is not None else b""
+            if key is not None:
+                yield _to_record(key, files)
+    except (tarfile.TarError, EOFError, ValueError) as exc:
+        raise UserError(f"corrupt or truncated shard {path}: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
