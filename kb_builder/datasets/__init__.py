@@ -6,6 +6,14 @@ Kinds and the keys read here (besides `name`, `kind`, `shot_thresholds`):
 - `fashion_mnist_lt`: Fashion-MNIST-LT, the CIFAR-LT rule on the training set; test = balanced t10k.
   `root`, `n_max` (500), `imbalance_ratio` (100), `seed` (0), `test_limit` (None = all 10,000).
 - `imagefolder`: `root/<split>/<class>/<image>`. `root`, `imbalance_ratio` (None), `n_max`, `seed`.
+- `cifar100_lt`: CIFAR-100-LT from `root/cifar-100-python/` (LDAM-DRW's picks; `cifar.py`). `root`,
+  `imbalance_ratio` (100), `n_max` (500), `seed` (0), `test_limit`, `shot_reference_ratio` (100).
+- `imagenet_lt`: ImageNet-LT list files (`imagenet_lt.py`). `root`, `lists`, `num_classes` (1000).
+- `mini_webvision`: first 50 WebVision classes, DivideMix conventions (`webvision.py`). `root`,
+  `num_classes` (50), `imagenet_val_root`, `imagenet_val_list`.
+
+Any kind also takes `label_noise: {kind: symmetric|asymmetric, rate, seed, mapping}`: the train
+split's labels are replaced by noisy ones, the clean ones kept (`label_noise.py`).
 
 `test_limit` keeps a seeded, class-balanced subsample of at most that many test images
 (test_limit // num_classes per class). `shot_thresholds` is a mapping with any of `many` (100),
@@ -23,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from kb_builder.datasets import fashion_mnist, imagefolder
+from kb_builder.datasets import cifar, fashion_mnist, imagefolder, imagenet_lt, label_noise, webvision
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
+from kb_builder.datasets.label_noise import apply_label_noise
 from kb_builder.datasets.longtail import longtail_counts, longtail_indices, shot_split, shot_thresholds
 from kb_builder.errors import UserError
 
@@ -32,6 +41,7 @@ __all__ = [
     "DatasetSplit",
     "DownstreamDataset",
     "KINDS",
+    "apply_label_noise",
     "fashion_mnist_world_pool",
     "load_dataset",
     "longtail_counts",
@@ -42,11 +52,14 @@ __all__ = [
     "shot_thresholds",
 ]
 
-_COMMON_KEYS = {"name", "kind", "description", "shot_thresholds"}
+_COMMON_KEYS = {"name", "kind", "description", "shot_thresholds", "label_noise"}
 KINDS: dict[str, set[str]] = {
     "fashion_mnist": {"root", "test_limit", "seed"},
     "fashion_mnist_lt": {"root", "n_max", "imbalance_ratio", "seed", "test_limit"},
     "imagefolder": {"root", "imbalance_ratio", "n_max", "seed"},
+    "cifar100_lt": {"root", "imbalance_ratio", "n_max", "seed", "test_limit", "shot_reference_ratio"},
+    "imagenet_lt": {"root", "lists", "num_classes"},
+    "mini_webvision": {"root", "num_classes", "imagenet_val_root", "imagenet_val_list"},
 }
 _ALL_KEYS = _COMMON_KEYS.union(*KINDS.values())
 _SHOT_KEYS = {"many", "few", "scale", "reference_max"}
@@ -90,10 +103,20 @@ def load_dataset(spec: dict[str, Any]) -> DownstreamDataset:
     """The DownstreamDataset a manifest entry describes (see the module docstring for the kinds)."""
     kind = _validate(spec)
     if kind == "fashion_mnist":
-        return fashion_mnist.load_fashion_mnist(spec, long_tailed=False)
-    if kind == "fashion_mnist_lt":
-        return fashion_mnist.load_fashion_mnist(spec, long_tailed=True)
-    return imagefolder.load_imagefolder(spec)
+        dataset = fashion_mnist.load_fashion_mnist(spec, long_tailed=False)
+    elif kind == "fashion_mnist_lt":
+        dataset = fashion_mnist.load_fashion_mnist(spec, long_tailed=True)
+    elif kind == "cifar100_lt":
+        dataset = cifar.load_cifar100_lt(spec)
+    elif kind == "imagenet_lt":
+        dataset = imagenet_lt.load_imagenet_lt(spec)
+    elif kind == "mini_webvision":
+        dataset = webvision.load_mini_webvision(spec)
+    else:
+        dataset = imagefolder.load_imagefolder(spec)
+    if spec.get("label_noise") is not None:
+        dataset = label_noise.add_label_noise(dataset, spec["label_noise"])
+    return dataset
 
 
 def fashion_mnist_world_pool(spec: dict[str, Any]) -> np.ndarray:
