@@ -36,6 +36,7 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 _IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+IMG2DATASET_SOURCE = "img2dataset"  # `source` of samples read from img2dataset shards
 
 
 class Sample(NamedTuple):
@@ -252,17 +253,29 @@ def _split_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
+def _is_img2dataset(meta: dict[str, Any]) -> bool:
+    # img2dataset's json always carries these; our own shards never do.
+    return "source" not in meta and {"url", "key", "status"} <= meta.keys()
+
+
 def _to_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
     meta = json.loads(files["json"]) if "json" in files else {}
     image_ext = next((e for e in _IMAGE_EXTS if e in files), None)
     caption = files["txt"].decode("utf-8") if "txt" in files else None
+    source = meta.get("source")
+    if _is_img2dataset(meta):
+        # img2dataset: `__key__` is its shard/row key, the uid is in the json (save_additional_columns),
+        # a missing caption is written as an empty txt, and there is no source field.
+        source = IMG2DATASET_SOURCE
+        caption = caption or None
+    uid = meta.get("uid")
     return {
-        "uid": meta.get("uid", key),
+        "uid": key if uid is None else str(uid),
         "image_bytes": files.get(image_ext) if image_ext else None,
         "image_ext": image_ext,
         "caption": caption,
         "label": meta.get("label"),
-        "source": meta.get("source"),
+        "source": source,
         "meta": meta,
     }
 
@@ -270,8 +283,10 @@ def _to_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
 def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:
     """Yield each sample of a shard as dict(uid, image_bytes, image_ext, caption, label, source, meta).
 
-    `meta` is the whole json (img2dataset shards carry url, caption, status, ...; `label` and
-    `source` are then None). A truncated or corrupt shard raises a UserError naming it.
+    `meta` is the whole json. img2dataset shards (kb_builder/download.py) are read too: uid from their
+    json's `uid`, `label` None, `source` "img2dataset", an empty caption as None; their json (url,
+    caption, key, status, width, ...) stays in `meta`. A truncated or corrupt shard raises a UserError
+    naming it.
     """
     path = Path(path)
     try:
