@@ -21,7 +21,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help setup data demo test lint shards embed index neighbors train evaluate bench-embed bench-index clean
+.PHONY: help setup data demo test lint shards download embed index neighbors train evaluate bench-embed bench-index clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -57,6 +57,9 @@ lint: setup  ## ruff
 
 shards: setup data  ## build KB shards (make shards KB=...)
 	$(RETFORMER) shards --kb $(KB) $(COMMON) $(SET_ARGS)
+
+download: setup  ## download a KB with img2dataset (make download KB=... [RETRY=1])
+	$(RETFORMER) download --kb $(KB) $(COMMON) $(SET_ARGS) $(if $(RETRY),--retry-failed,)
 
 embed: setup data  ## embed a KB (make embed KB=...)
 	$(RETFORMER) embed --kb $(KB) $(COMMON) $(SET_ARGS)

@@ -21,9 +21,16 @@ from kb_builder.embeddings_io import EmbeddingTable, write_embeddings_part
 _ENCODERS: dict[str, Any] = {}
 
 
-def part_path_for(shard: Path, out_dir: Path) -> Path:
-    """The embeddings part a shard produces (sorted shard names give sorted part names)."""
-    return out_dir / f"part-{shard.name.removesuffix('.tar')}.parquet"
+def part_stem(shard: Path, shard_root: Path) -> str:
+    """A unique, sortable part name for a shard: its path under the shards root with '/' -> '-'
+    (img2dataset names the shards of every chunk folder 00000.tar, 00001.tar, ...)."""
+    rel = Path(shard).resolve().relative_to(Path(shard_root).resolve())
+    return "-".join(rel.with_suffix("").parts)
+
+
+def part_path_for(stem: str, out_dir: Path) -> Path:
+    """The embeddings part of a shard (sorted shard paths give sorted part names)."""
+    return out_dir / f"part-{stem}.parquet"
 
 
 def _encoders(image_spec: dict, text_spec: dict | None, device: str) -> tuple[Any, Any]:
@@ -47,7 +54,7 @@ def _pick_device(device: str | None) -> str:
 
 
 def embed_shard(
-    shard: Path,
+    task: tuple[Path, str],
     out_dir: Path,
     image_spec: dict,
     text_spec: dict | None,
@@ -55,15 +62,18 @@ def embed_shard(
     device: str | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Embed one shard into its Parquet part; returns counts, skips by reason and timings."""
+    """Embed one shard (task = (shard path, part stem)) into its Parquet part; returns counts, skips
+    by reason and timings."""
     import torch
 
     from kb_builder.shards import read_shard
 
     if threads:
         torch.set_num_threads(threads)
-    out = part_path_for(Path(shard), Path(out_dir))
-    if out.exists():
+    shard, stem = Path(task[0]), task[1]
+    out = part_path_for(stem, Path(out_dir))
+    fingerprint = shard_fingerprint(Path(shard))
+    if out.exists() and part_stats(out).get("shard_fingerprint") == fingerprint:
         return {"shard": str(shard), "part": str(out), "status": "done_before", "images": 0}
     started = time.perf_counter()
     dev = _pick_device(device)
@@ -122,6 +132,7 @@ def embed_shard(
         "shard": str(shard),
         "part": str(out),
         "status": "embedded",
+        "shard_fingerprint": fingerprint,
         "images": n,
         "skipped": dict(skipped),
         "missing_caption": n_missing_caption,
@@ -142,6 +153,12 @@ def embed_shard(
     )
     write_embeddings_part(out, table)
     return stats
+
+
+def shard_fingerprint(shard: Path) -> str:
+    """Size and mtime of a shard: a part made from an older shard of the same name is stale."""
+    st = shard.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
 
 
 def part_stats(part: Path) -> dict[str, Any]:

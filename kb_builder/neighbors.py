@@ -54,37 +54,37 @@ def self_kb_ids(kb_parts: list[Path], offsets: np.ndarray, query_uids: np.ndarra
 def search_excluding_self(
     index: Any, queries: np.ndarray, self_ids: np.ndarray, k: int, desc: str = "search"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, ids) per query with each query's own KB row removed (searches k+1 when needed)."""
+    """Top-k (scores, ids) per query in batches; `self_ids[i]` (a kb_id or -1) is never returned for
+    query i (the index searches k+1 and drops it)."""
     n = len(queries)
-    extra = 1 if (self_ids >= 0).any() else 0
     scores_out = np.empty((n, k), dtype=np.float32)
     ids_out = np.empty((n, k), dtype=np.int64)
     for start in tqdm(range(0, n, SEARCH_BATCH), desc=desc, unit="batch", leave=False):
         stop = min(start + SEARCH_BATCH, n)
         q = np.ascontiguousarray(queries[start:stop], dtype=np.float32)
-        scores, ids = index.search(q, k + extra)
-        own = self_ids[start:stop, None]
-        keep = (ids != own) & (ids >= 0)
-        for row in range(stop - start):
-            sel = np.flatnonzero(keep[row])[:k]
-            if len(sel) < k:
-                raise UserError(
-                    f"the index returned only {len(sel)} neighbours for a query but k={k}: "
-                    "the KB is smaller than k (or the index is too coarse); lower k"
-                )
-            scores_out[start + row] = scores[row, sel]
-            ids_out[start + row] = ids[row, sel]
+        scores, ids = index.search(q, k, exclude_ids=self_ids[start:stop])
+        if (ids < 0).any():
+            raise UserError(
+                f"the index returned fewer than k={k} neighbours for some queries: "
+                "the KB is smaller than k (or the index is too coarse); lower k"
+            )
+        scores_out[start:stop] = scores
+        ids_out[start:stop] = ids
     return scores_out, ids_out
 
 
 def neighbor_table(uids: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
-    """The neighbour-table contract: uid, nn_id fixed_size_list<int64>[k], nn_score fixed_size_list<float32>[k]."""
+    """The neighbour-table contract: uid, nn_id list<int64>[k], nn_score list<float32>[k] (fixed size)."""
     k = ids.shape[1]
     return pa.table(
         {
             "uid": pa.array(uids.tolist(), type=pa.string()),
-            "nn_id": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k),
-            "nn_score": pa.FixedSizeListArray.from_arrays(pa.array(scores.reshape(-1), pa.float32()), k),
+            "nn_id": pa.FixedSizeListArray.from_arrays(
+                pa.array(ids.reshape(-1), pa.int64()), type=pa.list_(pa.int64(), k)
+            ),
+            "nn_score": pa.FixedSizeListArray.from_arrays(
+                pa.array(scores.reshape(-1), pa.float32()), type=pa.list_(pa.float32(), k)
+            ),
         }
     )
 

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +22,7 @@ from kb_builder.workspace import Workspace
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="RetFormer: build a multimodal knowledge base (embed, index, neighbours) and train the fusion model.",
+    help="RetFormer: build a multimodal KB (embed, index, neighbours) and train the fusion model.",
 )
 
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Workspace root for all artifacts.")]
@@ -32,11 +31,14 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a manifest value: dotted.key=value (YAML value). Repeatable."),
 ]
 SchedulerOpt = Annotated[
-    str | None, typer.Option("--scheduler", help="Address of a running Dask scheduler (default: a LocalCluster).")
+    str | None,
+    typer.Option("--scheduler", help="Address of a running Dask scheduler (default: a LocalCluster)."),
 ]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="LocalCluster worker processes.")]
 KbOpt = Annotated[str, typer.Option("--kb", help="KB manifest name (manifests/kb/) or path.")]
-DatasetOpt = Annotated[str, typer.Option("--dataset", help="Dataset manifest name (manifests/datasets/) or path.")]
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", help="Dataset manifest name (manifests/datasets/) or path.")
+]
 ExperimentOpt = Annotated[
     str, typer.Option("--experiment", help="Experiment manifest name (manifests/experiments/) or path.")
 ]
@@ -110,6 +112,28 @@ def shards(
 
 
 @app.command()
+def download(
+    kb: KbOpt,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Re-download the samples that failed in earlier runs.")
+    ] = False,
+    workdir: WorkdirOpt = Path("work"),
+    set_: SetOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Download a KB's url/text/uid Parquet metadata into webdataset shards with img2dataset."""
+    from pipelines import stages
+    from pipelines.dask_runner import dask_client
+
+    ws = Workspace(workdir)
+    kb_m = load_kb(kb, set_)
+    with dask_client(scheduler, workers) as client:
+        rec = stages.stage_download(ws, kb_m, client, retry_failed)
+    _echo_record(f"download {kb_m['name']}", rec, ["totals", "failures", "seconds"])
+
+
+@app.command()
 def embed(
     kb: KbOpt,
     dataset: Annotated[
@@ -120,7 +144,7 @@ def embed(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
 ) -> None:
-    """Embed the KB's shards (and optionally a dataset's splits) into Parquet parts, one Dask task per shard."""
+    """Embed the KB's shards (and optionally a dataset's splits) into Parquet, one Dask task per shard."""
     from pipelines import stages
     from pipelines.dask_runner import dask_client
 
@@ -157,7 +181,9 @@ def index(
     from kb_builder.embeddings_io import list_parts
 
     if not list_parts(ws.kb_embeddings(kb_m["name"])):
-        raise UserError(f"KB {kb_m['name']} has no embeddings: run `retformer embed --kb {kb_m['name']}` first")
+        raise UserError(
+            f"KB {kb_m['name']} has no embeddings: run `retformer embed --kb {kb_m['name']}` first"
+        )
     shards_wanted = int(kb_m.get("index", {}).get("num_shards", 1))
     if shards_wanted > 1 or scheduler:
         with dask_client(scheduler, workers) as client:
@@ -177,7 +203,9 @@ def _kb_rows(ws: Workspace, kb_name: str) -> int:
 def neighbors(
     dataset: DatasetOpt,
     kb: KbOpt,
-    k: Annotated[int | None, typer.Option("--k", help="Neighbours per image (default: dataset manifest).")] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", help="Neighbours per image (default: dataset manifest).")
+    ] = None,
     workdir: WorkdirOpt = Path("work"),
     set_: SetOpt = None,
     scheduler: SchedulerOpt = None,
@@ -185,7 +213,6 @@ def neighbors(
 ) -> None:
     """Top-k KB neighbours for every split of a dataset (embeds the dataset first when needed)."""
     from pipelines import stages
-    from pipelines.dask_runner import dask_client
 
     ws = Workspace(workdir)
     ds_m = load_dataset_manifest(dataset, set_)
@@ -203,7 +230,9 @@ def neighbors(
     _echo_record(f"neighbors {ds_m['name']} x {kb_m['name']}", rec, ["k", "splits", "bytes_per_query_image"])
 
 
-def _ensure_dataset_embedded(ws: Workspace, ds_m: dict, kb_m: dict, scheduler: str | None, workers: int | None):
+def _ensure_dataset_embedded(
+    ws: Workspace, ds_m: dict, kb_m: dict, scheduler: str | None, workers: int | None
+):
     from kb_builder.workspace import read_json
     from pipelines import stages
     from pipelines.dask_runner import dask_client
@@ -226,7 +255,9 @@ def train(
     dataset: DatasetOpt,
     kb: KbOpt,
     experiment: ExperimentOpt = "demo",
-    run: Annotated[str | None, typer.Option("--run", help="Run name (default: dataset-kb-experiment).")] = None,
+    run: Annotated[
+        str | None, typer.Option("--run", help="Run name (default: dataset-kb-experiment).")
+    ] = None,
     workdir: WorkdirOpt = Path("work"),
     set_: SetOpt = None,
 ) -> None:

@@ -18,18 +18,38 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------- shards
-def kb_shard_paths(ws: Workspace, kb: dict[str, Any]) -> list[Path]:
-    """The webdataset shards of a KB: the user's own (`source.kind: webdataset`) or the built ones."""
+EXTERNAL_SHARD_KINDS = ("webdataset", "img2dataset")
+
+
+def kb_shard_root(ws: Workspace, kb: dict[str, Any]) -> Path:
+    """The folder a KB's shards live under (part names are shard paths relative to it)."""
     source = kb.get("source", {})
-    if source.get("kind") == "webdataset":
-        root = Path(source["path"])
-        shards = sorted(root.glob("*.tar"))
-        if not shards:
-            raise UserError(f"no webdataset shards (*.tar) in {root} (KB {kb['name']})")
-        return shards
+    if source.get("kind") in EXTERNAL_SHARD_KINDS:
+        return Path(source["path"])
+    return ws.kb_shards(kb["name"])
+
+
+def kb_shard_paths(ws: Workspace, kb: dict[str, Any]) -> list[Path]:
+    """The webdataset shards of a KB: downloaded by img2dataset (complete chunks only), the user's
+    own (`source.kind: webdataset`, any depth), or the ones the shards stage built."""
     from kb_builder.atomic import is_leftover_tmp
 
-    return sorted(p for p in ws.kb_shards(kb["name"]).glob("*.tar") if not is_leftover_tmp(p))
+    source = kb.get("source", {})
+    if source.get("kind") in EXTERNAL_SHARD_KINDS:
+        root = kb_shard_root(ws, kb)
+        if source["kind"] == "img2dataset":
+            from kb_builder.download import list_downloaded_shards
+
+            return list_downloaded_shards(root) if root.is_dir() else []
+        shards = sorted(p for p in root.rglob("*.tar") if not is_leftover_tmp(p))
+        if not shards:
+            raise UserError(f"no webdataset shards (*.tar) under {root} (KB {kb['name']})")
+        return shards
+    from kb_builder.shards import list_shards
+
+    shard_dir = ws.kb_shards(kb["name"])
+    # Only shards of complete sets: a set whose writer died before its _SUCCESS file is not listed.
+    return list_shards(shard_dir) if shard_dir.is_dir() else []
 
 
 def stage_kb_shards(ws: Workspace, kb: dict[str, Any], datasets: dict[str, dict]) -> dict[str, Any]:
@@ -38,7 +58,7 @@ def stage_kb_shards(ws: Workspace, kb: dict[str, Any], datasets: dict[str, dict]
     from kb_builder.kb_sources import build_kb_shards
 
     source = kb.get("source", {})
-    if source.get("kind") == "webdataset":
+    if source.get("kind") in EXTERNAL_SHARD_KINDS:
         shards = kb_shard_paths(ws, kb)
         return {"source": source, "shards": len(shards)}
     dataset_name = source.get("dataset")
@@ -46,8 +66,14 @@ def stage_kb_shards(ws: Workspace, kb: dict[str, Any], datasets: dict[str, dict]
         raise UserError(f"KB {kb['name']}: source.dataset {dataset_name!r} has no manifest")
     started = time.perf_counter()
     dataset = load_dataset(datasets[dataset_name])
-    info = build_kb_shards(source, dataset, ws.kb_shards(kb["name"]), int(kb.get("shard_size", 5000)))
-    record = {"kb": kb["name"], "source": source, "result": info, "seconds": round(time.perf_counter() - started, 2)}
+    spec = {"name": kb["name"], **source}
+    info = build_kb_shards(spec, dataset, ws.kb_shards(kb["name"]), int(kb.get("shard_size", 5000)))
+    record = {
+        "kb": kb["name"],
+        "source": source,
+        "result": info,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     return write_stage_record(ws.kb_stage_record(kb["name"], "shards"), "shards", record)
 
 
@@ -60,40 +86,47 @@ def stage_dataset_shards(ws: Workspace, ds: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     dataset = load_dataset(ds)
     info = write_dataset_shards(dataset, ws.dataset_shards(ds["name"]), int(ds.get("shard_size", 5000)))
-    counts = [int(c) for c in dataset.train_class_counts()]
-    thresholds = ds.get("shot_thresholds", {"many": 100, "few": 20})
-    from kb_builder.datasets.longtail import shot_split
-
-    split = shot_split(counts, many=int(thresholds["many"]), few=int(thresholds["few"]))
-    write_json_atomic(
-        ws.dataset_info(ds["name"]),
-        {
-            "name": ds["name"],
-            "class_names": list(dataset.class_names),
-            "num_classes": len(dataset.class_names),
-            "train_class_counts": counts,
-            "shot_thresholds": thresholds,
-            "shot_split": {k: [int(c) for c in v] for k, v in split.items()},
-            "splits": {name: len(s) for name, s in dataset.splits.items()},
-        },
-    )
+    # describe() applies the manifest's shot_thresholds (scaled when asked) to the train counts.
+    description = dataset.describe()
+    description["splits"] = description["split_sizes"]
+    write_json_atomic(ws.dataset_info(ds["name"]), description)
     record = {"dataset": ds["name"], "result": info, "seconds": round(time.perf_counter() - started, 2)}
     return write_stage_record(ws.dataset_stage_record(ds["name"], "shards"), "shards", record)
 
 
+def stage_download(ws: Workspace, kb: dict[str, Any], client: Any, retry_failed: bool) -> dict[str, Any]:
+    """Download a KB's image-text pairs with img2dataset: one task per metadata Parquet chunk."""
+    from kb_builder.download import plan_download, run_download
+
+    source = kb.get("source", {})
+    if source.get("kind") != "img2dataset":
+        raise UserError(
+            f"KB {kb['name']} is not downloaded (source.kind is {source.get('kind')!r}, not img2dataset)"
+        )
+    for key in ("metadata", "path"):
+        if key not in source:
+            raise UserError(f"KB {kb['name']}: source.{key} is required for img2dataset downloads")
+    tasks = plan_download(source["metadata"], Path(source["path"]), source.get("settings"))
+    record = run_download(client, tasks, retry_failed=retry_failed)
+    return write_stage_record(
+        ws.kb_stage_record(kb["name"], "download"), "download", {"kb": kb["name"], **record}
+    )
+
+
 # ------------------------------------------------------------------------------------------ embed
 def _embed_shards(
-    client: Any, shards: list[Path], out_dir: Path, encoders: dict, batch_size: int, desc: str
+    client: Any, shards: list[Path], root: Path, out_dir: Path, encoders: dict, batch_size: int, desc: str
 ) -> dict[str, Any]:
-    from kb_builder.embed import embed_shard, summarize
+    from kb_builder.embed import embed_shard, part_stem, summarize
     from pipelines.dask_runner import run_tasks
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    tasks = [(s, part_stem(s, root)) for s in shards]
     results = run_tasks(
         client,
         embed_shard,
-        shards,
+        tasks,
         desc=desc,
         count_key="images",
         out_dir=out_dir,
@@ -115,7 +148,9 @@ def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, 
     out = ws.kb_embeddings(kb["name"])
     _guard_encoder_change(ws.kb_stage_record(kb["name"], "embed"), kb["encoders"], out)
     batch = int(kb.get("embed", {}).get("batch_size", 256))
-    summary = _embed_shards(client, shards, out, kb["encoders"], batch, f"embed {kb['name']}")
+    summary = _embed_shards(
+        client, shards, kb_shard_root(ws, kb), out, kb["encoders"], batch, f"embed {kb['name']}"
+    )
     record = {"kb": kb["name"], "encoders": kb["encoders"], "shards": len(shards), **summary}
     return write_stage_record(ws.kb_stage_record(kb["name"], "embed"), "embed", record)
 
@@ -125,13 +160,19 @@ def stage_embed_dataset(ws: Workspace, ds: dict[str, Any], encoders: dict, clien
     shard_dir = ws.dataset_shards(ds["name"])
     info = read_json(ws.dataset_info(ds["name"]))
     if info is None:
-        raise UserError(f"dataset {ds['name']} has no shards yet: run `retformer shards --dataset {ds['name']}`")
+        raise UserError(
+            f"dataset {ds['name']} has no shards yet: run `retformer shards --dataset {ds['name']}`"
+        )
+    from kb_builder.shards import list_shards
+
     records = {}
     for split in info["splits"]:
-        shards = sorted(shard_dir.glob(f"{split}-*.tar"))
+        shards = [p for p in list_shards(shard_dir) if p.name.startswith(f"{split}-")]
         out = ws.dataset_embeddings(ds["name"], split)
         _guard_encoder_change(ws.dataset_stage_record(ds["name"], f"embed-{split}"), encoders, out)
-        records[split] = _embed_shards(client, shards, out, encoders, 256, f"embed {ds['name']}/{split}")
+        records[split] = _embed_shards(
+            client, shards, shard_dir, out, encoders, 256, f"embed {ds['name']}/{split}"
+        )
         write_stage_record(
             ws.dataset_stage_record(ds["name"], f"embed-{split}"),
             "embed",
@@ -168,7 +209,9 @@ def stage_neighbors(ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], k: in
 
     info = read_json(ws.dataset_info(ds["name"]))
     if info is None:
-        raise UserError(f"dataset {ds['name']} is not embedded yet: run `retformer embed --dataset {ds['name']}`")
+        raise UserError(
+            f"dataset {ds['name']} is not embedded yet: run `retformer embed --dataset {ds['name']}`"
+        )
     index = load_kb_index(ws.kb_index(kb["name"]))
     query_dirs = {split: ws.dataset_embeddings(ds["name"], split) for split in info["splits"]}
     out = ws.neighbors_dir(ds["name"], kb["name"], k)

@@ -52,7 +52,12 @@ def neighbour_k_available(ws: Workspace, dataset: str, kb: str) -> list[int]:
 
 
 def run_experiment(
-    ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any], run_dir: Path, progress: bool = True
+    ws: Workspace,
+    ds: dict[str, Any],
+    kb: dict[str, Any],
+    exp: dict[str, Any],
+    run_dir: Path,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train and evaluate every method of `exp`; writes run_dir/eval.json and returns it."""
     import torch
@@ -65,7 +70,9 @@ def run_experiment(
     methods = list(exp.get("methods", METHODS))
     for m in methods:
         if m not in METHODS:
-            raise UserError(f"unknown method {m!r} in experiment {exp['name']}: known are {', '.join(METHODS)}")
+            raise UserError(
+                f"unknown method {m!r} in experiment {exp['name']}: known are {', '.join(METHODS)}"
+            )
     k = int(exp.get("k", 32))
     info = read_json(ws.dataset_info(ds["name"]))
     if info is None:
@@ -86,7 +93,10 @@ def run_experiment(
     num_classes = int(info["num_classes"])
     counts = info["train_class_counts"]
     shot_split = info["shot_split"]
-    config = TrainConfig(**exp.get("train", {}))
+    base_train = dict(exp.get("train", {}))
+    # Per-method recipe overrides (`method_train: {linear_probe: {epochs: 300, lr: 0.01}}`): cheap
+    # baselines get the steps they need to converge, so they are not strawmen.
+    method_train = exp.get("method_train", {}) or {}
     run_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     for method in methods:
@@ -95,13 +105,26 @@ def run_experiment(
             if int((eval_f.store_label >= 0).sum()) == 0:
                 results[method] = {"skipped": "the KB has no labels"}
                 continue
-            logits = knn_vote(eval_f)
+            logits = knn_vote(eval_f, num_classes=num_classes)
         else:
+            config = TrainConfig(**{**base_train, **method_train.get(method, {})})
             torch.manual_seed(config.seed)
             model = build_model(
-                method, train_f.query_img.shape[1], train_f.store_txt.shape[1], num_classes, k, exp.get("model", {})
+                method,
+                train_f.query_img.shape[1],
+                train_f.store_txt.shape[1],
+                num_classes,
+                k,
+                exp.get("model", {}),
             )
-            fit(model, train_f, config, class_counts=counts, progress=progress, log_path=run_dir / f"{method}.metrics.jsonl")
+            fit(
+                model,
+                train_f,
+                config,
+                class_counts=counts,
+                progress=progress,
+                log_path=run_dir / f"{method}.metrics.jsonl",
+            )
             torch.save(model.state_dict(), run_dir / f"{method}.pt")
             logits = predict(model, eval_f, batch_size=1024)
         metrics = evaluate(logits, eval_f.labels, shot_split)
@@ -116,7 +139,7 @@ def run_experiment(
         "train_size": len(train_f.labels),
         "eval_size": len(eval_f.labels),
         "shot_split": shot_split,
-        "config": {"train": exp.get("train", {}), "model": exp.get("model", {})},
+        "config": {"train": base_train, "method_train": method_train, "model": exp.get("model", {})},
         "methods": results,
     }
     write_json_atomic(run_dir / "eval.json", report)

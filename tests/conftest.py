@@ -1,0 +1,128 @@
+"""Shared fixtures: offline paths, a small end-to-end workspace built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def have_fmnist() -> bool:
+    return (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
+
+
+needs_fmnist = pytest.mark.skipif(not have_fmnist(), reason=f"Fashion-MNIST IDX files not in {FMNIST_DIR}")
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `retformer` entry point in a subprocess (as a user would)."""
+    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_manifest(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+SMALL_ENCODERS = {"image": {"name": "efficientnet_lite0", "image_size": 32}, "text": {"name": "minilm"}}
+
+
+@pytest.fixture(scope="session")
+def small_manifests(tmp_path_factory) -> dict[str, Path]:
+    """User-style manifest files for a small slice: Fashion-MNIST-LT with n_max=40 and a KB that holds
+    the world pool (300 items) and the downstream training split (so self-exclusion is exercised)."""
+    root = tmp_path_factory.mktemp("manifests")
+    ds = write_manifest(
+        root / "tiny_lt.yaml",
+        {
+            "name": "tiny_lt",
+            "kind": "fashion_mnist_lt",
+            "root": str(FMNIST_DIR),
+            "n_max": 40,
+            "imbalance_ratio": 10,
+            "seed": 0,
+            "shard_size": 100,
+            "test_limit": 200,
+            "shot_thresholds": {"many": 20, "few": 8},
+            "neighbors": {"k": 8},
+        },
+    )
+    kb = write_manifest(
+        root / "tiny_all.yaml",
+        {
+            "name": "tiny_all",
+            "source": {
+                "kind": "all",
+                "dataset": str(ds),
+                "size": 300,
+                "wrong_caption_fraction": 0.2,
+                "seed": 0,
+            },
+            "shard_size": 100,
+            "encoders": SMALL_ENCODERS,
+            "embed": {"batch_size": 64},
+            "index": {"kind": "auto", "recall_target": 0.9, "memory_budget_gb": 1, "num_shards": 2, "k": 8},
+        },
+    )
+    exp = write_manifest(
+        root / "tiny_exp.yaml",
+        {
+            "name": "tiny_exp",
+            "k": 4,
+            "eval_split": "test",
+            "methods": [
+                "retformer",
+                "retformer_no_text",
+                "retformer_no_image",
+                "mlp_only",
+                "linear_probe",
+                "knn_vote",
+            ],
+            "model": {"width": 32, "depth": 1, "heads": 2},
+            "train": {"epochs": 2, "batch_size": 32, "seed": 0},
+        },
+    )
+    return {"dataset": ds, "kb": kb, "experiment": exp}
+
+
+@pytest.fixture(scope="session")
+def e2e_workspace(tmp_path_factory, small_manifests) -> Path:
+    """Run every stage once, through the CLI, on the small slice; return the workspace root."""
+    if not have_fmnist():
+        pytest.skip(f"Fashion-MNIST IDX files not in {FMNIST_DIR}")
+    ws = tmp_path_factory.mktemp("work")
+    m = small_manifests
+    common = ["--workdir", str(ws)]
+    run_cli("shards", "--kb", str(m["kb"]), "--dataset", str(m["dataset"]), *common)
+    run_cli("embed", "--kb", str(m["kb"]), "--dataset", str(m["dataset"]), "--workers", "1", *common)
+    run_cli("index", "--kb", str(m["kb"]), "--workers", "1", *common)
+    run_cli("neighbors", "--dataset", str(m["dataset"]), "--kb", str(m["kb"]), *common)
+    run_cli(
+        "train",
+        "--dataset",
+        str(m["dataset"]),
+        "--kb",
+        str(m["kb"]),
+        "--experiment",
+        str(m["experiment"]),
+        "--run",
+        "tiny",
+        *common,
+    )
+    return ws

@@ -1,0 +1,75 @@
+"""Bad input ends with one clear `error:` line, a non-zero exit, and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import needs_fmnist, run_cli, write_manifest
+
+
+def _one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_help_lists_every_stage():
+    """`retformer --help` names every stage command, and each command has its own help."""
+    out = run_cli("--help").stdout
+    for command in ("shards", "embed", "index", "neighbors", "train", "evaluate", "demo"):
+        assert command in out
+        assert run_cli(command, "--help").returncode == 0
+
+
+def test_unknown_dataset_name(tmp_path: Path):
+    """An unknown dataset name names itself and the known ones, and writes no workspace."""
+    ws = tmp_path / "work"
+    proc = run_cli(
+        "neighbors", "--dataset", "cifar1000", "--kb", "fmnist_world", "--workdir", str(ws), check=False
+    )
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert "cifar1000" in line and "fmnist_lt" in line
+    assert not ws.exists()
+
+
+def test_missing_idx_files(tmp_path: Path):
+    """A dataset whose IDX files are missing fails naming the file, and writes nothing."""
+    manifest = write_manifest(
+        tmp_path / "m.yaml", {"name": "nofiles", "kind": "fashion_mnist_lt", "root": str(tmp_path / "empty")}
+    )
+    ws = tmp_path / "work"
+    proc = run_cli("shards", "--dataset", str(manifest), "--workdir", str(ws), check=False)
+    assert proc.returncode == 1
+    assert "idx" in _one_error_line(proc).lower()
+    assert not ws.exists()
+
+
+@needs_fmnist
+def test_k_larger_than_kb(e2e_workspace: Path, small_manifests):
+    """Asking for more neighbours than the KB holds fails before writing any neighbour table."""
+    proc = run_cli(
+        "neighbors",
+        "--dataset",
+        str(small_manifests["dataset"]),
+        "--kb",
+        str(small_manifests["kb"]),
+        "--k",
+        "100000",
+        "--workdir",
+        str(e2e_workspace),
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "k=100000" in _one_error_line(proc)
+    assert not (e2e_workspace / "datasets" / "tiny_lt" / "neighbors" / "tiny_all" / "k100000").exists()
+
+
+def test_bad_override(tmp_path: Path):
+    """A --set without '=' is rejected with one line."""
+    proc = run_cli(
+        "shards", "--dataset", "fmnist_lt", "--set", "oops", "--workdir", str(tmp_path / "w"), check=False
+    )
+    assert proc.returncode == 1
+    assert "oops" in _one_error_line(proc)
