@@ -87,9 +87,7 @@ def _vectors_to_binary(vectors: np.ndarray, valid: np.ndarray | None = None) -> 
     if valid is not None and not valid.all():
         validity = pa.py_buffer(np.packbits(valid.astype(np.uint8), bitorder="little").tobytes())
         null_count = int((~valid).sum())
-    return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), n, [validity, data], null_count=null_count
-    )
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [validity, data], null_count=null_count)
 
 
 def binary_to_vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
@@ -131,7 +129,9 @@ def table_to_arrow(table: EmbeddingTable, meta: dict[str, Any] | None = None) ->
     ).replace_schema_metadata(metadata)
 
 
-def write_embeddings_part(path: Path | str, table: EmbeddingTable, meta: dict[str, Any] | None = None) -> None:
+def write_embeddings_part(
+    path: Path | str, table: EmbeddingTable, meta: dict[str, Any] | None = None
+) -> None:
     """Write one embeddings part atomically (temporary name, then rename)."""
     arrow = table_to_arrow(table, meta)
     with atomic_path(Path(path)) as tmp:

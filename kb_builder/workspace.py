@@ -62,7 +62,16 @@ class Workspace:
 def versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour shapes the outputs (for stage records)."""
     out = {"python": platform.python_version()}
-    for dist in ("torch", "open_clip_torch", "timm", "faiss-cpu", "faiss-gpu-cu12", "pyarrow", "dask", "retformer"):
+    for dist in (
+        "torch",
+        "open_clip_torch",
+        "timm",
+        "faiss-cpu",
+        "faiss-gpu-cu12",
+        "pyarrow",
+        "dask",
+        "retformer",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -72,7 +81,12 @@ def versions() -> dict[str, str]:
 
 def write_stage_record(path: Path, stage: str, record: dict[str, Any]) -> dict[str, Any]:
     """Write one stage run's JSON record (inputs, params, versions, counts, timings) atomically."""
-    full = {"stage": stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), **record}
+    full = {
+        "stage": stage,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        **record,
+    }
     write_json_atomic(path, full)
     return full
 
