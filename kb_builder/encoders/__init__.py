@@ -1,0 +1,55 @@
+"""Frozen encoders, built from a manifest entry (`encoders.image` / `encoders.text`).
+
+    build_image_encoder({"name": "open_clip", "model": "ViT-B-16", "pretrained": "datacomp_xl_s13b_b90k"})
+    build_image_encoder({"name": "efficientnet_lite0", "image_size": 64})
+    build_text_encoder({"name": "minilm"})
+
+Backends are imported on first use, so listing names or validating a manifest stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kb_builder.encoders.base import ImageEncoder, TextEncoder
+from kb_builder.errors import UserError
+
+__all__ = ["ImageEncoder", "TextEncoder", "build_image_encoder", "build_text_encoder", "encoder_names"]
+
+# name -> "module:Class", relative to this package.
+_IMAGE = {
+    "efficientnet_lite0": "efficientnet_lite:EfficientNetLite0Encoder",
+    "open_clip": "open_clip_encoder:OpenClipImageEncoder",
+}
+_TEXT = {
+    "minilm": "minilm:MiniLMEncoder",
+    "open_clip": "open_clip_encoder:OpenClipTextEncoder",
+}
+
+
+def encoder_names() -> dict[str, list[str]]:
+    """Known encoder names by kind: {"image": [...], "text": [...]}."""
+    return {"image": sorted(_IMAGE), "text": sorted(_TEXT)}
+
+
+def _build(spec: Any, registry: dict[str, str], kind: str) -> Any:
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise UserError(
+            f"{kind} encoder spec must be a mapping with a `name` (known: {', '.join(sorted(registry))})"
+        )
+    name = spec["name"]
+    if name not in registry:
+        raise UserError(f"unknown {kind} encoder '{name}' (known: {', '.join(sorted(registry))})")
+    module, cls = registry[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(spec)
+
+
+def build_image_encoder(spec: dict[str, Any]) -> ImageEncoder:
+    """A frozen image encoder (CPU, eval mode) for this manifest entry; UserError if the name is unknown."""
+    return _build(spec, _IMAGE, "image")
+
+
+def build_text_encoder(spec: dict[str, Any]) -> TextEncoder:
+    """A frozen text encoder (CPU, eval mode) for this manifest entry; UserError if the name is unknown."""
+    return _build(spec, _TEXT, "text")
