@@ -48,6 +48,8 @@ def _setup_env() -> None:
     # img2dataset pulls albumentations and wandb: keep both quiet and offline.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
+    # Dask's own INFO lines (nannies starting and closing) drown the progress bars.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("distributed", "bokeh", "tornado", "httpx", "sentence_transformers", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
