@@ -271,6 +271,7 @@ def fit(
     resume: bool = True,
     val: RetrievalFeatures | None = None,
     stop_after_epoch: int | None = None,
+    checkpoint_every_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Train `model` in place on `train`; return the history (one dict per finished epoch).
 
@@ -279,7 +280,10 @@ def fit(
     history on resume, so it always matches the checkpoint). checkpoint_path: written at the end of
     every epoch; with resume=True an existing one is loaded and training continues after its last
     finished epoch (its config must match). val: evaluated after every epoch (val_top1, val_top5).
-    stop_after_epoch: return once this many epochs are finished (time-sliced jobs; tests)."""
+    stop_after_epoch: return once this many epochs are finished (time-sliced jobs; tests).
+    checkpoint_every_s: write the checkpoint at the end of an epoch only when at least this many
+    seconds passed since the last one (0 = every epoch); the last epoch (and a stop_after_epoch
+    stop) is always written. Resuming is exact from any epoch's checkpoint."""
     config = config or TrainConfig()
     device = resolve_device(config.device)
     n = len(train)
@@ -329,6 +333,7 @@ def fit(
 
     amp = config.amp and device.type == "cuda"
     spe = steps_per_epoch(n, config.batch_size)
+    last_save = time.monotonic()
     for epoch in range(start_epoch, config.epochs):
         model.train()
         t0 = time.time()
@@ -380,7 +385,10 @@ def fit(
         history.append(entry)
         if progress:
             tqdm.write(json.dumps(entry))
-        if ckpt is not None:
+        stopping = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
+        due = time.monotonic() - last_save >= checkpoint_every_s
+        if ckpt is not None and (due or stopping or epoch + 1 == config.epochs):
+            last_save = time.monotonic()
             save_checkpoint(
                 ckpt,
                 model,
@@ -397,7 +405,7 @@ def fit(
                 fh.write(json.dumps(entry) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+        if stopping:
             break
     model.eval()
     return history
