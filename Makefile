@@ -77,7 +77,10 @@ evaluate: setup  ## print the results of a run (make evaluate RUN=...; default: 
 	$(RETFORMER) evaluate $(if $(RUN),--run $(RUN),) --workdir $(WORKDIR)
 
 bench-index: setup  ## index benchmark (BENCHMARKS.md)
-	$(PY) bench/bench_index.py --n 100000 1000000 --d 512 --out bench/results/index.json
+	$(PY) bench/bench_index.py --n 100000 1000000 --d 512 $(if $(BENCH_PARTS),--parts $(BENCH_PARTS)) $(if $(BENCH_NEIGHBORS),--neighbors-record $(BENCH_NEIGHBORS)) --out bench/results/index.json
 
 clean:  ## remove the workspace (keeps the venv)
 	rm -rf $(WORKDIR)
+
+bench-embed: setup  ## embed benchmark: end-to-end vs bare encoder forward, per encoder (BENCHMARKS.md)
+	$(PY) bench/bench_embed.py --out bench/results/embed.json

@@ -115,8 +115,9 @@ def stage_download(ws: Workspace, kb: dict[str, Any], client: Any, retry_failed:
 
 # ------------------------------------------------------------------------------------------ embed
 def _embed_shards(
-    client: Any, shards: list[Path], root: Path, out_dir: Path, encoders: dict, batch_size: int, desc: str
+    client: Any, shards: list[Path], root: Path, out_dir: Path, encoders: dict, options: dict, desc: str
 ) -> dict[str, Any]:
+    """One embed task per shard; `options` are `embed_shard`'s (the manifest's `embed:` section)."""
     from kb_builder.embed import embed_shard, part_stem, summarize
     from pipelines.dask_runner import run_tasks
 
@@ -132,7 +133,7 @@ def _embed_shards(
         out_dir=out_dir,
         image_spec=encoders["image"],
         text_spec=encoders.get("text"),
-        batch_size=batch_size,
+        **options,
     )
     summary = summarize(results, out_dir)
     summary["seconds"] = round(time.perf_counter() - started, 2)
@@ -147,16 +148,24 @@ def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, 
         raise UserError(f"KB {kb['name']} has no shards yet: run `retformer shards --kb {kb['name']}` first")
     out = ws.kb_embeddings(kb["name"])
     _guard_encoder_change(ws.kb_stage_record(kb["name"], "embed"), kb["encoders"], out)
-    batch = int(kb.get("embed", {}).get("batch_size", 256))
+    from kb_builder.embed import embed_options
+
+    options = embed_options(kb.get("embed"))
     summary = _embed_shards(
-        client, shards, kb_shard_root(ws, kb), out, kb["encoders"], batch, f"embed {kb['name']}"
+        client, shards, kb_shard_root(ws, kb), out, kb["encoders"], options, f"embed {kb['name']}"
     )
     record = {"kb": kb["name"], "encoders": kb["encoders"], "shards": len(shards), **summary}
     return write_stage_record(ws.kb_stage_record(kb["name"], "embed"), "embed", record)
 
 
-def stage_embed_dataset(ws: Workspace, ds: dict[str, Any], encoders: dict, client: Any) -> dict[str, Any]:
-    """Embed a downstream dataset's splits with the KB's encoders (the same feature space)."""
+def stage_embed_dataset(
+    ws: Workspace, ds: dict[str, Any], encoders: dict, client: Any, embed_cfg: dict | None = None
+) -> dict[str, Any]:
+    """Embed a downstream dataset's splits with the KB's encoders (the same feature space);
+    `embed_cfg` is an `embed:` section (the KB's), defaults when None."""
+    from kb_builder.embed import embed_options
+
+    options = embed_options(embed_cfg)
     shard_dir = ws.dataset_shards(ds["name"])
     info = read_json(ws.dataset_info(ds["name"]))
     if info is None:
@@ -171,7 +180,7 @@ def stage_embed_dataset(ws: Workspace, ds: dict[str, Any], encoders: dict, clien
         out = ws.dataset_embeddings(ds["name"], split)
         _guard_encoder_change(ws.dataset_stage_record(ds["name"], f"embed-{split}"), encoders, out)
         records[split] = _embed_shards(
-            client, shards, shard_dir, out, encoders, 256, f"embed {ds['name']}/{split}"
+            client, shards, shard_dir, out, encoders, options, f"embed {ds['name']}/{split}"
         )
         write_stage_record(
             ws.dataset_stage_record(ds["name"], f"embed-{split}"),
