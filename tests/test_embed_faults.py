@@ -91,6 +91,16 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
     )
 
 
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
 def test_sigkill_of_the_whole_run_then_rerun_gives_identical_parts(kb, tmp_path):
     """`retformer embed` killed with SIGKILL (its whole process group) once some but not all parts
     exist; no temporary file is ever listed as a part; the rerun embeds only the missing shards,
@@ -116,9 +126,11 @@ def test_sigkill_of_the_whole_run_then_rerun_gives_identical_parts(kb, tmp_path)
         proc.wait(timeout=30)
     assert done_at_kill is not None, f"no part appeared; embed exited {proc.returncode}"
     assert proc.returncode == -signal.SIGKILL
+    _wait_group_gone(proc.pid)  # the Dask worker too, before counting what it finished
     done = list_parts(out)
     assert 1 <= len(done) < N_SHARDS, "the kill came too late to test a partial run"
-    # A writer killed mid-write leaves `<part>.tmp-<pid>`: plant one for a missing part.
+    # A writer killed mid-write leaves `<part>.tmp-<pid>`: plant one for a missing part (its pid is
+    # above Linux's largest pid_max, so no live process can own it).
     missing = sorted({embed.part_stem(s, kb["shard_dir"]) for s in kb["shards"]} - {p.stem[5:] for p in done})
     leftover = out / f"part-{missing[0]}.parquet.tmp-{2**22 + 7}"
     leftover.write_bytes(b"PAR1 half a part")
