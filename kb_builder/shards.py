@@ -1,4 +1,4 @@
-"""Webdataset tar shards: the input format of the embed stage (docs/CONTRACTS_DRAFT.md).
+"""Webdataset tar shards: the input format of the embed stage (docs/architecture.md).
 
 One sample per key: `__key__` = uid (`[A-Za-z0-9_-]` only), `png` or `jpg` = the encoded image,
 `txt` = the caption (absent when there is none), `json` = {"uid", "label", "source", ...extra}.

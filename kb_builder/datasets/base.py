@@ -151,7 +151,7 @@ class DownstreamDataset:
         return _shot_split(self.train_class_counts(), **self.shot)
 
     def describe(self) -> dict[str, Any]:
-        """The content of the workspace's `dataset.json` (see docs/CONTRACTS_DRAFT.md)."""
+        """The content of the workspace's `dataset.json` (see docs/architecture.md)."""
         return {
             "name": self.name,
             "class_names": list(self.class_names),
