@@ -161,7 +161,7 @@ def embed(
         rec = stages.stage_embed_kb(ws, kb_m, client)
         _echo_record(f"embed {kb_m['name']}", rec, ["images", "embedded_this_run", "skipped", "images_per_s"])
         if ds_m:
-            recs = stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client)
+            recs = stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client, kb_m.get("embed"))
             for split, r in recs.items():
                 _echo_record(f"embed {ds_m['name']}/{split}", r, ["images", "skipped", "images_per_s"])
 
@@ -249,7 +249,7 @@ def _ensure_dataset_embedded(
         stale |= rec is None or rec.get("encoders") != kb_m["encoders"]
     if stale:
         with dask_client(scheduler, workers) as client:
-            stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client)
+            stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client, kb_m.get("embed"))
 
 
 @app.command()

@@ -48,7 +48,7 @@ def run_demo(
     with dask_client(scheduler, workers) as client:
         with _timed(timings, "embed"):
             stages.stage_embed_kb(ws, kb_m, client)
-            stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client)
+            stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client, kb_m.get("embed"))
     with _timed(timings, "index"):
         index_rec = stages.stage_index(ws, kb_m, None)
     with _timed(timings, "neighbors"):
