@@ -39,6 +39,17 @@ def write_json_atomic(path: Path | str, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def pid_alive(pid: int) -> bool:
+    """True while process `pid` exists: its temporary files may still be being written."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def is_leftover_tmp(path: Path) -> bool:
     """True for a temporary file a killed run left behind (never an output)."""
     return ".tmp-" in path.name

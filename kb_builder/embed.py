@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from kb_builder.atomic import pid_alive
 from kb_builder.decode import clean_caption, decode_image, to_rgb
 from kb_builder.embeddings_io import EmbeddingTable, write_embeddings_part
 from kb_builder.errors import UserError
@@ -128,16 +129,6 @@ def part_stats(part: Path) -> dict[str, Any]:
     return meta.get("shard_stats", {})
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers(part: Path) -> list[Path]:
     """Delete `<part>.tmp-<pid>` files whose writer (a killed run on this host) is gone; return them.
 
@@ -146,7 +137,7 @@ def remove_leftovers(part: Path) -> list[Path]:
     removed = []
     for tmp in part.parent.glob(f"{part.name}.tmp-*"):
         pid = tmp.name.rsplit(".tmp-", 1)[1]
-        if not pid.isdigit() or (int(pid) != os.getpid() and not _pid_alive(int(pid))):
+        if not pid.isdigit() or (int(pid) != os.getpid() and not pid_alive(int(pid))):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

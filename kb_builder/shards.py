@@ -25,7 +25,7 @@ import numpy as np
 import webdataset
 from PIL import Image
 
-from kb_builder.atomic import is_leftover_tmp, tmp_name, write_json_atomic
+from kb_builder.atomic import is_leftover_tmp, pid_alive, tmp_name, write_json_atomic
 from kb_builder.errors import UserError
 
 SHARD_FORMAT = "{prefix}-{index:05d}.tar"
@@ -114,16 +114,6 @@ def complete_shard_set(
     return paths
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
     """Delete this set's shards not in `keep` and temporary files whose writer process is gone."""
     shard_re = re.compile(rf"^{re.escape(prefix)}-\d{{5}}\.tar$")
@@ -134,7 +124,7 @@ def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
         if is_leftover_tmp(p) and own.match(p.name):
             pid = p.name.rsplit(".tmp-", 1)[1]
             # Only a dead writer's leftovers: a live process may be writing this very file.
-            if not pid.isdigit() or (int(pid) != os.getpid() and not _pid_alive(int(pid))):
+            if not pid.isdigit() or (int(pid) != os.getpid() and not pid_alive(int(pid))):
                 p.unlink(missing_ok=True)
         elif shard_re.match(p.name) and p.name not in keep:
             p.unlink()
