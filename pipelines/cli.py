@@ -264,7 +264,7 @@ def train(
     set_: SetOpt = None,
 ) -> None:
     """Train and evaluate the experiment's methods on precomputed neighbour tables."""
-    from pipelines.train_stage import format_table, run_experiment
+    from pipelines.experiment import format_table, run_experiment
 
     ws = Workspace(workdir)
     ds_m = load_dataset_manifest(dataset, set_)
@@ -281,7 +281,7 @@ def evaluate(
     workdir: WorkdirOpt = Path("work"),
 ) -> None:
     """Print a finished run's evaluation table (top-1, top-5, many / medium / few)."""
-    from pipelines.train_stage import format_table
+    from pipelines.experiment import format_table
 
     runs_root = Workspace(workdir).root / "runs"
     runs = sorted(runs_root.glob("*/eval.json"), key=lambda p: p.stat().st_mtime)

@@ -34,7 +34,7 @@ def run_demo(
     from pipelines import stages
     from pipelines.cli import load_dataset_manifest, load_experiment, load_kb
     from pipelines.dask_runner import dask_client
-    from pipelines.train_stage import format_table, results_summary, run_experiment
+    from pipelines.experiment import format_table, results_summary, run_experiment
 
     started = time.perf_counter()
     ds_m = load_dataset_manifest(dataset, overrides)

@@ -120,7 +120,7 @@ def train_args(env: dict, experiment: str, run: str, overrides: list[str]) -> li
 
 def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     """Result name -> mode the experiment should report, from its manifest and the overrides."""
-    from pipelines.train_stage import FINETUNE_METHODS, RETRIEVAL_FREE
+    from pipelines.experiment import FINETUNE_METHODS, RETRIEVAL_FREE
 
     exp = manifest.load("experiments", name, [o.split(".", 1)[1] for o in overrides])
     ks = exp.get("k_values") or [exp.get("k", 32)]
@@ -318,7 +318,7 @@ def test_reproduce_guide_names_exactly_the_tested_experiments():
     assert named <= set(EXPERIMENTS), named - set(EXPERIMENTS)
     assert set(EXPERIMENTS) - {"demo"} <= named, set(EXPERIMENTS) - named
     # Every manifest the guide points to is valid YAML with methods the trainer knows.
-    from pipelines.train_stage import METHODS
+    from pipelines.experiment import METHODS
 
     for name in named:
         data = yaml.safe_load((REPO / "manifests" / "experiments" / f"{name}.yaml").read_text())
