@@ -255,8 +255,8 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
 def step_profile(args: argparse.Namespace, root: Path, n: int = 2500) -> dict[str, Any]:
     """CPU microseconds per image of each step of the Lite0 64 px + MiniLM path, old way and new way
     (best of 3, this thread only): where a shard's time goes, step by step."""
+    from artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
     from kb_builder.decode import decode_image
-    from kb_builder.embeddings_io import EmbeddingTable, write_embeddings_part
     from kb_builder.shards import _to_record, read_shard
 
     image_spec, text_spec = CONFIGS["lite0_64_minilm"][:2]

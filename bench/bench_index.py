@@ -41,8 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kb_builder.embeddings_io import EmbeddingTable, list_parts, read_image_vectors, write_embeddings_part  # noqa: E402
-from kb_builder.errors import UserError  # noqa: E402
+from artifacts.embeddings_io import EmbeddingTable, list_parts, read_image_vectors, write_embeddings_part  # noqa: E402
+from artifacts.errors import UserError  # noqa: E402
 from kb_builder.faiss_index import (  # noqa: E402
     INDEX_JSON,
     IndexPlan,

@@ -58,8 +58,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kb_builder.atomic import is_leftover_tmp, tmp_name, write_json_atomic
-from kb_builder.errors import UserError
+from artifacts.atomic import is_leftover_tmp, tmp_name, write_json_atomic
+from artifacts.errors import UserError
 
 log = logging.getLogger(__name__)
 

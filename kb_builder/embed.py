@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from kb_builder.atomic import pid_alive
+from artifacts.atomic import pid_alive
+from artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
+from artifacts.errors import UserError
 from kb_builder.decode import clean_caption, decode_image, to_rgb
-from kb_builder.embeddings_io import EmbeddingTable, write_embeddings_part
-from kb_builder.errors import UserError
 
 _ENCODERS: dict[str, Any] = {}
 

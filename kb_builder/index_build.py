@@ -32,9 +32,9 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from kb_builder.atomic import atomic_path, write_json_atomic
-from kb_builder.embeddings_io import part_num_rows, read_image_vectors
-from kb_builder.errors import UserError
+from artifacts.atomic import atomic_path, write_json_atomic
+from artifacts.embeddings_io import part_num_rows, read_image_vectors
+from artifacts.errors import UserError
 from kb_builder.index_select import IndexPlan
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import numpy as np
 from faiss.contrib.evaluation import knn_intersection_measure
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from kb_builder.atomic import write_json_atomic
-from kb_builder.errors import UserError
+from artifacts.atomic import write_json_atomic
+from artifacts.errors import UserError
 from kb_builder.index_build import INDEX_JSON, iter_blocks, part_table, read_rows
 from kb_builder.index_select import estimate_bytes
 

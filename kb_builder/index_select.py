@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kb_builder.errors import UserError
+from artifacts.errors import UserError
 
 log = logging.getLogger(__name__)
 

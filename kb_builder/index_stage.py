@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kb_builder.embeddings_io import list_parts, part_num_rows
-from kb_builder.errors import UserError
+from artifacts.embeddings_io import list_parts, part_num_rows
+from artifacts.errors import UserError
 from kb_builder.faiss_index import (
     ShardedIndex,
     build_index,
@@ -63,7 +63,7 @@ def build_kb_index(
         "k": k,
         "queries": report["num_queries"],
     }
-    from kb_builder.atomic import write_json_atomic
+    from artifacts.atomic import write_json_atomic
 
     write_json_atomic(index_dir / "index.json", meta)
     return {

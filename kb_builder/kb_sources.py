@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.errors import UserError
 from kb_builder.datasets import fashion_mnist as fm
 from kb_builder.datasets import fashion_mnist_world_pool
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
-from kb_builder.errors import UserError
 from kb_builder.shards import Sample, write_shards
 
 SOURCES = ("world", "downstream", "all")

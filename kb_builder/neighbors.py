@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from kb_builder.atomic import atomic_path
-from kb_builder.embeddings_io import (
+from artifacts.atomic import atomic_path
+from artifacts.embeddings_io import (
     EmbeddingTable,
     arrow_to_table,
     list_parts,
@@ -27,7 +27,7 @@ from kb_builder.embeddings_io import (
     read_part_arrow,
     table_to_arrow,
 )
-from kb_builder.errors import UserError
+from artifacts.errors import UserError
 
 SEARCH_BATCH = 4096
 

@@ -25,8 +25,8 @@ import numpy as np
 import webdataset
 from PIL import Image
 
-from kb_builder.atomic import is_leftover_tmp, pid_alive, tmp_name, write_json_atomic
-from kb_builder.errors import UserError
+from artifacts.atomic import is_leftover_tmp, pid_alive, tmp_name, write_json_atomic
+from artifacts.errors import UserError
 
 SHARD_FORMAT = "{prefix}-{index:05d}.tar"
 MANIFEST_FORMAT = "_SUCCESS-{prefix}.json"

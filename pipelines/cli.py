@@ -15,9 +15,9 @@ from typing import Annotated, Any
 
 import typer
 
-from kb_builder import manifest
-from kb_builder.errors import UserError
-from kb_builder.workspace import Workspace
+from artifacts import manifest
+from artifacts.errors import UserError
+from artifacts.workspace import Workspace
 
 app = typer.Typer(
     add_completion=False,
@@ -180,7 +180,7 @@ def index(
 
     ws = Workspace(workdir)
     kb_m = load_kb(kb, set_)
-    from kb_builder.embeddings_io import list_parts
+    from artifacts.embeddings_io import list_parts
 
     if not list_parts(ws.kb_embeddings(kb_m["name"])):
         raise UserError(
@@ -196,7 +196,7 @@ def index(
 
 
 def _kb_rows(ws: Workspace, kb_name: str) -> int:
-    from kb_builder.embeddings_io import list_parts, part_num_rows
+    from artifacts.embeddings_io import list_parts, part_num_rows
 
     return sum(part_num_rows(p) for p in list_parts(ws.kb_embeddings(kb_name)))
 
@@ -235,7 +235,7 @@ def neighbors(
 def _ensure_dataset_embedded(
     ws: Workspace, ds_m: dict, kb_m: dict, scheduler: str | None, workers: int | None
 ):
-    from kb_builder.workspace import read_json
+    from artifacts.workspace import read_json
     from pipelines import stages
     from pipelines.dask_runner import dask_client
 

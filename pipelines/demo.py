@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import typer
 
-from kb_builder.atomic import write_json_atomic
-from kb_builder.workspace import Workspace
+from artifacts.atomic import write_json_atomic
+from artifacts.workspace import Workspace
 
 
 @contextmanager

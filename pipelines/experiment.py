@@ -35,9 +35,9 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from kb_builder.atomic import write_json_atomic
-from kb_builder.errors import UserError
-from kb_builder.workspace import Workspace, read_json
+from artifacts.atomic import write_json_atomic
+from artifacts.errors import UserError
+from artifacts.workspace import Workspace, read_json
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +444,7 @@ def run_experiment(
     else:
         import torch
 
-        from kb_builder.embeddings_io import read_embeddings
+        from artifacts.embeddings_io import read_embeddings
 
         zs_evals = {}
         for s in splits:

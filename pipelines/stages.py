@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kb_builder.errors import UserError
-from kb_builder.workspace import Workspace, read_json, write_stage_record
+from artifacts.errors import UserError
+from artifacts.workspace import Workspace, read_json, write_stage_record
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def kb_shard_root(ws: Workspace, kb: dict[str, Any]) -> Path:
 def kb_shard_paths(ws: Workspace, kb: dict[str, Any]) -> list[Path]:
     """The webdataset shards of a KB: downloaded by img2dataset (complete chunks only), the user's
     own (`source.kind: webdataset`, any depth), or the ones the shards stage built."""
-    from kb_builder.atomic import is_leftover_tmp
+    from artifacts.atomic import is_leftover_tmp
 
     source = kb.get("source", {})
     if source.get("kind") in EXTERNAL_SHARD_KINDS:
@@ -79,7 +79,7 @@ def stage_kb_shards(ws: Workspace, kb: dict[str, Any], datasets: dict[str, dict]
 
 def stage_dataset_shards(ws: Workspace, ds: dict[str, Any]) -> dict[str, Any]:
     """Write a downstream dataset's splits as shards and its dataset.json (classes, counts, shot split)."""
-    from kb_builder.atomic import write_json_atomic
+    from artifacts.atomic import write_json_atomic
     from kb_builder.datasets import load_dataset
     from kb_builder.kb_sources import write_dataset_shards
 

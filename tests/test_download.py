@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from artifacts.errors import UserError
 from kb_builder.decode import decode_image
 from kb_builder.download import (
     RETRY_INPUT_NAME,
@@ -38,7 +39,6 @@ from kb_builder.download import (
     plan_download,
     run_download,
 )
-from kb_builder.errors import UserError
 from kb_builder.shards import IMG2DATASET_SOURCE, read_shard
 from tests.conftest import FMNIST_DIR, have_fmnist
 

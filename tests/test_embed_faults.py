@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from artifacts.embeddings_io import list_parts
 from kb_builder import embed
 from kb_builder.datasets import fashion_mnist as fm
-from kb_builder.embeddings_io import list_parts
 from kb_builder.shards import Sample, write_shards
 from tests.conftest import FMNIST_DIR, REPO, needs_fmnist, run_cli, write_manifest
 

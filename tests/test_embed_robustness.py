@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+from artifacts.embeddings_io import read_embeddings
+from artifacts.errors import UserError
 from kb_builder import embed
 from kb_builder.decode import MAX_CAPTION_CHARS
-from kb_builder.embeddings_io import read_embeddings
-from kb_builder.errors import UserError
 from kb_builder.shards import _to_record, read_shard
 
 IMAGE_SPEC = {"name": "efficientnet_lite0", "image_size": 32}

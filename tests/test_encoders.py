@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from artifacts.errors import UserError
 from kb_builder.encoders import build_image_encoder, build_text_encoder, encoder_names
 from kb_builder.encoders.efficientnet_lite import map_state_dict
-from kb_builder.errors import UserError
 
 TINY_CLIP = {"name": "open_clip", "model": "ViT-S-32", "pretrained": None, "image_size": 64}
 

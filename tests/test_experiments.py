@@ -25,8 +25,8 @@ import pytest
 import torch
 import yaml
 
-from kb_builder import manifest
-from kb_builder.workspace import Workspace
+from artifacts import manifest
+from artifacts.workspace import Workspace
 from tests.conftest import REPO, have_fmnist, needs_fmnist, write_manifest
 
 pytestmark = needs_fmnist

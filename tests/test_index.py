@@ -12,8 +12,8 @@ import faiss
 import numpy as np
 import pytest
 
-from kb_builder.embeddings_io import EmbeddingTable, list_parts, write_embeddings_part
-from kb_builder.errors import UserError
+from artifacts.embeddings_io import EmbeddingTable, list_parts, write_embeddings_part
+from artifacts.errors import UserError
 from kb_builder.faiss_index import (
     INDEX_JSON,
     ShardedIndex,

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kb_builder.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
-from kb_builder.errors import UserError
+from artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
+from artifacts.errors import UserError
 from trainer.baselines import knn_vote
 from trainer.evaluate import evaluate, shot_split_from_counts
 from trainer.features import RetrievalFeatures, load_retrieval_features

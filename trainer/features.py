@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from kb_builder.embeddings_io import read_embeddings, read_part_arrow
-from kb_builder.errors import UserError
+from artifacts.embeddings_io import read_embeddings, read_part_arrow
+from artifacts.errors import UserError
 
 
 @dataclass

@@ -54,9 +54,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from kb_builder.atomic import atomic_path
+from artifacts.atomic import atomic_path
+from artifacts.errors import UserError
 from kb_builder.decode import to_rgb
-from kb_builder.errors import UserError
 from trainer.features import RetrievalFeatures
 from trainer.train import (
     TrainConfig,

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from kb_builder.atomic import atomic_path
-from kb_builder.errors import UserError
+from artifacts.atomic import atomic_path
+from artifacts.errors import UserError
 from trainer.evaluate import evaluate
 from trainer.features import RetrievalFeatures
 from trainer.model import model_from_config

@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.errors import UserError
 from kb_builder.datasets import cifar, fashion_mnist, imagefolder, imagenet_lt, label_noise, webvision
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
 from kb_builder.datasets.label_noise import apply_label_noise
 from kb_builder.datasets.longtail import longtail_counts, longtail_indices, shot_split, shot_thresholds
-from kb_builder.errors import UserError
 
 __all__ = [
     "DatasetSplit",

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.errors import UserError
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
 from kb_builder.datasets.fashion_mnist import balanced_subsample
 from kb_builder.datasets.longtail import longtail_counts, longtail_indices
 from kb_builder.datasets.longtail import shot_split as _shot_split
 from kb_builder.datasets.longtail import shot_thresholds as _shot_thresholds
-from kb_builder.errors import UserError
 
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")

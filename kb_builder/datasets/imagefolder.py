@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.errors import UserError
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
 from kb_builder.datasets.longtail import longtail_indices
-from kb_builder.errors import UserError
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}

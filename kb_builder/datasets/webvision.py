@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.errors import UserError
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset
 from kb_builder.datasets.imagefolder import IMAGE_EXTENSIONS
 from kb_builder.datasets.imagenet_lt import (
@@ -44,7 +45,6 @@ from kb_builder.datasets.imagenet_lt import (
     read_file_list,
     stem_uid,
 )
-from kb_builder.errors import UserError
 
 NUM_CLASSES = 50
 TRAIN_LIST = "info/train_filelist_google.txt"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from artifacts.errors import UserError
 from kb_builder.encoders.base import ImageEncoder, TextEncoder
-from kb_builder.errors import UserError
 
 __all__ = ["ImageEncoder", "TextEncoder", "build_image_encoder", "build_text_encoder", "encoder_names"]
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from artifacts.errors import UserError
 from kb_builder.encoders.base import ImageEncoder, TextEncoder, check_image_size, check_spec_keys
-from kb_builder.errors import UserError
 
 SPEC_KEYS = {"model", "pretrained", "image_size", "autocast", "batch_size"}
 TEXT_BATCH = 512

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kb_builder.atomic import atomic_path, is_leftover_tmp
-from kb_builder.errors import UserError
+from artifacts.atomic import atomic_path, is_leftover_tmp
+from artifacts.errors import UserError
 
 PART_GLOB = "part-*.parquet"
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kb_builder.atomic import write_json_atomic
+from artifacts.atomic import write_json_atomic
 
 
 @dataclass(frozen=True)

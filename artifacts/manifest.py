@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from kb_builder.errors import UserError
+from artifacts.errors import UserError
 
 CATEGORIES = ("kb", "datasets", "experiments")
 
