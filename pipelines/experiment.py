@@ -1,17 +1,7 @@
-"""The train + evaluate stage: every method of an experiment on the same neighbour tables.
+"""An experiment: every method of an experiment manifest, trained and evaluated on the same neighbor
+tables (the orchestration; the methods themselves are `trainer/methods.py`).
 
-Methods (an experiment manifest lists them under `methods`):
-
-- feature mode, frozen encoders ("w/ FE"; the fast path): `retformer` (Eq. 3-6), `retformer_no_text`,
-  `retformer_no_image` (the paper's ablations), `mlp_only` (the L_I branch alone: no retrieval),
-  `linear_probe` ("CLIP classifier FT") and `knn_vote` (majority label of the retrieved KB items,
-  where the KB has labels);
-- fine-tune mode, the KB's image encoder trained with the head (`trainer/finetune.py`):
-  `retformer_ft` (the paper's "Ours"), `retformer_no_text_ft`, `retformer_no_image_ft` and
-  `full_finetune` (encoder + linear head, no retrieval: "CLIP full FT");
-- `zeroshot`: class-name prompts through the KB's text tower ("CLIP zero-shot"; open_clip only).
-
-Experiment manifest keys: `k` (neighbours, default 32) or `k_values` (a sweep: one result per k and
+Experiment manifest keys: `k` (neighbors, default 32) or `k_values` (a sweep: one result per k and
 retrieval method, named `<method>@k<k>`), `eval_split`, `methods`, `model` (head sizes), `train`
 (TrainConfig), `method_train` (per-method TrainConfig overrides), `finetune` (FinetuneConfig:
 encoder_lr, accumulate, num_workers, augment, crop_scale, hflip, images, grad_checkpointing),
@@ -27,39 +17,41 @@ repeats it from scratch.
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import logging
 import re
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
 from artifacts.atomic import write_json_atomic
+from artifacts.embeddings_io import read_embeddings
 from artifacts.errors import UserError
 from artifacts.workspace import Workspace, read_json
+from trainer.baselines import knn_vote
+from trainer.checkpoint import result_fingerprint
+from trainer.evaluate import evaluate
+from trainer.features import load_retrieval_features, neighbor_k_values
+from trainer.finetune import FinetuneConfig
+from trainer.images import SplitImages, shard_images
+from trainer.methods import FEATURE_METHODS, FINETUNE_METHODS, METHODS, RETRIEVAL_FREE, TRAINED, train_method
+from trainer.train import TrainConfig
+from trainer.zeroshot import (
+    check_aligned,
+    prompt_class_names,
+    templates,
+    zeroshot_logits,
+    zeroshot_weights,
+)
 
 log = logging.getLogger(__name__)
 
-FEATURE_METHODS = (
-    "retformer",
-    "retformer_no_text",
-    "retformer_no_image",
-    "mlp_only",
-    "linear_probe",
-    "knn_vote",
-)
-# fine-tune method -> the feature-mode method whose head it trains on top of the live encoder
-FINETUNE_METHODS = {
-    "retformer_ft": "retformer",
-    "retformer_no_text_ft": "retformer_no_text",
-    "retformer_no_image_ft": "retformer_no_image",
-    "full_finetune": "linear_probe",
-}
-METHODS = (*FEATURE_METHODS, *FINETUNE_METHODS, "zeroshot")
-VARIANT_OF = {"retformer": "full", "retformer_no_text": "no_text", "retformer_no_image": "no_image"}
-# Methods that never look at the neighbours: one result per experiment, even in a k sweep.
-RETRIEVAL_FREE = {"mlp_only", "linear_probe", "full_finetune", "zeroshot"}
 EXPERIMENT_KEYS = {
     "name",
     "description",
@@ -75,39 +67,6 @@ EXPERIMENT_KEYS = {
     "checkpoint",
 }
 DEFAULT_CHECKPOINT = {"every_s": 60.0, "resume": True}
-
-
-def build_model(method: str, img_dim: int, txt_dim: int, num_classes: int, k: int, spec: dict[str, Any]):
-    """The torch module of a trainable feature-mode method (or the head of a fine-tune method),
-    from the experiment's `model` section."""
-    from trainer.model import LinearProbe, MLPOnly, RetFormer
-
-    method = FINETUNE_METHODS.get(method, method)
-    if method in VARIANT_OF:
-        return RetFormer(
-            img_dim=img_dim,
-            txt_dim=txt_dim,
-            num_classes=num_classes,
-            width=int(spec.get("width", 256)),
-            depth=int(spec.get("depth", 4)),
-            heads=int(spec.get("heads", 4)),
-            k=k,
-            tau=float(spec.get("tau", 2.0)),
-            variant=VARIANT_OF[method],
-            dropout=float(spec.get("dropout", 0.0)),
-            ffn=bool(spec.get("ffn", True)),
-        )
-    if method == "mlp_only":
-        return MLPOnly(img_dim, num_classes, hidden=int(spec.get("mlp_hidden", spec.get("width", 256))))
-    if method == "linear_probe":
-        return LinearProbe(img_dim, num_classes)
-    raise UserError(f"unknown method {method!r}: known methods are {', '.join(METHODS)}")
-
-
-def neighbour_k_available(ws: Workspace, dataset: str, kb: str) -> list[int]:
-    """The k values for which neighbour tables exist."""
-    root = ws.dataset_dir(dataset) / "neighbors" / kb
-    return sorted(int(p.name[1:]) for p in root.glob("k*") if (p / "store.parquet").is_file())
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -153,9 +112,6 @@ def _checkpoint_policy(exp: dict[str, Any]) -> dict[str, Any] | None:
 
 def _train_config(exp: dict[str, Any], method: str) -> Any:
     """TrainConfig (feature mode) or FinetuneConfig of one method: train + finetune + method_train."""
-    from trainer.finetune import FinetuneConfig
-    from trainer.train import TrainConfig
-
     cls, values = TrainConfig, dict(exp.get("train", {}) or {})
     if method in FINETUNE_METHODS:
         cls = FinetuneConfig
@@ -183,10 +139,8 @@ def _plan(exp: dict[str, Any], kb: dict[str, Any]) -> dict[str, Any]:
             )
     if not methods:
         raise UserError(f"experiment {exp['name']} lists no methods")
-    configs = {m: _train_config(exp, m) for m in methods if m not in ("knn_vote", "zeroshot")}
+    configs = {m: _train_config(exp, m) for m in methods if m in TRAINED}
     if "zeroshot" in methods:
-        from trainer.zeroshot import check_aligned, templates
-
         check_aligned(kb.get("encoders", {}), kb.get("name", ""))
         templates((exp.get("zeroshot") or {}).get("templates", "openai"))
     if any(m in FINETUNE_METHODS for m in methods) and not (kb.get("encoders") or {}).get("image"):
@@ -202,58 +156,6 @@ def _plan(exp: dict[str, Any], kb: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- resume state
 def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", key)
-
-
-def _fingerprint(config: Any, model_config: dict | None, n_train: int, k: int | None) -> dict:
-    """What a checkpoint must match to be resumed (JSON-normalised: tuples become lists)."""
-    return json.loads(
-        json.dumps({"train": asdict(config), "model": model_config, "n_train": n_train, "k": k}, default=str)
-    )
-
-
-def _result_fingerprint(exp: dict, method: str, config: Any, k: int, n_train: int, n_eval: dict) -> dict:
-    """What a finished method's result depends on (a killed run's rerun reuses it only if equal)."""
-    return json.loads(
-        json.dumps(
-            {
-                "method": method,
-                "train": asdict(config) if config is not None else None,
-                "model": exp.get("model") if config is not None else None,
-                "zeroshot": exp.get("zeroshot") if method == "zeroshot" else None,
-                "k": None if method in RETRIEVAL_FREE else k,
-                "n_train": n_train,
-                "n_eval": n_eval,
-            },
-            default=str,
-        )
-    )
-
-
-def _usable_checkpoint(path: Path, fingerprint: dict, ignore: set[str]) -> bool:
-    """True when `path` can be resumed for this fingerprint; a stale one is deleted (with a warning)."""
-    from trainer.train import load_checkpoint
-
-    if not path.exists():
-        return False
-    try:
-        state = load_checkpoint(path)
-    except UserError as exc:
-        log.warning("%s; starting over", exc)
-        path.unlink(missing_ok=True)
-        return False
-    saved = json.loads(json.dumps(state.get("train_config") or {}, default=str))
-    now = fingerprint["train"]
-    same = (
-        all(saved.get(k) == v for k, v in now.items() if k not in ignore)
-        and json.loads(json.dumps(state.get("model_config"), default=str)) == fingerprint["model"]
-        and state.get("num_train") == fingerprint["n_train"]
-    )
-    if not same:
-        log.warning("%s was written with another config or model; starting that method over", path)
-        path.unlink(missing_ok=True)
-        return False
-    log.info("resuming from %s (epoch %s of %s)", path, state.get("epoch"), now.get("epochs"))
-    return True
 
 
 def _start_over(run_dir: Path) -> None:
@@ -275,7 +177,6 @@ class _Context:
 
     def images(self, split: str, uids: list[str], source: str) -> Any:
         """The images of a split in `uids` order (fine-tune mode), indexed once per split."""
-        from trainer.finetune import SplitImages, shard_images
 
         key = (split, source)
         if key not in self._images:
@@ -295,8 +196,6 @@ class _Context:
         from kb_builder.encoders import build_image_encoder
 
         if self._encoder is None:
-            import torch
-
             torch.manual_seed(seed)  # random-weight encoders (tests) are then the same in every run
             self._encoder = build_image_encoder(self.kb["encoders"]["image"])
         return self._encoder
@@ -305,8 +204,6 @@ class _Context:
 def _zeroshot(ctx: _Context, evals: dict[str, tuple[Any, Any]]) -> dict[str, dict[str, Any]]:
     """Zero-shot metrics per eval split; evals: split -> (image embeddings, labels)."""
     from kb_builder.encoders import build_text_encoder
-    from trainer.evaluate import evaluate
-    from trainer.zeroshot import prompt_class_names, zeroshot_logits, zeroshot_weights
 
     spec = ctx.exp.get("zeroshot") or {}
     names = spec.get("class_names") or ctx.info["class_names"]
@@ -335,58 +232,28 @@ def _train_method(
     policy: dict | None,
 ) -> dict[str, dict[str, Any]]:
     """Train one method (feature or fine-tune mode) with checkpoints; its metrics per eval split."""
-    import torch
 
-    from trainer.evaluate import evaluate
-    from trainer.train import fit, predict
-
-    num_classes = int(ctx.info["num_classes"])
-    torch.manual_seed(config.seed)
-    head = build_model(
+    logits, epochs = train_method(
         method,
-        train_f.query_img.shape[1],
-        train_f.store_txt.shape[1],
-        num_classes,
-        k,
-        ctx.exp.get("model", {}),
+        config,
+        train_f,
+        evals,
+        model_options=ctx.exp.get("model", {}) or {},
+        num_classes=int(ctx.info["num_classes"]),
+        k=k,
+        class_counts=ctx.info["train_class_counts"],
+        log_path=run_dir / f"{_safe(key)}.metrics.jsonl",
+        weights_path=run_dir / f"{_safe(key)}.pt",
+        checkpoint_path=run_dir / f"{_safe(key)}.ckpt.pt" if policy else None,
+        checkpoint_every_s=policy["every_s"] if policy else 0.0,
+        progress=ctx.progress,
+        image_encoder=lambda: ctx.image_encoder(config.seed),
+        images=lambda split, f: ctx.images(split, f.uids, config.images),
     )
-    ckpt = run_dir / f"{_safe(key)}.ckpt.pt" if policy else None
-    common = {
-        "class_counts": ctx.info["train_class_counts"],
-        "progress": ctx.progress,
-        "log_path": run_dir / f"{_safe(key)}.metrics.jsonl",
-        "checkpoint_path": ckpt,
-        "checkpoint_every_s": policy["every_s"] if policy else 0.0,
-    }
-    logits: dict[str, torch.Tensor] = {}
-    if method in FINETUNE_METHODS:
-        from trainer.finetune import RESUMABLE_CHANGES, FinetuneModel, finetune_fit, finetune_predict
-
-        model = FinetuneModel(ctx.image_encoder(config.seed), head)
-        images = {s: ctx.images(s, f.uids, config.images) for s, f in {"train": train_f, **evals}.items()}
-        if ckpt is not None:
-            _usable_checkpoint(ckpt, _fingerprint(config, model.config, len(train_f), k), RESUMABLE_CHANGES)
-        history = finetune_fit(model, images["train"], train_f, config, **common)
-        for split, f in evals.items():
-            logits[split] = finetune_predict(
-                model, images[split], f, config.eval_batch_size, config.num_workers, amp=config.amp
-            )
-        mode = "finetune"
-    else:
-        from trainer.train import _RESUMABLE_CHANGES
-
-        if ckpt is not None:
-            _usable_checkpoint(ckpt, _fingerprint(config, head.config, len(train_f), k), _RESUMABLE_CHANGES)
-        model = head
-        history = fit(model, train_f, config, **common)
-        for split, f in evals.items():
-            logits[split] = predict(model, f, batch_size=config.eval_batch_size)
-        mode = "frozen"
-    torch.save(model.state_dict(), run_dir / f"{_safe(key)}.pt")
     out = {}
     for split, f in evals.items():
         out[split] = evaluate(logits[split], f.labels, ctx.info["shot_split"])
-        out[split].update({"mode": mode, "epochs": len(history)})
+        out[split].update({"mode": METHODS[method].mode, "epochs": epochs})
         if method not in RETRIEVAL_FREE:
             out[split]["k"] = k
     return out
@@ -415,9 +282,6 @@ def run_experiment(
 
     Several eval splits (`eval_split: [webvision_val, imagenet_val]`) evaluate each trained model on
     each; results on the splits after the first are named `<method>@<split>`."""
-    from trainer.baselines import knn_vote
-    from trainer.evaluate import evaluate
-    from trainer.features import load_retrieval_features
 
     plan = _plan(exp, kb)
     methods, k_values, policy = plan["methods"], plan["k_values"], plan["checkpoint"]
@@ -425,27 +289,22 @@ def run_experiment(
     if info is None:
         raise UserError(f"dataset {ds['name']} has not been prepared: run `retformer neighbors` first")
     splits = _eval_splits(exp, info)
-    dataset_dir = ws.dataset_dir(ds["name"])
     need_nn = any(m != "zeroshot" for m in methods)
     kmax = max(k_values)
     table_k = None
     if need_nn:
-        available = [x for x in neighbour_k_available(ws, ds["name"], kb["name"]) if x >= kmax]
+        available = [x for x in neighbor_k_values(ws, ds["name"], kb["name"]) if x >= kmax]
         if not available:
             raise UserError(
-                f"no neighbour tables with k >= {kmax} for {ds['name']} x {kb['name']}: "
+                f"no neighbor tables with k >= {kmax} for {ds['name']} x {kb['name']}: "
                 f"run `retformer neighbors --dataset {ds['name']} --kb {kb['name']} --k {kmax}`"
             )
         table_k = available[0]
-        train_all = load_retrieval_features(dataset_dir, kb["name"], table_k, "train")
-        evals_all = {s: load_retrieval_features(dataset_dir, kb["name"], table_k, s) for s in splits}
+        train_all = load_retrieval_features(ws, ds["name"], kb["name"], table_k, "train")
+        evals_all = {s: load_retrieval_features(ws, ds["name"], kb["name"], table_k, s) for s in splits}
         zs_evals = {s: (f.query_img, f.labels) for s, f in evals_all.items()}
         train_size = len(train_all)
     else:
-        import torch
-
-        from artifacts.embeddings_io import read_embeddings
-
         zs_evals = {}
         for s in splits:
             table = read_embeddings(ws.dataset_embeddings(ds["name"], s))
@@ -469,7 +328,15 @@ def run_experiment(
             names = {s: key if i == 0 else f"{key}@{s}" for i, s in enumerate(splits)}
             done = run_dir / f"{_safe(key)}.result.json"
             config = plan["configs"].get(method)
-            fp = _result_fingerprint(exp, method, config, k, train_size, eval_sizes)
+            fp = result_fingerprint(
+                method,
+                config,
+                exp.get("model") if config is not None else None,
+                exp.get("zeroshot") if method == "zeroshot" else None,
+                None if method in RETRIEVAL_FREE else k,
+                train_size,
+                eval_sizes,
+            )
             previous = read_json(done) if resume else None
             if previous is not None and previous.get("fingerprint") == fp:
                 log.info("%s: reusing the result of the interrupted run (%s)", key, done)
@@ -499,7 +366,7 @@ def run_experiment(
         "kb": kb["name"],
         "experiment": exp["name"],
         "k": k_values[0] if len(k_values) == 1 else k_values,
-        "neighbour_table_k": table_k,
+        "neighbor_table_k": table_k,
         "eval_split": splits[0],
         "eval_splits": splits,
         "train_size": train_size,
@@ -523,22 +390,24 @@ def run_experiment(
 
 
 def _pct(value: Any) -> str:
-    return "   -  " if value is None else f"{100 * float(value):6.2f}"
+    return "-" if value is None else f"{100 * float(value):.2f}"
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Method x top-1 / top-5 / many / medium / few, in percent."""
-    width = max([20, *(len(m) for m in report["methods"])])
-    lines = [f"{'method':<{width}} {'top1':>6} {'top5':>6} {'many':>6} {'medium':>6} {'few':>6}"]
+    """Method x top-1 / top-5 / many / medium / few, in percent: a plain-text table rendered by rich."""
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    table.add_column("method", no_wrap=True)
+    for name in ("top1", "top5", "many", "medium", "few"):
+        table.add_column(name, justify="right", no_wrap=True)
+    skipped = []
     for method, m in report["methods"].items():
         if "skipped" in m:
-            lines.append(f"{method:<{width}} skipped: {m['skipped']}")
+            skipped.append(f"{method} skipped: {m['skipped']}")
             continue
-        lines.append(
-            f"{method:<{width}} {_pct(m.get('top1'))} {_pct(m.get('top5'))} {_pct(m.get('many'))} "
-            f"{_pct(m.get('medium'))} {_pct(m.get('few'))}"
-        )
-    return "\n".join(lines)
+        table.add_row(method, *(_pct(m.get(key)) for key in ("top1", "top5", "many", "medium", "few")))
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None, highlight=False).print(table)
+    return "\n".join([out.getvalue().rstrip("\n"), *skipped])
 
 
 def results_summary(report: dict[str, Any]) -> dict[str, Any]:

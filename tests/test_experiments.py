@@ -77,7 +77,7 @@ def cli(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def clip_ws(tmp_path_factory, small_manifests) -> dict:
     """small_manifests' Fashion-MNIST-LT slice with a KB (world 300 + the training split) embedded by
-    one tiny open_clip model for images and texts; neighbour tables at k = 8."""
+    one tiny open_clip model for images and texts; neighbor tables at k = 8."""
     if not have_fmnist():
         pytest.skip("Fashion-MNIST not installed")
     from distributed import Client
@@ -120,7 +120,7 @@ def train_args(env: dict, experiment: str, run: str, overrides: list[str]) -> li
 
 def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     """Result name -> mode the experiment should report, from its manifest and the overrides."""
-    from pipelines.experiment import FINETUNE_METHODS, RETRIEVAL_FREE
+    from trainer.methods import FINETUNE_METHODS, RETRIEVAL_FREE
 
     exp = manifest.load("experiments", name, [o.split(".", 1)[1] for o in overrides])
     ks = exp.get("k_values") or [exp.get("k", 32)]
@@ -206,21 +206,12 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
     sample): the same batch with 0 or 2 DataLoader workers, another one next epoch."""
     from kb_builder.encoders import build_image_encoder
     from trainer.features import load_retrieval_features
-    from trainer.finetune import (
-        FinetuneConfig,
-        FinetuneModel,
-        ImageDataset,
-        _EpochSampler,
-        _loader,
-        epoch_batches,
-        finetune_fit,
-        make_finetune_optimizer,
-        shard_images,
-    )
+    from trainer.finetune import FinetuneConfig, FinetuneModel, finetune_fit, make_finetune_optimizer
+    from trainer.images import ImageDataset, _EpochSampler, _loader, epoch_batches, shard_images
     from trainer.model import RetFormer
 
     ws = Workspace(clip_ws["ws"])
-    feats = load_retrieval_features(ws.dataset_dir("tiny_lt"), "tiny_clip", 8, "train").subset_k(4)
+    feats = load_retrieval_features(ws, "tiny_lt", "tiny_clip", 8, "train").subset_k(4)
     feats = feats.subset(list(range(32)))
     images = shard_images(ws.dataset_shards("tiny_lt"), "train", feats.uids)
     encoder = build_image_encoder(CLIP)
@@ -318,8 +309,28 @@ def test_reproduce_guide_names_exactly_the_tested_experiments():
     assert named <= set(EXPERIMENTS), named - set(EXPERIMENTS)
     assert set(EXPERIMENTS) - {"demo"} <= named, set(EXPERIMENTS) - named
     # Every manifest the guide points to is valid YAML with methods the trainer knows.
-    from pipelines.experiment import METHODS
+    from trainer.methods import METHODS
 
     for name in named:
         data = yaml.safe_load((REPO / "manifests" / "experiments" / f"{name}.yaml").read_text())
         assert set(data["methods"]) <= set(METHODS)
+
+
+def test_format_table_renders_every_result():
+    """The results table (rendered by rich) has a header with the five metrics, one row per result in
+    percent with two decimals (`-` where a group has no sample), and one line per skipped method."""
+    from pipelines.experiment import format_table
+
+    report = {
+        "methods": {
+            "retformer": {"top1": 0.81234, "top5": 0.99, "many": 0.9, "medium": 0.7, "few": None},
+            "mlp_only@test2": {"top1": 0.5, "top5": 0.6, "many": 0.1, "medium": 0.2, "few": 0.3},
+            "knn_vote": {"skipped": "the KB has no labels"},
+        }
+    }
+    lines = format_table(report).splitlines()
+    assert lines[0].split() == ["method", "top1", "top5", "many", "medium", "few"]
+    assert lines[1].split() == ["retformer", "81.23", "99.00", "90.00", "70.00", "-"]
+    assert lines[2].split() == ["mlp_only@test2", "50.00", "60.00", "10.00", "20.00", "30.00"]
+    assert lines[3] == "knn_vote skipped: the KB has no labels"
+    assert len(lines) == 4

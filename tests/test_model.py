@@ -13,13 +13,13 @@ from trainer.model import (
     RetFormer,
     build_model,
     model_from_config,
-    neighbour_attention,
+    neighbor_attention,
 )
 
 torch.set_num_threads(1)
 
 DI, DT, C, K, B = 16, 12, 5, 6, 3
-KINDS = ("retformer", "no_text", "no_image", "linear", "mlp")
+KINDS = ("retformer", "retformer_no_text", "retformer_no_image", "linear_probe", "mlp_only")
 
 
 def _inputs(seed: int = 0, k: int = K) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,20 +33,20 @@ def _inputs(seed: int = 0, k: int = K) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def _model(kind: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    extra = {"width": 32, "depth": 2, "heads": 4, **kw} if kind not in ("linear", "mlp") else {}
+    extra = {"width": 32, "depth": 2, "heads": 4, **kw} if kind not in ("linear_probe", "mlp_only") else {}
     return build_model(kind, C, DI, DT, K, **extra).eval()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_output_shapes(kind: str) -> None:
-    """Every model kind maps (z, nn_img, nn_txt) to (B, C) logits, also with fewer than k neighbours."""
+    """Every model kind maps (z, nn_img, nn_txt) to (B, C) logits, also with fewer than k neighbors."""
     model = _model(kind)
     assert model(*_inputs()).shape == (B, C)
     assert model(*_inputs(k=K - 2)).shape == (B, C)
 
 
-def test_too_many_neighbours_rejected() -> None:
-    """More neighbours than the model has position embeddings is an error, not a silent truncation."""
+def test_too_many_neighbors_rejected() -> None:
+    """More neighbors than the model has position embeddings is an error, not a silent truncation."""
     with pytest.raises(ValueError, match="neighbour positions"):
         _model("retformer")(*_inputs(k=K + 1))
 
@@ -58,7 +58,7 @@ def test_no_input_for_query_text_and_zero_slot() -> None:
         params = list(inspect.signature(cls.forward).parameters)
         assert params[:4] == ["self", "z", "nn_img", "nn_txt"]
         assert set(params) <= {"self", "z", "nn_img", "nn_txt", "return_attention"}
-    for kind in ("retformer", "no_image"):
+    for kind in ("retformer", "retformer_no_image"):
         model = _model(kind)
         seen = {}
 
@@ -76,15 +76,15 @@ def test_no_input_for_query_text_and_zero_slot() -> None:
     ("kind", "text_matters", "image_matters"),
     [
         ("retformer", True, True),
-        ("no_image", True, False),
-        ("no_text", False, True),
-        ("linear", False, False),
-        ("mlp", False, False),
+        ("retformer_no_image", True, False),
+        ("retformer_no_text", False, True),
+        ("linear_probe", False, False),
+        ("mlp_only", False, False),
     ],
 )
-def test_which_neighbour_inputs_change_logits(kind: str, text_matters: bool, image_matters: bool) -> None:
-    """Changing the neighbours' texts changes the logits of "full" and "no_image" only; changing the
-    neighbours' images changes "full" and "no_text" only; the baselines ignore both."""
+def test_which_neighbor_inputs_change_logits(kind: str, text_matters: bool, image_matters: bool) -> None:
+    """Changing the neighbors' texts changes the logits of "full" and "no_image" only; changing the
+    neighbors' images changes "full" and "no_text" only; the baselines ignore both."""
     model = _model(kind)
     z, nn_img, nn_txt = _inputs(0)
     _, other_img, other_txt = _inputs(1)
@@ -96,22 +96,26 @@ def test_which_neighbour_inputs_change_logits(kind: str, text_matters: bool, ima
     assert (not torch.allclose(base, new_img)) == image_matters
 
 
-@pytest.mark.parametrize("kind", ["retformer", "no_text", "no_image"])
+@pytest.mark.parametrize("kind", ["retformer", "retformer_no_text", "retformer_no_image"])
 def test_attention_weights_are_distributions(kind: str) -> None:
     """return_attention gives (L, B, H, P, P) weights per stream whose rows sum to 1, the same logits
-    as the fused-kernel path, and (B, k) class-token weights over the neighbours (Fig. 5)."""
+    as the fused-kernel path, and (B, k) class-token weights over the neighbors (Fig. 5)."""
     model = _model(kind)
     inputs = _inputs()
     with torch.no_grad():
         logits, attn = model(*inputs, return_attention=True)
         torch.testing.assert_close(logits, model(*inputs), rtol=1e-5, atol=1e-5)
-    expected = {"retformer": {"image", "text"}, "no_text": {"image"}, "no_image": {"text"}}[kind]
+    expected = {
+        "retformer": {"image", "text"},
+        "retformer_no_text": {"image"},
+        "retformer_no_image": {"text"},
+    }[kind]
     assert set(attn) == expected
     for w in attn.values():
         assert w.shape == (2, B, 4, K + 2, K + 2)
         assert (w >= 0).all()
         torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
-    for w in neighbour_attention(attn).values():
+    for w in neighbor_attention(attn).values():
         assert w.shape == (B, K)
         assert (w.sum(-1) <= 1 + 1e-6).all()
 
@@ -162,3 +166,23 @@ def test_bad_arguments() -> None:
         build_model("resnet", C, DI)
     with pytest.raises(ValueError, match="nn_txt"):
         _model("retformer")(_inputs()[0], _inputs()[1], None)
+
+
+@pytest.mark.parametrize("mlp_hidden", [None, 8])
+def test_mlp_only_is_exactly_retformers_image_branch(mlp_hidden: int | None) -> None:
+    """The mlp_only ablation built by the one factory from the same `model:` options as RetFormer is
+    RetFormer's L_I branch alone: the same module class and hidden width (img_dim unless mlp_hidden
+    says otherwise; never RetFormer's fusion width), the same state-dict keys, and with RetFormer's
+    L_I weights it gives exactly RetFormer's L_I logits."""
+    options = {"width": 32, "depth": 2, "heads": 4, "mlp_hidden": mlp_hidden}
+    ret = build_model("retformer", C, DI, DT, K, **options).eval()
+    mlp = build_model("mlp_only", C, DI, DT, K, **options).eval()
+    assert type(mlp.mlp) is type(ret.mlp)
+    assert mlp.mlp.hidden == ret.mlp.hidden == (mlp_hidden or DI)
+    assert mlp.config["mlp_hidden"] == ret.config["mlp_hidden"]
+    branch = {k: v for k, v in ret.state_dict().items() if k.startswith("mlp.")}
+    assert set(mlp.state_dict()) == set(branch)
+    mlp.load_state_dict(branch)
+    z = _inputs()[0]
+    with torch.no_grad():
+        assert torch.equal(mlp(z), ret.mlp(z))

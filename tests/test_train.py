@@ -14,7 +14,9 @@ import torch
 
 from artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
 from artifacts.errors import UserError
+from artifacts.workspace import Workspace
 from trainer.baselines import knn_vote
+from trainer.checkpoint import load_model
 from trainer.evaluate import evaluate, shot_split_from_counts
 from trainer.features import RetrievalFeatures, load_retrieval_features
 from trainer.model import build_model
@@ -22,7 +24,6 @@ from trainer.train import (
     TrainConfig,
     WarmupCosine,
     fit,
-    load_model,
     logit_adjustment,
     make_optimizer,
     make_scheduler,
@@ -33,7 +34,7 @@ torch.set_num_threads(1)
 
 
 def make_features(n: int = 64, k: int = 4, m: int = 50, di: int = 32, dt: int = 8, c: int = 4, seed: int = 0):
-    """Random unit-norm embeddings, random labels, random neighbour rows (synthetic: trainer logic only)."""
+    """Random unit-norm embeddings, random labels, random neighbor rows (synthetic: trainer logic only)."""
     g = torch.Generator().manual_seed(seed)
 
     def unit(*shape: int) -> torch.Tensor:
@@ -55,7 +56,7 @@ def make_features(n: int = 64, k: int = 4, m: int = 50, di: int = 32, dt: int = 
 
 def tiny_model(feats: RetrievalFeatures, kind: str = "retformer", c: int = 4, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    extra = {"width": 32, "depth": 2, "heads": 4, **kw} if kind not in ("linear", "mlp") else kw
+    extra = {"width": 32, "depth": 2, "heads": 4, **kw} if kind not in ("linear_probe", "mlp_only") else kw
     return build_model(kind, c, feats.img_dim, feats.txt_dim, feats.k, **extra)
 
 
@@ -63,8 +64,8 @@ def tiny_model(feats: RetrievalFeatures, kind: str = "retformer", c: int = 4, **
 
 
 def test_batch_gathers_store_rows_and_subset_k() -> None:
-    """batch() gathers each query's neighbour vectors from the store by row (float32), and subset_k
-    keeps the first k neighbours while sharing the store."""
+    """batch() gathers each query's neighbor vectors from the store by row (float32), and subset_k
+    keeps the first k neighbors while sharing the store."""
     f = make_features(n=10, k=4, m=7)
     b = f.batch([3, 5])
     assert b["z"].shape == (2, 32) and b["nn_img"].shape == (2, 4, 32) and b["nn_txt"].shape == (2, 4, 8)
@@ -75,7 +76,7 @@ def test_batch_gathers_store_rows_and_subset_k() -> None:
     f2 = f.subset_k(2)
     assert f2.k == 2 and f2.store_img is f.store_img
     assert torch.equal(f2.batch([5])["nn_img"][0], b["nn_img"][1, :2])
-    assert set(f.batch([1], neighbours=False)) == {"z", "y"}
+    assert set(f.batch([1], neighbors=False)) == {"z", "y"}
     with pytest.raises(ValueError):
         f.subset_k(5)
 
@@ -111,7 +112,7 @@ def _write_dataset(root: Path, n: int = 6, m_kb: int = 20, k: int = 3, di: int =
     nn_dir = root / "neighbors" / "kbx" / f"k{k}"
     nn_dir.mkdir(parents=True)
     pq.write_table(arrow, nn_dir / "store.parquet")
-    order = rng.permutation(n)  # neighbour rows in another order than the queries: join by uid
+    order = rng.permutation(n)  # neighbor rows in another order than the queries: join by uid
     table = pa.table(
         {
             "uid": pa.array([f"q{i}" for i in order]),
@@ -124,10 +125,10 @@ def _write_dataset(root: Path, n: int = 6, m_kb: int = 20, k: int = 3, di: int =
 
 
 def test_load_retrieval_features_joins_by_uid_and_maps_kb_ids(tmp_path: Path) -> None:
-    """The loader joins neighbour rows to queries by uid (any order) and maps every nn_id to the store
+    """The loader joins neighbor rows to queries by uid (any order) and maps every nn_id to the store
     row holding that kb_id: the gathered vectors are the store's vectors of exactly those KB rows."""
-    d = _write_dataset(tmp_path)
-    f = load_retrieval_features(tmp_path, "kbx", 3, "train")
+    d = _write_dataset(Workspace(tmp_path).dataset_dir("d"))
+    f = load_retrieval_features(Workspace(tmp_path), "d", "kbx", 3, "train")
     assert len(f) == 6 and f.k == 3 and f.img_dim == 8 and f.txt_dim == 4
     assert f.uids == [f"q{i}" for i in range(6)]
     assert torch.equal(f.labels, torch.tensor([0, 1, 2, 0, 1, 2]))
@@ -141,20 +142,20 @@ def test_load_retrieval_features_joins_by_uid_and_maps_kb_ids(tmp_path: Path) ->
 
 
 def test_load_retrieval_features_errors_name_the_file(tmp_path: Path) -> None:
-    """A query without a neighbour row, or a neighbour id absent from the store, is a UserError
+    """A query without a neighbor row, or a neighbor id absent from the store, is a UserError
     naming the file."""
-    d = _write_dataset(tmp_path)
+    d = _write_dataset(Workspace(tmp_path).dataset_dir("d"))
     pq.write_table(d["table"].slice(1), d["nn_dir"] / "train.parquet")
     with pytest.raises(UserError, match="train.parquet.*no neighbour row"):
-        load_retrieval_features(tmp_path, "kbx", 3, "train")
+        load_retrieval_features(Workspace(tmp_path), "d", "kbx", 3, "train")
     bad = d["table"].set_column(
         1, "nn_id", pa.FixedSizeListArray.from_arrays(pa.array(np.full(6 * 3, 99999), pa.int64()), 3)
     )
     pq.write_table(bad, d["nn_dir"] / "train.parquet")
     with pytest.raises(UserError, match="store.parquet: kb_id 99999"):
-        load_retrieval_features(tmp_path, "kbx", 3, "train")
+        load_retrieval_features(Workspace(tmp_path), "d", "kbx", 3, "train")
     with pytest.raises(UserError, match="k7"):
-        load_retrieval_features(tmp_path, "kbx", 7, "train")
+        load_retrieval_features(Workspace(tmp_path), "d", "kbx", 7, "train")
 
 
 # ---------------------------------------------------------------- training
@@ -274,7 +275,7 @@ def test_logit_adjusted_loss_shifts_predictions_to_tail() -> None:
     tail_preds = {}
     for loss in ("ce", "logit_adjusted"):
         torch.manual_seed(0)
-        model = build_model("linear", 2, d)
+        model = build_model("linear_probe", 2, d)
         cfg = TrainConfig(
             epochs=30,
             batch_size=50,
@@ -365,9 +366,9 @@ def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp", "no_text", "no_image"])
+@pytest.mark.parametrize("kind", ["linear_probe", "mlp_only", "retformer_no_text", "retformer_no_image"])
 def test_baselines_and_variants_train(kind: str) -> None:
-    """One trainer runs every model kind (baselines ignore the neighbours), with validation metrics."""
+    """One trainer runs every model kind (baselines ignore the neighbors), with validation metrics."""
     f = make_features(n=32)
     h = fit(tiny_model(f, kind), f, TrainConfig(epochs=1, batch_size=8, device="cpu"), progress=False, val=f)
     assert 0 <= h[0]["val_top1"] <= 1
@@ -414,8 +415,8 @@ def test_shot_split_boundaries() -> None:
 
 
 def test_knn_vote_hand_example() -> None:
-    """Majority vote of neighbour labels; ties broken by summed similarity; unlabelled (-1) and
-    out-of-range labels do not vote; no labelled neighbour gives a uniform row."""
+    """Majority vote of neighbor labels; ties broken by summed similarity; unlabelled (-1) and
+    out-of-range labels do not vote; no labelled neighbor gives a uniform row."""
     store_label = torch.tensor([0, 1, 1, -1, 2, 0, 7])
     nn_rows = torch.tensor(
         [
@@ -446,3 +447,40 @@ def test_knn_vote_hand_example() -> None:
     assert scores[0, 1] - scores[0, 0] >= 0.5  # a vote outweighs any similarity tie-break
     m = evaluate(scores, f.labels)
     assert m["top1"] == 0.5  # rows 0, 1 right; row 2 (label 0) wrong; uniform row 3 (label 1) wrong
+
+
+# ---------------------------------------------------------------- library replacements
+
+
+def test_cross_entropy_with_probability_targets_is_the_soft_target_loss() -> None:
+    """F.cross_entropy with probability targets (what the loop calls) is -sum_c t_c log softmax_c averaged
+    over the batch, the hand-written loss it replaced, for label-smoothed and mixed targets: the same
+    value to rounding and bitwise the same gradient (so training is bitwise unchanged)."""
+    g = torch.Generator().manual_seed(0)
+    for n, c in ((128, 10), (37, 4), (5, 1000)):
+        logits = torch.randn(n, c, generator=g, requires_grad=True)
+        y = torch.randint(0, c, (n,), generator=g)
+        targets = torch.nn.functional.one_hot(y, c).float() * 0.9 + 0.1 / c
+        perm = torch.randperm(n, generator=g)
+        targets = 0.3 * targets + 0.7 * targets[perm]
+        hand = -(targets * torch.nn.functional.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        lib = torch.nn.functional.cross_entropy(logits, targets)
+        torch.testing.assert_close(lib, hand)
+        (g_hand,) = torch.autograd.grad(hand, logits)
+        (g_lib,) = torch.autograd.grad(lib, logits)
+        assert torch.equal(g_hand, g_lib), (n, c)
+
+
+@pytest.mark.parametrize("kind", ["retformer", "retformer_no_image", "linear_probe", "mlp_only"])
+def test_timm_weight_decay_groups_follow_the_rule(kind: str) -> None:
+    """timm's parameter groups (make_optimizer) decay exactly the parameters of 2 or more dimensions that
+    the model does not list in no_weight_decay(); everything else, and nothing more, gets no decay."""
+    model = tiny_model(make_features(), kind)
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    expected = {n for n, p in model.named_parameters() if p.ndim >= 2 and n not in skip}
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    not_decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed == expected
+    assert not_decayed == set(names.values()) - expected

@@ -1,17 +1,21 @@
-"""RetFormer trainer: in-memory retrieval features, the cross-fusion model, training, evaluation, baselines.
+"""RetFormer trainer: methods, the cross-fusion model, features, training, evaluation, baselines.
 
 Feature mode: the encoders are frozen, so the trainer never sees an image. It reads the query
-embeddings, the neighbour table (top-k KB row ids per query) and the compact neighbour store
-written by the KB pipeline, and gathers the neighbours' embeddings per batch.
+embeddings, the neighbor table (top-k KB row ids per query) and the compact neighbor store
+written by the KB pipeline, and gathers the neighbors' embeddings per batch. Fine-tune mode
+(`trainer/finetune.py`) trains the KB's image encoder with the head through the same epoch loop.
 """
 
 from trainer.baselines import knn_vote
+from trainer.checkpoint import load_checkpoint, load_model, save_checkpoint
 from trainer.evaluate import evaluate, shot_split_from_counts
 from trainer.features import RetrievalFeatures, load_retrieval_features
-from trainer.model import LinearProbe, MLPOnly, RetFormer, build_model, model_from_config, neighbour_attention
-from trainer.train import TrainConfig, fit, load_checkpoint, load_model, predict, save_checkpoint
+from trainer.methods import METHODS
+from trainer.model import LinearProbe, MLPOnly, RetFormer, build_model, model_from_config, neighbor_attention
+from trainer.train import TrainConfig, fit, predict
 
 __all__ = [
+    "METHODS",
     "LinearProbe",
     "MLPOnly",
     "RetFormer",
@@ -25,7 +29,7 @@ __all__ = [
     "load_model",
     "load_retrieval_features",
     "model_from_config",
-    "neighbour_attention",
+    "neighbor_attention",
     "predict",
     "save_checkpoint",
     "shot_split_from_counts",

@@ -12,10 +12,10 @@ def knn_vote(
 ) -> torch.Tensor:
     """k-NN majority vote of the retrieved KB items' labels, as (N, C) scores for `evaluate()`.
 
-    score[c] = votes[c] + (summed cosine of the neighbours voting c + k) / (2k + 1).
+    score[c] = votes[c] + (summed cosine of the neighbors voting c + k) / (2k + 1).
     The second term is in [0, 1), so it only breaks ties between equal vote counts (higher summed
-    similarity wins) and never outweighs one vote. Neighbours with label -1 (unlabelled KB rows)
-    or a label outside [0, C) do not vote. A query with no labelled neighbour gets a uniform row
+    similarity wins) and never outweighs one vote. Neighbors with label -1 (unlabelled KB rows)
+    or a label outside [0, C) do not vote. A query with no labelled neighbor gets a uniform row
     (argmax falls on class 0, so it counts as wrong unless its label is 0).
     num_classes defaults to max(query label) + 1.
     """

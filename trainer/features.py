@@ -1,14 +1,15 @@
-"""Retrieval features in memory: query embeddings, neighbour ids, and the compact neighbour store.
+"""Retrieval features in memory: query embeddings, neighbor ids, and the compact neighbor store.
 
-Memory layout: the neighbours' vectors are never materialised per query as (N, k, D) (for
+Memory layout: the neighbors' vectors are never materialised per query as (N, k, D) (for
 ImageNet-LT at k=32 that is the paper's 30 GB); each query holds k row indexes into the store and
 `batch()` gathers the vectors of one mini-batch. The store keeps the dtype it was read with
 (float16 from Parquet: half the memory); `batch()` returns float32.
+Paths come from `artifacts.workspace.Workspace`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,27 @@ import torch
 
 from artifacts.embeddings_io import read_embeddings, read_part_arrow
 from artifacts.errors import UserError
+from artifacts.workspace import Workspace
+
+# File names inside a neighbor-table folder (`Workspace.neighbors_dir`), as the neighbors stage writes them.
+NEIGHBOR_STORE = "store.parquet"
+
+
+def neighbor_table_path(ws: Workspace, dataset: str, kb: str, k: int, split: str) -> Path:
+    """The neighbor table of one split: uid, nn_id[k], nn_score[k]."""
+    return ws.neighbors_dir(dataset, kb, k) / f"{split}.parquet"
+
+
+def neighbor_k_values(ws: Workspace, dataset: str, kb: str) -> list[int]:
+    """The k values for which a dataset x KB has neighbor tables (a complete store)."""
+    parent = ws.neighbors_dir(dataset, kb, 0).parent
+    found = (int(p.name[1:]) for p in parent.glob("k*") if p.name[1:].isdigit())
+    return sorted(k for k in found if (ws.neighbors_dir(dataset, kb, k) / NEIGHBOR_STORE).is_file())
 
 
 @dataclass
 class RetrievalFeatures:
-    """Queries of one split with their top-k neighbours, as row indexes into a shared store.
+    """Queries of one split with their top-k neighbors, as row indexes into a shared store.
 
     query_img (N, Di) float32, labels (N,) int64 (-1 = unknown), uids list[str] (N),
     nn_rows (N, k) int64 rows of the store, nn_score (N, k) float32 cosine (descending),
@@ -57,7 +74,7 @@ class RetrievalFeatures:
 
     @property
     def k(self) -> int:
-        """Neighbours per query."""
+        """Neighbors per query."""
         return int(self.nn_rows.shape[1])
 
     @property
@@ -73,14 +90,14 @@ class RetrievalFeatures:
         return self.query_img.device
 
     def batch(
-        self, idx: torch.Tensor | np.ndarray | list[int], neighbours: bool = True
+        self, idx: torch.Tensor | np.ndarray | list[int], neighbors: bool = True
     ) -> dict[str, torch.Tensor]:
-        """Gather one mini-batch: z (B, Di), y (B,), and unless neighbours=False, nn_img (B, k, Di),
+        """Gather one mini-batch: z (B, Di), y (B,), and unless neighbors=False, nn_img (B, k, Di),
         nn_txt (B, k, Dt), nn_label (B, k), nn_score (B, k), nn_has_text (B, k); all on self.device,
         vectors float32."""
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
         out = {"z": self.query_img[idx].float(), "y": self.labels[idx]}
-        if neighbours:
+        if neighbors:
             rows = self.nn_rows[idx]  # (B, k)
             out["nn_img"] = self.store_img[rows].float()
             out["nn_txt"] = self.store_txt[rows].float()
@@ -90,7 +107,7 @@ class RetrievalFeatures:
         return out
 
     def subset_k(self, k: int) -> RetrievalFeatures:
-        """The same queries with only their first (best) k neighbours; the store is shared, not copied."""
+        """The same queries with only their first (best) k neighbors; the store is shared, not copied."""
         if not 1 <= k <= self.k:
             raise ValueError(f"k={k} must be in [1, {self.k}] (features were loaded with k={self.k})")
         return replace(self, nn_rows=self.nn_rows[:, :k], nn_score=self.nn_score[:, :k])
@@ -110,17 +127,8 @@ class RetrievalFeatures:
 
     def to(self, device: torch.device | str) -> RetrievalFeatures:
         """A copy with every tensor on `device` (gathering on the GPU avoids a host copy per batch)."""
-        return replace(
-            self,
-            query_img=self.query_img.to(device),
-            labels=self.labels.to(device),
-            nn_rows=self.nn_rows.to(device),
-            nn_score=self.nn_score.to(device),
-            store_img=self.store_img.to(device),
-            store_txt=self.store_txt.to(device),
-            store_has_text=self.store_has_text.to(device),
-            store_label=self.store_label.to(device),
-        )
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "uids"}
+        return replace(self, **{name: t.to(device) for name, t in tensors.items()})
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -144,24 +152,22 @@ def _fixed_list_to_numpy(column: pa.ChunkedArray, k: int, dtype: type, path: Pat
     return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(arr), k)
 
 
-def load_retrieval_features(dataset_dir: Path | str, kb: str, k: int, split: str) -> RetrievalFeatures:
-    """Load one split: `embeddings/<split>/` (queries and labels), `neighbors/<kb>/k<k>/<split>.parquet`
-    (joined by uid) and `neighbors/<kb>/k<k>/store.parquet` (nn_id -> store row by kb_id).
+def load_retrieval_features(ws: Workspace, dataset: str, kb: str, k: int, split: str) -> RetrievalFeatures:
+    """Load one split of `dataset`: its embeddings (queries and labels), its neighbor table against `kb`
+    at `k` (joined by uid) and the neighbor store (nn_id -> store row by kb_id).
 
-    Raises UserError naming the file when a query has no neighbour row, when a neighbour id is
+    Raises UserError naming the file when a query has no neighbor row, when a neighbor id is
     missing from the store, or when a file is absent."""
-    dataset_dir = Path(dataset_dir)
-    emb_dir = dataset_dir / "embeddings" / split
-    nn_dir = dataset_dir / "neighbors" / kb / f"k{k}"
-    nn_path = nn_dir / f"{split}.parquet"
-    store_path = nn_dir / "store.parquet"
+    emb_dir = ws.dataset_embeddings(dataset, split)
+    nn_path = neighbor_table_path(ws, dataset, kb, k, split)
+    store_path = ws.neighbors_dir(dataset, kb, k) / NEIGHBOR_STORE
     for p in (nn_path, store_path):
         if not p.is_file():
-            raise UserError(f"neighbour file not found: {p} (run the neighbors stage for kb={kb}, k={k})")
+            raise UserError(f"neighbor file not found: {p} (run the neighbors stage for kb={kb}, k={k})")
 
     queries = read_embeddings(emb_dir)
 
-    # Join queries to neighbour rows by uid (Arrow's hash join; neighbour rows may be in any order).
+    # Join queries to neighbor rows by uid (Arrow's hash join; neighbor rows may be in any order).
     nn = read_part_arrow(nn_path, columns=["uid", "nn_id", "nn_score"])
     nn_uid = nn.column("uid").combine_chunks()
     if pc.count_distinct(nn_uid).as_py() != len(nn_uid):

@@ -22,6 +22,9 @@ the final LayerNorm of the class-token outputs (full variant: cls_I and cls_T co
 
 Variants (paper Sec. 4.5): "no_text" keeps only the image stream and "no_image" only the text
 stream; a single stream attends to itself, i.e. "degenerates into a vanilla transformer encoder".
+Their model kinds (= method names, `trainer/methods.py`) are retformer_no_text and retformer_no_image.
+
+`build_model` is the one factory: the experiment runner, fine-tune heads and the tests all build here.
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("full", "no_text", "no_image")
-MODEL_KINDS = ("retformer", "no_text", "no_image", "linear", "mlp")
+# Model kinds: the names of the feature-mode methods that train them (`trainer/methods.py`).
+RETFORMER_VARIANTS = {"retformer": "full", "retformer_no_text": "no_text", "retformer_no_image": "no_image"}
+MODEL_KINDS = (*RETFORMER_VARIANTS, "mlp_only", "linear_probe")
+VARIANTS = tuple(RETFORMER_VARIANTS.values())  # RetFormer's `variant`: "full", "no_text", "no_image"
+_KIND_OF_VARIANT = {v: kind for kind, v in RETFORMER_VARIANTS.items()}
 
 
 class MultiHeadAttention(nn.Module):
@@ -150,19 +156,24 @@ class SelfAttentionLayer(nn.Module):
         return x, w
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """Two linear layers with a ReLU in the middle (the paper's MLP(z))."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+class ImageBranch(nn.Sequential):
+    """RetFormer's L_I branch, the paper's MLP(z): Linear(img_dim, hidden) -> ReLU -> Linear(hidden, C).
+    The `mlp_only` ablation is this very module alone (`MLPOnly`); hidden defaults to img_dim."""
+
+    def __init__(self, img_dim: int, num_classes: int, hidden: int | None = None) -> None:
+        hidden = hidden or img_dim
+        super().__init__(nn.Linear(img_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.hidden = hidden
 
 
 class RetFormer(nn.Module):
-    """Retrieval-augmented classifier: logits = tau/2 * (MLP(z) + h(cross_fusion(z, neighbours))).
+    """Retrieval-augmented classifier: logits = tau/2 * (MLP(z) + h(cross_fusion(z, neighbors))).
 
     forward(z (B, Di), nn_img (B, k', Di), nn_txt (B, k', Dt)) with k' <= k (the model's number of
-    neighbour positions). The variant "no_text" ignores nn_txt, "no_image" ignores nn_img (pass None).
+    neighbor positions). The variant "no_text" ignores nn_txt, "no_image" ignores nn_img (pass None).
     """
 
-    needs_neighbours = True
+    needs_neighbors = True
 
     def __init__(
         self,
@@ -185,7 +196,7 @@ class RetFormer(nn.Module):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         mlp_hidden = mlp_hidden or img_dim
         self.config: dict[str, Any] = {
-            "kind": "retformer" if variant == "full" else variant,
+            "kind": _KIND_OF_VARIANT[variant],
             "img_dim": img_dim,
             "txt_dim": txt_dim,
             "num_classes": num_classes,
@@ -223,7 +234,7 @@ class RetFormer(nn.Module):
             self.norm_txt = nn.LayerNorm(width)
         streams = int(self.use_img) + int(self.use_txt)
         self.head = nn.Linear(streams * width, num_classes)  # h
-        self.mlp = _mlp(img_dim, mlp_hidden, num_classes)  # L_I branch
+        self.mlp = ImageBranch(img_dim, num_classes, mlp_hidden)  # L_I branch
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -309,8 +320,8 @@ class RetFormer(nn.Module):
         return logits, attn
 
 
-def neighbour_attention(attn: dict[str, torch.Tensor], layer: int = -1) -> dict[str, torch.Tensor]:
-    """The class token's attention over the k neighbours (head mean), per stream: (B, k) each.
+def neighbor_attention(attn: dict[str, torch.Tensor], layer: int = -1) -> dict[str, torch.Tensor]:
+    """The class token's attention over the k neighbors (head mean), per stream: (B, k) each.
 
     This is what the paper's Fig. 5 displays above each retrieved image. The rest of the class
     token's attention mass goes to itself and to the query slot."""
@@ -318,13 +329,13 @@ def neighbour_attention(attn: dict[str, torch.Tensor], layer: int = -1) -> dict[
 
 
 class LinearProbe(nn.Module):
-    """Linear classifier on the query embedding ("CLIP classifier FT"); ignores the neighbours."""
+    """Linear classifier on the query embedding ("CLIP classifier FT"); ignores the neighbors."""
 
-    needs_neighbours = False
+    needs_neighbors = False
 
     def __init__(self, img_dim: int, num_classes: int) -> None:
         super().__init__()
-        self.config: dict[str, Any] = {"kind": "linear", "img_dim": img_dim, "num_classes": num_classes}
+        self.config: dict[str, Any] = {"kind": "linear_probe", "img_dim": img_dim, "num_classes": num_classes}
         self.fc = nn.Linear(img_dim, num_classes)
 
     def forward(
@@ -334,20 +345,21 @@ class LinearProbe(nn.Module):
 
 
 class MLPOnly(nn.Module):
-    """The L_I branch alone: MLP(z), two linear layers with a ReLU; ignores the neighbours."""
+    """The `mlp_only` ablation: exactly RetFormer's L_I branch alone (the same `ImageBranch` module, same
+    hidden width: `mlp_hidden`, default img_dim, as in RetFormer), no retrieval; ignores the neighbors.
+    Its state dict has RetFormer's `mlp.*` keys."""
 
-    needs_neighbours = False
+    needs_neighbors = False
 
-    def __init__(self, img_dim: int, num_classes: int, hidden: int | None = None) -> None:
+    def __init__(self, img_dim: int, num_classes: int, mlp_hidden: int | None = None) -> None:
         super().__init__()
-        hidden = hidden or img_dim
+        self.mlp = ImageBranch(img_dim, num_classes, mlp_hidden)
         self.config: dict[str, Any] = {
-            "kind": "mlp",
+            "kind": "mlp_only",
             "img_dim": img_dim,
             "num_classes": num_classes,
-            "hidden": hidden,
+            "mlp_hidden": self.mlp.hidden,
         }
-        self.mlp = _mlp(img_dim, hidden, num_classes)
 
     def forward(
         self, z: torch.Tensor, nn_img: torch.Tensor | None = None, nn_txt: torch.Tensor | None = None
@@ -355,32 +367,52 @@ class MLPOnly(nn.Module):
         return self.mlp(z)
 
 
-def build_model(
-    kind: str, num_classes: int, img_dim: int, txt_dim: int = 0, k: int = 32, **kwargs: Any
-) -> nn.Module:
-    """One constructor for every model the trainer runs.
+# The `model:` options of an experiment manifest, with their types.
+_RETFORMER_OPTIONS = {
+    "width": int,
+    "depth": int,
+    "heads": int,
+    "tau": float,
+    "dropout": float,
+    "ffn": bool,
+    "ffn_ratio": float,
+    "mlp_hidden": int,
+}
 
-    kind: "retformer" (full), "no_text", "no_image", "linear" (LinearProbe), "mlp" (MLPOnly).
-    kwargs go to the model (RetFormer: width, depth, heads, mlp_hidden, tau, dropout, ffn, ffn_ratio;
-    MLPOnly: hidden). Typical: build_model("retformer", C, feats.img_dim, feats.txt_dim, feats.k)."""
-    if kind in ("retformer", "full", "no_text", "no_image"):
-        variant = "full" if kind in ("retformer", "full") else kind
-        return RetFormer(img_dim, txt_dim, num_classes, k=k, variant=variant, **kwargs)
-    if kind == "linear":
-        return LinearProbe(img_dim, num_classes, **kwargs)
-    if kind == "mlp":
-        return MLPOnly(img_dim, num_classes, **kwargs)
-    raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+
+def build_model(
+    kind: str, num_classes: int, img_dim: int, txt_dim: int = 0, k: int = 32, **options: Any
+) -> nn.Module:
+    """The one model factory: the model of a method (its model kind, `trainer.methods`).
+
+    kind: retformer, retformer_no_text, retformer_no_image, mlp_only or linear_probe (a fine-tune method
+    passes its head's kind, `METHODS[m].model`). options: the experiment's `model:` section (width,
+    depth, heads, tau, dropout, ffn, ffn_ratio, mlp_hidden); a model ignores the ones it has no use for
+    (one section serves every method), and mlp_hidden sizes the L_I branch of RetFormer and mlp_only
+    alike. Typical: build_model("retformer", C, feats.img_dim, feats.txt_dim, feats.k, width=256)."""
+    opts = {k: cast(options[k]) for k, cast in _RETFORMER_OPTIONS.items() if options.get(k) is not None}
+    if kind in RETFORMER_VARIANTS:
+        return RetFormer(img_dim, txt_dim, num_classes, k=k, variant=RETFORMER_VARIANTS[kind], **opts)
+    if kind == "mlp_only":
+        return MLPOnly(img_dim, num_classes, mlp_hidden=opts.get("mlp_hidden"))
+    if kind == "linear_probe":
+        return LinearProbe(img_dim, num_classes)
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
+
+
+# Model kinds of checkpoints written before the method names became the kinds (read both).
+_OLD_KINDS = {"no_text": "retformer_no_text", "no_image": "retformer_no_image", "linear": "linear_probe"}
 
 
 def model_from_config(config: dict[str, Any]) -> nn.Module:
     """Rebuild a model from its `.config` dict (as stored in checkpoints)."""
     cfg = dict(config)
     kind = cfg.pop("kind")
-    if kind in ("retformer", "no_text", "no_image"):
+    kind = _OLD_KINDS.get(kind, kind)
+    if kind in RETFORMER_VARIANTS:
         return RetFormer(**cfg)
-    if kind == "linear":
+    if kind == "linear_probe":
         return LinearProbe(**cfg)
-    if kind == "mlp":
-        return MLPOnly(**cfg)
+    if kind in ("mlp_only", "mlp"):
+        return MLPOnly(cfg["img_dim"], cfg["num_classes"], cfg.get("mlp_hidden", cfg.get("hidden")))
     raise ValueError(f"unknown model kind {kind!r} in config")

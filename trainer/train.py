@@ -1,4 +1,4 @@
-"""Training loop over in-memory retrieval features (frozen encoders: "feature mode").
+"""Training: the one epoch loop, and feature mode over in-memory retrieval features (frozen encoders).
 
 Recipe (paper Sec. 4.1): 25 epochs, batch 256, lr 5e-4, weight decay 0.1, 1 warm-up epoch then
 cosine decay, label smoothing, mixup, k = 32. Choices the paper leaves open, documented here:
@@ -16,6 +16,10 @@ cosine decay, label smoothing, mixup, k = 32. Choices the paper leaves open, doc
 - Resume: a checkpoint at the end of every epoch holds model, optimizer, scheduler, the shuffle /
   mixup / dropout RNG states and the history, so a resumed run ends with the weights an
   uninterrupted run would have (bitwise on the CPU).
+
+`train_epochs` is the one epoch loop: feature mode (`fit`, below) and fine-tune mode
+(`trainer/finetune.py`) differ only in the `Feed` that delivers their micro-batches and in the
+optimizer they build.
 """
 
 from __future__ import annotations
@@ -24,25 +28,23 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypedDict, Unpack
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm import tqdm
 
 from artifacts.atomic import atomic_path
 from artifacts.errors import UserError
+from trainer.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.evaluate import evaluate
 from trainer.features import RetrievalFeatures
-from trainer.model import model_from_config
-
-CHECKPOINT_FORMAT = "retformer-trainer-checkpoint/1"
-# TrainConfig fields that may change between a run and its resumption (they do not change the maths).
-_RESUMABLE_CHANGES = {"device", "features_on_device", "eval_batch_size"}
 
 
 @dataclass
@@ -65,6 +67,9 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on the CPU
     features_on_device: bool = True  # copy the features to the GPU once; gather batches there
     eval_batch_size: int = 1024
+
+    # Fields that may change between a run and its resumption (they do not change the maths).
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"device", "features_on_device", "eval_batch_size"})
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "logit_adjusted"):
@@ -101,31 +106,29 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch (the last, smaller batch is kept)."""
-    return math.ceil(num_samples / batch_size)
+def steps_per_epoch(num_samples: int, batch_size: int, accumulate: int = 1) -> int:
+    """Optimizer steps in one epoch (the last, smaller batch is kept), `accumulate` micro-batches a step."""
+    return math.ceil(math.ceil(num_samples / batch_size) / accumulate)
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's AdamW parameter groups: no decay on 1-d parameters (biases, norms) and on the names in
+    `module.no_weight_decay()` (class tokens, position embeddings), `weight_decay` on the rest."""
+    skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+    return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=skip)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with no decay on biases, norms, class tokens and position embeddings."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    # Decayed group first: the optimizer-state layout of the checkpoints written so far.
+    return torch.optim.AdamW(weight_decay_groups(model, config.weight_decay)[::-1], lr=config.lr)
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, num_samples: int
+    optimizer: torch.optim.Optimizer, config: TrainConfig, num_samples: int, accumulate: int = 1
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step warm-up + cosine schedule for `config.epochs` epochs over `num_samples` samples."""
-    spe = steps_per_epoch(num_samples, config.batch_size)
+    spe = steps_per_epoch(num_samples, config.batch_size, accumulate)
     fn = WarmupCosine(round(config.warmup_epochs * spe), config.epochs * spe, config.min_lr / config.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
@@ -142,117 +145,58 @@ def logit_adjustment(class_counts: torch.Tensor | np.ndarray | list[int], tau: f
     return (tau * torch.log(counts / counts.sum())).float()
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum_c t_c log softmax(logits)_c (targets may be mixed / smoothed)."""
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+def amp_policy(enabled: bool, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(autocast on?, dtype): bfloat16 on CUDA where supported, else float16 (with a GradScaler); off on
+    the CPU."""
+    if not (enabled and device.type == "cuda"):
+        return False, torch.float32
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _num_classes(model: nn.Module, train: RetrievalFeatures) -> int:
-    cfg = getattr(model, "config", None)
-    if cfg and "num_classes" in cfg:
-        return int(cfg["num_classes"])
-    return int(train.labels.max()) + 1
-
-
-def _model_inputs(model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return (b["z"], b.get("nn_img"), b.get("nn_txt"))
-
-
-def _needs_neighbours(model: nn.Module) -> bool:
-    return bool(getattr(model, "needs_neighbours", True))
-
-
-def save_checkpoint(
-    path: Path | str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any,
-    epoch: int,
-    config: TrainConfig | None,
-    **extra: Any,
-) -> None:
-    """Write a checkpoint atomically (temporary name, then os.replace): a kill never leaves a torn file.
-    `epoch` = number of finished epochs; `extra` (rng states, history, ...) is stored as is."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model_config": getattr(model, "config", None),
-        "model_state": model.state_dict(),
-        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
-        "epoch": epoch,
-        "train_config": asdict(config) if config is not None else None,
-        **extra,
-    }
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint; a corrupt or foreign file is a UserError naming it."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as exc:
-        raise UserError(f"checkpoint not found: {path}") from exc
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn/foreign file
-        raise UserError(f"unreadable checkpoint {path}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a RetFormer trainer checkpoint")
-    return state
-
-
-def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a checkpoint's model (architecture from its config, then its weights), in eval mode."""
-    state = load_checkpoint(path, map_location)
-    if state.get("model_config") is None:
-        raise UserError(f"{path} has no model config; cannot rebuild the model")
-    model = model_from_config(state["model_config"])
-    model.load_state_dict(state["model_state"])
-    return model.eval()
-
-
-def _rng_state(gen: torch.Generator, np_rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "shuffle": gen.get_state(),
-        "numpy": np_rng.bit_generator.state,
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(
-    state: dict[str, Any], gen: torch.Generator, np_rng: np.random.Generator, device: torch.device
-) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    gen.set_state(state["shuffle"].cpu())
-    np_rng.bit_generator.state = state["numpy"]
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def _check_resumable(
-    path: Path, state: dict[str, Any], model: nn.Module, config: TrainConfig, n: int
-) -> None:
-    saved = state.get("train_config") or {}
-    now = asdict(config)
-    diff = [
-        f.name
-        for f in fields(TrainConfig)
-        if f.name not in _RESUMABLE_CHANGES and saved.get(f.name) != now[f.name]
-    ]
-    if diff:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """UserError unless there are training samples, all labelled within [0, num_classes)."""
+    if len(labels) == 0:
+        raise UserError("no training samples")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise UserError(
-            f"{path} was written with a different training config ({details}); "
-            "use the same config or delete the checkpoint to start over"
+            f"training labels must be in [0, {num_classes}); unlabelled (-1) queries cannot be trained on"
         )
-    if state.get("model_config") != getattr(model, "config", None):
-        raise UserError(
-            f"{path} holds a different model ({state.get('model_config')}); delete it to start over"
-        )
-    if state.get("num_train") != n:
-        raise UserError(f"{path} was trained on {state.get('num_train')} samples, this run has {n}")
+
+
+def needs_neighbors(model: nn.Module) -> bool:
+    """Whether the model reads the neighbors (the baselines do not: their batches skip the gather)."""
+    return bool(getattr(model, "needs_neighbors", True))
+
+
+Mix = tuple[float, torch.Tensor]  # mixup: lambda and the permutation of the micro-batch
+
+
+@dataclass
+class Feed:
+    """What a training mode gives the epoch loop.
+
+    batches(epoch) -> (micro-batch sizes, iterable of (batch, mix)): a batch holds `x` (the model's
+    first input: query embeddings, or images in fine-tune mode), `y`, and `nn_img` / `nn_txt` when the
+    model reads the neighbors; mix is None or (lambda, permutation). gen / np_rng: the mode's own
+    RNGs, saved in checkpoints. extra(seconds): mode-specific fields of an epoch's history entry."""
+
+    batches: Callable[[int], tuple[list[int], Iterable[tuple[dict[str, torch.Tensor], Mix | None]]]]
+    accumulate: int = 1  # micro-batches per optimizer step
+    gen: torch.Generator | None = None
+    np_rng: np.random.Generator | None = None
+    extra: Callable[[float], dict[str, Any]] = field(default=lambda seconds: {})
+
+
+def _adjustment(
+    config: TrainConfig, class_counts: Any, labels: torch.Tensor, num_classes: int, device: torch.device
+) -> torch.Tensor | None:
+    if config.loss != "logit_adjusted":
+        return None
+    if class_counts is None:
+        class_counts = torch.bincount(labels.cpu(), minlength=num_classes)
+    if len(class_counts) != num_classes:
+        raise UserError(f"class_counts has {len(class_counts)} entries, the model has {num_classes} classes")
+    return logit_adjustment(class_counts, config.la_tau).to(device)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -260,116 +204,113 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def fit(
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class LoopOptions(TypedDict, total=False):
+    """Options of a training run, the same in both modes (meanings: `fit`)."""
+
+    class_counts: torch.Tensor | np.ndarray | list[int] | None
+    progress: bool
+    log_path: Path | str | None
+    checkpoint_path: Path | str | None
+    resume: bool
+    checkpoint_every_s: float
+    stop_after_epoch: int | None
+
+
+def train_epochs(
     model: nn.Module,
-    train: RetrievalFeatures,
-    config: TrainConfig | None = None,
-    class_counts: torch.Tensor | np.ndarray | list[int] | None = None,
+    feed: Feed,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    labels: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+    validate: Callable[[], dict[str, Any]] | None = None,
+    class_counts: Any = None,
     progress: bool = True,
     log_path: Path | str | None = None,
     checkpoint_path: Path | str | None = None,
     resume: bool = True,
-    val: RetrievalFeatures | None = None,
-    stop_after_epoch: int | None = None,
     checkpoint_every_s: float = 0.0,
+    stop_after_epoch: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Train `model` in place on `train`; return the history (one dict per finished epoch).
+    """The one epoch loop (feature and fine-tune mode): label-smoothed / mixed soft targets, logit
+    adjustment, AMP, gradient accumulation, resume, history, metrics.jsonl and checkpoints.
 
-    class_counts: training samples per class for loss="logit_adjusted" (default: counted from
-    train.labels). log_path: metrics.jsonl, one line per epoch (rewritten from the checkpoint's
-    history on resume, so it always matches the checkpoint). checkpoint_path: written at the end of
-    every epoch; with resume=True an existing one is loaded and training continues after its last
-    finished epoch (its config must match). val: evaluated after every epoch (val_top1, val_top5).
-    stop_after_epoch: return once this many epochs are finished (time-sliced jobs; tests).
-    checkpoint_every_s: write the checkpoint at the end of an epoch only when at least this many
-    seconds passed since the last one (0 = every epoch); the last epoch (and a stop_after_epoch
-    stop) is always written. Resuming is exact from any epoch's checkpoint."""
-    config = config or TrainConfig()
-    device = resolve_device(config.device)
-    n = len(train)
-    if n == 0:
-        raise UserError("no training samples")
-    num_classes = _num_classes(model, train)
-    if int(train.labels.min()) < 0 or int(train.labels.max()) >= num_classes:
-        raise UserError(
-            f"training labels must be in [0, {num_classes}); unlabelled (-1) queries cannot be trained on"
-        )
-    use_nn = _needs_neighbours(model)
-
-    model.to(device)
-    if device.type == "cuda" and config.features_on_device:
-        train = train.to(device)
-    torch.manual_seed(config.seed)  # dropout (and CUDA) RNG
-    gen = torch.Generator().manual_seed(config.seed)  # shuffling and mixup permutations
-    np_rng = np.random.default_rng(config.seed)  # mixup lambda
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, n)
-
-    adjust = None
-    if config.loss == "logit_adjusted":
-        if class_counts is None:
-            class_counts = torch.bincount(train.labels.cpu(), minlength=num_classes)
-        if len(class_counts) != num_classes:
-            raise UserError(
-                f"class_counts has {len(class_counts)} entries, the model has {num_classes} classes"
-            )
-        adjust = logit_adjustment(class_counts, config.la_tau).to(device)
-
+    validate() adds its metrics to each epoch's entry; the other options are `LoopOptions`. Each
+    micro-batch's loss is weighted by its share of the step's samples, so accumulation computes the
+    mean loss of the whole effective batch."""
+    n = len(labels)
+    adjust = _adjustment(config, class_counts, labels, num_classes, device)
+    use_amp, amp_dtype = amp_policy(config.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and resume and ckpt.exists():
         state = load_checkpoint(ckpt, map_location=device)
-        _check_resumable(ckpt, state, model, config, n)
+        check_resumable(ckpt, state, config, model, n)
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
-        _set_rng_state(state["rng"], gen, np_rng, device)
+        if state.get("scaler_state"):
+            scaler.load_state_dict(state["scaler_state"])
+        set_rng_state(state["rng"], device, feed.gen, feed.np_rng)
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
     log = Path(log_path) if log_path else None
     if log is not None:
         _write_jsonl(log, history)  # fresh run: empty; resumed: exactly the checkpoint's epochs
 
-    amp = config.amp and device.type == "cuda"
-    spe = steps_per_epoch(n, config.batch_size)
+    acc = feed.accumulate
+    spe = steps_per_epoch(n, config.batch_size, acc)
     last_save = time.monotonic()
     for epoch in range(start_epoch, config.epochs):
         model.train()
         t0 = time.time()
-        perm = torch.randperm(n, generator=gen)
+        sizes, batches = feed.batches(epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for step in range(spe):
-            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
-            b = {k: v.to(device, non_blocking=True) for k, v in train.batch(idx, neighbours=use_nn).items()}
+        optimizer.zero_grad(set_to_none=True)
+        for mb, (b, mix) in enumerate(batches):
             y = b["y"]
             targets = soft_targets(y, num_classes, config.label_smoothing)
-            if config.mixup_alpha > 0:
-                lam = float(np_rng.beta(config.mixup_alpha, config.mixup_alpha))
-                p = torch.randperm(len(y), generator=gen).to(device)
-                for key in ("z", "nn_img", "nn_txt"):
+            if mix is not None:
+                lam, p = mix
+                for key in ("x", "nn_img", "nn_txt"):
                     if key in b:
                         b[key] = lam * b[key] + (1 - lam) * b[key][p]
                 targets = lam * targets + (1 - lam) * targets[p]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(*_model_inputs(model, b))
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(b["x"], b.get("nn_img"), b.get("nn_txt"))
             logits = logits.float()
-            train_logits = logits + adjust if adjust is not None else logits
-            loss = soft_cross_entropy(train_logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            # Probability targets: gradients bitwise those of -(t * log_softmax).sum(1).mean() (tested).
+            loss = F.cross_entropy(logits + adjust if adjust is not None else logits, targets)
+            first = mb - mb % acc
+            scaler.scale(loss * (len(y) / sum(sizes[first : first + acc]))).backward()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(dim=1) == y).sum()
-            if progress and (step % 20 == 0 or step == spe - 1):
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            bar.update(1)
+            if mb + 1 == len(sizes) or (mb + 1) % acc == 0:
+                if config.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                bar.update(1)
+                if progress and (bar.n % 20 == 1 or bar.n == spe):
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
+        seconds = time.time() - t0
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": (epoch + 1) * spe,
@@ -377,11 +318,11 @@ def fit(
             # accuracy on the (mixed) training inputs against the unmixed labels: a trend, not a metric
             "train_acc": float(correct) / n,
             "lr": scheduler.get_last_lr()[0],
-            "time_s": round(time.time() - t0, 3),
+            **feed.extra(seconds),
+            "time_s": round(seconds, 3),
         }
-        if val is not None:
-            m = evaluate(predict(model, val, config.eval_batch_size, device=device), val.labels)
-            entry["val_top1"], entry["val_top5"] = m["top1"], m["top5"]
+        if validate is not None:
+            entry.update(validate())
         history.append(entry)
         if progress:
             tqdm.write(json.dumps(entry))
@@ -396,19 +337,92 @@ def fit(
                 scheduler,
                 epoch + 1,
                 config,
-                rng=_rng_state(gen, np_rng, device),
+                rng=rng_state(device, feed.gen, feed.np_rng),
                 history=history,
                 num_train=n,
+                scaler_state=scaler.state_dict() if scaler.is_enabled() else None,
             )
         if log is not None:
-            with open(log, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            _append_jsonl(log, entry)
         if stopping:
             break
     model.eval()
     return history
+
+
+# ------------------------------------------------------------------------------- feature mode
+def _num_classes(model: nn.Module, train: RetrievalFeatures) -> int:
+    cfg = getattr(model, "config", None)
+    if cfg and "num_classes" in cfg:
+        return int(cfg["num_classes"])
+    return int(train.labels.max()) + 1
+
+
+def _feature_feed(train: RetrievalFeatures, config: TrainConfig, device: torch.device, use_nn: bool) -> Feed:
+    """Shuffled mini-batches of the in-memory features; mixup on the embeddings."""
+    gen = torch.Generator().manual_seed(config.seed)  # shuffling and mixup permutations
+    np_rng = np.random.default_rng(config.seed)  # mixup lambda
+    n, bs = len(train), config.batch_size
+
+    def batches(epoch: int) -> tuple[list[int], Iterable]:
+        perm = torch.randperm(n, generator=gen)
+        idxs = [perm[s : s + bs] for s in range(0, n, bs)]
+
+        def items() -> Iterable:
+            for idx in idxs:
+                b = train.batch(idx, neighbors=use_nn)
+                b = {"x" if k == "z" else k: v.to(device, non_blocking=True) for k, v in b.items()}
+                mix = None
+                if config.mixup_alpha > 0:
+                    lam = float(np_rng.beta(config.mixup_alpha, config.mixup_alpha))
+                    mix = (lam, torch.randperm(len(idx), generator=gen).to(device))
+                yield b, mix
+
+        return [len(i) for i in idxs], items()
+
+    return Feed(batches, gen=gen, np_rng=np_rng)
+
+
+def fit(
+    model: nn.Module,
+    train: RetrievalFeatures,
+    config: TrainConfig | None = None,
+    val: RetrievalFeatures | None = None,
+    **options: Unpack[LoopOptions],
+) -> list[dict[str, Any]]:
+    """Train `model` in place on `train`; return the history (one dict per finished epoch).
+
+    class_counts: training samples per class for loss="logit_adjusted" (default: counted from
+    train.labels). log_path: metrics.jsonl, one line per epoch (rewritten from the checkpoint's
+    history on resume, so it always matches the checkpoint). checkpoint_path: written at the end of
+    every epoch; with resume=True an existing one is loaded and training continues after its last
+    finished epoch (its config must match). val: evaluated after every epoch (val_top1, val_top5).
+    stop_after_epoch: return once this many epochs are finished (time-sliced jobs; tests).
+    checkpoint_every_s: write the checkpoint at the end of an epoch only when at least this many
+    seconds passed since the last one (0 = every epoch); the last epoch (and a stop_after_epoch
+    stop) is always written. Resuming is exact from any epoch's checkpoint."""
+    config = config or TrainConfig()
+    device = resolve_device(config.device)
+    if len(train) == 0:
+        raise UserError("no training samples")
+    num_classes = _num_classes(model, train)
+    check_labels(train.labels, num_classes)
+    model.to(device)
+    if device.type == "cuda" and config.features_on_device:
+        train = train.to(device)
+    torch.manual_seed(config.seed)  # dropout (and CUDA) RNG
+    feed = _feature_feed(train, config, device, needs_neighbors(model))
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, len(train))
+
+    def validate() -> dict[str, Any]:
+        m = evaluate(predict(model, val, config.eval_batch_size, device=device), val.labels)
+        return {"val_top1": m["top1"], "val_top5": m["top5"]}
+
+    check = validate if val is not None else None
+    return train_epochs(
+        model, feed, config, optimizer, scheduler, train.labels, num_classes, device, check, **options
+    )
 
 
 @torch.inference_mode()
@@ -423,12 +437,12 @@ def predict(
         device = next(model.parameters()).device
     device = torch.device(device)
     model.to(device).eval()
-    use_nn = _needs_neighbours(model)
+    use_nn = needs_neighbors(model)
     out = []
     for start in range(0, len(features), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(features)))
-        b = {k: v.to(device, non_blocking=True) for k, v in features.batch(idx, neighbours=use_nn).items()}
-        out.append(model(*_model_inputs(model, b)).float().cpu())
+        b = {k: v.to(device, non_blocking=True) for k, v in features.batch(idx, neighbors=use_nn).items()}
+        out.append(model(b["z"], b.get("nn_img"), b.get("nn_txt")).float().cpu())
     if not out:
         return torch.zeros(0, _num_classes(model, features))
     return torch.cat(out)

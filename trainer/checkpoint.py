@@ -1,0 +1,178 @@
+"""Training checkpoints: writing, reading, the one compatibility check, and the resume fingerprints.
+
+A checkpoint (`<run>/<method>.ckpt.pt`) holds the model (with its config), optimizer, scheduler, AMP
+scaler, RNG states, history and the training config; it is resumed only when `mismatch()` finds
+nothing: same config (fields a config lists in RESUMABLE may differ), same model, same number of
+training samples. A finished method leaves `<method>.result.json` keyed by `result_fingerprint()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from artifacts.atomic import atomic_path
+from artifacts.errors import UserError
+from trainer.model import model_from_config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "retformer-trainer-checkpoint/1"
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists; unknown types their str)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def save_checkpoint(
+    path: Path | str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    epoch: int,
+    config: Any,
+    **extra: Any,
+) -> None:
+    """Write a checkpoint atomically (temporary name, then os.replace): a kill never leaves a torn file.
+    `epoch` = number of finished epochs; `config` a TrainConfig (or None); `extra` (rng states, history,
+    ...) is stored as is."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": getattr(model, "config", None),
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "train_config": asdict(config) if config is not None else None,
+        **extra,
+    }
+    with atomic_path(Path(path)) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by save_checkpoint; a corrupt or foreign file is a UserError naming it."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise UserError(f"checkpoint not found: {path}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn/foreign file
+        raise UserError(f"unreadable checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a RetFormer trainer checkpoint")
+    return state
+
+
+def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a checkpoint's model (architecture from its config, then its weights), in eval mode."""
+    state = load_checkpoint(path, map_location)
+    if state.get("model_config") is None:
+        raise UserError(f"{path} has no model config; cannot rebuild the model")
+    model = model_from_config(state["model_config"])
+    model.load_state_dict(state["model_state"])
+    return model.eval()
+
+
+def mismatch(state: dict[str, Any], config: Any, model_config: dict | None, num_train: int) -> str | None:
+    """Why a checkpoint's `state` cannot be resumed with this config, model and training set; None if it
+    can. Fields in `config.RESUMABLE` may differ (they do not change the maths)."""
+    saved, now = jsonable(state.get("train_config") or {}), jsonable(asdict(config))
+    names = [f.name for f in fields(config) if f.name not in config.RESUMABLE]
+    diff = [name for name in names if saved.get(name) != now[name]]
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+        return f"was written with a different training config ({details})"
+    if jsonable(state.get("model_config")) != jsonable(model_config):
+        return f"holds a different model ({state.get('model_config')})"
+    if state.get("num_train") != num_train:
+        return f"was trained on {state.get('num_train')} samples, this run has {num_train}"
+    return None
+
+
+def check_resumable(path: Path, state: dict[str, Any], config: Any, model: nn.Module, num_train: int) -> None:
+    """UserError naming what changed when `state` (read from `path`) cannot be resumed."""
+    why = mismatch(state, config, getattr(model, "config", None), num_train)
+    if why:
+        raise UserError(f"{path} {why}; use the same config or delete the checkpoint to start over")
+
+
+def discard_stale(path: Path, config: Any, model_config: dict | None, num_train: int) -> bool:
+    """True when `path` can be resumed; an unreadable or incompatible one is deleted (with a warning),
+    so that the method starts over instead of failing."""
+    if not path.exists():
+        return False
+    try:
+        state = load_checkpoint(path)
+    except UserError as exc:
+        log.warning("%s; starting over", exc)
+        path.unlink(missing_ok=True)
+        return False
+    why = mismatch(state, config, model_config, num_train)
+    if why:
+        log.warning("%s %s; starting that method over", path, why)
+        path.unlink(missing_ok=True)
+        return False
+    log.info("resuming from %s (epoch %s of %s)", path, state.get("epoch"), config.epochs)
+    return True
+
+
+def result_fingerprint(
+    method: str,
+    config: Any,
+    model_spec: dict | None,
+    zeroshot_spec: dict | None,
+    k: int | None,
+    n_train: int,
+    n_eval: dict[str, int],
+) -> dict[str, Any]:
+    """What a finished method's result depends on (a killed run's rerun reuses it only if equal).
+    `k` is None for retrieval-free methods, `model_spec` None for untrained ones."""
+    return jsonable(
+        {
+            "method": method,
+            "train": asdict(config) if config is not None else None,
+            "model": model_spec,
+            "zeroshot": zeroshot_spec,
+            "k": k,
+            "n_train": n_train,
+            "n_eval": n_eval,
+        }
+    )
+
+
+def rng_state(
+    device: torch.device, gen: torch.Generator | None = None, np_rng: np.random.Generator | None = None
+) -> dict[str, Any]:
+    """The RNG states a resumed run needs: torch's (dropout), CUDA's, and the loop's own generators."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if gen is not None:
+        state["shuffle"] = gen.get_state()
+    if np_rng is not None:
+        state["numpy"] = np_rng.bit_generator.state
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(
+    state: dict[str, Any],
+    device: torch.device,
+    gen: torch.Generator | None = None,
+    np_rng: np.random.Generator | None = None,
+) -> None:
+    """Restore what rng_state() saved."""
+    torch.set_rng_state(state["torch"].cpu())
+    if gen is not None:
+        gen.set_state(state["shuffle"].cpu())
+    if np_rng is not None:
+        np_rng.bit_generator.state = state["numpy"]
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -1,0 +1,119 @@
+"""The methods an experiment can run: one name per method, from the manifest to results.json.
+
+A method's name is also the `kind` of the model it trains (`model.config["kind"]`, checkpoints): a
+fine-tune method trains the model of its feature-mode twin as the head on top of the live encoder.
+
+- frozen ("w/ FE", the fast path): `retformer` (Eq. 3-6), `retformer_no_text`, `retformer_no_image`
+  (the paper's ablations, Sec. 4.5), `mlp_only` (RetFormer's L_I branch alone: no retrieval) and
+  `linear_probe` ("CLIP classifier FT");
+- vote: `knn_vote`, the majority label of the retrieved KB items (where the KB has labels);
+- finetune: `retformer_ft` (the paper's "Ours"), `retformer_no_text_ft`, `retformer_no_image_ft`
+  and `full_finetune` (encoder + linear head, no retrieval: "CLIP full FT");
+- zeroshot: `zeroshot`, class-name prompts through the KB's text tower ("CLIP zero-shot").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import discard_stale
+from trainer.features import RetrievalFeatures
+from trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
+from trainer.model import MODEL_KINDS, build_model
+from trainer.train import TrainConfig, fit, predict
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: its mode and, for trained methods, the model kind it trains."""
+
+    name: str
+    mode: str  # "frozen" | "finetune" | "vote" | "zeroshot" (the `mode` of its results)
+    model: str | None  # model kind trained (the head in fine-tune mode); None: nothing is trained
+    uses_neighbors: bool  # False: one result per experiment, even in a k sweep
+
+
+_ALL = (
+    Method("retformer", "frozen", "retformer", True),
+    Method("retformer_no_text", "frozen", "retformer_no_text", True),
+    Method("retformer_no_image", "frozen", "retformer_no_image", True),
+    Method("mlp_only", "frozen", "mlp_only", False),
+    Method("linear_probe", "frozen", "linear_probe", False),
+    Method("knn_vote", "vote", None, True),
+    Method("retformer_ft", "finetune", "retformer", True),
+    Method("retformer_no_text_ft", "finetune", "retformer_no_text", True),
+    Method("retformer_no_image_ft", "finetune", "retformer_no_image", True),
+    Method("full_finetune", "finetune", "linear_probe", False),
+    Method("zeroshot", "zeroshot", None, False),
+)
+METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+# Feature-mode methods, in table order: an experiment without `methods:` runs these.
+FEATURE_METHODS = tuple(m.name for m in _ALL if m.mode in ("frozen", "vote"))
+# fine-tune method -> the feature-mode method whose model it trains on top of the live encoder
+FINETUNE_METHODS = {m.name: m.model for m in _ALL if m.mode == "finetune"}
+# Methods that never look at the neighbors: one result per experiment, even in a k sweep.
+RETRIEVAL_FREE = frozenset(m.name for m in _ALL if not m.uses_neighbors)
+TRAINED = frozenset(m.name for m in _ALL if m.model is not None)
+assert {m.model for m in _ALL if m.model} <= set(MODEL_KINDS)
+
+
+def train_method(
+    method: str,
+    config: TrainConfig,
+    train: RetrievalFeatures,
+    evals: dict[str, RetrievalFeatures],
+    model_options: dict[str, Any],
+    num_classes: int,
+    k: int,
+    class_counts: list[int] | None,
+    log_path: Path,
+    weights_path: Path,
+    checkpoint_path: Path | None = None,
+    checkpoint_every_s: float = 0.0,
+    progress: bool = True,
+    image_encoder: Callable[[], Any] | None = None,
+    images: Callable[[str, RetrievalFeatures], Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Train one method's model (frozen or fine-tune mode) and return (logits per eval split, epochs).
+
+    model_options: the experiment's `model:` section (`build_model`). A checkpoint at checkpoint_path
+    is resumed when compatible, else deleted and the method starts over. Fine-tune methods need
+    image_encoder() (the KB's image encoder) and images(split, features) (that split's images in the
+    order of its features). The trained weights (state dict) go to weights_path."""
+    spec = METHODS[method]
+    torch.manual_seed(config.seed)
+    head = build_model(spec.model, num_classes, train.img_dim, train.txt_dim, k, **model_options)
+    common = {
+        "class_counts": class_counts,
+        "progress": progress,
+        "log_path": log_path,
+        "checkpoint_path": checkpoint_path,
+        "checkpoint_every_s": checkpoint_every_s,
+    }
+    logits: dict[str, torch.Tensor] = {}
+    if spec.mode == "finetune":
+        if image_encoder is None or images is None:
+            raise ValueError(f"{method} needs image_encoder and images")
+        model = FinetuneModel(image_encoder(), head)
+        imgs = {s: images(s, f) for s, f in {"train": train, **evals}.items()}
+        if checkpoint_path is not None:
+            discard_stale(checkpoint_path, config, model.config, len(train))
+        history = finetune_fit(model, imgs["train"], train, config, **common)
+        for split, f in evals.items():
+            logits[split] = finetune_predict(
+                model, imgs[split], f, config.eval_batch_size, config.num_workers, amp=config.amp
+            )
+    else:
+        model = head
+        if checkpoint_path is not None:
+            discard_stale(checkpoint_path, config, model.config, len(train))
+        history = fit(model, train, config, **common)
+        for split, f in evals.items():
+            logits[split] = predict(model, f, batch_size=config.eval_batch_size)
+    torch.save(model.state_dict(), weights_path)
+    return logits, len(history)
