@@ -6,7 +6,7 @@ cheaply to a Dask worker.
 
 Uids are stable and unique per source dataset + split + original index (e.g. `fmnist-train-000123`)
 and use only `[A-Za-z0-9_-]`, the webdataset key alphabet. The same image keeps the same uid in every
-dataset and KB built from it, which is what lets the neighbour stage exclude a query retrieving
+dataset and KB built from it, which is what lets the neighbor stage exclude a query retrieving
 itself by uid.
 """
 
@@ -142,13 +142,18 @@ class DownstreamDataset:
         """Training images per class, in label order."""
         return self.train.class_counts(self.num_classes)
 
+    def shot_counts_used(self) -> list[int]:
+        """The per-class counts the shot split is computed from: the training counts here; a subclass
+        with fixed reference counts (cifar.ShotReferenceDataset) returns those."""
+        return self.train_class_counts()
+
     def shot_thresholds(self) -> dict[str, float]:
         """The (possibly scaled) many/few thresholds this dataset's shot split uses."""
-        return _shot_thresholds(self.train_class_counts(), **self.shot)
+        return _shot_thresholds(self.shot_counts_used(), **self.shot)
 
     def shot_split(self) -> dict[str, list[int]]:
-        """Class ids grouped into `many` / `medium` / `few` by their training-set size."""
-        return _shot_split(self.train_class_counts(), **self.shot)
+        """Class ids grouped into `many` / `medium` / `few` by `shot_counts_used()` (training-set size)."""
+        return _shot_split(self.shot_counts_used(), **self.shot)
 
     def describe(self) -> dict[str, Any]:
         """The content of the workspace's `dataset.json` (see docs/architecture.md)."""

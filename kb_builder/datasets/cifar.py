@@ -28,8 +28,6 @@ from artifacts.errors import UserError
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
 from kb_builder.datasets.fashion_mnist import balanced_subsample
 from kb_builder.datasets.longtail import longtail_counts, longtail_indices
-from kb_builder.datasets.longtail import shot_split as _shot_split
-from kb_builder.datasets.longtail import shot_thresholds as _shot_thresholds
 
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
@@ -71,16 +69,9 @@ class ShotReferenceDataset(DownstreamDataset):
     superclass: list[int] | None = None
     extra_info: dict[str, Any] = field(default_factory=dict)
 
-    def _counts_for_shots(self) -> list[int]:
+    def shot_counts_used(self) -> list[int]:
+        """`shot_counts` (or the training counts): what the many / medium / few split is computed from."""
         return list(self.shot_counts) if self.shot_counts is not None else self.train_class_counts()
-
-    def shot_thresholds(self) -> dict[str, float]:
-        """The many/few thresholds, applied to `shot_counts` (see DownstreamDataset.shot_thresholds)."""
-        return _shot_thresholds(self._counts_for_shots(), **self.shot)
-
-    def shot_split(self) -> dict[str, list[int]]:
-        """Class ids grouped into many / medium / few by `shot_counts` (or the training counts)."""
-        return _shot_split(self._counts_for_shots(), **self.shot)
 
     def describe(self) -> dict[str, Any]:
         """DownstreamDataset.describe() plus `shot_counts`, `superclass` and `extra_info`."""
