@@ -67,7 +67,7 @@ embed: setup data  ## embed a KB (make embed KB=...)
 index: setup  ## build + recall-check the KB index (make index KB=...)
 	$(RETFORMER) index --kb $(KB) $(COMMON) $(SET_ARGS)
 
-neighbors: setup data  ## top-k neighbour tables (make neighbors DATASET=... KB=...)
+neighbors: setup data  ## top-k neighbor tables (make neighbors DATASET=... KB=...)
 	$(RETFORMER) neighbors --dataset $(DATASET) --kb $(KB) $(COMMON) $(SET_ARGS)
 
 train: setup data  ## train + evaluate an experiment (make train DATASET=... KB=... EXPERIMENT=...)

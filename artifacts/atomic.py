@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,3 +53,26 @@ def pid_alive(pid: int) -> bool:
 def is_leftover_tmp(path: Path) -> bool:
     """True for a temporary file a killed run left behind (never an output)."""
     return ".tmp-" in path.name
+
+
+def remove_dead_temps(paths: Iterable[Path]) -> list[Path]:
+    """Delete the temporary files (or folders) among `paths` whose writer process is gone; return them.
+
+    The one clean-up of a killed run's leftovers: a live writer's temp is kept (Dask may still run an
+    older attempt of the same task, or another process may be writing this very file), and so is one
+    of this process. A temp whose name carries no pid is removed. Other paths are ignored.
+    """
+    removed = []
+    for path in paths:
+        path = Path(path)
+        if not is_leftover_tmp(path):
+            continue
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or pid_alive(int(pid))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

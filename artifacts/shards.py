@@ -16,7 +16,6 @@ import io
 import json
 import os
 import re
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,8 +24,9 @@ import numpy as np
 import webdataset
 from PIL import Image
 
-from artifacts.atomic import is_leftover_tmp, pid_alive, tmp_name, write_json_atomic
+from artifacts.atomic import is_leftover_tmp, remove_dead_temps, tmp_name, write_json_atomic
 from artifacts.errors import UserError
+from artifacts.tar_reader import iter_shard_files
 
 SHARD_FORMAT = "{prefix}-{index:05d}.tar"
 MANIFEST_FORMAT = "_SUCCESS-{prefix}.json"
@@ -120,13 +120,10 @@ def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
     own = re.compile(
         rf"^({re.escape(prefix)}-\d{{5}}\.tar|{re.escape(MANIFEST_FORMAT.format(prefix=prefix))})"
     )
-    for p in out_dir.iterdir():
-        if is_leftover_tmp(p) and own.match(p.name):
-            pid = p.name.rsplit(".tmp-", 1)[1]
-            # Only a dead writer's leftovers: a live process may be writing this very file.
-            if not pid.isdigit() or (int(pid) != os.getpid() and not pid_alive(int(pid))):
-                p.unlink(missing_ok=True)
-        elif shard_re.match(p.name) and p.name not in keep:
+    entries = list(out_dir.iterdir())
+    remove_dead_temps(p for p in entries if is_leftover_tmp(p) and own.match(p.name))
+    for p in entries:
+        if not is_leftover_tmp(p) and shard_re.match(p.name) and p.name not in keep:
             p.unlink()
 
 
@@ -236,19 +233,13 @@ def list_shards(out_dir: Path) -> list[Path]:
     return sorted(paths)
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    # webdataset's convention: the key is everything before the first dot of the file's base name.
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
 def _is_img2dataset(meta: dict[str, Any]) -> bool:
     # img2dataset's json always carries these; our own shards never do.
     return "source" not in meta and {"url", "key", "status"} <= meta.keys()
 
 
-def _to_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
+def to_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
+    """One sample's files (extension -> bytes) as read_shard's record (see there)."""
     meta = json.loads(files["json"]) if "json" in files else {}
     image_ext = next((e for e in _IMAGE_EXTS if e in files), None)
     caption = files["txt"].decode("utf-8") if "txt" in files else None
@@ -273,29 +264,19 @@ def _to_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
 def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:
     """Yield each sample of a shard as dict(uid, image_bytes, image_ext, caption, label, source, meta).
 
-    `meta` is the whole json. img2dataset shards (kb_builder/download.py) are read too: uid from their
+    `meta` is the whole json. img2dataset shards (kb_builder/download/) are read too: uid from their
     json's `uid`, `label` None, `source` "img2dataset", an empty caption as None; their json (url,
     caption, key, status, width, ...) stays in `meta`. A truncated or corrupt shard raises a UserError
     naming it.
     """
-    path = Path(path)
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            key: str | None = None
-            files: dict[str, bytes] = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_name(member.name)
-                if key is not None and k != key:
-                    yield _to_record(key, files)
-                    files = {}
-                key = k
-                f = tar.extractfile(member)
-                files[ext] = f.read() if f is not None else b""
-            if key is not None:
-                yield _to_record(key, files)
-    except (tarfile.TarError, EOFError, ValueError) as exc:
-        raise UserError(f"corrupt or truncated shard {path}: {exc}") from exc
-    except OSError as exc:
-        raise UserError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
+    for _, key, files in iter_shard_files(Path(path)):
+        yield to_record(key, files or {})
+
+
+def shard_stem(shard: Path | str, shard_root: Path | str) -> str:
+    """A flat name, unique under `shard_root` and sorting like the shard paths, for a shard's outputs
+    (the embeddings part `part-<stem>.parquet`): its path under the root with '/' -> '-', e.g.
+    `<chunk>/00000.tar` -> `<chunk>-00000`, `<chunk>/retry-001/00000.tar` -> `<chunk>-retry-001-00000`
+    (img2dataset names the shards of every chunk folder 00000.tar, 00001.tar, ...)."""
+    rel = Path(shard).resolve().relative_to(Path(shard_root).resolve())
+    return "-".join(rel.with_suffix("").parts)

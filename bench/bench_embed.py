@@ -52,9 +52,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from artifacts.shards import Sample, write_shards  # noqa: E402
 from kb_builder import embed  # noqa: E402
 from kb_builder.kb_sources import TEMPLATES, caption_for  # noqa: E402
-from kb_builder.shards import Sample, write_shards  # noqa: E402
 
 FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 MINILM = {"name": "minilm"}
@@ -256,8 +256,9 @@ def step_profile(args: argparse.Namespace, root: Path, n: int = 2500) -> dict[st
     """CPU microseconds per image of each step of the Lite0 64 px + MiniLM path, old way and new way
     (best of 3, this thread only): where a shard's time goes, step by step."""
     from artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
+    from artifacts.shards import to_record as _to_record
     from kb_builder.decode import decode_image
-    from kb_builder.shards import _to_record, read_shard
+    from tests.helpers import read_shard_tarfile
 
     image_spec, text_spec = CONFIGS["lite0_64_minilm"][:2]
     shard = write_shards(fashion_samples(n), root / "steps", "world", n)[0]
@@ -290,7 +291,7 @@ def step_profile(args: argparse.Namespace, root: Path, n: int = 2500) -> dict[st
 
     bs = args.batch_size
     steps = {
-        "read tar: tarfile (read_shard, before)": per_image(lambda: list(read_shard(shard))),
+        "read tar: tarfile (read_shard, before)": per_image(lambda: list(read_shard_tarfile(shard))),
         "read tar: own header parser (now)": per_image(
             lambda: [_to_record(k, f) for _, k, f in embed.iter_shard_files(shard)]
         ),

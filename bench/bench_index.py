@@ -15,8 +15,8 @@ per-repetition ratios of two searches run back to back, which is robust to that 
 Recorded per dataset and index: build_s, qps, recall_at_<k>, exact_qps, speedup, bytes (on disk)
 and the estimated RAM, the tuned params, which index choose_index picks (with its reason), and
 whether the pick meets the goal (recall >= --goal-recall at >= --goal-speedup x exact queries/s;
-the goal applies from --goal-min-n vectors on). --neighbors-record adds the neighbour-storage
-figures of a neighbour stage run and an estimate for ImageNet-LT scale.
+the goal applies from --goal-min-n vectors on). --neighbors-record adds the neighbor-storage
+figures of a neighbor stage run and an estimate for ImageNet-LT scale.
 """
 
 from __future__ import annotations
@@ -41,21 +41,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts.embeddings_io import EmbeddingTable, list_parts, read_image_vectors, write_embeddings_part  # noqa: E402
+from artifacts.embeddings_io import list_parts, read_image_vectors  # noqa: E402
 from artifacts.errors import UserError  # noqa: E402
-from kb_builder.faiss_index import (  # noqa: E402
-    INDEX_JSON,
-    IndexPlan,
-    ShardedIndex,
-    build_index,
-    choose_index,
-    exact_ground_truth,
-    make_plan,
-    part_table,
-    sample_queries,
-    synthetic_clustered_vectors,
-    tune_and_check,
-)
+from kb_builder.index.build import INDEX_JSON, build_index  # noqa: E402
+from kb_builder.index.rows import part_table  # noqa: E402
+from kb_builder.index.search import ShardedIndex, exact_ground_truth, sample_queries, tune_and_check  # noqa: E402
+from kb_builder.index.select import IndexPlan, choose_index, make_plan  # noqa: E402
+from tests.helpers import synthetic_clustered_vectors, write_parts  # noqa: E402
 
 log = logging.getLogger("bench_index")
 
@@ -64,12 +56,12 @@ ROWS_PER_PART = 100_000
 PREDICTED_SKIP_FACTOR = 2.0  # skip a build without trying when predicted > this x --max-build-s
 SYNTHETIC_SPREAD = 0.8  # synthetic_clustered_vectors' default: same-cluster cosine ~ 1/(1+0.8^2)
 SYNTHETIC_DESCRIPTION = (
-    "clustered synthetic (kb_builder.index_build.synthetic_clustered_vectors): L2-normalised fp16, "
+    "clustered synthetic (tests.helpers.synthetic_clustered_vectors): L2-normalised fp16, "
     "~sqrt(N) random unit centres with Zipf-like cluster sizes (weight 1/sqrt(rank)), Gaussian noise of "
     f"norm {SYNTHETIC_SPREAD} (same-cluster cosine ~0.61)"
 )
 
-# The paper's neighbour storage per downstream image, and the issue's goal: at most 5% of it.
+# The paper's neighbor storage per downstream image, and the issue's goal: at most 5% of it.
 PAPER_BYTES_PER_IMAGE = 259_000
 STORAGE_GOAL_FRACTION = 0.05
 # ImageNet-LT estimate: its training set, k=32, CLIP ViT-B 512-d image + 512-d text per store row.
@@ -79,7 +71,7 @@ IMAGENET_LT_DIM = 512
 STORE_ROW_OTHER_BYTES = 80
 # Per query in the table: uid ~16 B + k ids (int64) + k scores (float32), uncompressed.
 TABLE_QUERY_BASE_BYTES = 16
-TABLE_BYTES_PER_NEIGHBOUR = 8 + 4
+TABLE_BYTES_PER_NEIGHBOR = 8 + 4
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -88,21 +80,8 @@ TABLE_BYTES_PER_NEIGHBOUR = 8 + 4
 def write_synthetic_parts(directory: Path, n: int, d: int, seed: int) -> list[Path]:
     """Clustered synthetic vectors as embeddings parts of ROWS_PER_PART rows."""
     vectors = synthetic_clustered_vectors(n, d, spread=SYNTHETIC_SPREAD, seed=seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for i, start in enumerate(range(0, n, ROWS_PER_PART)):
-        rows = vectors[start : start + ROWS_PER_PART]
-        size = len(rows)
-        table = EmbeddingTable(
-            uid=np.array([f"syn{j:09d}" for j in range(start, start + size)], dtype=object),
-            image_emb=rows,
-            text_emb=np.zeros((size, 1), dtype=np.float16),
-            has_text=np.zeros(size, dtype=bool),
-            caption=[None] * size,
-            label=np.full(size, -1, dtype=np.int32),
-            source=["synthetic"] * size,
-        )
-        write_embeddings_part(directory / f"part-{i:05d}.parquet", table)
-    return list_parts(directory)
+    sizes = [min(ROWS_PER_PART, n - start) for start in range(0, n, ROWS_PER_PART)]
+    return write_parts(directory, vectors, sizes, uid_format="syn{:09d}", text_dim=1)
 
 
 # --- exact search and paired timing ----------------------------------------------------------------
@@ -370,15 +349,15 @@ def bench_dataset(
     return result
 
 
-# --- neighbour storage ----------------------------------------------------------------------------
+# --- neighbor storage ----------------------------------------------------------------------------
 
 
-def neighbour_storage(record_path: Path, k_default: int = 32) -> dict[str, Any]:
-    """Bytes per downstream image of a neighbour stage run vs the goal, and an ImageNet-LT estimate.
+def neighbor_storage(record_path: Path, k_default: int = 32) -> dict[str, Any]:
+    """Bytes per downstream image of a neighbor stage run vs the goal, and an ImageNet-LT estimate.
 
-    ImageNet-LT: 115.8K queries x k=32 = 3.7M neighbour slots; a store row holds a 512-d image and
+    ImageNet-LT: 115.8K queries x k=32 = 3.7M neighbor slots; a store row holds a 512-d image and
     a 512-d text vector (CLIP) plus ~80 B of uid/caption/label/kb_id; the table ~400 B per query.
-    Worst case: every slot a distinct KB row. Best case: neighbours shared as much as in the demo
+    Worst case: every slot a distinct KB row. Best case: neighbors shared as much as in the demo
     run (its reuse factor = slots / store rows). Break-even: the reuse at which the goal is just met.
     """
     rec = json.loads(record_path.read_text())
@@ -396,17 +375,17 @@ def neighbour_storage(record_path: Path, k_default: int = 32) -> dict[str, Any]:
         "store_bytes": rec["store_bytes"],
         "bytes_per_query_image": rec["bytes_per_query_image"],
         "store_bytes_per_row": round(rec["store_bytes"] / max(rec["store_rows"], 1), 1),
-        "neighbour_reuse": round(demo_reuse, 2),
+        "neighbor_reuse": round(demo_reuse, 2),
         "goal_bytes": goal,
         "fraction_of_paper": round(rec["bytes_per_query_image"] / PAPER_BYTES_PER_IMAGE, 4),
         "meets_goal": rec["bytes_per_query_image"] <= goal,
     }
     slots = IMAGENET_LT_QUERIES * k
-    table_per_query = TABLE_QUERY_BASE_BYTES + TABLE_BYTES_PER_NEIGHBOUR * k
+    table_per_query = TABLE_QUERY_BASE_BYTES + TABLE_BYTES_PER_NEIGHBOR * k
     est: dict[str, Any] = {
         "queries": IMAGENET_LT_QUERIES,
         "k": k,
-        "neighbour_slots": slots,
+        "neighbor_slots": slots,
         "table_bytes_per_query": table_per_query,
         "assumptions": (
             f"store row = image {IMAGENET_LT_DIM}-d + text {IMAGENET_LT_DIM}-d vectors + "
@@ -486,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--parts", type=Path, help="also benchmark real embeddings from this parts directory")
     ap.add_argument(
-        "--neighbors-record", type=Path, help="a neighbour stage's _neighbors.json: storage figures"
+        "--neighbors-record", type=Path, help="a neighbor stage's _neighbors.json: storage figures"
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results/index.json"))
     ap.add_argument("--k", type=int, default=32)
@@ -524,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
     }
     if args.neighbors_record:
-        doc["neighbour_storage"] = neighbour_storage(args.neighbors_record, args.k)
+        doc["neighbor_storage"] = neighbor_storage(args.neighbors_record, args.k)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_index-"))
     history: dict[tuple[str, int], tuple[int, float]] = {}
     t_start = time.perf_counter()

@@ -13,7 +13,7 @@ KB sources (`kind` of the `source:` mapping of a KB manifest, which is the `kb_s
   the other classes, to mimic noisy web alt-text. The `label` column is the class the caption
   NAMES (noisy, like a label inferred from alt-text); the json also records `true_label`.
 - `downstream`: the downstream training split itself, captions from the same templates naming the
-  true label, uids identical to the dataset's train uids (so the neighbour stage can exclude a
+  true label, uids identical to the dataset's train uids (so the neighbor stage can exclude a
   query retrieving itself by uid).
 - `all`: both, as two shard sets (`world-*.tar` and `downstream-*.tar`) in one directory.
 
@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from artifacts.errors import UserError
+from artifacts.shards import Sample, write_shards
 from kb_builder.datasets import fashion_mnist as fm
 from kb_builder.datasets import fashion_mnist_world_pool
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
-from kb_builder.shards import Sample, write_shards
 
 SOURCES = ("world", "downstream", "all")
 _ALIASES = {"fashion_mnist_world": "world"}

@@ -1,5 +1,10 @@
 """The neighbors stage: top-k KB rows per downstream image, plus a compact store of the rows used.
 
+Entry point `run_neighbors(index_dir, kb_embeddings, query_dirs, out_dir, k, map_tasks)`; task
+`search_slice`: one task per slice of a split (a split is one slice up to TASK_ROWS queries). Slices
+start on SEARCH_BATCH boundaries, so every faiss search call sees the same query batch as one serial
+pass over the split, and the merged tables are the same bytes whatever runs the tasks.
+
 A query never retrieves itself: KB rows whose uid equals the query's uid (the downstream KB holds
 the training split) are removed before the top-k is cut, by uid and never by rank.
 The store holds only the KB rows that some query uses, so the trainer reads ids + scores + store
@@ -28,8 +33,11 @@ from artifacts.embeddings_io import (
     table_to_arrow,
 )
 from artifacts.errors import UserError
+from kb_builder import MapTasks, map_inline
 
 SEARCH_BATCH = 4096
+TASK_ROWS = 16 * SEARCH_BATCH  # queries per task (a multiple of SEARCH_BATCH: see the module doc)
+_INDEXES: dict[tuple[str, int], Any] = {}  # the loaded index per worker process, by index.json mtime
 
 
 def part_offsets(parts: list[Path]) -> np.ndarray:
@@ -65,7 +73,7 @@ def search_excluding_self(
         scores, ids = index.search(q, k, exclude_ids=self_ids[start:stop])
         if (ids < 0).any():
             raise UserError(
-                f"the index returned fewer than k={k} neighbours for some queries: "
+                f"the index returned fewer than k={k} neighbors for some queries: "
                 "the KB is smaller than k (or the index is too coarse); lower k"
             )
         scores_out[start:stop] = scores
@@ -74,7 +82,7 @@ def search_excluding_self(
 
 
 def neighbor_table(uids: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
-    """The neighbour-table contract: uid, nn_id list<int64>[k], nn_score list<float32>[k] (fixed size)."""
+    """The neighbor-table contract: uid, nn_id list<int64>[k], nn_score list<float32>[k] (fixed size)."""
     k = ids.shape[1]
     return pa.table(
         {
@@ -107,36 +115,89 @@ def build_store(kb_parts: list[Path], offsets: np.ndarray, used_ids: np.ndarray)
     return arrow.append_column("kb_id", pa.array(np.concatenate(kb_ids), pa.int64()))
 
 
+def _load_index(index_dir: Path) -> Any:
+    """The built index with its tuned search parameters, loaded once per process (memory-mapped)."""
+    from kb_builder.index import load_kb_index
+    from kb_builder.index.build import INDEX_JSON
+
+    key = (str(index_dir), (index_dir / INDEX_JSON).stat().st_mtime_ns)
+    if key not in _INDEXES:
+        _INDEXES.clear()
+        _INDEXES[key] = load_kb_index(index_dir)
+    return _INDEXES[key]
+
+
+def search_slice(task: tuple[str, Path, int, int], index_dir: Path, kb_embeddings: Path, k: int) -> dict:
+    """The task: top-k (excluding self) of the queries [start, stop) of one split's embeddings
+    (task = (split, query dir, start, stop)); returns uids, ids, scores and the count excluded."""
+    split, qdir, start, stop = task
+    t0 = time.perf_counter()
+    queries = read_embeddings(qdir)
+    uids = queries.uid[start:stop]
+    kb_parts = list_parts(kb_embeddings)
+    self_ids = self_kb_ids(kb_parts, part_offsets(kb_parts), uids)
+    vectors = queries.image_emb[start:stop].astype(np.float32)
+    scores, ids = search_excluding_self(
+        _load_index(Path(index_dir)), vectors, self_ids, k, desc=f"neighbors {split}"
+    )
+    return {
+        "split": split,
+        "start": start,
+        "uid": uids,
+        "ids": ids,
+        "scores": scores,
+        "excluded": int((self_ids >= 0).sum()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _slices(split: str, qdir: Path) -> list[tuple[str, Path, int, int]]:
+    n = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parts(qdir))
+    if n == 0:
+        read_embeddings(qdir)  # no parts at all: the reader's error names the folder
+    return [(split, qdir, lo, min(lo + TASK_ROWS, n)) for lo in range(0, max(n, 1), TASK_ROWS)]
+
+
 def run_neighbors(
-    index: Any,
+    index_dir: Path,
     kb_embeddings: Path,
     query_dirs: dict[str, Path],
     out_dir: Path,
     k: int,
+    map_tasks: MapTasks | None = None,
 ) -> dict[str, Any]:
-    """Write <split>.parquet for every split and store.parquet; returns the stage record's body."""
+    """Write <split>.parquet for every split and store.parquet; returns the stage record's body.
+    The searches run as `search_slice` tasks through `map_tasks` (None: in this process)."""
     kb_parts = list_parts(kb_embeddings)
     offsets = part_offsets(kb_parts)
     kb_size = int(offsets[-1])
     if k > kb_size:
         raise UserError(f"k={k} is larger than the knowledge base ({kb_size} rows)")
     started = time.perf_counter()
+    tasks = [t for split, qdir in query_dirs.items() for t in _slices(split, qdir)]
+    results = (map_tasks or map_inline)(
+        search_slice,
+        tasks,
+        desc="neighbors",
+        unit="slice",
+        index_dir=index_dir,
+        kb_embeddings=kb_embeddings,
+        k=k,
+    )
     used: list[np.ndarray] = []
     per_split: dict[str, Any] = {}
     tables: dict[str, pa.Table] = {}
-    for split, qdir in query_dirs.items():
-        queries = read_embeddings(qdir)
-        t0 = time.perf_counter()
-        self_ids = self_kb_ids(kb_parts, offsets, queries.uid)
-        scores, ids = search_excluding_self(
-            index, queries.image_emb.astype(np.float32), self_ids, k, desc=f"neighbors {split}"
-        )
-        tables[split] = neighbor_table(queries.uid, ids, scores)
+    for split in query_dirs:
+        mine = sorted((r for r in results if r["split"] == split), key=lambda r: r["start"])
+        uids = np.concatenate([r["uid"] for r in mine])
+        ids = np.concatenate([r["ids"] for r in mine]).reshape(len(uids), k)
+        scores = np.concatenate([r["scores"] for r in mine]).reshape(len(uids), k)
+        tables[split] = neighbor_table(uids, ids, scores)
         used.append(ids.reshape(-1))
         per_split[split] = {
-            "queries": len(queries),
-            "queries_in_kb_excluded": int((self_ids >= 0).sum()),
-            "search_seconds": round(time.perf_counter() - t0, 3),
+            "queries": len(uids),
+            "queries_in_kb_excluded": sum(r["excluded"] for r in mine),
+            "search_seconds": round(sum(r["seconds"] for r in mine), 3),
             "mean_top1_score": float(scores[:, 0].mean()) if len(scores) else None,
         }
     store = build_store(kb_parts, offsets, np.concatenate(used))

@@ -1,4 +1,5 @@
-"""Run one task per shard on Dask: a LocalCluster by default, or a running cluster by address.
+"""The only fan-out: one task per shard on Dask (a LocalCluster by default, or a running cluster by
+address), handed to every kb_builder `run_<stage>` as its `map_tasks` (see `task_mapper`).
 
 Why processes and one thread per worker: every worker holds its own encoder and torch already
 parallelises inside an op; a task per shard costs ~2 ms of scheduling, negligible at shard size.
@@ -6,6 +7,7 @@ parallelises inside an op; a task per shard costs ~2 ms of scheduling, negligibl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -13,6 +15,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from kb_builder import MapTasks, map_inline
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def run_tasks(
     client: Any,
     fn: Callable[..., dict],
     items: Sequence[Any],
-    desc: str,
+    desc: str = "tasks",
     unit: str = "shard",
     count_key: str | None = None,
     **kwargs: Any,
@@ -87,6 +91,7 @@ def run_tasks(
 
     With `count_key`, the bar's postfix also shows the summed `result[count_key]` per second
     (images/s for the embed stage). A task's exception is raised here, after the other tasks end.
+    `kwargs` may not use the names `client.submit` reserves for itself (key, workers, retries, ...).
     """
     import time
 
@@ -108,3 +113,9 @@ def run_tasks(
                 bar.set_postfix({f"{count_key}/s": f"{total / max(time.perf_counter() - start, 1e-9):.1f}"})
             bar.update(1)
     return [r for r in results if r is not None]
+
+
+def task_mapper(client: Any | None) -> MapTasks:
+    """The `map_tasks(fn, items, desc=, unit=, count_key=, **kwargs)` of the kb_builder stages: the
+    tasks on the Dask `client` with a progress bar (`run_tasks`), or in this process when it is None."""
+    return map_inline if client is None else functools.partial(run_tasks, client)

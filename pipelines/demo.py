@@ -1,4 +1,4 @@
-"""`retformer demo`: the whole chain on the embedded default, timed stage by stage."""
+"""`retformer demo`: the whole chain on the embedded default, timed stage by stage (the CLI's stages)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 
 from artifacts.atomic import write_json_atomic
 from artifacts.workspace import Workspace
+from pipelines import stages
 
 
 @contextmanager
@@ -30,31 +31,25 @@ def run_demo(
     scheduler: str | None,
     workers: int | None,
 ) -> dict:
-    """Shards, embed, index, neighbours, train + evaluate; prints the table, writes results.json."""
-    from pipelines import stages
-    from pipelines.cli import load_dataset_manifest, load_experiment, load_kb
-    from pipelines.dask_runner import dask_client
-    from pipelines.experiment import format_table, results_summary, run_experiment
+    """Shards, embed, index, neighbors, train + evaluate through the same stage_* as the CLI
+    commands; prints the table, writes results.json."""
+    from pipelines.experiment import format_table, results_summary
 
     started = time.perf_counter()
-    ds_m = load_dataset_manifest(dataset, overrides)
-    kb_m = load_kb(kb, overrides)
-    exp_m = load_experiment(experiment, overrides)
-    k = int(ds_m.get("neighbors", {}).get("k", 32))
+    ds_m = stages.load_dataset_manifest(dataset, overrides)
+    kb_m = stages.load_kb(kb, overrides)
+    exp_m = stages.load_experiment(experiment, overrides)
     timings: dict[str, float] = {}
     with _timed(timings, "shards"):
-        stages.stage_dataset_shards(ws, ds_m)
-        stages.stage_kb_shards(ws, kb_m, {ds_m["name"]: ds_m})
-    with dask_client(scheduler, workers) as client:
-        with _timed(timings, "embed"):
-            stages.stage_embed_kb(ws, kb_m, client)
-            stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client, kb_m.get("embed"))
+        stages.stage_shards(ws, kb_m, ds_m, overrides)
+    with _timed(timings, "embed"):
+        stages.stage_embed(ws, kb_m, ds_m, overrides, scheduler, workers)
     with _timed(timings, "index"):
-        index_rec = stages.stage_index(ws, kb_m, None)
+        index_rec = stages.stage_index(ws, kb_m, scheduler=scheduler, workers=workers)
     with _timed(timings, "neighbors"):
-        nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, k)
+        nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, scheduler=scheduler, workers=workers)
     with _timed(timings, "train+evaluate"):
-        report = run_experiment(ws, ds_m, kb_m, exp_m, ws.run_dir(f"demo-{ds_m['name']}-{kb_m['name']}"))
+        report = stages.stage_train(ws, ds_m, kb_m, exp_m, f"demo-{ds_m['name']}-{kb_m['name']}")
     wall = round(time.perf_counter() - started, 1)
     summary = results_summary(report)
     summary.update(

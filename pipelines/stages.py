@@ -1,20 +1,60 @@
-"""The stages as functions from manifests + workspace to artifacts on disk, each writing a record.
+"""One stage_* per `retformer` command, holding the command's checks; the CLI and the demo call these.
 
-Each function is idempotent: what is complete on disk is reused, what is missing is (re)built.
-Stage order: shards -> embed -> index -> neighbors -> train/evaluate.
+Each stage is idempotent: what is complete on disk is reused, what is missing is (re)built, and a
+record lands in the workspace. Stage order: shards -> (download) -> embed -> index -> neighbors ->
+train -> evaluate. The building blocks the commands share (stage_kb_shards, stage_embed_kb, ...)
+take a Dask client or None; the fan-out itself is pipelines/dask_runner.py's `task_mapper`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from artifacts import manifest
+from artifacts.embeddings_io import list_parts, part_num_rows
 from artifacts.errors import UserError
 from artifacts.workspace import Workspace, read_json, write_stage_record
+from pipelines.dask_runner import dask_client, task_mapper
 
 log = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------------- manifests
+def split_overrides(overrides: list[str] | None, prefix: str) -> list[str]:
+    """Overrides addressed to one manifest (`kb.index.k=8` -> `index.k=8`) plus unprefixed ones."""
+    out = []
+    for item in overrides or []:
+        head = item.split("=", 1)[0].split(".", 1)[0]
+        if head == prefix:
+            out.append(item.split(".", 1)[1])
+        elif head not in ("kb", "dataset", "experiment"):
+            out.append(item)
+    return out
+
+
+def load_kb(name: str, overrides: list[str] | None) -> dict[str, Any]:
+    """A KB manifest (a name under manifests/kb/ or a path) with its `--set` overrides."""
+    return manifest.load("kb", name, split_overrides(overrides, "kb"))
+
+
+def load_dataset_manifest(name: str, overrides: list[str] | None) -> dict[str, Any]:
+    """A dataset manifest (a name under manifests/datasets/ or a path) with its `--set` overrides."""
+    return manifest.load("datasets", name, split_overrides(overrides, "dataset"))
+
+
+def load_experiment(name: str, overrides: list[str] | None) -> dict[str, Any]:
+    """An experiment manifest (a name under manifests/experiments/ or a path) with its overrides."""
+    return manifest.load("experiments", name, split_overrides(overrides, "experiment"))
+
+
+def datasets_for_kb(kb: dict[str, Any], overrides: list[str] | None) -> dict[str, dict]:
+    """The manifest of the dataset a KB is built from ({} for downloaded or external shards)."""
+    name = kb.get("source", {}).get("dataset")
+    return {name: load_dataset_manifest(name, overrides)} if name else {}
 
 
 # ----------------------------------------------------------------------------------------- shards
@@ -45,7 +85,7 @@ def kb_shard_paths(ws: Workspace, kb: dict[str, Any]) -> list[Path]:
         if not shards:
             raise UserError(f"no webdataset shards (*.tar) under {root} (KB {kb['name']})")
         return shards
-    from kb_builder.shards import list_shards
+    from artifacts.shards import list_shards
 
     shard_dir = ws.kb_shards(kb["name"])
     # Only shards of complete sets: a set whose writer died before its _SUCCESS file is not listed.
@@ -94,8 +134,28 @@ def stage_dataset_shards(ws: Workspace, ds: dict[str, Any]) -> dict[str, Any]:
     return write_stage_record(ws.dataset_stage_record(ds["name"], "shards"), "shards", record)
 
 
-def stage_download(ws: Workspace, kb: dict[str, Any], client: Any, retry_failed: bool) -> dict[str, Any]:
-    """Download a KB's image-text pairs with img2dataset: one task per metadata Parquet chunk."""
+def stage_shards(
+    ws: Workspace, kb: dict[str, Any] | None, ds: dict[str, Any] | None, overrides: list[str] | None
+) -> dict[str, dict[str, Any]]:
+    """`retformer shards`: a KB's shards and / or a dataset's split shards; records by name."""
+    if not kb and not ds:
+        raise UserError("give --kb NAME and/or --dataset NAME")
+    records = {}
+    if kb:
+        records[kb["name"]] = stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
+    if ds:
+        records[ds["name"]] = stage_dataset_shards(ws, ds)
+    return records
+
+
+def stage_download(
+    ws: Workspace,
+    kb: dict[str, Any],
+    retry_failed: bool = False,
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """`retformer download`: a KB's image-text pairs with img2dataset, one task per metadata chunk."""
     from kb_builder.download import plan_download, run_download
 
     source = kb.get("source", {})
@@ -107,7 +167,8 @@ def stage_download(ws: Workspace, kb: dict[str, Any], client: Any, retry_failed:
         if key not in source:
             raise UserError(f"KB {kb['name']}: source.{key} is required for img2dataset downloads")
     tasks = plan_download(source["metadata"], Path(source["path"]), source.get("settings"))
-    record = run_download(client, tasks, retry_failed=retry_failed)
+    with dask_client(scheduler, workers) as client:
+        record = run_download(task_mapper(client), tasks, retry_failed=retry_failed)
     return write_stage_record(
         ws.kb_stage_record(kb["name"], "download"), "download", {"kb": kb["name"], **record}
     )
@@ -117,28 +178,32 @@ def stage_download(ws: Workspace, kb: dict[str, Any], client: Any, retry_failed:
 def _embed_shards(
     client: Any, shards: list[Path], root: Path, out_dir: Path, encoders: dict, options: dict, desc: str
 ) -> dict[str, Any]:
-    """One embed task per shard; `options` are `embed_shard`'s (the manifest's `embed:` section)."""
-    from kb_builder.embed import embed_shard, part_stem, summarize
-    from pipelines.dask_runner import run_tasks
+    """One embed task per shard on `client`; `options` are `embed_shard`'s (the manifest's `embed:`)."""
+    from kb_builder.embed import run_embed
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    tasks = [(s, part_stem(s, root)) for s in shards]
-    results = run_tasks(
-        client,
-        embed_shard,
-        tasks,
-        desc=desc,
-        count_key="images",
-        out_dir=out_dir,
-        image_spec=encoders["image"],
-        text_spec=encoders.get("text"),
-        **options,
-    )
-    summary = summarize(results, out_dir)
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    summary["images_per_s"] = round(summary["embedded_this_run"] / max(summary["seconds"], 1e-9), 1)
-    return summary
+    return run_embed(shards, root, out_dir, encoders, options, desc, task_mapper(client))
+
+
+def stage_embed(
+    ws: Workspace,
+    kb: dict[str, Any],
+    ds: dict[str, Any] | None,
+    overrides: list[str] | None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`retformer embed`: the KB's shards (built first when missing) and, with `ds`, the dataset's
+    splits with the KB's encoders; records by title (`<kb>`, `<dataset>/<split>`)."""
+    if not kb_shard_paths(ws, kb):
+        stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
+    if ds and not ws.dataset_info(ds["name"]).is_file():
+        stage_dataset_shards(ws, ds)
+    with dask_client(scheduler, workers) as client:
+        records = {kb["name"]: stage_embed_kb(ws, kb, client)}
+        if ds:
+            for split, rec in stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed")).items():
+                records[f"{ds['name']}/{split}"] = rec
+    return records
 
 
 def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, Any]:
@@ -172,7 +237,7 @@ def stage_embed_dataset(
         raise UserError(
             f"dataset {ds['name']} has no shards yet: run `retformer shards --dataset {ds['name']}`"
         )
-    from kb_builder.shards import list_shards
+    from artifacts.shards import list_shards
 
     records = {}
     for split in info["splits"]:
@@ -200,30 +265,126 @@ def _guard_encoder_change(record_path: Path, encoders: dict, out_dir: Path) -> N
 
 
 # ------------------------------------------------------------------------------------------ index
-def stage_index(ws: Workspace, kb: dict[str, Any], client: Any | None = None) -> dict[str, Any]:
-    """Choose, build (sharded), tune and recall-check the KB's faiss index."""
-    from kb_builder.index_stage import build_kb_index
+def stage_index(
+    ws: Workspace,
+    kb: dict[str, Any],
+    client: Any | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """`retformer index`: choose, build (sharded), tune and recall-check the KB's faiss index.
 
-    record = build_kb_index(
-        ws.kb_embeddings(kb["name"]), ws.kb_index(kb["name"]), kb.get("index", {}), client=client
-    )
+    Tasks run on `client` when given; otherwise on a cluster only for a sharded build or a given
+    `scheduler` (a one-shard build is faster here than a cluster's start).
+    """
+    from kb_builder.index import run_index
+
+    if not list_parts(ws.kb_embeddings(kb["name"])):
+        raise UserError(f"KB {kb['name']} has no embeddings: run `retformer embed --kb {kb['name']}` first")
+
+    def run(map_tasks: Any) -> dict[str, Any]:
+        emb_dir, index_dir = ws.kb_embeddings(kb["name"]), ws.kb_index(kb["name"])
+        return run_index(emb_dir, index_dir, kb.get("index", {}), map_tasks)
+
+    if client is not None:
+        record = run(task_mapper(client))
+    elif int(kb.get("index", {}).get("num_shards", 1)) > 1 or scheduler:
+        with dask_client(scheduler, workers) as own:
+            record = run(task_mapper(own))
+    else:
+        record = run(task_mapper(None))
     return write_stage_record(ws.kb_stage_record(kb["name"], "index"), "index", {"kb": kb["name"], **record})
 
 
 # -------------------------------------------------------------------------------------- neighbors
-def stage_neighbors(ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], k: int) -> dict[str, Any]:
-    """Top-k KB neighbours for every split of the dataset, plus the compact store."""
-    from kb_builder.index_stage import load_kb_index
-    from kb_builder.neighbors import run_neighbors
+def _kb_rows(ws: Workspace, kb_name: str) -> int:
+    return sum(part_num_rows(p) for p in list_parts(ws.kb_embeddings(kb_name)))
 
+
+def _ensure_dataset_embedded(
+    ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], scheduler: str | None, workers: int | None
+) -> None:
+    """Shard and embed the dataset with the KB's encoders unless its embed records already match."""
     info = read_json(ws.dataset_info(ds["name"]))
     if info is None:
-        raise UserError(
-            f"dataset {ds['name']} is not embedded yet: run `retformer embed --dataset {ds['name']}`"
-        )
-    index = load_kb_index(ws.kb_index(kb["name"]))
+        stage_dataset_shards(ws, ds)
+        info = read_json(ws.dataset_info(ds["name"]))
+    stale = False
+    for split in info["splits"]:
+        rec = read_json(ws.dataset_stage_record(ds["name"], f"embed-{split}"))
+        stale |= rec is None or rec.get("encoders") != kb["encoders"]
+    if stale:
+        with dask_client(scheduler, workers) as client:
+            stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed"))
+
+
+def stage_neighbors(
+    ws: Workspace,
+    ds: dict[str, Any],
+    kb: dict[str, Any],
+    k: int | None = None,
+    client: Any | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """`retformer neighbors`: top-k KB neighbors for every split of the dataset (embedded first when
+    needed), plus the compact store. `k` defaults to the dataset manifest's `neighbors.k` (32).
+
+    The search tasks (one per split, or per slice of a large split) run on `client` when given, on a
+    cluster when `scheduler` or `workers` is given, else in this process.
+    """
+    from kb_builder.neighbors import run_neighbors
+
+    k = int(k or ds.get("neighbors", {}).get("k", 32))
+    if k < 1:
+        raise UserError(f"k must be >= 1 (got {k})")
+    if not (ws.kb_index(kb["name"]) / "index.json").is_file():
+        raise UserError(f"KB {kb['name']} has no index: run `retformer index --kb {kb['name']}` first")
+    rows = _kb_rows(ws, kb["name"])
+    if k > rows:
+        raise UserError(f"k={k} is larger than the knowledge base {kb['name']} ({rows} rows)")
+    _ensure_dataset_embedded(ws, ds, kb, scheduler, workers)
+    info = read_json(ws.dataset_info(ds["name"]))
     query_dirs = {split: ws.dataset_embeddings(ds["name"], split) for split in info["splits"]}
     out = ws.neighbors_dir(ds["name"], kb["name"], k)
-    record = run_neighbors(index, ws.kb_embeddings(kb["name"]), query_dirs, out, k)
+
+    def run(map_tasks: Any) -> dict[str, Any]:
+        index_dir, emb_dir = ws.kb_index(kb["name"]), ws.kb_embeddings(kb["name"])
+        return run_neighbors(index_dir, emb_dir, query_dirs, out, k, map_tasks)
+
+    if client is None and (scheduler or workers):
+        with dask_client(scheduler, workers) as own:
+            record = run(task_mapper(own))
+    else:
+        record = run(task_mapper(client))
     record.update({"dataset": ds["name"], "kb": kb["name"]})
     return write_stage_record(out / "_neighbors.json", "neighbors", record)
+
+
+# ------------------------------------------------------------------------------ train and evaluate
+def stage_train(
+    ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any], run: str | None = None
+) -> dict[str, Any]:
+    """`retformer train`: every method of the experiment on the neighbor tables; the run's report.
+    The run is named `<dataset>-<kb>-<experiment>` unless `run` is given."""
+    from pipelines.experiment import run_experiment
+
+    run_name = run or f"{ds['name']}-{kb['name']}-{exp['name']}"
+    return run_experiment(ws, ds, kb, exp, ws.run_dir(run_name))
+
+
+def stage_evaluate(ws: Workspace, run: str | None = None) -> tuple[str, dict[str, Any]]:
+    """`retformer evaluate`: (run name, report) of a finished run, by default the latest one."""
+    runs_root = ws.root / "runs"
+    runs = sorted(runs_root.glob("*/eval.json"), key=lambda p: p.stat().st_mtime)
+    if run:
+        path = runs_root / run / "eval.json"
+        if not path.is_file():
+            raise UserError(f"run {run!r} has no eval.json under {runs_root}")
+    elif runs:
+        path = runs[-1]
+    else:
+        raise UserError(f"no finished runs under {runs_root}: run `retformer train` first")
+    return path.parent.name, json.loads(path.read_text())

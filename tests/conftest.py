@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import run_cli
 
 FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 REPO = Path(__file__).resolve().parents[1]
@@ -23,15 +23,6 @@ def have_fmnist() -> bool:
 
 
 needs_fmnist = pytest.mark.skipif(not have_fmnist(), reason=f"Fashion-MNIST IDX files not in {FMNIST_DIR}")
-
-
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real `retformer` entry point in a subprocess (as a user would)."""
-    cmd = [sys.executable, "-m", "pipelines.cli", *args]
-    proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def write_manifest(path: Path, data: dict) -> Path:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import needs_fmnist, run_cli, write_manifest
+from tests.conftest import needs_fmnist, write_manifest
+from tests.helpers import run_cli
 
 
 def _one_error_line(proc) -> str:
@@ -48,7 +49,7 @@ def test_missing_idx_files(tmp_path: Path):
 
 @needs_fmnist
 def test_k_larger_than_kb(e2e_workspace: Path, small_manifests):
-    """Asking for more neighbours than the KB holds fails before writing any neighbour table."""
+    """Asking for more neighbors than the KB holds fails before writing any neighbor table."""
     proc = run_cli(
         "neighbors",
         "--dataset",

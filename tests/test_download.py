@@ -27,19 +27,18 @@ import pytest
 from PIL import Image
 
 from artifacts.errors import UserError
+from artifacts.shards import IMG2DATASET_SOURCE, read_shard, shard_stem
 from kb_builder.decode import decode_image
 from kb_builder.download import (
     RETRY_INPUT_NAME,
     SUCCESS_NAME,
     download_chunk,
-    downloaded_shard_name,
     failure_class,
     list_downloaded_shards,
     normalize_settings,
     plan_download,
     run_download,
 )
-from kb_builder.shards import IMG2DATASET_SOURCE, read_shard
 from tests.conftest import FMNIST_DIR, have_fmnist
 
 # img2dataset's resizer passes albumentations a deprecated argument on every padded image.
@@ -241,7 +240,7 @@ def test_download_counts_uids_and_read_shard(site: Site, tmp_path: Path) -> None
     # The last shard of each chunk holds only failures (rows 20-24 of a, 20-23 of b): it is complete
     # (tar, status Parquet, stats) but not listed, as it has no sample to embed.
     shards = list_downloaded_shards(out)
-    assert [downloaded_shard_name(out, p) for p in shards] == ["a-00000", "a-00001", "b-00000", "b-00001"]
+    assert [shard_stem(p, out) for p in shards] == ["a-00000", "a-00001", "b-00000", "b-00001"]
     assert (out / "a" / "00002.tar").is_file() and (out / "b" / "00002_stats.json").is_file()
     # The per-sample status Parquet keeps every input row, failures included.
     status = pa.concat_tables(
@@ -296,7 +295,7 @@ def test_rerun_skips_redo_and_retry_failed(site: Site, tmp_path: Path) -> None:
     samples = read_all(out)
     assert sorted(s["uid"] for s in samples) == sorted(meta.uids("ok", "flaky"))
     retry_shards = [p for p in list_downloaded_shards(out) if p.parent.name == "retry-001"]
-    assert [downloaded_shard_name(out, p) for p in retry_shards] == ["b-retry-001-00000"]
+    assert [shard_stem(p, out) for p in retry_shards] == ["b-retry-001-00000"]
     assert {s["uid"] for s in read_shard(retry_shards[0])} == meta.uids("flaky")
 
     settled = snapshot(out)
@@ -316,16 +315,16 @@ def test_rerun_skips_redo_and_retry_failed(site: Site, tmp_path: Path) -> None:
 def test_dask_cluster_runs_the_same_tasks(site: Site, tmp_path: Path) -> None:
     """The same tasks on a Dask LocalCluster (1 worker process) give the same counts and shards as the
     inline path, and retry_failed works there too."""
-    from pipelines.dask_runner import dask_client
+    from pipelines.dask_runner import dask_client, task_mapper
 
     meta = write_metadata(site, tmp_path / "metadata", "dask")
     out = tmp_path / "shards"
     tasks = plan_download(meta.dir, out, SETTINGS)
     with dask_client(n_workers=1) as client:
-        record = run_download(client, tasks)
+        record = run_download(task_mapper(client), tasks)
         assert record["status"] == {"downloaded": 2}
         assert record["totals"]["successes"] == 40 and record["totals"]["failed"] == 9
-        retry = run_download(client, tasks, retry_failed=True)
+        retry = run_download(task_mapper(client), tasks, retry_failed=True)
     assert retry["totals"]["new_successes"] == 3 and retry["totals"]["successes"] == 43
     assert sorted(s["uid"] for s in read_all(out)) == sorted(meta.uids("ok", "flaky"))
 

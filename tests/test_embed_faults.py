@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from artifacts.embeddings_io import list_parts
+from artifacts.shards import Sample, write_shards
 from kb_builder import embed
 from kb_builder.datasets import fashion_mnist as fm
-from kb_builder.shards import Sample, write_shards
-from tests.conftest import FMNIST_DIR, REPO, needs_fmnist, run_cli, write_manifest
+from tests.conftest import FMNIST_DIR, REPO, needs_fmnist, write_manifest
+from tests.helpers import run_cli
 
 pytestmark = needs_fmnist
 

@@ -19,9 +19,10 @@ from PIL import Image
 
 from artifacts.embeddings_io import read_embeddings
 from artifacts.errors import UserError
+from artifacts.shards import to_record as _to_record
 from kb_builder import embed
 from kb_builder.decode import MAX_CAPTION_CHARS
-from kb_builder.shards import _to_record, read_shard
+from tests.helpers import read_shard_tarfile as read_shard
 
 IMAGE_SPEC = {"name": "efficientnet_lite0", "image_size": 32}
 TEXT_SPEC = {"name": "minilm"}

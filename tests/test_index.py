@@ -12,25 +12,20 @@ import faiss
 import numpy as np
 import pytest
 
-from artifacts.embeddings_io import EmbeddingTable, list_parts, write_embeddings_part
 from artifacts.errors import UserError
-from kb_builder.faiss_index import (
-    INDEX_JSON,
-    ShardedIndex,
-    build_index,
-    choose_index,
-    make_plan,
-    record_tuning,
-    shard_ranges,
-    synthetic_clustered_vectors,
-    tune_and_check,
-)
-from kb_builder.index_select import (
+from kb_builder.index.build import INDEX_JSON, build_index
+from kb_builder.index.rows import shard_ranges
+from kb_builder.index.search import ShardedIndex, record_tuning, tune_and_check
+from kb_builder.index.select import (
     IVF_CENTROIDS_PER_SQRT_N,
     MEMORY_HEADROOM,
     TRAIN_MAX_POINTS_PER_CENTROID,
     TRAIN_MIN_POINTS_PER_CENTROID,
+    choose_index,
+    make_plan,
 )
+from tests.helpers import executor_map_tasks, synthetic_clustered_vectors
+from tests.helpers import write_parts as _write_parts
 
 # Uneven parts, including an empty and a one-row part, so shard boundaries fall inside parts.
 PART_SIZES = (4000, 0, 1, 3506, 2500)
@@ -46,24 +41,6 @@ def _one_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
-
-
-def _write_parts(directory: Path, vectors: np.ndarray, sizes: tuple[int, ...]) -> list[Path]:
-    start = 0
-    for i, size in enumerate(sizes):
-        rows = vectors[start : start + size]
-        table = EmbeddingTable(
-            uid=np.array([f"kb{j:06d}" for j in range(start, start + size)], dtype=object),
-            image_emb=rows,
-            text_emb=np.zeros((size, 4), dtype=np.float16),
-            has_text=np.zeros(size, dtype=bool),
-            caption=[None] * size,
-            label=np.full(size, -1, dtype=np.int32),
-            source=["synthetic"] * size,
-        )
-        write_embeddings_part(directory / f"part-{i:05d}.parquet", table)
-        start += size
-    return list_parts(directory)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +82,7 @@ def _queries(vectors: np.ndarray, num: int, seed: int) -> np.ndarray:
 
 def test_choose_index_small_n_is_exact_flat(caplog):
     """A tiny KB gets exact Flat search, and the logged reason says why."""
-    with caplog.at_level(logging.INFO, logger="kb_builder.index_select"):
+    with caplog.at_level(logging.INFO, logger="kb_builder.index.select"):
         plan = choose_index(5_000, 512, 8 * 10**9, 0.95, 32)
     assert plan.kind == "flat" and "Flat" in plan.factory
     assert plan.train_size == 0 and plan.search_sweep == [{}]
@@ -130,7 +107,7 @@ def test_choose_index_mid_n_is_hnsw_or_ivf():
 def test_choose_index_web_scale_small_budget_is_ivf_pq_with_refine(caplog):
     """1.4B x 512 in 200 GB: IVF-PQ with fp16 re-ranking, inside the budget, and the reason says so."""
     budget = 200 * 10**9
-    with caplog.at_level(logging.INFO, logger="kb_builder.index_select"):
+    with caplog.at_level(logging.INFO, logger="kb_builder.index.select"):
         plan = choose_index(1_400_000_000, 512, budget, 0.95, 32)
     assert plan.kind == "ivf_pq_refine"
     assert "PQ64" in plan.factory and "Refine(SQfp16)" in plan.factory and "_HNSW32" in plan.factory
@@ -309,7 +286,8 @@ def test_build_through_a_process_pool_submit(kb, built, tmp_path):
     """Shard tasks are picklable top-level functions: a process pool's submit gives the same index."""
     parts, vectors = kb
     with ProcessPoolExecutor(max_workers=1) as pool:
-        record = build_index(parts, tmp_path / "pool", make_plan("flat", N, D), 3, submit=pool.submit)
+        pool_map = executor_map_tasks(pool)
+        record = build_index(parts, tmp_path / "pool", make_plan("flat", N, D), 3, map_tasks=pool_map)
     assert record["num_shards"] == 3 and sum(s["ntotal"] for s in record["shards"]) == N
     q = _queries(vectors, 20, seed=4)
     _, i_pool = ShardedIndex.load(tmp_path / "pool").search(q, K)

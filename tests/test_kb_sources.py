@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from artifacts.errors import UserError
+from artifacts.shards import Sample, list_shards, manifest_path, read_shard, write_shards
 from kb_builder.datasets import fashion_mnist as fm
 from kb_builder.datasets import fashion_mnist_world_pool, load_dataset
 from kb_builder.kb_sources import TEMPLATES, build_kb_shards, caption_for, world_samples, write_dataset_shards
-from kb_builder.shards import Sample, list_shards, manifest_path, read_shard, write_shards
 
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 

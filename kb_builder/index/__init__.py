@@ -1,5 +1,9 @@
 """The index stage: choose the index from the KB's size, build it in shards, tune it, check recall.
 
+Entry point `run_index(emb_dir, index_dir, cfg, map_tasks)`; per-shard task `build.build_shard`.
+Modules: select (which faiss index for N, d, memory, recall), build (sharded, resumable build and the
+one index.json writer), search (ShardedIndex, exact merge, recall tuning).
+
 Manifest section `index:` — kind (auto | flat | hnsw | ivf_flat | ivf_sq8 | ivf_pq | ivf_pq_refine),
 recall_target, memory_budget_gb, num_shards, k (the k recall is measured at), num_queries.
 """
@@ -12,21 +16,16 @@ from typing import Any
 
 from artifacts.embeddings_io import list_parts, part_num_rows
 from artifacts.errors import UserError
-from kb_builder.faiss_index import (
-    ShardedIndex,
-    build_index,
-    choose_index,
-    make_plan,
-    record_tuning,
-    tune_and_check,
-)
-from kb_builder.index_build import part_dim
+from kb_builder import MapTasks
+from kb_builder.index.build import build_index, part_dim
+from kb_builder.index.search import ShardedIndex, record_tuning, tune_and_check
+from kb_builder.index.select import choose_index, make_plan
 
 DEFAULT_QUERIES = 1000
 
 
-def build_kb_index(
-    emb_dir: Path, index_dir: Path, cfg: dict[str, Any], client: Any | None = None
+def run_index(
+    emb_dir: Path, index_dir: Path, cfg: dict[str, Any], map_tasks: MapTasks | None = None
 ) -> dict[str, Any]:
     """Build, tune and recall-check the index of a KB's image embeddings; returns the stage record body."""
     started = time.perf_counter()
@@ -50,22 +49,13 @@ def build_kb_index(
             )
         except ValueError as exc:
             raise UserError(f"index.kind: {exc}") from exc
-    submit = client.submit if client is not None else None
-    built = build_index(parts, index_dir, plan, int(cfg.get("num_shards", 1)), submit=submit)
+    built = build_index(parts, index_dir, plan, int(cfg.get("num_shards", 1)), map_tasks=map_tasks)
     index = ShardedIndex.load(index_dir)
     num_queries = min(int(cfg.get("num_queries", DEFAULT_QUERIES)), n)
     report = tune_and_check(index, parts, num_queries, k, target)
-    meta = record_tuning(index_dir, report)
     # The record tests and users read: what was chosen, why, and what it measured.
-    meta["recall_check"] = {
-        "recall": report["recall"],
-        "target": target,
-        "k": k,
-        "queries": report["num_queries"],
-    }
-    from artifacts.atomic import write_json_atomic
-
-    write_json_atomic(index_dir / "index.json", meta)
+    recall_check = {"recall": report["recall"], "target": target, "k": k, "queries": report["num_queries"]}
+    meta = record_tuning(index_dir, report, recall_check)
     return {
         "factory": plan.factory,
         "reason": plan.reason,

@@ -24,18 +24,17 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
-from artifacts.atomic import atomic_path, write_json_atomic
-from artifacts.embeddings_io import part_num_rows, read_image_vectors
+from artifacts.atomic import atomic_path, remove_dead_temps, write_json_atomic
 from artifacts.errors import UserError
-from kb_builder.index_select import IndexPlan
+from kb_builder import MapTasks, map_inline
+from kb_builder.index.rows import iter_range, part_dim, part_table, sample_rows, shard_ranges
+from kb_builder.index.select import IndexPlan
 
 log = logging.getLogger(__name__)
 
@@ -44,145 +43,7 @@ TRAINED_FILE = "trained.faissindex"
 SHARD_PATTERN = "shard-{:05d}"
 SHARD_SUFFIX = ".faissindex"
 FORMAT_VERSION = 1
-ADD_BATCH_ROWS = 65_536  # vectors converted to fp32 and added at a time (bounds a task's memory)
-# The training sample is drawn from random parts holding at least this many times the sample
-# size, so that sampling reads a fraction of a web-scale KB instead of all of it.
-TRAIN_PART_OVERSAMPLE = 4
 NORM_TOLERANCE = 1e-2  # fp16 storage: |norm - 1| below this counts as L2-normalised
-
-Submit = Callable[..., Any]
-
-
-# --- parts and id ranges ------------------------------------------------------------------------
-
-
-def part_table(parts: Sequence[Path]) -> list[dict[str, Any]]:
-    """Each part with its row count and kb_id offset (cumulative rows of the parts before it)."""
-    table = []
-    offset = 0
-    for p in parts:
-        p = Path(p)
-        rows = part_num_rows(p)
-        entry = {"path": str(p.resolve()), "name": p.name, "rows": rows, "offset": offset}
-        table.append({**entry, "bytes": p.stat().st_size})
-        offset += rows
-    return table
-
-
-def part_dim(path: Path) -> int:
-    """The image embedding dimension stored in a part's schema metadata."""
-    md = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
-    if "image_dim" not in md:
-        raise UserError(f"{path} has no image_dim metadata: not an embeddings part")
-    return int(md["image_dim"])
-
-
-def shard_ranges(n: int, num_shards: int) -> list[tuple[int, int]]:
-    """Split [0, n) into `num_shards` contiguous ranges whose sizes differ by at most one."""
-    num_shards = max(1, min(int(num_shards), n))
-    bounds = [n * s // num_shards for s in range(num_shards + 1)]
-    return [(bounds[s], bounds[s + 1]) for s in range(num_shards)]
-
-
-def iter_range(
-    parts: list[dict[str, Any]], id_lo: int, id_hi: int, batch_rows: int = ADD_BATCH_ROWS
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (kb_ids int64, vectors float32) for the kb_ids in [id_lo, id_hi), in order, batched."""
-    for part in parts:
-        lo = max(id_lo - part["offset"], 0)
-        hi = min(id_hi - part["offset"], part["rows"])
-        if lo >= hi:
-            continue
-        _, vectors = read_image_vectors(Path(part["path"]))
-        if len(vectors) != part["rows"]:
-            raise UserError(
-                f"{part['path']} changed while indexing ({len(vectors)} rows, expected {part['rows']})"
-            )
-        for start in range(lo, hi, batch_rows):
-            stop = min(start + batch_rows, hi)
-            ids = np.arange(part["offset"] + start, part["offset"] + stop, dtype=np.int64)
-            yield ids, np.ascontiguousarray(vectors[start:stop], dtype=np.float32)
-
-
-def iter_blocks(base: np.ndarray | Sequence[Path], batch_rows: int = ADD_BATCH_ROWS) -> Iterator[np.ndarray]:
-    """float32 blocks of the KB in kb_id order, from an array or from Parquet parts (streamed)."""
-    if isinstance(base, np.ndarray):
-        for start in range(0, len(base), batch_rows):
-            yield np.ascontiguousarray(base[start : start + batch_rows], dtype=np.float32)
-        return
-    table = part_table(list(base))
-    total = table[-1]["offset"] + table[-1]["rows"] if table else 0
-    for _, vectors in iter_range(table, 0, total, batch_rows):
-        yield vectors
-
-
-def sample_rows(parts: list[dict[str, Any]], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded uniform sample of `size` KB rows: (kb_ids sorted, float32 vectors).
-
-    Two stages: random parts until they hold TRAIN_PART_OVERSAMPLE x size rows, then rows
-    uniformly among those parts. Deterministic for a given part table and seed.
-    """
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    pool = 0
-    for i in rng.permutation(len(parts)):
-        chosen.append(int(i))
-        pool += parts[i]["rows"]
-        if pool >= TRAIN_PART_OVERSAMPLE * size:
-            break
-    chosen.sort()
-    size = min(size, pool)
-    picks = np.sort(rng.choice(pool, size=size, replace=False)) if size < pool else np.arange(pool)
-    ids_out, vecs_out = [], []
-    start = 0
-    for i in chosen:
-        part = parts[i]
-        lo, hi = np.searchsorted(picks, [start, start + part["rows"]])
-        rows = picks[lo:hi] - start
-        start += part["rows"]
-        if len(rows) == 0:
-            continue
-        _, vectors = read_image_vectors(Path(part["path"]))
-        ids_out.append(part["offset"] + rows)
-        vecs_out.append(np.asarray(vectors[rows], dtype=np.float32))
-    ids = np.concatenate(ids_out).astype(np.int64)
-    vecs = np.concatenate(vecs_out)
-    order = np.argsort(ids, kind="stable")
-    return ids[order], np.ascontiguousarray(vecs[order])
-
-
-def read_rows(parts: list[dict[str, Any]], ids: np.ndarray) -> np.ndarray:
-    """float32 vectors of the given kb_ids (any order), reading only the parts that hold them."""
-    ids = np.asarray(ids, dtype=np.int64)
-    out = np.empty((len(ids), 0), dtype=np.float32)
-    for part in parts:
-        mask = (ids >= part["offset"]) & (ids < part["offset"] + part["rows"])
-        if not mask.any():
-            continue
-        _, vectors = read_image_vectors(Path(part["path"]))
-        if out.shape[1] == 0:
-            out = np.zeros((len(ids), vectors.shape[1]), dtype=np.float32)
-        out[mask] = vectors[ids[mask] - part["offset"]]
-    return out
-
-
-def synthetic_clustered_vectors(
-    n: int, d: int, *, num_clusters: int | None = None, spread: float = 0.8, seed: int = 0
-) -> np.ndarray:
-    """L2-normalised float16 vectors around random centres (tests and benchmarks only).
-
-    `spread` is the noise norm relative to the unit centre: same-cluster cosine ~ 1/(1+spread^2).
-    Cluster sizes are skewed (Zipf-like), as KB concepts are.
-    """
-    rng = np.random.default_rng(seed)
-    num_clusters = num_clusters or max(2, int(np.sqrt(n)))
-    centres = rng.standard_normal((num_clusters, d)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    weights = 1.0 / np.arange(1, num_clusters + 1) ** 0.5
-    assign = rng.choice(num_clusters, size=n, p=weights / weights.sum())
-    x = centres[assign] + rng.standard_normal((n, d)).astype(np.float32) * (spread / np.sqrt(d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float16)
 
 
 # --- faiss helpers ------------------------------------------------------------------------------
@@ -263,6 +124,11 @@ def write_index_atomic(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
+def write_index_record(index_dir: Path, record: dict[str, Any]) -> None:
+    """The one writer of index.json (atomically): the build's record, later with its tuning."""
+    write_json_atomic(Path(index_dir) / INDEX_JSON, record)
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -277,8 +143,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # --- tasks (pure top-level functions: picklable for Dask) ----------------------------------------
 
 
-def train_shared(parts: list[dict[str, Any]], plan: IndexPlan, out_path: str, key: str) -> dict[str, Any]:
-    """Sample plan.train_size rows (seeded), train, write the empty trained index atomically."""
+def train_shared(
+    parts: list[dict[str, Any]], plan: IndexPlan, out_path: str, build_key: str
+) -> dict[str, Any]:
+    """Sample plan.train_size rows (seeded), train, write the empty trained index atomically.
+    (`build_key`, not `key`: Dask's submit reserves `key` for itself.)"""
     t0 = time.perf_counter()
     ids, sample = sample_rows(parts, plan.train_size, plan.seed)
     t_sample = time.perf_counter() - t0
@@ -294,28 +163,28 @@ def train_shared(parts: list[dict[str, Any]], plan: IndexPlan, out_path: str, ke
     t_train = time.perf_counter() - t1
     out = Path(out_path)
     write_index_atomic(index, out)
-    record = {"key": key, "train_size": int(len(ids)), "sample_s": t_sample, "train_s": t_train}
+    record = {"key": build_key, "train_size": int(len(ids)), "sample_s": t_sample, "train_s": t_train}
     write_json_atomic(out.with_suffix(".json"), record)
     log.info("trained %s on %d vectors in %.1fs", plan.factory, len(ids), t_train)
     return record
 
 
 def build_shard(
-    shard_no: int,
+    shard: tuple[int, int, int],
     parts: list[dict[str, Any]],
-    id_lo: int,
-    id_hi: int,
     plan: IndexPlan,
     out_dir: str,
     trained_path: str | None,
-    key: str,
+    build_key: str,
     num_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Build one shard: vectors with kb_ids in [id_lo, id_hi) into shard-XXXXX.faissindex.
+    """Build one shard (shard_no, id_lo, id_hi): vectors with kb_ids in [id_lo, id_hi) into
+    shard-XXXXX.faissindex.
 
     Starts from the shared trained index (IVF) or an empty one, adds in batches with the kb_ids,
     writes the index and then its small JSON record, both atomically. Returns the record.
     """
+    shard_no, id_lo, id_hi = shard
     if num_threads:
         faiss.omp_set_num_threads(int(num_threads))
     t0 = time.perf_counter()
@@ -339,20 +208,11 @@ def build_shard(
         "bytes": path.stat().st_size,
         "build_s": time.perf_counter() - t0,
         "gpu": on_gpu,
-        "key": key,
+        "key": build_key,
     }
     write_json_atomic(path.with_suffix(".json"), record)
     log.info("shard %d: %d vectors in %.1fs -> %s", shard_no, index.ntotal, record["build_s"], path.name)
     return record
-
-
-def _run(submit: Submit | None, fn: Callable[..., Any], *args: Any) -> Any:
-    """Inline call, or a future from `submit` (dask's client.submit or alike)."""
-    return fn(*args) if submit is None else submit(fn, *args)
-
-
-def _result(x: Any) -> Any:
-    return x.result() if hasattr(x, "result") else x
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -363,18 +223,17 @@ def build_index(
     out_dir: Path,
     plan: IndexPlan,
     num_shards: int,
-    submit: Submit | None = None,
+    map_tasks: MapTasks | None = None,
     num_threads: int | None = None,
 ) -> dict[str, Any]:
     """Build the sharded index of the parts' image embeddings into out_dir; return index.json's content.
 
     `parts` in the order that defines kb_ids (sorted names, as `list_parts` returns them).
-    `submit`: optional `client.submit`-like callable returning futures (None = run inline).
+    `map_tasks`: runs the training task, then one task per shard to build (None = in this process).
     Idempotent: a complete index of the same inputs and plan is reused (`reused: true`); complete
     shards of an interrupted build are kept and only the missing ones are built.
     """
     t_start = time.perf_counter()
-    t_wall = time.time()
     out_dir = Path(out_dir)
     parts = [Path(p) for p in parts]
     if not parts:
@@ -411,6 +270,7 @@ def build_index(
         log.info("index in %s is complete and up to date: reusing it", out_dir)
         return {**existing, "reused": True}
 
+    run = map_tasks or map_inline
     timings: dict[str, float] = {}
     trained_path: str | None = None
     if plan.needs_training:
@@ -420,34 +280,51 @@ def build_index(
         if tp.is_file() and rec and rec.get("key") == train_key:
             log.info("reusing the trained index %s", tp)
         else:
-            rec = _result(_run(submit, train_shared, table, plan, str(tp), train_key))
+            [rec] = run(
+                train_shared,
+                [table],
+                desc="index: train",
+                unit="task",
+                plan=plan,
+                out_path=str(tp),
+                build_key=train_key,
+            )
         timings["sample_s"] = rec.get("sample_s", 0.0)
         timings["train_s"] = rec.get("train_s", 0.0)
         trained_path = str(tp)
 
-    records: list[Any] = []
+    reused: dict[int, dict[str, Any]] = {}
+    todo: list[tuple[int, int, int]] = []
     for s, (lo, hi) in enumerate(ranges):
         name = SHARD_PATTERN.format(s)
         rec = _read_json(out_dir / f"{name}.json")
         if rec and rec.get("key") == key and (out_dir / f"{name}{SHARD_SUFFIX}").is_file():
             log.info("shard %d is complete: reusing it", s)
-            records.append(rec)
-            continue
-        records.append(
-            _run(submit, build_shard, s, table, lo, hi, plan, str(out_dir), trained_path, key, num_threads)
-        )
-    shards = [_result(r) for r in records]
+            reused[s] = rec
+        else:
+            todo.append((s, lo, hi))
+    built = run(
+        build_shard, todo, desc="index: shards", parts=table, plan=plan, out_dir=str(out_dir),
+        trained_path=trained_path, build_key=key, num_threads=num_threads,
+    )  # fmt: skip
+    reused.update({rec["shard"]: rec for rec in built})
+    shards = [reused[s] for s in range(len(ranges))]
     timings["add_s"] = float(sum(s["build_s"] for s in shards))
     timings["total_s"] = time.perf_counter() - t_start
 
     # Files of an earlier build with more shards would only confuse a reader, and temporary files
-    # of a killed run (older than this build; one builder per directory) only take space.
+    # of a killed run only take space.
     keep = {s["file"] for s in shards} | {f"{SHARD_PATTERN.format(s['shard'])}.json" for s in shards}
+    for stale in remove_dead_temps(out_dir.iterdir()):
+        log.info("removing %s (killed run's temp file)", stale.name)
     for stale in out_dir.iterdir():
-        leftover_tmp = ".tmp-" in stale.name and stale.stat().st_mtime < t_wall
-        old_shard = stale.name.startswith("shard-") and ".tmp-" not in stale.name and stale.name not in keep
-        if stale.is_file() and (leftover_tmp or old_shard):
-            log.info("removing %s (%s)", stale.name, "killed run's temp file" if leftover_tmp else "stale")
+        if (
+            stale.is_file()
+            and stale.name.startswith("shard-")
+            and ".tmp-" not in stale.name
+            and stale.name not in keep
+        ):
+            log.info("removing %s (stale)", stale.name)
             stale.unlink()
     if trained_path is None:
         for f in (out_dir / TRAINED_FILE, (out_dir / TRAINED_FILE).with_suffix(".json")):
@@ -475,6 +352,6 @@ def build_index(
         "gpus": num_gpus(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json_atomic(out_dir / INDEX_JSON, record)
+    write_index_record(out_dir, record)
     log.info("index %s: %d vectors in %d shard(s), %.1fs", plan.factory, n, len(shards), timings["total_s"])
     return {**record, "reused": False}

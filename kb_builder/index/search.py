@@ -25,10 +25,10 @@ import numpy as np
 from faiss.contrib.evaluation import knn_intersection_measure
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from artifacts.atomic import write_json_atomic
 from artifacts.errors import UserError
-from kb_builder.index_build import INDEX_JSON, iter_blocks, part_table, read_rows
-from kb_builder.index_select import estimate_bytes
+from kb_builder.index.build import INDEX_JSON, write_index_record
+from kb_builder.index.rows import iter_blocks, part_table, read_rows
+from kb_builder.index.select import estimate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -318,11 +318,15 @@ def tune_and_check(
     return report
 
 
-def record_tuning(index_dir: Path | str, report: dict[str, Any]) -> dict[str, Any]:
-    """Store the tuning report and its chosen params in index.json (atomically); return the record."""
-    path = Path(index_dir) / INDEX_JSON
-    meta = json.loads(path.read_text())
+def record_tuning(
+    index_dir: Path | str, report: dict[str, Any], recall_check: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Store the tuning report, its chosen params and the stage's `recall_check` summary (when given)
+    in index.json (atomically); return the record."""
+    meta = json.loads((Path(index_dir) / INDEX_JSON).read_text())
     meta["params"] = dict(report["chosen"])
     meta["tuning"] = report
-    write_json_atomic(path, meta)
+    if recall_check is not None:
+        meta["recall_check"] = recall_check
+    write_index_record(Path(index_dir), meta)
     return meta

@@ -32,7 +32,7 @@ METRIC = "inner_product"
 
 # Flat (exact) up to this many vectors. Wiki: Flat is "the only index that guarantees exact
 # results" and the baseline for small sets; at 1e5 x 512 one query costs 5e7 multiply-adds, a few
-# ms, and the neighbour stage then has no recall loss at all. (autofaiss uses 1e3 because it
+# ms, and the neighbor stage then has no recall loss at all. (autofaiss uses 1e3 because it
 # optimises latency; our queries are an offline batch job.)
 FLAT_MAX_N = 100_000
 # HNSW below this many vectors. Wiki: HNSW is the best speed/accuracy when memory allows, in the

@@ -1,0 +1,124 @@
+"""The one webdataset tar reader: a small ustar / GNU / pax header parser, benchmarked against tarfile.
+
+tarfile's header parsing costs ~70 us a member (230 us a sample, more than decoding a small PNG);
+this parser (with json) ~60-90 us per image (bench/bench_embed.py, BENCHMARKS.md); it can skip a sample's
+files with a seek, unread, which the embed stage's loader workers use to read only their own samples.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from artifacts.errors import UserError
+
+_NUL_BLOCK = bytes(512)
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _checksums(header: bytes) -> tuple[int, ...]:
+    # The checksum field counts as 8 spaces; old writers summed signed bytes (tarfile accepts both).
+    unsigned = 256 + sum(header[:148]) + sum(header[156:])
+    if max(header) < 128:
+        return (unsigned,)
+    signed = 256 + sum(struct.unpack_from("148b", header)) + sum(struct.unpack_from("356b", header, 156))
+    return unsigned, signed
+
+
+def _pax_path(data: bytes) -> str | None:
+    # Records are "<len> <key>=<value>\n"; only the path matters to us.
+    pos = 0
+    path = None
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8")
+        pos += length
+    return path
+
+
+def iter_shard_files(
+    path: Path, keep: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
+    """Yield (sample index, key, {extension: bytes}) per sample of a webdataset tar, in order.
+
+    The files of a sample whose index `keep` rejects are skipped with a seek, never read (each loader
+    worker reads only its own samples); they come back as None. Samples are grouped by key as
+    webdataset groups them (`split_name`). Header parsing is done here because tarfile's costs ~70 us a
+    member (230 us a sample, more than decoding a small PNG); ustar, GNU long names and pax paths are
+    handled. A truncated or corrupt shard raises a UserError naming it.
+    """
+    path = Path(path)
+    index = -1
+    key: str | None = None
+    files: dict[str, bytes] | None = None
+    long_name: str | None = None
+    try:
+        with open(path, "rb") as f:
+            size_on_disk = os.fstat(f.fileno()).st_size
+            while True:
+                header = f.read(512)
+                if not header or header == _NUL_BLOCK:
+                    break  # end of archive (tarfile also accepts a missing end marker)
+                if len(header) < 512:
+                    raise ValueError("truncated header")
+                if _tar_number(header[148:156]) not in _checksums(header):
+                    raise ValueError(f"bad header checksum at byte {f.tell() - 512}")
+                size = _tar_number(header[124:136])
+                padded = (size + 511) & ~511
+                start = f.tell()
+                if start + size > size_on_disk:
+                    raise ValueError(f"member at byte {start - 512} runs past the end of the file")
+                kind = header[156:157]
+                if kind in (b"L", b"x"):  # the next member's long name
+                    data = f.read(padded)[:size]
+                    name = data.rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(data)
+                    long_name = name or long_name
+                    continue
+                if kind not in (b"0", b"\0", b"7"):  # directories, links, global pax headers, ...
+                    f.seek(padded, 1)
+                    long_name = None
+                    continue
+                if long_name is not None:
+                    name, long_name = long_name, None
+                else:
+                    name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+                    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+                    if prefix:
+                        name = prefix.decode("utf-8") + "/" + name
+                sample_key, ext = split_name(name)
+                if sample_key != key:
+                    if key is not None:
+                        yield index, key, files
+                    index += 1
+                    key = sample_key
+                    files = {} if keep is None or keep(index) else None
+                if files is None:
+                    f.seek(padded, 1)
+                else:
+                    files[ext] = f.read(size)
+                    f.seek(padded - size, 1)
+            if key is not None:
+                yield index, key, files
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"corrupt or truncated shard {path}: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a member name: webdataset's convention, the key is everything
+    before the first dot of the file's base name."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
