@@ -64,7 +64,7 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
-    amp: bool = True  # bfloat16 autocast on CUDA; ignored on the CPU
+    amp: bool = True  # autocast on CUDA (bfloat16; float16 + GradScaler where bf16 is missing); not on CPU
     features_on_device: bool = True  # copy the features to the GPU once; gather batches there
     eval_batch_size: int = 1024
 
