@@ -246,9 +246,10 @@ def load_fashion_mnist(spec: dict[str, Any], long_tailed: bool) -> DownstreamDat
         val_rows = val_indices({**spec, "root": root})
         if len(val_rows):
             splits["val"] = _split("train", train_images, train_labels, val_rows)
+            val_seed = int(spec.get("val_seed", int(spec.get("seed", 0)) + 1))
             notes["val"] = (
-                f"{spec['val_per_class']} per class, seeded, from training images outside the LT subset "
-                "(and hence outside the world pool)"
+                f"{spec['val_per_class']} per class (seed {val_seed}) from training images outside the LT "
+                "subset (and hence outside the world pool)"
             )
         pool = _split("train", train_images, train_labels, world_pool({**spec, "root": root}))
     splits["test"] = _split("test", test_images, test_labels, test_rows)

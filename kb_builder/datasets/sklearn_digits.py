@@ -74,6 +74,7 @@ def load_sklearn_digits_lt(spec: dict[str, Any], class_names: list[str] | None) 
     """The long-tailed digits dataset of `spec` (see the module docstring for the keys)."""
     images, labels = load_arrays()
     parts = part_indices(spec, labels)
+    seed = int(spec.get("seed", 0))
 
     def split(rows: np.ndarray) -> DatasetSplit:
         return DatasetSplit(
@@ -91,8 +92,11 @@ def load_sklearn_digits_lt(spec: dict[str, Any], class_names: list[str] | None) 
         shot=dict(spec.get("shot_thresholds") or {}),
         pool=split(parts["pool"]),
         notes={
-            "test": f"{spec.get('test_per_class', 50)} per class, seeded",
-            "val": f"{spec.get('val_per_class', 30)} per class, seeded, disjoint from test",
+            "test": f"{spec.get('test_per_class', 50)} per class of the 1,797 images, balanced (seed {seed})",
+            "val": (
+                f"{spec.get('val_per_class', 30)} per class of the images outside test, balanced "
+                f"(seed {seed + 1})"
+            ),
             "pool": "every image in none of train / val / test",
         },
     )
