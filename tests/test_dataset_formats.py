@@ -611,8 +611,8 @@ def test_label_noise_manifest_wiring(cifar):
 @needs_fmnist
 def test_fmnist_lt_noisy_manifest_on_debian_files():
     """manifests/datasets/fmnist_lt_noisy.yaml loads on this machine: Fashion-MNIST-LT (1,236 images,
-    counts 500..5) with 40% symmetric noise (round(0.4 n_c) per class), clean test labels, the shot split of
-    the clean counts, and the demo's world pool still defined."""
+    counts 500..5) with 40% symmetric noise (round(0.4 n_c) per class), clean val and test labels, the shot
+    split of the clean counts, and the demo's world pool still defined (outside train and val)."""
     spec = manifest.load("datasets", str(REPO / "manifests/datasets/fmnist_lt_noisy.yaml"))
     ds = load_dataset(spec)
     t = ds.train
@@ -620,7 +620,9 @@ def test_fmnist_lt_noisy_manifest_on_debian_files():
     assert t.noise_mask.sum() == sum(int(np.floor(0.4 * n + 0.5)) for n in LT_COUNTS)
     assert abs(ds.describe()["label_noise"]["realised_rate"] - 0.4) < 0.005
     assert ds.shot_split() == {"many": [0, 1, 2, 3], "medium": [4, 5, 6], "few": [7, 8, 9]}
-    assert len(fashion_mnist_world_pool(spec)) == 60000 - 1236
+    val = ds.splits["val"]
+    assert np.bincount(val.labels, minlength=10).tolist() == [100] * 10 and not hasattr(val, "noise_mask")
+    assert len(fashion_mnist_world_pool(spec)) == len(ds.pool) == 60000 - 1236 - 1000
 
 
 # ------------------------------------------------------------------------------------------ manifests

@@ -122,3 +122,16 @@ def test_imagefolder_pool_defaults_to_long_tail_leftovers(tmp_path):
     ds = load_dataset({"kind": "imagefolder", "root": str(tmp_path), "imbalance_ratio": 4})
     assert ds.train_class_counts() == [12, 3]
     assert len(ds.pool) == 9 and not set(ds.pool.uids) & set(ds.train.uids)
+
+
+def test_label_noise_keeps_the_pool_val_and_notes(tmp_path):
+    """Label noise replaces train labels only: the digits' val split, world pool and split notes are those
+    of the clean dataset, so a world KB can still be built from a noisy dataset."""
+    clean = load_dataset(DIGITS)
+    noisy = load_dataset({**DIGITS, "label_noise": {"kind": "symmetric", "rate": 0.4, "seed": 0}})
+    assert (noisy.train.labels != clean.train.labels).any()
+    assert noisy.pool is not None and noisy.pool.uids == clean.pool.uids
+    np.testing.assert_array_equal(noisy.splits["val"].labels, clean.splits["val"].labels)
+    assert noisy.notes == clean.notes and noisy.describe()["world_pool_size"] == len(clean.pool)
+    uids, *_ = world_samples({"kind": "world", "size": 50}, noisy)
+    assert set(uids) <= set(clean.pool.uids)

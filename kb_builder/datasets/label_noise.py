@@ -223,4 +223,7 @@ def add_label_noise(dataset: DownstreamDataset, config: Any) -> ShotReferenceDat
         shot_counts=list(ref) if ref is not None else dataset.train_class_counts(),
         superclass=superclass,
         extra_info=extra,
+        # Noise touches train only: the pool (and a world KB built from it) and the split notes stay.
+        pool=dataset.pool,
+        notes=dict(dataset.notes),
     )
