@@ -29,131 +29,22 @@ Their model kinds (= method names, `trainer/methods.py`) are retformer_no_text a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.layers import CrossFusionLayer, SelfAttentionLayer
+
 # Model kinds: the names of the feature-mode methods that train them (`trainer/methods.py`).
 RETFORMER_VARIANTS = {"retformer": "full", "retformer_no_text": "no_text", "retformer_no_image": "no_image"}
 MODEL_KINDS = (*RETFORMER_VARIANTS, "mlp_only", "linear_probe")
 VARIANTS = tuple(RETFORMER_VARIANTS.values())  # RetFormer's `variant`: "full", "no_text", "no_image"
 _KIND_OF_VARIANT = {v: kind for kind, v in RETFORMER_VARIANTS.items()}
-
-
-class MultiHeadAttention(nn.Module):
-    """Att(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V with Q from `q_src`, K and V from `kv_src` (Eq. 4-5)."""
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.heads = heads
-        self.head_dim = width // heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, p, _ = x.shape
-        return x.view(b, p, self.heads, self.head_dim).transpose(1, 2)  # (B, H, P, dh)
-
-    def forward(
-        self, q_src: torch.Tensor, kv_src: torch.Tensor, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (output (B, P, W), weights (B, H, P, P) or None). Rows of the weights sum to 1."""
-        q, k, v = (
-            self._split(self.q_proj(q_src)),
-            self._split(self.k_proj(kv_src)),
-            self._split(self.v_proj(kv_src)),
-        )
-        drop = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            # Explicit path: the fused kernel does not expose the softmax.
-            weights = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim), dim=-1)
-            out = F.dropout(weights, drop, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        b, _, p, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, p, -1)), weights
-
-
-class FeedForward(nn.Module):
-    """ViT MLP block: Linear -> GELU -> Linear."""
-
-    def __init__(self, width: int, hidden: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(width, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, width),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class CrossFusionLayer(nn.Module):
-    """One retrieval cross-fusion layer (Eq. 5-6): each stream attends to its own keys/values with the
-    other stream's queries; both updates read the same input states."""
-
-    def __init__(self, width: int, heads: int, ffn: bool, ffn_hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.norm_img = nn.LayerNorm(width)
-        self.norm_txt = nn.LayerNorm(width)
-        self.attn_img = MultiHeadAttention(width, heads, dropout)  # Att(Q_T, K_I, V_I)
-        self.attn_txt = MultiHeadAttention(width, heads, dropout)  # Att(Q_I, K_T, V_T)
-        self.drop = nn.Dropout(dropout)
-        self.ffn = ffn
-        if ffn:
-            self.ffn_norm_img = nn.LayerNorm(width)
-            self.ffn_norm_txt = nn.LayerNorm(width)
-            self.ffn_img = FeedForward(width, ffn_hidden, dropout)
-            self.ffn_txt = FeedForward(width, ffn_hidden, dropout)
-
-    def forward(
-        self, x_img: torch.Tensor, x_txt: torch.Tensor, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
-        h_img, h_txt = self.norm_img(x_img), self.norm_txt(x_txt)
-        a_img, w_img = self.attn_img(h_txt, h_img, need_weights)
-        a_txt, w_txt = self.attn_txt(h_img, h_txt, need_weights)
-        x_img = x_img + self.drop(a_img)
-        x_txt = x_txt + self.drop(a_txt)
-        if self.ffn:
-            x_img = x_img + self.ffn_img(self.ffn_norm_img(x_img))
-            x_txt = x_txt + self.ffn_txt(self.ffn_norm_txt(x_txt))
-        return x_img, x_txt, (w_img, w_txt)
-
-
-class SelfAttentionLayer(nn.Module):
-    """Pre-LN transformer encoder layer: the single-stream ("no_text" / "no_image") form."""
-
-    def __init__(self, width: int, heads: int, ffn: bool, ffn_hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.attn = MultiHeadAttention(width, heads, dropout)
-        self.drop = nn.Dropout(dropout)
-        self.ffn = ffn
-        if ffn:
-            self.ffn_norm = nn.LayerNorm(width)
-            self.ffn_block = FeedForward(width, ffn_hidden, dropout)
-
-    def forward(
-        self, x: torch.Tensor, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = self.norm(x)
-        a, w = self.attn(h, h, need_weights)
-        x = x + self.drop(a)
-        if self.ffn:
-            x = x + self.ffn_block(self.ffn_norm(x))
-        return x, w
+# How L_I and L_R are trained and combined: "paper" = one loss on tau/2 (L_I + L_R); "stacked" = L_I is
+# a trained mlp_only, frozen, L_R learns on its own loss, prediction L_I + alpha * 1[s > t] * L_R.
+RECIPES = ("paper", "stacked")
 
 
 class ImageBranch(nn.Sequential):
@@ -190,10 +81,15 @@ class RetFormer(nn.Module):
         dropout: float = 0.0,
         ffn: bool = True,
         ffn_ratio: float = 4.0,
+        recipe: str = "paper",
+        alpha: float = 1.0,
+        gate_t: float | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
         mlp_hidden = mlp_hidden or img_dim
         self.config: dict[str, Any] = {
             "kind": _KIND_OF_VARIANT[variant],
@@ -210,6 +106,9 @@ class RetFormer(nn.Module):
             "dropout": dropout,
             "ffn": ffn,
             "ffn_ratio": ffn_ratio,
+            "recipe": recipe,
+            "alpha": alpha,
+            "gate_t": gate_t,
         }
         self.variant = variant
         self.k = k
@@ -272,7 +171,45 @@ class RetFormer(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (B, C). With return_attention=True also a dict stream -> weights (L, B, H, P, P),
         P = k'+2, token order [cls, query, nn_1..nn_k']; stream "image" holds the weights over image
-        tokens (queries from the text stream in the full variant), "text" over text tokens."""
+        tokens (queries from the text stream in the full variant), "text" over text tokens.
+
+        recipe "paper": tau/2 (L_I + L_R). recipe "stacked": in training mode L_R alone (L_I is the
+        frozen mlp_only, so the loss is L_R's own); in eval mode L_I + alpha * 1[s > gate_t] * L_R."""
+        logits_r, attn = self._retrieval_logits(z, nn_img, nn_txt, return_attention)
+        s = relevance(z, nn_img) if nn_img is not None else None
+        logits = self.combine(self.mlp(z), logits_r, s)
+        return (logits, attn) if return_attention else logits
+
+    def branches(
+        self, z: torch.Tensor, nn_img: torch.Tensor | None, nn_txt: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_I, L_R) before they are combined: what the alpha / gate search on val reads."""
+        return self.mlp(z), self._retrieval_logits(z, nn_img, nn_txt, False)[0]
+
+    def combine(self, logits_i: torch.Tensor, logits_r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        """The prediction from the two branches under the model's recipe (see `forward`); s (B,) is
+        `relevance(z, nn_img)`, read only by a gated stacked model."""
+        if self.config["recipe"] == "paper":
+            return self.tau / 2 * (logits_i + logits_r)
+        if self.training:
+            return logits_r
+        alpha, gate_t = float(self.config["alpha"]), self.config["gate_t"]
+        if alpha == 0:
+            return logits_i
+        if gate_t is None:
+            return logits_i + alpha * logits_r
+        if s is None:
+            raise ValueError("a gated RetFormer needs nn_img to score its neighbours")
+        return logits_i + alpha * (s > float(gate_t)).float()[:, None] * logits_r
+
+    def _retrieval_logits(
+        self,
+        z: torch.Tensor,
+        nn_img: torch.Tensor | None,
+        nn_txt: torch.Tensor | None,
+        return_attention: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_R = h(cross_fusion(z, neighbors)) and, when asked, the attention weights per stream."""
         x_img = x_txt = None
         if self.use_img:
             if nn_img is None:
@@ -290,34 +227,33 @@ class RetFormer(nn.Module):
         for layer in self.layers:
             if self.variant == "full":
                 x_img, x_txt, (wi, wt) = layer(x_img, x_txt, return_attention)
-                if return_attention:
-                    w_img.append(wi)
-                    w_txt.append(wt)
+                w_img.append(wi)
+                w_txt.append(wt)
             elif self.use_img:
                 x_img, wi = layer(x_img, return_attention)
-                if return_attention:
-                    w_img.append(wi)
+                w_img.append(wi)
             else:
                 x_txt, wt = layer(x_txt, return_attention)
-                if return_attention:
-                    w_txt.append(wt)
+                w_txt.append(wt)
 
         cls_out = []
         if self.use_img:
             cls_out.append(self.norm_img(x_img[:, 0]))
         if self.use_txt:
             cls_out.append(self.norm_txt(x_txt[:, 0]))
-        logits_r = self.head(torch.cat(cls_out, dim=-1))
-        logits_i = self.mlp(z)
-        logits = self.tau / 2 * (logits_i + logits_r)
-        if not return_attention:
-            return logits
         attn = {}
-        if w_img:
-            attn["image"] = torch.stack(w_img)
-        if w_txt:
-            attn["text"] = torch.stack(w_txt)
-        return logits, attn
+        if return_attention:
+            if w_img:
+                attn["image"] = torch.stack(w_img)
+            if w_txt:
+                attn["text"] = torch.stack(w_txt)
+        return self.head(torch.cat(cls_out, dim=-1)), attn
+
+
+def relevance(z: torch.Tensor, nn_img: torch.Tensor) -> torch.Tensor:
+    """s (B,): mean cosine between each query image z and its neighbours' images, from the vectors
+    given (not the neighbour table's scores), so shuffled or foreign neighbours score low."""
+    return (F.normalize(z, dim=-1)[:, None, :] * F.normalize(nn_img, dim=-1)).sum(-1).mean(1)
 
 
 def neighbor_attention(attn: dict[str, torch.Tensor], layer: int = -1) -> dict[str, torch.Tensor]:
@@ -377,6 +313,8 @@ _RETFORMER_OPTIONS = {
     "ffn": bool,
     "ffn_ratio": float,
     "mlp_hidden": int,
+    "recipe": str,
+    "alpha": float,
 }
 
 

@@ -388,6 +388,7 @@ def fit(
     train: RetrievalFeatures,
     config: TrainConfig | None = None,
     val: RetrievalFeatures | None = None,
+    on_epoch: Callable[[], dict[str, Any]] | None = None,
     **options: Unpack[LoopOptions],
 ) -> list[dict[str, Any]]:
     """Train `model` in place on `train`; return the history (one dict per finished epoch).
@@ -396,7 +397,8 @@ def fit(
     train.labels). log_path: metrics.jsonl, one line per epoch (rewritten from the checkpoint's
     history on resume, so it always matches the checkpoint). checkpoint_path: written at the end of
     every epoch; with resume=True an existing one is loaded and training continues after its last
-    finished epoch (its config must match). val: evaluated after every epoch (val_top1, val_top5).
+    finished epoch (its config must match). val: evaluated after every epoch (val_top1, val_top5);
+    on_epoch() instead, when given (model selection keeps its best-on-val checkpoints there).
     stop_after_epoch: return once this many epochs are finished (time-sliced jobs; tests).
     checkpoint_every_s: write the checkpoint at the end of an epoch only when at least this many
     seconds passed since the last one (0 = every epoch); the last epoch (and a stop_after_epoch
@@ -419,7 +421,7 @@ def fit(
         m = evaluate(predict(model, val, config.eval_batch_size, device=device), val.labels)
         return {"val_top1": m["top1"], "val_top5": m["top5"]}
 
-    check = validate if val is not None else None
+    check = on_epoch or (validate if val is not None else None)
     return train_epochs(
         model, feed, config, optimizer, scheduler, train.labels, num_classes, device, check, **options
     )
