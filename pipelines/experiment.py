@@ -8,6 +8,15 @@ encoder_lr, accumulate, num_workers, augment, crop_scale, hflip, images, grad_ch
 `zeroshot` (templates: openai | simple, class_names) and `checkpoint` (every_s, resume; `false`
 turns checkpoints off).
 
+Selection (issue 9): `select_split: val` makes every choice of the feature-mode methods on that split
+(`trainer/selection.py`): the baselines' lr and epoch, RetFormer's checkpoint, la_tau, alpha and gate,
+kNN vote's k; the eval split is evaluated once, with the chosen models. `select:` holds the grids
+(`SelectOptions`); `recipe: paper` (default: one loss on tau/2 (L_I + L_R)) or `stacked` (L_I = the
+selected mlp_only, frozen; L_R on its own loss; needs `select_split`). Each RetFormer variant then also
+reports `<method>:shuffled`, its eval split with neighbours shuffled across queries. Without
+`select_split` nothing is selected and `method_train` applies as before. kNN vote is skipped, with
+its reason, when the KB's labels are not the dataset's classes.
+
 Resume: each trainable method checkpoints to `<run>/<method>.ckpt.pt` and, once evaluated, leaves
 `<method>.result.json`. Rerunning a run that was killed (no eval.json yet) reuses the finished
 methods' results and resumes the interrupted one from its checkpoint; rerunning a finished run
@@ -30,18 +39,29 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from artifacts import manifest
 from artifacts.atomic import write_json_atomic
 from artifacts.embeddings_io import read_embeddings
 from artifacts.errors import UserError
 from artifacts.workspace import Workspace, read_json
-from trainer.baselines import knn_vote
+from trainer.baselines import kb_label_problem, knn_vote
 from trainer.checkpoint import result_fingerprint
 from trainer.evaluate import evaluate
 from trainer.features import load_retrieval_features, neighbor_k_values
 from trainer.finetune import FinetuneConfig
 from trainer.images import SplitImages, shard_images
-from trainer.methods import FEATURE_METHODS, FINETUNE_METHODS, METHODS, RETRIEVAL_FREE, TRAINED, train_method
-from trainer.train import TrainConfig
+from trainer.methods import (
+    FEATURE_METHODS,
+    FINETUNE_METHODS,
+    METHODS,
+    RETRIEVAL_FREE,
+    TRAINED,
+    select_method,
+    train_method,
+)
+from trainer.model import RECIPES
+from trainer.selection import SelectOptions, save_selected, select_knn_k, shuffled, val_metrics
+from trainer.train import TrainConfig, predict
 from trainer.zeroshot import (
     check_aligned,
     prompt_class_names,
@@ -65,6 +85,9 @@ EXPERIMENT_KEYS = {
     "finetune",
     "zeroshot",
     "checkpoint",
+    "select_split",
+    "recipe",
+    "select",
 }
 DEFAULT_CHECKPOINT = {"every_s": 60.0, "resume": True}
 
@@ -145,7 +168,18 @@ def _plan(exp: dict[str, Any], kb: dict[str, Any]) -> dict[str, Any]:
         templates((exp.get("zeroshot") or {}).get("templates", "openai"))
     if any(m in FINETUNE_METHODS for m in methods) and not (kb.get("encoders") or {}).get("image"):
         raise UserError(f"KB {kb.get('name')} has no encoders.image to fine-tune")
+    recipe = exp.get("recipe", "paper")
+    if recipe not in RECIPES:
+        raise UserError(
+            f"experiment {exp['name']}: recipe must be one of {', '.join(RECIPES)}, got {recipe!r}"
+        )
+    if recipe == "stacked" and not exp.get("select_split"):
+        raise UserError(
+            f"experiment {exp['name']}: recipe stacked chooses alpha on a split: set select_split"
+        )
     return {
+        "recipe": recipe,
+        "select": SelectOptions.from_manifest(exp.get("select")),
         "methods": methods,
         "k_values": _k_values(exp),
         "configs": configs,
@@ -174,6 +208,7 @@ class _Context:
         self._images: dict[tuple[str, str], Any] = {}
         self._dataset = None
         self._encoder = None
+        self.mlp_only: Any = None  # the selected mlp_only (recipe stacked builds on it), once per run
 
     def images(self, split: str, uids: list[str], source: str) -> Any:
         """The images of a split in `uids` order (fine-tune mode), indexed once per split."""
@@ -259,6 +294,87 @@ def _train_method(
     return out
 
 
+def _select_trained(
+    ctx: _Context,
+    plan: dict[str, Any],
+    method: str,
+    key: str,
+    train_f: Any,
+    val_f: Any,
+    evals: dict[str, Any],
+    run_dir: Path,
+) -> dict[str, dict[str, Any]]:
+    """A feature-mode method selected on val, then evaluated once on each eval split. RetFormer variants
+    also get their eval split with shuffled neighbours (`<split>:shuffled`)."""
+    num_classes, shot = int(ctx.info["num_classes"]), ctx.info["shot_split"]
+    opts = plan["select"]
+    common = {
+        "model_options": ctx.exp.get("model", {}) or {},
+        "num_classes": num_classes,
+        "class_counts": ctx.info["train_class_counts"],
+        "opts": opts,
+    }
+
+    def mlp_only() -> Any:
+        if ctx.mlp_only is None:
+            cfg = plan["configs"].get("mlp_only") or _train_config(ctx.exp, "mlp_only")
+            ctx.mlp_only = select_method("mlp_only", "paper", cfg, train_f, val_f, mlp_only=None, **common)
+        return ctx.mlp_only
+
+    if method == "mlp_only":
+        sel = mlp_only()
+    else:
+        sel = select_method(
+            method, plan["recipe"], plan["configs"][method], train_f, val_f, mlp_only=mlp_only, **common
+        )
+    save_selected(run_dir / f"{_safe(key)}.pt", sel)
+    extra = {"mode": "frozen", "selected": sel.selected, "select_split": ctx.exp["select_split"]}
+    val = {"val": val_metrics(predict(sel.model, val_f), val_f.labels, shot)}
+    out = {}
+    for split, f in evals.items():
+        out[split] = {**evaluate(predict(sel.model, f), f.labels, shot), **extra, **val}
+        if method not in RETRIEVAL_FREE:
+            seed = opts.shuffle_seed
+            val_sh = {"val": val_metrics(predict(sel.model, shuffled(val_f, seed)), val_f.labels, shot)}
+            control = evaluate(predict(sel.model, shuffled(f, seed)), f.labels, shot)
+            out[f"{split}:shuffled"] = {**control, **extra, **val_sh, "control": "neighbours shuffled"}
+    return out
+
+
+def _knn(
+    ctx: _Context, plan: dict[str, Any], k: int, train_f: Any, val_f: Any, evals: dict[str, Any]
+) -> dict[str, dict[str, Any]] | str:
+    """kNN vote per eval split (k chosen on val when there is a select split), or why it is skipped."""
+    ds_name, kb_src = ctx.ds["name"], (ctx.kb.get("source") or {}).get("dataset")
+    if kb_src:  # a dataset manifest's name or path, as the shards stage reads it
+        try:
+            kb_src = manifest.load("datasets", kb_src).get("name", kb_src)
+        except UserError:
+            pass  # a name without a manifest here: compared as given
+    other = read_json(ctx.ws.dataset_info(kb_src)) if kb_src and kb_src != ds_name else None
+    problem = kb_label_problem(
+        train_f.store_label,
+        int(ctx.info["num_classes"]),
+        ds_name,
+        ctx.info.get("class_names"),
+        kb_src,
+        (other or {}).get("class_names"),
+    )
+    if problem is not None:
+        log.warning("knn_vote skipped: %s", problem)
+        return problem
+    num_classes, shot, extra = int(ctx.info["num_classes"]), ctx.info["shot_split"], {}
+    if val_f is not None:
+        k, val_top1, trials = select_knn_k(val_f, num_classes, plan["select"].knn_k)
+        scores = knn_vote(val_f.subset_k(k), num_classes)
+        extra = {"selected": {"k": k, "trials": trials}, "val": val_metrics(scores, val_f.labels, shot)}
+    out = {}
+    for s, f in evals.items():
+        scores = knn_vote(f.subset_k(min(k, f.k)), num_classes)
+        out[s] = {**evaluate(scores, f.labels, shot), "mode": "vote", "k": k, **extra}
+    return out
+
+
 def _eval_splits(exp: dict[str, Any], info: dict[str, Any]) -> list[str]:
     raw = exp.get("eval_split", "test")
     splits = [raw] if isinstance(raw, str) else raw
@@ -289,6 +405,12 @@ def run_experiment(
     if info is None:
         raise UserError(f"dataset {ds['name']} has not been prepared: run `retformer neighbors` first")
     splits = _eval_splits(exp, info)
+    select_split = exp.get("select_split")
+    if select_split is not None and (select_split not in info["splits"] or select_split in splits):
+        raise UserError(
+            f"select_split {select_split!r} must be one of the dataset's splits {list(info['splits'])} "
+            f"and not an eval split ({', '.join(splits)})"
+        )
     need_nn = any(m != "zeroshot" for m in methods)
     kmax = max(k_values)
     table_k = None
@@ -302,6 +424,9 @@ def run_experiment(
         table_k = available[0]
         train_all = load_retrieval_features(ws, ds["name"], kb["name"], table_k, "train")
         evals_all = {s: load_retrieval_features(ws, ds["name"], kb["name"], table_k, s) for s in splits}
+        val_all = None
+        if select_split is not None:
+            val_all = load_retrieval_features(ws, ds["name"], kb["name"], table_k, select_split)
         zs_evals = {s: (f.query_img, f.labels) for s, f in evals_all.items()}
         train_size = len(train_all)
     else:
@@ -321,6 +446,7 @@ def run_experiment(
     for k in k_values:
         evals = {s: f.subset_k(k) for s, f in evals_all.items()} if need_nn else {}
         train_f = train_all.subset_k(k) if need_nn else None
+        val_f = val_all.subset_k(k) if need_nn and val_all is not None else None
         for method in methods:
             if method in RETRIEVAL_FREE and k != k_values[0]:
                 continue  # k-independent: once per experiment
@@ -328,10 +454,15 @@ def run_experiment(
             names = {s: key if i == 0 else f"{key}@{s}" for i, s in enumerate(splits)}
             done = run_dir / f"{_safe(key)}.result.json"
             config = plan["configs"].get(method)
+            selecting = select_split is not None and METHODS[method].mode in ("frozen", "vote")
+            model_fp = exp.get("model") if config is not None else None
+            if selecting:  # what selection depends on, so a changed grid reruns the method
+                sel = {"select_split": select_split, "recipe": plan["recipe"], "select": exp.get("select")}
+                model_fp = {"model": exp.get("model"), **sel}
             fp = result_fingerprint(
                 method,
                 config,
-                exp.get("model") if config is not None else None,
+                model_fp,
                 exp.get("zeroshot") if method == "zeroshot" else None,
                 None if method in RETRIEVAL_FREE else k,
                 train_size,
@@ -344,19 +475,19 @@ def run_experiment(
                 continue
             started = time.perf_counter()
             if method == "knn_vote":
-                if int((train_all.store_label >= 0).sum()) == 0:
-                    results.update({name: {"skipped": "the KB has no labels"} for name in names.values()})
+                knn = _knn(ctx, plan, k, train_f, val_f, evals)
+                if isinstance(knn, str):
+                    results.update({name: {"skipped": knn} for name in names.values()})
                     continue
-                by_split = {}
-                for s, f in evals.items():
-                    scores = knn_vote(f, num_classes=int(info["num_classes"]))
-                    by_split[s] = {**evaluate(scores, f.labels, info["shot_split"]), "mode": "vote", "k": k}
+                by_split = knn
+            elif selecting:
+                by_split = _select_trained(ctx, plan, method, key, train_f, val_f, evals, run_dir)
             elif method == "zeroshot":
                 by_split = _zeroshot(ctx, zs_evals)
             else:
                 by_split = _train_method(ctx, method, key, k, config, train_f, evals, run_dir, policy)
             seconds = round(time.perf_counter() - started, 2)
-            metrics = {names[s]: {**m, "seconds": seconds} for s, m in by_split.items()}
+            metrics = {_row_name(names, s): {**m, "seconds": seconds} for s, m in by_split.items()}
             results.update(metrics)
             if policy is not None:
                 write_json_atomic(done, {"fingerprint": fp, "metrics": metrics})
@@ -368,6 +499,8 @@ def run_experiment(
         "k": k_values[0] if len(k_values) == 1 else k_values,
         "neighbor_table_k": table_k,
         "eval_split": splits[0],
+        "select_split": select_split,
+        "recipe": plan["recipe"],
         "eval_splits": splits,
         "train_size": train_size,
         "eval_size": eval_sizes[splits[0]],
@@ -380,6 +513,7 @@ def run_experiment(
             "finetune": exp.get("finetune", {}) or {},
             "zeroshot": exp.get("zeroshot", {}) or {},
             "checkpoint": policy,
+            "select": exp.get("select", {}) or {},
         },
         "methods": results,
     }
@@ -387,6 +521,12 @@ def run_experiment(
     for p in run_dir.glob("*.result.json"):
         p.unlink()
     return report
+
+
+def _row_name(names: dict[str, str], split: str) -> str:
+    """Result name of a split's metrics; `<split>:shuffled` (the control) -> `<name>:shuffled`."""
+    base, _, control = split.partition(":")
+    return f"{names[base]}:{control}" if control else names[base]
 
 
 def _pct(value: Any) -> str:
@@ -413,11 +553,16 @@ def format_table(report: dict[str, Any]) -> str:
 def results_summary(report: dict[str, Any]) -> dict[str, Any]:
     """The `{"methods": {m: {top1, many, medium, few}}}` form of results.json."""
     keys = ("top1", "top5", "many", "medium", "few")
-    return {
-        "methods": {
-            m: {key: v.get(key) for key in keys} for m, v in report["methods"].items() if "skipped" not in v
-        }
-    }
+    out: dict[str, Any] = {}
+    for m, v in report["methods"].items():
+        if "skipped" in v:
+            out[m] = {"skipped": v["skipped"]}
+            continue
+        out[m] = {key: v.get(key) for key in keys}
+        for extra in ("selected", "val"):
+            if extra in v:
+                out[m][extra] = v[extra]
+    return {"methods": out}
 
 
 def dump(report: dict[str, Any]) -> str:

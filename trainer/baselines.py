@@ -36,3 +36,32 @@ def knn_vote(
         tie = torch.where(votes > 0, tie, torch.full_like(tie, k / (2 * k + 1)))
         out[start : start + batch_size] = votes + tie
     return out
+
+
+def kb_label_problem(
+    store_label: torch.Tensor,
+    num_classes: int,
+    dataset: str,
+    class_names: list[str] | None,
+    kb_label_dataset: str | None,
+    kb_class_names: list[str] | None,
+) -> str | None:
+    """Why the KB's labels cannot be voted as this dataset's classes, or None when they can.
+
+    kb_label_dataset: the dataset whose classes label the KB (a KB manifest's `source.dataset`);
+    kb_class_names: that dataset's class names (its dataset.json). Another dataset with other class
+    names (Fashion-MNIST's world KB for digits) is a foreign label space, as are labels outside
+    [0, num_classes) and a KB without labels."""
+    labelled = store_label[store_label >= 0]
+    if len(labelled) == 0:
+        return "the KB has no labels"
+    if int(labelled.max()) >= num_classes:
+        return f"the KB's labels reach {int(labelled.max())}, outside the dataset's {num_classes} classes"
+    if kb_label_dataset is None or kb_label_dataset == dataset:
+        return None
+    if kb_class_names is None:
+        return f"the KB is labelled with the classes of {kb_label_dataset}, whose class names are unknown"
+    if class_names is None or list(kb_class_names) != list(class_names):
+        names = ", ".join(kb_class_names[:3])
+        return f"the KB's labels are classes of {kb_label_dataset} ({names}, ...), not of {dataset}"
+    return None

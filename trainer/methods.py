@@ -25,6 +25,7 @@ from trainer.checkpoint import discard_stale
 from trainer.features import RetrievalFeatures
 from trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
 from trainer.model import MODEL_KINDS, build_model
+from trainer.selection import Selected, SelectOptions, Task, select_plain, select_stacked
 from trainer.train import TrainConfig, fit, predict
 
 
@@ -117,3 +118,30 @@ def train_method(
             logits[split] = predict(model, f, batch_size=config.eval_batch_size)
     torch.save(model.state_dict(), weights_path)
     return logits, len(history)
+
+
+def select_method(
+    method: str,
+    recipe: str,
+    config: TrainConfig,
+    train: RetrievalFeatures,
+    val: RetrievalFeatures,
+    model_options: dict[str, Any],
+    num_classes: int,
+    class_counts: list[int] | None,
+    opts: SelectOptions,
+    mlp_only: Callable[[], Selected],
+) -> Selected:
+    """Train a feature-mode method with every choice made on `val` (`trainer/selection.py`).
+
+    Baselines: the lr grid. RetFormer variants, recipe "stacked": on top of mlp_only() (the selected
+    mlp_only, computed once by the caller); recipe "paper": the `train:` run, best-on-val epoch."""
+    spec = METHODS[method]
+    if spec.mode != "frozen" or spec.model is None:
+        raise ValueError(f"{method} is not a trained feature-mode method")
+    task = Task(spec.model, train, val, config, num_classes, model_options, class_counts)
+    if method in ("mlp_only", "linear_probe"):
+        return select_plain(task, opts.lr_grid, opts.baseline_epochs)
+    if recipe == "paper":
+        return select_plain(task, (config.lr,), config.epochs, recipe="paper")
+    return select_stacked(task, mlp_only().model.mlp.state_dict(), opts)
