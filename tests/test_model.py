@@ -186,3 +186,35 @@ def test_mlp_only_is_exactly_retformers_image_branch(mlp_hidden: int | None) -> 
     z = _inputs()[0]
     with torch.no_grad():
         assert torch.equal(mlp(z), ret.mlp(z))
+
+
+@pytest.mark.parametrize("kind", ("retformer", "retformer_no_text", "retformer_no_image"))
+def test_stacked_recipe_combines_branches_by_alpha_and_gate(kind: str) -> None:
+    """Recipe "stacked": in training mode the logits are L_R alone (its own loss); in eval mode
+    L_I + alpha * 1[s > t] * L_R with s the mean query-neighbour image cosine; alpha 0 is exactly L_I;
+    the paper recipe is tau/2 (L_I + L_R) on the same weights; alpha and t survive model_from_config."""
+    from trainer.model import relevance
+
+    z, nn_img, nn_txt = _inputs()
+    nn_img[0] = z[0]  # query 0's neighbours are itself: s = 1; the others' are random: s ~ 0
+    paper = _model(kind)
+    stacked = _model(kind, recipe="stacked", alpha=0.5)
+    stacked.load_state_dict(paper.state_dict())
+    with torch.no_grad():
+        li, lr = stacked.branches(z, nn_img, nn_txt)
+        torch.testing.assert_close(paper(z, nn_img, nn_txt), paper.tau / 2 * (li + lr))
+        torch.testing.assert_close(stacked(z, nn_img, nn_txt), li + 0.5 * lr)
+        stacked.train()
+        torch.testing.assert_close(stacked(z, nn_img, nn_txt), lr)
+        stacked.eval()
+        stacked.config.update(gate_t=0.9)
+        s = relevance(z, nn_img)
+        assert s[0] > 0.99 and (s[1:] < 0.9).all()
+        gated = stacked(z, nn_img, nn_txt)
+        torch.testing.assert_close(gated[0], li[0] + 0.5 * lr[0])
+        torch.testing.assert_close(gated[1:], li[1:])
+        clone = model_from_config(stacked.config).eval()
+        clone.load_state_dict(stacked.state_dict())
+        assert torch.equal(clone(z, nn_img, nn_txt), gated)
+        stacked.config.update(alpha=0.0)
+        assert torch.equal(stacked(z, nn_img, nn_txt), li)
