@@ -48,7 +48,14 @@ SMALL = [
 EXTRA = {
     "k_sweep": ["experiment.k_values=[2,4]"],
     "clip_zeroshot": ["experiment.zeroshot.templates=simple"],
-    "demo": ["experiment.method_train={}"],
+    # the demo selects on val (issue 9): its grids at one or two cells, two epochs
+    "demo": [
+        "experiment.select.lr_grid=[1.0e-2]",
+        "experiment.select.baseline_epochs=2",
+        "experiment.select.retformer_grid=[[3.0e-3,0.0],[3.0e-3,1.0]]",
+        "experiment.select.retformer_epochs=2",
+        "experiment.model.mlp_hidden=16",
+    ],
     # the other image source of fine-tune mode: the dataset loader instead of the shards
     "clip_full_ft": ["experiment.finetune.images=dataset"],
     # one trained model evaluated on two splits (as mini-WebVision's two validation sets)
@@ -76,8 +83,9 @@ def cli(*args: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def clip_ws(tmp_path_factory, small_manifests) -> dict:
-    """small_manifests' Fashion-MNIST-LT slice with a KB (world 300 + the training split) embedded by
-    one tiny open_clip model for images and texts; neighbor tables at k = 8."""
+    """small_manifests' Fashion-MNIST-LT slice, with a val split of 5 images per class, and a KB (world 300
+    + the training split) embedded by one tiny open_clip model for images and texts; neighbor tables at
+    k = 8."""
     if not have_fmnist():
         pytest.skip("Fashion-MNIST not installed")
     from distributed import Client
@@ -85,11 +93,13 @@ def clip_ws(tmp_path_factory, small_manifests) -> dict:
     from pipelines import stages
 
     root = tmp_path_factory.mktemp("clip")
+    ds_spec = yaml.safe_load(Path(small_manifests["dataset"]).read_text())
+    ds_path = write_manifest(root / "tiny_lt.yaml", {**ds_spec, "val_per_class": 5})
     kb_path = write_manifest(
         root / "tiny_clip.yaml",
         {
             "name": "tiny_clip",
-            "source": {"kind": "all", "dataset": str(small_manifests["dataset"]), "size": 300, "seed": 0},
+            "source": {"kind": "all", "dataset": str(ds_path), "size": 300, "seed": 0},
             "shard_size": 500,
             "encoders": {"image": CLIP, "text": CLIP},
             "embed": {"batch_size": 128},
@@ -97,7 +107,7 @@ def clip_ws(tmp_path_factory, small_manifests) -> dict:
         },
     )
     ws = Workspace(root / "work")
-    ds_m = manifest.load("datasets", str(small_manifests["dataset"]))
+    ds_m = manifest.load("datasets", str(ds_path))
     kb_m = manifest.load("kb", str(kb_path))
     stages.stage_dataset_shards(ws, ds_m)
     stages.stage_kb_shards(ws, kb_m, {kb_m["source"]["dataset"]: ds_m})
@@ -107,7 +117,7 @@ def clip_ws(tmp_path_factory, small_manifests) -> dict:
         stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client)
     stages.stage_index(ws, kb_m, None)
     stages.stage_neighbors(ws, ds_m, kb_m, 8)
-    return {"ws": ws.root, "dataset": str(small_manifests["dataset"]), "kb": str(kb_path)}
+    return {"ws": ws.root, "dataset": str(ds_path), "kb": str(kb_path)}
 
 
 def train_args(env: dict, experiment: str, run: str, overrides: list[str]) -> list[str]:
@@ -121,6 +131,7 @@ def train_args(env: dict, experiment: str, run: str, overrides: list[str]) -> li
 def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     """Result name -> mode the experiment should report, from its manifest and the overrides."""
     from trainer.methods import FINETUNE_METHODS, RETRIEVAL_FREE
+    from trainer.model import RETFORMER_VARIANTS
 
     exp = manifest.load("experiments", name, [o.split(".", 1)[1] for o in overrides])
     ks = exp.get("k_values") or [exp.get("k", 32)]
@@ -133,6 +144,8 @@ def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
         )
         keys = [m] if len(ks) == 1 or m in RETRIEVAL_FREE else [f"{m}@k{k}" for k in ks]
         out.update({key + suffix: mode for key in keys for suffix in suffixes})
+        if exp.get("select_split") and m in RETFORMER_VARIANTS:  # the shuffled-neighbour control
+            out.update({f"{key}{suffix}:shuffled": mode for key in keys for suffix in suffixes})
     return out
 
 
@@ -169,12 +182,16 @@ def test_experiment_manifest_runs_end_to_end(clip_ws, name):
         ("ours_finetune", ["experiment.finetune.encoder_lrr=1"], "unknown training option(s) encoder_lrr"),
         ("k_sweep", ["experiment.k_values=[0,4]"], "k must be a positive integer"),
         ("ours_fe", ["experiment.k_value=[4]"], "did you mean 'k_values'"),
+        ("demo", ["experiment.recipe=joint"], "recipe must be one of paper, stacked"),
+        ("ours_fe", ["experiment.recipe=stacked"], "set select_split"),
+        ("demo", ["experiment.select.lr_grd=[1]"], "select: unknown option(s) lr_grd"),
     ],
 )
 def test_bad_experiments_fail_with_one_line(small_manifests, tmp_path, experiment, overrides, message):
     """Refused before any data is read, with exit status 1 and one `error:` line: zero-shot with the
     demo's EfficientNet + MiniLM pair (not trained together), a misspelt fine-tune option, a bad k,
-    a misspelt experiment key."""
+    a misspelt experiment key, an unknown recipe, the stacked recipe without a select split, a misspelt
+    selection option."""
     args = ["train", "--dataset", str(small_manifests["dataset"]), "--kb", str(small_manifests["kb"])]
     args += ["--experiment", experiment, "--workdir", str(tmp_path)]
     for item in overrides:
