@@ -252,6 +252,7 @@ def load_fashion_mnist(spec: dict[str, Any], long_tailed: bool) -> DownstreamDat
                 "subset (and hence outside the world pool)"
             )
         pool = _split("train", train_images, train_labels, world_pool({**spec, "root": root}))
+        notes["pool"] = "training images in neither the LT subset nor val"
     splits["test"] = _split("test", test_images, test_labels, test_rows)
     return DownstreamDataset(
         name=name,
