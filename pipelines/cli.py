@@ -236,14 +236,22 @@ def evaluate(
 @command("set", "dask")
 def demo(
     ctx: Ctx,
-    dataset: Annotated[str, typer.Option("--dataset")] = "fmnist_lt",
-    kb: Annotated[str, typer.Option("--kb")] = "fmnist_world",
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dataset", help="Dataset manifest; repeatable, one --kb each (default: both dev sets)."
+        ),
+    ] = None,
+    kb: Annotated[
+        list[str] | None, typer.Option("--kb", help="KB manifest for the --dataset at the same place.")
+    ] = None,
     experiment: Annotated[str, typer.Option("--experiment")] = "demo",
 ) -> None:
-    """Everything on Fashion-MNIST-LT: shards, embed, index, neighbors, train RetFormer + baselines."""
-    from pipelines.demo import run_demo
+    """Everything on the development datasets (Fashion-MNIST-LT, digits-LT): shards, embed, index,
+    neighbors, train RetFormer + baselines with every choice on val, test reported once."""
+    from pipelines.demo import demo_pairs, run_demo
 
-    run_demo(ctx.ws, dataset, kb, experiment, ctx.overrides, ctx.scheduler, ctx.workers)
+    run_demo(ctx.ws, demo_pairs(dataset, kb), experiment, ctx.overrides, ctx.scheduler, ctx.workers)
 
 
 def main() -> None:
