@@ -80,8 +80,9 @@ def shuffled(features: RetrievalFeatures, seed: int) -> RetrievalFeatures:
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent (argmax ties to the lowest class, as `evaluate`)."""
-    return 100.0 * float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean())
+    """Top-1 accuracy as a fraction, rounded to 6 decimals like every recorded figure (argmax ties to
+    the lowest class, as `evaluate`)."""
+    return round(float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean()), 6)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _train_tracked(
         scores = score()
         for key, acc in scores.items():
             best.offer(key, epoch[0], acc, model)
-        return {f"val_top1_{key}": round(acc, 3) for key, acc in scores.items()}
+        return {f"val_top1_{key}": acc for key, acc in scores.items()}
 
     fit(model, train, config, on_epoch=on_epoch, class_counts=class_counts, progress=False)
     return best
@@ -164,7 +165,7 @@ def select_plain(task: Task, lrs: tuple[float, ...], epochs: int, **options: Any
 
         best = _train_tracked(model, train, config, score, task.class_counts)
         ep, acc, state = best.best["model"]
-        trials.append({"lr": lr, "epoch": ep, "val_top1": round(acc, 3)})
+        trials.append({"lr": lr, "epoch": ep, "val_top1": acc})
         if chosen is None or acc > chosen[2]:
             chosen = (lr, ep, acc, state)
     assert chosen is not None and model is not None, "lrs must not be empty"
@@ -235,12 +236,13 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
                     "alpha": alpha,
                     "gate_quantile": q,
                     "gate_t": t,
-                    "val_top1": round(top1(_rule_logits(model, plain, alpha, t), y), 3),
-                    "val_shuffled_top1": round(top1(_rule_logits(model, mixed, alpha, t), y), 3),
-                    "l_i_val_top1": round(l_i, 3),
+                    "val_top1": top1(_rule_logits(model, plain, alpha, t), y),
+                    "val_shuffled_top1": top1(_rule_logits(model, mixed, alpha, t), y),
+                    "l_i_val_top1": l_i,
                 }
                 trials.append(row)
-                if row["val_shuffled_top1"] >= row["l_i_val_top1"] - opts.tolerance:
+                # tolerance is in top-1 points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
+                if row["val_shuffled_top1"] >= row["l_i_val_top1"] - opts.tolerance / 100 - 1e-9:
                     candidates.append(((-row["val_top1"], alpha, rank, cell), row, state))
     assert model is not None and candidates, "alpha 0 is always admissible"
     _, row, state = min(candidates, key=lambda c: c[0])
@@ -256,9 +258,7 @@ def select_knn_k(
     """k of the kNN vote on val, the grid capped by the table's k, ties to the smaller k.
     Returns (k, val top-1, trials)."""
     grid = sorted({min(k, val.k) for k in ks})
-    trials = [
-        {"k": k, "val_top1": round(top1(knn_vote(val.subset_k(k), num_classes), val.labels), 3)} for k in grid
-    ]
+    trials = [{"k": k, "val_top1": top1(knn_vote(val.subset_k(k), num_classes), val.labels)} for k in grid]
     best = max(trials, key=lambda r: (r["val_top1"], -r["k"]))
     return best["k"], best["val_top1"], trials
 
