@@ -405,6 +405,7 @@ def run_experiment(
     if info is None:
         raise UserError(f"dataset {ds['name']} has not been prepared: run `retformer neighbors` first")
     splits = _eval_splits(exp, info)
+    plan["select"] = plan["select"].for_dataset(ds["name"])
     select_split = exp.get("select_split")
     if select_split is not None and (select_split not in info["splits"] or select_split in splits):
         raise UserError(

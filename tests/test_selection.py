@@ -234,3 +234,15 @@ def test_bad_selection_manifests_fail_with_one_line() -> None:
         SelectOptions.from_manifest({"lr_grd": [1e-3]})
     with pytest.raises(UserError, match="alphas must contain 0"):
         SelectOptions.from_manifest({"alphas": [0.5, 1.0]})
+
+
+def test_retformer_epochs_per_dataset() -> None:
+    """Proves the per-dataset epochs of the demo manifest resolve by dataset name, else `default`, and
+    that a mapping without either is refused."""
+    opts = SelectOptions.from_manifest({"retformer_epochs": {"default": 30, "digits_lt": 60}})
+    assert opts.for_dataset("digits_lt").retformer_epochs == 60
+    assert opts.for_dataset("fmnist_lt").retformer_epochs == 30
+    with pytest.raises(UserError, match="no entry for dataset x"):
+        SelectOptions.from_manifest({"retformer_epochs": {"y": 3}}).for_dataset("x")
+    with pytest.raises(UserError, match="retformer_epochs must be"):
+        SelectOptions.from_manifest({"retformer_epochs": 0})

@@ -40,7 +40,8 @@ class SelectOptions:
     baseline_epochs: int = 200
     # (lr, la_tau) cells of the stacked RetFormer; la_tau 0 = plain cross-entropy
     retformer_grid: tuple[tuple[float, float], ...] = ((3e-3, 0.0), (1e-2, 0.0), (3e-3, 1.0))
-    retformer_epochs: int = 30
+    # epochs of each (lr, la_tau) cell: a number, or {dataset name: epochs, default: epochs}
+    retformer_epochs: int | dict[str, int] = 30
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
     gate_quantiles: tuple[float | None, ...] = (None, 0.01, 0.05, 0.1, 0.2)  # None = no gate
     knn_k: tuple[int, ...] = (1, 5, 10, 20, 32)
@@ -66,7 +67,20 @@ class SelectOptions:
             raise UserError(f"select: malformed option ({e})") from e
         if 0.0 not in opts.alphas:
             raise UserError("select.alphas must contain 0 (L_I alone: the always-admissible rule)")
+        epochs = opts.retformer_epochs
+        values = list(epochs.values()) if isinstance(epochs, dict) else [epochs]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise UserError(f"select.retformer_epochs must be >= 1 or a mapping to such, got {epochs!r}")
         return opts
+
+    def for_dataset(self, name: str) -> SelectOptions:
+        """These options with retformer_epochs resolved for dataset `name` (its entry, else `default`)."""
+        epochs = self.retformer_epochs
+        if isinstance(epochs, dict):
+            if name not in epochs and "default" not in epochs:
+                raise UserError(f"select.retformer_epochs has no entry for dataset {name} and no default")
+            epochs = epochs.get(name, epochs.get("default"))
+        return replace(self, retformer_epochs=epochs)
 
 
 def shuffled(features: RetrievalFeatures, seed: int) -> RetrievalFeatures:
@@ -209,7 +223,7 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
         config = replace(
             task.base,
             lr=lr,
-            epochs=opts.retformer_epochs,
+            epochs=int(opts.retformer_epochs),  # type: ignore[arg-type]  # for_dataset() resolved it
             loss="logit_adjusted" if la_tau else "ce",
             la_tau=la_tau,
         )
