@@ -6,12 +6,15 @@ They stand in for alt-text; they carry no information beyond the class they name
 
 KB sources (`kind` of the `source:` mapping of a KB manifest, which is the `kb_spec` passed here):
 
-- `world` (alias `fashion_mnist_world`): the demo KB. Fashion-MNIST training images that are NOT
-  in the downstream long-tailed training subset (disjoint from it, as DataComp is disjoint from
-  the downstream sets), optionally subsampled uniformly at random to `size`. A fixed fraction
-  `wrong_caption_fraction` (default 0.2) of the captions names a wrong class, drawn uniformly from
-  the other classes, to mimic noisy web alt-text. The `label` column is the class the caption
-  NAMES (noisy, like a label inferred from alt-text); the json also records `true_label`.
+- `world` (alias `fashion_mnist_world`): the demo KB, for ANY dataset with a pool of labelled images
+  outside its train / val / test splits (`DownstreamDataset.pool`: Fashion-MNIST-LT's training
+  images outside the LT subset and val, the digits left over, an imagefolder's `world/`), disjoint
+  from the downstream splits as DataComp is disjoint from the downstream sets, optionally
+  subsampled uniformly at random to `size`. A fixed fraction `wrong_caption_fraction` (default 0.2)
+  of the captions names a wrong class, drawn uniformly from the other classes, to mimic noisy web
+  alt-text. Captions name the dataset's `class_names` (a manifest can map folder names such as
+  `digit_3` to display names). The `label` column is the class the caption NAMES (noisy, like a
+  label inferred from alt-text); the json also records `true_label`.
 - `downstream`: the downstream training split itself, captions from the same templates naming the
   true label, uids identical to the dataset's train uids (so the neighbour stage can exclude a
   query retrieving itself by uid).
@@ -33,9 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from kb_builder.datasets import fashion_mnist as fm
-from kb_builder.datasets import fashion_mnist_world_pool
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
+from kb_builder.datasets.base import DatasetSplit, DownstreamDataset
 from kb_builder.errors import UserError
 from kb_builder.shards import Sample, write_shards
 
@@ -111,35 +112,35 @@ def world_samples(
 ) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """The world KB's metadata, before any image is encoded.
 
-    Returns (uids, captions, named labels, true labels, row indices into the Fashion-MNIST training
-    set, info). Every draw is seeded by `kb_spec["seed"]`.
+    The world is the dataset's `pool`: labelled images in none of its train / val / test splits
+    (Fashion-MNIST-LT: training images outside the LT subset and val; digits: the rest of the 1,797;
+    imagefolder: `world/` or the LT leftovers). Captions name `dataset.class_names` (the manifest's
+    `class_names` display names) through the templates.
+
+    Returns (uids, captions, named labels, true labels, source indices of the chosen pool items,
+    info). Every draw is seeded by `kb_spec["seed"]`.
     """
-    kind = dataset.spec.get("kind")
-    if kind not in ("fashion_mnist", "fashion_mnist_lt"):
+    pool_split = dataset.pool
+    if pool_split is None or len(pool_split) == 0:
         raise UserError(
-            f"KB source 'world' is built from the Fashion-MNIST training images the downstream set leaves "
-            f"out; dataset {dataset.name!r} is of kind {kind!r}"
+            f"the world pool of dataset {dataset.name!r} is empty: KB source 'world' needs images outside "
+            "its train / val / test splits (Fashion-MNIST: use kind fashion_mnist_lt; imagefolder: add "
+            "root/world/<class>/ or an imbalance_ratio)"
         )
     seed = int(kb_spec.get("seed", 0))
     frac = float(kb_spec.get("wrong_caption_fraction", DEFAULT_WRONG_CAPTION_FRACTION))
     if not 0.0 <= frac <= 1.0:
         raise UserError(f"KB {_label(kb_spec)}: wrong_caption_fraction must be in [0, 1], got {frac}")
     templates = _templates(kb_spec)
-    pool = fashion_mnist_world_pool(dataset.spec)
-    if len(pool) == 0:
-        raise UserError(
-            f"the world pool of dataset {dataset.name!r} is empty: its training split uses every "
-            "Fashion-MNIST training image (use kind fashion_mnist_lt)"
-        )
+    pool = np.arange(len(pool_split), dtype=np.int64)
     size = kb_spec.get("size")
     if size is not None and (int(size) < 1 or int(size) > len(pool)):
         raise UserError(f"KB {_label(kb_spec)}: size {size} must be between 1 and the pool size {len(pool)}")
-    _, labels = fm.load_arrays(dataset.spec.get("root") or fm.DEFAULT_ROOT, "train")
     rng_sub, rng_wrong, rng_tpl = _rngs(seed)
-    # Uniform without replacement: the (nearly balanced) class proportions of the pool carry over.
-    rows = np.sort(rng_sub.choice(pool, int(size), replace=False)) if size is not None else pool
-    true = labels[rows].astype(np.int64)
-    n, c = len(rows), len(fm.CLASS_NAMES)
+    # Uniform without replacement: the class proportions of the pool carry over.
+    pos = np.sort(rng_sub.choice(pool, int(size), replace=False)) if size is not None else pool
+    true = pool_split.labels[pos].astype(np.int64)
+    n, c = len(pos), dataset.num_classes
     n_wrong = int(round(frac * n))
     named = true.copy()
     if c > 1 and n_wrong:
@@ -147,8 +148,8 @@ def world_samples(
         # true + uniform{1..C-1} mod C: uniform over the other classes.
         named[wrong_pos] = (true[wrong_pos] + rng_wrong.integers(1, c, n_wrong)) % c
     tpl = rng_tpl.integers(0, len(templates), n)
-    captions = [caption_for(templates[t], fm.CLASS_NAMES[k]) for t, k in zip(tpl, named, strict=True)]
-    uids = [make_uid(fm.UID_PREFIX, "train", int(r)) for r in rows]
+    captions = [caption_for(templates[t], dataset.class_names[k]) for t, k in zip(tpl, named, strict=True)]
+    uids = [pool_split.uids[i] for i in pos]
     info = {
         "pool_size": int(len(pool)),
         "size": n,
@@ -160,13 +161,17 @@ def world_samples(
         "true_class_counts": np.bincount(true, minlength=c).tolist(),
         "named_class_counts": np.bincount(named, minlength=c).tolist(),
     }
-    return uids, captions, named, true, rows, info
+    return uids, captions, named, true, pool_split.source_index[pos], info
 
 
 def _build_world(kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: Path, shard_size: int) -> dict:
     uids, captions, named, true, rows, info = world_samples(kb_spec, dataset)
-    images, _ = fm.load_arrays(dataset.spec.get("root") or fm.DEFAULT_ROOT, "train")
-    pixels = images[rows]
+    assert dataset.pool is not None  # world_samples refuses a dataset without one
+    pool = dataset.pool.subset(np.searchsorted(dataset.pool.source_index, rows))
+    if pool.uids != uids:  # source_index is sorted for every loader; guard the mapping anyway
+        by_uid = {u: i for i, u in enumerate(dataset.pool.uids)}
+        pool = dataset.pool.subset([by_uid[u] for u in uids])
+    ident, arrays = _split_image_identity(pool)
     fp = _fingerprint(
         {
             "source": "world",
@@ -174,13 +179,16 @@ def _build_world(kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: P
             "captions": captions,
             "named": named.tolist(),
             "true": true.tolist(),
+            "files": ident,
         },
-        [pixels],
+        arrays,
     )
 
     def gen() -> Iterator[Sample]:
         for i, uid in enumerate(uids):
-            yield Sample(uid, pixels[i], captions[i], int(named[i]), "world", {"true_label": int(true[i])})
+            yield Sample(
+                uid, pool.image_source(i), captions[i], int(named[i]), "world", {"true_label": int(true[i])}
+            )
 
     shards = write_shards(gen(), out_dir, "world", shard_size, fingerprint=fp)
     return {**info, "count": len(uids), "shards": [str(p) for p in shards], "fingerprint": fp}

@@ -5,12 +5,22 @@ Kinds and the keys read here (besides `name`, `kind`, `shot_thresholds`):
 - `fashion_mnist`: balanced Fashion-MNIST. `root`, `test_limit`, `seed`.
 - `fashion_mnist_lt`: Fashion-MNIST-LT, the CIFAR-LT rule on the training set; test = balanced t10k.
   `root`, `n_max` (500), `imbalance_ratio` (100), `seed` (0), `test_limit` (None = all 10,000).
-- `imagefolder`: `root/<split>/<class>/<image>`. `root`, `imbalance_ratio` (None), `n_max`, `seed`.
+- `fashion_mnist_lt` also takes `val_per_class` / `val_seed`: a balanced val split from the training
+  images outside the LT subset; the world pool then excludes it.
+- `imagefolder`: `root/<split>/<class>/<image>`. `root`, `imbalance_ratio` (None), `n_max`, `seed`,
+  `val_per_class` (a seeded per-class hold-out of train when there is no `val/`), world pool from
+  `root/world/<class>/` or else the training images the LT rule left out.
+- `sklearn_digits_lt`: scikit-learn's 8x8 digits, long-tailed, balanced val and test, and a world pool
+  (`sklearn_digits.py`). `n_max` (50), `imbalance_ratio` (10), `seed`, `test_per_class` (50),
+  `val_per_class` (30).
 - `cifar100_lt`: CIFAR-100-LT from `root/cifar-100-python/` (LDAM-DRW's picks; `cifar.py`). `root`,
   `imbalance_ratio` (100), `n_max` (500), `seed` (0), `test_limit`, `shot_reference_ratio` (100).
 - `imagenet_lt`: ImageNet-LT list files (`imagenet_lt.py`). `root`, `lists`, `num_classes` (1000).
 - `mini_webvision`: first 50 WebVision classes, DivideMix conventions (`webvision.py`). `root`,
   `num_classes` (50), `imagenet_val_root`, `imagenet_val_list`.
+
+Any kind also takes `class_names`: the display names used in captions and reports, a list in label
+order or a mapping {folder or default name: display name} (e.g. `{digit_3: three}`).
 
 Any kind also takes `label_noise: {kind: symmetric|asymmetric, rate, seed, mapping}`: the train
 split's labels are replaced by noisy ones, the clean ones kept (`label_noise.py`).
@@ -31,7 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from kb_builder.datasets import cifar, fashion_mnist, imagefolder, imagenet_lt, label_noise, webvision
+from kb_builder.datasets import (
+    cifar,
+    fashion_mnist,
+    imagefolder,
+    imagenet_lt,
+    label_noise,
+    sklearn_digits,
+    webvision,
+)
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
 from kb_builder.datasets.label_noise import apply_label_noise
 from kb_builder.datasets.longtail import longtail_counts, longtail_indices, shot_split, shot_thresholds
@@ -52,11 +70,20 @@ __all__ = [
     "shot_thresholds",
 ]
 
-_COMMON_KEYS = {"name", "kind", "description", "shot_thresholds", "label_noise"}
+_COMMON_KEYS = {"name", "kind", "description", "shot_thresholds", "label_noise", "class_names"}
 KINDS: dict[str, set[str]] = {
     "fashion_mnist": {"root", "test_limit", "seed"},
-    "fashion_mnist_lt": {"root", "n_max", "imbalance_ratio", "seed", "test_limit"},
-    "imagefolder": {"root", "imbalance_ratio", "n_max", "seed"},
+    "fashion_mnist_lt": {
+        "root",
+        "n_max",
+        "imbalance_ratio",
+        "seed",
+        "test_limit",
+        "val_per_class",
+        "val_seed",
+    },
+    "imagefolder": {"root", "imbalance_ratio", "n_max", "seed", "val_per_class"},
+    "sklearn_digits_lt": {"n_max", "imbalance_ratio", "seed", "test_per_class", "val_per_class"},
     "cifar100_lt": {"root", "imbalance_ratio", "n_max", "seed", "test_limit", "shot_reference_ratio"},
     "imagenet_lt": {"root", "lists", "num_classes"},
     "mini_webvision": {"root", "num_classes", "imagenet_val_root", "imagenet_val_list"},
@@ -112,11 +139,34 @@ def load_dataset(spec: dict[str, Any]) -> DownstreamDataset:
         dataset = imagenet_lt.load_imagenet_lt(spec)
     elif kind == "mini_webvision":
         dataset = webvision.load_mini_webvision(spec)
+    elif kind == "sklearn_digits_lt":
+        dataset = sklearn_digits.load_sklearn_digits_lt(spec, None)
     else:
         dataset = imagefolder.load_imagefolder(spec)
+    if spec.get("class_names") is not None:
+        dataset.class_names = rename_classes(dataset.class_names, spec["class_names"], str(spec.get("name")))
     if spec.get("label_noise") is not None:
         dataset = label_noise.add_label_noise(dataset, spec["label_noise"])
     return dataset
+
+
+def rename_classes(names: list[str], mapping: Any, label: str) -> list[str]:
+    """Display names from a manifest's `class_names`: a list (label order, same length) or a mapping
+    {current name: display name} (names it does not mention stay)."""
+    if isinstance(mapping, list):
+        if len(mapping) != len(names) or not all(isinstance(n, str) and n for n in mapping):
+            raise UserError(
+                f"dataset {label}: class_names lists {len(mapping)} names for {len(names)} classes"
+            )
+        return list(mapping)
+    if isinstance(mapping, dict):
+        unknown = sorted(set(map(str, mapping)) - set(names))
+        if unknown:
+            raise UserError(
+                f"dataset {label}: class_names renames unknown classes {unknown} (classes: {names})"
+            )
+        return [str(mapping.get(n, n)) for n in names]
+    raise UserError(f"dataset {label}: class_names must be a list or mapping, not {type(mapping).__name__}")
 
 
 def fashion_mnist_world_pool(spec: dict[str, Any]) -> np.ndarray:

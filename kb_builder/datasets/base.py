@@ -122,6 +122,9 @@ class DownstreamDataset:
     training-set size: keys `many` (100), `few` (20), `scale` (False) and `reference_max` (None),
     passed to `longtail.shot_split`.
     `spec` is the manifest entry the dataset was loaded from (kept for KB builders and records).
+    `pool` holds labelled images in none of the splits (e.g. those a long-tailed subset left out): the
+    "world" a KB can be built from (`kb_sources.py`). It is not a split: it is never sharded,
+    embedded or evaluated as one. `notes` says how the splits were made (e.g. a seeded val hold-out).
     """
 
     name: str
@@ -129,6 +132,8 @@ class DownstreamDataset:
     splits: dict[str, DatasetSplit]
     spec: dict[str, Any] = field(default_factory=dict)
     shot: dict[str, Any] = field(default_factory=dict)
+    pool: DatasetSplit | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -160,5 +165,7 @@ class DownstreamDataset:
             "train_class_counts": self.train_class_counts(),
             "shot_split": self.shot_split(),
             "shot_thresholds": self.shot_thresholds(),
+            "world_pool_size": len(self.pool) if self.pool is not None else 0,
+            "split_notes": dict(self.notes),
             "spec": {k: v for k, v in self.spec.items() if not k.startswith("_")},
         }

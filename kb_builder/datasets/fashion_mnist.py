@@ -202,12 +202,29 @@ def lt_train_indices(spec: dict[str, Any]) -> np.ndarray:
     )
 
 
+def val_indices(spec: dict[str, Any]) -> np.ndarray:
+    """Indices into the 60,000 training images of the balanced val split (`val_per_class` per class,
+    seeded by `val_seed`, default seed + 1), drawn from the images the LT training subset leaves out.
+    Empty when the spec has no `val_per_class` (or for the balanced dataset, which uses all 60,000)."""
+    per_class = spec.get("val_per_class")
+    if not per_class or spec.get("kind", "fashion_mnist_lt") == "fashion_mnist":
+        return np.zeros(0, dtype=np.int64)
+    root = spec.get("root") or DEFAULT_ROOT
+    _, labels = load_arrays(root, "train")
+    left = np.setdiff1d(np.arange(len(labels), dtype=np.int64), lt_train_indices({**spec, "root": root}))
+    seed = int(spec.get("val_seed", int(spec.get("seed", 0)) + 1))
+    return left[balanced_subsample(labels[left], int(per_class), seed)]
+
+
 def load_fashion_mnist(spec: dict[str, Any], long_tailed: bool) -> DownstreamDataset:
     """Fashion-MNIST (balanced) or Fashion-MNIST-LT as a DownstreamDataset.
 
     spec keys: `root` (default /usr/share/datasets/fashion-mnist), and for the LT variant `n_max`
-    (500), `imbalance_ratio` (100), `seed` (0). `test_limit` (None = all 10,000) keeps a seeded,
-    class-balanced subsample of test_limit // 10 images per class (for quick runs on small machines).
+    (500), `imbalance_ratio` (100), `seed` (0), `val_per_class` (None = no val split; else a balanced
+    val split from the training images outside the LT subset, seeded by `val_seed`). The LT
+    variant's `pool` is every training image in neither train nor val (the world KB draws from it).
+    `test_limit` (None = all 10,000) keeps a seeded, class-balanced subsample of test_limit // 10
+    images per class (for quick runs on small machines).
     """
     root = Path(spec.get("root") or DEFAULT_ROOT)
     train_images, train_labels = load_arrays(root, "train")
@@ -222,27 +239,40 @@ def load_fashion_mnist(spec: dict[str, Any], long_tailed: bool) -> DownstreamDat
             )
         test_rows = balanced_subsample(test_labels, per_class, int(spec.get("seed", 0)))
     name = spec.get("name") or ("fashion_mnist_lt" if long_tailed else "fashion_mnist")
+    splits = {"train": _split("train", train_images, train_labels, train_rows)}
+    notes: dict[str, Any] = {"test": "Fashion-MNIST t10k"}
+    pool = None
+    if long_tailed:
+        val_rows = val_indices({**spec, "root": root})
+        if len(val_rows):
+            splits["val"] = _split("train", train_images, train_labels, val_rows)
+            notes["val"] = (
+                f"{spec['val_per_class']} per class, seeded, from training images outside the LT subset "
+                "(and hence outside the world pool)"
+            )
+        pool = _split("train", train_images, train_labels, world_pool({**spec, "root": root}))
+    splits["test"] = _split("test", test_images, test_labels, test_rows)
     return DownstreamDataset(
         name=name,
         class_names=list(CLASS_NAMES),
-        splits={
-            "train": _split("train", train_images, train_labels, train_rows),
-            "test": _split("test", test_images, test_labels, test_rows),
-        },
+        splits=splits,
         spec=dict(spec),
         shot=dict(spec.get("shot_thresholds") or {}),
+        pool=pool,
+        notes=notes,
     )
 
 
 def world_pool(spec: dict[str, Any]) -> np.ndarray:
-    """Training indices (sorted) NOT in the dataset's training split: the pool the world KB draws from.
+    """Training indices (sorted) in neither the dataset's training nor its val split: the pool the
+    world KB draws from.
 
-    For Fashion-MNIST-LT that is every training image the long-tailed subset left out; for the
-    balanced dataset (which uses all 60,000) the pool is empty.
+    For Fashion-MNIST-LT that is every training image the long-tailed subset (and the val split, when
+    the spec asks for one) left out; for the balanced dataset (which uses all 60,000) it is empty.
     """
     root = spec.get("root") or DEFAULT_ROOT
     _, labels = load_arrays(root, "train")
     if spec.get("kind", "fashion_mnist_lt") == "fashion_mnist":
         return np.zeros(0, dtype=np.int64)
-    used = lt_train_indices({**spec, "root": root})
+    used = np.union1d(lt_train_indices({**spec, "root": root}), val_indices({**spec, "root": root}))
     return np.setdiff1d(np.arange(len(labels), dtype=np.int64), used, assume_unique=True)

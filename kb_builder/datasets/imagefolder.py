@@ -5,6 +5,11 @@ the files with a known image extension, sorted by name within each class, classe
 item i of a split gets the uid `<name>-<split>-<i>` (stable while the tree is unchanged). An optional
 `imbalance_ratio` turns the training split long-tailed with the CIFAR-LT rule (`longtail.py`),
 `n_max` defaulting to the largest training class.
+
+Validation: `val/` when present; otherwise, with `val_per_class`, a seeded per-class hold-out of the
+training images (taken before the long-tailed cut, so train and val stay disjoint); the dataset's
+`notes` say which. World pool (the images a world KB is built from, `kb_sources.py`): `world/<class>/`
+when present, else the training images the long-tailed cut left out (none without `imbalance_ratio`).
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from typing import Any
 import numpy as np
 
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
+from kb_builder.datasets.fashion_mnist import balanced_subsample
 from kb_builder.datasets.longtail import longtail_indices
 from kb_builder.errors import UserError
 
 SPLITS = ("train", "val", "test")
+POOL_DIR = "world"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -80,18 +87,38 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
         splits[split] = DatasetSplit(
             [make_uid(prefix, split, i) for i in range(len(paths))], np.asarray(labels), paths=paths
         )
+    notes: dict[str, Any] = {}
+    seed = int(spec.get("seed", 0))
+    if "val" in splits:
+        notes["val"] = f"{root / 'val'}"
+    elif spec.get("val_per_class"):
+        train = splits["train"]
+        val_rows = balanced_subsample(train.labels, int(spec["val_per_class"]), seed + 1)
+        splits["val"] = train.subset(val_rows)
+        splits["train"] = train.subset(np.setdiff1d(np.arange(len(train)), val_rows))
+        notes["val"] = (
+            f"seeded hold-out of {spec['val_per_class']} training images per class (seed {seed + 1})"
+        )
+    pool = None
+    if (root / POOL_DIR).is_dir():
+        paths, labels = _scan_split(root / POOL_DIR, class_names)
+        pool = DatasetSplit([make_uid(prefix, POOL_DIR, i) for i in range(len(paths))], labels, paths=paths)
+        notes["pool"] = f"{root / POOL_DIR}"
     ratio = spec.get("imbalance_ratio")
     if ratio is not None:
         train = splits["train"]
         n_max = spec.get("n_max") or int(np.bincount(train.labels).max())
-        rows = longtail_indices(
-            train.labels, int(n_max), float(ratio), int(spec.get("seed", 0)), num_classes=len(class_names)
-        )
+        rows = longtail_indices(train.labels, int(n_max), float(ratio), seed, num_classes=len(class_names))
         splits["train"] = train.subset(rows)
+        if pool is None:
+            pool = train.subset(np.setdiff1d(np.arange(len(train)), rows))
+            notes["pool"] = "training images the long-tailed cut left out"
     return DownstreamDataset(
         name=name,
         class_names=class_names,
         splits=splits,
         spec=dict(spec),
         shot=dict(spec.get("shot_thresholds") or {}),
+        pool=pool,
+        notes=notes,
     )
