@@ -116,6 +116,29 @@ EXPS = {
          "la_tau": 1.0},
         True,
     ),  # fmt: skip
+    "indep_shufU_small_60": (
+        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "nn_shuffle": 0.3,
+         "shuffle_target": "uniform"},
+        True,
+    ),  # fmt: skip
+    "indep_shufU5_small_60": (
+        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "nn_shuffle": 0.5,
+         "shuffle_target": "uniform"},
+        True,
+    ),  # fmt: skip
+    "indep_gateU_small_60": (
+        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "nn_shuffle": 0.3,
+         "shuffle_target": "uniform", "gate": True},
+        True,
+    ),  # fmt: skip
+    "indep_gate_small_60": (
+        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "gate": True},
+        True,
+    ),  # fmt: skip
+    "indep_la_small_60": (
+        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "la_tau": 1.0},
+        True,
+    ),  # fmt: skip
     "warm_aux_demo_60": (
         {"width": 128, "depth": 2, "ffn": True, "mlp_hidden": 128, "epochs": 60, "lr": 3e-3, "aux": 1.0},
         True,

@@ -97,7 +97,18 @@ def branches(model: RetFormer, z, nn_img, nn_txt) -> tuple[torch.Tensor, torch.T
     for layer in model.layers:
         x_img, x_txt, _ = layer(x_img, x_txt, False)
     cls = torch.cat([model.norm_img(x_img[:, 0]), model.norm_txt(x_txt[:, 0])], dim=-1)
-    return model.mlp(z), model.head(cls)
+    lr = model.head(cls)
+    if hasattr(model, "gate_w"):
+        lr = lr * relevance_gate(model, z, nn_img)[:, None]
+    return model.mlp(z), lr
+
+
+def relevance_gate(model: RetFormer, z: torch.Tensor, nn_img: torch.Tensor) -> torch.Tensor:
+    """g = sigmoid(w (s - b)), s = mean cosine between the query image and its neighbours' images,
+    recomputed from the vectors the model is given (so shuffled or foreign neighbours score low).
+    Two learned scalars; L_R is multiplied by g."""
+    s = (F.normalize(z, dim=-1)[:, None, :] * F.normalize(nn_img, dim=-1)).sum(-1).mean(1)
+    return torch.sigmoid(model.gate_w * (s - model.gate_b))
 
 
 @dataclass
@@ -122,6 +133,10 @@ class Cfg:
     mlp_hidden: int | None = None  # RetFormer's L_I hidden size (None = img_dim, the trainer's default)
     txt_drop: float = 0.0  # train: each neighbour's text vector zeroed with this probability
     nn_shuffle: float = 0.0  # train: a sample's neighbours replaced by another sample's, this probability
+    # target of L_R's own loss for a sample whose neighbours were swapped: "label" (its class) or
+    # "uniform" (no opinion: irrelevant neighbours should leave the prediction to L_I)
+    shuffle_target: str = "label"
+    gate: bool = False  # multiply L_R by a learned gate on the query-neighbour image similarity
     warm_mlp: dict | None = field(default=None, repr=False)  # MLPOnly state dict to start L_I from
     freeze_li: bool = False  # keep L_I at its warm start: the fusion branch learns a residual on it
     seed: int = 0
@@ -143,6 +158,9 @@ def build(cfg: Cfg, data: Data) -> torch.nn.Module:
         di, dt, c, width=cfg.width, depth=cfg.depth, heads=cfg.heads, k=data.train.k,
         mlp_hidden=cfg.mlp_hidden, tau=cfg.tau, dropout=cfg.dropout, ffn=cfg.ffn,
     )  # fmt: skip
+    if cfg.gate:
+        m.gate_w = torch.nn.Parameter(torch.tensor(10.0))
+        m.gate_b = torch.nn.Parameter(torch.tensor(0.5))
     if cfg.warm_mlp is not None:
         m.mlp.load_state_dict(cfg.warm_mlp)
     if cfg.freeze_li:
@@ -212,6 +230,7 @@ def fit(cfg: Cfg, data: Data, keep: bool = True) -> dict[str, Any]:
             b = train.batch(idx, neighbours=is_rf)
             y = b["y"]
             tgt = soft_targets(y, c, cfg.label_smoothing)
+            tgt_r = tgt
             if is_rf and cfg.nn_shuffle > 0:
                 swap = torch.rand(len(y), generator=gen) < cfg.nn_shuffle
                 other = torch.randint(0, n, (len(y),), generator=gen)
@@ -219,6 +238,9 @@ def fit(cfg: Cfg, data: Data, keep: bool = True) -> dict[str, Any]:
                     ob = train.batch(other[swap], neighbours=True)
                     b["nn_img"][swap] = ob["nn_img"]
                     b["nn_txt"][swap] = ob["nn_txt"]
+                    if cfg.shuffle_target == "uniform":
+                        tgt_r = tgt.clone()
+                        tgt_r[swap] = 1.0 / c
             if is_rf and cfg.txt_drop > 0:
                 keep_t = (torch.rand(b["nn_txt"].shape[:2], generator=gen) >= cfg.txt_drop).float()
                 b["nn_txt"] = b["nn_txt"] * keep_t[..., None]
@@ -229,11 +251,12 @@ def fit(cfg: Cfg, data: Data, keep: bool = True) -> dict[str, Any]:
                     if key in b:
                         b[key] = lam * b[key] + (1 - lam) * b[key][p]
                 tgt = lam * tgt + (1 - lam) * tgt[p]
+                tgt_r = lam * tgt_r + (1 - lam) * tgt_r[p]
             if is_rf:
                 li, lr = branches(model, b["z"], b["nn_img"], b["nn_txt"])
                 loss = cfg.main * _ce(cfg.tau / 2 * (li + lr), tgt, adjust)
                 if cfg.aux:
-                    loss = loss + cfg.aux * (_ce(li, tgt, adjust) + _ce(lr, tgt, adjust))
+                    loss = loss + cfg.aux * (_ce(li, tgt, adjust) + _ce(lr, tgt_r, adjust))
             else:
                 loss = _ce(model(b["z"]), tgt, adjust)
             opt.zero_grad(set_to_none=True)
@@ -316,3 +339,66 @@ def log(name: str, row: dict[str, Any]) -> None:
     with open(RESULTS / f"{name}.jsonl", "a") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
     print(json.dumps(row, default=str), flush=True)
+
+
+def neighbour_similarity(feats: RetrievalFeatures) -> torch.Tensor:
+    """Per query: mean cosine between its image and its k neighbours' images (from the vectors)."""
+    out = []
+    for st in range(0, len(feats), 2000):
+        b = feats.batch(torch.arange(st, min(st + 2000, len(feats))))
+        z = F.normalize(b["z"], dim=-1)[:, None, :]
+        out.append((z * F.normalize(b["nn_img"], dim=-1)).sum(-1).mean(1))
+    return torch.cat(out)
+
+
+GATE_QUANTILES = (None, 0.01, 0.05, 0.1, 0.2)  # None = no gate
+
+
+def gated_logits(li, lr, sim, alpha: float, threshold: float | None) -> torch.Tensor:
+    """L_I + alpha * 1[s > t] * L_R: the retrieval branch only speaks when the query's neighbours look
+    like it (mean image cosine s above a threshold t chosen on val)."""
+    if threshold is None or alpha == 0:
+        return li + alpha * lr
+    return li + alpha * (sim > threshold).float()[:, None] * lr
+
+
+def select_gated(r: dict, data: Data, tolerance: float = 1.0) -> dict[str, Any]:
+    """Val-only choice of (checkpoint, alpha, gate threshold) for a trained RetFormer run `r`.
+
+    Candidates: the best-on-val checkpoint of every alpha; thresholds at quantiles of the val
+    queries' own similarity. Admissible: val top-1 with neighbours shuffled across queries is within
+    `tolerance` points of the L_I branch alone on val. Best admissible plain val top-1 wins (alpha =
+    0 is always admissible, so the result is never below its own L_I branch on val)."""
+    model = r["model"]
+    val_s, val_sh = data.val, shuffled(data.val)
+    sim, sim_sh = neighbour_similarity(val_s), neighbour_similarity(val_sh)
+    y = data.val.labels
+    best, table = None, []
+    for rule, (epoch, _, state) in r["best"].items():
+        alpha = float(rule[1:])
+        model.load_state_dict(state)
+        li, lr = predict_branches(model, val_s)
+        li_sh, lr_sh = predict_branches(model, val_sh)
+        base = 100 * float((li.argmax(1) == y).float().mean())
+        for q in GATE_QUANTILES:
+            t = None if q is None else float(torch.quantile(sim, q))
+            acc = 100 * float((gated_logits(li, lr, sim, alpha, t).argmax(1) == y).float().mean())
+            acc_sh = 100 * float((gated_logits(li_sh, lr_sh, sim_sh, alpha, t).argmax(1) == y).float().mean())
+            row = {"rule": rule, "epoch": epoch, "q": q, "t": t, "val": round(acc, 2),
+                   "val_shuffled": round(acc_sh, 2), "l_i": round(base, 2)}  # fmt: skip
+            table.append(row)
+            ok = acc_sh >= base - tolerance
+            if ok and (best is None or acc > best["val"] + 1e-9):
+                best = {**row, "state": state, "alpha": alpha}
+    return {"best": best, "table": table, "sim_val_mean": float(sim.mean()), "sim_shuf_mean": float(sim_sh.mean())}
+
+
+def eval_gated(model, sel: dict, data: Data, split: str) -> dict[str, Any]:
+    """Metrics of the gated prediction of a selected checkpoint on `split`, plain and shuffled."""
+    model.load_state_dict(sel["state"])
+    feats = getattr(data, split)
+    out = {}
+    for name, f in (("plain", feats), ("shuffled", shuffled(feats))):
+        li, lr = predict_branches(model, f)
+        out[name] = metrics(gated_logits(li, lr, neighbour_similarity(f), sel["alpha"], sel["t"]), data, feats)
+    return out
