@@ -55,13 +55,13 @@ def baselines(data, out: str) -> dict:
             "exp": f"baseline_{kind}",
             "lr": b["run"]["cfg"].lr,
             "epoch": b["epoch"],
-            "val": metrics(
-                predict_branches(_load_state(b, data), data.val)[0], data, data.val
-            ),
+            "val": metrics(predict_branches(_load_state(b, data), data.val)[0], data, data.val),
             "grid_val": {r["cfg"].lr: r["best"]["model"][:2] for r in g["runs"]},
         }
         log(out, row)
-        torch.save({"cfg": b["run"]["cfg"], "state": b["state"], "epoch": b["epoch"]}, RESULTS / f"{out}__{kind}.pt")
+        torch.save(
+            {"cfg": b["run"]["cfg"], "state": b["state"], "epoch": b["epoch"]}, RESULTS / f"{out}__{kind}.pt"
+        )
     kb_ds = data.kb.split("_")[0]
     if kb_ds == data.name.split("_")[0]:
         log(out, {"exp": "knn_vote", **knn_select(data)})
@@ -112,23 +112,56 @@ EXPS = {
         True,
     ),
     "indep_shuf_la_small_60": (
-        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "nn_shuffle": 0.3,
-         "la_tau": 1.0},
+        {
+            **SMALL,
+            "epochs": 60,
+            "lr": 3e-3,
+            "freeze_li": True,
+            "main": 0.0,
+            "aux": 1.0,
+            "nn_shuffle": 0.3,
+            "la_tau": 1.0,
+        },
         True,
     ),  # fmt: skip
     "indep_shufU_small_60": (
-        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "nn_shuffle": 0.3,
-         "shuffle_target": "uniform"},
+        {
+            **SMALL,
+            "epochs": 60,
+            "lr": 3e-3,
+            "freeze_li": True,
+            "main": 0.0,
+            "aux": 1.0,
+            "nn_shuffle": 0.3,
+            "shuffle_target": "uniform",
+        },
         True,
     ),  # fmt: skip
     "indep_shufU5_small_60": (
-        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "nn_shuffle": 0.5,
-         "shuffle_target": "uniform"},
+        {
+            **SMALL,
+            "epochs": 60,
+            "lr": 3e-3,
+            "freeze_li": True,
+            "main": 0.0,
+            "aux": 1.0,
+            "nn_shuffle": 0.5,
+            "shuffle_target": "uniform",
+        },
         True,
     ),  # fmt: skip
     "indep_gateU_small_60": (
-        {**SMALL, "epochs": 60, "lr": 3e-3, "freeze_li": True, "main": 0.0, "aux": 1.0, "nn_shuffle": 0.3,
-         "shuffle_target": "uniform", "gate": True},
+        {
+            **SMALL,
+            "epochs": 60,
+            "lr": 3e-3,
+            "freeze_li": True,
+            "main": 0.0,
+            "aux": 1.0,
+            "nn_shuffle": 0.3,
+            "shuffle_target": "uniform",
+            "gate": True,
+        },
         True,
     ),  # fmt: skip
     "indep_gate_small_60": (

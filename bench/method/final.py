@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from experiments import LR_GRID, SMALL
 from lab import RESULTS, Cfg, eval_gated, final_eval, fit, grid, knn_select, load, metrics, select_gated
+
 from trainer.baselines import knn_vote
 
 RETFORMER_GRID = {"lr": [3e-3, 1e-2]}
@@ -59,7 +60,14 @@ def main() -> None:
         r = fit(cfg, data)
         for name, (epoch, acc, state) in r["best"].items():
             if best is None or acc > best["val_top1"]:
-                best = {"run": r, "combo": name, "epoch": epoch, "val_top1": acc, "state": state, "opts": opts}
+                best = {
+                    "run": r,
+                    "combo": name,
+                    "epoch": epoch,
+                    "val_top1": acc,
+                    "state": state,
+                    "opts": opts,
+                }
         g = select_gated(r, data)
         if gbest is None or g["best"]["val"] > gbest["val"]:
             gbest = {**g["best"], "run": r, "opts": opts}
@@ -74,8 +82,12 @@ def main() -> None:
     table = {}
     for name, s in sel.items():
         table[name] = {
-            "selected": {"lr": s["run"]["cfg"].lr, "epoch": s["epoch"], "rule": s["combo"],
-                         **({"opts": s["opts"]} if "opts" in s else {})},  # fmt: skip
+            "selected": {
+                "lr": s["run"]["cfg"].lr,
+                "epoch": s["epoch"],
+                "rule": s["combo"],
+                **({"opts": s["opts"]} if "opts" in s else {}),
+            },  # fmt: skip
             "val": final_eval(s, data, "val"),
             "test": final_eval(s, data, "test"),
         }
@@ -85,15 +97,17 @@ def main() -> None:
         table["knn_vote"] = {
             "selected": {"k": kn["k"]},
             "val": {"plain": kn["val"]},
-            "test": {"plain": metrics(knn_vote(data.test.subset_k(kn["k"]), data.num_classes), data, data.test)},
+            "test": {
+                "plain": metrics(knn_vote(data.test.subset_k(kn["k"]), data.num_classes), data, data.test)
+            },
         }
     else:
         table["knn_vote"] = {"skipped": f"the labels of KB {kb} are not classes of {dataset}"}
     gr = gbest["run"]
     gm = gr["model"]
     table["retformer"] = {
-        "selected": {"lr": gr["cfg"].lr, "epoch": gbest["epoch"], "alpha": gbest["alpha"], "gate_q": gbest["q"],
-                     "gate_t": gbest["t"], "opts": gbest["opts"]},
+        "selected": {"lr": gr["cfg"].lr, "epoch": gbest["epoch"], "alpha": gbest["alpha"],
+                     "gate_q": gbest["q"], "gate_t": gbest["t"], "opts": gbest["opts"]},
         "val": eval_gated(gm, gbest, data, "val"),
         "test": eval_gated(gm, gbest, data, "test"),
     }  # fmt: skip

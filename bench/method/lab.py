@@ -388,9 +388,15 @@ def select_gated(r: dict, data: Data, tolerance: float = 1.0) -> dict[str, Any]:
                    "val_shuffled": round(acc_sh, 2), "l_i": round(base, 2)}  # fmt: skip
             table.append(row)
             ok = acc_sh >= base - tolerance
-            if ok and (best is None or acc > best["val"] + 1e-9):
-                best = {**row, "state": state, "alpha": alpha}
-    return {"best": best, "table": table, "sim_val_mean": float(sim.mean()), "sim_shuf_mean": float(sim_sh.mean())}
+            # compare unrounded accuracies: ties keep the first candidate (smaller alpha, no/laxer gate)
+            if ok and (best is None or acc > best["_acc"] + 1e-9):
+                best = {**row, "state": state, "alpha": alpha, "_acc": acc}
+    return {
+        "best": best,
+        "table": table,
+        "sim_val_mean": float(sim.mean()),
+        "sim_shuf_mean": float(sim_sh.mean()),
+    }
 
 
 def eval_gated(model, sel: dict, data: Data, split: str) -> dict[str, Any]:
@@ -400,5 +406,7 @@ def eval_gated(model, sel: dict, data: Data, split: str) -> dict[str, Any]:
     out = {}
     for name, f in (("plain", feats), ("shuffled", shuffled(feats))):
         li, lr = predict_branches(model, f)
-        out[name] = metrics(gated_logits(li, lr, neighbour_similarity(f), sel["alpha"], sel["t"]), data, feats)
+        out[name] = metrics(
+            gated_logits(li, lr, neighbour_similarity(f), sel["alpha"], sel["t"]), data, feats
+        )
     return out
