@@ -7,7 +7,7 @@ ships inside the scikit-learn wheel.
 1. test: `test_per_class` (50) images per class, balanced;
 2. val: `val_per_class` (30) per class from the rest, balanced;
 3. train: the CIFAR-LT rule (`longtail.py`, `n_max` 50, `imbalance_ratio` 10) on what is left;
-4. pool: everything else (~830 images), the "world" a KB can be built from (`kb_sources.py`).
+4. pool: everything else (798 images with the defaults), the "world" a KB can be built from (`kb_sources.py`).
 
 Uids name the source image: `digits-all-0042` is row 42 of load_digits() in every part and KB.
 """
