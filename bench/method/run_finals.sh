@@ -1,11 +1,8 @@
 #!/bin/bash
-# Stops the fmnist research process once its first run (indep_small_60@30) is logged, then runs the finals.
+# Final selection v1 (RetFormer cells lr 3e-3 / 1e-2, plain CE), then the last research runs.
 cd /work/wt-method/bench/method
 export OMP_NUM_THREADS=1 PYTHONPATH=/work/wt-method
 PY=/work/main/.venv/bin/python
-PID=$1
-
-
 $PY final.py digits_lt digits_world '{"lr": [0.003, 0.01]}' '{"epochs": 60}' > /work/wt-method/work/final_digits.log 2>&1
 $PY final.py digits_lt fmnist_world '{"lr": [0.003, 0.01]}' '{"epochs": 60}' > /work/wt-method/work/final_digits_irr.log 2>&1
 $PY final.py fmnist_lt fmnist_world '{"lr": [0.003, 0.01]}' '{"epochs": 30}' > /work/wt-method/work/final_fmnist.log 2>&1
