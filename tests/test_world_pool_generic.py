@@ -119,9 +119,27 @@ def test_imagefolder_val_holdout_world_dir_and_class_names(tmp_path):
 def test_imagefolder_pool_defaults_to_long_tail_leftovers(tmp_path):
     """Without world/, the pool is the training images the long-tailed cut dropped (disjoint from train)."""
     _tree(tmp_path, ("train", "test"), 12)
-    ds = load_dataset({"kind": "imagefolder", "root": str(tmp_path), "imbalance_ratio": 4})
-    assert ds.train_class_counts() == [12, 3]
+    spec = {"kind": "imagefolder", "root": str(tmp_path), "imbalance_ratio": 4, "val_fraction": 0}
+    ds = load_dataset(spec)
+    assert ds.train_class_counts() == [12, 3] and "val" not in ds.splits
     assert len(ds.pool) == 9 and not set(ds.pool.uids) & set(ds.train.uids)
+
+
+def test_imagefolder_default_val_is_a_fraction_that_never_empties_a_class(tmp_path):
+    """A folder with no val/ and no val_per_class still gets a val split (every selection needs one):
+    20% of each class, seeded, disjoint from train; a class of one image keeps it for training."""
+    _tree(tmp_path, ("train", "test"), 10)
+    (tmp_path / "train" / "digit_2").mkdir()
+    Image.new("L", (8, 8), 3).save(tmp_path / "train" / "digit_2" / "only.png")
+    ds = load_dataset({"kind": "imagefolder", "root": str(tmp_path)})
+    assert np.bincount(ds.splits["val"].labels, minlength=3).tolist() == [2, 2, 0]
+    assert ds.train_class_counts() == [8, 8, 1]
+    assert not set(ds.train.uids) & set(ds.splits["val"].uids)
+    assert "20% of each class" in ds.notes["val"]
+    again = load_dataset({"kind": "imagefolder", "root": str(tmp_path)})
+    assert again.splits["val"].uids == ds.splits["val"].uids
+    with pytest.raises(UserError, match="val_fraction must be in"):
+        load_dataset({"kind": "imagefolder", "root": str(tmp_path), "val_fraction": 1.5})
 
 
 def test_label_noise_keeps_the_pool_val_and_notes(tmp_path):

@@ -6,8 +6,10 @@ item i of a split gets the uid `<name>-<split>-<i>` (stable while the tree is un
 `imbalance_ratio` turns the training split long-tailed with the CIFAR-LT rule (`longtail.py`),
 `n_max` defaulting to the largest training class.
 
-Validation: `val/` when present; otherwise, with `val_per_class`, a seeded per-class hold-out of the
-training images (taken before the long-tailed cut, so train and val stay disjoint); the dataset's
+Validation: `val/` when present; otherwise a seeded per-class hold-out of the training images, taken
+before the long-tailed cut so train and val stay disjoint: `val_per_class` images of each class, or
+else `val_fraction` of each class (default 0.2; 0 turns the hold-out off). Every class keeps at least
+one training image, so a tail class of an already long-tailed folder is never emptied. The dataset's
 `notes` say which. World pool (the images a world KB is built from, `kb_sources.py`): `world/<class>/`
 when present, else the training images the long-tailed cut left out (none without `imbalance_ratio`).
 """
@@ -21,11 +23,12 @@ import numpy as np
 
 from artifacts.errors import UserError
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
-from kb_builder.datasets.fashion_mnist import balanced_subsample
 from kb_builder.datasets.longtail import longtail_indices
 
 SPLITS = ("train", "val", "test")
 POOL_DIR = "world"
+# Held out for model selection when the folder has no val/ and the manifest names no val_per_class.
+DEFAULT_VAL_FRACTION = 0.2
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -54,6 +57,21 @@ def _scan_split(split_dir: Path, class_names: list[str]) -> tuple[list[Path], li
                 paths.append(f)
                 labels.append(label)
     return paths, labels
+
+
+def holdout_rows(
+    labels: np.ndarray, seed: int, per_class: int | None = None, fraction: float = 0.0
+) -> np.ndarray:
+    """Sorted indices of a seeded per-class hold-out: `per_class` items of every class, or else
+    `fraction` of each class (rounded down); every class keeps at least one item."""
+    rng = np.random.RandomState(seed)
+    picked = [np.zeros(0, dtype=np.int64)]
+    for c in np.unique(labels):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        n = per_class if per_class is not None else int(len(idx) * fraction)
+        picked.append(idx[: max(0, min(n, len(idx) - 1))])
+    return np.sort(np.concatenate(picked))
 
 
 def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
@@ -91,14 +109,20 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
     seed = int(spec.get("seed", 0))
     if "val" in splits:
         notes["val"] = f"{root / 'val'}"
-    elif spec.get("val_per_class"):
+    else:
+        per_class = spec.get("val_per_class")
+        fraction = float(spec.get("val_fraction", DEFAULT_VAL_FRACTION))
+        if per_class is not None and (not isinstance(per_class, int) or per_class < 1):
+            raise UserError(f"dataset {name!r}: val_per_class must be a positive integer, got {per_class!r}")
+        if not 0.0 <= fraction < 1.0:
+            raise UserError(f"dataset {name!r}: val_fraction must be in [0, 1), got {fraction!r}")
         train = splits["train"]
-        val_rows = balanced_subsample(train.labels, int(spec["val_per_class"]), seed + 1)
-        splits["val"] = train.subset(val_rows)
-        splits["train"] = train.subset(np.setdiff1d(np.arange(len(train)), val_rows))
-        notes["val"] = (
-            f"seeded hold-out of {spec['val_per_class']} training images per class (seed {seed + 1})"
-        )
+        val_rows = holdout_rows(train.labels, seed + 1, per_class, fraction)
+        if len(val_rows):
+            splits["val"] = train.subset(val_rows)
+            splits["train"] = train.subset(np.setdiff1d(np.arange(len(train)), val_rows))
+            how = f"{per_class} training images per class" if per_class else f"{fraction:.0%} of each class"
+            notes["val"] = f"no val/ folder: seeded hold-out of {how} (seed {seed + 1}), at least one kept"
     pool = None
     if (root / POOL_DIR).is_dir():
         paths, labels = _scan_split(root / POOL_DIR, class_names)
