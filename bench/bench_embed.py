@@ -255,9 +255,9 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
 def step_profile(args: argparse.Namespace, root: Path, n: int = 2500) -> dict[str, Any]:
     """CPU microseconds per image of each step of the Lite0 64 px + MiniLM path, old way and new way
     (best of 3, this thread only): where a shard's time goes, step by step."""
+    from artifacts.decode import decode_image
     from artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
     from artifacts.shards import to_record as _to_record
-    from kb_builder.decode import decode_image
     from tests.helpers import read_shard_tarfile
 
     image_spec, text_spec = CONFIGS["lite0_64_minilm"][:2]

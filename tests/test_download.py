@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from artifacts.decode import decode_image
 from artifacts.errors import UserError
 from artifacts.shards import IMG2DATASET_SOURCE, read_shard, shard_stem
-from kb_builder.decode import decode_image
 from kb_builder.download import (
     RETRY_INPUT_NAME,
     SUCCESS_NAME,

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from artifacts.decode import to_rgb
 from artifacts.errors import UserError
 from artifacts.shards import list_shards
-from kb_builder.decode import to_rgb
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from artifacts.decode import clean_caption, decode_image, to_rgb
 from artifacts.shards import to_record
 from artifacts.tar_reader import iter_shard_files
-from kb_builder.decode import clean_caption, decode_image, to_rgb
 
 # Loader workers are forked: no pickling of the transform and ~10 ms per worker, where "spawn"
 # re-imports torch in every worker of every shard (~2 s each). Linux only: fork is unsafe on macOS.

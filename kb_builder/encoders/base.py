@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from artifacts.decode import to_rgb
 from artifacts.errors import UserError
-from kb_builder.decode import to_rgb
 
 __all__ = ["ImageEncoder", "TextEncoder", "check_spec_keys", "check_image_size", "to_rgb"]
 
