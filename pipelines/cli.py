@@ -212,7 +212,7 @@ def train(
     ctx: Ctx, dataset: DatasetOpt, kb: KbOpt, experiment: ExperimentOpt = "demo", run: RunOpt = None
 ) -> None:
     """Train and evaluate the experiment's methods on precomputed neighbor tables."""
-    from pipelines.experiment import format_table
+    from pipelines.results import format_table
 
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides)
     kb_m = stages.load_kb(kb, ctx.overrides)
@@ -226,7 +226,7 @@ def evaluate(
     run: Annotated[str | None, typer.Option("--run", help="Run name (default: the latest run).")] = None,
 ) -> None:
     """Print a finished run's evaluation table (top-1, top-5, many / medium / few)."""
-    from pipelines.experiment import format_table
+    from pipelines.results import format_table
 
     name, report = stages.stage_evaluate(ctx.ws, run)
     typer.echo(f"run {name}")

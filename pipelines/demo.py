@@ -54,7 +54,7 @@ def run_pair(
     workers: int | None,
 ) -> tuple[dict, dict]:
     """Shards, embed, index, neighbors, train + evaluate for one pair; returns (summary, report)."""
-    from pipelines.experiment import results_summary
+    from pipelines.results import results_summary
 
     started = time.perf_counter()
     ds_m = stages.load_dataset_manifest(dataset, overrides)
@@ -113,7 +113,7 @@ def run_demo(
     workers: int | None,
 ) -> dict:
     """Run every (dataset, KB) pair, print one table per dataset, write `demo/results.json`."""
-    from pipelines.experiment import format_table
+    from pipelines.results import format_table
 
     started = time.perf_counter()
     results: dict[str, dict] = {}

@@ -25,166 +25,40 @@ repeats it from scratch.
 
 from __future__ import annotations
 
-import difflib
-import io
-import json
 import logging
 import re
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from artifacts import manifest
 from artifacts.atomic import write_json_atomic
 from artifacts.embeddings_io import read_embeddings
 from artifacts.errors import UserError
 from artifacts.workspace import Workspace, read_json
+from pipelines.experiment_plan import eval_splits, plan_experiment, train_config
 from trainer.baselines import kb_label_problem, knn_vote
 from trainer.checkpoint import result_fingerprint
 from trainer.evaluate import evaluate
 from trainer.features import load_retrieval_features, neighbor_k_values
-from trainer.finetune import FinetuneConfig
 from trainer.images import SplitImages, shard_images
 from trainer.methods import (
-    FEATURE_METHODS,
-    FINETUNE_METHODS,
     METHODS,
     RETRIEVAL_FREE,
-    TRAINED,
     select_method,
     train_method,
 )
-from trainer.model import RECIPES
-from trainer.selection import SelectOptions, save_selected, select_knn_k, shuffled, val_metrics
-from trainer.train import TrainConfig, predict
+from trainer.selection import save_selected, select_knn_k, shuffled, val_metrics
+from trainer.train import predict
 from trainer.zeroshot import (
-    check_aligned,
     prompt_class_names,
-    templates,
     zeroshot_logits,
     zeroshot_weights,
 )
 
 log = logging.getLogger(__name__)
-
-EXPERIMENT_KEYS = {
-    "name",
-    "description",
-    "k",
-    "k_values",
-    "eval_split",
-    "methods",
-    "model",
-    "train",
-    "method_train",
-    "finetune",
-    "zeroshot",
-    "checkpoint",
-    "select_split",
-    "recipe",
-    "select",
-}
-DEFAULT_CHECKPOINT = {"every_s": 60.0, "resume": True}
-
-
-# ------------------------------------------------------------------------------------ the plan
-def _check_keys(exp: dict[str, Any]) -> None:
-    # Unknown keys are tolerated (unprefixed --set overrides reach every manifest), misspellings are not.
-    for key in exp:
-        if key in EXPERIMENT_KEYS or str(key).startswith("_"):
-            continue
-        close = difflib.get_close_matches(str(key), sorted(EXPERIMENT_KEYS), n=1, cutoff=0.8)
-        if close:
-            raise UserError(f"experiment {exp.get('name')}: unknown key {key!r} (did you mean {close[0]!r}?)")
-
-
-def _k_values(exp: dict[str, Any]) -> list[int]:
-    raw = exp.get("k_values")
-    values = raw if raw is not None else [exp.get("k", 32)]
-    if not isinstance(values, list) or not values:
-        raise UserError(
-            f"experiment {exp['name']}: k_values must be a non-empty list of integers, got {raw!r}"
-        )
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"experiment {exp['name']}: k must be a positive integer, got {v!r}")
-        out.append(v)
-    return out
-
-
-def _checkpoint_policy(exp: dict[str, Any]) -> dict[str, Any] | None:
-    raw = exp.get("checkpoint", {})
-    if raw is False or raw is None:
-        return None
-    if raw is True:
-        raw = {}
-    if not isinstance(raw, dict) or set(raw) - set(DEFAULT_CHECKPOINT) - {"enabled"}:
-        raise UserError(f"experiment {exp['name']}: checkpoint must be false or a mapping of every_s, resume")
-    if raw.get("enabled") is False:
-        return None
-    policy = {**DEFAULT_CHECKPOINT, **{k: v for k, v in raw.items() if k != "enabled"}}
-    policy["every_s"] = float(policy["every_s"])
-    return policy
-
-
-def _train_config(exp: dict[str, Any], method: str) -> Any:
-    """TrainConfig (feature mode) or FinetuneConfig of one method: train + finetune + method_train."""
-    cls, values = TrainConfig, dict(exp.get("train", {}) or {})
-    if method in FINETUNE_METHODS:
-        cls = FinetuneConfig
-        values.update(exp.get("finetune", {}) or {})
-    values.update((exp.get("method_train", {}) or {}).get(method, {}) or {})
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        hint = " (fine-tune options go under `finetune:`)" if cls is TrainConfig else ""
-        raise UserError(
-            f"experiment {exp['name']}, method {method}: unknown training option(s) "
-            f"{', '.join(unknown)}{hint}; known: {', '.join(sorted(names))}"
-        )
-    return cls(**values)
-
-
-def _plan(exp: dict[str, Any], kb: dict[str, Any]) -> dict[str, Any]:
-    """Validate the experiment before any data is read: methods, k values, configs, encoders."""
-    _check_keys(exp)
-    methods = list(exp.get("methods", FEATURE_METHODS))
-    for m in methods:
-        if m not in METHODS:
-            raise UserError(
-                f"unknown method {m!r} in experiment {exp['name']}: known are {', '.join(METHODS)}"
-            )
-    if not methods:
-        raise UserError(f"experiment {exp['name']} lists no methods")
-    configs = {m: _train_config(exp, m) for m in methods if m in TRAINED}
-    if "zeroshot" in methods:
-        check_aligned(kb.get("encoders", {}), kb.get("name", ""))
-        templates((exp.get("zeroshot") or {}).get("templates", "openai"))
-    if any(m in FINETUNE_METHODS for m in methods) and not (kb.get("encoders") or {}).get("image"):
-        raise UserError(f"KB {kb.get('name')} has no encoders.image to fine-tune")
-    recipe = exp.get("recipe", "paper")
-    if recipe not in RECIPES:
-        raise UserError(
-            f"experiment {exp['name']}: recipe must be one of {', '.join(RECIPES)}, got {recipe!r}"
-        )
-    if recipe == "stacked" and not exp.get("select_split"):
-        raise UserError(
-            f"experiment {exp['name']}: recipe stacked chooses alpha on a split: set select_split"
-        )
-    return {
-        "recipe": recipe,
-        "select": SelectOptions.from_manifest(exp.get("select")),
-        "methods": methods,
-        "k_values": _k_values(exp),
-        "configs": configs,
-        "checkpoint": _checkpoint_policy(exp),
-    }
 
 
 # ------------------------------------------------------------------------------- resume state
@@ -317,7 +191,7 @@ def _select_trained(
 
     def mlp_only() -> Any:
         if ctx.mlp_only is None:
-            cfg = plan["configs"].get("mlp_only") or _train_config(ctx.exp, "mlp_only")
+            cfg = plan["configs"].get("mlp_only") or train_config(ctx.exp, "mlp_only")
             ctx.mlp_only = select_method("mlp_only", "paper", cfg, train_f, val_f, mlp_only=None, **common)
         return ctx.mlp_only
 
@@ -375,17 +249,6 @@ def _knn(
     return out
 
 
-def _eval_splits(exp: dict[str, Any], info: dict[str, Any]) -> list[str]:
-    raw = exp.get("eval_split", "test")
-    splits = [raw] if isinstance(raw, str) else raw
-    if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
-        raise UserError(f"eval_split must be a split name or a list of them, got {raw!r}")
-    for s in splits:
-        if s not in info["splits"]:
-            raise UserError(f"eval_split {s!r} not among the dataset's splits {list(info['splits'])}")
-    return splits
-
-
 def run_experiment(
     ws: Workspace,
     ds: dict[str, Any],
@@ -399,12 +262,12 @@ def run_experiment(
     Several eval splits (`eval_split: [webvision_val, imagenet_val]`) evaluate each trained model on
     each; results on the splits after the first are named `<method>@<split>`."""
 
-    plan = _plan(exp, kb)
+    plan = plan_experiment(exp, kb)
     methods, k_values, policy = plan["methods"], plan["k_values"], plan["checkpoint"]
     info = read_json(ws.dataset_info(ds["name"]))
     if info is None:
         raise UserError(f"dataset {ds['name']} has not been prepared: run `retformer neighbors` first")
-    splits = _eval_splits(exp, info)
+    splits = eval_splits(exp, info)
     plan["select"] = plan["select"].for_dataset(ds["name"])
     select_split = exp.get("select_split")
     if select_split is not None and (select_split not in info["splits"] or select_split in splits):
@@ -528,43 +391,3 @@ def _row_name(names: dict[str, str], split: str) -> str:
     """Result name of a split's metrics; `<split>:shuffled` (the control) -> `<name>:shuffled`."""
     base, _, control = split.partition(":")
     return f"{names[base]}:{control}" if control else names[base]
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None else f"{100 * float(value):.2f}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """Method x top-1 / top-5 / many / medium / few, in percent: a plain-text table rendered by rich."""
-    table = Table(box=None, pad_edge=False, show_edge=False)
-    table.add_column("method", no_wrap=True)
-    for name in ("top1", "top5", "many", "medium", "few"):
-        table.add_column(name, justify="right", no_wrap=True)
-    skipped = []
-    for method, m in report["methods"].items():
-        if "skipped" in m:
-            skipped.append(f"{method} skipped: {m['skipped']}")
-            continue
-        table.add_row(method, *(_pct(m.get(key)) for key in ("top1", "top5", "many", "medium", "few")))
-    out = io.StringIO()
-    Console(file=out, width=200, color_system=None, highlight=False).print(table)
-    return "\n".join([out.getvalue().rstrip("\n"), *skipped])
-
-
-def results_summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The `{"methods": {m: {top1, many, medium, few}}}` form of results.json."""
-    keys = ("top1", "top5", "many", "medium", "few")
-    out: dict[str, Any] = {}
-    for m, v in report["methods"].items():
-        if "skipped" in v:
-            out[m] = {"skipped": v["skipped"]}
-            continue
-        out[m] = {key: v.get(key) for key in keys}
-        for extra in ("selected", "val"):
-            if extra in v:
-                out[m][extra] = v[extra]
-    return {"methods": out}
-
-
-def dump(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)

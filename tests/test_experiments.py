@@ -336,7 +336,7 @@ def test_reproduce_guide_names_exactly_the_tested_experiments():
 def test_format_table_renders_every_result():
     """The results table (rendered by rich) has a header with the five metrics, one row per result in
     percent with two decimals (`-` where a group has no sample), and one line per skipped method."""
-    from pipelines.experiment import format_table
+    from pipelines.results import format_table
 
     report = {
         "methods": {
@@ -351,3 +351,26 @@ def test_format_table_renders_every_result():
     assert lines[2].split() == ["mlp_only@test2", "50.00", "60.00", "10.00", "20.00", "30.00"]
     assert lines[3] == "knn_vote skipped: the KB has no labels"
     assert len(lines) == 4
+
+
+def test_format_table_adds_the_val_column_of_selected_methods():
+    """Results selected on val get a `val_top1` column (the figure the choice was made on); a result
+    without a val figure, such as the shuffled-neighbor control, shows `-` there."""
+    from pipelines.results import format_table
+
+    report = {
+        "methods": {
+            "retformer": {
+                "top1": 0.8,
+                "top5": 0.9,
+                "many": 0.9,
+                "medium": 0.7,
+                "few": 0.6,
+                "val": {"top1": 0.82},
+            },
+            "retformer:shuffled": {"top1": 0.7, "top5": 0.9, "many": 0.9, "medium": 0.7, "few": 0.6},
+        }
+    }
+    lines = format_table(report).splitlines()
+    assert lines[0].split() == ["method", "top1", "top5", "many", "medium", "few", "val_top1"]
+    assert lines[1].split()[-1] == "82.00" and lines[2].split()[-1] == "-"
