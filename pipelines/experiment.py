@@ -211,7 +211,7 @@ def _select_trained(
             seed = opts.shuffle_seed
             val_sh = {"val": val_metrics(predict(sel.model, shuffled(val_f, seed)), val_f.labels, shot)}
             control = evaluate(predict(sel.model, shuffled(f, seed)), f.labels, shot)
-            out[f"{split}:shuffled"] = {**control, **extra, **val_sh, "control": "neighbours shuffled"}
+            out[f"{split}:shuffled"] = {**control, **extra, **val_sh, "control": "neighbors shuffled"}
     return out
 
 

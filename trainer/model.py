@@ -199,7 +199,7 @@ class RetFormer(nn.Module):
         if gate_t is None:
             return logits_i + alpha * logits_r
         if s is None:
-            raise ValueError("a gated RetFormer needs nn_img to score its neighbours")
+            raise ValueError("a gated RetFormer needs nn_img to score its neighbors")
         return logits_i + alpha * (s > float(gate_t)).float()[:, None] * logits_r
 
     def _retrieval_logits(
