@@ -231,6 +231,24 @@ def test_cifar100_lt_loader_reads_real_pickle_format(cifar):
 
 
 @needs_foolbox
+def test_cifar100_lt_val_is_an_opt_in_hold_out_of_the_lt_train_split(cifar):
+    """CIFAR-100-LT has no val split of its own: `val_fraction` holds one out of the long-tailed
+    training split (seeded, disjoint, every class keeps an image, said in the notes); without it the
+    training split is LDAM's, whole."""
+    root, _ = cifar
+    spec = {"kind": "cifar100_lt", "root": str(root), "imbalance_ratio": 1}
+    whole = load_dataset(spec)
+    ds = load_dataset({**spec, "val_fraction": 0.25})
+    assert "val" not in whole.splits and len(ds.splits["val"]) == 300
+    assert ds.train_class_counts() == [9] * 100 and ds.splits["val"].class_counts(100) == [3] * 100
+    assert not set(ds.train.uids) & set(ds.splits["val"].uids)
+    assert set(ds.train.uids) | set(ds.splits["val"].uids) == set(whole.train.uids)
+    assert "hold-out of 25% of each class" in ds.notes["val"]
+    with pytest.raises(UserError, match="val_fraction must be in"):
+        load_dataset({**spec, "val_fraction": 2})
+
+
+@needs_foolbox
 def test_cifar_shot_split_comes_from_r100_counts(cifar):
     """Many/medium/few follow the r = 100 counts for every ratio (LIFT): at img_max = 500 the groups are
     35/35/30 whatever `imbalance_ratio` is; `shot_reference_ratio: null` uses the split's own counts."""

@@ -18,6 +18,10 @@ Kinds and the keys read here (besides `name`, `kind`, `shot_thresholds`):
 - `imagenet_lt`: ImageNet-LT list files (`imagenet_lt.py`). `root`, `lists`, `num_classes` (1000).
 - `mini_webvision`: first 50 WebVision classes, DivideMix conventions (`webvision.py`). `root`,
   `num_classes` (50), `imagenet_val_root`, `imagenet_val_list`.
+- `cifar100_lt` and `mini_webvision` have no val split of their own: `val_per_class` or `val_fraction`
+  holds one out of the training split (seeded, every class keeps one image), for experiments that
+  select on val; without them the training split is the paper's, whole. ImageNet-LT uses its
+  `ImageNet_LT_val.txt`.
 
 Any kind also takes `class_names`: the display names used in captions and reports, a list in label
 order or a mapping {folder or default name: display name} (e.g. `{digit_3: three}`).
@@ -51,7 +55,7 @@ from kb_builder.datasets import (
     sklearn_digits,
     webvision,
 )
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
+from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, hold_out_val, make_uid, safe_token
 from kb_builder.datasets.label_noise import apply_label_noise
 from kb_builder.datasets.longtail import longtail_counts, longtail_indices, shot_split, shot_thresholds
 
@@ -71,6 +75,9 @@ __all__ = [
 ]
 
 _COMMON_KEYS = {"name", "kind", "description", "shot_thresholds", "label_noise", "class_names"}
+# Sources with no val split of their own: these keys hold one out of the training split (opt-in, so
+# the paper's training sets stay whole unless a manifest asks; selection on val needs it).
+HOLDOUT_KEYS = ("val_per_class", "val_fraction", "seed")
 KINDS: dict[str, set[str]] = {
     "fashion_mnist": {"root", "test_limit", "seed"},
     "fashion_mnist_lt": {
@@ -82,11 +89,19 @@ KINDS: dict[str, set[str]] = {
         "val_per_class",
         "val_seed",
     },
-    "imagefolder": {"root", "imbalance_ratio", "n_max", "seed", "val_per_class"},
+    "imagefolder": {"root", "imbalance_ratio", "n_max", "seed", "val_per_class", "val_fraction"},
     "sklearn_digits_lt": {"n_max", "imbalance_ratio", "seed", "test_per_class", "val_per_class"},
-    "cifar100_lt": {"root", "imbalance_ratio", "n_max", "seed", "test_limit", "shot_reference_ratio"},
+    "cifar100_lt": {
+        "root",
+        "imbalance_ratio",
+        "n_max",
+        "seed",
+        "test_limit",
+        "shot_reference_ratio",
+        *HOLDOUT_KEYS,
+    },
     "imagenet_lt": {"root", "lists", "num_classes"},
-    "mini_webvision": {"root", "num_classes", "imagenet_val_root", "imagenet_val_list"},
+    "mini_webvision": {"root", "num_classes", "imagenet_val_root", "imagenet_val_list", *HOLDOUT_KEYS},
 }
 _ALL_KEYS = _COMMON_KEYS.union(*KINDS.values())
 _SHOT_KEYS = {"many", "few", "scale", "reference_max"}
@@ -143,6 +158,9 @@ def load_dataset(spec: dict[str, Any]) -> DownstreamDataset:
         dataset = sklearn_digits.load_sklearn_digits_lt(spec, None)
     else:
         dataset = imagefolder.load_imagefolder(spec)
+    if kind in ("cifar100_lt", "mini_webvision") and "val" not in dataset.splits:
+        if spec.get("val_per_class") is not None or spec.get("val_fraction"):
+            hold_out_val(dataset, spec.get("val_per_class"), spec.get("val_fraction", 0.0))
     if spec.get("class_names") is not None:
         dataset.class_names = rename_classes(dataset.class_names, spec["class_names"], str(spec.get("name")))
     if spec.get("label_noise") is not None:

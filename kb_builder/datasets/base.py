@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from artifacts.errors import UserError
 from kb_builder.datasets.longtail import shot_split as _shot_split
 from kb_builder.datasets.longtail import shot_thresholds as _shot_thresholds
 
@@ -174,3 +175,39 @@ class DownstreamDataset:
             "split_notes": dict(self.notes),
             "spec": {k: v for k, v in self.spec.items() if not k.startswith("_")},
         }
+
+
+def holdout_rows(
+    labels: np.ndarray, seed: int, per_class: int | None = None, fraction: float = 0.0
+) -> np.ndarray:
+    """Sorted indices of a seeded per-class hold-out: `per_class` items of every class, or else
+    `fraction` of each class (rounded down); every class keeps at least one item."""
+    rng = np.random.RandomState(seed)
+    picked = [np.zeros(0, dtype=np.int64)]
+    for c in np.unique(labels):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        n = per_class if per_class is not None else int(len(idx) * fraction)
+        picked.append(idx[: max(0, min(n, len(idx) - 1))])
+    return np.sort(np.concatenate(picked))
+
+
+def hold_out_val(dataset: DownstreamDataset, per_class: Any, fraction: Any) -> None:
+    """Give a dataset without a val split one, held out of its training split (seeded by the spec's
+    `seed` + 1): `per_class` images of each class, or else `fraction` of each; noted in `notes`."""
+    label = repr(dataset.name)
+    if per_class is not None and (
+        isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1
+    ):
+        raise UserError(f"dataset {label}: val_per_class must be a positive integer, got {per_class!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+        raise UserError(f"dataset {label}: val_fraction must be in [0, 1), got {fraction!r}")
+    seed = int(dataset.spec.get("seed", 0)) + 1
+    train = dataset.splits["train"]
+    rows = holdout_rows(train.labels, seed, per_class, float(fraction))
+    if not len(rows):
+        return
+    dataset.splits["val"] = train.subset(rows)
+    dataset.splits["train"] = train.subset(np.setdiff1d(np.arange(len(train)), rows))
+    how = f"{per_class} training images per class" if per_class else f"{fraction:.0%} of each class"
+    dataset.notes["val"] = f"seeded hold-out of {how} of the training split (seed {seed}), at least one kept"

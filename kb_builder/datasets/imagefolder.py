@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from artifacts.errors import UserError
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid, safe_token
+from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, holdout_rows, make_uid, safe_token
 from kb_builder.datasets.longtail import longtail_indices
 
 SPLITS = ("train", "val", "test")
@@ -57,21 +57,6 @@ def _scan_split(split_dir: Path, class_names: list[str]) -> tuple[list[Path], li
                 paths.append(f)
                 labels.append(label)
     return paths, labels
-
-
-def holdout_rows(
-    labels: np.ndarray, seed: int, per_class: int | None = None, fraction: float = 0.0
-) -> np.ndarray:
-    """Sorted indices of a seeded per-class hold-out: `per_class` items of every class, or else
-    `fraction` of each class (rounded down); every class keeps at least one item."""
-    rng = np.random.RandomState(seed)
-    picked = [np.zeros(0, dtype=np.int64)]
-    for c in np.unique(labels):
-        idx = np.where(labels == c)[0]
-        rng.shuffle(idx)
-        n = per_class if per_class is not None else int(len(idx) * fraction)
-        picked.append(idx[: max(0, min(n, len(idx) - 1))])
-    return np.sort(np.concatenate(picked))
 
 
 def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
