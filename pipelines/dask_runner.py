@@ -36,6 +36,10 @@ def gpu_count() -> int:
         return 0
 
 
+# The dashboard shows task names and paths: loopback only (":0" would listen on every interface).
+DASHBOARD_ADDRESS = "127.0.0.1:0"
+
+
 @contextmanager
 def dask_client(
     scheduler: str | None = None, n_workers: int | None = None, threads_per_worker: int = 1
@@ -57,7 +61,9 @@ def dask_client(
         try:
             from dask_cuda import LocalCUDACluster
 
-            cluster = LocalCUDACluster(threads_per_worker=threads_per_worker, dashboard_address=":0")
+            cluster = LocalCUDACluster(
+                threads_per_worker=threads_per_worker, dashboard_address=DASHBOARD_ADDRESS
+            )
         except ImportError:
             log.warning("GPUs present but dask-cuda is not installed (pip install 'retformer[gpu]')")
     if cluster is None:
@@ -65,7 +71,7 @@ def dask_client(
             n_workers=n_workers or default_workers(),
             threads_per_worker=threads_per_worker,
             processes=True,
-            dashboard_address=":0",
+            dashboard_address=DASHBOARD_ADDRESS,
             # Workers inherit OMP/MKL thread counts: one thread each, so workers do not oversubscribe cores.
             env={"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker)},
         )

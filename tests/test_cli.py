@@ -74,3 +74,19 @@ def test_bad_override(tmp_path: Path):
     )
     assert proc.returncode == 1
     assert "oops" in _one_error_line(proc)
+
+
+def test_local_cluster_dashboard_listens_on_loopback_only():
+    """The LocalCluster's dashboard binds 127.0.0.1, not every interface (it prints a 127.0.0.1 link)."""
+    import psutil
+
+    from pipelines.dask_runner import dask_client
+
+    with dask_client(n_workers=1) as client:
+        port = int(client.dashboard_link.split(":")[2].split("/")[0])
+        listening = [
+            c.laddr
+            for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
