@@ -160,7 +160,9 @@ def load_dataset(spec: dict[str, Any]) -> DownstreamDataset:
         dataset = imagefolder.load_imagefolder(spec)
     if kind in ("cifar100_lt", "mini_webvision") and "val" not in dataset.splits:
         if spec.get("val_per_class") is not None or spec.get("val_fraction"):
-            hold_out_val(dataset, spec.get("val_per_class"), spec.get("val_fraction", 0.0))
+            seed = int(spec.get("seed", 0)) + 1
+            per_class, fraction = spec.get("val_per_class"), spec.get("val_fraction", 0.0)
+            hold_out_val(dataset.splits, dataset.notes, dataset.name, seed, per_class, fraction)
     if spec.get("class_names") is not None:
         dataset.class_names = rename_classes(dataset.class_names, spec["class_names"], str(spec.get("name")))
     if spec.get("label_noise") is not None:

@@ -192,22 +192,28 @@ def holdout_rows(
     return np.sort(np.concatenate(picked))
 
 
-def hold_out_val(dataset: DownstreamDataset, per_class: Any, fraction: Any) -> None:
-    """Give a dataset without a val split one, held out of its training split (seeded by the spec's
-    `seed` + 1): `per_class` images of each class, or else `fraction` of each; noted in `notes`."""
-    label = repr(dataset.name)
+def hold_out_val(
+    splits: dict[str, DatasetSplit],
+    notes: dict[str, Any],
+    name: str,
+    seed: int,
+    per_class: Any,
+    fraction: Any,
+) -> None:
+    """Give splits without val one, held out of `train` (seeded with `seed`): `per_class` images of each
+    class, or else `fraction` of each; every class keeps one training image; said in `notes["val"]`."""
+    label = repr(name)
     if per_class is not None and (
         isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1
     ):
         raise UserError(f"dataset {label}: val_per_class must be a positive integer, got {per_class!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
         raise UserError(f"dataset {label}: val_fraction must be in [0, 1), got {fraction!r}")
-    seed = int(dataset.spec.get("seed", 0)) + 1
-    train = dataset.splits["train"]
+    train = splits["train"]
     rows = holdout_rows(train.labels, seed, per_class, float(fraction))
     if not len(rows):
         return
-    dataset.splits["val"] = train.subset(rows)
-    dataset.splits["train"] = train.subset(np.setdiff1d(np.arange(len(train)), rows))
+    splits["val"] = train.subset(rows)
+    splits["train"] = train.subset(np.setdiff1d(np.arange(len(train)), rows))
     how = f"{per_class} training images per class" if per_class else f"{fraction:.0%} of each class"
-    dataset.notes["val"] = f"seeded hold-out of {how} of the training split (seed {seed}), at least one kept"
+    notes["val"] = f"seeded hold-out of {how} of the training split (seed {seed}), at least one kept"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from artifacts.errors import UserError
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, holdout_rows, make_uid, safe_token
+from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, hold_out_val, make_uid, safe_token
 from kb_builder.datasets.longtail import longtail_indices
 
 SPLITS = ("train", "val", "test")
@@ -94,20 +94,9 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
     seed = int(spec.get("seed", 0))
     if "val" in splits:
         notes["val"] = f"{root / 'val'}"
-    else:
-        per_class = spec.get("val_per_class")
-        fraction = float(spec.get("val_fraction", DEFAULT_VAL_FRACTION))
-        if per_class is not None and (not isinstance(per_class, int) or per_class < 1):
-            raise UserError(f"dataset {name!r}: val_per_class must be a positive integer, got {per_class!r}")
-        if not 0.0 <= fraction < 1.0:
-            raise UserError(f"dataset {name!r}: val_fraction must be in [0, 1), got {fraction!r}")
-        train = splits["train"]
-        val_rows = holdout_rows(train.labels, seed + 1, per_class, fraction)
-        if len(val_rows):
-            splits["val"] = train.subset(val_rows)
-            splits["train"] = train.subset(np.setdiff1d(np.arange(len(train)), val_rows))
-            how = f"{per_class} training images per class" if per_class else f"{fraction:.0%} of each class"
-            notes["val"] = f"no val/ folder: seeded hold-out of {how} (seed {seed + 1}), at least one kept"
+    else:  # no val/: hold one out of train, before the long-tailed cut (train and val stay disjoint)
+        fraction = spec.get("val_fraction", DEFAULT_VAL_FRACTION)
+        hold_out_val(splits, notes, name, seed + 1, spec.get("val_per_class"), fraction)
     pool = None
     if (root / POOL_DIR).is_dir():
         paths, labels = _scan_split(root / POOL_DIR, class_names)
