@@ -15,7 +15,7 @@ import yaml
 
 from artifacts.errors import UserError
 
-CATEGORIES = ("kb", "datasets", "experiments")
+CATEGORIES = ("kb", "datasets", "experiments", "clusters")
 
 
 def manifest_roots() -> list[Path]:
@@ -54,7 +54,12 @@ def resolve(category: str, name_or_path: str) -> Path:
         if path.is_file():
             return path
     known = ", ".join(available(category)) or "none"
-    singular = {"kb": "knowledge base", "datasets": "dataset", "experiments": "experiment"}[category]
+    singular = {
+        "kb": "knowledge base",
+        "datasets": "dataset",
+        "experiments": "experiment",
+        "clusters": "cluster",
+    }[category]
     raise UserError(f"unknown {singular} {name_or_path!r}: known {category} manifests are {known}")
 
 
