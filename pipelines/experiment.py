@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from artifacts.errors import UserError
 from artifacts.workspace import Workspace, read_json
 from pipelines.experiment_plan import eval_splits, plan_experiment, train_config
 from trainer.baselines import kb_label_problem, knn_vote
-from trainer.checkpoint import result_fingerprint
+from trainer.checkpoint import result_fingerprint, save_model
 from trainer.evaluate import evaluate
 from trainer.features import load_retrieval_features, neighbor_k_values
 from trainer.images import SplitImages, shard_images
@@ -50,7 +51,7 @@ from trainer.methods import (
     select_method,
     train_method,
 )
-from trainer.selection import save_selected, select_knn_k, shuffled, val_metrics
+from trainer.selection import select_knn_k, shuffled, val_metrics
 from trainer.train import predict
 from trainer.zeroshot import (
     prompt_class_names,
@@ -83,6 +84,7 @@ class _Context:
         self._dataset = None
         self._encoder = None
         self.mlp_only: Any = None  # the selected mlp_only (recipe stacked builds on it), once per run
+        self.table_k: int | None = None  # k of the neighbor tables the run reads (set by run_experiment)
 
     def images(self, split: str, uids: list[str], source: str) -> Any:
         """The images of a split in `uids` order (fine-tune mode), indexed once per split."""
@@ -100,6 +102,47 @@ class _Context:
             else:
                 self._images[key] = shard_images(self.ws.dataset_shards(self.ds["name"]), split, uids)
         return self._images[key]
+
+    def model_info(self, method: str, key: str, k: int, config: Any, **extra: Any) -> dict[str, Any]:
+        """What a saved model needs besides its weights to predict on new images (`<run>/<key>.pt`):
+        the dataset and KB manifests, the encoders and embed options (the same preprocessing), the KB
+        index it searched and its tuned search parameters, k and the k of the neighbor tables (the
+        search depth of the run's own retrieval), class names, the training config and recipe."""
+        index_dir = self.ws.kb_index(self.kb["name"])
+        index = read_json(index_dir / "index.json") or {}
+        return {
+            "method": method,
+            "result": key,
+            "mode": METHODS[method].mode,
+            "uses_neighbors": METHODS[method].uses_neighbors,
+            "workspace": str(self.ws.root.resolve()),
+            "dataset": self.ds,
+            "kb": self.kb,
+            "encoders": self.kb.get("encoders") or {},
+            "embed": self.kb.get("embed") or {},
+            "class_names": self.info.get("class_names"),
+            "num_classes": int(self.info["num_classes"]),
+            "shot_split": self.info.get("shot_split"),
+            "k": k,
+            "search_k": self.table_k or k,
+            "index": {
+                "dir": str(index_dir.relative_to(self.ws.root)),
+                "key": index.get("key"),
+                "factory": index.get("factory"),
+                "n": index.get("n"),
+                "parts": [(p["name"], p["rows"]) for p in index.get("parts", [])],
+                # the search parameters `retformer index` tuned to its recall target (index.json)
+                "params": index.get("params", {}),
+                "params_source": f"{index_dir / 'index.json'} (tuned at {index.get('created')})",
+                "recall_check": index.get("recall_check"),
+            },
+            "train_config": asdict(config) if is_dataclass(config) else config,
+            "recipe": self.exp.get("recipe", "paper"),
+            "select_split": self.exp.get("select_split"),
+            "experiment": self.exp.get("name"),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
 
     def image_encoder(self, seed: int) -> Any:
         from kb_builder.encoders import build_image_encoder
@@ -158,6 +201,7 @@ def _train_method(
         progress=ctx.progress,
         image_encoder=lambda: ctx.image_encoder(config.seed),
         images=lambda split, f: ctx.images(split, f.uids, config.images),
+        save=lambda model, path: save_model(path, model, ctx.model_info(method, key, k, config)),
     )
     out = {}
     for split, f in evals.items():
@@ -201,7 +245,9 @@ def _select_trained(
         sel = select_method(
             method, plan["recipe"], plan["configs"][method], train_f, val_f, mlp_only=mlp_only, **common
         )
-    save_selected(run_dir / f"{_safe(key)}.pt", sel)
+    # The selected model with its choices (alpha and gate_t live in its config): a self-describing file.
+    info = ctx.model_info(method, key, train_f.k, plan["configs"].get(method))
+    save_model(run_dir / f"{_safe(key)}.pt", sel.model, info, selected=sel.selected, val_top1=sel.val_top1)
     extra = {"mode": "frozen", "selected": sel.selected, "select_split": ctx.exp["select_split"]}
     val = {"val": val_metrics(predict(sel.model, val_f), val_f.labels, shot)}
     out = {}
@@ -306,6 +352,7 @@ def run_experiment(
     if not resume or (run_dir / "eval.json").is_file():
         _start_over(run_dir)
     ctx = _Context(ws, ds, kb, exp, info, progress)
+    ctx.table_k = table_k
     results: dict[str, Any] = {}
     for k in k_values:
         evals = {s: f.subset_k(k) for s, f in evals_all.items()} if need_nn else {}

@@ -28,6 +28,7 @@ import yaml
 from artifacts import manifest
 from artifacts.workspace import Workspace
 from tests.conftest import REPO, have_fmnist, needs_fmnist, write_manifest
+from trainer.checkpoint import load_model
 
 pytestmark = needs_fmnist
 torch.set_num_threads(1)
@@ -169,8 +170,11 @@ def test_experiment_manifest_runs_end_to_end(clip_ws, name):
         assert 0.0 <= m["top1"] <= m["top5"] <= 1.0
         assert all(m[g] is not None for g in ("many", "medium", "few"))
         if mode == "finetune" and not key.endswith("@train"):
-            state = torch.load(run / f"{key.replace('@', '-')}.pt", weights_only=True)
+            state = torch.load(run / f"{key.replace('@', '-')}.pt", weights_only=True)["model_state"]
             assert any(k.startswith("encoder.") for k in state) and any(k.startswith("head.") for k in state)
+            # the model file is self-describing: encoder and head come back from it alone
+            reloaded = load_model(run / f"{key.replace('@', '-')}.pt")
+            assert all(torch.equal(v, state[k]) for k, v in reloaded.state_dict().items())
     # A finished run keeps no resume state behind.
     assert not list(run.glob("*.ckpt.pt")) and not list(run.glob("*.result.json"))
 
@@ -312,7 +316,9 @@ def test_killed_finetune_run_resumes_to_the_same_metrics(clip_ws, tmp_path):
         for r in ("ref", "resumed")
     ]
     assert losses[0] == losses[1] and len(losses[0]) == 2
-    wa, wb = (torch.load(runs / r / "retformer_ft.pt", weights_only=True) for r in ("ref", "resumed"))
+    wa, wb = (
+        torch.load(runs / r / "retformer_ft.pt", weights_only=True)["model_state"] for r in ("ref", "resumed")
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

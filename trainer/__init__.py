@@ -7,7 +7,14 @@ written by the KB pipeline, and gathers the neighbors' embeddings per batch. Fin
 """
 
 from trainer.baselines import knn_vote
-from trainer.checkpoint import load_checkpoint, load_model, save_checkpoint
+from trainer.checkpoint import (
+    SavedModel,
+    load_checkpoint,
+    load_model,
+    load_saved_model,
+    save_checkpoint,
+    save_model,
+)
 from trainer.evaluate import evaluate, shot_split_from_counts
 from trainer.features import RetrievalFeatures, load_retrieval_features
 from trainer.methods import METHODS
@@ -20,6 +27,7 @@ __all__ = [
     "MLPOnly",
     "RetFormer",
     "RetrievalFeatures",
+    "SavedModel",
     "TrainConfig",
     "build_model",
     "evaluate",
@@ -28,9 +36,11 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_retrieval_features",
+    "load_saved_model",
     "model_from_config",
     "neighbor_attention",
     "predict",
     "save_checkpoint",
+    "save_model",
     "shot_split_from_counts",
 ]

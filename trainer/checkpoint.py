@@ -4,13 +4,18 @@ A checkpoint (`<run>/<method>.ckpt.pt`) holds the model (with its config), optim
 scaler, RNG states, history and the training config; it is resumed only when `mismatch()` finds
 nothing: same config (fields a config lists in RESUMABLE may differ), same model, same number of
 training samples. A finished method leaves `<method>.result.json` keyed by `result_fingerprint()`.
+
+A model file (`<run>/<method>.pt`, `save_model`) is the same format without the training state: the
+model's config and weights plus `info`, what prediction needs besides the weights (the run's
+encoders, KB, index search parameters, dataset, class names, k; `pipelines/experiment.py` fills it).
+`load_model` / `load_saved_model` open it (and the checkpoints) by themselves: no manifest needed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +76,89 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a checkpoint's model (architecture from its config, then its weights), in eval mode."""
-    state = load_checkpoint(path, map_location)
-    if state.get("model_config") is None:
+def save_model(path: Path | str, model: nn.Module, info: dict[str, Any] | None = None, **extra: Any) -> None:
+    """Write a self-describing model file atomically: the model's config and weights, `info` (what
+    prediction needs besides them: encoders, KB, index parameters, class names, k...; JSON values) and
+    `extra` (e.g. the hyper-parameters selection chose), all readable with `weights_only=True`."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": jsonable(getattr(model, "config", None)),
+        "model_state": model.state_dict(),
+        "info": jsonable(info or {}),
+        **jsonable(extra),
+    }
+    with atomic_path(Path(path)) as tmp:
+        torch.save(state, tmp)
+
+
+@dataclass
+class SavedModel:
+    """A model rebuilt from a model file or checkpoint (eval mode), with what the file says about it:
+    `info` (empty for checkpoints and files written before model files carried it) and `extra` (the
+    file's other keys: selected hyper-parameters, val_top1, epoch...)."""
+
+    model: nn.Module
+    info: dict[str, Any]
+    extra: dict[str, Any]
+    path: Path
+
+
+def _is_bare_state_dict(state: Any) -> bool:
+    values = state.values() if isinstance(state, dict) else ()
+    return bool(values) and all(isinstance(v, torch.Tensor) for v in values)
+
+
+def load_saved_model(path: Path | str, map_location: str | torch.device = "cpu") -> SavedModel:
+    """Rebuild the model of a model file or checkpoint (architecture from its config, then its weights).
+
+    A fine-tune model (`kind: finetune`) rebuilds its image encoder from the file's
+    `info["encoders"]["image"]` (the KB manifest's spec), then loads the trained weights over it.
+    A bare state dict (runs trained before model files were self-describing) is a UserError that says so."""
+    path = Path(path)
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise UserError(f"model file not found: {path}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn/foreign file
+        raise UserError(f"unreadable model file {path}: {exc}") from exc
+    if _is_bare_state_dict(raw):
+        raise UserError(
+            f"{path} holds bare weights without the model's config (a run trained before model files were "
+            "self-describing): rerun `retformer train` for this run to get a file that can be reloaded"
+        )
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a RetFormer trainer checkpoint")
+    if raw.get("model_config") is None:
         raise UserError(f"{path} has no model config; cannot rebuild the model")
-    model = model_from_config(state["model_config"])
-    model.load_state_dict(state["model_state"])
-    return model.eval()
+    config, info = raw["model_config"], dict(raw.get("info") or {})
+    try:
+        model = _finetune_model(path, config, info) if config.get("kind") == "finetune" else None
+        model = model or model_from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: cannot rebuild the model from its config ({exc})") from exc
+    try:
+        model.load_state_dict(raw["model_state"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: the weights do not fit the model its config describes ({exc})") from exc
+    skip = {"format", "model_config", "model_state", "info", "optimizer_state", "scheduler_state", "rng"}
+    extra = {k: v for k, v in raw.items() if k not in skip}
+    return SavedModel(model.eval(), info, extra, path)
+
+
+def _finetune_model(path: Path, config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
+    """A fine-tuned encoder + head, built from the KB's image encoder spec the file records."""
+    from kb_builder.encoders import build_image_encoder
+    from trainer.finetune import FinetuneModel
+
+    spec = (info.get("encoders") or {}).get("image")
+    if spec is None:
+        raise UserError(f"{path} is a fine-tuned model without its image encoder spec; cannot rebuild it")
+    return FinetuneModel(build_image_encoder(spec), model_from_config(config["head"]))
+
+
+def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a model file (`<run>/<method>.pt`) or checkpoint, in eval mode."""
+    return load_saved_model(path, map_location).model
 
 
 def mismatch(state: dict[str, Any], config: Any, model_config: dict | None, num_train: int) -> str | None:

@@ -79,13 +79,15 @@ def train_method(
     progress: bool = True,
     image_encoder: Callable[[], Any] | None = None,
     images: Callable[[str, RetrievalFeatures], Any] | None = None,
+    save: Callable[[torch.nn.Module, Path], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Train one method's model (frozen or fine-tune mode) and return (logits per eval split, epochs).
 
     model_options: the experiment's `model:` section (`build_model`). A checkpoint at checkpoint_path
     is resumed when compatible, else deleted and the method starts over. Fine-tune methods need
     image_encoder() (the KB's image encoder) and images(split, features) (that split's images in the
-    order of its features). The trained weights (state dict) go to weights_path."""
+    order of its features). The trained model goes to weights_path: save(model, weights_path) when
+    given (the experiment's self-describing model file), else its bare state dict."""
     spec = METHODS[method]
     torch.manual_seed(config.seed)
     head = build_model(spec.model, num_classes, train.img_dim, train.txt_dim, k, **model_options)
@@ -116,7 +118,10 @@ def train_method(
         history = fit(model, train, config, **common)
         for split, f in evals.items():
             logits[split] = predict(model, f, batch_size=config.eval_batch_size)
-    torch.save(model.state_dict(), weights_path)
+    if save is not None:
+        save(model, weights_path)
+    else:
+        torch.save(model.state_dict(), weights_path)
     return logits, len(history)
 
 
