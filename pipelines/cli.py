@@ -254,6 +254,9 @@ def demo(
     run_demo(ctx.ws, demo_pairs(dataset, kb), experiment, ctx.overrides, ctx.scheduler, ctx.workers)
 
 
+import pipelines.cli_use  # noqa: E402,F401  (registers predict)
+
+
 def main() -> None:
     """Entry point: run the app; a UserError becomes one `error:` line and exit status 1."""
     _setup_env()

@@ -1,0 +1,105 @@
+"""Commands that use a trained run: `retformer predict RUN IMAGE...` (the work is pipelines/predict.py).
+
+Registered on the `retformer` app by importing this module (pipelines/cli.py does, before `main`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, TextIO
+
+import typer
+from tqdm.auto import tqdm
+
+from artifacts.atomic import atomic_path
+from artifacts.errors import UserError
+
+_main = sys.modules.get("__main__")
+if getattr(getattr(_main, "__spec__", None), "name", None) == "pipelines.cli":
+    # `python -m pipelines.cli` runs cli.py as __main__: register on the app that runs, not on the second
+    # copy of the module that `import pipelines.cli` would make
+    Ctx, app, command = _main.Ctx, _main.app, _main.command  # type: ignore[union-attr]
+else:
+    from pipelines.cli import Ctx, app, command  # noqa: F401 - app: where `command` registers
+
+
+@command()
+def predict(
+    ctx: Ctx,
+    run: Annotated[
+        str,
+        typer.Argument(
+            help="A run folder, a run name under <workdir>/runs, or a model file (<run>/<method>.pt)."
+        ),
+    ],
+    images: Annotated[
+        list[Path],
+        typer.Argument(help="Image files, folders (searched recursively) or webdataset shards (.tar)."),
+    ],
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method", help="The run's model to use (default: retformer, else the run's only model)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the JSON lines here (default: stdout).")
+    ] = None,
+    neighbors: Annotated[int, typer.Option("--neighbors", min=0, help="KB neighbors listed per image.")] = 5,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", min=1, help="Images per encoder forward (default: the KB's)."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Classify images with a trained run: embed them with the run's encoder, retrieve their neighbors
+    from the run's KB (its tuned search parameters), run the model; one JSON line per image (path,
+    class, score, top5, neighbors with uid, caption, similarity). Unreadable images are named on
+    stderr and skipped."""
+    from pipelines.predict import Predictor, count_inputs, iter_inputs
+
+    for noisy in ("kb_builder", "faiss"):  # index loading notes: not what a predict user asked for
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    predictor = Predictor.open(run, method, ctx.ws.root, device)
+    total = count_inputs(images)
+    skipped: list[str] = []
+
+    def on_skip(name: str, reason: str) -> None:
+        skipped.append(name)
+        tqdm.write(f"warning: {name}: skipped ({reason})", file=sys.stderr)
+
+    def write(fh: TextIO) -> int:
+        written = 0
+        records = predictor.predict_images(
+            iter_inputs(images),
+            neighbors=neighbors,
+            batch_size=batch_size,
+            on_skip=on_skip,
+            progress=total is None or total > 32,
+            total=total,
+        )
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            written += 1
+        fh.flush()
+        return written
+
+    def none_read() -> UserError:
+        return UserError(f"no image could be read among the inputs ({len(skipped)} skipped)")
+
+    if out is None:
+        if (written := write(sys.stdout)) == 0:
+            raise none_read()
+    else:
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            if (written := write(fh)) == 0:
+                raise none_read()  # before the rename: no empty --out file
+    where = f" to {out}" if out is not None else ""
+    typer.echo(
+        f"predicted {written} image(s) with {predictor.method} of {predictor.saved.path.parent.name}{where}"
+        + (f"; {len(skipped)} skipped" if skipped else ""),
+        err=True,
+    )

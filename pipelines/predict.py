@@ -1,0 +1,512 @@
+"""Predict with a trained run: images (files, folders, webdataset shards) or embeddings -> the class, its
+score, the top 5 and the KB neighbors the model read. `retformer predict` and `retformer.Run` call this.
+
+A new image takes the path the run's own test images took, step by step, so that the run's test
+images predicted here get the classes the run's evaluation gave them:
+
+1. decode (`artifacts/decode.py`), the KB image encoder's preprocessing in the embed stage's batched
+   form (`kb_builder/embed/fast_transform.py`) and forward pass, then z rounded to float16 as the
+   embed stage stores it;
+2. the run's KB index (`kb_builder/index/search.py`) with the search parameters the model file
+   recorded (tuned by `retformer index`), searched as deep as the run's neighbor tables and cut to
+   the model's k; a shard sample whose uid is in the KB does not retrieve itself (as in the
+   neighbors stage); the neighbors' rows come from the KB's embeddings parts;
+3. `trainer.train.predict` over those `RetrievalFeatures` (the evaluation's own call), fine-tuned
+   models on the preprocessed images; score = softmax of the logits.
+
+Everything comes from the model file (`<run>/<method>.pt`, `trainer.checkpoint.save_model`): no
+manifest is read. The index and KB parts must be the ones the run was trained against (checked).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from artifacts.decode import decode_image, to_rgb
+from artifacts.embeddings_io import arrow_to_table, list_parts
+from artifacts.errors import UserError
+from artifacts.shards import to_record
+from artifacts.tar_reader import iter_shard_files
+from artifacts.workspace import Workspace
+from trainer.checkpoint import SavedModel, load_saved_model
+from trainer.features import RetrievalFeatures
+
+log = logging.getLogger(__name__)
+
+# Images per retrieval chunk: one index search and one read of the KB rows the chunk's neighbors use.
+CHUNK = 1024
+DEFAULT_BATCH = 256  # images per encoder forward when the KB manifest's embed: section gives none
+# Model files a run directory holds, in the order a run without --method picks them.
+PREFERRED = ("retformer", "retformer_ft")
+
+
+def _image_suffixes() -> frozenset[str]:
+    """File suffixes Pillow can open (what a folder is searched for), plus webdataset shards."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image to predict: its name (path, or `shard.tar#key`), its bytes, its uid when a shard gives
+    one, or why it cannot be read."""
+
+    name: str
+    data: bytes | None = None
+    uid: str | None = None
+    error: str | None = None
+
+
+def iter_inputs(paths: Iterable[Path | str]) -> Iterator[ImageInput]:
+    """The images of `paths`: image files, folders (image files and shards under them, sorted) and
+    webdataset shards (`.tar`, every sample). Unreadable inputs come back with their `error`."""
+    suffixes = _image_suffixes() | {".tar"}
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                yield ImageInput(str(path), error="no image files or shards in this folder")
+            for p in found:
+                yield from _path_inputs(p)
+        elif path.exists():
+            yield from _path_inputs(path)
+        else:
+            yield ImageInput(str(path), error="no such file or folder")
+
+
+def _path_inputs(path: Path) -> Iterator[ImageInput]:
+    if path.suffix.lower() == ".tar":
+        yield from _shard_inputs(path)
+        return
+    try:
+        yield ImageInput(str(path), path.read_bytes())
+    except OSError as exc:
+        yield ImageInput(str(path), error=f"unreadable ({exc.strerror or exc})")
+
+
+def _shard_inputs(shard: Path) -> Iterator[ImageInput]:
+    """Every sample of a webdataset shard; a corrupt shard ends with one error for the rest of it."""
+    try:
+        for _, key, files in iter_shard_files(shard):
+            name = f"{shard}#{key}"
+            try:
+                rec = to_record(key, files or {})
+            except Exception:  # noqa: BLE001 - unreadable json: this sample, not the shard
+                yield ImageInput(name, error="bad_metadata")
+                continue
+            if rec["image_bytes"] is None:
+                yield ImageInput(name, uid=rec["uid"], error="missing_image")
+            else:
+                yield ImageInput(name, rec["image_bytes"], uid=rec["uid"])
+    except UserError as exc:
+        yield ImageInput(str(shard), error=str(exc))
+
+
+def count_inputs(paths: Iterable[Path | str]) -> int | None:
+    """How many images `paths` hold without reading them: None when a shard is among them."""
+    total = 0
+    suffixes = _image_suffixes()
+    for raw in paths:
+        path = Path(raw)
+        if path.suffix.lower() == ".tar" or (path.is_dir() and any(path.rglob("*.tar"))):
+            return None
+        if path.is_dir():
+            total += sum(1 for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        else:
+            total += 1
+    return total
+
+
+# ------------------------------------------------------------------------------------ the run's model
+def _safe(key: str) -> str:
+    """A result name as its model file is named (as `pipelines/experiment.py` does: `a@k4` -> `a-k4`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", key)
+
+
+def model_files(run_dir: Path) -> dict[str, Path]:
+    """The model files of a run directory by result name (file stem), checkpoints excluded."""
+    return {p.stem: p for p in sorted(run_dir.glob("*.pt")) if not p.name.endswith(".ckpt.pt")}
+
+
+def find_model_file(run: str | Path, method: str | None = None, workdir: Path | str | None = None) -> Path:
+    """The model file of `run`: a model file itself, a run folder, or a run name under `<workdir>/runs`.
+    In a run folder, `method` picks the file (a method or result name, e.g. `retformer@k4`); without it,
+    retformer (or retformer_ft), else the run's only model. UserError when there is none to pick."""
+    path = Path(run)
+    if path.is_file():
+        return path
+    candidates = list(
+        dict.fromkeys([path] + ([Path(workdir) / "runs" / str(run)] if workdir is not None else []))
+    )
+    run_dir = next((c for c in candidates if c.is_dir()), None)
+    if run_dir is None:
+        where = " or ".join(str(c) for c in candidates)
+        raise UserError(f"run not found: {run} (no run folder or model file at {where})")
+    files = model_files(run_dir)
+    if not files:
+        raise UserError(
+            f"{run_dir} holds no model files (<method>.pt): is it a finished `retformer train` run?"
+        )
+    if method is not None:
+        if _safe(method) not in files:
+            raise UserError(
+                f"run {run_dir.name} has no model for method {method!r}; it has: {', '.join(files)} "
+                "(kNN vote and zero-shot train no model)"
+            )
+        return files[_safe(method)]
+    for name in PREFERRED:
+        if name in files:
+            return files[name]
+    if len(files) == 1:
+        return next(iter(files.values()))
+    raise UserError(f"run {run_dir.name} has several models ({', '.join(files)}): choose one with --method")
+
+
+def _workspace_of(saved: SavedModel, workdir: Path | str | None) -> Workspace:
+    """The workspace holding the run's KB: the one the model file sits in (`<root>/runs/<run>/`), else
+    the one it was trained in, else `workdir`."""
+    kb = saved.info["kb"]["name"]
+    run_dir = saved.path.resolve().parent
+    roots = [run_dir.parent.parent] if run_dir.parent.name == "runs" else []
+    roots += [Path(saved.info["workspace"])] if saved.info.get("workspace") else []
+    roots += [Path(workdir)] if workdir is not None else []
+    for root in roots:
+        if (Workspace(root).kb_index(kb) / "index.json").is_file():
+            return Workspace(root)
+    raise UserError(
+        f"the index of KB {kb}, which {saved.path.name} was trained against, is in none of "
+        f"{', '.join(str(r) for r in roots)}: give the workspace with --workdir"
+    )
+
+
+def _device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """A run's model with its encoder, KB index and KB rows: images or embeddings -> prediction records.
+
+    Open with `Predictor.open(run, method, workdir)`. The encoder and the index load on first use."""
+
+    def __init__(self, saved: SavedModel, ws: Workspace, device: str | None = None) -> None:
+        info = saved.info
+        missing = [key for key in ("encoders", "kb", "index", "class_names", "k") if not info.get(key)]
+        if missing:
+            raise UserError(
+                f"{saved.path} holds no {', '.join(missing)} (written before model files carried what "
+                "prediction needs): rerun `retformer train` for this run"
+            )
+        if info.get("mode") == "finetune" and saved.model.config.get("kind") != "finetune":
+            raise UserError(f"{saved.path}: a fine-tune method's file without its encoder")
+        self.saved, self.info, self.ws = saved, info, ws
+        self.device = _device(device)
+        self.model = saved.model.to(self.device).eval()
+        self.finetuned = saved.model.config.get("kind") == "finetune"
+        self.class_names: list[str] = list(info["class_names"])
+        self.k = int(info["k"])
+        self.search_k = max(self.k, int(info.get("search_k") or self.k))
+        self.kb = str(info["kb"]["name"])
+        embed = info.get("embed") or {}
+        self.batch_size = int(embed.get("batch_size") or DEFAULT_BATCH)
+        self._encoder: Any = None
+        self._split: Any = None
+        self._index: Any = None
+        self._parts: tuple[list[Path], np.ndarray] | None = None
+
+    @classmethod
+    def open(
+        cls,
+        run: str | Path,
+        method: str | None = None,
+        workdir: Path | str | None = None,
+        device: str | None = None,
+    ) -> Predictor:
+        """The predictor of a run folder, run name (under `workdir/runs`) or model file; see
+        `find_model_file` for how `method` picks the model."""
+        saved = load_saved_model(find_model_file(run, method, workdir))
+        if not saved.info:
+            raise UserError(
+                f"{saved.path} holds no run information (written before model files were self-describing): "
+                "rerun `retformer train` for this run"
+            )
+        return cls(saved, _workspace_of(saved, workdir), device)
+
+    @property
+    def method(self) -> str:
+        """The result name of the model (`retformer`, `mlp_only`, `retformer@k4`, ...)."""
+        return str(self.info.get("result") or self.info.get("method"))
+
+    # ------------------------------------------------------------------------------ encoder, index
+    def encoder(self) -> Any:
+        """The KB's frozen image encoder (the one that embedded the run's dataset)."""
+        if self._encoder is None:
+            from kb_builder.embed.fast_transform import split_transform
+            from kb_builder.encoders import build_image_encoder
+
+            self._encoder = build_image_encoder(self.info["encoders"]["image"]).to(self.device)
+            self._split = split_transform(self._encoder)
+        return self._encoder
+
+    def index(self) -> Any:
+        """The KB index with the run's search parameters; UserError if it is not the run's index."""
+        if self._index is None:
+            from kb_builder.index.search import ShardedIndex
+            from kb_builder.neighbors import part_offsets
+
+            rec = self.info["index"]
+            index = ShardedIndex.load(self.ws.kb_index(self.kb))
+            parts = list_parts(self.ws.kb_embeddings(self.kb))
+            offsets = part_offsets(parts)
+            now = {"key": index.meta.get("key"), "n": index.ntotal}
+            was = {"key": rec.get("key"), "n": rec.get("n")}
+            kb_parts = [
+                [p.name, int(b - a)] for p, a, b in zip(parts, offsets[:-1], offsets[1:], strict=True)
+            ]
+            if now != was or (rec.get("parts") and kb_parts != [list(p) for p in rec["parts"]]):
+                raise UserError(
+                    f"the KB {self.kb} in {self.ws.root} is not the one {self.saved.path.name} was trained "
+                    f"against (index {now}, the run's {was}): retrain the run on the current KB"
+                )
+            index.set_params(rec.get("params") or {})
+            self._index, self._parts = index, (parts, offsets)
+        return self._index
+
+    # ----------------------------------------------------------------------------------- images
+    def _pixels(self, data: bytes) -> tuple[Any, str | None]:
+        """One image's preprocessed pixels (as the embed stage's loader makes them) or a skip reason."""
+        enc = self.encoder()
+        try:
+            img, reason = decode_image(data)
+        except Exception:  # noqa: BLE001 - Pillow plugins raise more than decode_image expects
+            img, reason = None, "decode_failed"
+        if img is None:
+            return None, reason or "not_an_image"
+        side = enc.image_size
+        try:
+            if self._split is None:
+                px = enc.preprocess(img)
+                ok = tuple(px.shape) == (3, side, side)
+            else:
+                px = np.asarray(to_rgb(self._split[0](img)), dtype=np.uint8)
+                ok = px.shape == (side, side, 3)
+        except Exception:  # noqa: BLE001 - an image the transform rejects is skipped, not fatal
+            return None, "preprocess_failed"
+        return (px, None) if ok else (None, "preprocess_failed")
+
+    def _encode(self, pixels: list[Any]) -> tuple[np.ndarray, torch.Tensor]:
+        """(z as float16 (B, D), the normalised image batch) of preprocessed pixels."""
+        from kb_builder.embed.fast_transform import normalize_batch
+
+        enc = self.encoder()
+        if self._split is None:
+            x = torch.stack(pixels).to(self.device)
+        else:
+            x = normalize_batch(
+                torch.from_numpy(np.stack(pixels)), self._split[1], self._split[2], self.device
+            )
+        return enc.encode(x).to(torch.float16).cpu().numpy(), x
+
+    def predict_images(
+        self,
+        inputs: Iterable[ImageInput],
+        neighbors: int = 5,
+        batch_size: int | None = None,
+        on_skip: Callable[[str, str], None] | None = None,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """One record per readable input, in input order (see `records`); each unreadable one is
+        reported once through on_skip(name, reason) (default: a logged warning) and skipped."""
+        batch_size = int(batch_size or self.batch_size)
+        skip = on_skip or (lambda name, why: log.warning("%s: skipped (%s)", name, why))
+        chunk = batch_size if self.finetuned else max(batch_size, CHUNK)  # fine-tune keeps the pixels
+        bar = tqdm(
+            total=total, desc=f"predict {self.method}", unit="image", disable=not progress, leave=False
+        )
+        pending: list[tuple[ImageInput, Any]] = []
+        try:
+            for item in inputs:
+                px, why = (None, item.error) if item.error else self._pixels(item.data or b"")
+                if px is None:
+                    skip(item.name, why or "unreadable")
+                    bar.update(1)
+                    continue
+                pending.append((item, px))
+                if len(pending) >= chunk:
+                    yield from self._predict_chunk(pending, neighbors, batch_size, bar)
+                    pending = []
+            if pending:
+                yield from self._predict_chunk(pending, neighbors, batch_size, bar)
+        finally:
+            bar.close()
+
+    def _predict_chunk(
+        self, pending: list[tuple[ImageInput, Any]], neighbors: int, batch_size: int, bar: Any
+    ) -> list[dict[str, Any]]:
+        vectors, batches = [], []
+        for start in range(0, len(pending), batch_size):
+            z, x = self._encode([px for _, px in pending[start : start + batch_size]])
+            vectors.append(z)
+            if self.finetuned:
+                batches.append(x)
+            bar.update(len(z))
+        items = [item for item, _ in pending]
+        return self.records(
+            np.concatenate(vectors),
+            [i.uid for i in items],
+            [i.name for i in items],
+            neighbors,
+            images=torch.cat(batches) if batches else None,
+        )
+
+    # ------------------------------------------------------------------------------- embeddings
+    def predict_embeddings(
+        self,
+        vectors: np.ndarray,
+        uids: list[str | None] | None = None,
+        names: list[str] | None = None,
+        neighbors: int = 5,
+    ) -> list[dict[str, Any]]:
+        """Records for image embeddings (N, D) made by the run's encoder (e.g. a split's embeddings
+        parts); they are rounded to float16 as the embed stage stores them. `uids` (where known) keep a
+        KB row with the same uid out of the neighbors, as the neighbors stage does."""
+        if self.finetuned:
+            raise UserError(f"{self.method} fine-tuned its encoder: it predicts from images, not embeddings")
+        z = np.asarray(vectors)
+        if z.ndim != 2:
+            raise UserError(f"embeddings must be a 2-d array (N, D), got shape {z.shape}")
+        n = len(z)
+        uids = list(uids) if uids is not None else [None] * n
+        names = (
+            list(names) if names is not None else [u if u is not None else str(i) for i, u in enumerate(uids)]
+        )
+        if not len(uids) == len(names) == n:
+            raise UserError(f"{n} embeddings, {len(uids)} uids and {len(names)} names")
+        out: list[dict[str, Any]] = []
+        for s in range(0, n, CHUNK):
+            out += self.records(
+                z[s : s + CHUNK].astype(np.float16), uids[s : s + CHUNK], names[s : s + CHUNK], neighbors
+            )
+        return out
+
+    # --------------------------------------------------------------------------------- retrieval
+    def retrieve(self, z16: np.ndarray, uids: list[str | None]) -> tuple[RetrievalFeatures, Any, np.ndarray]:
+        """The queries z16 (float16 (N, D)) with their top-k KB neighbors: (`RetrievalFeatures` with
+        labels -1, the KB rows they use as an EmbeddingTable, those rows' kb_ids). Searched as the
+        neighbors stage searches: the same depth, the same self-exclusion by uid."""
+        from kb_builder.neighbors import build_store, self_kb_ids
+
+        index = self.index()
+        parts, offsets = self._parts  # type: ignore[misc]
+        q = z16.astype(np.float32)
+        if q.shape[1] != index.d:
+            raise UserError(f"embeddings have {q.shape[1]} dimensions, the KB index {index.d}")
+        self_ids = np.full(len(q), -1, dtype=np.int64)
+        if any(u is not None for u in uids):  # only shard samples have uids (a file has none)
+            self_ids = self_kb_ids(parts, offsets, np.array([u or "" for u in uids], dtype=object))
+            self_ids[np.array([u is None for u in uids], dtype=bool)] = -1
+        scores, ids = index.search(q, self.search_k, exclude_ids=self_ids)
+        if (ids < 0).any():
+            raise UserError(f"the KB {self.kb} returned fewer than {self.search_k} neighbors for some images")
+        ids, scores = ids[:, : self.k], scores[:, : self.k]
+        store = build_store(parts, offsets, ids.reshape(-1))
+        kb_id = store.column("kb_id").to_numpy()
+        rows = np.searchsorted(kb_id, ids)
+        table = arrow_to_table(store)
+        features = RetrievalFeatures(
+            query_img=torch.from_numpy(q),
+            labels=torch.full((len(q),), -1, dtype=torch.long),
+            uids=[u or "" for u in uids],
+            nn_rows=torch.from_numpy(rows.astype(np.int64)),
+            nn_score=torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)),
+            store_img=torch.from_numpy(np.array(table.image_emb)),  # a copy: Arrow's buffers are read-only
+            store_txt=torch.from_numpy(np.array(table.text_emb)),
+            store_has_text=torch.from_numpy(table.has_text.astype(bool)),
+            store_label=torch.from_numpy(table.label.astype(np.int64)),
+        )
+        return features, table, kb_id
+
+    @torch.inference_mode()
+    def logits(self, features: RetrievalFeatures, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits (N, C) on retrieved features (and, for a fine-tuned model, its images)."""
+        from trainer.train import amp_policy, predict
+
+        if not self.finetuned:
+            return predict(self.model, features, batch_size=self.batch_size, device=self.device)
+        if images is None:
+            raise UserError(f"{self.method} fine-tuned its encoder: it needs the images")
+        use_amp, dtype = amp_policy(bool((self.info.get("train_config") or {}).get("amp", True)), self.device)
+        out = []
+        for s in range(0, len(features), self.batch_size):
+            idx = torch.arange(s, min(s + self.batch_size, len(features)))
+            b = {
+                k: v.to(self.device)
+                for k, v in features.batch(idx, neighbors=self.model.needs_neighbors).items()
+            }
+            with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=use_amp):
+                out.append(
+                    self.model(images[idx].to(self.device), b.get("nn_img"), b.get("nn_txt")).float().cpu()
+                )
+        return torch.cat(out)
+
+    def records(
+        self,
+        z16: np.ndarray,
+        uids: list[str | None],
+        names: list[str],
+        neighbors: int = 5,
+        images: torch.Tensor | None = None,
+    ) -> list[dict[str, Any]]:
+        """Prediction records: path, uid, class, class_index, score (softmax), top5 [{class, index,
+        score}], neighbors [{kb_id, uid, caption, similarity, label}] (the first `neighbors` of k)."""
+        features, store, kb_id = self.retrieve(z16, uids)
+        logits = self.logits(features, images).float()
+        probs = logits.softmax(dim=1)
+        # the class is the logits' argmax, as in the evaluation (ties to the lowest class index)
+        classes = logits.argmax(dim=1)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        shown = max(0, min(int(neighbors), self.k))
+        out = []
+        for i, name in enumerate(names):
+            order = [int(classes[i])] + [int(c) for c in top[i] if int(c) != int(classes[i])]
+            top5 = [
+                {"class": self.class_names[c], "index": c, "score": round(float(probs[i, c]), 6)}
+                for c in order[: top.shape[1]]
+            ]
+            nn = []
+            for j in range(shown):
+                row = int(features.nn_rows[i, j])
+                nn.append(
+                    {
+                        "kb_id": int(kb_id[row]),
+                        "uid": str(store.uid[row]),
+                        "caption": store.caption[row],
+                        "similarity": round(float(features.nn_score[i, j]), 6),
+                        "label": int(store.label[row]) if store.label[row] >= 0 else None,
+                    }
+                )
+            out.append(
+                {
+                    "path": name,
+                    "uid": uids[i],
+                    "class": top5[0]["class"],
+                    "class_index": top5[0]["index"],
+                    "score": top5[0]["score"],
+                    "top5": top5,
+                    "neighbors": nn,
+                }
+            )
+        return out
