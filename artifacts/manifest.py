@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,22 @@ def resolve(category: str, name_or_path: str) -> Path:
     raise UserError(f"unknown {singular} {name_or_path!r}: known {category} manifests are {known}")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's floats: PyYAML (YAML 1.1) reads `1e-3` as a string, which no manifest means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as manifests and `--set` values are read (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Return a copy of `data` with each `dotted.key=value` override applied (value parsed as YAML)."""
     data = copy.deepcopy(data)
@@ -71,7 +88,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             raise UserError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError as exc:
             raise UserError(f"override {item!r}: value is not valid YAML ({exc})") from exc
         node = data
@@ -88,7 +105,7 @@ def load(category: str, name_or_path: str, overrides: list[str] | None = None) -
     """Load a manifest by name or path and apply overrides; `name` defaults to the file's stem."""
     path = resolve(category, name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"manifest {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

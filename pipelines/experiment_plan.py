@@ -1,9 +1,9 @@
-"""An experiment manifest checked and planned before any data is read: keys, methods, k values,
-training configs, recipe, selection grids, checkpoint policy, eval splits."""
+"""An experiment manifest planned before any data is read: methods, k values, training configs,
+recipe, selection grids, checkpoint policy, eval splits. Keys and types were checked when it was
+loaded (pipelines/experiment_schema.py); what is left here needs the KB or the dataset."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import fields
 from typing import Any
 
@@ -15,34 +15,7 @@ from trainer.selection import SelectOptions
 from trainer.train import TrainConfig
 from trainer.zeroshot import check_aligned, templates
 
-EXPERIMENT_KEYS = {
-    "name",
-    "description",
-    "k",
-    "k_values",
-    "eval_split",
-    "methods",
-    "model",
-    "train",
-    "method_train",
-    "finetune",
-    "zeroshot",
-    "checkpoint",
-    "select_split",
-    "recipe",
-    "select",
-}
 DEFAULT_CHECKPOINT = {"every_s": 60.0, "resume": True}
-
-
-def _check_keys(exp: dict[str, Any]) -> None:
-    # Unknown keys are tolerated (unprefixed --set overrides reach every manifest), misspellings are not.
-    for key in exp:
-        if key in EXPERIMENT_KEYS or str(key).startswith("_"):
-            continue
-        close = difflib.get_close_matches(str(key), sorted(EXPERIMENT_KEYS), n=1, cutoff=0.8)
-        if close:
-            raise UserError(f"experiment {exp.get('name')}: unknown key {key!r} (did you mean {close[0]!r}?)")
 
 
 def _k_values(exp: dict[str, Any]) -> list[int]:
@@ -95,7 +68,6 @@ def train_config(exp: dict[str, Any], method: str) -> Any:
 
 def plan_experiment(exp: dict[str, Any], kb: dict[str, Any]) -> dict[str, Any]:
     """Validate the experiment before any data is read: methods, k values, configs, encoders."""
-    _check_keys(exp)
     methods = list(exp.get("methods", FEATURE_METHODS))
     for m in methods:
         if m not in METHODS:

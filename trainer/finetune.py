@@ -33,11 +33,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Unpack
+from typing import Annotated, Any, ClassVar, Literal, Unpack
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from artifacts.errors import UserError
@@ -61,13 +62,15 @@ from trainer.train import (
 class FinetuneConfig(TrainConfig):
     """TrainConfig plus the encoder's training: its lr, accumulation, augmentation, data loading."""
 
-    encoder_lr: float = 1e-5
-    accumulate: int = 1  # micro-batches of batch_size per optimizer step
-    num_workers: int = 4  # DataLoader worker processes decoding + augmenting images (0 = in-process)
+    encoder_lr: Annotated[float, Field(ge=0)] = 1e-5
+    accumulate: Annotated[int, Field(ge=1)] = 1  # micro-batches of batch_size per optimizer step
+    # DataLoader worker processes decoding + augmenting images (0 = in-process)
+    num_workers: Annotated[int, Field(ge=0)] = 4
     augment: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop: fraction of the image area
     hflip: bool = True
-    images: str = "shards"  # "shards" (the dataset's webdataset shards) | "dataset" (its loader)
+    # "shards" (the dataset's webdataset shards) | "dataset" (its loader)
+    images: Literal["shards", "dataset"] = "shards"
     grad_checkpointing: bool = False  # recompute encoder activations in backward (less GPU memory)
 
     RESUMABLE: ClassVar[frozenset[str]] = TrainConfig.RESUMABLE | {"num_workers"}

@@ -31,11 +31,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypedDict, Unpack
+from typing import Annotated, Any, ClassVar, Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm import tqdm
@@ -51,22 +52,23 @@ from trainer.features import RetrievalFeatures
 class TrainConfig:
     """Hyper-parameters of one training run (defaults: the paper's recipe)."""
 
-    epochs: int = 25
-    batch_size: int = 256
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup_epochs: float = 1.0
-    min_lr: float = 0.0
-    label_smoothing: float = 0.1
-    mixup_alpha: float = 0.2  # 0 = off
-    loss: str = "ce"  # "ce" | "logit_adjusted"
+    # Annotated limits are what manifests are checked against (pipelines/experiment_schema.py).
+    epochs: Annotated[int, Field(ge=1)] = 25
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    lr: Annotated[float, Field(gt=0)] = 5e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    mixup_alpha: Annotated[float, Field(ge=0)] = 0.2  # 0 = off
+    loss: Literal["ce", "logit_adjusted"] = "ce"
     la_tau: float = 1.0  # logit-adjustment strength (Menon et al. use 1)
-    grad_clip: float | None = None
-    seed: int = 0
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    seed: Annotated[int, Field(ge=0)] = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     amp: bool = True  # autocast on CUDA (bfloat16; float16 + GradScaler where bf16 is missing); not on CPU
     features_on_device: bool = True  # copy the features to the GPU once; gather batches there
-    eval_batch_size: int = 1024
+    eval_batch_size: Annotated[int, Field(ge=1)] = 1024
 
     # Fields that may change between a run and its resumption (they do not change the maths).
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({"device", "features_on_device", "eval_batch_size"})

@@ -40,7 +40,6 @@ is refused rather than silently replaced by a default.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import numpy as np
@@ -58,6 +57,7 @@ from kb_builder.datasets import (
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, hold_out_val, make_uid, safe_token
 from kb_builder.datasets.label_noise import apply_label_noise
 from kb_builder.datasets.longtail import longtail_counts, longtail_indices, shot_split, shot_thresholds
+from kb_builder.datasets.schema import KINDS, validate_dataset
 
 __all__ = [
     "DatasetSplit",
@@ -74,71 +74,10 @@ __all__ = [
     "shot_thresholds",
 ]
 
-_COMMON_KEYS = {"name", "kind", "description", "shot_thresholds", "label_noise", "class_names"}
-# Sources with no val split of their own: these keys hold one out of the training split (opt-in, so
-# the paper's training sets stay whole unless a manifest asks; selection on val needs it).
-HOLDOUT_KEYS = ("val_per_class", "val_fraction", "seed")
-KINDS: dict[str, set[str]] = {
-    "fashion_mnist": {"root", "test_limit", "seed"},
-    "fashion_mnist_lt": {
-        "root",
-        "n_max",
-        "imbalance_ratio",
-        "seed",
-        "test_limit",
-        "val_per_class",
-        "val_seed",
-    },
-    "imagefolder": {"root", "imbalance_ratio", "n_max", "seed", "val_per_class", "val_fraction"},
-    "sklearn_digits_lt": {"n_max", "imbalance_ratio", "seed", "test_per_class", "val_per_class"},
-    "cifar100_lt": {
-        "root",
-        "imbalance_ratio",
-        "n_max",
-        "seed",
-        "test_limit",
-        "shot_reference_ratio",
-        *HOLDOUT_KEYS,
-    },
-    "imagenet_lt": {"root", "lists", "num_classes"},
-    "mini_webvision": {"root", "num_classes", "imagenet_val_root", "imagenet_val_list", *HOLDOUT_KEYS},
-}
-_ALL_KEYS = _COMMON_KEYS.union(*KINDS.values())
-_SHOT_KEYS = {"many", "few", "scale", "reference_max"}
-
 
 def _validate(spec: dict[str, Any]) -> str:
-    if not isinstance(spec, dict):
-        raise UserError(f"a dataset spec must be a mapping, got {type(spec).__name__}")
-    kind = spec.get("kind")
-    if kind not in KINDS:
-        raise UserError(f"unknown dataset kind {kind!r}: known kinds are {', '.join(sorted(KINDS))}")
-    label = repr(spec.get("name", kind))
-    allowed = _COMMON_KEYS | KINDS[kind]
-    for key in spec:
-        key = str(key)
-        if key in allowed or key.startswith("_"):
-            continue
-        if key in _ALL_KEYS:
-            raise UserError(
-                f"dataset {label}: key {key!r} does not apply to kind {kind} (allowed: {sorted(allowed)})"
-            )
-        close = difflib.get_close_matches(key, sorted(_ALL_KEYS), n=1, cutoff=0.8)
-        if close:
-            raise UserError(f"dataset {label}: unknown key {key!r} (did you mean {close[0]!r}?)")
-    shot = spec.get("shot_thresholds") or {}
-    if not isinstance(shot, dict) or set(shot) - _SHOT_KEYS:
-        raise UserError(
-            f"dataset {label}: `shot_thresholds` must be a mapping with keys among {sorted(_SHOT_KEYS)}"
-        )
-    ratio = spec.get("imbalance_ratio")
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1):
-        raise UserError(f"dataset {label}: imbalance_ratio must be a number >= 1, got {ratio!r}")
-    for key in ("n_max", "test_limit"):
-        value = spec.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UserError(f"dataset {label}: {key} must be a positive integer, got {value!r}")
-    return kind
+    """The manifest checked against its kind's schema (schema.py); returns the kind."""
+    return validate_dataset(spec)["kind"]
 
 
 def load_dataset(spec: dict[str, Any]) -> DownstreamDataset:

@@ -1,0 +1,84 @@
+"""The experiment manifest's schema: methods, k, model, training, fine-tuning, selection, checkpoints.
+
+The training sections are the trainer's own dataclasses seen as schemas (`section_from_dataclass`),
+so a default or a limit lives in one place: TrainConfig / FinetuneConfig / SelectOptions. Values are
+coerced (YAML's `1e-3` is a string; a list becomes the tuple a grid is), and the coerced manifest is
+what the experiment runs with.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from artifacts.schema import Section, dump_given, section_from_dataclass, validate_section
+from trainer.finetune import FinetuneConfig
+from trainer.methods import METHODS
+from trainer.model import RECIPES
+from trainer.selection import SelectOptions
+from trainer.train import TrainConfig
+
+PositiveInt = Annotated[int, Field(ge=1)]
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+TrainSection = section_from_dataclass(TrainConfig, "train")
+FinetuneSection = section_from_dataclass(FinetuneConfig, "finetune")
+SelectSection = section_from_dataclass(SelectOptions, "select")
+
+
+class ModelSection(Section):
+    """The fusion model's shape (trainer/model.py build_model options)."""
+
+    width: PositiveInt | None = None
+    depth: PositiveInt | None = None
+    heads: PositiveInt | None = None
+    tau: Annotated[float, Field(gt=0)] | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    ffn: bool | None = None
+    ffn_ratio: Annotated[float, Field(gt=0)] | None = None
+    mlp_hidden: PositiveInt | None = None
+    recipe: Literal[RECIPES] | None = None  # type: ignore[valid-type]
+    alpha: float | None = None
+
+
+class ZeroshotSection(Section):
+    """Class-name prompts of the zero-shot baseline."""
+
+    templates: str | list[str] = "openai"
+
+
+class CheckpointSection(Section):
+    """How often a training run saves its resumable state, and whether a rerun resumes from it."""
+
+    every_s: Annotated[float, Field(ge=0)] = 60.0
+    resume: bool = True
+    enabled: bool = True
+
+
+class ExperimentManifest(Section):
+    """An experiment: the methods to train and evaluate on one dataset x KB, and how."""
+
+    name: str | None = None
+    description: str | None = None
+    k: PositiveInt | None = None
+    k_values: Annotated[list[PositiveInt], Field(min_length=1)] | None = None
+    eval_split: str | Annotated[list[str], Field(min_length=1)] = "test"
+    select_split: str | None = None
+    methods: Annotated[list[MethodName], Field(min_length=1)] | None = None
+    recipe: Literal[RECIPES] = "paper"  # type: ignore[valid-type]
+    model: ModelSection | None = None
+    train: TrainSection | None = None  # type: ignore[valid-type]
+    finetune: FinetuneSection | None = None  # type: ignore[valid-type]
+    method_train: dict[MethodName, FinetuneSection] | None = None  # type: ignore[valid-type]
+    zeroshot: ZeroshotSection | None = None
+    checkpoint: CheckpointSection | bool | None = None
+    select: SelectSection | None = None  # type: ignore[valid-type]
+
+
+def validate_experiment(
+    spec: dict[str, Any], where: str, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """`spec` checked against the schema; returns it with the given values coerced (`_` keys kept)."""
+    model = validate_section(ExperimentManifest, spec, where, overrides)
+    return {**{k: v for k, v in spec.items() if str(k).startswith("_")}, **dump_given(model)}
