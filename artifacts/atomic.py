@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -9,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from artifacts.faults import maybe_die
 
 
 def tmp_name(path: Path) -> Path:
@@ -18,12 +21,18 @@ def tmp_name(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path to write; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path to write; rename it onto `path` only if the block succeeds.
+
+    Temporary files of `path` that a killed writer left are removed first, so rewriting an output
+    also clears what a kill during its last write left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps_of(path)
     tmp = tmp_name(path)
     try:
         yield tmp
+        maybe_die(f"rename:{path}")  # test hook (artifacts/faults.py): a kill leaves `tmp` behind
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -31,6 +40,35 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder to fill; swap it in for the folder `path` only if the block succeeds.
+
+    A reader finds the old folder, the new one, or (after a kill between the swap's two renames)
+    none, never a mix of old and new files or a half-written set. Leftovers of a killed writer
+    (`<name>.tmp-<pid>`, `<name>.old.tmp-<pid>`) are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps_of(path)
+    tmp = tmp_name(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        maybe_die(f"rename:{path}")
+        old = path.with_name(f"{path.name}.old.tmp-{os.getpid()}") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_json_atomic(path: Path | str, obj: Any) -> None:
@@ -76,3 +114,12 @@ def remove_dead_temps(paths: Iterable[Path]) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def remove_dead_temps_of(path: Path | str) -> list[Path]:
+    """Remove what killed writers of `path` left beside it (`<name>.tmp-<pid>`, `<name>.old.tmp-<pid>`,
+    files or folders); return them. A live writer's temporary files are kept (`remove_dead_temps`)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return remove_dead_temps(path.parent.glob(f"{glob.escape(path.name)}.*tmp-*"))
