@@ -4,22 +4,30 @@ Entry point `run_index(emb_dir, index_dir, cfg, map_tasks)`; per-shard task `bui
 Modules: select (which faiss index for N, d, memory, recall), build (sharded, resumable build and the
 one index.json writer), search (ShardedIndex, exact merge, recall tuning).
 
+index.json is written once, after the recall check: a folder without it is no index (a kill before
+the check leaves none), and a rerun whose index.json matches the build inputs and the recall check's
+settings (target, k, queries) skips the stage without rewriting anything.
+
 Manifest section `index:` — kind (auto | flat | hnsw | ivf_flat | ivf_sq8 | ivf_pq | ivf_pq_refine),
 recall_target, memory_budget_gb, num_shards, k (the k recall is measured at), num_queries.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from artifacts.atomic import remove_dead_temps
 from artifacts.embeddings_io import list_parts, part_num_rows
 from artifacts.errors import UserError
 from kb_builder import MapTasks
 from kb_builder.index.build import build_index, part_dim
 from kb_builder.index.search import ShardedIndex, record_tuning, tune_and_check
 from kb_builder.index.select import choose_index, make_plan
+
+log = logging.getLogger(__name__)
 
 DEFAULT_QUERIES = 1000
 
@@ -49,13 +57,22 @@ def run_index(
             )
         except ValueError as exc:
             raise UserError(f"index.kind: {exc}") from exc
-    built = build_index(parts, index_dir, plan, int(cfg.get("num_shards", 1)), map_tasks=map_tasks)
-    index = ShardedIndex.load(index_dir)
+    built = build_index(
+        parts, index_dir, plan, int(cfg.get("num_shards", 1)), map_tasks=map_tasks, write_record=False
+    )
     num_queries = min(int(cfg.get("num_queries", DEFAULT_QUERIES)), n)
-    report = tune_and_check(index, parts, num_queries, k, target)
-    # The record tests and users read: what was chosen, why, and what it measured.
-    recall_check = {"recall": report["recall"], "target": target, "k": k, "queries": report["num_queries"]}
-    meta = record_tuning(index_dir, report, recall_check)
+    settings = {"target": target, "k": k, "queries": num_queries}
+    checked = built.get("recall_check") or {}
+    if built.get("reused") and {name: checked.get(name) for name in settings} == settings:
+        log.info("index in %s is complete and recall-checked with these settings: skipping", index_dir)
+        remove_dead_temps(Path(index_dir).iterdir())
+        report, meta = built["tuning"], built
+    else:
+        index = ShardedIndex.from_record(index_dir, built)
+        report = tune_and_check(index, parts, num_queries, k, target)
+        # The record tests and users read: what was chosen, why, and what it measured.
+        recall_check = {"recall": report["recall"], **settings, "queries": report["num_queries"]}
+        meta = record_tuning(index_dir, report, recall_check, meta=built)
     return {
         "factory": plan.factory,
         "reason": plan.reason,

@@ -16,6 +16,9 @@ so shard scores are comparable, the shards could later be merged into one IVF
 
 Every file is written under a temporary name and renamed (os.replace). A rerun reuses what is
 already complete and matches the same inputs and plan (a hash of them is stored next to each file).
+index.json is what makes the folder an index: a build that does not reuse it deletes it before
+touching any shard, and the index stage writes it once, after the recall check (`write_record=False`
+here, then `search.record_tuning`), so a kill at any point leaves no index.json beside new shards.
 """
 
 from __future__ import annotations
@@ -225,13 +228,16 @@ def build_index(
     num_shards: int,
     map_tasks: MapTasks | None = None,
     num_threads: int | None = None,
+    write_record: bool = True,
 ) -> dict[str, Any]:
     """Build the sharded index of the parts' image embeddings into out_dir; return index.json's content.
 
     `parts` in the order that defines kb_ids (sorted names, as `list_parts` returns them).
     `map_tasks`: runs the training task, then one task per shard to build (None = in this process).
-    Idempotent: a complete index of the same inputs and plan is reused (`reused: true`); complete
-    shards of an interrupted build are kept and only the missing ones are built.
+    Idempotent: a complete index of the same inputs and plan is reused (`reused: true`, its record as
+    it is, tuning included); complete shards of an interrupted build are kept and only the missing
+    ones are built. `write_record=False`: return the record without writing index.json (the index
+    stage writes it after its recall check); a stand-alone build writes it untuned (`params: {}`).
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -269,6 +275,8 @@ def build_index(
     ):
         log.info("index in %s is complete and up to date: reusing it", out_dir)
         return {**existing, "reused": True}
+    # From here on the folder is not a usable index until the new record lands.
+    (out_dir / INDEX_JSON).unlink(missing_ok=True)
 
     run = map_tasks or map_inline
     timings: dict[str, float] = {}
@@ -344,7 +352,7 @@ def build_index(
         "trained_file": TRAINED_FILE if trained_path else None,
         "shards": [{k: v for k, v in s.items() if k != "key"} for s in shards],
         "parts": [{k: t[k] for k in ("path", "name", "rows", "offset")} for t in table],
-        # faiss's defaults until tune_and_check records the tuned operating point (record_tuning)
+        # faiss's defaults until tune_and_check's operating point is recorded (search.record_tuning)
         "params": {},
         "bytes": int(sum(s["bytes"] for s in shards)),
         "timings": timings,
@@ -352,6 +360,7 @@ def build_index(
         "gpus": num_gpus(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_index_record(out_dir, record)
+    if write_record:
+        write_index_record(out_dir, record)
     log.info("index %s: %d vectors in %d shard(s), %.1fs", plan.factory, n, len(shards), timings["total_s"])
     return {**record, "reused": False}

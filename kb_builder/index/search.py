@@ -91,7 +91,13 @@ class ShardedIndex:
         meta_path = index_dir / INDEX_JSON
         if not meta_path.is_file():
             raise UserError(f"no index in {index_dir} ({INDEX_JSON} missing): run the index stage first")
-        meta = json.loads(meta_path.read_text())
+        return cls.from_record(index_dir, json.loads(meta_path.read_text()), mmap)
+
+    @classmethod
+    def from_record(cls, index_dir: Path | str, meta: dict[str, Any], mmap: bool = True) -> ShardedIndex:
+        """Open the shards an index record (index.json's content) lists; apply its `params`. The index
+        stage opens a new build this way, before its record is written (after the recall check)."""
+        index_dir = Path(index_dir)
         shards, modes = [], []
         for s in meta["shards"]:
             path = index_dir / s["file"]
@@ -319,11 +325,16 @@ def tune_and_check(
 
 
 def record_tuning(
-    index_dir: Path | str, report: dict[str, Any], recall_check: dict[str, Any] | None = None
+    index_dir: Path | str,
+    report: dict[str, Any],
+    recall_check: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Store the tuning report, its chosen params and the stage's `recall_check` summary (when given)
-    in index.json (atomically); return the record."""
-    meta = json.loads((Path(index_dir) / INDEX_JSON).read_text())
+    in index.json (atomically); return the record. `meta`: the build's record (build_index's return
+    value) when index.json is not written yet; default: index.json as it is."""
+    meta = dict(meta) if meta is not None else json.loads((Path(index_dir) / INDEX_JSON).read_text())
+    meta.pop("reused", None)  # how this build went, not a property of the index
     meta["params"] = dict(report["chosen"])
     meta["tuning"] = report
     if recall_check is not None:
