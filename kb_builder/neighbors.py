@@ -9,10 +9,20 @@ A query never retrieves itself: KB rows whose uid equals the query's uid (the do
 the training split) are removed before the top-k is cut, by uid and never by rank.
 The store holds only the KB rows that some query uses, so the trainer reads ids + scores + store
 instead of k full feature vectors per image (the paper's 30 GB for ImageNet-LT).
+
+Complete or absent: the tables, the store and the record `_neighbors.json` are written into
+`<out>.tmp-<pid>/` and swapped in for `<out>` as one folder (`artifacts.atomic.atomic_dir`), so no
+reader ever sees a half-written set, and a killed run's folder is removed by the next one. The
+record carries `key`, a hash of what the tables depend on (k, the index record's key, tuned search
+parameters and build time, the KB parts' and the query parts' names, sizes and mtimes); a rerun whose
+key matches reuses the folder and writes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from artifacts.atomic import atomic_path
+from artifacts.atomic import atomic_dir, atomic_path, remove_dead_temps_of
 from artifacts.embeddings_io import (
     EmbeddingTable,
     arrow_to_table,
@@ -33,11 +43,17 @@ from artifacts.embeddings_io import (
     table_to_arrow,
 )
 from artifacts.errors import UserError
+from artifacts.workspace import read_json, write_stage_record
 from kb_builder import MapTasks, map_inline
+
+log = logging.getLogger(__name__)
 
 SEARCH_BATCH = 4096
 TASK_ROWS = 16 * SEARCH_BATCH  # queries per task (a multiple of SEARCH_BATCH: see the module doc)
 _INDEXES: dict[tuple[str, int], Any] = {}  # the loaded index per worker process, by index.json mtime
+RECORD = "_neighbors.json"  # the stage record, inside the table folder
+STORE = "store.parquet"
+KEY_FORMAT = 1
 
 
 def part_offsets(parts: list[Path]) -> np.ndarray:
@@ -111,6 +127,9 @@ def build_store(kb_parts: list[Path], offsets: np.ndarray, used_ids: np.ndarray)
         pieces.append(table.take(sel - lo))
         kb_ids.append(sel)
     store = EmbeddingTable.concat(pieces)
+    # The encoders stay; the first part's per-shard stats (its paths and timings) say nothing about
+    # the store, and would make two runs' stores differ in bytes.
+    store.meta.pop("shard_stats", None)
     arrow = table_to_arrow(store)
     return arrow.append_column("kb_id", pa.array(np.concatenate(kb_ids), pa.int64()))
 
@@ -158,6 +177,37 @@ def _slices(split: str, qdir: Path) -> list[tuple[str, Path, int, int]]:
     return [(split, qdir, lo, min(lo + TASK_ROWS, n)) for lo in range(0, max(n, 1), TASK_ROWS)]
 
 
+def _file_identity(path: Path) -> list[Any]:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def neighbors_key(index_dir: Path, kb_embeddings: Path, query_dirs: dict[str, Path], k: int) -> str:
+    """A hash of what the neighbor tables depend on: k, the index (its record's build key, tuned search
+    parameters and build time), the KB parts and every split's query parts (name, size, mtime)."""
+    from kb_builder.index.build import INDEX_JSON
+
+    index = read_json(Path(index_dir) / INDEX_JSON) or {}
+    src = {
+        "format": KEY_FORMAT,
+        "k": k,
+        "search_batch": SEARCH_BATCH,
+        "index": {f: index.get(f) for f in ("key", "params", "created")},
+        "kb_parts": [_file_identity(p) for p in list_parts(kb_embeddings)],
+        "queries": {split: [_file_identity(p) for p in list_parts(q)] for split, q in query_dirs.items()},
+    }
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def complete_tables(out_dir: Path, key: str) -> dict[str, Any] | None:
+    """The record of a complete table set in `out_dir` made for `key`, or None (must be built)."""
+    record = read_json(Path(out_dir) / RECORD)
+    if not record or record.get("key") != key:
+        return None
+    files = [f"{split}.parquet" for split in record.get("splits", {})] + [STORE]
+    return record if all((Path(out_dir) / f).is_file() for f in files) else None
+
+
 def run_neighbors(
     index_dir: Path,
     kb_embeddings: Path,
@@ -165,14 +215,25 @@ def run_neighbors(
     out_dir: Path,
     k: int,
     map_tasks: MapTasks | None = None,
+    record_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write <split>.parquet for every split and store.parquet; returns the stage record's body.
-    The searches run as `search_slice` tasks through `map_tasks` (None: in this process)."""
+    """Write <split>.parquet for every split, store.parquet and the record `_neighbors.json` (with
+    `record_extra`) into out_dir, as one folder swapped in whole; returns the record.
+
+    A complete set made from the same inputs is reused as it is (the record comes back with
+    `reused: true`). The searches run as `search_slice` tasks through `map_tasks` (None: in this
+    process)."""
     kb_parts = list_parts(kb_embeddings)
     offsets = part_offsets(kb_parts)
     kb_size = int(offsets[-1])
     if k > kb_size:
         raise UserError(f"k={k} is larger than the knowledge base ({kb_size} rows)")
+    key = neighbors_key(index_dir, kb_embeddings, query_dirs, k)
+    done = complete_tables(out_dir, key)
+    if done is not None:
+        log.info("neighbor tables in %s are complete and up to date: reusing them", out_dir)
+        remove_dead_temps_of(out_dir)  # what an interrupted rewrite may have left beside them
+        return {**done, "reused": True}
     started = time.perf_counter()
     tasks = [t for split, qdir in query_dirs.items() for t in _slices(split, qdir)]
     results = (map_tasks or map_inline)(
@@ -201,23 +262,27 @@ def run_neighbors(
             "mean_top1_score": float(scores[:, 0].mean()) if len(scores) else None,
         }
     store = build_store(kb_parts, offsets, np.concatenate(used))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    total_bytes = 0
-    for split, table in tables.items():
-        with atomic_path(out_dir / f"{split}.parquet") as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-        total_bytes += (out_dir / f"{split}.parquet").stat().st_size
-    with atomic_path(out_dir / "store.parquet") as tmp:
-        pq.write_table(store, tmp, compression="zstd")
-    store_bytes = (out_dir / "store.parquet").stat().st_size
-    n_queries = sum(s["queries"] for s in per_split.values())
-    return {
-        "k": k,
-        "kb_rows": kb_size,
-        "splits": per_split,
-        "store_rows": store.num_rows,
-        "table_bytes": total_bytes,
-        "store_bytes": store_bytes,
-        "bytes_per_query_image": round((total_bytes + store_bytes) / max(n_queries, 1), 1),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    with atomic_dir(out_dir) as staging:
+        total_bytes = 0
+        for split, table in tables.items():
+            with atomic_path(staging / f"{split}.parquet") as tmp:
+                pq.write_table(table, tmp, compression="zstd")
+            total_bytes += (staging / f"{split}.parquet").stat().st_size
+        with atomic_path(staging / STORE) as tmp:
+            pq.write_table(store, tmp, compression="zstd")
+        store_bytes = (staging / STORE).stat().st_size
+        n_queries = sum(s["queries"] for s in per_split.values())
+        body = {
+            "key": key,
+            "k": k,
+            "kb_rows": kb_size,
+            "splits": per_split,
+            "store_rows": store.num_rows,
+            "table_bytes": total_bytes,
+            "store_bytes": store_bytes,
+            "bytes_per_query_image": round((total_bytes + store_bytes) / max(n_queries, 1), 1),
+            "seconds": round(time.perf_counter() - started, 3),
+            **(record_extra or {}),
+        }
+        record = write_stage_record(staging / RECORD, "neighbors", body)
+    return {**record, "reused": False}
