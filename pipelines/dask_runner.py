@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -42,22 +43,44 @@ DASHBOARD_ADDRESS = "127.0.0.1:0"
 
 @contextmanager
 def dask_client(
-    scheduler: str | None = None, n_workers: int | None = None, threads_per_worker: int = 1
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    *,
+    cluster: str | Any | None = None,
+    scheduler_file: str | Path | None = None,
 ) -> Iterator[Any]:
-    """A distributed Client: joins `scheduler` if given, else starts a LocalCUDACluster (one worker
-    per GPU, when dask-cuda and GPUs are present) or a CPU LocalCluster, and closes what it started."""
+    """A distributed Client on one of (at most one given; pipelines/clusters.py):
+
+    - `scheduler` (an address) or `scheduler_file` (`dask scheduler --scheduler-file`): joins it;
+    - `cluster` (a manifest name, path or ClusterSpec): `kind: slurm` submits SLURM jobs
+      (SLURMCluster, `n_workers` overrides the manifest's count), `kind: local` as below with the
+      manifest's workers and threads;
+    - nothing: a LocalCUDACluster (one worker per GPU, when dask-cuda and GPUs are present) or a CPU
+      LocalCluster of `n_workers` processes.
+
+    Closes what it started (a SLURMCluster cancels its jobs)."""
     from distributed import Client, LocalCluster
 
-    if scheduler:
-        client = Client(scheduler)
-        log.info("joined Dask scheduler %s", scheduler)
+    from pipelines.clusters import resolve_cluster, start_slurm_cluster
+
+    spec = resolve_cluster(cluster, scheduler, scheduler_file)
+    if scheduler or scheduler_file:
+        client = Client(scheduler) if scheduler else Client(scheduler_file=str(scheduler_file))
+        log.info("joined Dask scheduler %s", client.scheduler.address)
         try:
             yield client
         finally:
             client.close()
         return
     cluster = None
-    if gpu_count() > 0:
+    if spec is not None and spec.kind == "slurm":
+        cluster = start_slurm_cluster(spec, n_workers)
+        log.info("SLURM cluster %s: jobs submitted with\n%s", spec.name, cluster.job_script())
+    elif spec is not None:
+        n_workers = n_workers or spec.workers
+        threads_per_worker = spec.threads_per_worker
+    if cluster is None and gpu_count() > 0:
         try:
             from dask_cuda import LocalCUDACluster
 

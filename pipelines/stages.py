@@ -154,6 +154,9 @@ def stage_download(
     retry_failed: bool = False,
     scheduler: str | None = None,
     workers: int | None = None,
+    *,
+    cluster: str | None = None,
+    scheduler_file: str | None = None,
 ) -> dict[str, Any]:
     """`retformer download`: a KB's image-text pairs with img2dataset, one task per metadata chunk."""
     from kb_builder.download import plan_download, run_download
@@ -167,7 +170,7 @@ def stage_download(
         if key not in source:
             raise UserError(f"KB {kb['name']}: source.{key} is required for img2dataset downloads")
     tasks = plan_download(source["metadata"], Path(source["path"]), source.get("settings"))
-    with dask_client(scheduler, workers) as client:
+    with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as client:
         record = run_download(task_mapper(client), tasks, retry_failed=retry_failed)
     return write_stage_record(
         ws.kb_stage_record(kb["name"], "download"), "download", {"kb": kb["name"], **record}
@@ -191,6 +194,9 @@ def stage_embed(
     overrides: list[str] | None,
     scheduler: str | None = None,
     workers: int | None = None,
+    *,
+    cluster: str | None = None,
+    scheduler_file: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`retformer embed`: the KB's shards (built first when missing) and, with `ds`, the dataset's
     splits with the KB's encoders; records by title (`<kb>`, `<dataset>/<split>`)."""
@@ -198,7 +204,7 @@ def stage_embed(
         stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
     if ds and not ws.dataset_info(ds["name"]).is_file():
         stage_dataset_shards(ws, ds)
-    with dask_client(scheduler, workers) as client:
+    with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as client:
         records = {kb["name"]: stage_embed_kb(ws, kb, client)}
         if ds:
             for split, rec in stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed")).items():
@@ -272,11 +278,13 @@ def stage_index(
     *,
     scheduler: str | None = None,
     workers: int | None = None,
+    cluster: str | None = None,
+    scheduler_file: str | None = None,
 ) -> dict[str, Any]:
     """`retformer index`: choose, build (sharded), tune and recall-check the KB's faiss index.
 
     Tasks run on `client` when given; otherwise on a cluster only for a sharded build or a given
-    `scheduler` (a one-shard build is faster here than a cluster's start).
+    `scheduler` / `cluster` / `scheduler_file` (a one-shard build is faster here than a cluster's start).
     """
     from kb_builder.index import run_index
 
@@ -289,8 +297,8 @@ def stage_index(
 
     if client is not None:
         record = run(task_mapper(client))
-    elif int(kb.get("index", {}).get("num_shards", 1)) > 1 or scheduler:
-        with dask_client(scheduler, workers) as own:
+    elif int(kb.get("index", {}).get("num_shards", 1)) > 1 or scheduler or cluster or scheduler_file:
+        with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as own:
             record = run(task_mapper(own))
     else:
         record = run(task_mapper(None))
@@ -303,7 +311,13 @@ def _kb_rows(ws: Workspace, kb_name: str) -> int:
 
 
 def _ensure_dataset_embedded(
-    ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], scheduler: str | None, workers: int | None
+    ws: Workspace,
+    ds: dict[str, Any],
+    kb: dict[str, Any],
+    scheduler: str | None,
+    workers: int | None,
+    cluster: str | None = None,
+    scheduler_file: str | None = None,
 ) -> None:
     """Shard and embed the dataset with the KB's encoders unless its embed records already match."""
     info = read_json(ws.dataset_info(ds["name"]))
@@ -315,7 +329,7 @@ def _ensure_dataset_embedded(
         rec = read_json(ws.dataset_stage_record(ds["name"], f"embed-{split}"))
         stale |= rec is None or rec.get("encoders") != kb["encoders"]
     if stale:
-        with dask_client(scheduler, workers) as client:
+        with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as client:
             stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed"))
 
 
@@ -328,12 +342,14 @@ def stage_neighbors(
     *,
     scheduler: str | None = None,
     workers: int | None = None,
+    cluster: str | None = None,
+    scheduler_file: str | None = None,
 ) -> dict[str, Any]:
     """`retformer neighbors`: top-k KB neighbors for every split of the dataset (embedded first when
     needed), plus the compact store. `k` defaults to the dataset manifest's `neighbors.k` (32).
 
     The search tasks (one per split, or per slice of a large split) run on `client` when given, on a
-    cluster when `scheduler` or `workers` is given, else in this process.
+    cluster when `scheduler`, `cluster`, `scheduler_file` or `workers` is given, else in this process.
     """
     from kb_builder.neighbors import run_neighbors
 
@@ -345,7 +361,7 @@ def stage_neighbors(
     rows = _kb_rows(ws, kb["name"])
     if k > rows:
         raise UserError(f"k={k} is larger than the knowledge base {kb['name']} ({rows} rows)")
-    _ensure_dataset_embedded(ws, ds, kb, scheduler, workers)
+    _ensure_dataset_embedded(ws, ds, kb, scheduler, workers, cluster, scheduler_file)
     info = read_json(ws.dataset_info(ds["name"]))
     query_dirs = {split: ws.dataset_embeddings(ds["name"], split) for split in info["splits"]}
     out = ws.neighbors_dir(ds["name"], kb["name"], k)
@@ -354,8 +370,8 @@ def stage_neighbors(
         index_dir, emb_dir = ws.kb_index(kb["name"]), ws.kb_embeddings(kb["name"])
         return run_neighbors(index_dir, emb_dir, query_dirs, out, k, map_tasks)
 
-    if client is None and (scheduler or workers):
-        with dask_client(scheduler, workers) as own:
+    if client is None and (scheduler or workers or cluster or scheduler_file):
+        with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as own:
             record = run(task_mapper(own))
     else:
         record = run(task_mapper(client))
