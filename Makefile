@@ -13,10 +13,13 @@ EXPERIMENT ?= demo
 RUN ?=
 SET ?=
 SCHEDULER ?=
+# A cluster manifest for the Dask stages (manifests/clusters/: local, slurm, slurm_gpu) or its path.
+CLUSTER ?=
 # Pass `SET="train.epochs=3 k=8"` to override manifest values from make.
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 SCHED_ARGS := $(if $(SCHEDULER),--scheduler $(SCHEDULER),)
-COMMON := --workdir $(WORKDIR) $(SCHED_ARGS)
+CLUSTER_ARGS := $(if $(CLUSTER),--cluster $(CLUSTER),)
+COMMON := --workdir $(WORKDIR) $(SCHED_ARGS) $(CLUSTER_ARGS)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 export HF_HUB_OFFLINE ?= 1
