@@ -1,0 +1,18 @@
+"""RetFormer's Python API, for notebooks: load a trained run, predict on images or embeddings, and read
+the pipeline's tables (embeddings, neighbors) as pandas DataFrames.
+
+    from retformer import load_run, read_embeddings, read_neighbors
+
+    run = load_run("work/runs/demo-fmnist_lt-fmnist_all")        # a run folder, run name or model file
+    preds = run.predict(["shirt.png", "photos/", "shard-00000.tar"])  # files, folders, shards
+    preds = run.predict(embeddings=read_embeddings("work/datasets/fmnist_lt/embeddings/test"))
+    table = read_neighbors("work", "fmnist_lt", "fmnist_all", k=32, split="test")
+
+`Run.predict` returns one row per image: path, uid, class, class_index, score (softmax of the logits),
+top5 (list of {class, index, score}) and neighbors (list of {kb_id, uid, caption, similarity, label}),
+the same records `retformer predict` writes as JSON lines (`pipelines/predict.py` does the work).
+"""
+
+from retformer.api import Run, load_run, read_embeddings, read_neighbors
+
+__all__ = ["Run", "load_run", "read_embeddings", "read_neighbors"]
