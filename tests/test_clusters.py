@@ -172,3 +172,46 @@ def test_local_manifest_and_scheduler_file(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_neighbor_slices_on_a_cluster_match_one_pass(tmp_path, monkeypatch):
+    """Neighbors as Dask tasks: a split cut into several `search_slice` tasks (one per SEARCH_BATCH
+    here) on a one-worker LocalCluster gives byte-identical tables and store to the serial in-process
+    pass with one slice per split; inside a worker process the index is loaded once and memory-mapped
+    (every task of the worker gets the same loaded object)."""
+    from kb_builder import neighbors
+    from kb_builder.index import run_index
+    from pipelines.dask_runner import dask_client, run_tasks, task_mapper
+    from tests.helpers import synthetic_clustered_vectors, write_parts
+
+    kb = synthetic_clustered_vectors(3000, 16, seed=1)
+    write_parts(tmp_path / "kb", kb, [1000, 1200, 800])
+    # 2.5 search batches of queries: three slices when a slice is one batch; some queries are KB rows.
+    n_q = int(neighbors.SEARCH_BATCH * 2.5)
+    queries = synthetic_clustered_vectors(n_q, 16, seed=2)
+    queries[:50] = kb[:50]
+    write_parts(tmp_path / "q" / "train", queries, [n_q // 2, n_q - n_q // 2], uid_format="kb{:06d}")
+    index_dir = tmp_path / "index"
+    cfg = {"kind": "flat", "num_shards": 2, "k": 5, "num_queries": 200}
+    run_index(tmp_path / "kb", index_dir, cfg)
+    qdirs = {"train": tmp_path / "q" / "train"}
+
+    serial = neighbors.run_neighbors(index_dir, tmp_path / "kb", qdirs, tmp_path / "serial", 5)
+    assert serial["splits"]["train"]["queries_in_kb_excluded"] >= 50
+    monkeypatch.setattr(neighbors, "TASK_ROWS", neighbors.SEARCH_BATCH)
+    assert len(neighbors._slices("train", qdirs["train"])) == 3
+
+    def loaded(_: int) -> dict:
+        index = neighbors._load_index(index_dir)
+        return {"pid": os.getpid(), "index": id(index), "modes": index.load_modes}
+
+    with dask_client(n_workers=1) as client:
+        sliced = neighbors.run_neighbors(
+            index_dir, tmp_path / "kb", qdirs, tmp_path / "sliced", 5, task_mapper(client)
+        )
+        seen = run_tasks(client, loaded, [0, 1, 2])
+    for name in ("train.parquet", "store.parquet"):
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "sliced" / name).read_bytes(), name
+    assert sliced["splits"]["train"]["queries"] == n_q
+    assert len({(s["pid"], s["index"]) for s in seen}) == 1 and seen[0]["pid"] != os.getpid()
+    assert set(seen[0]["modes"]) <= {"IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"}, seen[0]["modes"]
