@@ -4,25 +4,50 @@ Memory layout: the neighbors' vectors are never materialised per query as (N, k,
 ImageNet-LT at k=32 that is the paper's 30 GB); each query holds k row indexes into the store and
 `batch()` gathers the vectors of one mini-batch. The store keeps the dtype it was read with
 (float16 from Parquet: half the memory); `batch()` returns float32.
+
+The store is either read into RAM or memory-mapped (`open_store`): a large store (from
+STORE_MMAP_AUTO_BYTES of vectors on, or `mmap=True`) is first copied once, row batch by row batch,
+into raw .npy files in `store.mmap/` beside `store.parquet` (a folder swapped in whole, keyed by the
+Parquet file's size and mtime), then opened with `np.load(mmap_mode="c")`. The vectors then live in
+the page cache, not in the process: every split of an experiment and every process of a
+multi-process run share one copy, the kernel reads only the rows a batch gathers, and the gathered
+values are bit for bit those of the in-RAM path. docs/scale.md has the figures.
 Paths come from `artifacts.workspace.Workspace`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
-from artifacts.embeddings_io import read_embeddings, read_part_arrow
+from artifacts.atomic import atomic_dir
+from artifacts.embeddings_io import binary_to_vectors, read_embeddings, read_part_arrow
 from artifacts.errors import UserError
+from artifacts.lock import output_lock
 from artifacts.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 # File names inside a neighbor-table folder (`Workspace.neighbors_dir`), as the neighbors stage writes them.
 NEIGHBOR_STORE = "store.parquet"
+# The memory-mappable copy of the store that the trainer writes beside it (`build_store_mmap`).
+STORE_MMAP = "store.mmap"
+STORE_MMAP_FORMAT = 1
+# Auto mode memory-maps a store from this many bytes of vectors on: below it, reading it into RAM is
+# cheap and leaves no extra files; above it the copies add up (one per split and per process).
+STORE_MMAP_AUTO_BYTES = 256 << 20
+# Rows decoded at a time while copying a store into its .npy files (bounds the copy's memory).
+STORE_COPY_ROWS = 65_536
+_STORE_COLUMNS = ["kb_id", "image_emb", "text_emb", "label"]
 
 
 def neighbor_table_path(ws: Workspace, dataset: str, kb: str, k: int, split: str) -> Path:
@@ -131,6 +156,147 @@ class RetrievalFeatures:
         return replace(self, **{name: t.to(device) for name, t in tensors.items()})
 
 
+@dataclass
+class StoreArrays:
+    """The columns of a neighbor store the trainer uses, in file order: kb_id (M,) int64, image
+    (M, Di) and text (M, Dt) float16 (text zeros where missing), has_text (M,) bool, label (M,) int64
+    (-1 = none). `mapped`: image and text are memory-mapped .npy files (else arrays in RAM)."""
+
+    kb_id: np.ndarray
+    image: np.ndarray
+    text: np.ndarray
+    has_text: np.ndarray
+    label: np.ndarray
+    mapped: bool = False
+
+    def __len__(self) -> int:
+        return int(len(self.kb_id))
+
+
+def _store_dims(path: Path) -> tuple[int, int, int]:
+    """(rows, image_dim, text_dim) of a store file, from its Parquet footer."""
+    try:
+        meta = pq.ParquetFile(path).metadata
+        md = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"corrupt or unreadable Parquet file {path}: {exc}") from exc
+    try:
+        return meta.num_rows, int(md["image_dim"]), int(md["text_dim"])
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{path}: no image_dim/text_dim in its metadata (not a neighbor store)") from exc
+
+
+def _decode_store(batch: pa.Table | pa.RecordBatch, image_dim: int, text_dim: int) -> dict[str, np.ndarray]:
+    """One batch of store rows as arrays (the in-RAM and the memory-mapped path share this decoding)."""
+    text = batch.column("text_emb")
+    return {
+        "kb_id": np.asarray(batch.column("kb_id").to_numpy(zero_copy_only=False), dtype=np.int64),
+        "image": binary_to_vectors(batch.column("image_emb"), image_dim),
+        "text": binary_to_vectors(text, text_dim),
+        "has_text": ~np.asarray(text.is_null(), dtype=bool),
+        "label": np.asarray(pc.fill_null(batch.column("label"), -1).to_numpy(zero_copy_only=False), np.int64),
+    }
+
+
+def read_store(path: Path) -> StoreArrays:
+    """The store's columns read into RAM (only those the trainer uses: no uids or captions)."""
+    _, image_dim, text_dim = _store_dims(path)
+    cols = _decode_store(read_part_arrow(path, columns=_STORE_COLUMNS), image_dim, text_dim)
+    return StoreArrays(**cols)
+
+
+def _mmap_key(path: Path) -> dict[str, int]:
+    st = path.stat()
+    rows, image_dim, text_dim = _store_dims(path)
+    return {
+        "format": STORE_MMAP_FORMAT,
+        "store_bytes": st.st_size,
+        "store_mtime_ns": st.st_mtime_ns,
+        "rows": rows,
+        "image_dim": image_dim,
+        "text_dim": text_dim,
+    }
+
+
+def _mmap_current(path: Path) -> bool:
+    """True when store.mmap/ beside `path` was copied from this very store file."""
+    meta = path.parent / STORE_MMAP / "meta.json"
+    try:
+        return json.loads(meta.read_text()) == _mmap_key(path)
+    except (OSError, ValueError):
+        return False
+
+
+def build_store_mmap(path: Path) -> Path:
+    """Copy the store's columns into raw .npy files in `store.mmap/` beside it; return that folder.
+
+    Streams row batches (STORE_COPY_ROWS at a time) into `np.lib.format.open_memmap` files, so the
+    copy never holds the whole store in memory. The folder is filled under a temporary name and
+    swapped in whole, with meta.json (the store file's size, mtime and shape) written last."""
+    key = _mmap_key(path)
+    rows, image_dim, text_dim = key["rows"], key["image_dim"], key["text_dim"]
+    out = path.parent / STORE_MMAP
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        image = np.lib.format.open_memmap(tmp / "image.npy", "w+", np.float16, (rows, image_dim))
+        text = np.lib.format.open_memmap(tmp / "text.npy", "w+", np.float16, (rows, text_dim))
+        small = {
+            "kb_id": np.empty(rows, np.int64),
+            "has_text": np.empty(rows, bool),
+            "label": np.empty(rows, np.int64),
+        }
+        start = 0
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=STORE_COPY_ROWS, columns=_STORE_COLUMNS)
+            for batch in batches:
+                cols = _decode_store(batch, image_dim, text_dim)
+                stop = start + batch.num_rows
+                image[start:stop] = cols["image"]
+                text[start:stop] = cols["text"]
+                for name, arr in small.items():
+                    arr[start:stop] = cols[name]
+                start = stop
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserError(f"corrupt or unreadable Parquet file {path}: {exc}") from exc
+        if start != rows:
+            raise UserError(f"{path}: read {start} rows, its footer says {rows}")
+        image.flush()
+        text.flush()
+        del image, text  # close the maps before the folder is renamed
+        for name, arr in small.items():
+            np.save(tmp / f"{name}.npy", arr)
+        (tmp / "meta.json").write_text(json.dumps(key) + "\n")
+    log.info("copied %s (%d rows) to %s in %.1fs", path.name, rows, out, time.perf_counter() - t0)
+    return out
+
+
+def open_store(path: Path, mmap: bool | None = None) -> StoreArrays:
+    """The store's arrays: in RAM (mmap=False), memory-mapped (True), or by size (None: from
+    STORE_MMAP_AUTO_BYTES of vectors on). The memory-mapped path copies the store into `store.mmap/`
+    on first use (one process at a time: `output_lock`; others wait, then find it current)."""
+    path = Path(path)
+    if mmap is None:
+        rows, image_dim, text_dim = _store_dims(path)
+        mmap = rows * (image_dim + text_dim) * 2 >= STORE_MMAP_AUTO_BYTES
+    if not mmap:
+        return read_store(path)
+    out = path.parent / STORE_MMAP
+    if not _mmap_current(path):
+        with output_lock(out, f"{out.name} (memory-mapped copy of {path})"):
+            if not _mmap_current(path):
+                build_store_mmap(path)
+    # mode "c" (copy-on-write): writable arrays, so torch wraps them without a copy or a warning,
+    # while unwritten pages stay shared with the page cache and with every other process.
+    return StoreArrays(
+        kb_id=np.load(out / "kb_id.npy"),
+        image=np.load(out / "image.npy", mmap_mode="c"),
+        text=np.load(out / "text.npy", mmap_mode="c"),
+        has_text=np.load(out / "has_text.npy"),
+        label=np.load(out / "label.npy"),
+        mapped=True,
+    )
+
+
 def _tensor(a: np.ndarray) -> torch.Tensor:
     # np.frombuffer views over Arrow buffers are read-only; torch wants writable memory.
     a = np.ascontiguousarray(a)
@@ -152,10 +318,14 @@ def _fixed_list_to_numpy(column: pa.ChunkedArray, k: int, dtype: type, path: Pat
     return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(arr), k)
 
 
-def load_retrieval_features(ws: Workspace, dataset: str, kb: str, k: int, split: str) -> RetrievalFeatures:
+def load_retrieval_features(
+    ws: Workspace, dataset: str, kb: str, k: int, split: str, *, mmap: bool | None = None
+) -> RetrievalFeatures:
     """Load one split of `dataset`: its embeddings (queries and labels), its neighbor table against `kb`
     at `k` (joined by uid) and the neighbor store (nn_id -> store row by kb_id).
 
+    mmap: the store in RAM (False), memory-mapped (True) or by its size (None), see `open_store`;
+    the features are the same values either way.
     Raises UserError naming the file when a query has no neighbor row, when a neighbor id is
     missing from the store, or when a file is absent."""
     emb_dir = ws.dataset_embeddings(dataset, split)
@@ -185,8 +355,8 @@ def load_retrieval_features(ws: Workspace, dataset: str, kb: str, k: int, split:
     nn_score = _fixed_list_to_numpy(nn.column("nn_score"), k, np.float32, nn_path, "nn_score")[pos_np]
 
     # Map KB ids to store rows with a binary search over the (ascending) kb_id column.
-    store = read_embeddings(store_path)
-    kb_id = read_part_arrow(store_path, columns=["kb_id"]).column("kb_id").to_numpy().astype(np.int64)
+    store = open_store(store_path, mmap)
+    kb_id = store.kb_id
     order = None
     if len(kb_id) > 1 and not (np.diff(kb_id) > 0).all():
         order = np.argsort(kb_id, kind="stable")  # contract says ascending; tolerate, but no duplicates
@@ -205,9 +375,9 @@ def load_retrieval_features(ws: Workspace, dataset: str, kb: str, k: int, split:
     if order is not None:
         rows_c = order[rows_c]
 
-    if queries.image_dim != store.image_dim:
+    if queries.image_dim != store.image.shape[1]:
         raise UserError(
-            f"{store_path}: KB image_dim {store.image_dim} != query image_dim {queries.image_dim} "
+            f"{store_path}: KB image_dim {store.image.shape[1]} != query image_dim {queries.image_dim} "
             f"in {emb_dir} (different image encoders?)"
         )
     return RetrievalFeatures(
@@ -216,8 +386,8 @@ def load_retrieval_features(ws: Workspace, dataset: str, kb: str, k: int, split:
         uids=queries.uid.tolist(),
         nn_rows=_tensor(rows_c.astype(np.int64)),
         nn_score=_tensor(nn_score),
-        store_img=_tensor(store.image_emb),
-        store_txt=_tensor(store.text_emb),
-        store_has_text=_tensor(store.has_text.astype(bool)),
-        store_label=_tensor(store.label.astype(np.int64)),
+        store_img=_tensor(store.image),  # a memory-mapped store stays mapped: no copy
+        store_txt=_tensor(store.text),
+        store_has_text=_tensor(store.has_text),
+        store_label=_tensor(store.label),
     )
