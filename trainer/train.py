@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from timm.optim import param_groups_weight_decay
 from torch import nn
-from tqdm import tqdm
 
 from artifacts.atomic import atomic_path
 from artifacts.errors import UserError
 from trainer.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.evaluate import evaluate
 from trainer.features import RetrievalFeatures
+from trainer.progress import ModelProgress, fit_summary
+from trainer.progress import current as progress_tracker
 
 
 @dataclass
@@ -248,7 +249,9 @@ def train_epochs(
 
     validate() adds its metrics to each epoch's entry; the other options are `LoopOptions`. Each
     micro-batch's loss is weighted by its share of the step's samples, so accumulation computes the
-    mean loss of the whole effective batch."""
+    mean loss of the whole effective batch. Progress: one console line per model, the enclosing
+    `trainer.progress.tracking()` one when there is one (its `enabled` then wins over `progress`),
+    else a line named "train" when `progress`; epoch entries never go to the console."""
     n = len(labels)
     adjust = _adjustment(config, class_counts, labels, num_classes, device)
     use_amp, amp_dtype = amp_policy(config.amp, device)
@@ -274,13 +277,19 @@ def train_epochs(
     acc = feed.accumulate
     spe = steps_per_epoch(n, config.batch_size, acc)
     last_save = time.monotonic()
+    # One console line per model: the caller's (a selection's fits share one), else a line of our own.
+    shown = progress_tracker()
+    own_line = shown is None
+    if shown is None:
+        shown = ModelProgress("train", config.epochs, enabled=progress)
+    shown.begin_fit(config.epochs, start_epoch, fit_summary(config))
     for epoch in range(start_epoch, config.epochs):
         model.train()
         t0 = time.time()
         sizes, batches = feed.batches(epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        step = 0
         optimizer.zero_grad(set_to_none=True)
         for mb, (b, mix) in enumerate(batches):
             y = b["y"]
@@ -308,10 +317,8 @@ def train_epochs(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                bar.update(1)
-                if progress and (bar.n % 20 == 1 or bar.n == spe):
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        bar.close()
+                step += 1
+                shown.step(step, spe)
         seconds = time.time() - t0
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -326,8 +333,7 @@ def train_epochs(
         if validate is not None:
             entry.update(validate())
         history.append(entry)
-        if progress:
-            tqdm.write(json.dumps(entry))
+        shown.epoch(entry)  # the console line; the entry itself goes to the metrics file below
         stopping = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
         due = time.monotonic() - last_save >= checkpoint_every_s
         if ckpt is not None and (due or stopping or epoch + 1 == config.epochs):
@@ -348,6 +354,8 @@ def train_epochs(
             _append_jsonl(log, entry)
         if stopping:
             break
+    if own_line:
+        shown.close()
     model.eval()
     return history
 
