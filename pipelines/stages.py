@@ -381,14 +381,29 @@ def stage_neighbors(
 
 # ------------------------------------------------------------------------------ train and evaluate
 def stage_train(
-    ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any], run: str | None = None
+    ws: Workspace,
+    ds: dict[str, Any],
+    kb: dict[str, Any],
+    exp: dict[str, Any],
+    run: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """`retformer train`: every method of the experiment on the neighbor tables; the run's report.
-    The run is named `<dataset>-<kb>-<experiment>` unless `run` is given."""
+    """`retformer train`: every method of the experiment on the neighbor tables; the run's eval.json,
+    per-sample predictions and report.html (pipelines/report.py). The run is named
+    `<dataset>-<kb>-<experiment>-<config hash>` (pipelines/runs.py) unless `run` is given; a finished
+    run of another configuration under that name is refused unless `force`."""
+    from pipelines import console
     from pipelines.experiment import run_experiment
+    from pipelines.report import write_report
+    from pipelines.runs import check_overwrite, config_hash, default_run_name
 
-    run_name = run or f"{ds['name']}-{kb['name']}-{exp['name']}"
-    return run_experiment(ws, ds, kb, exp, ws.run_dir(run_name))
+    wanted = config_hash(ds, kb, exp)
+    run_dir = ws.run_dir(run or default_run_name(ds, kb, exp))
+    check_overwrite(run_dir, wanted, force)
+    progress = console.progress_enabled()
+    report = run_experiment(ws, ds, kb, exp, run_dir, progress=progress, config_hash=wanted)
+    log.info("report: %s", write_report(run_dir))
+    return report
 
 
 def stage_evaluate(ws: Workspace, run: str | None = None) -> tuple[str, dict[str, Any]]:

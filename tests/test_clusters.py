@@ -101,12 +101,14 @@ def test_unknown_cluster_name_lists_the_known_ones():
 
 def test_only_one_way_to_a_cluster(tmp_path):
     """--cluster, --scheduler and --scheduler-file exclude each other; a missing scheduler file is an
-    error that says how it is made."""
+    error that says how it is made; a manifest name resolves to its spec, a spec to itself."""
     with pytest.raises(UserError, match="only one of --cluster, --scheduler"):
         resolve_cluster("local", "tcp://127.0.0.1:8786", None)
     with pytest.raises(UserError, match="scheduler file not found.*--scheduler-file"):
         resolve_cluster(None, None, tmp_path / "missing.json")
     assert resolve_cluster(None, None, None) is None
+    spec = load_cluster("slurm")
+    assert resolve_cluster(spec, None, None) is spec and resolve_cluster("slurm", None, None) == spec
 
 
 def test_slurm_cluster_without_sbatch_is_a_user_error(monkeypatch):
