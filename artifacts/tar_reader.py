@@ -11,6 +11,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from artifacts.errors import UserError
 
@@ -47,6 +48,14 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
+def _check_end(f: BinaryIO, at: int) -> None:
+    """After the first zero block only zeros may follow (the second block and the record padding):
+    anything else means a header in the middle of the archive was zeroed, and the rest would be lost."""
+    while chunk := f.read(1 << 16):  # normally one read: the record padding is 10 KiB at most
+        if chunk.count(0) != len(chunk):
+            raise ValueError(f"a zero block at byte {at} ends the archive, but data follows it")
+
+
 def iter_shard_files(
     path: Path, keep: Callable[[int], bool] | None = None
 ) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
@@ -56,7 +65,9 @@ def iter_shard_files(
     worker reads only its own samples); they come back as None. Samples are grouped by key as
     webdataset groups them (`split_name`). Header parsing is done here because tarfile's costs ~70 us a
     member (230 us a sample, more than decoding a small PNG); ustar, GNU long names and pax paths are
-    handled. A truncated or corrupt shard raises a UserError naming it.
+    handled. A truncated or corrupt shard raises a UserError naming it: a header or member cut short
+    (its padding included), a file that ends without the end-of-archive zero blocks, or data after
+    them (a zeroed header mid-archive). tarfile accepts the last two and would lose the rest silently.
     """
     path = Path(path)
     index = -1
@@ -67,18 +78,28 @@ def iter_shard_files(
         with open(path, "rb") as f:
             size_on_disk = os.fstat(f.fileno()).st_size
             while True:
+                at = f.tell()
                 header = f.read(512)
-                if not header or header == _NUL_BLOCK:
-                    break  # end of archive (tarfile also accepts a missing end marker)
+                if not header:
+                    # tarfile accepts this, but every writer (tar, tarfile, webdataset) ends an archive
+                    # with zero blocks: a file that stops at a member boundary was cut there.
+                    raise ValueError(f"ends at byte {at} without the end-of-archive marker")
                 if len(header) < 512:
-                    raise ValueError("truncated header")
+                    raise ValueError(f"truncated header at byte {at}")
+                if header == _NUL_BLOCK:
+                    _check_end(f, at)
+                    break
                 if _tar_number(header[148:156]) not in _checksums(header):
-                    raise ValueError(f"bad header checksum at byte {f.tell() - 512}")
+                    raise ValueError(f"bad header checksum at byte {at}")
                 size = _tar_number(header[124:136])
                 padded = (size + 511) & ~511
                 start = f.tell()
-                if start + size > size_on_disk:
-                    raise ValueError(f"member at byte {start - 512} runs past the end of the file")
+                # The padding too: a short read past the end is a cut archive, never its end.
+                if start + padded > size_on_disk:
+                    raise ValueError(
+                        f"member at byte {at} needs {padded} bytes of data, the file ends "
+                        f"{size_on_disk - start} bytes after its header"
+                    )
                 kind = header[156:157]
                 if kind in (b"L", b"x"):  # the next member's long name
                     data = f.read(padded)[:size]
@@ -107,6 +128,8 @@ def iter_shard_files(
                     f.seek(padded, 1)
                 else:
                     files[ext] = f.read(size)
+                    if len(files[ext]) != size:  # the file shrank while being read
+                        raise ValueError(f"short read of the member at byte {at}")
                     f.seek(padded - size, 1)
             if key is not None:
                 yield index, key, files
