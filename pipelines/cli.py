@@ -254,6 +254,7 @@ def demo(
     run_demo(ctx.ws, demo_pairs(dataset, kb), experiment, ctx.overrides, ctx.scheduler, ctx.workers)
 
 
+import pipelines.cli_browse  # noqa: E402,F401  (registers browse)
 import pipelines.cli_use  # noqa: E402,F401  (registers predict)
 
 

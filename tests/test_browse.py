@@ -1,0 +1,336 @@
+"""The neighbor browser (`retformer browse`, pipelines/browse.py) on the small end-to-end run
+(tests/conftest.py's `e2e_workspace`: Fashion-MNIST-LT slice, KB = world pool + training split, run
+`tiny`, k = 4 of the neighbor tables' 8, a depth-1 RetFormer with image and text streams).
+
+The server is the real command in a subprocess; the page is driven in a real headless Chromium
+(Debian's `chromium`, installed by apt-get here when missing and the tests run as root) through
+Playwright, launched on that executable (never `playwright install`: no download). The API answers are
+checked against the run's own files: eval.json, the per-sample predictions, the stored neighbor
+tables and the shards' image bytes. A passing page test saves its screenshot to docs/img/browser.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from artifacts.errors import UserError
+from artifacts.shards import read_shard
+from artifacts.workspace import Workspace
+from tests.conftest import needs_fmnist
+from tests.helpers import REPO, run_cli
+from trainer.checkpoint import load_model
+from trainer.evaluate import shot_group_of
+from trainer.features import load_retrieval_features
+from trainer.train import predict
+
+pytestmark = needs_fmnist
+torch.set_num_threads(1)
+
+DATASET, KB, RUN, K, TABLE_K = "tiny_lt", "tiny_all", "tiny", 4, 8
+URL_LINE = re.compile(r"at (http://127\.0\.0\.1:\d+/)")
+START_TIMEOUT = 300  # s: loading torch and the run on two busy shared cores
+SCREENSHOT = REPO / "docs" / "img" / "browser.png"
+
+
+# ------------------------------------------------------------------------------------ fixtures
+def chromium_executable() -> str:
+    """Debian's chromium, apt-get installed when missing (root only); a skip names why it cannot be."""
+    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if found:
+        return found
+    if not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and there is no apt-get to install it")
+    if os.geteuid() != 0:
+        pytest.skip("chromium is not installed and the tests do not run as root: `apt-get install chromium`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "chromium"]
+    proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:  # a stale package list: refresh it once
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+        proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
+    found = shutil.which("chromium")
+    if proc.returncode != 0 or not found:
+        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
+        pytest.skip(f"`apt-get install chromium` failed (exit {proc.returncode}): {tail}")
+    return found
+
+
+class Server:
+    """`retformer browse` in a subprocess; its output lines are collected by a reader thread."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "browse", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group: stopped as one, never left behind
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def url(self, timeout: float = START_TIMEOUT) -> str:
+        """The URL the server printed; fails with its output when it exits or stays silent."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if m := URL_LINE.search(line):
+                    return m.group(1)
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                pytest.fail(f"retformer browse exited {self.proc.returncode}:\n" + "\n".join(self.lines))
+            time.sleep(0.2)
+        pytest.fail(f"no URL from retformer browse within {timeout} s:\n" + "\n".join(self.lines))
+
+    def stop(self) -> int:
+        """Ctrl+C (SIGINT to its group), then SIGKILL if it does not stop within 30 s; its exit code."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(e2e_workspace: Path):
+    """The real command on the small run, on a free port; stopped with Ctrl+C, which must end it with
+    exit status 0 (a clean stop: no traceback, no port left bound)."""
+    srv = Server(RUN, "--workdir", str(e2e_workspace), "--port", "0")
+    try:
+        srv.url()
+        yield srv
+    finally:
+        code = srv.stop()
+    assert code == 0, "\n".join(srv.lines)
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=120) as res:
+            return res.status, res.headers["Content-Type"], res.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def get_json(url: str) -> dict:
+    status, ctype, body = get(url)
+    assert status == 200 and ctype == "application/json", (url, status, body[:200])
+    return json.loads(body)
+
+
+def evaluated(ws: Path, method: str) -> list[dict]:
+    """The run's evaluation, sample by sample, as the reference: the reloaded model through the
+    evaluation's own call (`trainer.train.predict`) on the stored test neighbor tables (test_predict.py
+    proves this path reproduces eval.json), with each sample's shot group from eval.json."""
+    report = json.loads((ws / "runs" / RUN / "eval.json").read_text())
+    f = load_retrieval_features(Workspace(ws), DATASET, KB, TABLE_K, "test").subset_k(K)
+    pred = predict(load_model(ws / "runs" / RUN / f"{method}.pt"), f).argmax(dim=1).tolist()
+    shot = shot_group_of(report["shot_split"], len(report["class_names"]))
+    return [
+        {"uid": u, "pred": p, "label": y, "correct": p == y, "shot": shot[y]}
+        for u, p, y in zip(f.uids, pred, f.labels.tolist(), strict=True)
+    ]
+
+
+def shard_images(shard_dir: Path) -> dict[str, bytes]:
+    """uid -> image bytes of every sample of a shard folder (the reference reader)."""
+    return {r["uid"]: r["image_bytes"] for s in sorted(shard_dir.glob("*.tar")) for r in read_shard(s)}
+
+
+# ------------------------------------------------------------------------------------ the API
+def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_workspace: Path, server):
+    """The JSON API against the run's files: /api/run has the eval split's size and eval.json's top-1;
+    /api/queries lists every test sample with the class the run's evaluation gave it, and
+    its class / correct / shot filters select exactly the matching samples; /api/query/<i> gives the k
+    neighbors of the stored test table (first k, same order, same similarity) and, per stream and
+    layer, attention weights that with the class token's and query slot's share sum to 1; /img/ serves
+    the shards' exact bytes for a test image and a KB neighbor; bad requests get 400 / 404."""
+    url = server.url()
+    report = json.loads((e2e_workspace / "runs" / RUN / "eval.json").read_text())
+    run = get_json(url + "api/run")
+    assert run["run"] == RUN and run["method"] == "retformer" and run["k"] == K
+    assert run["num_samples"] == report["eval_size"] == 200 and run["split"] == "test"
+    assert run["top1"] == pytest.approx(report["methods"]["retformer"]["top1"], abs=1e-4)
+    assert run["attention"] == ["image", "text"] and len(run["classes"]) == 10
+
+    every = get_json(url + "api/queries?limit=1000")
+    assert every["total"] == 200 and len(every["items"]) == 200
+    ref = evaluated(e2e_workspace, "retformer")
+    assert [{k: q[k] for k in ref[0]} for q in every["items"]] == ref
+    wrong = get_json(url + "api/queries?correct=false&limit=1000")
+    assert [q["i"] for q in wrong["items"]] == [i for i, r in enumerate(ref) if not r["correct"]]
+    few = get_json(url + "api/queries?shot=few&class=9&limit=1000")
+    assert [q["i"] for q in few["items"]] == [
+        i for i, r in enumerate(ref) if r["shot"] == "few" and r["label"] == 9
+    ]
+    assert wrong["total"] > 0 and few["total"] > 0
+    assert all(q["label_name"] == run["classes"][9]["name"] for q in few["items"])
+    page = get_json(url + "api/queries?offset=190&limit=50")
+    assert page["total"] == 200 and [q["i"] for q in page["items"]] == list(range(190, 200))
+
+    table = pq.read_table(
+        e2e_workspace / "datasets" / DATASET / "neighbors" / KB / f"k{TABLE_K}" / "test.parquet"
+    ).to_pylist()
+    stored = {r["uid"]: r for r in table}
+    kb_bytes = shard_images(e2e_workspace / "kb" / KB / "shards")
+    test_bytes = shard_images(e2e_workspace / "datasets" / DATASET / "shards")
+    for item in (wrong["items"][0], every["items"][0], every["items"][-1]):
+        q = get_json(url + f"api/query/{item['i']}")
+        assert {k: q[k] for k in item} == item
+        assert [n["kb_id"] for n in q["neighbors"]] == stored[q["uid"]]["nn_id"][:K]
+        sims = [n["similarity"] for n in q["neighbors"]]
+        assert sims == pytest.approx(stored[q["uid"]]["nn_score"][:K], abs=1e-5)
+        assert q["top5"][0]["index"] == q["pred"] and len(q["top5"]) == 5
+        assert set(q["attention"]) == {"image", "text"}
+        for stream, layers in q["attention"].items():
+            assert len(layers) == 1  # the tiny model's depth
+            for layer in layers:
+                assert len(layer["neighbors"]) == K and all(0 <= w <= 1 for w in layer["neighbors"])
+                assert sum(layer["neighbors"]) + layer["cls"] + layer["query"] == pytest.approx(1, abs=1e-4)
+            assert [n["attention"][stream] for n in q["neighbors"]] == [
+                [layer["neighbors"][j] for layer in layers] for j in range(K)
+            ]
+        status, ctype, body = get(url + f"img/dataset/{q['uid']}")
+        assert status == 200 and ctype == "image/png" and body == test_bytes[q["uid"]]
+        for n in q["neighbors"]:
+            status, ctype, body = get(url + f"img/kb/{n['kb_id']}")
+            assert status == 200 and ctype == "image/png" and body == kb_bytes[n["uid"]]
+
+    assert get(url + "api/query/200")[0] == 404
+    assert get(url + "api/queries?correct=maybe")[0] == 400
+    assert get(url + "api/queries?class=10")[0] == 400
+    assert get(url + "img/dataset/no-such-uid")[0] == 404
+    assert get(url + "img/dataset/..%2F..%2Fetc%2Fpasswd")[0] == 404  # a uid, never a path
+    assert get(url + "img/kb/999999")[0] == 404
+    assert get(url + "nothing/here")[0] == 404
+    status, ctype, body = get(url)
+    assert status == 200 and ctype.startswith("text/html") and b"<script>" in body
+    assert b"http://" not in body and b"https://" not in body  # nothing fetched from elsewhere
+
+
+# ---------------------------------------------------------------------------------- the page
+def test_page_in_headless_chromium_shows_k_neighbors_with_weights(e2e_workspace: Path, server):
+    """In a real headless Chromium: the page loads the run, the "wrong" filter leaves only wrongly
+    predicted images, picking one renders its true and predicted class and exactly k neighbor cards,
+    each with a thumbnail that decoded (read from the shards), its caption, similarity and one
+    attention weight per stream, the weights being the API's; the screenshot is saved when all hold."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (it is in the dev extra: .[dev])"
+    )
+    executable = chromium_executable()
+    url = server.url()
+    wrong = get_json(url + "api/queries?correct=false&limit=1000")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=["--no-sandbox"], timeout=180_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.set_default_timeout(120_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url)
+            page.wait_for_selector(".q-item")
+            assert page.locator(".q-item").count() == 120  # the first page of the 200 test images
+            page.select_option("#f-correct", "false")
+            page.wait_for_function(
+                f"document.querySelectorAll('.q-item').length === {min(wrong['total'], 120)} && "
+                "!document.querySelector('.q-item.ok')"
+            )
+            assert page.inner_text("#count").startswith(f"{wrong['total']} images match")
+            first = wrong["items"][0]
+            page.locator(".q-item").first.click()
+            page.wait_for_selector(f"body[data-shown='{first['i']}']")
+            cards = page.locator(".nn-card")
+            assert cards.count() == K
+            q = get_json(url + f"api/query/{first['i']}")
+            assert page.inner_text("#pred").startswith(q["pred_name"]) and q["label_name"] != q["pred_name"]
+            assert "wrong" in page.inner_text(".query") and q["label_name"] in page.inner_text(".query")
+            assert "null" not in page.inner_text("#detail") and "undefined" not in page.inner_text("#detail")
+            page.wait_for_function(
+                "[...document.querySelectorAll('.nn-card img, .query img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)"
+            )
+            for j in range(K):
+                card, n = cards.nth(j), q["neighbors"][j]
+                weights = json.loads(card.get_attribute("data-weights"))
+                assert weights == {s: n["attention"][s][-1] for s in ("image", "text")}
+                assert card.locator(".bar").count() == 2 and card.locator("img").count() == 1
+                assert f"sim {n['similarity']:.3f}" in card.inner_text()
+                assert (n["caption"] or "(no caption)") in card.inner_text()
+            shares = {s: sum(layers[-1]["neighbors"]) for s, layers in q["attention"].items()}
+            assert all(0 < share <= 1 for share in shares.values())
+            assert not errors, errors
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            tmp = SCREENSHOT.with_name(f"{SCREENSHOT.stem}.tmp-{os.getpid()}.png")
+            page.screenshot(path=str(tmp))
+            os.replace(tmp, SCREENSHOT)  # only a passing run replaces the committed picture
+        finally:
+            browser.close()
+
+
+# ---------------------------------------------------------------------------- in-process paths
+def test_predictions_without_the_runs_file_are_the_models_own(e2e_workspace: Path, tmp_path: Path):
+    """A run folder without its predictions file (a copy of the model file alone) gets its predictions
+    from the model on the stored neighbor tables, equal to the evaluation's sample by sample (the run
+    folder itself is browsed with its predictions file where the run wrote one); a model without a
+    fusion module (mlp_only) shows its neighbors without attention; a port already taken is one
+    UserError naming the address."""
+    from pipelines.browse import BrowseRun, make_server
+
+    copy = tmp_path / "runs" / "copy"
+    copy.mkdir(parents=True)
+    shutil.copy(e2e_workspace / "runs" / RUN / "retformer.pt", copy / "retformer.pt")
+    browser = BrowseRun.open(copy, None, tmp_path)
+    ref = evaluated(e2e_workspace, "retformer")
+    assert "stored neighbor tables" in browser.predictions_source and browser.split == "test"
+    assert browser.predictions.column("uid").to_pylist() == [r["uid"] for r in ref]
+    assert browser.predictions.column("pred").to_pylist() == [r["pred"] for r in ref]
+    saved = e2e_workspace / "runs" / RUN / "predictions" / "retformer.parquet"
+    if saved.is_file():  # the run's own per-sample file is what the run folder itself is browsed with
+        assert BrowseRun.open(RUN, None, e2e_workspace).predictions_source == str(saved)
+    mlp = BrowseRun.open(e2e_workspace / "runs" / RUN, "mlp_only", e2e_workspace)
+    q = mlp.query(0)  # no fusion module: no attention, the retrieved neighbors all the same
+    assert mlp.attention_streams() == [] and q["attention"] == {} and len(q["neighbors"]) == K
+    assert q["pred"] == evaluated(e2e_workspace, "mlp_only")[0]["pred"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
+            make_server(browser, "127.0.0.1", taken.getsockname()[1])
+
+
+def test_browse_of_a_missing_run_is_one_error_line(e2e_workspace: Path):
+    """`retformer browse` of a run that does not exist: exit 1, one `error:` line, no server."""
+    proc = run_cli("browse", "no-such-run", "--workdir", str(e2e_workspace), check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: run not found: no-such-run")
