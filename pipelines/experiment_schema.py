@@ -13,14 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from artifacts.schema import Section, dump_given, section_from_dataclass, validate_section
-from trainer.finetune import FinetuneConfig
-from trainer.methods import METHODS
-from trainer.model import RECIPES
-from trainer.selection import SelectOptions
-from trainer.train import TrainConfig
+from trainer.config import METHOD_NAMES, RECIPES, FinetuneConfig, SelectOptions, TrainConfig
 
 PositiveInt = Annotated[int, Field(ge=1)]
-MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
 TrainSection = section_from_dataclass(TrainConfig, "train")
 FinetuneSection = section_from_dataclass(FinetuneConfig, "finetune")

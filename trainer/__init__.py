@@ -6,20 +6,35 @@ written by the KB pipeline, and gathers the neighbors' embeddings per batch. Fin
 (`trainer/finetune.py`) trains the KB's image encoder with the head through the same epoch loop.
 """
 
-from trainer.baselines import knn_vote
-from trainer.checkpoint import (
-    SavedModel,
-    load_checkpoint,
-    load_model,
-    load_saved_model,
-    save_checkpoint,
-    save_model,
-)
-from trainer.evaluate import evaluate, shot_split_from_counts
-from trainer.features import RetrievalFeatures, load_retrieval_features
-from trainer.methods import METHODS
-from trainer.model import LinearProbe, MLPOnly, RetFormer, build_model, model_from_config, neighbor_attention
-from trainer.train import TrainConfig, fit, predict
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562): `import trainer.config` must not pull torch and timm in, so that
+# checking a manifest stays fast.
+_EXPORTS = {
+    "LinearProbe": "trainer.model",
+    "METHODS": "trainer.methods",
+    "MLPOnly": "trainer.model",
+    "RetFormer": "trainer.model",
+    "RetrievalFeatures": "trainer.features",
+    "SavedModel": "trainer.checkpoint",
+    "TrainConfig": "trainer.train",
+    "build_model": "trainer.model",
+    "evaluate": "trainer.evaluate",
+    "fit": "trainer.train",
+    "knn_vote": "trainer.baselines",
+    "load_checkpoint": "trainer.checkpoint",
+    "load_model": "trainer.checkpoint",
+    "load_retrieval_features": "trainer.features",
+    "load_saved_model": "trainer.checkpoint",
+    "model_from_config": "trainer.model",
+    "neighbor_attention": "trainer.model",
+    "predict": "trainer.train",
+    "save_checkpoint": "trainer.checkpoint",
+    "save_model": "trainer.checkpoint",
+    "shot_split_from_counts": "trainer.evaluate",
+}
+
 
 __all__ = [
     "METHODS",
@@ -44,3 +59,9 @@ __all__ = [
     "save_model",
     "shot_split_from_counts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

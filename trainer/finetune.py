@@ -32,22 +32,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Unpack
+from typing import Any, Unpack
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from artifacts.errors import UserError
+from trainer.config import FinetuneConfig
 from trainer.features import RetrievalFeatures
 from trainer.images import ImageDataset, ShardImages, SplitImages, _EpochSampler, _loader, epoch_batches
 from trainer.train import (
     Feed,
     LoopOptions,
-    TrainConfig,
     amp_policy,
     check_labels,
     make_scheduler,
@@ -58,41 +56,6 @@ from trainer.train import (
 )
 
 
-@dataclass
-class FinetuneConfig(TrainConfig):
-    """TrainConfig plus the encoder's training: its lr, accumulation, augmentation, data loading."""
-
-    encoder_lr: Annotated[float, Field(ge=0)] = 1e-5
-    accumulate: Annotated[int, Field(ge=1)] = 1  # micro-batches of batch_size per optimizer step
-    # DataLoader worker processes decoding + augmenting images (0 = in-process)
-    num_workers: Annotated[int, Field(ge=0)] = 4
-    augment: bool = True
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop: fraction of the image area
-    hflip: bool = True
-    # "shards" (the dataset's webdataset shards) | "dataset" (its loader)
-    images: Literal["shards", "dataset"] = "shards"
-    grad_checkpointing: bool = False  # recompute encoder activations in backward (less GPU memory)
-
-    RESUMABLE: ClassVar[frozenset[str]] = TrainConfig.RESUMABLE | {"num_workers"}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.crop_scale = tuple(float(x) for x in self.crop_scale)  # YAML gives a list
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise UserError(
-                f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}"
-            )
-        if self.accumulate < 1:
-            raise UserError(f"accumulate must be >= 1, got {self.accumulate}")
-        if self.num_workers < 0:
-            raise UserError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.encoder_lr < 0:
-            raise UserError(f"encoder_lr must be >= 0, got {self.encoder_lr}")
-        if self.images not in ("shards", "dataset"):
-            raise UserError(f"finetune images must be 'shards' or 'dataset', got {self.images!r}")
-
-
-# ---------------------------------------------------------------------------------------- model
 class FinetuneModel(nn.Module):
     """A trainable copy of a KB image encoder followed by a head with the trainer's signature:
     forward(images, nn_img, nn_txt) = head(normalize(encoder(images)), nn_img, nn_txt)."""

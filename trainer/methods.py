@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint import discard_stale
+from trainer.config import METHOD_NAMES
 from trainer.features import RetrievalFeatures
 from trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
 from trainer.model import MODEL_KINDS, build_model
@@ -53,6 +54,7 @@ _ALL = (
     Method("zeroshot", "zeroshot", None, False),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+assert tuple(METHODS) == METHOD_NAMES, "trainer/config.py METHOD_NAMES must list the methods above"
 # Feature-mode methods, in table order: an experiment without `methods:` runs these.
 FEATURE_METHODS = tuple(m.name for m in _ALL if m.mode in ("frozen", "vote"))
 # fine-tune method -> the feature-mode method whose model it trains on top of the live encoder

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.config import RECIPES
 from trainer.layers import CrossFusionLayer, SelfAttentionLayer
 
 # Model kinds: the names of the feature-mode methods that train them (`trainer/methods.py`).
@@ -44,7 +45,6 @@ VARIANTS = tuple(RETFORMER_VARIANTS.values())  # RetFormer's `variant`: "full", 
 _KIND_OF_VARIANT = {v: kind for kind, v in RETFORMER_VARIANTS.items()}
 # How L_I and L_R are trained and combined: "paper" = one loss on tau/2 (L_I + L_R); "stacked" = L_I is
 # a trained mlp_only, frozen, L_R learns on its own loss, prediction L_I + alpha * 1[s > t] * L_R.
-RECIPES = ("paper", "stacked")
 
 
 class ImageBranch(nn.Sequential):

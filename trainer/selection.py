@@ -16,71 +16,20 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from artifacts.atomic import atomic_path
-from artifacts.errors import UserError
 from trainer.baselines import knn_vote
 from trainer.checkpoint import CHECKPOINT_FORMAT
+from trainer.config import SelectOptions
 from trainer.evaluate import evaluate
 from trainer.features import RetrievalFeatures
 from trainer.model import RetFormer, build_model, relevance
 from trainer.train import TrainConfig, fit, predict
-
-
-@dataclass(frozen=True)
-class SelectOptions:
-    """The experiment manifest's `select:` section (the grids every method gets)."""
-
-    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    baseline_epochs: int = 200
-    # (lr, la_tau) cells of the stacked RetFormer; la_tau 0 = plain cross-entropy
-    retformer_grid: tuple[tuple[float, float], ...] = ((3e-3, 0.0), (1e-2, 0.0), (3e-3, 1.0))
-    # epochs of each (lr, la_tau) cell: a number, or {dataset name: epochs, default: epochs}
-    retformer_epochs: int | dict[str, int] = 30
-    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
-    gate_quantiles: tuple[float | None, ...] = (None, 0.01, 0.05, 0.1, 0.2)  # None = no gate
-    knn_k: tuple[int, ...] = (1, 5, 10, 20, 32)
-    tolerance: float = 1.0  # top-1 points the shuffled-neighbour control may lose against L_I
-    shuffle_seed: int = 123
-
-    @classmethod
-    def from_manifest(cls, raw: dict[str, Any] | None) -> SelectOptions:
-        """UserError on an unknown key or a malformed grid."""
-        raw = dict(raw or {})
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise UserError(
-                f"select: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-            )
-        try:
-            out = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-            if "retformer_grid" in out:
-                out["retformer_grid"] = tuple((float(lr), float(tau)) for lr, tau in out["retformer_grid"])
-            opts = cls(**out)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"select: malformed option ({e})") from e
-        if 0.0 not in opts.alphas:
-            raise UserError("select.alphas must contain 0 (L_I alone: the always-admissible rule)")
-        epochs = opts.retformer_epochs
-        values = list(epochs.values()) if isinstance(epochs, dict) else [epochs]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-            raise UserError(f"select.retformer_epochs must be >= 1 or a mapping to such, got {epochs!r}")
-        return opts
-
-    def for_dataset(self, name: str) -> SelectOptions:
-        """These options with retformer_epochs resolved for dataset `name` (its entry, else `default`)."""
-        epochs = self.retformer_epochs
-        if isinstance(epochs, dict):
-            if name not in epochs and "default" not in epochs:
-                raise UserError(f"select.retformer_epochs has no entry for dataset {name} and no default")
-            epochs = epochs.get(name, epochs.get("default"))
-        return replace(self, retformer_epochs=epochs)
 
 
 def shuffled(features: RetrievalFeatures, seed: int) -> RetrievalFeatures:

@@ -31,58 +31,22 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from artifacts.atomic import atomic_path
 from artifacts.errors import UserError
 from trainer.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.config import TrainConfig
 from trainer.evaluate import evaluate
 from trainer.features import RetrievalFeatures
 from trainer.progress import ModelProgress, fit_summary
 from trainer.progress import current as progress_tracker
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run (defaults: the paper's recipe)."""
-
-    # Annotated limits are what manifests are checked against (pipelines/experiment_schema.py).
-    epochs: Annotated[int, Field(ge=1)] = 25
-    batch_size: Annotated[int, Field(ge=1)] = 256
-    lr: Annotated[float, Field(gt=0)] = 5e-4
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
-    min_lr: Annotated[float, Field(ge=0)] = 0.0
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    mixup_alpha: Annotated[float, Field(ge=0)] = 0.2  # 0 = off
-    loss: Literal["ce", "logit_adjusted"] = "ce"
-    la_tau: float = 1.0  # logit-adjustment strength (Menon et al. use 1)
-    grad_clip: Annotated[float, Field(gt=0)] | None = None
-    seed: Annotated[int, Field(ge=0)] = 0
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    amp: bool = True  # autocast on CUDA (bfloat16; float16 + GradScaler where bf16 is missing); not on CPU
-    features_on_device: bool = True  # copy the features to the GPU once; gather batches there
-    eval_batch_size: Annotated[int, Field(ge=1)] = 1024
-
-    # Fields that may change between a run and its resumption (they do not change the maths).
-    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"device", "features_on_device", "eval_batch_size"})
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("ce", "logit_adjusted"):
-            raise UserError(f"loss must be 'ce' or 'logit_adjusted', got {self.loss!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError("epochs and batch_size must be >= 1")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.mixup_alpha < 0:
-            raise UserError(f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,0 +1,142 @@
+"""The trainer's configuration dataclasses, without torch: what an experiment manifest's `train:`,
+`finetune:` and `select:` sections are checked against (pipelines/experiment_schema.py) and what
+the training code runs with. A default or a limit lives here once (limits as `Annotated` fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from artifacts.errors import UserError
+
+# The ways a RetFormer's branches are combined (trainer/model.py).
+RECIPES = ("paper", "stacked")
+# The method names an experiment may list, in table order (trainer/methods.py holds what each is).
+METHOD_NAMES = (
+    *("retformer", "retformer_no_text", "retformer_no_image", "mlp_only", "linear_probe", "knn_vote"),
+    *("retformer_ft", "retformer_no_text_ft", "retformer_no_image_ft", "full_finetune", "zeroshot"),
+)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (defaults: the paper's recipe)."""
+
+    # Annotated limits are what manifests are checked against (pipelines/experiment_schema.py).
+    epochs: Annotated[int, Field(ge=1)] = 25
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    lr: Annotated[float, Field(gt=0)] = 5e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    mixup_alpha: Annotated[float, Field(ge=0)] = 0.2  # 0 = off
+    loss: Literal["ce", "logit_adjusted"] = "ce"
+    la_tau: float = 1.0  # logit-adjustment strength (Menon et al. use 1)
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    amp: bool = True  # autocast on CUDA (bfloat16; float16 + GradScaler where bf16 is missing); not on CPU
+    features_on_device: bool = True  # copy the features to the GPU once; gather batches there
+    eval_batch_size: Annotated[int, Field(ge=1)] = 1024
+
+    # Fields that may change between a run and its resumption (they do not change the maths).
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"device", "features_on_device", "eval_batch_size"})
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("ce", "logit_adjusted"):
+            raise UserError(f"loss must be 'ce' or 'logit_adjusted', got {self.loss!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("epochs and batch_size must be >= 1")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup_alpha < 0:
+            raise UserError(f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """TrainConfig plus the encoder's training: its lr, accumulation, augmentation, data loading."""
+
+    encoder_lr: Annotated[float, Field(ge=0)] = 1e-5
+    accumulate: Annotated[int, Field(ge=1)] = 1  # micro-batches of batch_size per optimizer step
+    # DataLoader worker processes decoding + augmenting images (0 = in-process)
+    num_workers: Annotated[int, Field(ge=0)] = 4
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop: fraction of the image area
+    hflip: bool = True
+    # "shards" (the dataset's webdataset shards) | "dataset" (its loader)
+    images: Literal["shards", "dataset"] = "shards"
+    grad_checkpointing: bool = False  # recompute encoder activations in backward (less GPU memory)
+
+    RESUMABLE: ClassVar[frozenset[str]] = TrainConfig.RESUMABLE | {"num_workers"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.crop_scale = tuple(float(x) for x in self.crop_scale)  # YAML gives a list
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UserError(
+                f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}"
+            )
+        if self.accumulate < 1:
+            raise UserError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.num_workers < 0:
+            raise UserError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.encoder_lr < 0:
+            raise UserError(f"encoder_lr must be >= 0, got {self.encoder_lr}")
+        if self.images not in ("shards", "dataset"):
+            raise UserError(f"finetune images must be 'shards' or 'dataset', got {self.images!r}")
+
+
+# ---------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class SelectOptions:
+    """The experiment manifest's `select:` section (the grids every method gets)."""
+
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    baseline_epochs: int = 200
+    # (lr, la_tau) cells of the stacked RetFormer; la_tau 0 = plain cross-entropy
+    retformer_grid: tuple[tuple[float, float], ...] = ((3e-3, 0.0), (1e-2, 0.0), (3e-3, 1.0))
+    # epochs of each (lr, la_tau) cell: a number, or {dataset name: epochs, default: epochs}
+    retformer_epochs: int | dict[str, int] = 30
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+    gate_quantiles: tuple[float | None, ...] = (None, 0.01, 0.05, 0.1, 0.2)  # None = no gate
+    knn_k: tuple[int, ...] = (1, 5, 10, 20, 32)
+    tolerance: float = 1.0  # top-1 points the shuffled-neighbour control may lose against L_I
+    shuffle_seed: int = 123
+
+    @classmethod
+    def from_manifest(cls, raw: dict[str, Any] | None) -> SelectOptions:
+        """UserError on an unknown key or a malformed grid."""
+        raw = dict(raw or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise UserError(
+                f"select: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        try:
+            out = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+            if "retformer_grid" in out:
+                out["retformer_grid"] = tuple((float(lr), float(tau)) for lr, tau in out["retformer_grid"])
+            opts = cls(**out)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"select: malformed option ({e})") from e
+        if 0.0 not in opts.alphas:
+            raise UserError("select.alphas must contain 0 (L_I alone: the always-admissible rule)")
+        epochs = opts.retformer_epochs
+        values = list(epochs.values()) if isinstance(epochs, dict) else [epochs]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise UserError(f"select.retformer_epochs must be >= 1 or a mapping to such, got {epochs!r}")
+        return opts
+
+    def for_dataset(self, name: str) -> SelectOptions:
+        """These options with retformer_epochs resolved for dataset `name` (its entry, else `default`)."""
+        epochs = self.retformer_epochs
+        if isinstance(epochs, dict):
+            if name not in epochs and "default" not in epochs:
+                raise UserError(f"select.retformer_epochs has no entry for dataset {name} and no default")
+            epochs = epochs.get(name, epochs.get("default"))
+        return replace(self, retformer_epochs=epochs)
