@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from artifacts import manifest
 from artifacts.embeddings_io import list_parts, part_num_rows
 from artifacts.errors import UserError
+from artifacts.lock import output_lock
 from artifacts.workspace import Workspace, read_json, write_stage_record
 from pipelines.dask_runner import dask_client, task_mapper
 
@@ -107,7 +109,9 @@ def stage_kb_shards(ws: Workspace, kb: dict[str, Any], datasets: dict[str, dict]
     started = time.perf_counter()
     dataset = load_dataset(datasets[dataset_name])
     spec = {"name": kb["name"], **source}
-    info = build_kb_shards(spec, dataset, ws.kb_shards(kb["name"]), int(kb.get("shard_size", 5000)))
+    # One writer per shard folder; a complete set (its _SUCCESS manifest matches) is not rewritten.
+    with output_lock(ws.kb_shards(kb["name"]), f"the shards of KB {kb['name']}"):
+        info = build_kb_shards(spec, dataset, ws.kb_shards(kb["name"]), int(kb.get("shard_size", 5000)))
     record = {
         "kb": kb["name"],
         "source": source,
@@ -125,11 +129,13 @@ def stage_dataset_shards(ws: Workspace, ds: dict[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     dataset = load_dataset(ds)
-    info = write_dataset_shards(dataset, ws.dataset_shards(ds["name"]), int(ds.get("shard_size", 5000)))
-    # describe() applies the manifest's shot_thresholds (scaled when asked) to the train counts.
-    description = dataset.describe()
-    description["splits"] = description["split_sizes"]
-    write_json_atomic(ws.dataset_info(ds["name"]), description)
+    shard_dir = ws.dataset_shards(ds["name"])
+    with output_lock(shard_dir, f"the shards of dataset {ds['name']}"):
+        info = write_dataset_shards(dataset, shard_dir, int(ds.get("shard_size", 5000)))
+        # describe() applies the manifest's shot_thresholds (scaled when asked) to the train counts.
+        description = dataset.describe()
+        description["splits"] = description["split_sizes"]
+        write_json_atomic(ws.dataset_info(ds["name"]), description)
     record = {"dataset": ds["name"], "result": info, "seconds": round(time.perf_counter() - started, 2)}
     return write_stage_record(ws.dataset_stage_record(ds["name"], "shards"), "shards", record)
 
@@ -181,10 +187,13 @@ def stage_download(
 def _embed_shards(
     client: Any, shards: list[Path], root: Path, out_dir: Path, encoders: dict, options: dict, desc: str
 ) -> dict[str, Any]:
-    """One embed task per shard on `client`; `options` are `embed_shard`'s (the manifest's `embed:`)."""
+    """One embed task per shard on `client`; `options` are `embed_shard`'s (the manifest's `embed:`).
+    One writer per embeddings folder (a KB's, a dataset split's): a second run waits, then finds the
+    parts written and skips them."""
     from kb_builder.embed import run_embed
 
-    return run_embed(shards, root, out_dir, encoders, options, desc, task_mapper(client))
+    with output_lock(out_dir, f"the embeddings {out_dir}"):
+        return run_embed(shards, root, out_dir, encoders, options, desc, task_mapper(client))
 
 
 def stage_embed(
@@ -271,6 +280,29 @@ def _guard_encoder_change(record_path: Path, encoders: dict, out_dir: Path) -> N
 
 
 # ------------------------------------------------------------------------------------------ index
+def _cluster_on_demand(
+    stack: ExitStack,
+    scheduler: str | None,
+    workers: int | None,
+    cluster: str | None,
+    scheduler_file: str | None,
+) -> Any:
+    """A `map_tasks` that starts (or joins) the Dask cluster at its first non-empty call, closed with
+    `stack`: a stage that finds its output complete never pays for a cluster's start."""
+    mapper: Any = None
+
+    def map_tasks(fn: Any, items: list[Any], **kwargs: Any) -> list[Any]:
+        nonlocal mapper
+        if not items:
+            return []
+        if mapper is None:
+            own = dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file)
+            mapper = task_mapper(stack.enter_context(own))
+        return mapper(fn, items, **kwargs)
+
+    return map_tasks
+
+
 def stage_index(
     ws: Workspace,
     kb: dict[str, Any],
@@ -295,13 +327,14 @@ def stage_index(
         emb_dir, index_dir = ws.kb_embeddings(kb["name"]), ws.kb_index(kb["name"])
         return run_index(emb_dir, index_dir, kb.get("index", {}), map_tasks)
 
-    if client is not None:
-        record = run(task_mapper(client))
-    elif int(kb.get("index", {}).get("num_shards", 1)) > 1 or scheduler or cluster or scheduler_file:
-        with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as own:
-            record = run(task_mapper(own))
-    else:
-        record = run(task_mapper(None))
+    # One writer per index folder; run_index skips a complete, recall-checked index (also after a wait).
+    with output_lock(ws.kb_index(kb["name"]), f"the index of KB {kb['name']}"), ExitStack() as stack:
+        if client is not None:
+            record = run(task_mapper(client))
+        elif int(kb.get("index", {}).get("num_shards", 1)) > 1 or scheduler or cluster or scheduler_file:
+            record = run(_cluster_on_demand(stack, scheduler, workers, cluster, scheduler_file))
+        else:
+            record = run(task_mapper(None))
     return write_stage_record(ws.kb_stage_record(kb["name"], "index"), "index", {"kb": kb["name"], **record})
 
 
@@ -356,7 +389,8 @@ def stage_neighbors(
     k = int(k or ds.get("neighbors", {}).get("k", 32))
     if k < 1:
         raise UserError(f"k must be >= 1 (got {k})")
-    if not (ws.kb_index(kb["name"]) / "index.json").is_file():
+    # index.json lands only after the recall check (kb_builder/index): its check is what makes it usable.
+    if "recall_check" not in (read_json(ws.kb_index(kb["name"]) / "index.json") or {}):
         raise UserError(f"KB {kb['name']} has no index: run `retformer index --kb {kb['name']}` first")
     rows = _kb_rows(ws, kb["name"])
     if k > rows:
@@ -368,15 +402,14 @@ def stage_neighbors(
 
     def run(map_tasks: Any) -> dict[str, Any]:
         index_dir, emb_dir = ws.kb_index(kb["name"]), ws.kb_embeddings(kb["name"])
-        return run_neighbors(index_dir, emb_dir, query_dirs, out, k, map_tasks)
+        extra = {"dataset": ds["name"], "kb": kb["name"]}
+        return run_neighbors(index_dir, emb_dir, query_dirs, out, k, map_tasks, record_extra=extra)
 
-    if client is None and (scheduler or workers or cluster or scheduler_file):
-        with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as own:
-            record = run(task_mapper(own))
-    else:
-        record = run(task_mapper(client))
-    record.update({"dataset": ds["name"], "kb": kb["name"]})
-    return write_stage_record(out / "_neighbors.json", "neighbors", record)
+    # One writer per table set; run_neighbors skips a complete one (also after waiting here).
+    with output_lock(out, f"the neighbor tables {out}"), ExitStack() as stack:
+        if client is None and (scheduler or workers or cluster or scheduler_file):
+            return run(_cluster_on_demand(stack, scheduler, workers, cluster, scheduler_file))
+        return run(task_mapper(client))
 
 
 # ------------------------------------------------------------------------------ train and evaluate
@@ -391,7 +424,12 @@ def stage_train(
     """`retformer train`: every method of the experiment on the neighbor tables; the run's eval.json,
     per-sample predictions and report.html (pipelines/report.py). The run is named
     `<dataset>-<kb>-<experiment>-<config hash>` (pipelines/runs.py) unless `run` is given; a finished
-    run of another configuration under that name is refused unless `force`."""
+    run of another configuration under that name is refused unless `force`.
+
+    One writer per run folder. A run that had to wait for another one returns that one's eval.json
+    when it finished while this one waited, with the same configuration (config_hash); otherwise a
+    finished run is repeated and a killed one resumed (pipelines/experiment.py)."""
+    from artifacts.atomic import remove_dead_temps
     from pipelines import console
     from pipelines.experiment import run_experiment
     from pipelines.report import write_report
@@ -399,10 +437,19 @@ def stage_train(
 
     wanted = config_hash(ds, kb, exp)
     run_dir = ws.run_dir(run or default_run_name(ds, kb, exp))
-    check_overwrite(run_dir, wanted, force)
-    progress = console.progress_enabled()
-    report = run_experiment(ws, ds, kb, exp, run_dir, progress=progress, config_hash=wanted)
-    log.info("report: %s", write_report(run_dir))
+    asked = time.time()
+    with output_lock(run_dir, f"the run {run_dir.name}") as held:
+        report = read_json(run_dir / "eval.json")
+        if held.waited_s and report and report.get("config_hash") == wanted:
+            if (run_dir / "eval.json").stat().st_mtime >= asked:
+                log.info("run %s was finished by the run this one waited for: using its eval.json", run_dir)
+                return report
+        if run_dir.is_dir():
+            remove_dead_temps(run_dir.iterdir())  # a killed run's half-written checkpoint, model, ...
+        check_overwrite(run_dir, wanted, force)
+        progress = console.progress_enabled()
+        report = run_experiment(ws, ds, kb, exp, run_dir, progress=progress, config_hash=wanted)
+        log.info("report: %s", write_report(run_dir))
     return report
 
 
