@@ -12,6 +12,7 @@ written last, so its presence means the whole set is complete. A rerun whose man
 
 from __future__ import annotations
 
+import filecmp
 import io
 import json
 import os
@@ -31,7 +32,7 @@ from artifacts.tar_reader import iter_shard_files
 SHARD_FORMAT = "{prefix}-{index:05d}.tar"
 MANIFEST_FORMAT = "_SUCCESS-{prefix}.json"
 FORMAT_VERSION = 1
-_UID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+UID_RE = re.compile(r"[A-Za-z0-9_-]+")  # the uid contract (docs/architecture.md)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
@@ -128,7 +129,7 @@ def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
 
 
 def _record(sample: Sample) -> dict[str, Any]:
-    if not _UID_RE.match(sample.uid or ""):
+    if not UID_RE.fullmatch(sample.uid or ""):
         raise ValueError(f"uid {sample.uid!r} has characters outside [A-Za-z0-9_-]")
     data, ext = encode_image(sample.image)
     meta = {
@@ -157,7 +158,8 @@ def write_shards(
     existing shards are returned. Otherwise the set is rewritten: the old manifest goes first, each
     shard is written to a temporary name and renamed, shards left over from an older, larger set are
     deleted, and the manifest is written last. Tar entries carry a fixed mtime, so a rewrite of the
-    same samples is byte-identical.
+    same samples is byte-identical; a shard whose bytes did not change is left untouched (mtime kept),
+    so rebuilding a set with one damaged shard re-embeds only that shard.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -194,7 +196,12 @@ def write_shards(
             if count == 0:
                 tmp.unlink()
                 break
-            os.replace(tmp, path)
+            if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+                # Same bytes: keep the old file and its mtime, so the embeddings part made from it
+                # (keyed by the shard's size and mtime) stays valid; a rewrite redoes only what changed.
+                tmp.unlink()
+            else:
+                os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         entries.append({"name": path.name, "count": count, "bytes": path.stat().st_size})
@@ -212,6 +219,26 @@ def write_shards(
         },
     )
     return [out_dir / e["name"] for e in entries]
+
+
+def recorded_shard(shard: Path | str) -> dict[str, Any] | None:
+    """What the manifest of the set holding `shard` records for it: {"count" (samples), "bytes",
+    "manifest" (its path)}, or None when the shard is not part of a set with a readable manifest."""
+    shard = Path(shard)
+    match = re.match(r"^([A-Za-z0-9_-]+)-\d{5}\.tar$", shard.name)
+    if match is None:
+        return None
+    info = read_manifest(shard.parent, match.group(1))
+    if info is None:
+        return None
+    for entry in info.get("shards", []):
+        if entry.get("name") == shard.name:
+            return {
+                "count": int(entry["count"]),
+                "bytes": int(entry["bytes"]),
+                "manifest": manifest_path(shard.parent, match.group(1)),
+            }
+    return None
 
 
 def list_shards(out_dir: Path) -> list[Path]:

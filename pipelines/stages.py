@@ -209,6 +209,9 @@ def stage_embed(
 ) -> dict[str, dict[str, Any]]:
     """`retformer embed`: the KB's shards (built first when missing) and, with `ds`, the dataset's
     splits with the KB's encoders; records by title (`<kb>`, `<dataset>/<split>`)."""
+    from kb_builder.embed import embed_options
+
+    embed_options(kb.get("embed"))  # a bad `embed:` option fails now, not after the shards are built
     if not kb_shard_paths(ws, kb):
         stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
     if ds and not ws.dataset_info(ds["name"]).is_file():
@@ -234,6 +237,14 @@ def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, 
     summary = _embed_shards(
         client, shards, kb_shard_root(ws, kb), out, kb["encoders"], options, f"embed {kb['name']}"
     )
+    if summary["images"] == 0:
+        # Refused here: the index stage would only report a k larger than a 0-row KB.
+        more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
+        named = ", ".join(str(s) for s in shards[:3]) + more
+        raise UserError(
+            f"the KB {kb['name']} is empty: its {len(shards)} shard(s) ({named}) hold no embeddable "
+            f"sample (skipped: {summary['skipped'] or 'none'})"
+        )
     record = {"kb": kb["name"], "encoders": kb["encoders"], "shards": len(shards), **summary}
     return write_stage_record(ws.kb_stage_record(kb["name"], "embed"), "embed", record)
 
@@ -262,6 +273,11 @@ def stage_embed_dataset(
         records[split] = _embed_shards(
             client, shards, shard_dir, out, encoders, options, f"embed {ds['name']}/{split}"
         )
+        if records[split]["images"] == 0:
+            raise UserError(
+                f"split {split} of dataset {ds['name']} is empty: its {len(shards)} shard(s) in "
+                f"{shard_dir} hold no embeddable sample (skipped: {records[split]['skipped'] or 'none'})"
+            )
         write_stage_record(
             ws.dataset_stage_record(ds["name"], f"embed-{split}"),
             "embed",

@@ -30,12 +30,19 @@ import numpy as np
 import torch
 
 from artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
+from artifacts.errors import UserError
 from artifacts.shards import shard_stem as part_stem
 from artifacts.tar_reader import iter_shard_files
 from kb_builder.embed.fast_transform import normalize_batch, split_transform
 from kb_builder.embed.loader import ShardBatches, iter_batches
 from kb_builder.embed.options import EMBED_OPTIONS, default_num_workers, embed_options
-from kb_builder.embed.parts import part_path_for, part_stats, remove_leftovers, shard_fingerprint
+from kb_builder.embed.parts import (
+    part_path_for,
+    part_stats,
+    remove_leftovers,
+    shard_fingerprint,
+    shard_record,
+)
 
 __all__ = [
     "EMBED_OPTIONS",
@@ -120,7 +127,9 @@ def embed_shard(
 
     A part already written from this very shard (same fingerprint) is kept ("done_before"). Rows
     follow shard order whatever `num_workers` is; the same shard, options and machine give the
-    same bytes.
+    same bytes. A shard that is cut short or corrupt, holds a uid outside `[A-Za-z0-9_-]`, or differs
+    from what its manifest records (size before reading, sample count after) raises a UserError
+    naming it, and no part is written for it.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -129,6 +138,12 @@ def embed_shard(
     fingerprint = shard_fingerprint(shard)
     if out.exists() and part_stats(out).get("shard_fingerprint") == fingerprint:
         return {"shard": str(shard), "part": str(out), "status": "done_before", "images": 0}
+    recorded = shard_record(shard)
+    if recorded is not None and shard.stat().st_size != recorded["bytes"]:
+        raise UserError(
+            f"shard {shard} is {shard.stat().st_size} bytes, but {recorded['manifest']} records "
+            f"{recorded['bytes']}: it was cut or changed after it was written; {_fix_hint(recorded)}"
+        )
     started = time.perf_counter()
     dev = _pick_device(device)
     workers = default_num_workers(dev, threads) if num_workers is None else int(num_workers)
@@ -143,6 +158,7 @@ def embed_shard(
     parts: list[tuple[np.ndarray, dict[str, Any]]] = []
     vec_chunks: list[Any] = []
     wait = normalise = forward = loader_cpu = 0.0
+    samples_read = 0
     batches = iter_batches(dataset, workers, prefetch_factor, pin_memory=dev.startswith("cuda"))
     while True:
         t0 = time.perf_counter()
@@ -151,6 +167,10 @@ def embed_shard(
         wait += t1 - t0
         if batch is None:
             break
+        if "error" in batch:  # the shard itself is broken: no part, whatever was read before
+            batches.close()  # stops the loader workers now
+            raise UserError(batch["error"])
+        samples_read += len(batch["index"]) + len(batch["skipped"])
         loader_cpu += batch["seconds"]
         for _, uid, reason in batch["skipped"]:
             skipped[reason] += 1
@@ -169,6 +189,11 @@ def embed_shard(
         texts.add(batch["caption"])  # text forward here overlaps the loader's next batches
         parts.append((np.asarray(batch["index"], dtype=np.int64), batch))
 
+    if recorded is not None and samples_read != recorded["count"]:
+        raise UserError(
+            f"shard {shard}: {samples_read} samples read, but {recorded['manifest']} records "
+            f"{recorded['count']}; {_fix_hint(recorded)}"
+        )
     looped = time.perf_counter()
     order = np.argsort(
         np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int64), kind="stable"
@@ -231,6 +256,24 @@ def embed_shard(
     return stats
 
 
+def _fix_hint(recorded: dict[str, Any]) -> str:
+    """What rebuilds a shard its manifest describes (the sets' manifests are `_SUCCESS-<prefix>.json`,
+    an img2dataset chunk's is `_SUCCESS`)."""
+    own_set = Path(recorded["manifest"]).name.startswith("_SUCCESS-")
+    command = "retformer shards" if own_set else "retformer download"
+    return f"rerun `{command}` to rebuild it, then embed again (finished parts are kept)"
+
+
+def _embed_task(task: tuple[Path, str], **kwargs: Any) -> dict[str, Any]:
+    """The Dask task: `embed_shard`, with a broken shard reported as a result instead of raised (a
+    raised error would cancel the other shards' tasks, losing their finished work)."""
+    try:
+        return embed_shard(task, **kwargs)
+    except UserError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the reader put in it
+        return {"shard": str(task[0]), "status": "failed", "error": message, "images": 0}
+
+
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in timings.items()}
 
@@ -244,6 +287,8 @@ def summarize(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     embedded_now = 0
     seconds = 0.0
     for res in results:
+        if res["status"] == "failed":
+            continue
         stats = part_stats(Path(res["part"])) if res["status"] == "done_before" else res
         images += int(stats.get("images", 0))
         skipped.update(stats.get("skipped", {}))
@@ -273,12 +318,16 @@ def run_embed(
     map_tasks: MapTasks,
 ) -> dict[str, Any]:
     """The embed stage: one `embed_shard` task per shard through `map_tasks`; returns the totals of
-    `summarize` plus wall seconds and images/s. `options` are `embed_options(manifest's embed:)`."""
+    `summarize` plus wall seconds and images/s. `options` are `embed_options(manifest's embed:)`.
+
+    A broken shard does not stop the others: every task runs to its end (so each good shard's part
+    is written and kept for a rerun), then one UserError line names the shard(s) that failed.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tasks = [(s, part_stem(s, shard_root)) for s in shards]
     results = map_tasks(
-        embed_shard,
+        _embed_task,
         tasks,
         desc=desc,
         count_key="images",
@@ -287,6 +336,14 @@ def run_embed(
         text_spec=encoders.get("text"),
         **options,
     )
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        kept = len(results) - len(failed)
+        others = f" (and {len(failed) - 1} more: {', '.join(Path(r['shard']).name for r in failed[1:])})"
+        raise UserError(
+            f"{desc}: {len(failed)} of {len(results)} shard(s) not embedded, the other {kept} part(s) "
+            f"are kept: {failed[0]['error']}" + (others if len(failed) > 1 else "")
+        )
     summary = summarize(results, out_dir)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["images_per_s"] = round(summary["embedded_this_run"] / max(summary["seconds"], 1e-9), 1)

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from artifacts.decode import clean_caption, decode_image, to_rgb
-from artifacts.shards import to_record
+from artifacts.errors import UserError
+from artifacts.shards import UID_RE, to_record
 from artifacts.tar_reader import iter_shard_files
 
 # Loader workers are forked: no pickling of the transform and ~10 ms per worker, where "spawn"
@@ -41,7 +42,9 @@ class ShardBatches(IterableDataset):
 
     Loader worker w of W takes blocks w, w+W, ...; every sample carries its index in the shard, so
     the task restores shard order whatever order batches arrive in. A bad sample becomes a skip
-    marker with a reason; nothing a sample contains raises.
+    marker with a reason; nothing a sample contains raises. What is wrong with the shard itself (cut
+    short, corrupt, a uid outside `[A-Za-z0-9_-]`) ends the iteration with one `{"error": message}`
+    item: a loader worker's exception would reach the task wrapped in a multi-line traceback.
     """
 
     def __init__(
@@ -70,21 +73,24 @@ class ShardBatches(IterableDataset):
         current = -1
         # CPU time of this thread spent on the batch (reading its bytes included), for the stats.
         clock = time.thread_time()
-        for index, key, files in iter_shard_files(self.shard, mine):
-            if files is None:
-                continue
-            if index // size != current and block:
+        try:
+            for index, key, files in iter_shard_files(self.shard, mine):
+                if files is None:
+                    continue
+                if index // size != current and block:
+                    batch = self._batch(block)
+                    batch["seconds"] = time.thread_time() - clock
+                    yield batch
+                    clock = time.thread_time()
+                    block = []
+                current = index // size
+                block.append((index, key, files))
+            if block:
                 batch = self._batch(block)
                 batch["seconds"] = time.thread_time() - clock
                 yield batch
-                clock = time.thread_time()
-                block = []
-            current = index // size
-            block.append((index, key, files))
-        if block:
-            batch = self._batch(block)
-            batch["seconds"] = time.thread_time() - clock
-            yield batch
+        except UserError as exc:
+            yield {"error": str(exc)}
 
     def _sample(self, key: str, files: dict[str, bytes]) -> tuple[dict[str, Any] | None, Any, str | None]:
         """(record, pixels, None) or (record or None, None, skip reason)."""
@@ -124,6 +130,11 @@ class ShardBatches(IterableDataset):
         skipped: list[tuple[int, str, str]] = []
         for index, key, files in block:
             rec, px, reason = self._sample(key, files)
+            if rec is not None and not UID_RE.fullmatch(str(rec["uid"])):
+                raise UserError(
+                    f"shard {self.shard}: sample {index} has uid {str(rec['uid'])!r}, outside the "
+                    "documented [A-Za-z0-9_-] (uids name the rows of the KB and of the neighbor tables)"
+                )
             if px is None:
                 skipped.append((index, str(rec["uid"]) if rec else key, reason or "unknown"))
                 continue
