@@ -89,9 +89,9 @@ def shard_offsets(path: Path) -> dict[str, tuple[int, int, str]]:
 class ShardImageReader:
     """Images of embeddings parts, read from the shards the parts were embedded from.
 
-    A part knows its shard: the embed stage records the shard's path in the part's metadata
-    (`shard_stats.shard`); when that path is gone (a moved workspace), the shard whose
-    `artifacts.shards.shard_stem` under one of `roots` names the part (`part-<stem>.parquet`) is used.
+    A part's shard is the one whose `artifacts.shards.shard_stem` under one of `roots` names the part
+    (`part-<stem>.parquet`, as the embed stage names it), else the absolute path the embed stage
+    recorded in the part's metadata (`shard_stats.shard`).
     Each shard's offset index (`shard_offsets`) is built on first use and kept in memory."""
 
     def __init__(self, parts: list[Path], roots: list[Path]) -> None:
@@ -110,19 +110,24 @@ class ShardImageReader:
             return self._shards[part]
 
     def _find_shard(self, part: Path) -> Path | None:
-        try:
-            meta = json.loads((pq.read_schema(part).metadata or {}).get(b"meta", b"{}"))
-        except (pa.ArrowInvalid, OSError, ValueError):
-            meta = {}
-        recorded = (meta.get("shard_stats") or {}).get("shard")
-        if recorded and Path(recorded).is_file():
-            return Path(recorded)
+        # The shard named like the part under this workspace's roots first: the recorded path may be
+        # relative to wherever the embed stage ran, or belong to a workspace since moved.
         if self._by_stem is None:
             self._by_stem = {}
             for root in self.roots:
                 for tar in sorted(root.rglob("*.tar")):
                     self._by_stem.setdefault(shard_stem(tar, root), tar)
-        return self._by_stem.get(part.name[len("part-") : -len(".parquet")])
+        found = self._by_stem.get(part.name[len("part-") : -len(".parquet")])
+        if found is not None:
+            return found
+        try:
+            meta = json.loads((pq.read_schema(part).metadata or {}).get(b"meta", b"{}"))
+        except (pa.ArrowInvalid, OSError, ValueError):
+            meta = {}
+        recorded = (meta.get("shard_stats") or {}).get("shard")
+        return (
+            Path(recorded) if recorded and Path(recorded).is_absolute() and Path(recorded).is_file() else None
+        )
 
     def read(self, part: int, uid: str) -> tuple[bytes, str] | None:
         """(bytes, extension) of sample `uid`'s image in part `part`'s shard; None if not found."""
