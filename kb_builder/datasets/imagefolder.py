@@ -2,9 +2,12 @@
 
 Class names are the sorted subdirectory names of `root/train`; label i is the i-th name. Images are
 the files with a known image extension, sorted by name within each class, classes in label order;
-item i of a split gets the uid `<name>-<split>-<i>` (stable while the tree is unchanged). An optional
-`imbalance_ratio` turns the training split long-tailed with the CIFAR-LT rule (`longtail.py`),
-`n_max` defaulting to the largest training class.
+item i of a split gets the uid `<name>-<split>-<i>` (stable while the tree is unchanged; made of
+`safe_token`s, so always inside the uid contract `[A-Za-z0-9_-]`, whatever the file names). A file
+with an image extension that Pillow does not recognise as an image (text saved as `x.png`) is skipped
+and counted (`not_an_image`) in the dataset's notes (`skipped_files`), with a warning; a class folder
+without images gets a warning naming it. An optional `imbalance_ratio` turns the training split
+long-tailed with the CIFAR-LT rule (`longtail.py`), `n_max` defaulting to the largest training class.
 
 Validation: `val/` when present; otherwise a seeded per-class hold-out of the training images, taken
 before the long-tailed cut so train and val stay disjoint: `val_per_class` images of each class, or
@@ -16,16 +19,27 @@ when present, else the training images the long-tailed cut left out (none withou
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from artifacts.errors import UserError
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, hold_out_val, make_uid, safe_token
 from kb_builder.datasets.longtail import longtail_indices
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+MAX_EXAMPLES = 5  # skipped files named per reason in the dataset's notes
+# PNG and JPEG files go into the shards as they are (base.DatasetSplit.image_source), so their signature
+# is all the scan checks (broken data is the embed stage's to skip); other formats are re-encoded by
+# Pillow, so Pillow must recognise them.
+_PASSED_AS_IS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 POOL_DIR = "world"
 # Held out for model selection when the folder has no val/ and the manifest names no val_per_class.
 DEFAULT_VAL_FRACTION = 0.2
@@ -39,7 +53,46 @@ def _list_dir(path: Path) -> list[Path]:
         raise UserError(f"cannot read image folder {path}: {exc.strerror or exc}") from exc
 
 
-def _scan_split(split_dir: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+def _image_problem(path: Path) -> str | None:
+    """None when Pillow recognises `path` as an image (from its header only: no pixel is decoded
+    here), else the skip reason, in the embed stage's vocabulary (artifacts/decode.py)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return "unreadable_file"
+    if head.startswith(_PASSED_AS_IS):
+        return None  # the usual case, half the cost of asking Pillow (a folder is scanned at each load)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                return None
+    except Image.DecompressionBombError:
+        return None  # an image all the same: the embed stage skips it as a decompression_bomb
+    except UnidentifiedImageError:
+        return "not_an_image"
+    except OSError:
+        return "unreadable_file"
+
+
+class _Scan:
+    """The files a scan skipped, by reason, with a few examples (for the dataset's notes)."""
+
+    def __init__(self) -> None:
+        self.skipped: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples.setdefault(reason, [])) < MAX_EXAMPLES:
+            self.examples[reason].append(str(path))
+
+    def note(self) -> dict[str, Any]:
+        return {"counts": dict(self.skipped), "examples": self.examples}
+
+
+def _scan_split(split_dir: Path, class_names: list[str], scan: _Scan) -> tuple[list[Path], list[int]]:
     paths: list[Path] = []
     labels: list[int] = []
     present = [p for p in _list_dir(split_dir) if p.is_dir()]
@@ -52,10 +105,21 @@ def _scan_split(split_dir: Path, class_names: list[str]) -> tuple[list[Path], li
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue
+        found = 0
         for f in _list_dir(class_dir):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(f)
-                labels.append(label)
+            if not (f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS):
+                continue
+            # A file named like an image that is not one (text saved as x.png) is skipped and counted,
+            # as the embed stage skips an undecodable image inside a shard.
+            problem = _image_problem(f)
+            if problem is not None:
+                scan.skip(f, problem)
+                continue
+            paths.append(f)
+            labels.append(label)
+            found += 1
+        if not found:
+            log.warning("class folder %s has no images: class %r has none in %s", class_dir, name, split_dir)
     return paths, labels
 
 
@@ -83,8 +147,9 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
     name = spec.get("name") or root.name
     prefix = safe_token(name)
     splits: dict[str, DatasetSplit] = {}
+    scan = _Scan()
     for split in splits_present:
-        paths, labels = _scan_split(root / split, class_names)
+        paths, labels = _scan_split(root / split, class_names, scan)
         if not paths:
             raise UserError(f"{root / split}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
         splits[split] = DatasetSplit(
@@ -99,9 +164,17 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
         hold_out_val(splits, notes, name, seed + 1, spec.get("val_per_class"), fraction)
     pool = None
     if (root / POOL_DIR).is_dir():
-        paths, labels = _scan_split(root / POOL_DIR, class_names)
+        paths, labels = _scan_split(root / POOL_DIR, class_names, scan)
         pool = DatasetSplit([make_uid(prefix, POOL_DIR, i) for i in range(len(paths))], labels, paths=paths)
         notes["pool"] = f"{root / POOL_DIR}"
+    if scan.skipped:
+        notes["skipped_files"] = scan.note()
+        log.warning(
+            "image folder %s: skipped %s (e.g. %s)",
+            root,
+            ", ".join(f"{n} {reason}" for reason, n in sorted(scan.skipped.items())),
+            next(iter(scan.examples.values()))[0],
+        )
     ratio = spec.get("imbalance_ratio")
     if ratio is not None:
         train = splits["train"]
