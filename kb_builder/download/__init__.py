@@ -29,6 +29,12 @@ the round added). Only rows that failed are retried, so every uid is in at most 
 downstream stage reading them all sees each sample once. Shard base names repeat across chunks and
 rounds (`00000.tar` everywhere): name per-shard outputs with `artifacts.shards.shard_stem`, not `Path.name`.
 
+Fetching (`fetch.py`, in place of img2dataset's urllib call): http(s) URLs only, at most `max_bytes` per
+response (20 MiB) and `max_pixels` per image (read from its header before any decoding: Pillow's
+decompression-bomb limit), and `deadline` seconds per request in all (60; `timeout` bounds each socket
+operation). A refused sample is a failure with its class: `unsupported_scheme`, `too_many_bytes`,
+`too_many_pixels`, `deadline_exceeded`. These limits, like `timeout`, never redo a complete chunk.
+
 Engines: with `processes_count == 1` (the default, one chunk per Dask worker) img2dataset's Reader,
 Resizer and Downloader run inside the calling process; `img2dataset.download()` itself cannot run in a
 Dask task (it installs a SIGINT handler, which only the main thread may do, and starts a process pool,
@@ -38,6 +44,7 @@ which a daemonic worker may not) and spawns three interpreters per call. With `p
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -46,7 +53,13 @@ from typing import Any
 
 from artifacts.atomic import is_leftover_tmp
 from artifacts.errors import UserError
-from kb_builder.download.chunk import _img2dataset_version, _listed_shards, download_chunk, read_chunk_marker
+from kb_builder.download.chunk import (
+    _chunk_state,
+    _img2dataset_version,
+    _listed_shards,
+    download_chunk,
+    read_chunk_marker,
+)
 from kb_builder.download.settings import (
     DEFAULT_SETTINGS,
     RETRY_INPUT_NAME,
@@ -56,6 +69,8 @@ from kb_builder.download.settings import (
     normalize_settings,
     plan_download,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -67,6 +82,7 @@ __all__ = [
     "list_downloaded_shards",
     "normalize_settings",
     "plan_download",
+    "read_chunk_marker",
     "run_download",
 ]
 
@@ -122,13 +138,31 @@ def run_download(
 def list_downloaded_shards(out_dir: Path | str) -> list[Path]:
     """The shards (holding at least one sample) of every complete chunk under `out_dir`, sorted: per
     chunk the main round's shards, then retry rounds' (`<chunk>/retry-NNN/00000.tar`). Chunks without a
-    valid `_SUCCESS` are never listed."""
+    valid `_SUCCESS` are never listed (a warning counts them); a chunk whose `_SUCCESS` lists a file
+    that is now missing or of another size is a UserError naming it."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UserError(f"download directory not found: {out_dir}")
     paths: list[Path] = []
+    unfinished: list[str] = []
     for chunk_dir in sorted(p for p in out_dir.iterdir() if p.is_dir() and not is_leftover_tmp(p)):
-        marker = read_chunk_marker(chunk_dir)
-        if marker is not None:
+        marker, damage = _chunk_state(chunk_dir)
+        if damage is not None:
+            # Complete once, changed since: leaving it out would shrink the KB without a word.
+            raise UserError(
+                f"downloaded chunk {chunk_dir} is damaged ({damage}): "
+                "rerun `retformer download` to download it again"
+            )
+        if marker is None:
+            unfinished.append(chunk_dir.name)
+        else:
             paths.extend(chunk_dir / s for s in _listed_shards(marker))
+    if unfinished:
+        log.warning(
+            "%d chunk folder(s) under %s are not complete (being downloaded, or a run died): %s; "
+            "their shards are not listed",
+            len(unfinished),
+            out_dir,
+            ", ".join(unfinished[:5]) + (" ..." if len(unfinished) > 5 else ""),
+        )
     return sorted(paths)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from artifacts.atomic import remove_dead_temps, tmp_name, write_json_atomic
 from artifacts.errors import UserError
+from artifacts.shards import UID_RE
 from kb_builder.download.engine import _img2dataset_version, _run_img2dataset
 from kb_builder.download.settings import (
     _OOM_SHARD_COUNT,
@@ -57,8 +58,15 @@ def _read_input(chunk: Path, settings: dict[str, Any]) -> pa.Table:
     uids = table.column(UID_COL)
     if uids.null_count:
         raise UserError(f"metadata chunk {chunk}: {uids.null_count} row(s) have no {UID_COL}")
-    if len(set(map(str, uids.to_pylist()))) != table.num_rows:
+    texts = [str(u) for u in uids.to_pylist()]
+    if len(set(texts)) != table.num_rows:
         raise UserError(f"metadata chunk {chunk}: the {UID_COL} column has duplicates")
+    bad = next((u for u in texts if not UID_RE.fullmatch(u)), None)
+    if bad is not None:
+        raise UserError(
+            f"metadata chunk {chunk}: uid {bad!r} has characters outside [A-Za-z0-9_-] "
+            "(uids name the KB's rows and files)"
+        )
     return table
 
 
@@ -156,22 +164,34 @@ def _summarise_state(chunk_dir: Path, marker: dict, uids: Iterable[Any]) -> None
 def read_chunk_marker(chunk_dir: Path | str) -> dict[str, Any] | None:
     """The `_SUCCESS` record of a complete chunk folder, or None when the chunk is not complete
     (no or unreadable marker, or a listed shard's tar, status Parquet or stats json is missing)."""
-    chunk_dir = Path(chunk_dir)
+    marker, _ = _chunk_state(Path(chunk_dir))
+    return marker
+
+
+def _chunk_state(chunk_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(marker, None) for a complete chunk; (None, None) without a valid marker (not finished);
+    (None, what is wrong) when the marker lists a file that is missing or has another size."""
     try:
         marker = json.loads((chunk_dir / SUCCESS_NAME).read_text())
     except (OSError, ValueError):
-        return None
+        return None, None
     if not isinstance(marker, dict) or marker.get("format_version") != FORMAT_VERSION:
-        return None
+        return None, None
     for rnd in marker.get("rounds", []):
         for shard in rnd.get("shards", []):
             tar = chunk_dir / shard["name"]
             stem = str(tar)[: -len(".tar")]
-            if not tar.is_file() or tar.stat().st_size != shard["bytes"]:
-                return None
-            if not (Path(stem + ".parquet").is_file() and Path(stem + "_stats.json").is_file()):
-                return None
-    return marker
+            if not tar.is_file():
+                return None, f"shard {tar} is missing"
+            if tar.stat().st_size != shard["bytes"]:
+                return (
+                    None,
+                    f"shard {tar} is {tar.stat().st_size} bytes, {SUCCESS_NAME} records {shard['bytes']}",
+                )
+            for other in (Path(stem + ".parquet"), Path(stem + "_stats.json")):
+                if not other.is_file():
+                    return None, f"{other} is missing"
+    return marker, None
 
 
 def _remove(path: Path) -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kb_builder.download.settings import _OOM_SHARD_COUNT, LOG_NAME, UID_COL
+from kb_builder.download.settings import _OOM_SHARD_COUNT, FETCH_LIMIT_KEYS, LOG_NAME, UID_COL
 
 
 def _img2dataset_version() -> str:
@@ -78,18 +78,20 @@ _RESIZER_KEYS = (
 )  # fmt: skip
 
 
-def _run_in_process(kwargs: dict[str, Any]) -> None:
+def _run_in_process(kwargs: dict[str, Any], limits: dict[str, Any]) -> None:
     """img2dataset's Reader -> Downloader (threads) -> WebDatasetSampleWriter, in this process.
 
     The same components and files as `download()` with processes_count=1, without its SIGINT handler,
     logger process and one-process pool. Failed img2dataset shards are retried max_shard_retry times.
+    Fetching is `fetch.py`'s, within `limits` (FetchLimits fields).
     """
     for k, v in _quiet_env().items():
         os.environ.setdefault(k, v)
-    from img2dataset.downloader import Downloader
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
+
+    from kb_builder.download.fetch import FetchLimits, SafeDownloader
 
     folder = Path(kwargs["output_folder"])
     tmp_path = folder / "_tmp"
@@ -111,7 +113,8 @@ def _run_in_process(kwargs: dict[str, Any]) -> None:
         start_shard_id=0,
     )
     resizer = Resizer(blurrer=None, **{key: kwargs[key] for key in _RESIZER_KEYS})
-    downloader = Downloader(
+    downloader = SafeDownloader(
+        limits=FetchLimits(**limits),
         sample_writer_class=WebDatasetSampleWriter,
         resizer=resizer,
         thread_count=kwargs["thread_count"],
@@ -159,13 +162,19 @@ def _in_process_supported() -> bool:
     return all(names <= set(inspect.signature(cls.__init__).parameters) for cls, names in needs.items())
 
 
-_SUBPROCESS_MAIN = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
+# The spawned pool processes of download() get the limits with the pickled SafeDownloader.
+_SUBPROCESS_MAIN = (
+    "import json, sys; from kb_builder.download.fetch import install_in_download; "
+    "install_in_download(json.loads(sys.argv[2])); "
+    "from img2dataset import download; download(**json.loads(sys.argv[1]))"
+)
 
 
 def _run_img2dataset(input_parquet: Path, folder: Path, settings: dict[str, Any]) -> None:
     """Run img2dataset on `input_parquet` into the empty folder `folder`; its console output goes to
     `folder/_img2dataset.log`."""
     kwargs = _download_kwargs(input_parquet, folder, settings)
+    limits = {key: settings[key] for key in FETCH_LIMIT_KEYS}
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / LOG_NAME
     if settings["processes_count"] > 1 or not _in_process_supported():
@@ -173,7 +182,7 @@ def _run_img2dataset(input_parquet: Path, folder: Path, settings: dict[str, Any]
         kwargs = {k: v for k, v in kwargs.items() if not (isinstance(v, float) and math.isinf(v))}
         with open(log_path, "ab") as out:
             proc = subprocess.run(
-                [sys.executable, "-c", _SUBPROCESS_MAIN, json.dumps(kwargs)],
+                [sys.executable, "-c", _SUBPROCESS_MAIN, json.dumps(kwargs), json.dumps(limits)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **_quiet_env()},
@@ -186,4 +195,4 @@ def _run_img2dataset(input_parquet: Path, folder: Path, settings: dict[str, Any]
         return
     # img2dataset prints progress and tracebacks: keep them in the chunk's log, not the user's console.
     with open(log_path, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        _run_in_process(kwargs)
+        _run_in_process(kwargs, limits)

@@ -48,9 +48,20 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "timeout": 10,
     "retries": 0,
     "max_shard_retry": 1,
+    # Our limits per request (kb_builder/download/fetch.py; img2dataset has none of them): bytes of one
+    # response, pixels of one image (read from its header before anything is decoded: Pillow's own
+    # decompression-bomb limit), and seconds for the whole request (`timeout` is per socket operation).
+    "max_bytes": 20 * 1024 * 1024,
+    "max_pixels": 89_478_485,
+    "deadline": 60,
 }
+FETCH_LIMIT_KEYS = ("max_bytes", "max_pixels", "deadline")
 # Settings that change how a chunk is fetched but not what it contains: changing them never redoes a chunk.
-RUN_ONLY_KEYS = frozenset({"processes_count", "thread_count", "timeout", "retries", "max_shard_retry"})
+# The fetch limits are here too, as `timeout` is: a chunk fetched under other limits is kept (use
+# retry_failed to fetch its failures again under new ones).
+RUN_ONLY_KEYS = frozenset(
+    {"processes_count", "thread_count", "timeout", "retries", "max_shard_retry", *FETCH_LIMIT_KEYS}
+)
 # download() arguments this stage fixes itself.
 _FIXED_KEYS = frozenset(
     {
@@ -98,12 +109,18 @@ def normalize_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
             f"known: {', '.join(sorted(DEFAULT_SETTINGS))}"
         )
     out = {**DEFAULT_SETTINGS, **settings}
-    for key in ("image_size", "number_sample_per_shard", "processes_count", "thread_count", "timeout"):
+    for key in (
+        "image_size", "number_sample_per_shard", "processes_count", "thread_count", "timeout",
+        "max_bytes", "max_pixels",
+    ):  # fmt: skip
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
             raise UserError(f"download settings: {key} must be an integer >= 1, got {out[key]!r}")
     for key in ("retries", "max_shard_retry", "min_image_size"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 0:
             raise UserError(f"download settings: {key} must be an integer >= 0, got {out[key]!r}")
+    deadline = out["deadline"]
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
+        raise UserError(f"download settings: deadline must be a number of seconds > 0, got {deadline!r}")
     if out["resize_mode"] not in _RESIZE_MODES:
         raise UserError(
             f"download settings: resize_mode must be one of {_RESIZE_MODES}, got {out['resize_mode']!r}"
@@ -142,6 +159,14 @@ _SIMPLE_REASONS = {
 }
 
 
+_FETCH_REFUSALS = {
+    "unsupported url scheme": "unsupported_scheme",
+    "response over max_bytes": "too_many_bytes",
+    "deadline of": "deadline_exceeded",
+    "image of": "too_many_pixels",
+}
+
+
 def failure_class(message: str | None, status: str | None = None) -> str:
     """A short class for img2dataset's free-text `error_message` (urllib, OpenCV and resizer texts).
 
@@ -152,6 +177,9 @@ def failure_class(message: str | None, status: str | None = None) -> str:
         return status or "unknown"
     text = message.strip()
     low = text.lower()
+    for prefix, reason in _FETCH_REFUSALS.items():  # fetch.py's own texts
+        if low.startswith(prefix):
+            return reason
     http = re.match(r"http error (\d{3})", low)
     if http:
         return f"http_{http.group(1)}"
