@@ -154,8 +154,8 @@ def evaluated(ws: Path, method: str) -> list[dict]:
     proves this path reproduces eval.json), with each sample's shot group from eval.json."""
     report = json.loads((ws / "runs" / RUN / "eval.json").read_text())
     f = load_retrieval_features(Workspace(ws), DATASET, KB, TABLE_K, "test").subset_k(K)
-    pred = predict(load_model(ws / "runs" / RUN / f"{method}.pt"), f).argmax(dim=1).tolist()
-    shot = shot_group_of(report["shot_split"], len(report["class_names"]))
+    logits = predict(load_model(ws / "runs" / RUN / f"{method}.pt"), f)
+    pred, shot = logits.argmax(dim=1).tolist(), shot_group_of(report["shot_split"], logits.shape[1])
     return [
         {"uid": u, "pred": p, "label": y, "correct": p == y, "shot": shot[y]}
         for u, p, y in zip(f.uids, pred, f.labels.tolist(), strict=True)
