@@ -32,7 +32,8 @@ def predict(
     run: Annotated[
         str,
         typer.Argument(
-            help="A run folder, a run name under <workdir>/runs, or a model file (<run>/<method>.pt)."
+            help="A run folder, a run name under <workdir>/runs (a pattern picks the newest match: "
+            "'fmnist_lt-fmnist_world-demo-*'), or a model file (<run>/<method>.pt)."
         ),
     ],
     images: Annotated[

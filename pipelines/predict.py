@@ -20,6 +20,7 @@ manifest is read. The index and KB parts must be the ones the run was trained ag
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -140,7 +141,8 @@ def model_files(run_dir: Path) -> dict[str, Path]:
 
 
 def find_model_file(run: str | Path, method: str | None = None, workdir: Path | str | None = None) -> Path:
-    """The model file of `run`: a model file itself, a run folder, or a run name under `<workdir>/runs`.
+    """The model file of `run`: a model file itself, a run folder, or a run name under `<workdir>/runs`
+    (a shell pattern such as `fmnist_lt-fmnist_world-demo-*` picks the newest matching run).
     In a run folder, `method` picks the file (a method or result name, e.g. `retformer@k4`); without it,
     retformer (or retformer_ft), else the run's only model. UserError when there is none to pick."""
     path = Path(run)
@@ -150,6 +152,10 @@ def find_model_file(run: str | Path, method: str | None = None, workdir: Path | 
         dict.fromkeys([path] + ([Path(workdir) / "runs" / str(run)] if workdir is not None else []))
     )
     run_dir = next((c for c in candidates if c.is_dir()), None)
+    if run_dir is None and glob.has_magic(str(run)) and workdir is not None:
+        # run names end in a config hash (`fmnist_lt-fmnist_world-demo-1a2b3c4d`): a pattern picks the newest
+        found = [p for p in (Path(workdir) / "runs").glob(str(run)) if p.is_dir() and model_files(p)]
+        run_dir = max(found, key=lambda p: p.stat().st_mtime, default=None)
     if run_dir is None:
         where = " or ".join(str(c) for c in candidates)
         raise UserError(f"run not found: {run} (no run folder or model file at {where})")
@@ -175,12 +181,12 @@ def find_model_file(run: str | Path, method: str | None = None, workdir: Path | 
 
 def _workspace_of(saved: SavedModel, workdir: Path | str | None) -> Workspace:
     """The workspace holding the run's KB: the one the model file sits in (`<root>/runs/<run>/`), else
-    the one it was trained in, else `workdir`."""
+    `workdir`, else the one it was trained in."""
     kb = saved.info["kb"]["name"]
     run_dir = saved.path.resolve().parent
     roots = [run_dir.parent.parent] if run_dir.parent.name == "runs" else []
-    roots += [Path(saved.info["workspace"])] if saved.info.get("workspace") else []
     roots += [Path(workdir)] if workdir is not None else []
+    roots += [Path(saved.info["workspace"])] if saved.info.get("workspace") else []
     for root in roots:
         if (Workspace(root).kb_index(kb) / "index.json").is_file():
             return Workspace(root)
@@ -203,7 +209,7 @@ class Predictor:
 
     def __init__(self, saved: SavedModel, ws: Workspace, device: str | None = None) -> None:
         info = saved.info
-        missing = [key for key in ("encoders", "kb", "index", "class_names", "k") if not info.get(key)]
+        missing = [key for key in ("encoders", "kb", "index", "k") if not info.get(key)]
         if missing:
             raise UserError(
                 f"{saved.path} holds no {', '.join(missing)} (written before model files carried what "
@@ -215,7 +221,8 @@ class Predictor:
         self.device = _device(device)
         self.model = saved.model.to(self.device).eval()
         self.finetuned = saved.model.config.get("kind") == "finetune"
-        self.class_names: list[str] = list(info["class_names"])
+        classes = int(info.get("num_classes") or 0)
+        self.class_names: list[str] = list(info.get("class_names") or [str(c) for c in range(classes)])
         self.k = int(info["k"])
         self.search_k = max(self.k, int(info.get("search_k") or self.k))
         self.kb = str(info["kb"]["name"])

@@ -3,10 +3,10 @@ the pipeline's tables (embeddings, neighbors) as pandas DataFrames.
 
     from retformer import load_run, read_embeddings, read_neighbors
 
-    run = load_run("work/runs/demo-fmnist_lt-fmnist_all")        # a run folder, run name or model file
+    run = load_run("fmnist_lt-fmnist_world-demo-*")  # a run name or pattern, a run folder, a model file
     preds = run.predict(["shirt.png", "photos/", "shard-00000.tar"])  # files, folders, shards
     preds = run.predict(embeddings=read_embeddings("work/datasets/fmnist_lt/embeddings/test"))
-    table = read_neighbors("work", "fmnist_lt", "fmnist_all", k=32, split="test")
+    table = read_neighbors("work", "fmnist_lt", "fmnist_world", k=32, split="test")
 
 `Run.predict` returns one row per image: path, uid, class, class_index, score (softmax of the logits),
 top5 (list of {class, index, score}) and neighbors (list of {kb_id, uid, caption, similarity, label}),

@@ -101,7 +101,8 @@ class Run:
 def load_run(
     run: str | Path, method: str | None = None, workdir: str | Path = "work", device: str = "auto"
 ) -> Run:
-    """A trained run: a run folder, a run name under `workdir/runs`, or a model file (`<run>/<method>.pt`).
+    """A trained run: a run folder, a run name under `workdir/runs` (a pattern such as
+    `fmnist_lt-fmnist_world-demo-*` picks the newest match), or a model file (`<run>/<method>.pt`).
 
     method: which of the run's models (default: retformer, else the run's only model); device: auto,
     cpu, cuda. Everything else comes from the model file; the KB must be the one the run was trained

@@ -132,6 +132,10 @@ def test_predict_on_the_test_shards_equals_the_evaluation_sample_by_sample(e2e_w
     expected = eval_predictions(e2e_workspace, "retformer")
     assert set(records) == set(expected) and len(records) == 200
     assert all(records[u]["class_index"] == c for u, c in expected.items())
+    saved = run_dir / "predictions" / "retformer.parquet"  # the evaluation's per-sample file, where written
+    if saved.is_file():
+        rows = pq.read_table(saved, columns=["uid", "pred"]).to_pylist()
+        assert len(rows) == 200 and all(records[r["uid"]]["class_index"] == r["pred"] for r in rows)
     table = pq.read_table(
         e2e_workspace / "datasets" / DATASET / "neighbors" / KB / f"k{TABLE_K}" / "test.parquet"
     ).to_pylist()
@@ -140,15 +144,16 @@ def test_predict_on_the_test_shards_equals_the_evaluation_sample_by_sample(e2e_w
 
 
 def test_predict_picks_a_method_and_refuses_bad_runs(e2e_workspace: Path, tmp_path: Path):
-    """--method chooses the model (a retrieval-free one still lists its image's KB neighbors); a method
-    without a model file, a run that does not exist and a folder without model files each end with one
-    `error:` line naming the problem, exit 1."""
+    """--method chooses the model (a retrieval-free one still lists its image's KB neighbors) and a run
+    name may be a pattern (run names end in a config hash); a method without a model file, a run that
+    does not exist and a folder without model files each end with one `error:` line naming the problem,
+    exit 1."""
     shard = sorted((e2e_workspace / "datasets" / DATASET / "shards").glob("test-*.tar"))[0]
     png = tmp_path / "one.png"
     rec = next(iter(read_shard(shard)))
     png.write_bytes(rec["image_bytes"])
     ws = ["--workdir", str(e2e_workspace)]
-    proc = run_cli("predict", RUN, str(png), "--method", "mlp_only", "--neighbors", "2", *ws)
+    proc = run_cli("predict", "tin?", str(png), "--method", "mlp_only", "--neighbors", "2", *ws)
     line = json.loads(proc.stdout)
     assert line["class_index"] == eval_predictions(e2e_workspace, "mlp_only")[rec["uid"]]
     assert len(line["neighbors"]) == 2
@@ -162,3 +167,52 @@ def test_predict_picks_a_method_and_refuses_bad_runs(e2e_workspace: Path, tmp_pa
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert message in lines[0]
+
+
+def test_fine_tuned_model_predicts_what_its_evaluation_gave(e2e_workspace: Path, small_manifests, tmp_path):
+    """A fine-tune method's model file (its own trained encoder + head) predicts from the images: on the
+    test shards every image gets the class of the run's evaluation (finetune_predict on the shard
+    images), while retrieval embeds them with the KB's frozen encoder, as the neighbor tables did."""
+    exp = tmp_path / "ft.yaml"
+    exp.write_text(
+        json.dumps(
+            {
+                "name": "ft",
+                "k": K,
+                "eval_split": "test",
+                "methods": ["retformer_ft"],
+                "model": {"width": 32, "depth": 1, "heads": 2},
+                "train": {"epochs": 1, "batch_size": 32, "seed": 0},
+                "finetune": {"num_workers": 0},
+            }
+        )
+    )
+    m, ws = small_manifests, ["--workdir", str(e2e_workspace)]
+    run_cli(
+        "train",
+        "--dataset",
+        str(m["dataset"]),
+        "--kb",
+        str(m["kb"]),
+        "--experiment",
+        str(exp),
+        "--run",
+        "ft",
+        *ws,
+    )
+    saved = load_saved_model(e2e_workspace / "runs" / "ft" / "retformer_ft.pt")
+    assert saved.model.config["kind"] == "finetune"
+    shards = sorted((e2e_workspace / "datasets" / DATASET / "shards").glob("test-*.tar"))
+    out = tmp_path / "ft.jsonl"
+    run_cli("predict", "ft", *map(str, shards), "--out", str(out), *ws)
+    got = {r["uid"]: r["class_index"] for r in map(json.loads, out.read_text().splitlines())}
+    report = json.loads((e2e_workspace / "runs" / "ft" / "eval.json").read_text())["methods"]["retformer_ft"]
+    f = load_retrieval_features(Workspace(e2e_workspace), DATASET, KB, TABLE_K, "test")
+    top1 = sum(got[u] == int(y) for u, y in zip(f.uids, f.labels, strict=True)) / len(f.uids)
+    assert len(got) == 200 and top1 == pytest.approx(report["top1"], abs=1e-6)
+    saved_preds = e2e_workspace / "runs" / "ft" / "predictions" / "retformer_ft.parquet"
+    if saved_preds.is_file():
+        assert all(
+            got[r["uid"]] == r["pred"]
+            for r in pq.read_table(saved_preds, columns=["uid", "pred"]).to_pylist()
+        )
