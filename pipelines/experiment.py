@@ -21,12 +21,18 @@ Resume: each trainable method checkpoints to `<run>/<method>.ckpt.pt` and, once 
 `<method>.result.json`. Rerunning a run that was killed (no eval.json yet) reuses the finished
 methods' results and resumes the interrupted one from its checkpoint; rerunning a finished run
 repeats it from scratch.
+
+Under torchrun (`trainer/distributed.py`) every rank runs this whole experiment, every method and
+every selection grid in the same order (the trainings are collective); rank 0 alone decides what is
+reused or started over and alone writes into the run folder: model files, metrics, predictions,
+results, checkpoints, eval.json.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -40,9 +46,11 @@ from artifacts.embeddings_io import read_embeddings
 from artifacts.errors import UserError
 from artifacts.workspace import Workspace, read_json
 from pipelines.experiment_plan import eval_splits, plan_experiment, train_config
+from pipelines.runs import PREDICTIONS, safe_name, write_predictions
+from trainer import distributed
 from trainer.baselines import kb_label_problem, knn_vote
 from trainer.checkpoint import result_fingerprint, save_model
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, prediction_table
 from trainer.features import load_retrieval_features, neighbor_k_values
 from trainer.images import SplitImages, shard_images
 from trainer.methods import (
@@ -51,6 +59,7 @@ from trainer.methods import (
     select_method,
     train_method,
 )
+from trainer.progress import ModelProgress, tracking
 from trainer.selection import select_knn_k, shuffled, val_metrics
 from trainer.train import predict
 from trainer.zeroshot import (
@@ -69,9 +78,10 @@ def _safe(key: str) -> str:
 
 def _start_over(run_dir: Path) -> None:
     """A finished run (or resume: false) is repeated from scratch: drop its per-method state."""
-    for pattern in ("*.ckpt.pt", "*.result.json", "eval.json"):
+    for pattern in ("*.ckpt.pt", "*.result.json", "eval.json", "report.html"):
         for p in run_dir.glob(pattern):
             p.unlink()
+    shutil.rmtree(run_dir / PREDICTIONS, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------- running
@@ -167,7 +177,7 @@ def _zeroshot(ctx: _Context, evals: dict[str, tuple[Any, Any]]) -> dict[str, dic
     weights = zeroshot_weights(text, names, template_set)
     out = {}
     for split, (img, labels) in evals.items():
-        out[split] = evaluate(zeroshot_logits(img, weights), labels, ctx.info["shot_split"])
+        out[split] = _scored(zeroshot_logits(img, weights), labels, ctx.info["shot_split"])
         out[split].update({"mode": "zeroshot", "templates": template_set})
     return out
 
@@ -185,7 +195,30 @@ def _train_method(
 ) -> dict[str, dict[str, Any]]:
     """Train one method (feature or fine-tune mode) with checkpoints; its metrics per eval split."""
 
-    logits, epochs = train_method(
+    with tracking(ModelProgress(key, config.epochs, enabled=ctx.progress)):
+        logits, epochs = _train_one(ctx, method, key, k, config, train_f, evals, run_dir, policy)
+    out = {}
+    for split, f in evals.items():
+        out[split] = _scored(logits[split], f.labels, ctx.info["shot_split"])
+        out[split].update({"mode": METHODS[method].mode, "epochs": epochs})
+        if method not in RETRIEVAL_FREE:
+            out[split]["k"] = k
+    return out
+
+
+def _train_one(
+    ctx: _Context,
+    method: str,
+    key: str,
+    k: int,
+    config: Any,
+    train_f: Any,
+    evals: dict[str, Any],
+    run_dir: Path,
+    policy: dict | None,
+) -> tuple[dict[str, Any], int]:
+    """`train_method` with the run's paths: (logits per eval split, epochs)."""
+    return train_method(
         method,
         config,
         train_f,
@@ -201,15 +234,21 @@ def _train_method(
         progress=ctx.progress,
         image_encoder=lambda: ctx.image_encoder(config.seed),
         images=lambda split, f: ctx.images(split, f.uids, config.images),
-        save=lambda model, path: save_model(path, model, ctx.model_info(method, key, k, config)),
+        save=lambda model, path: _save_main(path, model, ctx.model_info(method, key, k, config)),
     )
-    out = {}
-    for split, f in evals.items():
-        out[split] = evaluate(logits[split], f.labels, ctx.info["shot_split"])
-        out[split].update({"mode": METHODS[method].mode, "epochs": epochs})
-        if method not in RETRIEVAL_FREE:
-            out[split]["k"] = k
-    return out
+
+
+def _save_main(path: Path, model: Any, info: dict[str, Any]) -> None:
+    """save_model on rank 0 only (under torchrun every rank holds the same trained model)."""
+    if distributed.is_main():
+        save_model(path, model, info)
+
+
+def _predictions(run_dir: Path, name: str, table: Any) -> str:
+    """write_predictions on rank 0; every rank gets the file's path (relative to the run folder)."""
+    if distributed.is_main():
+        return write_predictions(run_dir, name, table)
+    return f"{PREDICTIONS}/{safe_name(name)}.parquet"
 
 
 def _select_trained(
@@ -233,30 +272,43 @@ def _select_trained(
         "opts": opts,
     }
 
+    def line(name: str, cfg: Any) -> ModelProgress:
+        # One console line per model over its whole grid; every fit's epochs in <name>.metrics.jsonl.
+        total = _grid_epochs(name, plan, cfg)
+        metrics = run_dir / f"{_safe(name)}.metrics.jsonl" if distributed.is_main() else None
+        return ModelProgress(name, total, ctx.progress, metrics)
+
     def mlp_only() -> Any:
         if ctx.mlp_only is None:
             cfg = plan["configs"].get("mlp_only") or train_config(ctx.exp, "mlp_only")
-            ctx.mlp_only = select_method("mlp_only", "paper", cfg, train_f, val_f, mlp_only=None, **common)
+            with tracking(line("mlp_only", cfg)):
+                ctx.mlp_only = select_method(
+                    "mlp_only", "paper", cfg, train_f, val_f, mlp_only=None, **common
+                )
         return ctx.mlp_only
 
     if method == "mlp_only":
         sel = mlp_only()
     else:
-        sel = select_method(
-            method, plan["recipe"], plan["configs"][method], train_f, val_f, mlp_only=mlp_only, **common
-        )
+        with tracking(line(key, plan["configs"][method])):
+            sel = select_method(
+                method, plan["recipe"], plan["configs"][method], train_f, val_f, mlp_only=mlp_only, **common
+            )
     # The selected model with its choices (alpha and gate_t live in its config): a self-describing file.
     info = ctx.model_info(method, key, train_f.k, plan["configs"].get(method))
-    save_model(run_dir / f"{_safe(key)}.pt", sel.model, info, selected=sel.selected, val_top1=sel.val_top1)
+    if distributed.is_main():
+        save_model(
+            run_dir / f"{_safe(key)}.pt", sel.model, info, selected=sel.selected, val_top1=sel.val_top1
+        )
     extra = {"mode": "frozen", "selected": sel.selected, "select_split": ctx.exp["select_split"]}
     val = {"val": val_metrics(predict(sel.model, val_f), val_f.labels, shot)}
     out = {}
     for split, f in evals.items():
-        out[split] = {**evaluate(predict(sel.model, f), f.labels, shot), **extra, **val}
+        out[split] = {**_scored(predict(sel.model, f), f.labels, shot), **extra, **val}
         if method not in RETRIEVAL_FREE:
             seed = opts.shuffle_seed
             val_sh = {"val": val_metrics(predict(sel.model, shuffled(val_f, seed)), val_f.labels, shot)}
-            control = evaluate(predict(sel.model, shuffled(f, seed)), f.labels, shot)
+            control = _scored(predict(sel.model, shuffled(f, seed)), f.labels, shot)
             out[f"{split}:shuffled"] = {**control, **extra, **val_sh, "control": "neighbors shuffled"}
     return out
 
@@ -291,7 +343,7 @@ def _knn(
     out = {}
     for s, f in evals.items():
         scores = knn_vote(f.subset_k(min(k, f.k)), num_classes)
-        out[s] = {**evaluate(scores, f.labels, shot), "mode": "vote", "k": k, **extra}
+        out[s] = {**_scored(scores, f.labels, shot), "mode": "vote", "k": k, **extra}
     return out
 
 
@@ -302,11 +354,16 @@ def run_experiment(
     exp: dict[str, Any],
     run_dir: Path,
     progress: bool = True,
+    config_hash: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every method of `exp`; writes run_dir/eval.json and returns it.
 
     Several eval splits (`eval_split: [webvision_val, imagenet_val]`) evaluate each trained model on
-    each; results on the splits after the first are named `<method>@<split>`."""
+    each; results on the splits after the first are named `<method>@<split>`. Each result also gets
+    macro_f1, worst_class and `predictions`: its Parquet file of per-sample predictions under
+    `<run>/predictions/` (`trainer.evaluate.prediction_table`). progress: one console line per trained
+    model (per-epoch figures go to `<result>.metrics.jsonl` only). config_hash: recorded in eval.json
+    (`pipelines.runs.check_overwrite` reads it)."""
 
     plan = plan_experiment(exp, kb)
     methods, k_values, policy = plan["methods"], plan["k_values"], plan["checkpoint"]
@@ -338,20 +395,24 @@ def run_experiment(
         if select_split is not None:
             val_all = load_retrieval_features(ws, ds["name"], kb["name"], table_k, select_split)
         zs_evals = {s: (f.query_img, f.labels) for s, f in evals_all.items()}
+        samples = {s: (f.labels, f.uids) for s, f in evals_all.items()}
         train_size = len(train_all)
     else:
-        zs_evals = {}
+        zs_evals, samples = {}, {}
         for s in splits:
             table = read_embeddings(ws.dataset_embeddings(ds["name"], s))
             zs_evals[s] = (torch.from_numpy(table.image_emb.astype("float32")), table.label)
+            samples[s] = (table.label, [str(u) for u in table.uid])
         train_size = int(info["splits"].get("train", 0))
     eval_sizes = {s: len(labels) for s, (_, labels) in zs_evals.items()}
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
     resume = policy is not None and policy["resume"]
-    if not resume or (run_dir / "eval.json").is_file():
-        _start_over(run_dir)
-    ctx = _Context(ws, ds, kb, exp, info, progress)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume or (run_dir / "eval.json").is_file():
+            _start_over(run_dir)
+    ctx = _Context(ws, ds, kb, exp, info, progress and main)
     ctx.table_k = table_k
     results: dict[str, Any] = {}
     for k in k_values:
@@ -379,7 +440,8 @@ def run_experiment(
                 train_size,
                 eval_sizes,
             )
-            previous = read_json(done) if resume else None
+            # Rank 0 reads it (after its start-over): every rank reuses, or trains, the same methods.
+            previous = distributed.from_main(lambda done=done: read_json(done) if resume else None)
             if previous is not None and previous.get("fingerprint") == fp:
                 log.info("%s: reusing the result of the interrupted run (%s)", key, done)
                 results.update(previous["metrics"])
@@ -398,12 +460,21 @@ def run_experiment(
             else:
                 by_split = _train_method(ctx, method, key, k, config, train_f, evals, run_dir, policy)
             seconds = round(time.perf_counter() - started, 2)
-            metrics = {_row_name(names, s): {**m, "seconds": seconds} for s, m in by_split.items()}
+            metrics = {}
+            for s, m in by_split.items():
+                name = _row_name(names, s)
+                labels, uids = samples[s.partition(":")[0]]
+                scores = m.pop("_scores")
+                table = prediction_table(scores, labels, uids, info["shot_split"])
+                m["predictions"] = _predictions(run_dir, name, table)
+                metrics[name] = {**m, "seconds": seconds}
             results.update(metrics)
-            if policy is not None:
+            if policy is not None and main:
                 write_json_atomic(done, {"fingerprint": fp, "metrics": metrics})
                 (run_dir / f"{_safe(key)}.ckpt.pt").unlink(missing_ok=True)
     report = {
+        "run": run_dir.name,
+        "config_hash": config_hash,
         "dataset": ds["name"],
         "kb": kb["name"],
         "experiment": exp["name"],
@@ -417,6 +488,8 @@ def run_experiment(
         "eval_size": eval_sizes[splits[0]],
         "eval_sizes": eval_sizes,
         "shot_split": info["shot_split"],
+        "class_names": info.get("class_names"),
+        "train_class_counts": info.get("train_class_counts"),
         "config": {
             "train": exp.get("train", {}),
             "method_train": exp.get("method_train", {}) or {},
@@ -428,10 +501,29 @@ def run_experiment(
         },
         "methods": results,
     }
-    write_json_atomic(run_dir / "eval.json", report)
-    for p in run_dir.glob("*.result.json"):
-        p.unlink()
+    if main:
+        write_json_atomic(run_dir / "eval.json", report)
+        for p in run_dir.glob("*.result.json"):
+            p.unlink()
     return report
+
+
+def _scored(scores: Any, labels: Any, shot_split: dict | None) -> dict[str, Any]:
+    """`evaluate`'s metrics plus the scores themselves under `_scores` (run_experiment turns them into
+    the result's predictions file and drops them)."""
+    return {**evaluate(scores, labels, shot_split), "_scores": scores}
+
+
+def _grid_epochs(method: str, plan: dict[str, Any], config: Any) -> int | None:
+    """The epochs a selection trains `method` for over its grid (the console line's total); None when
+    not known here (the line then grows fit by fit)."""
+    opts = plan["select"]
+    base = method.split("@", 1)[0]
+    if base in ("mlp_only", "linear_probe"):
+        return len(opts.lr_grid) * int(opts.baseline_epochs)
+    if plan["recipe"] == "stacked":
+        return len(opts.retformer_grid) * int(opts.retformer_epochs)
+    return int(config.epochs) if config is not None else None
 
 
 def _row_name(names: dict[str, str], split: str) -> str:

@@ -1,0 +1,73 @@
+"""Run folders: their default name (a hash of the resolved configuration), the refusal to overwrite a
+finished run of another configuration, and the per-sample predictions files of their results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from artifacts.atomic import atomic_path
+from artifacts.errors import UserError
+from artifacts.workspace import read_json
+
+
+def safe_name(key: str) -> str:
+    """A result name as a file name (`retformer@k8` -> `retformer-k8`), as the run's other files."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", key)
+
+
+PREDICTIONS = "predictions"  # <run>/predictions/<result>.parquet: one row per eval sample
+
+
+def _without_private(value: Any) -> Any:
+    """A manifest without the keys the loader adds (`_manifest_path`: where it was read from)."""
+    if isinstance(value, dict):
+        return {k: _without_private(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, list):
+        return [_without_private(v) for v in value]
+    return value
+
+
+def run_config(ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any]) -> dict[str, Any]:
+    """What a run's results depend on: the resolved dataset, KB and experiment manifests (after `--set`),
+    without where they were read from."""
+    return {"dataset": _without_private(ds), "kb": _without_private(kb), "experiment": _without_private(exp)}
+
+
+def config_hash(ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any]) -> str:
+    """8 hex digits of the SHA-256 of `run_config` (canonical JSON): the default run name's suffix."""
+    text = json.dumps(run_config(ds, kb, exp), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def default_run_name(ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any]) -> str:
+    """`<dataset>-<kb>-<experiment>-<config hash>`: another configuration gets another run folder."""
+    return f"{ds['name']}-{kb['name']}-{exp['name']}-{config_hash(ds, kb, exp)}"
+
+
+def check_overwrite(run_dir: Path, wanted: str, force: bool = False) -> None:
+    """UserError when `run_dir` holds a finished run of another configuration (its eval.json's
+    config_hash differs from `wanted`, or it has none: a run from before the hashes) and not `force`.
+    An unfinished run is not refused: its methods resume or restart by their own fingerprints."""
+    done = read_json(run_dir / "eval.json")
+    if done is None or force or done.get("config_hash") == wanted:
+        return
+    had = done.get("config_hash") or "not recorded"
+    raise UserError(
+        f"run {run_dir.name} already holds a finished run of another configuration (config {had}, "
+        f"this one {wanted}): choose another --run name, or pass --force to replace it"
+    )
+
+
+def write_predictions(run_dir: Path, name: str, table: Any) -> str:
+    """Write a result's predictions table; its path relative to the run folder."""
+    import pyarrow.parquet as pq
+
+    rel = f"{PREDICTIONS}/{safe_name(name)}.parquet"
+    (run_dir / PREDICTIONS).mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / rel) as tmp:
+        pq.write_table(table, tmp)
+    return rel
