@@ -3,6 +3,13 @@ address), handed to every kb_builder `run_<stage>` as its `map_tasks` (see `task
 
 Why processes and one thread per worker: every worker holds its own encoder and torch already
 parallelises inside an op; a task per shard costs ~2 ms of scheduling, negligible at shard size.
+
+Shutdown: a worker process that has loaded torch, open_clip and sentence-transformers needs 2-8 s of
+interpreter teardown (module and extension finalisation; measured on the shared 2-core machine) after
+Dask has closed it, more than the 4 s its nanny waits before killing it with "Worker process still
+alive after 4.0 seconds, killing". `FastExit` (pipelines/worker_exit.py) lets the workers of the
+clusters started here leave at once, skipping that teardown, once Dask has closed them cleanly (their
+results are returned and their files renamed into place by then).
 """
 
 from __future__ import annotations
@@ -99,7 +106,11 @@ def dask_client(
             env={"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker)},
         )
     client = Client(cluster)
-    tqdm.write(f"Dask dashboard: {client.dashboard_link}")
+    if isinstance(cluster, LocalCluster):  # LocalCUDACluster too; not others' workers or SLURM jobs
+        from pipelines.worker_exit import FastExit
+
+        client.register_plugin(FastExit())
+    log.info("Dask dashboard: %s", client.dashboard_link)
     try:
         yield client
     finally:
@@ -133,7 +144,9 @@ def run_tasks(
     results: list[dict | None] = [None] * len(items)
     total = 0
     start = time.perf_counter()
-    with tqdm(total=len(items), desc=desc, unit=unit) as bar:
+    from pipelines.console import progress_enabled
+
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress_enabled()) as bar:
         for future in as_completed(futures):
             res = future.result()
             results[index[future.key]] = res

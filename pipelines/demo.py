@@ -8,6 +8,8 @@ split is reported once.
 
 from __future__ import annotations
 
+import io
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,17 +21,19 @@ from artifacts.errors import UserError
 from artifacts.workspace import Workspace
 from pipelines import stages
 
+log = logging.getLogger(__name__)
+
 # (dataset manifest, KB manifest): the development datasets the demo reports.
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("fmnist_lt", "fmnist_world"), ("digits_lt", "digits_world"))
 
 
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    typer.echo(f"== {stage}")
+    # One info line as a stage starts; the times go to the table at the end (`stage_table`).
+    log.info("%s", stage)
     started = time.perf_counter()
     yield
     timings[stage] = round(time.perf_counter() - started, 1)
-    typer.echo(f"== {stage} done in {timings[stage]:.1f} s")
 
 
 def demo_pairs(datasets: list[str] | None, kbs: list[str] | None) -> list[tuple[str, str]]:
@@ -70,7 +74,7 @@ def run_pair(
     with _timed(timings, f"{ds_m['name']}: neighbors"):
         nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, scheduler=scheduler, workers=workers)
     with _timed(timings, f"{ds_m['name']}: train+evaluate"):
-        report = stages.stage_train(ws, ds_m, kb_m, exp_m, f"demo-{ds_m['name']}-{kb_m['name']}")
+        report = stages.stage_train(ws, ds_m, kb_m, exp_m)  # run named with its config hash
     summary = results_summary(report)
     summary.update(
         {
@@ -78,6 +82,7 @@ def run_pair(
             "description": ds_m.get("description"),
             "kb": kb_m["name"],
             "experiment": exp_m["name"],
+            "run": report.get("run"),
             "k": report["k"],
             "select_split": report.get("select_split"),
             "eval_split": report["eval_split"],
@@ -102,6 +107,25 @@ def knn_comparison(report: dict) -> str | None:
         "is class-balanced: kNN reads them directly, free of the long-tailed training prior that any "
         "trained head learns (docs/method-notes.md)."
     )
+
+
+def stage_table(results: dict[str, dict]) -> str:
+    """Seconds per stage (rows) and dataset (columns), with each dataset's total: a table drawn by rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="stage times (s)", box=None, pad_edge=False, show_edge=False)
+    table.add_column("stage", no_wrap=True)
+    for name in results:
+        table.add_column(name, justify="right", no_wrap=True)
+    stage_names = list(dict.fromkeys(k for r in results.values() for k in r.get("stage_seconds", {})))
+    for stage in stage_names:
+        cells = [r.get("stage_seconds", {}).get(stage) for r in results.values()]
+        table.add_row(stage, *["-" if c is None else f"{c:.1f}" for c in cells])
+    table.add_row("total", *[f"{r.get('wall_seconds', 0):.1f}" for r in results.values()])
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None, highlight=False).print(table)
+    return out.getvalue().rstrip("\n")
 
 
 def run_demo(
@@ -135,5 +159,9 @@ def run_demo(
         typer.echo(format_table(report))
         if line := knn_comparison(report):
             typer.echo(line)
+        if summary.get("run"):
+            typer.echo(f"report: {ws.run_dir(summary['run']) / 'report.html'}")
+    typer.echo("")
+    typer.echo(stage_table(results))
     typer.echo(f"\nwall time {wall:.1f} s; written {out}")
     return {"datasets": results, "wall_seconds": wall}

@@ -1,0 +1,176 @@
+"""The console (issue 11 item 6): one progress line per trained model, no per-epoch JSON on the console,
+--quiet / --verbose as global options, the demo's stage-time table, and Dask workers that leave
+without the nanny killing them."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+
+import pytest
+import torch
+import typer
+from tqdm import tqdm
+from typer.testing import CliRunner
+
+from artifacts.errors import UserError
+from pipelines import console, stages
+from tests.test_selection import EXPERIMENT, write_workspace
+from trainer.progress import ModelProgress
+
+torch.set_num_threads(1)
+
+DS = {"name": "syn"}
+KB = {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}}
+SMALL = {
+    **copy.deepcopy(EXPERIMENT),
+    "methods": ["retformer", "mlp_only", "knn_vote"],
+    "select": {**EXPERIMENT["select"], "lr_grid": [3e-3, 1e-2], "retformer_grid": [[3e-3, 0.0]]},
+}
+
+
+@pytest.fixture(autouse=True)
+def default_console():
+    """Every test starts and ends with the default console (INFO, bars on)."""
+    console.configure()
+    yield
+    console.configure()
+
+
+def final_lines(text: str) -> list[str]:
+    """What a terminal shows at the end: each line's last carriage-return segment."""
+    return [line.split("\r")[-1].rstrip() for line in text.split("\n") if line.split("\r")[-1].strip()]
+
+
+def test_model_line_names_the_method_with_its_figures(capsys) -> None:
+    """A model's line reads `<name> <done>/<total> loss <l> val <v>` (val: the best of a selection's
+    per-choice figures); a second fit adds to the same line; a resumed fit counts its checkpoint's
+    epochs as done; the finished line stays on stderr, nothing goes to stdout."""
+    line = ModelProgress("retformer", total=4)
+    seen = []
+    line.begin_fit(2)
+    for entry in ({"loss": 0.612, "val_top1": 0.78}, {"loss": 0.5, "val_top1_0.5": 0.8, "val_top1_0.0": 0.7}):
+        line.epoch(entry)
+        seen.append(f"{line.done}/{line.total} {line.figures}")
+    line.begin_fit(2, start_epoch=1)
+    line.epoch({"loss": 0.4})
+    seen.append(f"{line.done}/{line.total} {line.figures}")
+    line.close()
+    assert seen == ["1/4 loss 0.612 val 0.780", "2/4 loss 0.500 val 0.800", "4/4 loss 0.400"]
+    out, err = capsys.readouterr()
+    assert out == "" and final_lines(err) == [final_lines(err)[0]]
+    assert final_lines(err)[0].startswith("retformer 4/4 loss 0.400 |")
+
+
+def test_train_console_is_one_line_per_model_and_no_json(tmp_path, capfd) -> None:
+    """`stage_train` of a selection experiment: stdout stays empty (the CLI prints the table), stderr
+    ends with one line per trained model (mlp_only over its 2-lr grid, retformer over its grid) at
+    its full count, and no per-epoch JSON anywhere; the epochs are in the metrics files instead.
+    With --quiet nothing at all is drawn."""
+    ws = write_workspace(tmp_path)
+    stages.stage_train(ws, DS, KB, SMALL, run="loud")
+    out, err = capfd.readouterr()
+    assert out == "" and '{"epoch"' not in err
+    grid = SMALL["select"]
+    shown = [line for line in final_lines(err) if not line.startswith("INFO")]
+    assert len(shown) == 2, shown
+    mlp_total = len(grid["lr_grid"]) * grid["baseline_epochs"]
+    assert shown[0].startswith(f"mlp_only {mlp_total}/{mlp_total} loss ") and " val " in shown[0]
+    rf_total = grid["retformer_epochs"]
+    assert shown[1].startswith(f"retformer {rf_total}/{rf_total} loss ") and " val " in shown[1]
+    assert len((ws.run_dir("loud") / "mlp_only.metrics.jsonl").read_text().splitlines()) == mlp_total
+
+    console.configure(quiet=True)
+    stages.stage_train(ws, DS, KB, SMALL, run="quiet")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err
+
+
+def test_quiet_and_verbose_set_levels_and_bars() -> None:
+    """--quiet: WARNING and no bars (also tqdm bars the stages do not create); --verbose: DEBUG; both:
+    one error."""
+    console.configure(quiet=True)
+    assert logging.getLogger().level == logging.WARNING and not console.progress_enabled()
+    assert tqdm(total=1).disable
+    console.configure(verbose=True)
+    assert logging.getLogger().level == logging.DEBUG and console.progress_enabled()
+    assert not tqdm(total=1, file=sys.stderr).disable
+    with pytest.raises(UserError, match="exclude each other"):
+        console.configure(quiet=True, verbose=True)
+
+
+def test_options_callback_wires_into_a_typer_app() -> None:
+    """`app.callback()(console.options)` gives every command `--quiet` / `--verbose` before its name
+    (the lines pipelines/cli.py adds)."""
+    app = typer.Typer()
+    app.callback()(console.options)
+
+    @app.command()
+    def show() -> None:
+        typer.echo(f"{console.progress_enabled()} {logging.getLevelName(logging.getLogger().level)}")
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["--quiet", "show"]).output.strip() == "False WARNING"
+    assert runner.invoke(app, ["--verbose", "show"]).output.strip() == "True DEBUG"
+    assert runner.invoke(app, ["show"]).output.strip() == "True INFO"
+
+
+def test_demo_stage_table() -> None:
+    """The demo ends with one table: a row per stage and the total, a column per dataset."""
+    from pipelines.demo import stage_table
+
+    text = stage_table(
+        {
+            "fmnist_lt": {"stage_seconds": {"shards": 20.5, "embed": 304.0}, "wall_seconds": 330.1},
+            "digits_lt": {"stage_seconds": {"shards": 1.0, "embed": 30.0}, "wall_seconds": 31.0},
+        }
+    )
+    rows = [line.split() for line in text.splitlines()]
+    assert rows[1] == ["stage", "fmnist_lt", "digits_lt"]
+    assert rows[2:] == [["shards", "20.5", "1.0"], ["embed", "304.0", "30.0"], ["total", "330.1", "31.0"]]
+
+
+class SlowTeardown:
+    """Stands for torch / open_clip's slow interpreter teardown: 6 s when the worker's modules are
+    finalised (the nanny kills a worker still alive after 4 s)."""
+
+    def __del__(self) -> None:
+        time.sleep(6)
+
+
+def _hold_slow_teardown() -> int:
+    import os
+
+    sys.modules[__name__].HELD = SlowTeardown()  # a module global: finalised at interpreter teardown
+    return os.getpid()
+
+
+def test_local_cluster_closes_without_killing_its_workers() -> None:
+    """A LocalCluster worker whose interpreter teardown takes 6 s: `dask_client` closes the cluster in
+    well under the nanny's 4 s grace, and no "Worker process still alive" warning is logged."""
+    from pipelines.dask_runner import dask_client
+
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    nanny = logging.getLogger("distributed.nanny")
+    catch = Catch(level=logging.WARNING)
+    nanny.addHandler(catch)
+    try:
+        with dask_client(n_workers=1) as client:
+            client.submit(_hold_slow_teardown, pure=False).result()
+            closing = time.monotonic()
+        took = time.monotonic() - closing
+    finally:
+        nanny.removeHandler(catch)
+    assert not [m for m in seen if "still alive" in m], seen
+    assert took < 3.5, took
