@@ -1,0 +1,413 @@
+"""Issue 10, the data path: nothing lost, nothing silent. Every case runs the real `retformer` CLI.
+
+- a shard cut short (inside a member's padding, as `truncate -s` does) is one `error:` line naming it,
+  exit 1, and the other shards' finished parts are kept, so the rerun redoes only the fixed shard;
+  where a manifest records the shard, its size and sample count are checked against it;
+- a KB whose shards hold no sample is "the KB ... is empty" at embed, not an index error later;
+- a uid outside `[A-Za-z0-9_-]` is one error naming the shard (or metadata chunk) and the uid;
+- download fetches http(s) only and refuses too many bytes, too many pixels and a slow drip, each
+  counted as a failure class, against a loopback server;
+- an imagefolder's text file named `x.png` is skipped and counted, an empty class folder warned about;
+- a bad `embed:` option fails before any KB shard is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset
+import yaml
+from PIL import Image
+
+from artifacts.embeddings_io import list_parts, read_embeddings
+from artifacts.errors import UserError
+from artifacts.shards import manifest_path
+from artifacts.workspace import Workspace
+from kb_builder.download import download_chunk
+from tests.conftest import SMALL_ENCODERS, needs_fmnist, write_manifest
+from tests.helpers import run_cli
+from tests.test_embed_robustness import bomb_png
+
+pytestmark = pytest.mark.filterwarnings("ignore:value is deprecated:DeprecationWarning")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def png_bytes(seed: int, side: int = 16) -> bytes:
+    """A small random RGB PNG (sizes vary, so members rarely end on a 512-byte boundary)."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side + seed % 5, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_user_shard(path: Path, uids: list[str], start: int = 0) -> Path:
+    """A webdataset tar as a user would bring it (no shard manifest): png, txt and json per sample."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f, webdataset.TarWriter(f, encoder=False, mtime=0) as writer:
+        for i, uid in enumerate(uids):
+            meta = {"uid": uid, "label": None, "source": "user"}
+            writer.write(
+                {
+                    "__key__": f"s{start + i:06d}",
+                    "png": png_bytes(start + i),
+                    "txt": f"photo {start + i}".encode(),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
+    return path
+
+
+def cut_inside_padding(path: Path, member_index: int = 0, at_least: int = 0) -> int:
+    """Truncate `path` inside the zero padding after the first member from `member_index` whose data
+    ends at or after byte `at_least` (data intact, padding short: the cut the old reader took for the
+    end of the archive); returns the new size."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    for m in members[member_index:]:
+        if m.size % 512 not in (0, 511) and m.offset_data + m.size >= at_least:
+            cut = m.offset_data + m.size + 1
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+            return cut
+    raise AssertionError("no member with room in its padding")
+
+
+def user_kb(tmp_path: Path, name: str, shard_dir: Path) -> Path:
+    """A KB manifest over the user's own webdataset shards in `shard_dir`."""
+    return write_manifest(
+        tmp_path / f"{name}.yaml",
+        {
+            "name": name,
+            "source": {"kind": "webdataset", "path": str(shard_dir)},
+            "encoders": SMALL_ENCODERS,
+            "embed": {"batch_size": 32},
+            "index": {"kind": "flat", "k": 8},
+        },
+    )
+
+
+def error_lines(proc) -> list[str]:
+    """The `error:` lines of a finished CLI run (after checking that it printed no traceback)."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def embed(kb: Path, ws: Path, *more: str, check: bool = True):
+    return run_cli("embed", "--kb", str(kb), *more, "--workdir", str(ws), "--workers", "1", check=check)
+
+
+def record(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------ 1. truncated shards
+def test_truncated_user_shard_is_one_error_and_the_good_part_is_kept(tmp_path):
+    """A user KB of two 40-sample shards, the second cut inside a member's padding: embed exits 1 with
+    one `error:` line naming that shard (the reader used to stop there and embed 10 of its 40 with
+    exit 0); the first shard's part is written and kept. With the shard restored, the rerun embeds only
+    it: 1 part done before, 40 images embedded, 80 rows in all."""
+    shards = tmp_path / "shards"
+    write_user_shard(shards / "user-00000.tar", [f"a{i}" for i in range(40)])
+    good = write_user_shard(shards / "user-00001.tar", [f"b{i}" for i in range(40)], start=40).read_bytes()
+    cut = cut_inside_padding(shards / "user-00001.tar", member_index=30)
+    assert 0 < cut < len(good)
+    kb = user_kb(tmp_path, "user_cut", shards)
+    ws = tmp_path / "work"
+
+    proc = embed(kb, ws, check=False)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "user-00001.tar" in line and "user-00000.tar" not in line, line
+    assert "1 of 2 shard(s) not embedded" in line and "truncated" in line, line
+    parts = list_parts(Workspace(ws).kb_embeddings("user_cut"))
+    assert [p.name for p in parts] == ["part-user-00000.parquet"]
+    assert not Workspace(ws).kb_stage_record("user_cut", "embed").exists()
+
+    (shards / "user-00001.tar").write_bytes(good)
+    embed(kb, ws)
+    rec = record(Workspace(ws).kb_stage_record("user_cut", "embed"))
+    assert rec["parts_done_before"] == 1 and rec["embedded_this_run"] == 40 and rec["images"] == 80
+    table = read_embeddings(Workspace(ws).kb_embeddings("user_cut"))
+    assert table.uid.tolist() == [f"a{i}" for i in range(40)] + [f"b{i}" for i in range(40)]
+
+
+@needs_fmnist
+def test_truncated_dataset_shard_is_checked_against_its_manifest(e2e_workspace, small_manifests, tmp_path):
+    """The issue's case on a copy of the end-to-end workspace: the dataset's test-00001.tar (100
+    images) cut inside a member's padding near byte 30000 is an error naming it and its manifest (the
+    old reader stopped there: 13 of 100 embedded, exit 0, the test split shrinking without a word).
+    `retformer shards` rewrites only that shard (the others are byte-identical, their files and mtimes
+    kept) and embed then redoes only it: 200 test rows. A shard whose sample count disagrees with its
+    manifest (size unchanged) is refused too."""
+    ws_root = tmp_path / "work"
+    shutil.copytree(e2e_workspace, ws_root)
+    ws = Workspace(ws_root)
+    m = small_manifests
+    shard_dir = ws.dataset_shards("tiny_lt")
+    victim = shard_dir / "test-00001.tar"
+    others = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar") if p != victim}
+    cut = cut_inside_padding(victim, at_least=30000)
+
+    proc = embed(m["kb"], ws_root, "--dataset", str(m["dataset"]), check=False)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert f"test-00001.tar is {cut} bytes" in line and "_SUCCESS-test.json" in line, line
+    assert "retformer shards" in line
+
+    run_cli("shards", "--dataset", str(m["dataset"]), "--workdir", str(ws_root))
+    assert {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar") if p != victim} == others
+    embed(m["kb"], ws_root, "--dataset", str(m["dataset"]))
+    test_rec = record(ws.dataset_stage_record("tiny_lt", "embed-test"))
+    assert test_rec["parts_done_before"] == 1 and test_rec["embedded_this_run"] == 100
+    assert len(read_embeddings(ws.dataset_embeddings("tiny_lt", "test")).uid) == 200
+    assert record(ws.kb_stage_record("tiny_all", "embed"))["embedded_this_run"] == 0
+
+    # Same bytes, but the manifest says 101 samples: the count check (not the size check) refuses it.
+    manifest = manifest_path(shard_dir, "test")
+    info = record(manifest)
+    info["shards"][0]["count"] += 1
+    manifest.write_text(json.dumps(info))
+    (ws.dataset_embeddings("tiny_lt", "test") / "part-test-00000.parquet").unlink()
+    proc = embed(m["kb"], ws_root, "--dataset", str(m["dataset"]), check=False)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "test-00000.tar: 100 samples read, but" in line and "records 101" in line, line
+
+
+# ----------------------------------------------------------------------------------- 2. empty KB
+def test_empty_user_kb_is_named_at_embed(tmp_path):
+    """A user KB whose only shard is an empty webdataset tar: embed exits 1 with "the KB ... is empty"
+    naming the KB and the shard (it used to write a 0-row part, and index then reported
+    `index.k=8 must be smaller than the KB (0 rows)`)."""
+    shards = tmp_path / "shards"
+    write_user_shard(shards / "empty-00000.tar", [])
+    kb = user_kb(tmp_path, "user_empty", shards)
+    proc = embed(kb, tmp_path / "work", check=False)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "the KB user_empty is empty" in line and "empty-00000.tar" in line, line
+
+
+# -------------------------------------------------------------------------------------- 6. uids
+def test_uid_outside_the_contract_is_one_error_naming_shard_and_uid(tmp_path):
+    """A user shard with the uid "photo 7.jpg" (space and dot): one error naming the shard and the uid;
+    a download metadata chunk with such a uid is refused before anything is fetched."""
+    shards = tmp_path / "shards"
+    write_user_shard(shards / "bad-00000.tar", ["ok_1", "photo 7.jpg", "ok-3"])
+    kb = user_kb(tmp_path, "user_uids", shards)
+    proc = embed(kb, tmp_path / "work", check=False)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "bad-00000.tar" in line and "'photo 7.jpg'" in line and "[A-Za-z0-9_-]" in line, line
+
+    chunk = tmp_path / "meta" / "c.parquet"
+    chunk.parent.mkdir()
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.png"], "text": ["a"], "uid": ["a/b"]}), chunk)
+    with pytest.raises(UserError, match=r"uid 'a/b' has characters outside"):
+        download_chunk(chunk, tmp_path / "dl")
+    assert not (tmp_path / "dl" / "c").exists()
+
+
+# -------------------------------------------------------------------------------------- 3. download
+class _Handler(BaseHTTPRequestHandler):
+    """/ok.png, /big.png (Content-Length over the cap), /stream.png (the same, no Content-Length),
+    /bomb.png (a real decompression bomb), /slow.png (a good PNG, one byte per 0.2 s), /to-ftp (302 to
+    ftp:). Every request is counted by path."""
+
+    protocol_version = "HTTP/1.0"
+    files: dict[str, bytes] = {}
+    hits: dict[str, int] = {}
+    drip_seconds: list[float] = []  # how long each /slow.png response went on before the client left
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?")[0]
+        self.hits[path] = self.hits.get(path, 0) + 1
+        if path == "/to-ftp":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1:9/ok.png")
+            self.end_headers()
+            return
+        body = self.files.get(path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        if path != "/stream.png":
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        started = time.monotonic()
+        try:
+            if path == "/slow.png":
+                for i in range(len(body)):  # within every socket timeout, past any sane deadline
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            else:
+                self.wfile.write(body)
+        except OSError:
+            pass  # the client gave up
+        finally:
+            if path == "/slow.png":
+                self.drip_seconds.append(time.monotonic() - started)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def limits_site(tmp_path) -> Iterator[str]:
+    """The loopback server of the download test (127.0.0.1:<free port>), its base URL."""
+    big = io.BytesIO()
+    Image.effect_noise((400, 400), 60).convert("RGB").save(big, "PNG")  # ~480 KB, incompressible
+    files = {
+        "/ok.png": png_bytes(1, 32),
+        "/big.png": big.getvalue(),
+        "/stream.png": big.getvalue(),
+        "/bomb.png": bomb_png(),
+        "/slow.png": png_bytes(2, 32),
+    }
+    handler = type("H", (_Handler,), {"files": files, "hits": {}, "drip_seconds": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_fetches_http_only_within_bytes_pixels_and_deadline(limits_site, tmp_path):
+    """`retformer download` against the loopback server, max_bytes 200 kB, deadline 3 s, the default
+    max_pixels: the good PNG is stored; a file: URL, a data: URL (urllib would have decoded it into a
+    KB image) and a redirect to ftp: are `unsupported_scheme`; a 480 kB PNG (with and without
+    Content-Length) is `too_many_bytes`; an 11 kB PNG of 90 M pixels is `too_many_pixels` (img2dataset
+    decodes it in full and stores it otherwise); a server dripping a byte per 0.2 s (each read well
+    within the 10 s socket timeout) is `deadline_exceeded`: the client leaves after about 3 s, where
+    the whole 3 kB would take ten minutes. The stored image embeds; a cut shard of the chunk is then an
+    error naming the chunk."""
+    base, handler = limits_site
+    local = tmp_path / "local.png"
+    local.write_bytes(png_bytes(3, 32))
+    urls = {
+        "ok": f"{base}/ok.png",
+        "file": local.as_uri(),
+        "data": "data:image/png;base64," + base64.b64encode(png_bytes(4, 32)).decode(),
+        "redirect": f"{base}/to-ftp",
+        "big": f"{base}/big.png",
+        "stream": f"{base}/stream.png",
+        "bomb": f"{base}/bomb.png",
+        "slow": f"{base}/slow.png",
+    }
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    pq.write_table(
+        pa.table({"url": list(urls.values()), "text": list(urls), "uid": list(urls)}), meta / "m.parquet"
+    )
+    settings = {
+        "image_size": 32,
+        "number_sample_per_shard": 10,
+        "thread_count": 4,
+        "timeout": 10,
+        "max_bytes": 200_000,
+        "deadline": 3,
+    }
+    out = tmp_path / "dl"
+    source = {"kind": "img2dataset", "metadata": str(meta), "path": str(out), "settings": settings}
+    kb = write_manifest(
+        tmp_path / "dl.yaml", {"name": "dl_limits", "source": source, "encoders": SMALL_ENCODERS}
+    )
+    ws = tmp_path / "work"
+    run_cli("download", "--kb", str(kb), "--workdir", str(ws), "--workers", "1")
+    rec = record(Workspace(ws).kb_stage_record("dl_limits", "download"))
+    assert rec["totals"]["successes"] == 1 and rec["totals"]["failed"] == 7
+    assert rec["failures"] == {
+        "unsupported_scheme": 3,
+        "too_many_bytes": 2,
+        "too_many_pixels": 1,
+        "deadline_exceeded": 1,
+    }
+    assert handler.hits.get("/to-ftp") == 1 and handler.hits.get("/slow.png") == 1
+    # The client left the drip after its 3 s deadline (the whole PNG would take ~10 minutes).
+    for _ in range(100):
+        if handler.drip_seconds:
+            break
+        time.sleep(0.1)
+    assert len(handler.drip_seconds) == 1 and handler.drip_seconds[0] < 15, handler.drip_seconds
+    status = pq.read_table(out / "m" / "00000.parquet").to_pydict()
+    by_uid = dict(zip(status["uid"], status["error_message"], strict=True))
+    assert by_uid["ok"] is None
+    assert by_uid["file"].startswith("unsupported url scheme 'file'")
+    assert by_uid["slow"].startswith("deadline of 3 s exceeded")
+
+    # The download embeds (its shard's sample count agrees with the chunk's _SUCCESS); once the shard
+    # is cut, the chunk is an error naming it (it used to drop out of the KB's shard list unsaid).
+    embed(kb, ws)
+    assert record(Workspace(ws).kb_stage_record("dl_limits", "embed"))["images"] == 1
+    shard = out / "m" / "00000.tar"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 1000)
+    proc = embed(kb, ws, check=False)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert f"downloaded chunk {out / 'm'} is damaged" in line and "retformer download" in line, line
+
+
+# ------------------------------------------------------------------------------------ 4. imagefolder
+def test_imagefolder_text_named_png_is_skipped_and_an_empty_class_folder_named(tmp_path):
+    """An imagefolder with a text file named `x.png` among the training images and an empty class
+    folder under test/: `retformer shards --dataset` exits 0 (it used to end in UnidentifiedImageError),
+    counts the file as `not_an_image` in dataset.json, leaves it out of the split, and warns naming the
+    empty folder."""
+    root = tmp_path / "folder"
+    for split, counts in {"train": {"ant": 5, "bee": 5}, "test": {"ant": 2, "bee": 0}}.items():
+        for cls, n in counts.items():
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"img{i}.png").write_bytes(png_bytes(i + len(cls), 12))
+    (root / "train" / "ant" / "x.png").write_text("this is not an image\n")
+    ds = write_manifest(
+        tmp_path / "bugs.yaml",
+        {"name": "bugs", "kind": "imagefolder", "root": str(root), "val_fraction": 0.2, "shard_size": 50},
+    )
+    ws = tmp_path / "work"
+    proc = run_cli("shards", "--dataset", str(ds), "--workdir", str(ws))
+    assert "Traceback" not in proc.stderr
+    assert f"class folder {root / 'test' / 'bee'} has no images" in proc.stderr, proc.stderr
+    assert "1 not_an_image" in proc.stderr
+    info = record(Workspace(ws).dataset_info("bugs"))
+    skipped = info["split_notes"]["skipped_files"]
+    assert skipped["counts"] == {"not_an_image": 1}
+    assert skipped["examples"]["not_an_image"] == [str(root / "train" / "ant" / "x.png")]
+    assert info["splits"]["train"] + info["splits"]["val"] == 10 and info["splits"]["test"] == 2
+
+
+# -------------------------------------------------------------------------------- 5. embed options
+@needs_fmnist
+def test_bad_embed_option_fails_before_any_kb_shard_is_built(small_manifests, tmp_path):
+    """`embed` with `embed.batch_size: 0` in a KB built from a dataset: one error naming the key, and
+    no KB shard written (the check used to come after building the KB's shards)."""
+    spec = yaml.safe_load(small_manifests["kb"].read_text())
+    spec["embed"] = {"batch_size": 0}
+    kb = write_manifest(tmp_path / "bad_embed.yaml", spec)
+    ws = tmp_path / "work"
+    proc = embed(kb, ws, check=False)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "batch_size" in line, line
+    assert not Workspace(ws).kb_shards(spec["name"]).exists()
