@@ -5,7 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RETFORMER := $(VENV)/bin/retformer
 WORKDIR ?= work
-EXTRAS ?= cpu,dev
+# The extras of the last install are remembered (.venv/.extras): a later `make test` must not put
+# faiss-cpu beside the faiss-gpu of `make setup EXTRAS=gpu,dev`.
+DEFAULT_EXTRAS := cpu,dev
+SAVED_EXTRAS := $(shell cat $(VENV)/.extras 2>/dev/null)
+EXTRAS ?= $(or $(SAVED_EXTRAS),$(DEFAULT_EXTRAS))
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 KB ?= fmnist_world
 DATASET ?= fmnist_lt
@@ -15,25 +19,35 @@ SET ?=
 SCHEDULER ?=
 # A cluster manifest for the Dask stages (manifests/clusters/: local, slurm, slurm_gpu) or its path.
 CLUSTER ?=
+# `make train NPROC=4`: train with 4 processes under torchrun (one per GPU; gloo on the CPU); only rank
+# 0's output is shown.
+NPROC ?=
 # Pass `SET="train.epochs=3 k=8"` to override manifest values from make.
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 SCHED_ARGS := $(if $(SCHEDULER),--scheduler $(SCHEDULER),)
 CLUSTER_ARGS := $(if $(CLUSTER),--cluster $(CLUSTER),)
-COMMON := --workdir $(WORKDIR) $(SCHED_ARGS) $(CLUSTER_ARGS)
+COMMON := --workdir $(WORKDIR)
+# Where the Dask stages run (embed, index, neighbors, download, demo): shards and train take no cluster.
+DASK_ARGS := $(SCHED_ARGS) $(CLUSTER_ARGS)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
-export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help setup data demo test lint shards download embed index neighbors train evaluate bench-embed bench-index clean
+.PHONY: help setup data demo test lint shards download embed index neighbors train evaluate bench-embed bench-index bench-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-$(VENV)/.installed: pyproject.toml
+# Reinstalled when pyproject.toml changes or other extras are asked for (FORCE).
+$(VENV)/.installed: pyproject.toml $(if $(filter-out $(SAVED_EXTRAS),$(EXTRAS)),FORCE,)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
+	@# faiss-cpu and faiss-gpu-cu12 both provide `faiss`: drop the one the extras do not ask for.
+	@$(PY) -m pip uninstall -y -q $(if $(findstring gpu,$(EXTRAS)),faiss-cpu,faiss-gpu-cu12) 2>/dev/null || true
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@echo "$(EXTRAS)" > $(VENV)/.extras
 	@touch $@
+
+FORCE:
 
 setup: $(VENV)/.installed  ## create the virtualenv and install the project
 
@@ -50,31 +64,31 @@ data:  ## install Debian's dataset-fashion-mnist when its IDX files are missing
 	fi
 
 demo: setup data  ## the whole chain on Fashion-MNIST-LT: table + work/demo/results.json
-	$(RETFORMER) demo $(COMMON) $(SET_ARGS)
+	$(RETFORMER) demo $(COMMON) $(DASK_ARGS) $(SET_ARGS)
 
-test: setup data  ## the test suite
-	$(PY) -m pytest -q
+test: setup data  ## the test suite (offline: models from the installed packages only)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-shards: setup data  ## build KB shards (make shards KB=...)
+shards: setup  ## build KB shards (make shards KB=...)
 	$(RETFORMER) shards --kb $(KB) $(COMMON) $(SET_ARGS)
 
 download: setup  ## download a KB with img2dataset (make download KB=... [RETRY=1])
-	$(RETFORMER) download --kb $(KB) $(COMMON) $(SET_ARGS) $(if $(RETRY),--retry-failed,)
+	$(RETFORMER) download --kb $(KB) $(COMMON) $(DASK_ARGS) $(SET_ARGS) $(if $(RETRY),--retry-failed,)
 
-embed: setup data  ## embed a KB (make embed KB=...)
-	$(RETFORMER) embed --kb $(KB) $(COMMON) $(SET_ARGS)
+embed: setup  ## embed a KB (make embed KB=...)
+	$(RETFORMER) embed --kb $(KB) $(COMMON) $(DASK_ARGS) $(SET_ARGS)
 
 index: setup  ## build + recall-check the KB index (make index KB=...)
-	$(RETFORMER) index --kb $(KB) $(COMMON) $(SET_ARGS)
+	$(RETFORMER) index --kb $(KB) $(COMMON) $(DASK_ARGS) $(SET_ARGS)
 
-neighbors: setup data  ## top-k neighbor tables (make neighbors DATASET=... KB=...)
-	$(RETFORMER) neighbors --dataset $(DATASET) --kb $(KB) $(COMMON) $(SET_ARGS)
+neighbors: setup  ## top-k neighbor tables (make neighbors DATASET=... KB=...)
+	$(RETFORMER) neighbors --dataset $(DATASET) --kb $(KB) $(COMMON) $(DASK_ARGS) $(SET_ARGS)
 
-train: setup data  ## train + evaluate an experiment (make train DATASET=... KB=... EXPERIMENT=...)
-	$(RETFORMER) train --dataset $(DATASET) --kb $(KB) --experiment $(EXPERIMENT) $(COMMON) $(SET_ARGS)
+train: setup  ## train + evaluate an experiment (make train DATASET=... KB=... EXPERIMENT=... [NPROC=4])
+	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) --local-ranks-filter 0 -m pipelines.cli,$(RETFORMER)) train --dataset $(DATASET) --kb $(KB) --experiment $(EXPERIMENT) $(COMMON) $(SET_ARGS)
 
 evaluate: setup  ## print the results of a run (make evaluate RUN=...; default: the latest)
 	$(RETFORMER) evaluate $(if $(RUN),--run $(RUN),) --workdir $(WORKDIR)
@@ -87,3 +101,6 @@ clean:  ## remove the workspace (keeps the venv)
 
 bench-embed: setup  ## embed benchmark: end-to-end vs bare encoder forward, per encoder (BENCHMARKS.md)
 	$(PY) bench/bench_embed.py --out bench/results/embed.json
+
+bench-gpu: setup  ## GPU checks, one table: ViT-B-16 embed, faiss-gpu index, AMP fine-tune step (EXTRAS=gpu,dev; QUICK=1)
+	bash bench/gpu_check.sh $(if $(QUICK),--quick,) --out bench/results/gpu

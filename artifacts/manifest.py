@@ -75,6 +75,14 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`at line L, column C: problem` on one line (PyYAML's own message spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}: {problem}"
+
+
 def parse_yaml(text: str) -> Any:
     """YAML as manifests and `--set` values are read (see `_Loader`)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
@@ -90,7 +98,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         try:
             value = parse_yaml(raw)
         except yaml.YAMLError as exc:
-            raise UserError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+            raise UserError(f"override {item!r}: value is not valid YAML{_yaml_problem(exc)}") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -107,7 +115,7 @@ def load(category: str, name_or_path: str, overrides: list[str] | None = None) -
     try:
         data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"manifest {path} is not valid YAML: {exc}") from exc
+        raise UserError(f"manifest {path} is not valid YAML{_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"manifest {path} must be a mapping at the top level")
     data.setdefault("name", path.stem)

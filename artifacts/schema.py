@@ -151,6 +151,8 @@ def explain(exc: ValidationError, model: type[BaseModel]) -> str:
     given = err.get("input")
     shown = f", got {given!r}" if not isinstance(given, dict | list) and given is not None else ""
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type", "dataclass_type"):
+        msg = "must be a mapping of keys to values"  # not "an instance of <class>": YAML has none
     if err["type"] == "union_tag_invalid":
         msg = f"unknown kind {err['ctx']['tag']} (known: {err['ctx']['expected_tags']})"
         key, shown = f"{key}.kind" if key != "(top level)" else "kind", ""
@@ -169,7 +171,8 @@ def validate_section(
         line = explain(exc, model)
         key = line.split(":", 1)[0]
         typed = [(o, o.split("=", 1)[0].strip()) for o in overrides or []]
-        by = [o for o, k in typed if key in (k, k.split(".", 1)[-1])]
+        field = key.split("[", 1)[0]  # `k_values[0]` was set by `k_values=[0,4]`
+        by = [o for o, k in typed if field in (k, k.split(".", 1)[-1])]
         suffix = f" (from --set {by[-1]})" if by else ""
         raise UserError(f"{where}: {line}{suffix}") from None
     except UserError as exc:

@@ -22,6 +22,7 @@ import typer
 from artifacts.errors import UserError
 from artifacts.workspace import Workspace
 from pipelines import stages
+from pipelines.clusters import ClusterSpec
 
 app = typer.Typer(
     add_completion=False,
@@ -72,7 +73,34 @@ _SHARED: dict[str, list[tuple[str, Any, Any]]] = {
         ),
         (
             "workers",
-            Annotated[int | None, typer.Option("--workers", help="LocalCluster worker processes.")],
+            Annotated[
+                int | None,
+                typer.Option(
+                    "--workers", help="LocalCluster worker processes (with a SLURM --cluster: Dask workers)."
+                ),
+            ],
+            None,
+        ),
+        (
+            "cluster",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--cluster",
+                    help="Cluster manifest name (manifests/clusters/: local, slurm, slurm_gpu) or path.",
+                ),
+            ],
+            None,
+        ),
+        (
+            "scheduler_file",
+            Annotated[
+                Path | None,
+                typer.Option(
+                    "--scheduler-file",
+                    help="Scheduler file of a running cluster (`dask scheduler --scheduler-file PATH`).",
+                ),
+            ],
             None,
         ),
     ],
@@ -87,6 +115,18 @@ class Ctx:
     overrides: list[str] | None = None
     scheduler: str | None = None
     workers: int | None = None
+    cluster: ClusterSpec | None = None
+    scheduler_file: Path | None = None
+
+    @property
+    def dask(self) -> dict[str, Any]:
+        """Where the Dask tasks run, as the keywords of the stage_* functions (and dask_client)."""
+        return {
+            "scheduler": self.scheduler,
+            "workers": self.workers,
+            "cluster": self.cluster,
+            "scheduler_file": self.scheduler_file,
+        }
 
 
 def command(*groups: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -103,11 +143,18 @@ def command(*groups: str) -> Callable[[Callable[..., None]], Callable[..., None]
 
         @functools.wraps(fn)
         def run(**kwargs: Any) -> None:
+            from pipelines.clusters import resolve_cluster
+
+            scheduler, scheduler_file = kwargs.pop("scheduler", None), kwargs.pop("scheduler_file", None)
             ctx = Ctx(
-                Workspace(kwargs.pop("workdir")),
+                Workspace(_usable_workdir(kwargs.pop("workdir"))),
                 kwargs.pop("set_", None),
-                kwargs.pop("scheduler", None),
+                scheduler,
                 kwargs.pop("workers", None),
+                # The cluster manifest loaded and checked now: a bad one (or two ways to a cluster at
+                # once) is one error line before any work, even when the outputs turn out complete.
+                resolve_cluster(kwargs.pop("cluster", None), scheduler, scheduler_file),
+                scheduler_file,
             )
             fn(ctx, **kwargs)
 
@@ -118,6 +165,35 @@ def command(*groups: str) -> Callable[[Callable[..., None]], Callable[..., None]
         return app.command(name=fn.__name__)(run)
 
     return register
+
+
+def _usable_workdir(path: Path) -> Path:
+    """`path` if it is (or can become) a writable folder; one clear UserError otherwise."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the nearest existing ancestor decides whether it can be created
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"workdir {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"workdir {path}: {probe} is not writable")
+    return path
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"retformer {version('retformer')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """RetFormer: build a multimodal KB (embed, index, neighbors) and train the fusion model."""
 
 
 def _setup_env() -> None:
@@ -162,7 +238,7 @@ def download(
 ) -> None:
     """Download a KB's url/text/uid Parquet metadata into webdataset shards with img2dataset."""
     kb_m = stages.load_kb(kb, ctx.overrides)
-    rec = stages.stage_download(ctx.ws, kb_m, retry_failed, ctx.scheduler, ctx.workers)
+    rec = stages.stage_download(ctx.ws, kb_m, retry_failed, **ctx.dask)
     _echo_record(f"download {kb_m['name']}", rec, ["totals", "failures", "seconds"])
 
 
@@ -177,7 +253,7 @@ def embed(
     """Embed the KB's shards (and optionally a dataset's splits) into Parquet, one Dask task per shard."""
     kb_m = stages.load_kb(kb, ctx.overrides)
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides) if dataset else None
-    records = stages.stage_embed(ctx.ws, kb_m, ds_m, ctx.overrides, ctx.scheduler, ctx.workers)
+    records = stages.stage_embed(ctx.ws, kb_m, ds_m, ctx.overrides, **ctx.dask)
     for title, rec in records.items():
         extra = ["embedded_this_run"] if title == kb_m["name"] else []  # KB first, then dataset splits
         _echo_record(f"embed {title}", rec, ["images", *extra, "skipped", "images_per_s"])
@@ -187,7 +263,7 @@ def embed(
 def index(ctx: Ctx, kb: KbOpt) -> None:
     """Choose, build (in shards), tune and recall-check the KB's faiss index."""
     kb_m = stages.load_kb(kb, ctx.overrides)
-    rec = stages.stage_index(ctx.ws, kb_m, scheduler=ctx.scheduler, workers=ctx.workers)
+    rec = stages.stage_index(ctx.ws, kb_m, **ctx.dask)
     _echo_record(f"index {kb_m['name']}", rec, ["factory", "reason", "recall", "qps", "params", "seconds"])
 
 
@@ -197,13 +273,13 @@ def neighbors(
     dataset: DatasetOpt,
     kb: KbOpt,
     k: Annotated[
-        int | None, typer.Option("--k", help="Neighbors per image (default: dataset manifest).")
+        int | None, typer.Option("--k", min=1, help="Neighbors per image (default: dataset manifest).")
     ] = None,
 ) -> None:
     """Top-k KB neighbors for every split of a dataset (embeds the dataset first when needed)."""
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides)
     kb_m = stages.load_kb(kb, ctx.overrides)
-    rec = stages.stage_neighbors(ctx.ws, ds_m, kb_m, k, scheduler=ctx.scheduler, workers=ctx.workers)
+    rec = stages.stage_neighbors(ctx.ws, ds_m, kb_m, k, **ctx.dask)
     _echo_record(f"neighbors {ds_m['name']} x {kb_m['name']}", rec, ["k", "splits", "bytes_per_query_image"])
 
 
@@ -259,25 +335,36 @@ import pipelines.cli_use  # noqa: E402,F401  (registers predict)
 
 
 def main() -> None:
-    """Entry point: run the app; a UserError becomes one `error:` line and exit status 1."""
+    """Entry point: run the app. Bad input -- a UserError, a usage error, a path the OS refuses --
+    becomes one `error:` line on stderr and exit status 1 (2 for usage errors, as click has it)."""
     _setup_env()
     try:
         app(standalone_mode=False)
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        _fail(str(exc), 1)
+    except typer.TyperException as exc:  # typer bundles its own click: its errors derive from this
+        _fail(_usage_line(exc), getattr(exc, "exit_code", 2))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
+    except OSError as exc:  # a workdir that is a file, a read-only disk, a full one
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}", 1)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _usage_line(exc: Exception) -> str:
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = message or "no command given"  # `retformer` alone: the help was printed
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return " ".join(message.split()) + where
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def test_cifar100_lt_val_is_an_opt_in_hold_out_of_the_lt_train_split(cifar):
     assert not set(ds.train.uids) & set(ds.splits["val"].uids)
     assert set(ds.train.uids) | set(ds.splits["val"].uids) == set(whole.train.uids)
     assert "hold-out of 25% of each class" in ds.notes["val"]
-    with pytest.raises(UserError, match="val_fraction must be in"):
+    with pytest.raises(UserError, match="val_fraction: input should be less than 1"):
         load_dataset({**spec, "val_fraction": 2})
 
 

@@ -183,12 +183,16 @@ def test_experiment_manifest_runs_end_to_end(clip_ws, name):
     ("experiment", "overrides", "message"),
     [
         ("clip_zeroshot", [], "trained together"),
-        ("ours_finetune", ["experiment.finetune.encoder_lrr=1"], "unknown training option(s) encoder_lrr"),
-        ("k_sweep", ["experiment.k_values=[0,4]"], "k must be a positive integer"),
+        (
+            "ours_finetune",
+            ["experiment.finetune.encoder_lrr=1"],
+            "finetune.encoder_lrr: unknown key (did you mean 'encoder_lr'?)",
+        ),
+        ("k_sweep", ["experiment.k_values=[0,4]"], "k_values[0]: input should be greater than or equal to 1"),
         ("ours_fe", ["experiment.k_value=[4]"], "did you mean 'k_values'"),
-        ("demo", ["experiment.recipe=joint"], "recipe must be one of paper, stacked"),
+        ("demo", ["experiment.recipe=joint"], "recipe: input should be 'paper' or 'stacked'"),
         ("ours_fe", ["experiment.recipe=stacked"], "set select_split"),
-        ("demo", ["experiment.select.lr_grd=[1]"], "select: unknown option(s) lr_grd"),
+        ("demo", ["experiment.select.lr_grd=[1]"], "select.lr_grd: unknown key (did you mean 'lr_grid'?)"),
     ],
 )
 def test_bad_experiments_fail_with_one_line(small_manifests, tmp_path, experiment, overrides, message):

@@ -68,7 +68,7 @@ KEY_TYPES: dict[str, Any] = {
     "test_limit": PositiveInt,
     "test_per_class": PositiveInt,
     "val_per_class": PositiveInt,
-    "val_fraction": Annotated[float, Field(gt=0, lt=1)],
+    "val_fraction": Annotated[float, Field(ge=0, lt=1)],  # 0: no hold-out
     "shot_reference_ratio": Annotated[float, Field(ge=1)],
     "num_classes": PositiveInt,
     "imagenet_val_root": str,
