@@ -37,7 +37,9 @@ DatasetOpt = Annotated[
 ExperimentOpt = Annotated[
     str, typer.Option("--experiment", help="Experiment manifest name (manifests/experiments/) or path.")
 ]
-RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: dataset-kb-experiment).")]
+RunOpt = Annotated[
+    str | None, typer.Option("--run", help="Run name (default: dataset-kb-experiment-<config hash>).")
+]
 
 # The options several commands share, defined once: (parameter, annotation, default) per group.
 _SHARED: dict[str, list[tuple[str, Any, Any]]] = {
@@ -192,8 +194,15 @@ def _global(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars, no info lines: results and errors only.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False,
 ) -> None:
     """RetFormer: build a multimodal KB (embed, index, neighbors) and train the fusion model."""
+    from pipelines import console
+
+    console.configure(quiet, verbose)
 
 
 def _setup_env() -> None:
@@ -285,7 +294,14 @@ def neighbors(
 
 @command("set")
 def train(
-    ctx: Ctx, dataset: DatasetOpt, kb: KbOpt, experiment: ExperimentOpt = "demo", run: RunOpt = None
+    ctx: Ctx,
+    dataset: DatasetOpt,
+    kb: KbOpt,
+    experiment: ExperimentOpt = "demo",
+    run: RunOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a finished run of another configuration under --run.")
+    ] = False,
 ) -> None:
     """Train and evaluate the experiment's methods on precomputed neighbor tables."""
     from pipelines.results import format_table
@@ -293,7 +309,7 @@ def train(
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides)
     kb_m = stages.load_kb(kb, ctx.overrides)
     exp_m = stages.load_experiment(experiment, ctx.overrides)
-    typer.echo(format_table(stages.stage_train(ctx.ws, ds_m, kb_m, exp_m, run)))
+    typer.echo(format_table(stages.stage_train(ctx.ws, ds_m, kb_m, exp_m, run, force=force)))
 
 
 @command()
@@ -327,7 +343,7 @@ def demo(
     neighbors, train RetFormer + baselines with every choice on val, test reported once."""
     from pipelines.demo import demo_pairs, run_demo
 
-    run_demo(ctx.ws, demo_pairs(dataset, kb), experiment, ctx.overrides, ctx.scheduler, ctx.workers)
+    run_demo(ctx.ws, demo_pairs(dataset, kb), experiment, ctx.overrides, ctx.dask)
 
 
 import pipelines.cli_browse  # noqa: E402,F401  (registers browse)

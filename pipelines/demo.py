@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import typer
 
@@ -54,10 +55,11 @@ def run_pair(
     kb: str,
     experiment: str,
     overrides: list[str] | None,
-    scheduler: str | None,
-    workers: int | None,
+    dask: dict[str, Any] | None = None,
 ) -> tuple[dict, dict]:
-    """Shards, embed, index, neighbors, train + evaluate for one pair; returns (summary, report)."""
+    """Shards, embed, index, neighbors, train + evaluate for one pair; returns (summary, report).
+    `dask`: where the Dask stages run (scheduler / workers / cluster / scheduler_file, as the CLI's)."""
+    dask = dask or {}
     from pipelines.results import results_summary
 
     started = time.perf_counter()
@@ -68,11 +70,11 @@ def run_pair(
     with _timed(timings, f"{ds_m['name']}: shards"):
         stages.stage_shards(ws, kb_m, ds_m, overrides)
     with _timed(timings, f"{ds_m['name']}: embed"):
-        stages.stage_embed(ws, kb_m, ds_m, overrides, scheduler, workers)
+        stages.stage_embed(ws, kb_m, ds_m, overrides, **dask)
     with _timed(timings, f"{ds_m['name']}: index"):
-        index_rec = stages.stage_index(ws, kb_m, scheduler=scheduler, workers=workers)
+        index_rec = stages.stage_index(ws, kb_m, **dask)
     with _timed(timings, f"{ds_m['name']}: neighbors"):
-        nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, scheduler=scheduler, workers=workers)
+        nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, **dask)
     with _timed(timings, f"{ds_m['name']}: train+evaluate"):
         report = stages.stage_train(ws, ds_m, kb_m, exp_m)  # run named with its config hash
     summary = results_summary(report)
@@ -133,8 +135,7 @@ def run_demo(
     pairs: list[tuple[str, str]],
     experiment: str,
     overrides: list[str] | None,
-    scheduler: str | None,
-    workers: int | None,
+    dask: dict[str, Any] | None = None,
 ) -> dict:
     """Run every (dataset, KB) pair, print one table per dataset, write `demo/results.json`."""
     from pipelines.results import format_table
@@ -143,7 +144,7 @@ def run_demo(
     results: dict[str, dict] = {}
     reports: dict[str, dict] = {}
     for dataset, kb in pairs:
-        summary, report = run_pair(ws, dataset, kb, experiment, overrides, scheduler, workers)
+        summary, report = run_pair(ws, dataset, kb, experiment, overrides, dask)
         results[summary["dataset"]] = summary
         reports[summary["dataset"]] = report
     wall = round(time.perf_counter() - started, 1)
