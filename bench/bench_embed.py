@@ -3,11 +3,12 @@ on the same decoded batches, in the same run.
 
     python bench/bench_embed.py --out bench/results/embed.json [--device cuda] [--batch-size 256]
         [--threads 1] [--num-workers N] [--rounds 4] [--configs lite0_64,lite0_224,clip_b32]
-        [--scale 1.0] [--stage] [--no-steps]
+        [--scale 1.0] [--stage] [--no-steps] [--autocast on|off|default]
 
-Per config (image encoder, size, text encoder or none): Fashion-MNIST images with the demo's
-synthetic captions are written as one webdataset shard (`write_shards`; random images if
-Fashion-MNIST is missing). Each round runs, back to back,
+Configs include the paper's open_clip ViT-B-16 (`clip_b16`, `clip_b16_text`; random weights, same
+shapes and speed). Per config (image encoder, size, text encoder or none): Fashion-MNIST images
+with the demo's synthetic captions are written as one webdataset shard (`write_shards`; random
+images if Fashion-MNIST is missing). Each round runs, back to back,
   end-to-end: `embed_shard` (read the tar, decode, resize, normalise, image forward, text forward,
               assemble, write the Parquet part) into a fresh directory;
   bare:       the image encoder's `encode` on exactly the batches the stage feeds it (same pixels,
@@ -68,6 +69,14 @@ CONFIGS: dict[str, tuple[dict, dict | None, int, int | None]] = {
     "clip_b32_text": (
         {"name": "open_clip", "model": "ViT-B-32", "pretrained": None},
         {"name": "open_clip", "model": "ViT-B-32", "pretrained": None},
+        200,
+        None,
+    ),
+    # The paper's encoder (manifests/kb/datacomp_clip.yaml), random weights: same shapes and speed.
+    "clip_b16": ({"name": "open_clip", "model": "ViT-B-16", "pretrained": None}, None, 200, None),
+    "clip_b16_text": (
+        {"name": "open_clip", "model": "ViT-B-16", "pretrained": None},
+        {"name": "open_clip", "model": "ViT-B-16", "pretrained": None},
         200,
         None,
     ),
@@ -159,8 +168,14 @@ def bare_round(
     return {"image_wall": image_wall, "image_cpu": image_cpu, "text_wall": w2 - w1, "text_cpu": c2 - c1}
 
 
+def with_autocast(spec: dict | None, autocast: bool | None) -> dict | None:
+    """The encoder spec with its `autocast` key set (None: the encoder's default, on for CUDA)."""
+    return spec if spec is None or autocast is None else {**spec, "autocast": autocast}
+
+
 def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     image_spec, text_spec, n_images, workers_override = CONFIGS[name]
+    image_spec, text_spec = with_autocast(image_spec, args.autocast), with_autocast(text_spec, args.autocast)
     n = max(args.batch_size, int(n_images * args.scale))
     shard_dir = root / f"shards-{name}"
     shard = write_shards(fashion_samples(n), shard_dir, "world", n)[0]
@@ -403,7 +418,16 @@ def main() -> None:
     ap.add_argument("--no-steps", dest="steps", action="store_false", help="skip the per-step profile")
     ap.add_argument("--stage-shards", type=int, default=4)
     ap.add_argument("--stage-workers", type=int, default=2)
+    ap.add_argument(
+        "--autocast",
+        choices=["on", "off", "default"],
+        default="default",
+        help="the encoders' autocast (bf16/fp16 on CUDA; default: the encoder's own, on for CUDA)",
+    )
     args = ap.parse_args()
+    args.autocast = {"on": True, "off": False, "default": None}[args.autocast]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]

@@ -16,7 +16,9 @@ Recorded per dataset and index: build_s, qps, recall_at_<k>, exact_qps, speedup,
 and the estimated RAM, the tuned params, which index choose_index picks (with its reason), and
 whether the pick meets the goal (recall >= --goal-recall at >= --goal-speedup x exact queries/s;
 the goal applies from --goal-min-n vectors on). --neighbors-record adds the neighbor-storage
-figures of a neighbor stage run and an estimate for ImageNet-LT scale.
+figures of a neighbor stage run and an estimate for ImageNet-LT scale. With faiss-gpu, builds train
+and add on the GPU (kb_builder/index/build.py does so whenever faiss sees one: `built_on_gpu`), and
+--gpu adds, per index, its search on GPU 0 at the tuned setting against exact search on that GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from faiss.contrib.evaluation import knn_intersection_measure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -187,6 +190,52 @@ def predict_build_s(
     return s0 * scale
 
 
+# --- the same index on a GPU (--gpu) --------------------------------------------------------------
+
+
+def gpu_search(
+    out: Path,
+    params: dict[str, Any],
+    exact: faiss.Index,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    ground_truth: tuple[np.ndarray, np.ndarray],
+    k: int,
+    reps: int,
+) -> dict[str, Any]:
+    """The built index cloned to GPU 0 and searched at its tuned params, timed against exact search
+    on the same GPU (GpuIndexFlatIP), paired as on the CPU; recall@k against the exact ground truth.
+
+    Skipped (with the reason) for index types faiss cannot clone to a GPU (HNSW, IDMap+Refine).
+    """
+    index = ShardedIndex.load(out, mmap=False)
+    res = faiss.StandardGpuResources()
+    try:
+        shards = [faiss.index_cpu_to_gpu(res, 0, s) for s in index.shards]
+    except RuntimeError as exc:
+        return {"status": "skipped", "reason": f"no GPU version: {str(exc).splitlines()[0]}"}
+    space = faiss.GpuParameterSpace()
+    for shard in shards:
+        for name, value in params.items():
+            space.set_index_parameter(shard, name, float(value))
+    on_gpu = ShardedIndex(shards, index.meta)
+    exact_gpu = faiss.index_cpu_to_gpu(res, 0, exact)
+    exact_gpu.search(queries[:100], k + 1)  # warm-up (kernels, temporary memory)
+    on_gpu.search(queries[:100], k, exclude_ids=query_ids[:100])
+    timing = paired_timing(on_gpu, exact_gpu, queries, query_ids, k, reps)
+    _, ids = on_gpu.search(queries, k, exclude_ids=query_ids)
+    return {
+        "status": "ok",
+        "params": params,
+        f"recall_at_{k}": round(float(knn_intersection_measure(ids, ground_truth[1])), 4),
+        "qps": round(timing["qps"], 1),
+        "exact_qps": round(timing["exact_qps"], 1),
+        "speedup": round(timing["speedup"], 2),
+        "qps_reps": timing["qps_reps"],
+        "exact_qps_reps": timing["exact_qps_reps"],
+    }
+
+
 # --- one dataset -----------------------------------------------------------------------------------
 
 
@@ -307,6 +356,12 @@ def bench_dataset(
                 ],
             }
         )
+        row["built_on_gpu"] = any(sh.get("gpu") for sh in record.get("shards", []))
+        if args.gpu:
+            row["gpu"] = gpu_search(
+                out, report["chosen"], exact, queries, query_ids, ground_truth, k, args.time_reps
+            )
+            log.info("  %-40s on the GPU: %s", plan.factory, row["gpu"])
         log.info(
             "  %-40s build %7.1fs  %9.1f MB  recall@%d %.4f  %8.0f q/s (exact %5.0f, x%.1f)  %s",
             plan.factory,
@@ -489,7 +544,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where parts and indexes go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the built indexes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="also search each built index on GPU 0 against exact search on the GPU (needs faiss-gpu)",
+    )
     args = ap.parse_args(argv)
+    if args.gpu and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0):
+        ap.error("--gpu: faiss sees no GPU (faiss-cpu is installed, or no CUDA device is visible)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
