@@ -140,9 +140,10 @@ def shot_bars_axes(ax: Any, report: dict[str, Any], names: list[str]) -> None:
         ax.bar(x + (i - 1) * width, values, width, label=label, color=GROUP_COLORS[group])
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 116)  # the legend sits above 100
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title("many / medium / few-shot accuracy")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncols=3, loc="upper center")
 
 
 def main_figure(report: dict[str, Any]) -> Figure:
@@ -159,26 +160,34 @@ def main_figure(report: dict[str, Any]) -> Figure:
 
 
 def curves_figure(run_dir: Path, report: dict[str, Any]) -> Figure | None:
-    """Training loss and val top-1 per epoch of every trained result (one line per fit of a grid)."""
-    series = []
+    """Training loss and val top-1 per epoch of every trained result: one colour per result, one line
+    style per fit of its selection grid (the legend names the grid's fits)."""
+    series = []  # (result, fit index, number of fits, rows)
     for name in primary_results(report):
         entries = read_metrics(run_dir, name)
         fits = sorted({e.get("fit", 1) for e in entries})
-        for fit in fits:
-            rows = [e for e in entries if e.get("fit", 1) == fit]
-            cfg = rows[0].get("fit_config") or {}
-            label = name if len(fits) == 1 else f"{name} " + " ".join(f"{k}={v}" for k, v in cfg.items())
-            series.append((label, rows))
+        for i, fit in enumerate(fits):
+            series.append((name, i, len(fits), [e for e in entries if e.get("fit", 1) == fit]))
     if not series:
         return None
-    with_val = any(val_figure(e) is not None for _, rows in series for e in rows)
+    with_val = any(val_figure(e) is not None for *_, rows in series for e in rows)
     fig = Figure(figsize=(13, 4.2) if with_val else (7.5, 4.2), layout="constrained")
     axes = fig.subplots(1, 2 if with_val else 1, squeeze=False)[0]
-    for label, rows in series:
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(s[0] for s in series))}
+    styles = ("-", "--", ":", "-.")
+    for name, i, n, rows in series:
+        label = None
+        if i == 0:
+            label = (
+                name
+                if n == 1
+                else f"{name} ({n} fits: " + ", ".join(_fit_label(r) for r in _firsts(series, name)) + ")"
+            )
+        style = {"color": colors[name], "linestyle": styles[i % len(styles)], "linewidth": 0.9}
         epochs = [e["epoch"] for e in rows]
-        axes[0].plot(epochs, [e.get("loss") for e in rows], linewidth=1, label=label)
+        axes[0].plot(epochs, [e.get("loss") for e in rows], label=label, **style)
         if with_val:
-            axes[1].plot(epochs, [_pct(val_figure(e)) for e in rows], linewidth=1, label=label)
+            axes[1].plot(epochs, [_pct(val_figure(e)) for e in rows], label=label, **style)
     axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss per epoch")
     if with_val:
         # a selection records one val figure per choice (alpha, say): the best of them
@@ -188,6 +197,19 @@ def curves_figure(run_dir: Path, report: dict[str, Any]) -> Figure | None:
     for ax in axes:
         ax.legend(fontsize=6)
     return fig
+
+
+def _firsts(series: list[tuple[str, int, int, list[dict[str, Any]]]], name: str) -> list[dict[str, Any]]:
+    return [rows[0] for n, _, _, rows in series if n == name]
+
+
+def _fit_label(entry: dict[str, Any]) -> str:
+    """A fit's grid cell in a few characters: `lr 0.003` or `lr 0.003 la_tau 1.0`."""
+    cfg = entry.get("fit_config") or {}
+    parts = [f"lr {cfg['lr']:g}"] if "lr" in cfg else []
+    if "la_tau" in cfg:
+        parts.append(f"la_tau {cfg['la_tau']:g}")
+    return " ".join(parts) or f"fit {entry.get('fit', 1)}"
 
 
 def k_sweep_figure(report: dict[str, Any]) -> Figure | None:

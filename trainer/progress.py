@@ -63,6 +63,7 @@ class ModelProgress:
         self._bar: _Line | None = None
         self._last_step_draw = 0.0
         self._last_draw = 0.0
+        self._epoch_started = time.monotonic()
         if log_path is not None:
             log_path.write_text("")
 
@@ -70,6 +71,7 @@ class ModelProgress:
         """A fit of `epochs` epochs starts (at `start_epoch` when resumed)."""
         self.fit += 1
         self.fit_config = dict(fit_config or {})
+        self._epoch_started = time.monotonic()
         if self.total is None or self.done + epochs > self.total:
             self.total = self.done + epochs  # unknown (or underestimated) total: grow it
         self.done += start_epoch
@@ -82,9 +84,10 @@ class ModelProgress:
         self._draw()
 
     def step(self, step: int, steps: int) -> None:
-        """Optimizer step `step` of `steps` in the current epoch: shown on long epochs, twice a second."""
+        """Optimizer step `step` of `steps` in the current epoch: shown once an epoch has run for
+        2 s (a long epoch says it is alive), then at most twice a second."""
         now = time.monotonic()
-        if self._bar is None or now - self._last_step_draw < 0.5:
+        if self._bar is None or now - self._epoch_started < 2.0 or now - self._last_step_draw < 0.5:
             return
         self._last_step_draw = now
         self._bar.figures = f"{self.figures} step {step}/{steps}".strip()
@@ -93,6 +96,7 @@ class ModelProgress:
     def epoch(self, entry: dict[str, Any]) -> None:
         """An epoch finished: its figures on the line, its entry in the metrics file."""
         self.done += 1
+        self._epoch_started = time.monotonic()
         parts = [f"loss {entry['loss']:.3f}"] if entry.get("loss") is not None else []
         val = val_figure(entry)
         if val is not None:
