@@ -40,8 +40,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def results_summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The `{"methods": {m: {top1, many, medium, few}}}` form of results.json."""
-    keys = ("top1", "top5", "many", "medium", "few")
+    """The `{"methods": {m: {top1, top5, many, medium, few, macro_f1, worst_class}}}` form of
+    results.json (plus `selected` and `val` where the method was selected on val)."""
+    keys = ("top1", "top5", "many", "medium", "few", "macro_f1", "worst_class")
     out: dict[str, Any] = {}
     for m, v in report["methods"].items():
         if "skipped" in v:

@@ -91,6 +91,15 @@ def test_eval_json_predictions_agree_with_the_metrics(run) -> None:
             )
 
 
+def test_results_summary_carries_the_new_metrics(run) -> None:
+    """results.json's form of a run (the demo writes it) has macro_f1 and worst_class per method."""
+    from pipelines.results import results_summary
+
+    summary = results_summary(run["report"])["methods"]
+    for name, m in run["report"]["methods"].items():
+        assert summary[name]["macro_f1"] == m["macro_f1"] and summary[name]["worst_class"] == m["worst_class"]
+
+
 def _images(page: str) -> dict[str, bytes]:
     found = re.findall(r"alt='([^']*)' src='data:image/png;base64,([^']*)'", page)
     return {title: base64.b64decode(data) for title, data in found}
