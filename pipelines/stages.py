@@ -444,28 +444,47 @@ def stage_train(
 
     One writer per run folder. A run that had to wait for another one returns that one's eval.json
     when it finished while this one waited, with the same configuration (config_hash); otherwise a
-    finished run is repeated and a killed one resumed (pipelines/experiment.py)."""
+    finished run is repeated and a killed one resumed (pipelines/experiment.py).
+
+    Under torchrun (`trainer/distributed.py`) every process runs this; rank 0 alone takes the run
+    folder's lock, makes the checks above and writes, the other ranks follow its decisions (an error
+    there ends every rank with the same message) and log warnings only."""
     from artifacts.atomic import remove_dead_temps
     from pipelines import console
     from pipelines.experiment import run_experiment
     from pipelines.report import write_report
     from pipelines.runs import check_overwrite, config_hash, default_run_name
+    from trainer import distributed
+
+    if distributed.init_from_env() and not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 says it once
 
     wanted = config_hash(ds, kb, exp)
     run_dir = ws.run_dir(run or default_run_name(ds, kb, exp))
     asked = time.time()
-    with output_lock(run_dir, f"the run {run_dir.name}") as held:
-        report = read_json(run_dir / "eval.json")
-        if held.waited_s and report and report.get("config_hash") == wanted:
-            if (run_dir / "eval.json").stat().st_mtime >= asked:
+    with ExitStack() as stack:
+
+        def prepare() -> dict[str, Any] | None:
+            """Rank 0, under the run's lock: another run's fresh eval.json to return, else None (train)."""
+            held = stack.enter_context(output_lock(run_dir, f"the run {run_dir.name}"))
+            report = read_json(run_dir / "eval.json")
+            same = bool(held.waited_s and report and report.get("config_hash") == wanted)
+            if same and (run_dir / "eval.json").stat().st_mtime >= asked:
                 log.info("run %s was finished by the run this one waited for: using its eval.json", run_dir)
                 return report
-        if run_dir.is_dir():
-            remove_dead_temps(run_dir.iterdir())  # a killed run's half-written checkpoint, model, ...
-        check_overwrite(run_dir, wanted, force)
+            if run_dir.is_dir():
+                remove_dead_temps(run_dir.iterdir())  # a killed run's half-written checkpoint, model, ...
+            check_overwrite(run_dir, wanted, force)
+            return None
+
+        finished = distributed.from_main(prepare)
+        if finished is not None:
+            return finished
         progress = console.progress_enabled()
         report = run_experiment(ws, ds, kb, exp, run_dir, progress=progress, config_hash=wanted)
-        log.info("report: %s", write_report(run_dir))
+        if distributed.is_main():
+            log.info("report: %s", write_report(run_dir))
+        distributed.barrier()  # every rank returns once rank 0's files are complete
     return report
 
 

@@ -9,6 +9,11 @@ A model file (`<run>/<method>.pt`, `save_model`) is the same format without the 
 model's config and weights plus `info`, what prediction needs besides the weights (the run's
 encoders, KB, index search parameters, dataset, class names, k; `pipelines/experiment.py` fills it).
 `load_model` / `load_saved_model` open it (and the checkpoints) by themselves: no manifest needed.
+
+Under torchrun only rank 0 writes or deletes checkpoints (`trainer.train.train_epochs` saves, and
+`discard_stale` deletes, on rank 0 only; every rank reads). Nothing in a checkpoint depends on the
+number of processes (the model without its DDP wrapper, one optimizer state, RNG states every rank
+shares), so a run stopped with N processes resumes with any other number.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 
 from artifacts.atomic import atomic_path
 from artifacts.errors import UserError
+from trainer import distributed
 from trainer.model import model_from_config
 
 log = logging.getLogger(__name__)
@@ -186,7 +192,12 @@ def check_resumable(path: Path, state: dict[str, Any], config: Any, model: nn.Mo
 
 def discard_stale(path: Path, config: Any, model_config: dict | None, num_train: int) -> bool:
     """True when `path` can be resumed; an unreadable or incompatible one is deleted (with a warning),
-    so that the method starts over instead of failing."""
+    so that the method starts over instead of failing. Under torchrun rank 0 alone looks and deletes;
+    every rank gets its answer."""
+    return distributed.from_main(lambda: _discard_stale(path, config, model_config, num_train))
+
+
+def _discard_stale(path: Path, config: Any, model_config: dict | None, num_train: int) -> bool:
     if not path.exists():
         return False
     try:

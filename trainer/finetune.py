@@ -26,12 +26,18 @@ Choices, documented:
 
 The epoch loop (targets, mixup, logit adjustment, accumulation, AMP, resume, history, checkpoints) is
 `trainer.train.train_epochs`, shared with feature mode; this module gives it the image `Feed`.
+
+Under torchrun (`trainer/distributed.py`) each rank decodes its part of every global micro-batch plus
+the mixup partners of its samples that other ranks hold (so with mixup a rank decodes up to twice its
+share), and prediction is sharded by batches and gathered. BatchNorm layers (not in ViTs) become
+SyncBatchNorm on CUDA; on the CPU (gloo has none) their batch statistics are per rank, so such an
+encoder does not end exactly where one process would.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Unpack
 
 import numpy as np
@@ -40,17 +46,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from artifacts.errors import UserError
+from trainer import distributed
 from trainer.config import FinetuneConfig
 from trainer.features import RetrievalFeatures
 from trainer.images import ImageDataset, ShardImages, SplitImages, _EpochSampler, _loader, epoch_batches
 from trainer.train import (
     Feed,
     LoopOptions,
+    Micro,
     amp_policy,
     check_labels,
     make_scheduler,
     needs_neighbors,
     resolve_device,
+    split_micro,
     train_epochs,
     weight_decay_groups,
 )
@@ -114,30 +123,36 @@ def _image_feed(
     extra: Callable[[float], dict[str, Any]],
 ) -> Feed:
     """Micro-batches of decoded, augmented images (DataLoader workers) with their neighbors; mixup on
-    the pixels, seeded by (seed, epoch, micro-batch)."""
+    the pixels, seeded by (seed, epoch, micro-batch). The loader's batches are this rank's part of
+    each global micro-batch and its part's mixup partners (`distributed.micro_shard`)."""
     dataset = ImageDataset(images, model.preprocess, model.image_size, config.crop_scale, config.hflip)
     sampler = _EpochSampler()
     loader = _loader(dataset, sampler, config.num_workers, device, persistent=True)
     n, alpha = len(train), config.mixup_alpha
 
     def batches(epoch: int) -> tuple[list[int], Any]:
-        sampler.batches = epoch_batches(n, config.batch_size, config.seed, epoch, config.augment)
+        glob = epoch_batches(n, config.batch_size, config.seed, epoch, config.augment)
+        plans = []
+        for mb, items in enumerate(glob):
+            lam = perm = None
+            if alpha > 0:  # a function of (seed, epoch, micro-batch): the same on every rank
+                rng = np.random.default_rng([config.seed, epoch, mb, 0x313])
+                lam = float(rng.beta(alpha, alpha))
+                perm = rng.permutation(len(items))
+            plans.append((lam, *distributed.micro_shard(len(items), perm)))
+        sampler.batches = [[items[j] for j in plan[1]] for items, plan in zip(glob, plans, strict=True)]
 
-        def items() -> Any:
-            for mb, (x, idx) in enumerate(loader):
+        def parts() -> Iterator[Micro]:
+            for (x, idx), (lam, _, m, partner_at, counted) in zip(loader, plans, strict=True):
                 b = train.batch(idx, neighbors=model.needs_neighbors)
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "z"}
                 b["x"] = x.to(device, non_blocking=True)
-                mix = None
-                if alpha > 0:
-                    rng = np.random.default_rng([config.seed, epoch, mb, 0x313])
-                    lam = float(rng.beta(alpha, alpha))
-                    mix = (lam, torch.from_numpy(rng.permutation(len(idx))).to(device))
-                yield b, mix
+                yield split_micro(b, m, partner_at, lam, counted)
 
-        return [len(b) for b in sampler.batches], items()
+        return [len(items) for items in glob], parts()
 
-    return Feed(batches, accumulate=config.accumulate, extra=extra)
+    # find_unused: a KB encoder may hold layers its features skip (EfficientNet's classifier).
+    return Feed(batches, accumulate=config.accumulate, find_unused=True, extra=extra)
 
 
 def finetune_fit(
@@ -162,6 +177,10 @@ def finetune_fit(
         train = train.to(device)
     if config.grad_checkpointing and hasattr(model.encoder, "set_grad_checkpointing"):
         model.encoder.set_grad_checkpointing(True)
+    if distributed.active() and device.type == "cuda":
+        # One process's batch statistics: BatchNorm over the global batch, not each rank's part.
+        model.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder)
+        model._enc.model = model.encoder
     torch.manual_seed(config.seed)  # dropout RNG (data order and augmentation have their own seeds)
     optimizer = make_finetune_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, n, config.accumulate)
@@ -189,14 +208,17 @@ def finetune_predict(
     device: torch.device | str | None = None,
     amp: bool = True,
 ) -> torch.Tensor:
-    """Logits (N, C), float32 on the CPU, in the order of `features` (eval preprocessing, no mixup)."""
+    """Logits (N, C), float32 on the CPU, in the order of `features` (eval preprocessing, no mixup).
+    Under torchrun each rank computes a contiguous run of the batches and every rank gets all logits."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
     n = len(features)
     if len(images) != n:
         raise ValueError(f"{len(images)} images for {n} queries")
     sampler = _EpochSampler()
-    sampler.batches = [[(i, None) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+    every = [[(i, None) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+    lo, hi = distributed.shard_bounds(len(every))  # the same batches as one process: the same logits
+    sampler.batches = every[lo:hi]
     dataset = ImageDataset(images, model.preprocess, model.image_size)
     use_amp, dtype = amp_policy(amp, device)
     out = []
@@ -206,6 +228,8 @@ def finetune_predict(
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
             logits = model(x.to(device, non_blocking=True), b.get("nn_img"), b.get("nn_txt"))
         out.append(logits.float().cpu())
+    if distributed.active():
+        out = [t for part in distributed.all_gather(out) for t in part]
     if not out:
         return torch.zeros(0, int(model.config["head"].get("num_classes", 0)))
     return torch.cat(out)

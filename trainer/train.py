@@ -16,6 +16,11 @@ cosine decay, label smoothing, mixup, k = 32. Choices the paper leaves open, doc
 - Resume: a checkpoint at the end of every epoch holds model, optimizer, scheduler, the shuffle /
   mixup / dropout RNG states and the history, so a resumed run ends with the weights an
   uninterrupted run would have (bitwise on the CPU).
+- Several processes (`torchrun`, `trainer/distributed.py`): `batch_size` is the global batch; each
+  rank computes its part of every global micro-batch and DDP averages the gradients, so N processes
+  end with one process's weights up to float rounding (dropout > 0 aside: its masks are drawn per
+  rank). Only rank 0 writes the checkpoint and the metrics file; a checkpoint resumes on any number
+  of processes.
 
 `train_epochs` is the one epoch loop: feature mode (`fit`, below) and fine-tune mode
 (`trainer/finetune.py`) differ only in the `Feed` that delivers their micro-batches and in the
@@ -41,6 +46,7 @@ from torch import nn
 
 from artifacts.atomic import atomic_path
 from artifacts.errors import UserError
+from trainer import distributed
 from trainer.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import TrainConfig
 from trainer.evaluate import evaluate
@@ -50,10 +56,10 @@ from trainer.progress import current as progress_tracker
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
+    """'auto' -> cuda when available, else cpu; under torchrun, "cuda" is this process's GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.device_for(torch.device(device))
 
 
 class WarmupCosine:
@@ -135,20 +141,47 @@ def needs_neighbors(model: nn.Module) -> bool:
     return bool(getattr(model, "needs_neighbors", True))
 
 
-Mix = tuple[float, torch.Tensor]  # mixup: lambda and the permutation of the micro-batch
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Micro:
+    """This rank's part of one global micro-batch.
+
+    b: its rows, `x` (the model's first input: query embeddings, or images in fine-tune mode), `y`,
+    and `nn_img` / `nn_txt` when the model reads the neighbors. mix: None, or (lambda, the rows each
+    row of b is mixed with: same keys). counted: the rows that count (len(b["y"]); 0 for the stand-in
+    row of a rank whose part is empty, `distributed.micro_shard`)."""
+
+    b: Batch
+    mix: tuple[float, Batch] | None
+    counted: int
+
+
+def split_micro(
+    batch: Batch, needed_m: int, partner_at: np.ndarray | None, lam: float | None, counted: int
+) -> Micro:
+    """A Micro from the rows a rank loaded (`distributed.micro_shard`'s `needed`): its own first
+    `needed_m` rows, the mixup partners at `partner_at`. In one process the partners are the batch
+    permuted, as before: the same tensors bit for bit."""
+    own = {k: v[:needed_m] for k, v in batch.items()}
+    if partner_at is None or lam is None:
+        return Micro(own, None, counted)
+    at = torch.as_tensor(partner_at, device=batch["y"].device)
+    return Micro(own, (lam, {k: v[at] for k, v in batch.items()}), counted)
 
 
 @dataclass
 class Feed:
     """What a training mode gives the epoch loop.
 
-    batches(epoch) -> (micro-batch sizes, iterable of (batch, mix)): a batch holds `x` (the model's
-    first input: query embeddings, or images in fine-tune mode), `y`, and `nn_img` / `nn_txt` when the
-    model reads the neighbors; mix is None or (lambda, permutation). gen / np_rng: the mode's own
-    RNGs, saved in checkpoints. extra(seconds): mode-specific fields of an epoch's history entry."""
+    batches(epoch) -> (GLOBAL micro-batch sizes, iterable of this rank's `Micro` parts of them, in
+    order). gen / np_rng: the mode's own RNGs, saved in checkpoints (every rank draws the same).
+    extra(seconds): mode-specific fields of an epoch's history entry."""
 
-    batches: Callable[[int], tuple[list[int], Iterable[tuple[dict[str, torch.Tensor], Mix | None]]]]
+    batches: Callable[[int], tuple[list[int], Iterable[Micro]]]
     accumulate: int = 1  # micro-batches per optimizer step
+    find_unused: bool = False  # some trainable parameters may sit out a forward pass (DDP must know)
     gen: torch.Generator | None = None
     np_rng: np.random.Generator | None = None
     extra: Callable[[float], dict[str, Any]] = field(default=lambda seconds: {})
@@ -169,6 +202,19 @@ def _adjustment(
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _resume_state(
+    ckpt: Path | None, resume: bool, device: torch.device, config: TrainConfig, model: nn.Module, n: int
+) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None. Rank 0 decides (it alone deletes or writes checkpoints);
+    every rank then reads the same file (the run folder is shared, as the features are)."""
+    load = distributed.from_main(lambda: ckpt is not None and resume and ckpt.exists())
+    if not load:
+        return None
+    state = load_checkpoint(ckpt, map_location=device)
+    check_resumable(ckpt, state, config, model, n)
+    return state
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -215,17 +261,21 @@ def train_epochs(
     micro-batch's loss is weighted by its share of the step's samples, so accumulation computes the
     mean loss of the whole effective batch. Progress: one console line per model, the enclosing
     `trainer.progress.tracking()` one when there is one (its `enabled` then wins over `progress`),
-    else a line named "train" when `progress`; epoch entries never go to the console."""
+    else a line named "train" when `progress`; epoch entries never go to the console.
+
+    Under torchrun every rank runs this loop on its parts of the same global micro-batches (`Micro`);
+    the loss and accuracy of an epoch are summed over the ranks; only rank 0 writes files and draws
+    its own progress line."""
     n = len(labels)
     adjust = _adjustment(config, class_counts, labels, num_classes, device)
     use_amp, amp_dtype = amp_policy(config.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    main = distributed.is_main()
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    if ckpt is not None and resume and ckpt.exists():
-        state = load_checkpoint(ckpt, map_location=device)
-        check_resumable(ckpt, state, config, model, n)
+    state = _resume_state(ckpt, resume, device, config, model, n)
+    if state is not None:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
@@ -234,7 +284,7 @@ def train_epochs(
         set_rng_state(state["rng"], device, feed.gen, feed.np_rng)
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
-    log = Path(log_path) if log_path else None
+    log = Path(log_path) if log_path and main else None
     if log is not None:
         _write_jsonl(log, history)  # fresh run: empty; resumed: exactly the checkpoint's epochs
 
@@ -245,35 +295,43 @@ def train_epochs(
     shown = progress_tracker()
     own_line = shown is None
     if shown is None:
-        shown = ModelProgress("train", config.epochs, enabled=progress)
+        shown = ModelProgress("train", config.epochs, enabled=progress and main)
     shown.begin_fit(config.epochs, start_epoch, fit_summary(config))
+    net = distributed.wrap(model, device, feed.find_unused)  # DDP under torchrun, else the model
+    world = distributed.world()
     for epoch in range(start_epoch, config.epochs):
-        model.train()
+        net.train()
         t0 = time.time()
         sizes, batches = feed.batches(epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         step = 0
         optimizer.zero_grad(set_to_none=True)
-        for mb, (b, mix) in enumerate(batches):
-            y = b["y"]
-            targets = soft_targets(y, num_classes, config.label_smoothing)
-            if mix is not None:
-                lam, p = mix
+        smooth = config.label_smoothing
+        for mb, part in enumerate(batches):
+            b, y = part.b, part.b["y"]
+            targets = soft_targets(y, num_classes, smooth)
+            if part.mix is not None:
+                lam, other = part.mix
                 for key in ("x", "nn_img", "nn_txt"):
                     if key in b:
-                        b[key] = lam * b[key] + (1 - lam) * b[key][p]
-                targets = lam * targets + (1 - lam) * targets[p]
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(b["x"], b.get("nn_img"), b.get("nn_txt"))
-            logits = logits.float()
-            # Probability targets: gradients bitwise those of -(t * log_softmax).sum(1).mean() (tested).
-            loss = F.cross_entropy(logits + adjust if adjust is not None else logits, targets)
-            first = mb - mb % acc
-            scaler.scale(loss * (len(y) / sum(sizes[first : first + acc]))).backward()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(dim=1) == y).sum()
-            if mb + 1 == len(sizes) or (mb + 1) % acc == 0:
+                        b[key] = lam * b[key] + (1 - lam) * other[key]
+                targets = lam * targets + (1 - lam) * soft_targets(other["y"], num_classes, smooth)
+            step_end = mb + 1 == len(sizes) or (mb + 1) % acc == 0
+            with distributed.no_sync(net, not step_end):  # gradients are exchanged once per step
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = net(b["x"], b.get("nn_img"), b.get("nn_txt"))
+                logits = logits.float()
+                # Probability targets: gradients bitwise those of -(t * log_softmax).sum(1).mean() (tested).
+                loss = F.cross_entropy(logits + adjust if adjust is not None else logits, targets)
+                first = mb - mb % acc
+                # This part's share of the step's samples; DDP averages over the ranks, hence * world.
+                weight = part.counted / sum(sizes[first : first + acc])
+                scaler.scale(loss * (weight * world if world > 1 else weight)).backward()
+            if part.counted:
+                loss_sum += loss.detach() * part.counted
+                correct += (logits.detach().argmax(dim=1) == y).sum()
+            if step_end:
                 if config.grad_clip:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -283,6 +341,8 @@ def train_epochs(
                 scheduler.step()
                 step += 1
                 shown.step(step, spe)
+        distributed.all_reduce_sum(loss_sum)
+        distributed.all_reduce_sum(correct)
         seconds = time.time() - t0
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -300,7 +360,7 @@ def train_epochs(
         shown.epoch(entry)  # the console line; the entry itself goes to the metrics file below
         stopping = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
         due = time.monotonic() - last_save >= checkpoint_every_s
-        if ckpt is not None and (due or stopping or epoch + 1 == config.epochs):
+        if ckpt is not None and main and (due or stopping or epoch + 1 == config.epochs):
             last_save = time.monotonic()
             save_checkpoint(
                 ckpt,
@@ -320,6 +380,7 @@ def train_epochs(
             break
     if own_line:
         shown.close()
+    del net  # the DDP wrapper (its gradient hooks) ends with the fit
     model.eval()
     return history
 
@@ -333,24 +394,26 @@ def _num_classes(model: nn.Module, train: RetrievalFeatures) -> int:
 
 
 def _feature_feed(train: RetrievalFeatures, config: TrainConfig, device: torch.device, use_nn: bool) -> Feed:
-    """Shuffled mini-batches of the in-memory features; mixup on the embeddings."""
+    """Shuffled mini-batches of the in-memory features; mixup on the embeddings. Every rank draws the
+    order and the mixup of each global batch, then gathers its part and its part's mixup partners."""
     gen = torch.Generator().manual_seed(config.seed)  # shuffling and mixup permutations
     np_rng = np.random.default_rng(config.seed)  # mixup lambda
     n, bs = len(train), config.batch_size
 
-    def batches(epoch: int) -> tuple[list[int], Iterable]:
+    def batches(epoch: int) -> tuple[list[int], Iterable[Micro]]:
         perm = torch.randperm(n, generator=gen)
         idxs = [perm[s : s + bs] for s in range(0, n, bs)]
 
-        def items() -> Iterable:
+        def items() -> Iterable[Micro]:
             for idx in idxs:
-                b = train.batch(idx, neighbors=use_nn)
-                b = {"x" if k == "z" else k: v.to(device, non_blocking=True) for k, v in b.items()}
-                mix = None
-                if config.mixup_alpha > 0:
+                lam = p = None
+                if config.mixup_alpha > 0:  # drawn for the global batch, on every rank alike
                     lam = float(np_rng.beta(config.mixup_alpha, config.mixup_alpha))
-                    mix = (lam, torch.randperm(len(idx), generator=gen).to(device))
-                yield b, mix
+                    p = torch.randperm(len(idx), generator=gen)
+                needed, m, partner_at, counted = distributed.micro_shard(len(idx), p)
+                b = train.batch(idx[torch.from_numpy(needed)], neighbors=use_nn)
+                b = {"x" if k == "z" else k: v.to(device, non_blocking=True) for k, v in b.items()}
+                yield split_micro(b, m, partner_at, lam, counted)
 
         return [len(i) for i in idxs], items()
 
