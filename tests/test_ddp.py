@@ -91,6 +91,35 @@ def _member(rank: int, fn, *args) -> None:
         distributed.shutdown()
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("w", [1, 2, 3, 4])
+def test_micro_shard_cuts_the_global_batch_in_order(size: int, w: int) -> None:
+    """The ranks' own parts, concatenated in rank order, are the global micro-batch in order (sizes
+    differing by at most one; an empty part is one stand-in row that does not count); each own row's
+    partner is found where `partner_at` points; in one process nothing moves (needed = the batch,
+    partner_at = the permutation itself)."""
+    perm = np.random.default_rng(size * 10 + w).permutation(size)
+    own_rows, counted = [], []
+    for r in range(w):
+        needed, m, partner_at, c = distributed.micro_shard(size, perm, r, w)
+        assert np.array_equal(needed[m:], np.unique(needed[m:]))  # partners: sorted, unique
+        assert len(set(needed.tolist())) == len(needed)
+        assert np.array_equal(needed[partner_at], perm[needed[:m]])
+        counted.append(c)
+        if c:
+            assert m == c
+            own_rows += needed[:m].tolist()
+        else:
+            assert m == 1 and needed[0] == size - 1 and size < w
+    assert own_rows == list(range(size)) and sum(counted) == size
+    assert max(counted) - min(counted) <= 1
+    if w == 1:
+        needed, m, partner_at, c = distributed.micro_shard(size, perm, 0, 1)
+        assert np.array_equal(needed, np.arange(size)) and m == c == size
+        assert np.array_equal(partner_at, perm)
+    assert distributed.micro_shard(size, None, 0, w)[2] is None
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     """One spawn of 2 gloo processes (starting them costs more than the training) that run every
@@ -110,6 +139,27 @@ def _all_ranks(rank: int, tmp: Path) -> None:
     _feature_ranks(rank, tmp)
     _finetune_ranks(rank, tmp)
     _selection_ranks(rank, tmp)
+    _error_ranks(rank, tmp)
+
+
+def _error_ranks(rank: int, tmp: Path) -> None:
+    from artifacts.errors import UserError
+
+    def refuse() -> None:
+        raise UserError("run r already holds a finished run of another configuration")
+
+    try:
+        distributed.from_main(refuse)
+    except UserError as exc:
+        (tmp / f"error{rank}.txt").write_text(str(exc))
+    distributed.barrier()  # the group still works: nobody was left waiting
+
+
+def test_an_error_on_rank_0_reaches_every_rank(two_ranks: Path) -> None:
+    """A check that fails on rank 0 (the run folder's checks run there alone) raises the same UserError
+    on rank 1 instead of leaving it waiting for a broadcast that never comes."""
+    for r in (0, 1):
+        assert (two_ranks / f"error{r}.txt").read_text().startswith("run r already holds a finished run")
 
 
 # ------------------------------------------------------------------ feature mode, direct + resume

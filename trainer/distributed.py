@@ -68,7 +68,8 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     """Join the process group `torchrun` describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
     environment); True when training is now distributed. No-op (False) when WORLD_SIZE is unset or 1,
     and when the group is already up (then True). Backend: gloo for CPU tensors, plus NCCL for CUDA
-    tensors where CUDA is available (each process then uses GPU LOCAL_RANK).
+    tensors where this machine has a GPU for each of its processes (process LOCAL_RANK then uses GPU
+    LOCAL_RANK); with fewer GPUs than processes, gloo alone (CPU training).
 
     timeout_s: how long a rank waits for the others in one collective (default RETFORMER_DIST_TIMEOUT_S,
     else 1800 s); rank 0 waiting for another run's lock on the run folder counts."""
@@ -80,12 +81,8 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     if not dist.is_available():
         raise UserError("WORLD_SIZE is set but this torch build has no torch.distributed")
     backend = "gloo"
-    if torch.cuda.is_available():
-        if local_rank() >= torch.cuda.device_count():
-            raise UserError(
-                f"LOCAL_RANK {local_rank()} but this machine has {torch.cuda.device_count()} GPU(s): "
-                "start at most one process per GPU (torchrun --nproc_per_node)"
-            )
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
         torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"  # collectives on CPU tensors (objects, CPU runs) go through gloo
     if timeout_s is None:
@@ -102,8 +99,14 @@ def shutdown() -> None:
 
 
 def device_for(device: torch.device) -> torch.device:
-    """A CUDA device without an index means this process's GPU (LOCAL_RANK) when distributed."""
+    """A CUDA device without an index means this process's GPU (LOCAL_RANK) when distributed; UserError
+    when this machine has fewer GPUs than training processes."""
     if device.type == "cuda" and device.index is None and active():
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(
+                f"training process {local_rank()} on this machine has no GPU of its own "
+                f"({torch.cuda.device_count()} GPU(s)): start one process per GPU (torchrun --nproc_per_node)"
+            )
         return torch.device("cuda", local_rank())
     return device
 
