@@ -25,8 +25,15 @@ import numpy as np
 import webdataset
 from PIL import Image
 
-from artifacts.atomic import is_leftover_tmp, remove_dead_temps, tmp_name, write_json_atomic
+from artifacts.atomic import (
+    is_leftover_tmp,
+    remove_dead_temps,
+    remove_dead_temps_of,
+    tmp_name,
+    write_json_atomic,
+)
 from artifacts.errors import UserError
+from artifacts.faults import maybe_die
 from artifacts.tar_reader import iter_shard_files
 
 SHARD_FORMAT = "{prefix}-{index:05d}.tar"
@@ -179,6 +186,7 @@ def write_shards(
     while not exhausted:
         path = shard_path(out_dir, prefix, index)
         tmp = tmp_name(path)
+        remove_dead_temps_of(path)  # a killed writer's half tar
         count = 0
         try:
             with open(tmp, "wb") as f, webdataset.TarWriter(f, encoder=False, mtime=0) as writer:
@@ -201,6 +209,7 @@ def write_shards(
                 # (keyed by the shard's size and mtime) stays valid; a rewrite redoes only what changed.
                 tmp.unlink()
             else:
+                maybe_die(f"rename:{path}")  # test hook (artifacts/faults.py): the kill matrix's mid-set kill
                 os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -59,6 +59,7 @@ TRAIN_SET = ["--set", "experiment.checkpoint.every_s=0"]
 CASES = [
     ("shards-kb-set", "shards", f"rename:*/kb/{KB}/shards/_SUCCESS-world.json"),
     ("shards-dataset-split", "shards", f"rename:*/datasets/{DS}/shards/_SUCCESS-test.json"),
+    ("shards-mid-set-tar", "shards", f"rename:*/kb/{KB}/shards/world-00001.tar"),
     ("embed-kb-part", "embed", f"rename:*/kb/{KB}/embeddings/part-downstream-00001.parquet"),
     ("index-shard", "index", f"rename:*/kb/{KB}/index/shard-00001.faissindex"),
     ("index-after-recall-check", "index", f"rename:*/kb/{KB}/index/index.json"),
