@@ -37,8 +37,10 @@ DatasetOpt = Annotated[
 ExperimentOpt = Annotated[
     str, typer.Option("--experiment", help="Experiment manifest name (manifests/experiments/) or path.")
 ]
+# --run-name: under torchrun, whose parser takes `--run` for its own `--run-path`.
 RunOpt = Annotated[
-    str | None, typer.Option("--run", help="Run name (default: dataset-kb-experiment-<config hash>).")
+    str | None,
+    typer.Option("--run", "--run-name", help="Run name (default: dataset-kb-experiment-<config hash>)."),
 ]
 
 # The options several commands share, defined once: (parameter, annotation, default) per group.
@@ -315,7 +317,9 @@ def train(
 @command()
 def evaluate(
     ctx: Ctx,
-    run: Annotated[str | None, typer.Option("--run", help="Run name (default: the latest run).")] = None,
+    run: Annotated[
+        str | None, typer.Option("--run", "--run-name", help="Run name (default: the latest run).")
+    ] = None,
 ) -> None:
     """Print a finished run's evaluation table (top-1, top-5, many / medium / few)."""
     from pipelines.results import format_table

@@ -174,3 +174,25 @@ def test_local_cluster_closes_without_killing_its_workers() -> None:
         nanny.removeHandler(catch)
     assert not [m for m in seen if "still alive" in m], seen
     assert took < 3.5, took
+
+
+def test_model_line_survives_tqdm_disable_from_the_environment() -> None:
+    """With TQDM_DISABLE=1 in the environment (how --quiet reaches Dask workers; CI logs set it too) a
+    model's progress line is simply not drawn; it used to crash on the disabled bar's missing state."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from trainer.progress import ModelProgress\n"
+        "m = ModelProgress('retformer', 2)\n"
+        "m.begin_fit(2)\n"
+        "m.epoch({'loss': 0.5, 'val_top1': 0.7})\n"
+        "m.epoch({'loss': 0.4})\n"
+        "m.close()\n"
+        "print('done')\n"
+    )
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert "retformer" not in proc.stderr

@@ -78,9 +78,11 @@ class ModelProgress:
         if self.enabled and self._bar is None:
             # Opened at the first fit, not before: a model trained inside another's selection (the
             # stacked recipe's mlp_only) finishes its own line first.
-            self._bar = _Line(
+            bar = _Line(
                 total=self.total, desc=self.name, bar_format=BAR_FORMAT, file=sys.stderr, dynamic_ncols=True
             )
+            # TQDM_DISABLE=1 (--quiet's Dask workers, CI logs) gives a bar without its drawing state.
+            self._bar = None if bar.disable else bar
         self._draw()
 
     def step(self, step: int, steps: int) -> None:
