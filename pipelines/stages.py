@@ -8,6 +8,7 @@ take a Dask client or None; the fan-out itself is pipelines/dask_runner.py's `ta
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import time
@@ -26,31 +27,76 @@ log = logging.getLogger(__name__)
 
 
 # -------------------------------------------------------------------------------------- manifests
+def _schema_keys() -> dict[str, set[str]]:
+    """The top-level keys each manifest kind's schema takes (to route unprefixed `--set` items)."""
+    from kb_builder.datasets.schema import KEY_TYPES, DatasetCommon
+    from kb_builder.kb_schema import KBManifest
+    from pipelines.experiment_schema import ExperimentManifest
+
+    return {
+        "kb": set(KBManifest.model_fields),
+        "dataset": set(DatasetCommon.model_fields) | set(KEY_TYPES),
+        "experiment": set(ExperimentManifest.model_fields),
+    }
+
+
 def split_overrides(overrides: list[str] | None, prefix: str) -> list[str]:
-    """Overrides addressed to one manifest (`kb.index.k=8` -> `index.k=8`) plus unprefixed ones."""
+    """The overrides addressed to one manifest kind: `kb.index.k=8` -> `index.k=8` for "kb", and an
+    unprefixed `train.epochs=3` for every kind whose schema has a top-level `train`. An unprefixed
+    key no manifest has is an error (a typo would otherwise be dropped without a word)."""
+    keys = _schema_keys()
     out = []
     for item in overrides or []:
-        head = item.split("=", 1)[0].split(".", 1)[0]
-        if head == prefix:
-            out.append(item.split(".", 1)[1])
-        elif head not in ("kb", "dataset", "experiment"):
+        if "=" not in item:
+            raise UserError(f"--set {item!r} is not of the form key=value")
+        head = item.split("=", 1)[0].strip().split(".", 1)[0]
+        if head in keys:
+            if head == prefix:
+                out.append(item.split(".", 1)[1])
+            continue
+        owners = [kind for kind, fields in keys.items() if head in fields]
+        if not owners:
+            every = sorted(set().union(*keys.values()))
+            close = difflib.get_close_matches(head, every, n=1, cutoff=0.6)
+            hint = (
+                f" (did you mean {close[0]!r}?)"
+                if close
+                else " (prefix it with kb., dataset. or experiment.)"
+            )
+            raise UserError(f"--set {item}: no manifest has a key {head!r}{hint}")
+        if prefix in owners:
             out.append(item)
     return out
 
 
+def _load(category: str, kind: str, name: str, overrides: list[str] | None) -> tuple[dict, str, list]:
+    mine = split_overrides(overrides, kind)
+    data = manifest.load(category, name, mine)
+    # Error lines quote the override as the user typed it (`kb.shard_size=0`).
+    typed = [o for o in overrides or [] if split_overrides([o], kind)]
+    return data, data["_manifest_path"], typed
+
+
 def load_kb(name: str, overrides: list[str] | None) -> dict[str, Any]:
-    """A KB manifest (a name under manifests/kb/ or a path) with its `--set` overrides."""
-    return manifest.load("kb", name, split_overrides(overrides, "kb"))
+    """A KB manifest (a name under manifests/kb/ or a path) with its `--set` overrides, validated."""
+    from kb_builder.kb_schema import validate_kb
+
+    return validate_kb(*_load("kb", "kb", name, overrides))
 
 
 def load_dataset_manifest(name: str, overrides: list[str] | None) -> dict[str, Any]:
-    """A dataset manifest (a name under manifests/datasets/ or a path) with its `--set` overrides."""
-    return manifest.load("datasets", name, split_overrides(overrides, "dataset"))
+    """A dataset manifest (a name under manifests/datasets/ or a path) with its overrides, validated."""
+    from kb_builder.datasets.schema import validate_dataset
+
+    return validate_dataset(*_load("datasets", "dataset", name, overrides))
 
 
 def load_experiment(name: str, overrides: list[str] | None) -> dict[str, Any]:
-    """An experiment manifest (a name under manifests/experiments/ or a path) with its overrides."""
-    return manifest.load("experiments", name, split_overrides(overrides, "experiment"))
+    """An experiment manifest (a name under manifests/experiments/ or a path) with its overrides,
+    validated; values coerced to their types (pipelines/experiment_schema.py)."""
+    from pipelines.experiment_schema import validate_experiment
+
+    return validate_experiment(*_load("experiments", "experiment", name, overrides))
 
 
 def datasets_for_kb(kb: dict[str, Any], overrides: list[str] | None) -> dict[str, dict]:
@@ -338,6 +384,9 @@ def stage_index(
 
     if not list_parts(ws.kb_embeddings(kb["name"])):
         raise UserError(f"KB {kb['name']} has no embeddings: run `retformer embed --kb {kb['name']}` first")
+    if _kb_rows(ws, kb["name"]) == 0:
+        raise UserError(f"the KB {kb['name']} is empty: its embeddings parts hold no rows (see its shards)")
+    check_kb_encoders(ws, kb)
 
     def run(map_tasks: Any) -> dict[str, Any]:
         emb_dir, index_dir = ws.kb_embeddings(kb["name"]), ws.kb_index(kb["name"])
@@ -355,6 +404,27 @@ def stage_index(
 
 
 # -------------------------------------------------------------------------------------- neighbors
+def check_kb_encoders(ws: Workspace, kb: dict[str, Any]) -> None:
+    """The KB's embeddings (and so its index) were made with the encoders the manifest names now;
+    otherwise the dataset would be embedded into another space than the one searched."""
+    done = read_json(ws.kb_stage_record(kb["name"], "embed"))
+    if done and done.get("encoders") != kb["encoders"]:
+        raise UserError(
+            f"KB {kb['name']} was embedded with encoders {_encoder_names(done.get('encoders'))}, the "
+            f"manifest names {_encoder_names(kb['encoders'])}: rerun `retformer embed --kb {kb['name']}` "
+            f"and `retformer index --kb {kb['name']}` (or use the encoders it was embedded with)"
+        )
+
+
+def _encoder_names(encoders: Any) -> str:
+    parts = []
+    for role, spec in (encoders or {}).items():
+        if spec:
+            detail = "/".join(str(spec[k]) for k in ("model", "pretrained") if spec.get(k))
+            parts.append(f"{role}={spec.get('name')}" + (f"({detail})" if detail else ""))
+    return ", ".join(parts) or "none"
+
+
 def _kb_rows(ws: Workspace, kb_name: str) -> int:
     return sum(part_num_rows(p) for p in list_parts(ws.kb_embeddings(kb_name)))
 
@@ -402,12 +472,13 @@ def stage_neighbors(
     """
     from kb_builder.neighbors import run_neighbors
 
-    k = int(k or ds.get("neighbors", {}).get("k", 32))
+    k = int(k if k is not None else (ds.get("neighbors") or {}).get("k", 32))
     if k < 1:
         raise UserError(f"k must be >= 1 (got {k})")
     # index.json lands only after the recall check (kb_builder/index): its check is what makes it usable.
     if "recall_check" not in (read_json(ws.kb_index(kb["name"]) / "index.json") or {}):
         raise UserError(f"KB {kb['name']} has no index: run `retformer index --kb {kb['name']}` first")
+    check_kb_encoders(ws, kb)
     rows = _kb_rows(ws, kb["name"])
     if k > rows:
         raise UserError(f"k={k} is larger than the knowledge base {kb['name']} ({rows} rows)")
@@ -442,9 +513,9 @@ def stage_train(
     `<dataset>-<kb>-<experiment>-<config hash>` (pipelines/runs.py) unless `run` is given; a finished
     run of another configuration under that name is refused unless `force`.
 
-    One writer per run folder. A run that had to wait for another one returns that one's eval.json
-    when it finished while this one waited, with the same configuration (config_hash); otherwise a
-    finished run is repeated and a killed one resumed (pipelines/experiment.py).
+    One writer per run folder. A finished run of this configuration (its eval.json's config_hash) is
+    skipped: its eval.json is returned (`force` trains it again); a killed one is resumed
+    (pipelines/experiment.py).
 
     Under torchrun (`trainer/distributed.py`) every process runs this; rank 0 alone takes the run
     folder's lock, makes the checks above and writes, the other ranks follow its decisions (an error
@@ -452,6 +523,7 @@ def stage_train(
     from artifacts.atomic import remove_dead_temps
     from pipelines import console
     from pipelines.experiment import run_experiment
+    from pipelines.experiment_plan import eval_splits, plan_experiment
     from pipelines.report import write_report
     from pipelines.runs import check_overwrite, config_hash, default_run_name
     from trainer import distributed
@@ -459,6 +531,10 @@ def stage_train(
     if distributed.init_from_env() and not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 says it once
 
+    # What can be checked without training is checked before the run folder (or its lock) exists.
+    plan_experiment(exp, kb)
+    if (info := read_json(ws.dataset_info(ds["name"]))) is not None:
+        eval_splits(exp, info)
     wanted = config_hash(ds, kb, exp)
     run_dir = ws.run_dir(run or default_run_name(ds, kb, exp))
     asked = time.time()
@@ -468,9 +544,15 @@ def stage_train(
             """Rank 0, under the run's lock: another run's fresh eval.json to return, else None (train)."""
             held = stack.enter_context(output_lock(run_dir, f"the run {run_dir.name}"))
             report = read_json(run_dir / "eval.json")
-            same = bool(held.waited_s and report and report.get("config_hash") == wanted)
-            if same and (run_dir / "eval.json").stat().st_mtime >= asked:
+            same = bool(report and report.get("config_hash") == wanted)
+            if same and held.waited_s and (run_dir / "eval.json").stat().st_mtime >= asked:
                 log.info("run %s was finished by the run this one waited for: using its eval.json", run_dir)
+                return report
+            if same and not force:
+                # Complete with this very configuration: a rerun skips it, as every stage does.
+                if not (run_dir / "report.html").is_file():
+                    write_report(run_dir)  # killed between eval.json and its report
+                log.info("run %s is complete with this configuration (--force trains it again)", run_dir.name)
                 return report
             if run_dir.is_dir():
                 remove_dead_temps(run_dir.iterdir())  # a killed run's half-written checkpoint, model, ...

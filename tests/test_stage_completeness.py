@@ -376,3 +376,29 @@ def test_two_concurrent_train_runs_train_once(e2e_workspace: Path, small_manifes
     assert sorted(reused) == [False, True], "exactly one run trains"
     tables = [[line for line in out.splitlines() if line.startswith("mlp_only")] for _, out, _ in results]
     assert tables[0] and tables[0] == tables[1], "both print the one run's results"
+
+
+@needs_fmnist
+def test_a_finished_run_of_the_same_configuration_is_skipped(small_manifests, e2e_workspace, tmp_path):
+    """`retformer train` again with the same manifests and --run: the finished run is not trained again
+    (eval.json, model files and report untouched) and its table is printed; a run killed before its
+    report would get only the report written."""
+    from tests.helpers import run_cli
+
+    ws = tmp_path / "work"
+    shutil.copytree(e2e_workspace, ws)
+    run = ws / "runs" / "tiny"
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    (run / "report.html").unlink()
+    m = small_manifests
+    proc = run_cli(
+        "train", "--dataset", str(m["dataset"]), "--kb", str(m["kb"]), "--experiment", str(m["experiment"]),
+        "--run", "tiny", "--workdir", str(ws),
+    )  # fmt: skip
+    assert "is complete with this configuration" in proc.stderr, proc.stderr
+    assert "retformer" in proc.stdout  # the results table
+    after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    assert (run / "report.html").is_file()
+    assert {k: v for k, v in after.items() if k != "report.html"} == {
+        k: v for k, v in before.items() if k != "report.html"
+    }
