@@ -214,7 +214,7 @@ def build_shard(
         "key": build_key,
     }
     write_json_atomic(path.with_suffix(".json"), record)
-    log.info("shard %d: %d vectors in %.1fs -> %s", shard_no, index.ntotal, record["build_s"], path.name)
+    log.debug("shard %d: %d vectors in %.1fs -> %s", shard_no, index.ntotal, record["build_s"], path.name)
     return record
 
 
@@ -307,7 +307,7 @@ def build_index(
         name = SHARD_PATTERN.format(s)
         rec = _read_json(out_dir / f"{name}.json")
         if rec and rec.get("key") == key and (out_dir / f"{name}{SHARD_SUFFIX}").is_file():
-            log.info("shard %d is complete: reusing it", s)
+            log.debug("shard %d is complete: reusing it", s)
             reused[s] = rec
         else:
             todo.append((s, lo, hi))

@@ -114,7 +114,7 @@ class ShardedIndex:
         out.load_modes = modes
         if meta.get("params"):
             out.set_params(meta["params"])
-        log.info(
+        log.debug(
             "loaded %s: %d vectors in %d shard(s) (%s)", meta["factory"], out.ntotal, len(shards), modes[0]
         )
         return out
@@ -284,7 +284,7 @@ def tune_and_check(
         dt = max(time.perf_counter() - t1, 1e-9)
         recall = float(knn_intersection_measure(ids, gt_ids))
         tried.append({"params": params, "recall": recall, "qps": nq / dt, "search_s": dt})
-        log.info("%s %s: recall@%d %.4f, %.0f queries/s", index.factory, params, k, recall, nq / dt)
+        log.debug("%s %s: recall@%d %.4f, %.0f queries/s", index.factory, params, k, recall, nq / dt)
         if recall >= recall_target:
             chosen = params
             break
