@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread in this process and every CLI it starts: several tests compare outputs bit for
+# bit (the kill matrix, concurrent runs), and CPU kernels with 2+ threads were measured to differ run
+# to run at 1e-7 (a loss, a neighbor score). Dask workers already run one thread each.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 
 def have_fmnist() -> bool:

@@ -137,7 +137,7 @@ def _outputs(ws_root: Path) -> dict[str, Path]:
     return files
 
 
-def test_stages_on_slurm_match_local_cluster(slurm, small_manifests, tmp_path):
+def test_stages_on_slurm_match_local_cluster(slurm, small_manifests, tmp_path, monkeypatch):
     """embed + index + neighbors of a small KB run as tasks in SLURM jobs (two worker jobs submitted
     by SLURMCluster from a cluster manifest) write the same embeddings (every row and vector), the
     same faiss index files and byte-identical neighbor Parquet files as on a LocalCluster; the
@@ -147,6 +147,9 @@ def test_stages_on_slurm_match_local_cluster(slurm, small_manifests, tmp_path):
     local_ws, slurm_ws = tmp_path / "local", tmp_path / "slurm"
     _run_stages(local_ws, small_manifests, workers=1)
     local_seconds = time.perf_counter() - started
+    # The jobs inherit this environment (sbatch --export=ALL): keep the workers' INFO lines ("Registered
+    # to ...", checked below) even when an earlier test's CLI set Dask's logging to warning here.
+    monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "info")
     _run_stages(slurm_ws, small_manifests, cluster=str(_slurm_manifest(slurm, jobs=2)))
     slurm_seconds = time.perf_counter() - started - local_seconds
     print(f"local cluster {local_seconds:.1f}s, SLURM {slurm_seconds:.1f}s")
