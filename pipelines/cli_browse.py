@@ -6,6 +6,7 @@ Registered on the `retformer` app by importing this module (pipelines/cli.py doe
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Annotated
 
@@ -66,6 +67,10 @@ def browse(
         f"{len(browser.features)} images) at {server_url(server)}  (Ctrl+C stops)"
     )
     sys.stdout.flush()  # the URL line must reach a pipe at once (a test, a script waiting for it)
+    # Ctrl+C and a plain `kill` stop it cleanly even when started from a non-interactive shell's
+    # background job, which starts with SIGINT ignored (Python then installs no KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -74,12 +74,14 @@ def chromium_executable() -> str:
 class Server:
     """`retformer browse` in a subprocess; its output lines are collected by a reader thread."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipelines.cli", "browse", *args],
             cwd=REPO,
             env=env,
+            # As a background job of a non-interactive shell starts it (CI): SIGINT ignored.
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -351,3 +353,15 @@ def test_browse_of_a_missing_run_is_one_error_line(e2e_workspace: Path):
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: run not found: no-such-run")
+
+
+def test_ctrl_c_stops_browse_started_with_sigint_ignored(e2e_workspace: Path) -> None:
+    """Started with SIGINT ignored (a background job of a non-interactive shell, as CI runs it), Ctrl+C
+    still stops the server with exit status 0; before, Python installed no KeyboardInterrupt there and
+    the server ran until SIGKILL."""
+    srv = Server(RUN, "--workdir", str(e2e_workspace), "--port", "0", sigint_ignored=True)
+    try:
+        srv.url()
+    finally:
+        code = srv.stop()
+    assert code == 0, "\n".join(srv.lines)
