@@ -69,14 +69,19 @@ def save_checkpoint(
         torch.save(state, tmp)
 
 
+def _torch_load(path: Path | str, map_location: str | torch.device, what: str) -> Any:
+    """torch.load (weights only) of a `what` ("checkpoint", "model file"); missing or torn is a UserError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise UserError(f"{what} not found: {path}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn/foreign file
+        raise UserError(f"unreadable {what} {path}: {exc}") from exc
+
+
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by save_checkpoint; a corrupt or foreign file is a UserError naming it."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as exc:
-        raise UserError(f"checkpoint not found: {path}") from exc
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn/foreign file
-        raise UserError(f"unreadable checkpoint {path}: {exc}") from exc
+    state = _torch_load(path, map_location, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a RetFormer trainer checkpoint")
     return state
@@ -121,12 +126,7 @@ def load_saved_model(path: Path | str, map_location: str | torch.device = "cpu")
     `info["encoders"]["image"]` (the KB manifest's spec), then loads the trained weights over it.
     A bare state dict (runs trained before model files were self-describing) is a UserError that says so."""
     path = Path(path)
-    try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as exc:
-        raise UserError(f"model file not found: {path}") from exc
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn/foreign file
-        raise UserError(f"unreadable model file {path}: {exc}") from exc
+    raw = _torch_load(path, map_location, "model file")
     if _is_bare_state_dict(raw):
         raise UserError(
             f"{path} holds bare weights without the model's config (a run trained before model files were "
