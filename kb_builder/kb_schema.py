@@ -17,7 +17,7 @@ from kb_builder.index.select import KINDS as INDEX_KINDS
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
-# Each encoder's options besides `name` (the encoder classes check the same sets when built).
+# Each encoder's options besides `name`; the encoder classes check these very sets when built.
 ENCODER_OPTIONS: dict[str, dict[str, set[str]]] = {
     "image": {
         "efficientnet_lite0": {"image_size", "autocast"},

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from kb_builder.encoders.base import ImageEncoder, check_image_size, check_spec_keys
+from kb_builder.kb_schema import ENCODER_OPTIONS
 
 TIMM_ARCH = "tf_efficientnet_lite0"
 MEAN = (0.5, 0.5, 0.5)
@@ -95,7 +96,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
     def __init__(self, spec: dict[str, Any]) -> None:
         from torchvision import transforms
 
-        check_spec_keys(spec, {"image_size", "autocast"}, "image")
+        check_spec_keys(spec, ENCODER_OPTIONS["image"]["efficientnet_lite0"], "image")
         self.name = "efficientnet_lite0"
         self.image_size = check_image_size(spec.get("image_size"), 224)
         self.autocast = bool(spec.get("autocast", True))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kb_builder.encoders.base import TextEncoder, check_spec_keys
+from kb_builder.kb_schema import ENCODER_OPTIONS
 
 BATCH_SIZE = 256
 
@@ -46,7 +47,7 @@ class MiniLMEncoder(TextEncoder):
     def __init__(self, spec: dict[str, Any]) -> None:
         from sentence_transformers import SentenceTransformer
 
-        check_spec_keys(spec, {"autocast", "batch_size"}, "text")
+        check_spec_keys(spec, ENCODER_OPTIONS["text"]["minilm"], "text")
         self.name = "minilm"
         self.autocast = bool(spec.get("autocast", True))
         self.batch_size = int(spec.get("batch_size", BATCH_SIZE))

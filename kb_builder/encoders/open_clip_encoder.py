@@ -19,8 +19,9 @@ from PIL import Image
 
 from artifacts.errors import UserError
 from kb_builder.encoders.base import ImageEncoder, TextEncoder, check_image_size, check_spec_keys
+from kb_builder.kb_schema import ENCODER_OPTIONS
 
-SPEC_KEYS = {"model", "pretrained", "image_size", "autocast", "batch_size"}
+SPEC_KEYS = ENCODER_OPTIONS["image"]["open_clip"]  # the manifest schema's set (same for text)
 TEXT_BATCH = 512
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
