@@ -1,5 +1,5 @@
 """A Dask worker plugin that lets a worker process leave without the interpreter's teardown once Dask
-has closed it (why: pipelines/dask_runner.py's docstring, "Shutdown")."""
+has closed it (why: pipelines/dask_runner.py's docstring, "Shutdown"), and keeps that close quiet."""
 
 from __future__ import annotations
 
@@ -27,6 +27,25 @@ def _exit_without_teardown() -> None:
     os._exit(0)
 
 
+class _HeartbeatAbortedByClose(logging.Filter):
+    """Drops distributed's "Failed to communicate with scheduler during heartbeat" record (an ERROR
+    with a 40-line traceback on the user's console) when it comes from a worker that is closing:
+    the close itself shuts the connection pool under a heartbeat still in flight, which happens on a
+    loaded machine when a stage ends (CI saw it after a stage's one-line error). A heartbeat failure
+    of a running worker is still logged."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from distributed.core import Status
+
+        if not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"):
+            return True
+        return self.worker.status not in (Status.closing, Status.closing_gracefully, Status.closed)
+
+
 class FastExit(WorkerPlugin):
     """Registered by `dask_client` on the clusters it starts itself (never on a joined scheduler's
     workers). Results are returned and files renamed into place before Dask closes a worker, so the
@@ -37,6 +56,7 @@ class FastExit(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         """At the worker's start, so the hook runs after the atexit hooks of what tasks import later."""
         atexit.register(_exit_without_teardown)
+        logging.getLogger("distributed.worker").addFilter(_HeartbeatAbortedByClose(worker))
 
     def teardown(self, worker: Any) -> None:
         """Dask is closing the worker: its process may skip the teardown."""
