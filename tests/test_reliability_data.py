@@ -397,6 +397,37 @@ def test_imagefolder_text_named_png_is_skipped_and_an_empty_class_folder_named(t
     assert info["splits"]["train"] + info["splits"]["val"] == 10 and info["splits"]["test"] == 2
 
 
+def test_imagefolder_broken_bmp_is_one_error_naming_the_file(tmp_path):
+    """A BMP whose header Pillow recognises but whose pixel data is cut short: `retformer shards`
+    exits 1 with one error line naming the file (it used to print Pillow's "image file is truncated"
+    without saying which of the folder's images), and leaves no complete-looking shard set."""
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for cls in ("ant", "bee"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                (d / f"img{i}.png").write_bytes(png_bytes(i + len(cls), 12))
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="BMP")
+    broken = root / "train" / "bee" / "cut.bmp"
+    broken.write_bytes(buf.getvalue()[:200])
+    ds = write_manifest(
+        tmp_path / "cut.yaml",
+        {"name": "cut", "kind": "imagefolder", "root": str(root), "val_fraction": 0, "shard_size": 50},
+    )
+    ws = tmp_path / "work"
+    proc = run_cli("shards", "--dataset", str(ds), "--workdir", str(ws), check=False)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert str(broken) in line and "cannot be decoded" in line, line
+    assert not list(ws.rglob("_SUCCESS-*.json")), list(ws.rglob("*"))
+
+
 # -------------------------------------------------------------------------------- 5. embed options
 @needs_fmnist
 def test_bad_embed_option_fails_before_any_kb_shard_is_built(small_manifests, tmp_path):

@@ -94,9 +94,16 @@ class DatasetSplit:
             data = self.paths[i].read_bytes()
             if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
                 return data
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                return img.copy()
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.load()
+                    return img.copy()
+            except (OSError, SyntaxError, ValueError) as exc:
+                # Pillow recognised the header at load time but the data is broken (a truncated BMP):
+                # name the file instead of Pillow's "image file is truncated".
+                raise UserError(
+                    f"image {self.paths[i]} cannot be decoded ({exc}): repair or remove the file"
+                ) from exc
         return self.image(i)
 
     def subset(self, rows: np.ndarray | Sequence[int]) -> DatasetSplit:
