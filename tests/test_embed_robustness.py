@@ -264,12 +264,13 @@ def test_batched_normalisation_is_bit_identical_to_the_encoder_transform(embedde
 
 
 def test_embed_options_are_checked():
-    """The manifest's embed section: known options pass through, a typo or a bad value is a UserError."""
+    """The manifest's embed section: known options pass through, a typo (with "did you mean") or a
+    bad value is a UserError naming the key."""
     assert embed.embed_options({"batch_size": 64, "num_workers": 0}) == {"batch_size": 64, "num_workers": 0}
     assert embed.embed_options(None) == {}
-    with pytest.raises(UserError, match="unknown option.*batchsize"):
+    with pytest.raises(UserError, match="batchsize: unknown key .*did you mean .batch_size"):
         embed.embed_options({"batchsize": 64})
-    with pytest.raises(UserError, match="num_workers"):
+    with pytest.raises(UserError, match="embed: num_workers"):
         embed.embed_options({"num_workers": -1})
-    with pytest.raises(UserError, match="device"):
+    with pytest.raises(UserError, match="embed: device"):
         embed.embed_options({"device": "tpu"})

@@ -35,7 +35,7 @@ from artifacts.shards import shard_stem as part_stem
 from artifacts.tar_reader import iter_shard_files
 from kb_builder.embed.fast_transform import normalize_batch, split_transform
 from kb_builder.embed.loader import ShardBatches, iter_batches
-from kb_builder.embed.options import EMBED_OPTIONS, default_num_workers, embed_options
+from kb_builder.embed.options import default_num_workers, embed_options
 from kb_builder.embed.parts import (
     part_path_for,
     part_stats,
@@ -45,7 +45,6 @@ from kb_builder.embed.parts import (
 )
 
 __all__ = [
-    "EMBED_OPTIONS",
     "embed_options",
     "embed_shard",
     "iter_shard_files",

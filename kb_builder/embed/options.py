@@ -1,4 +1,4 @@
-"""The manifest's `embed:` section, checked so that a typo is an error, and the loader's default width."""
+"""The manifest's `embed:` section as `embed_shard` options, and the loader's default width."""
 
 from __future__ import annotations
 
@@ -7,39 +7,21 @@ from typing import Any
 
 import torch
 
-from artifacts.errors import UserError
-
-EMBED_OPTIONS = ("batch_size", "num_workers", "threads", "prefetch_factor", "device")
-
 
 def embed_options(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    """Validated keyword options for `embed_shard` from a manifest's `embed:` section.
+    """Keyword options for `embed_shard` from a manifest's `embed:` section, checked against the KB
+    schema's `EmbedSection` (one home for the allowed keys and ranges; a typo gets "did you mean").
 
     `batch_size` (images per forward, default 256), `num_workers` (loader processes per task; default
     0 on a one-core worker, else a few), `threads` (torch threads of the task), `prefetch_factor`
     (batches each loader worker keeps ready, default 2), `device` ("cpu", "cuda", "cuda:1"; default:
     cuda when available).
     """
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(EMBED_OPTIONS))
-    if unknown:
-        raise UserError(
-            f"embed: unknown option(s) {', '.join(unknown)} (allowed: {', '.join(EMBED_OPTIONS)})"
-        )
-    out: dict[str, Any] = {}
-    for key, minimum in (("batch_size", 1), ("num_workers", 0), ("threads", 1), ("prefetch_factor", 1)):
-        value = cfg.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise UserError(f"embed.{key} must be an integer >= {minimum}, got {value!r}")
-        out[key] = value
-    device = cfg.get("device")
-    if device is not None:
-        if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise UserError(f"embed.device must be cpu, cuda, cuda:N or mps, got {device!r}")
-        out["device"] = device
-    return out
+    from artifacts.schema import dump_given, validate_section
+    from kb_builder.kb_schema import EmbedSection
+
+    section = validate_section(EmbedSection, dict(cfg or {}), "embed")
+    return {key: value for key, value in dump_given(section).items() if value is not None}
 
 
 def default_num_workers(device: str, threads: int | None = None) -> int:
