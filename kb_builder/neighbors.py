@@ -1,7 +1,9 @@
 """The neighbors stage: top-k KB rows per downstream image, plus a compact store of the rows used.
 
-Entry point `run_neighbors(index_dir, kb_embeddings, query_dirs, out_dir, k, map_tasks)`; task
-`search_slice`: one task per slice of a split (a split is one slice up to TASK_ROWS queries). Slices
+Entry point `run_neighbors(index_dir, kb_embeddings, query_dirs, out_dir, k, map_tasks)`. Tasks:
+`self_matches` finds the queries that are KB rows, one task per group of KB parts (the KB's uid column
+is read once per run); then `search_slice`, one task per slice of a split (a split is one slice up to
+TASK_ROWS queries). Slices
 start on SEARCH_BATCH boundaries, so every faiss search call sees the same query batch as one serial
 pass over the split, and the merged tables are the same bytes whatever runs the tasks.
 
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SEARCH_BATCH = 4096
 TASK_ROWS = 16 * SEARCH_BATCH  # queries per task (a multiple of SEARCH_BATCH: see the module doc)
+SELF_MATCH_PARTS = 64  # KB parts per self-match task (their uid columns only)
 _INDEXES: dict[tuple[str, int], Any] = {}  # the loaded index per worker process, by index.json mtime
 RECORD = "_neighbors.json"  # the stage record, inside the table folder
 STORE = "store.parquet"
@@ -63,16 +66,28 @@ def part_offsets(parts: list[Path]) -> np.ndarray:
 
 
 def self_kb_ids(kb_parts: list[Path], offsets: np.ndarray, query_uids: np.ndarray) -> np.ndarray:
-    """For each query, the kb_id of the KB row with the same uid, or -1. Streams the parts' uid
-    column only, so memory is one part's uids at a time."""
+    """For each query, the kb_id of the KB row with the same uid, or -1 (a later part's row wins).
+    Streams the parts' uid column only, so memory is one part's uids at a time."""
+    return _match_uids(list(zip(kb_parts, offsets[:-1].tolist(), strict=True)), query_uids)
+
+
+def _match_uids(parts: list[tuple[Path, int]], query_uids: np.ndarray) -> np.ndarray:
     result = np.full(len(query_uids), -1, dtype=np.int64)
     queries = pa.array(query_uids.tolist(), type=pa.string())
-    for part, offset in zip(kb_parts, offsets[:-1], strict=True):
+    for part, offset in parts:
         kb_uids = read_part_arrow(part, columns=["uid"]).column("uid")
         pos = pc.index_in(queries, value_set=kb_uids).to_numpy(zero_copy_only=False)
         hit = ~np.isnan(pos.astype(float))
         result[hit] = offset + pos[hit].astype(np.int64)
     return result
+
+
+def self_matches(parts: list[tuple[Path, int]], query_uids: np.ndarray) -> dict[str, np.ndarray]:
+    """The task: which queries (all splits' uids, concatenated) are rows of these KB parts (path,
+    first kb_id): their positions `rows` and `kb_ids`, sparse (most KBs hold few or no queries)."""
+    ids = _match_uids(parts, query_uids)
+    rows = np.flatnonzero(ids >= 0)
+    return {"rows": rows, "kb_ids": ids[rows]}
 
 
 def search_excluding_self(
@@ -146,15 +161,14 @@ def _load_index(index_dir: Path) -> Any:
     return _INDEXES[key]
 
 
-def search_slice(task: tuple[str, Path, int, int], index_dir: Path, kb_embeddings: Path, k: int) -> dict:
-    """The task: top-k (excluding self) of the queries [start, stop) of one split's embeddings
-    (task = (split, query dir, start, stop)); returns uids, ids, scores and the count excluded."""
-    split, qdir, start, stop = task
+def search_slice(task: tuple[str, Path, int, int, np.ndarray], index_dir: Path, k: int) -> dict:
+    """The task: top-k of the queries [start, stop) of one split's embeddings, never returning a
+    query's own KB row (task = (split, query dir, start, stop, those queries' self kb_ids or -1));
+    returns uids, ids, scores and the count excluded."""
+    split, qdir, start, stop, self_ids = task
     t0 = time.perf_counter()
     queries = read_embeddings(qdir)
     uids = queries.uid[start:stop]
-    kb_parts = list_parts(kb_embeddings)
-    self_ids = self_kb_ids(kb_parts, part_offsets(kb_parts), uids)
     vectors = queries.image_emb[start:stop].astype(np.float32)
     scores, ids = search_excluding_self(
         _load_index(Path(index_dir)), vectors, self_ids, k, desc=f"neighbors {split}"
@@ -170,11 +184,34 @@ def search_slice(task: tuple[str, Path, int, int], index_dir: Path, kb_embedding
     }
 
 
-def _slices(split: str, qdir: Path) -> list[tuple[str, Path, int, int]]:
+def _query_uids(qdir: Path) -> np.ndarray:
+    """A split's uids in row order (the uid column of its parts only)."""
+    columns = [read_part_arrow(p, columns=["uid"]).column("uid") for p in list_parts(qdir)]
+    return np.array(pa.chunked_array(columns, type=pa.string()).to_pylist(), dtype=object)
+
+
+def _self_ids(
+    kb_parts: list[Path], offsets: np.ndarray, query_uids: np.ndarray, map_tasks: MapTasks
+) -> np.ndarray:
+    """`self_kb_ids` as `self_matches` tasks over groups of SELF_MATCH_PARTS KB parts: the KB's uid
+    column is read once per run, in parallel, instead of once per search slice."""
+    located = list(zip(kb_parts, offsets[:-1].tolist(), strict=True))
+    groups = [located[i : i + SELF_MATCH_PARTS] for i in range(0, len(located), SELF_MATCH_PARTS)]
+    found = map_tasks(self_matches, groups, desc="self-matches", unit="part group", query_uids=query_uids)
+    ids = np.full(len(query_uids), -1, dtype=np.int64)
+    for hits in found:  # in part order: a later part's row wins, as in self_kb_ids
+        ids[hits["rows"]] = hits["kb_ids"]
+    return ids
+
+
+def _slices(split: str, qdir: Path, self_ids: np.ndarray) -> list[tuple[str, Path, int, int, np.ndarray]]:
     n = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parts(qdir))
     if n == 0:
         read_embeddings(qdir)  # no parts at all: the reader's error names the folder
-    return [(split, qdir, lo, min(lo + TASK_ROWS, n)) for lo in range(0, max(n, 1), TASK_ROWS)]
+    return [
+        (split, qdir, lo, min(lo + TASK_ROWS, n), self_ids[lo : min(lo + TASK_ROWS, n)])
+        for lo in range(0, max(n, 1), TASK_ROWS)
+    ]
 
 
 def _file_identity(path: Path) -> list[Any]:
@@ -235,16 +272,15 @@ def run_neighbors(
         remove_dead_temps_of(out_dir)  # what an interrupted rewrite may have left beside them
         return {**done, "reused": True}
     started = time.perf_counter()
-    tasks = [t for split, qdir in query_dirs.items() for t in _slices(split, qdir)]
-    results = (map_tasks or map_inline)(
-        search_slice,
-        tasks,
-        desc="neighbors",
-        unit="slice",
-        index_dir=index_dir,
-        kb_embeddings=kb_embeddings,
-        k=k,
-    )
+    map_tasks = map_tasks or map_inline
+    split_uids = {split: _query_uids(qdir) for split, qdir in query_dirs.items()}
+    all_self_ids = _self_ids(kb_parts, offsets, np.concatenate(list(split_uids.values())), map_tasks)
+    tasks, first = [], 0
+    for split, qdir in query_dirs.items():
+        n = len(split_uids[split])
+        tasks += _slices(split, qdir, all_self_ids[first : first + n])
+        first += n
+    results = map_tasks(search_slice, tasks, desc="neighbors", unit="slice", index_dir=index_dir, k=k)
     used: list[np.ndarray] = []
     per_split: dict[str, Any] = {}
     tables: dict[str, pa.Table] = {}

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -178,8 +179,9 @@ def test_local_manifest_and_scheduler_file(tmp_path):
 
 def test_neighbor_slices_on_a_cluster_match_one_pass(tmp_path, monkeypatch):
     """Neighbors as Dask tasks: a split cut into several `search_slice` tasks (one per SEARCH_BATCH
-    here) on a one-worker LocalCluster gives byte-identical tables and store to the serial in-process
-    pass with one slice per split; inside a worker process the index is loaded once and memory-mapped
+    here) and the self-match lookup cut into one `self_matches` task per KB part, on a one-worker
+    LocalCluster, give byte-identical tables and store to the serial in-process pass with one slice
+    per split and one part group; inside a worker process the index is loaded once and memory-mapped
     (every task of the worker gets the same loaded object)."""
     from kb_builder import neighbors
     from kb_builder.index import run_index
@@ -201,7 +203,8 @@ def test_neighbor_slices_on_a_cluster_match_one_pass(tmp_path, monkeypatch):
     serial = neighbors.run_neighbors(index_dir, tmp_path / "kb", qdirs, tmp_path / "serial", 5)
     assert serial["splits"]["train"]["queries_in_kb_excluded"] >= 50
     monkeypatch.setattr(neighbors, "TASK_ROWS", neighbors.SEARCH_BATCH)
-    assert len(neighbors._slices("train", qdirs["train"])) == 3
+    monkeypatch.setattr(neighbors, "SELF_MATCH_PARTS", 1)
+    assert len(neighbors._slices("train", qdirs["train"], np.full(n_q, -1))) == 3
 
     def loaded(_: int) -> dict:
         index = neighbors._load_index(index_dir)
