@@ -32,7 +32,7 @@ DASK_ARGS := $(SCHED_ARGS) $(CLUSTER_ARGS)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: help setup data demo test lint shards download embed index neighbors train evaluate bench-embed bench-index bench-gpu clean
+.PHONY: help setup data demo test lint shards download embed index neighbors train evaluate bench-embed bench-index bench-neighbors bench-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -101,6 +101,9 @@ clean:  ## remove the workspace (keeps the venv)
 
 bench-embed: setup  ## embed benchmark: end-to-end vs bare encoder forward, per encoder (BENCHMARKS.md)
 	$(PY) bench/bench_embed.py --out bench/results/embed.json
+
+bench-neighbors: setup  ## neighbors stage vs bare faiss search; the self-match lookup once vs per slice (BENCHMARKS.md)
+	$(PY) bench/bench_neighbors.py --out bench/results/neighbors.json
 
 bench-gpu: setup  ## GPU checks, one table: ViT-B-16 embed, faiss-gpu index, AMP fine-tune step (EXTRAS=gpu,dev; QUICK=1)
 	bash bench/gpu_check.sh $(if $(QUICK),--quick,) --out bench/results/gpu
