@@ -196,7 +196,24 @@ def _train_method(
     """Train one method (feature or fine-tune mode) with checkpoints; its metrics per eval split."""
 
     with tracking(ModelProgress(key, config.epochs, enabled=ctx.progress)):
-        logits, epochs = _train_one(ctx, method, key, k, config, train_f, evals, run_dir, policy)
+        logits, epochs = train_method(
+            method,
+            config,
+            train_f,
+            evals,
+            model_options=ctx.exp.get("model", {}) or {},
+            num_classes=int(ctx.info["num_classes"]),
+            k=k,
+            class_counts=ctx.info["train_class_counts"],
+            log_path=run_dir / f"{_safe(key)}.metrics.jsonl",
+            weights_path=run_dir / f"{_safe(key)}.pt",
+            checkpoint_path=run_dir / f"{_safe(key)}.ckpt.pt" if policy else None,
+            checkpoint_every_s=policy["every_s"] if policy else 0.0,
+            progress=ctx.progress,
+            image_encoder=lambda: ctx.image_encoder(config.seed),
+            images=lambda split, f: ctx.images(split, f.uids, config.images),
+            save=lambda model, path: _save_main(path, model, ctx.model_info(method, key, k, config)),
+        )
     out = {}
     for split, f in evals.items():
         out[split] = _scored(logits[split], f.labels, ctx.info["shot_split"])
@@ -204,38 +221,6 @@ def _train_method(
         if method not in RETRIEVAL_FREE:
             out[split]["k"] = k
     return out
-
-
-def _train_one(
-    ctx: _Context,
-    method: str,
-    key: str,
-    k: int,
-    config: Any,
-    train_f: Any,
-    evals: dict[str, Any],
-    run_dir: Path,
-    policy: dict | None,
-) -> tuple[dict[str, Any], int]:
-    """`train_method` with the run's paths: (logits per eval split, epochs)."""
-    return train_method(
-        method,
-        config,
-        train_f,
-        evals,
-        model_options=ctx.exp.get("model", {}) or {},
-        num_classes=int(ctx.info["num_classes"]),
-        k=k,
-        class_counts=ctx.info["train_class_counts"],
-        log_path=run_dir / f"{_safe(key)}.metrics.jsonl",
-        weights_path=run_dir / f"{_safe(key)}.pt",
-        checkpoint_path=run_dir / f"{_safe(key)}.ckpt.pt" if policy else None,
-        checkpoint_every_s=policy["every_s"] if policy else 0.0,
-        progress=ctx.progress,
-        image_encoder=lambda: ctx.image_encoder(config.seed),
-        images=lambda split, f: ctx.images(split, f.uids, config.images),
-        save=lambda model, path: _save_main(path, model, ctx.model_info(method, key, k, config)),
-    )
 
 
 def _save_main(path: Path, model: Any, info: dict[str, Any]) -> None:
