@@ -53,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from artifacts.atomic import write_json_atomic  # noqa: E402
 from artifacts.shards import Sample, write_shards  # noqa: E402
 from kb_builder import embed  # noqa: E402
 from kb_builder.kb_sources import TEMPLATES, caption_for  # noqa: E402
@@ -462,9 +463,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     result["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f"{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
 
 

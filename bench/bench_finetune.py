@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from artifacts.atomic import write_json_atomic  # noqa: E402
 from trainer.config import FinetuneConfig  # noqa: E402
 from trainer.features import RetrievalFeatures  # noqa: E402
 from trainer.finetune import FinetuneModel, finetune_fit, make_finetune_optimizer  # noqa: E402
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f"{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

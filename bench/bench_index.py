@@ -44,6 +44,7 @@ from faiss.contrib.evaluation import knn_intersection_measure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from artifacts.atomic import write_json_atomic  # noqa: E402
 from artifacts.embeddings_io import list_parts, read_image_vectors  # noqa: E402
 from artifacts.errors import UserError  # noqa: E402
 from kb_builder.index.build import INDEX_JSON, build_index  # noqa: E402
@@ -509,9 +510,7 @@ def machine_info() -> dict[str, Any]:
 def write_doc(path: Path, doc: dict[str, Any]) -> None:
     """Atomic JSON write (after every dataset, so a later failure keeps the earlier results)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, doc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from artifacts.atomic import write_json_atomic  # noqa: E402
 from kb_builder import map_inline  # noqa: E402
 from kb_builder import neighbors as nb  # noqa: E402
 from kb_builder.index import load_kb_index, run_index  # noqa: E402
@@ -118,7 +119,7 @@ def main() -> None:
             "stage_excluded": record["splits"]["train"]["queries_in_kb_excluded"],
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json_atomic(args.out, doc)
         print(json.dumps(doc, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)

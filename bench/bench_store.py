@@ -33,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from artifacts.atomic import write_json_atomic  # noqa: E402
+
 IMAGENET_LT = {"train": 115_846, "val": 20_000, "test": 50_000}
 KB_ROWS = 1_400_000_000  # the paper's KB: neighbor ids are drawn from its id range
 DATASET, KB = "syn", "kbsyn"
@@ -213,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f"{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, doc)
     print(f"wrote {args.out}")
     return 0
 
