@@ -205,7 +205,9 @@ def _self_ids(
 
 
 def _slices(split: str, qdir: Path, self_ids: np.ndarray) -> list[tuple[str, Path, int, int, np.ndarray]]:
-    n = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parts(qdir))
+    """The search tasks of one split; `self_ids` has one entry per query row, so its length is the
+    split's size."""
+    n = len(self_ids)
     if n == 0:
         read_embeddings(qdir)  # no parts at all: the reader's error names the folder
     return [
