@@ -7,7 +7,8 @@ Writes a synthetic KB (`--kb-rows` clustered unit vectors in parts of `--part-ro
 writes them) whose first `--in-kb` rows are also queries (a downstream training split inside its KB),
 builds an exact (flat) index with the index stage, then times in this process:
 
-  bare_search: `index.search` of every query for k+1 neighbours (the kernel; no I/O, no exclusion);
+  bare_search: `index.search` of every query in one call (the kernel; no I/O, no id excluded);
+  bare_search_in_stage_batches: the same in the stage's SEARCH_BATCH-query calls (the batch size's cost);
   self_match_once: the query-is-a-KB-row lookup as the stage runs it now (one pass over the KB's uid
       column, `self_matches` tasks over part groups);
   self_match_per_slice: the same lookup repeated per search slice (how the stage ran before: each
@@ -78,7 +79,14 @@ def main() -> None:
         _, index_seconds = _timed(run_index, root / "kb", root / "index", {"kind": "flat", "k": args.k})
         index = load_kb_index(root / "index")
         q32 = queries.astype(np.float32)
-        _, bare = _timed(index.search, q32, args.k, exclude_ids=np.full(len(q32), -1, dtype=np.int64))
+        no_self = np.full(len(q32), -1, dtype=np.int64)
+        _, bare = _timed(index.search, q32, args.k, exclude_ids=no_self)
+        start = time.perf_counter()
+        for lo in range(0, len(q32), nb.SEARCH_BATCH):  # the stage's batches, nothing else
+            index.search(
+                q32[lo : lo + nb.SEARCH_BATCH], args.k, exclude_ids=no_self[lo : lo + nb.SEARCH_BATCH]
+            )
+        bare_batched = time.perf_counter() - start
 
         offsets = nb.part_offsets(kb_parts)
         uids = nb._query_uids(qdir)
@@ -107,11 +115,13 @@ def main() -> None:
             "index_build_seconds": round(index_seconds, 2),
             "seconds": {
                 "bare_search": round(bare, 3),
+                "bare_search_in_stage_batches": round(bare_batched, 3),
                 "self_match_once": round(once, 3),
                 "self_match_per_slice": round(per_slice, 3),
                 "run_neighbors": round(stage, 3),
             },
             "ratio_to_bare_search": {
+                "bare_search_in_stage_batches": round(bare_batched / bare, 3),
                 "self_match_once": round(once / bare, 3),
                 "self_match_per_slice": round(per_slice / bare, 3),
                 "run_neighbors": round(stage / bare, 3),
