@@ -37,8 +37,10 @@ from kb_builder.embed.fast_transform import normalize_batch, split_transform
 from kb_builder.embed.loader import ShardBatches, iter_batches
 from kb_builder.embed.options import default_num_workers, embed_options
 from kb_builder.embed.parts import (
+    embed_coverage,
     part_path_for,
     part_stats,
+    remove_extra_parts,
     remove_leftovers,
     shard_fingerprint,
     shard_record,
@@ -320,7 +322,9 @@ def run_embed(
     `summarize` plus wall seconds and images/s. `options` are `embed_options(manifest's embed:)`.
 
     A broken shard does not stop the others: every task runs to its end (so each good shard's part
-    is written and kept for a rerun), then one UserError line names the shard(s) that failed.
+    is written and kept for a rerun), then one UserError line names the shard(s) that failed. Parts
+    of shards not in `shards` (the set lost them) are removed: the folder then holds exactly the
+    parts of `shards` (kb_builder/embed/parts.py, `embed_coverage`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -335,6 +339,9 @@ def run_embed(
         text_spec=encoders.get("text"),
         **options,
     )
+    # The folder holds exactly the parts of these shards: a shard that left the set (its images taken
+    # down, a larger shard_size) takes its part with it.
+    removed = remove_extra_parts(embed_coverage(shards, shard_root, out_dir))
     failed = [r for r in results if r["status"] == "failed"]
     if failed:
         kept = len(results) - len(failed)
@@ -344,6 +351,7 @@ def run_embed(
             f"are kept: {failed[0]['error']}" + (others if len(failed) > 1 else "")
         )
     summary = summarize(results, out_dir)
+    summary["parts_removed"] = len(removed)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["images_per_s"] = round(summary["embedded_this_run"] / max(summary["seconds"], 1e-9), 1)
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,96 @@ def remove_leftovers(part: Path) -> list[Path]:
     A live writer's file is kept: Dask may still be running an older attempt of the same task.
     """
     return remove_dead_temps(part.parent.glob(f"{part.name}.tmp-*"))
+
+
+@dataclass
+class Coverage:
+    """How an embeddings folder matches its current shard set (`embed_coverage`)."""
+
+    shards: list[Path]  # the current shards, in part-name order
+    parts: list[Path]  # the current parts: one per shard made from that very shard, in kb_id order
+    missing: list[Path]  # shards without such a part (never embedded, or embedded from an older shard)
+    extra: list[Path]  # parts of shards that are no longer in the set (deleted, or a smaller set)
+    part_of: dict[Path, Path]  # current part -> its shard
+
+    @property
+    def exact(self) -> bool:
+        return not self.missing and not self.extra
+
+    def describe(self, what: str) -> str:
+        """One sentence on what does not match, for an error line ("" when exact)."""
+        said = []
+        if self.missing:
+            said.append(
+                f"{len(self.missing)} of {len(self.shards)} shard(s) have no embeddings part made from "
+                f"them (first: {self.missing[0].name})"
+            )
+        if self.extra:
+            said.append(
+                f"{len(self.extra)} part(s) belong to no shard of its current shard set "
+                f"(first: {self.extra[0].name})"
+            )
+        return f"{what}: " + "; ".join(said) if said else ""
+
+
+def embed_coverage(shards: list[Path], shard_root: Path, out_dir: Path) -> Coverage:
+    """Match the parts in `out_dir` against the current `shards`: a shard is covered by the part named
+    after it when that part was made from this very shard (its recorded size and mtime); any other
+    part in the folder is extra. Reads only the parts' Parquet footers."""
+    from artifacts.atomic import is_leftover_tmp
+    from artifacts.shards import shard_stem
+
+    out_dir = Path(out_dir)
+    expected = sorted((part_path_for(shard_stem(s, shard_root), out_dir), Path(s)) for s in shards)
+    present = (
+        {p for p in out_dir.glob("part-*.parquet") if not is_leftover_tmp(p)} if out_dir.is_dir() else set()
+    )
+    parts, missing, part_of = [], [], {}
+    for part, shard in expected:
+        ok = part in present and part_stats(part).get("shard_fingerprint") == shard_fingerprint(shard)
+        if ok:
+            parts.append(part)
+            part_of[part] = shard
+        else:
+            missing.append(shard)
+    wanted = {part for part, _ in expected}
+    extra = sorted(p for p in present if p not in wanted)
+    return Coverage([s for _, s in expected], parts, missing, extra, part_of)
+
+
+def remove_extra_parts(coverage: Coverage) -> list[Path]:
+    """Delete the parts of shards that left the set (a take-down, a re-sharding); return them."""
+    for part in coverage.extra:
+        part.unlink(missing_ok=True)
+    return coverage.extra
+
+
+def check_unique_uids(parts: list[Path], part_of: dict[Path, Path], what: str) -> None:
+    """A uid is unique in a KB: the first uid found in two parts (or twice in one) is a UserError
+    naming it and the shards that hold it. Reads the parts' uid columns only."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from artifacts.embeddings_io import read_part_arrow
+    from artifacts.errors import UserError
+
+    if not parts:
+        return
+    columns = [read_part_arrow(p, columns=["uid"]).column("uid") for p in parts]
+    uids = pa.chunked_array([c for col in columns for c in col.chunks], type=pa.string())
+    counts = pc.value_counts(uids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup) == 0:
+        return
+    uid = dup[0]["values"].as_py()
+    holders = []
+    for part, col in zip(parts, columns, strict=True):
+        hits = int(pc.sum(pc.equal(col, uid)).as_py() or 0)
+        if hits:
+            name = part_of.get(part, part).name
+            holders.append(name if hits == 1 else f"{name} ({hits} times)")
+    more = f" ({len(dup) - 1} more uid(s) are duplicated too)" if len(dup) > 1 else ""
+    raise UserError(
+        f"{what}: uid {uid!r} is in more than one sample, in shard(s) {', '.join(holders)}{more}; "
+        "a uid must be unique in a KB"
+    )
