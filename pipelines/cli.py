@@ -80,7 +80,9 @@ _SHARED: dict[str, list[tuple[str, Any, Any]]] = {
             Annotated[
                 int | None,
                 typer.Option(
-                    "--workers", help="LocalCluster worker processes (with a SLURM --cluster: Dask workers)."
+                    "--workers",
+                    min=1,
+                    help="LocalCluster worker processes (with a SLURM --cluster: Dask workers).",
                 ),
             ],
             None,
@@ -109,6 +111,15 @@ _SHARED: dict[str, list[tuple[str, Any, Any]]] = {
         ),
     ],
 }
+
+
+class Interrupted(Exception):
+    """Ctrl+C (SIGINT) during a command: `main` turns it into one line and exit status 130. Not a
+    KeyboardInterrupt, which typer would turn into a bare exit status."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(command)
+        self.command = command
 
 
 @dataclass(frozen=True)
@@ -160,7 +171,10 @@ def command(*groups: str) -> Callable[[Callable[..., None]], Callable[..., None]
                 resolve_cluster(kwargs.pop("cluster", None), scheduler, scheduler_file),
                 scheduler_file,
             )
-            fn(ctx, **kwargs)
+            try:
+                fn(ctx, **kwargs)
+            except KeyboardInterrupt:
+                raise Interrupted(fn.__name__) from None
 
         run.__signature__ = inspect.Signature(
             [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
@@ -271,11 +285,23 @@ def embed(
 
 
 @command("set", "dask")
-def index(ctx: Ctx, kb: KbOpt) -> None:
+def index(
+    ctx: Ctx,
+    kb: KbOpt,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Index a KB whose embed is incomplete (the shards embedded so far; recorded in index.json).",
+        ),
+    ] = False,
+) -> None:
     """Choose, build (in shards), tune and recall-check the KB's faiss index."""
     kb_m = stages.load_kb(kb, ctx.overrides)
-    rec = stages.stage_index(ctx.ws, kb_m, **ctx.dask)
-    _echo_record(f"index {kb_m['name']}", rec, ["factory", "reason", "recall", "qps", "params", "seconds"])
+    rec = stages.stage_index(ctx.ws, kb_m, **ctx.dask, allow_partial=allow_partial)
+    keys = ["factory", "reason", "recall", "qps", "params", "seconds"]
+    keys += ["partial"] if allow_partial else []
+    _echo_record(f"index {kb_m['name']}", rec, keys)
 
 
 @command("set", "dask")
@@ -359,7 +385,9 @@ def main() -> None:
     becomes one `error:` line on stderr and exit status 1 (2 for usage errors, as click has it)."""
     _setup_env()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+    except Interrupted as exc:
+        _interrupted(f"`retformer {exc.command}`")
     except UserError as exc:
         _fail(str(exc), 1)
     except typer.TyperException as exc:  # typer bundles its own click: its errors derive from this
@@ -367,11 +395,28 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        _interrupted("retformer")
     except OSError as exc:  # a workdir that is a file, a read-only disk, a full one
         where = f": {exc.filename}" if exc.filename else ""
         _fail(f"{exc.strerror or exc}{where}", 1)
+    else:
+        # Without standalone mode typer returns a status instead of exiting: 130 for a Ctrl+C it
+        # caught itself (outside a command's body), a typer.Exit's code otherwise.
+        if code == 130:
+            _interrupted("retformer")
+        if isinstance(code, int) and code:
+            sys.exit(code)
+
+
+def _interrupted(what: str) -> None:
+    """Ctrl+C: one line (finished outputs are complete, a temporary file is removed by the rerun) and
+    exit status 130, so that `set -e` scripts stop here."""
+    typer.echo(
+        f"error: interrupted: {what} stopped by Ctrl+C (SIGINT); what it finished is kept, "
+        "run the same command again to resume",
+        err=True,
+    )
+    sys.exit(130)
 
 
 def _usage_line(exc: Exception) -> str:

@@ -270,19 +270,34 @@ def stage_embed(
     return records
 
 
-def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, Any]:
-    """Embed every KB shard (missing parts only) into work/kb/<kb>/embeddings/."""
-    shards = kb_shard_paths(ws, kb)
-    if not shards:
-        raise UserError(f"KB {kb['name']} has no shards yet: run `retformer shards --kb {kb['name']}` first")
-    out = ws.kb_embeddings(kb["name"])
-    _guard_encoder_change(ws.kb_stage_record(kb["name"], "embed"), kb["encoders"], out)
-    from kb_builder.embed import embed_options
+def _shards_held(shard_dir: Path | None, what: str) -> Any:
+    """The lock of a shard folder the shards stage writes (None: the user's or img2dataset's shards,
+    which it does not): held while embedding it, so that a `retformer shards` rewriting the set waits
+    for the embed instead of changing the shards under it (the parts would then mix two sets)."""
+    from contextlib import nullcontext
 
-    options = embed_options(kb.get("embed"))
-    summary = _embed_shards(
-        client, shards, kb_shard_root(ws, kb), out, kb["encoders"], options, f"embed {kb['name']}"
-    )
+    return output_lock(shard_dir, what) if shard_dir is not None else nullcontext()
+
+
+def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, Any]:
+    """Embed every KB shard (missing parts only) into work/kb/<kb>/embeddings/; the folder then holds
+    exactly the parts of the KB's current shard set, and every uid in it is unique."""
+    from kb_builder.embed import embed_options
+    from kb_builder.embed.parts import check_unique_uids, embed_coverage
+
+    own = kb.get("source", {}).get("kind") not in EXTERNAL_SHARD_KINDS
+    with _shards_held(ws.kb_shards(kb["name"]) if own else None, f"the shards of KB {kb['name']}"):
+        shards = kb_shard_paths(ws, kb)
+        if not shards:
+            name = kb["name"]
+            raise UserError(f"KB {name} has no shards yet: run `retformer shards --kb {name}` first")
+        out = ws.kb_embeddings(kb["name"])
+        _guard_encoder_change(ws.kb_stage_record(kb["name"], "embed"), kb["encoders"], out)
+        options = embed_options(kb.get("embed"))
+        root = kb_shard_root(ws, kb)
+        summary = _embed_shards(client, shards, root, out, kb["encoders"], options, f"embed {kb['name']}")
+        covered = embed_coverage(shards, root, out)
+    check_unique_uids(covered.parts, covered.part_of, f"KB {kb['name']}")
     if summary["images"] == 0:
         # Refused here: the index stage would only report a k larger than a 0-row KB.
         more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
@@ -309,16 +324,15 @@ def stage_embed_dataset(
         raise UserError(
             f"dataset {ds['name']} has no shards yet: run `retformer shards --dataset {ds['name']}`"
         )
-    from artifacts.shards import list_shards
-
     records = {}
     for split in info["splits"]:
-        shards = [p for p in list_shards(shard_dir) if p.name.startswith(f"{split}-")]
         out = ws.dataset_embeddings(ds["name"], split)
         _guard_encoder_change(ws.dataset_stage_record(ds["name"], f"embed-{split}"), encoders, out)
-        records[split] = _embed_shards(
-            client, shards, shard_dir, out, encoders, options, f"embed {ds['name']}/{split}"
-        )
+        with _shards_held(shard_dir, f"the shards of dataset {ds['name']}"):
+            shards = split_shard_paths(ws, ds["name"], split)
+            records[split] = _embed_shards(
+                client, shards, shard_dir, out, encoders, options, f"embed {ds['name']}/{split}"
+            )
         if records[split]["images"] == 0:
             raise UserError(
                 f"split {split} of dataset {ds['name']} is empty: its {len(shards)} shard(s) in "
@@ -330,6 +344,29 @@ def stage_embed_dataset(
             {"dataset": ds["name"], "split": split, "encoders": encoders, **records[split]},
         )
     return records
+
+
+def split_shard_paths(ws: Workspace, dataset: str, split: str) -> list[Path]:
+    """The shards of one split of a dataset (its complete shard set)."""
+    from artifacts.shards import list_shards
+
+    shard_dir = ws.dataset_shards(dataset)
+    return [p for p in list_shards(shard_dir) if p.name.startswith(f"{split}-")] if shard_dir.is_dir() else []
+
+
+def kb_coverage(ws: Workspace, kb: dict[str, Any]) -> Any:
+    """How the KB's embeddings folder matches its current shard set (kb_builder/embed/parts.py)."""
+    from kb_builder.embed.parts import embed_coverage
+
+    return embed_coverage(kb_shard_paths(ws, kb), kb_shard_root(ws, kb), ws.kb_embeddings(kb["name"]))
+
+
+def split_coverage(ws: Workspace, dataset: str, split: str) -> Any:
+    """How a dataset split's embeddings folder matches the split's current shard set."""
+    from kb_builder.embed.parts import embed_coverage
+
+    shards = split_shard_paths(ws, dataset, split)
+    return embed_coverage(shards, ws.dataset_shards(dataset), ws.dataset_embeddings(dataset, split))
 
 
 def _guard_encoder_change(record_path: Path, encoders: dict, out_dir: Path) -> None:
@@ -374,23 +411,54 @@ def stage_index(
     workers: int | None = None,
     cluster: str | None = None,
     scheduler_file: str | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """`retformer index`: choose, build (sharded), tune and recall-check the KB's faiss index.
+
+    The index holds exactly the parts of the KB's current shard set: a shard without a part made from
+    it (an embed interrupted, or not rerun after `retformer shards`) is refused unless `allow_partial`
+    (then the parts there are indexed and index.json records `partial`), a part of a shard no longer in
+    the set always is, and so is a uid that two samples share.
 
     Tasks run on `client` when given; otherwise on a cluster only for a sharded build or a given
     `scheduler` / `cluster` / `scheduler_file` (a one-shard build is faster here than a cluster's start).
     """
+    from kb_builder.embed.parts import check_unique_uids
     from kb_builder.index import run_index
 
-    if not list_parts(ws.kb_embeddings(kb["name"])):
-        raise UserError(f"KB {kb['name']} has no embeddings: run `retformer embed --kb {kb['name']}` first")
-    if _kb_rows(ws, kb["name"]) == 0:
-        raise UserError(f"the KB {kb['name']} is empty: its embeddings parts hold no rows (see its shards)")
+    name = kb["name"]
+    if not list_parts(ws.kb_embeddings(name)):
+        raise UserError(f"KB {name} has no embeddings: run `retformer embed --kb {name}` first")
+    covered = kb_coverage(ws, kb)
+    if covered.extra:
+        raise UserError(
+            covered.describe(f"KB {name}'s embeddings do not match its shards")
+            + f": rerun `retformer embed --kb {name}` (it removes them), then index"
+        )
+    if covered.missing and not (allow_partial and covered.parts):
+        raise UserError(
+            covered.describe(f"KB {name} is not completely embedded")
+            + f": rerun `retformer embed --kb {name}` (finished parts are kept)"
+            + ("" if allow_partial else ", or pass --allow-partial to index the embedded shards only")
+        )
+    partial = None
+    if covered.missing:
+        partial = {"shards": len(covered.shards), "shards_without_part": len(covered.missing)}
+        log.warning(
+            "KB %s: indexing %d of %d shards (--allow-partial)",
+            name,
+            len(covered.parts),
+            len(covered.shards),
+        )
+    if sum(part_num_rows(p) for p in covered.parts) == 0:
+        raise UserError(f"the KB {name} is empty: its embeddings parts hold no rows (see its shards)")
     check_kb_encoders(ws, kb)
+    check_unique_uids(covered.parts, covered.part_of, f"KB {name}")
 
     def run(map_tasks: Any) -> dict[str, Any]:
-        emb_dir, index_dir = ws.kb_embeddings(kb["name"]), ws.kb_index(kb["name"])
-        return run_index(emb_dir, index_dir, kb.get("index", {}), map_tasks)
+        emb_dir, index_dir = ws.kb_embeddings(name), ws.kb_index(name)
+        cfg = kb.get("index", {})
+        return run_index(emb_dir, index_dir, cfg, map_tasks, parts=covered.parts, partial=partial)
 
     # One writer per index folder; run_index skips a complete, recall-checked index (also after a wait).
     with output_lock(ws.kb_index(kb["name"]), f"the index of KB {kb['name']}"), ExitStack() as stack:
@@ -425,6 +493,42 @@ def _encoder_names(encoders: Any) -> str:
     return ", ".join(parts) or "none"
 
 
+def _check_index_matches_kb(ws: Workspace, kb: dict[str, Any], index_rec: dict[str, Any]) -> None:
+    """The KB's embeddings are those of its current shard set (all of them, unless the index was built
+    with --allow-partial), and the index was built from exactly the parts in its folder now: the
+    neighbor tables' kb_ids count rows over those parts."""
+    name = kb["name"]
+    covered = kb_coverage(ws, kb)
+    if covered.extra or (covered.missing and not index_rec.get("partial")):
+        raise UserError(
+            covered.describe(f"KB {name}'s embeddings do not match its shards")
+            + f": rerun `retformer embed --kb {name}` and `retformer index --kb {name}`"
+        )
+    indexed = [(p.get("name"), p.get("rows")) for p in index_rec.get("parts", [])]
+    present = [(p.name, part_num_rows(p)) for p in list_parts(ws.kb_embeddings(name))]
+    if indexed != present:
+        raise UserError(
+            f"the index of KB {name} was built from other embeddings parts than the KB has now "
+            f"({len(indexed)} parts, {sum(r for _, r in indexed)} rows indexed; {len(present)} parts, "
+            f"{sum(r for _, r in present)} rows now): rerun `retformer index --kb {name}`"
+        )
+
+
+def check_split_embeddings(ws: Workspace, dataset: str, kb: str, splits: Any) -> None:
+    """Every split's embeddings are exactly the parts of its current shards (a test image deleted and
+    re-sharded is no longer evaluated); a dataset without shards (embeddings brought as they are) has
+    nothing to check."""
+    if not ws.dataset_shards(dataset).is_dir():
+        return
+    for split in splits:
+        covered = split_coverage(ws, dataset, split)
+        if not covered.exact:
+            raise UserError(
+                covered.describe(f"dataset {dataset} split {split}: its embeddings do not match its shards")
+                + f": rerun `retformer neighbors --dataset {dataset} --kb {kb}` (it embeds what changed)"
+            )
+
+
 def _kb_rows(ws: Workspace, kb_name: str) -> int:
     return sum(part_num_rows(p) for p in list_parts(ws.kb_embeddings(kb_name)))
 
@@ -447,6 +551,9 @@ def _ensure_dataset_embedded(
     for split in info["splits"]:
         rec = read_json(ws.dataset_stage_record(ds["name"], f"embed-{split}"))
         stale |= rec is None or rec.get("encoders") != kb["encoders"]
+        # A part missing (an embed interrupted) or one of a shard no longer in the split (a take-down,
+        # a re-sharding): the embed resumes, and removes the parts of vanished shards.
+        stale |= not split_coverage(ws, ds["name"], split).exact
     if stale:
         with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as client:
             stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed"))
@@ -476,9 +583,11 @@ def stage_neighbors(
     if k < 1:
         raise UserError(f"k must be >= 1 (got {k})")
     # index.json lands only after the recall check (kb_builder/index): its check is what makes it usable.
-    if "recall_check" not in (read_json(ws.kb_index(kb["name"]) / "index.json") or {}):
+    index_rec = read_json(ws.kb_index(kb["name"]) / "index.json") or {}
+    if "recall_check" not in index_rec:
         raise UserError(f"KB {kb['name']} has no index: run `retformer index --kb {kb['name']}` first")
     check_kb_encoders(ws, kb)
+    _check_index_matches_kb(ws, kb, index_rec)
     rows = _kb_rows(ws, kb["name"])
     if k > rows:
         raise UserError(f"k={k} is larger than the knowledge base {kb['name']} ({rows} rows)")
@@ -535,6 +644,7 @@ def stage_train(
     plan_experiment(exp, kb)
     if (info := read_json(ws.dataset_info(ds["name"]))) is not None:
         eval_splits(exp, info)
+        check_split_embeddings(ws, ds["name"], kb["name"], info.get("splits", {}))
     wanted = config_hash(ds, kb, exp)
     run_dir = ws.run_dir(run or default_run_name(ds, kb, exp))
     asked = time.time()
@@ -575,7 +685,7 @@ def stage_evaluate(ws: Workspace, run: str | None = None) -> tuple[str, dict[str
     runs_root = ws.root / "runs"
     runs = sorted(runs_root.glob("*/eval.json"), key=lambda p: p.stat().st_mtime)
     if run:
-        path = runs_root / run / "eval.json"
+        path = ws.run_dir(run) / "eval.json"
         if not path.is_file():
             raise UserError(f"run {run!r} has no eval.json under {runs_root}")
     elif runs:

@@ -16,7 +16,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -37,7 +41,7 @@ from artifacts.errors import UserError
 from artifacts.shards import manifest_path
 from artifacts.workspace import Workspace
 from kb_builder.download import download_chunk
-from tests.conftest import SMALL_ENCODERS, needs_fmnist, write_manifest
+from tests.conftest import REPO, SMALL_ENCODERS, needs_fmnist, write_manifest
 from tests.helpers import run_cli
 from tests.test_embed_robustness import bomb_png
 
@@ -442,3 +446,105 @@ def test_bad_embed_option_fails_before_any_kb_shard_is_built(small_manifests, tm
     (line,) = error_lines(proc)
     assert "batch_size" in line, line
     assert not Workspace(ws).kb_shards(spec["name"]).exists()
+
+
+# ------------------------------------------------------- 6. issue 17: the parts are the shard set's
+def _shard_uids(s: int) -> list[str]:
+    return [f"u{s}_{i}" for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def embedded_user_kb(tmp_path_factory) -> Path:
+    """A user KB of three 20-sample shards (s000-s002.tar), embedded once through the CLI; each test
+    works on a copy (`_copy_user_kb`): copytree keeps the mtimes, so the parts stay current."""
+    root = tmp_path_factory.mktemp("user_kb17")
+    for s in range(3):
+        write_user_shard(root / "src" / f"s{s:03d}.tar", _shard_uids(s), start=s * 20)
+    embed(user_kb(root, "ukb", root / "src"), root / "work")
+    return root
+
+
+def _copy_user_kb(fixture_root: Path, tmp_path: Path) -> tuple[Path, Path, Workspace]:
+    """(KB manifest, workdir, workspace) of a copy of `embedded_user_kb` under `tmp_path`."""
+    shutil.copytree(fixture_root / "src", tmp_path / "src")
+    shutil.copytree(fixture_root / "work", tmp_path / "work")
+    return user_kb(tmp_path, "ukb", tmp_path / "src"), tmp_path / "work", Workspace(tmp_path / "work")
+
+
+def _index(kb: Path, ws: Path, *more: str):
+    return run_cli("index", "--kb", str(kb), *more, "--workdir", str(ws), check=False)
+
+
+def test_takedown_removes_the_parts_of_vanished_shards(embedded_user_kb, tmp_path):
+    """Issue 17 (1): a shard deleted from a user KB (its images taken down). Before: embed kept the
+    vanished shard's part, index read every part in the folder and indexed 60 vectors for a 40-sample
+    KB, exit 0. Now index refuses the folder with one line naming the stale part, the rerun embed
+    removes it (the folder holds exactly the current set's parts), and the index has the 40."""
+    kb, ws_root, ws = _copy_user_kb(embedded_user_kb, tmp_path)
+    (tmp_path / "src" / "s002.tar").unlink()
+
+    proc = _index(kb, ws_root)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert "1 part(s) belong to no shard" in line and "part-s002.parquet" in line, line
+    assert "retformer embed --kb ukb" in line, line
+
+    embed(kb, ws_root)
+    assert [p.name for p in list_parts(ws.kb_embeddings("ukb"))] == ["part-s000.parquet", "part-s001.parquet"]
+    assert record(ws.kb_stage_record("ukb", "embed"))["images"] == 40
+    proc = _index(kb, ws_root)
+    assert proc.returncode == 0, proc.stderr
+    index = record(ws.kb_index("ukb") / "index.json")
+    assert index["n"] == 40 and "partial" not in index
+    assert [p["name"] for p in index["parts"]] == ["part-s000.parquet", "part-s001.parquet"]
+
+
+def test_duplicate_uid_in_a_kb_is_one_error_naming_uid_and_shards(embedded_user_kb, tmp_path):
+    """Issue 17 (1): README says a uid is unique in a KB; nothing checked it. A fourth shard repeating
+    the uid `u0_3` of s000.tar: embed used to exit 0 (and index to hold both rows). Now embed exits 1
+    with one line naming the uid and both shards, and index refuses the same KB."""
+    kb, ws_root, _ = _copy_user_kb(embedded_user_kb, tmp_path)
+    write_user_shard(tmp_path / "src" / "s003.tar", ["new_0", "u0_3", "new_2"], start=60)
+
+    proc = embed(kb, ws_root, check=False)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert "uid 'u0_3'" in line and "s000.tar" in line and "s003.tar" in line, line
+    proc = _index(kb, ws_root)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "uid 'u0_3'" in line, line
+
+
+def test_index_refuses_a_half_embedded_kb_unless_allow_partial(embedded_user_kb, tmp_path):
+    """Issue 17 (3): an embed killed (SIGKILL, the kill matrix's hook) after 2 of 3 parts. Before:
+    `retformer index` built a 40-of-60-vector index, exit 0, no word. Now it exits 1 with one line
+    saying how many shards have no part; `--allow-partial` indexes the 40 and index.json says so."""
+    kb, ws_root, ws = _copy_user_kb(embedded_user_kb, tmp_path)
+    emb = ws.kb_embeddings("ukb")
+    for name in ("part-s001.parquet", "part-s002.parquet"):
+        (emb / name).unlink()
+    env_kill = {"RETFORMER_KILL_AT": f"rename:{emb}/part-s002.parquet"}
+    cmd = [sys.executable, "-m", "pipelines.cli", "embed", "--kb", str(kb), "--workdir", str(ws_root)]
+    proc = subprocess.run(
+        [*cmd, "--workers", "1"],
+        cwd=REPO,
+        env={**os.environ, **env_kill},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert sorted(p.name for p in list_parts(emb)) == ["part-s000.parquet", "part-s001.parquet"]
+
+    proc = _index(kb, ws_root)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert "1 of 3 shard(s) have no embeddings part" in line and "--allow-partial" in line, line
+    assert not (ws.kb_index("ukb") / "index.json").exists()
+
+    proc = _index(kb, ws_root, "--allow-partial")
+    assert proc.returncode == 0, proc.stderr
+    index = record(ws.kb_index("ukb") / "index.json")
+    assert index["n"] == 40 and index["partial"] == {"shards": 3, "shards_without_part": 1}

@@ -23,7 +23,7 @@ from artifacts.atomic import remove_dead_temps
 from artifacts.embeddings_io import list_parts, part_num_rows
 from artifacts.errors import UserError
 from kb_builder import MapTasks
-from kb_builder.index.build import build_index, part_dim
+from kb_builder.index.build import build_index, part_dim, write_index_record
 from kb_builder.index.search import ShardedIndex, record_tuning, tune_and_check
 from kb_builder.index.select import choose_index, make_plan
 
@@ -33,11 +33,21 @@ DEFAULT_QUERIES = 1000
 
 
 def run_index(
-    emb_dir: Path, index_dir: Path, cfg: dict[str, Any], map_tasks: MapTasks | None = None
+    emb_dir: Path,
+    index_dir: Path,
+    cfg: dict[str, Any],
+    map_tasks: MapTasks | None = None,
+    *,
+    parts: list[Path] | None = None,
+    partial: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Build, tune and recall-check the index of a KB's image embeddings; returns the stage record body."""
+    """Build, tune and recall-check the index of a KB's image embeddings; returns the stage record body.
+
+    `parts`: the parts to index, in kb_id order (default: every part in `emb_dir`; the index stage
+    passes those of the KB's current shard set). `partial`: recorded in index.json as it is (the
+    stage's `--allow-partial` count of shards without a part), None for a complete KB."""
     started = time.perf_counter()
-    parts = list_parts(emb_dir)
+    parts = list_parts(emb_dir) if parts is None else [Path(p) for p in parts]
     if not parts:
         raise UserError(f"no embeddings parts in {emb_dir}: run the embed stage first")
     n = sum(part_num_rows(p) for p in parts)
@@ -67,7 +77,13 @@ def run_index(
         log.info("index in %s is complete and recall-checked with these settings: skipping", index_dir)
         remove_dead_temps(Path(index_dir).iterdir())
         report, meta = built["tuning"], built
+        if meta.get("partial") != partial:  # the same parts, but the shard set around them changed
+            meta = {k: v for k, v in meta.items() if k not in ("partial", "reused")}
+            write_index_record(Path(index_dir), {**meta, **({"partial": partial} if partial else {})})
     else:
+        built = {k: v for k, v in built.items() if k != "partial"}
+        if partial:
+            built["partial"] = partial  # what `--allow-partial` let through, for every reader to see
         index = ShardedIndex.from_record(index_dir, built)
         report = tune_and_check(index, parts, num_queries, k, target)
         # The record tests and users read: what was chosen, why, and what it measured.
@@ -80,6 +96,7 @@ def run_index(
         "d": d,
         "num_shards": len(meta.get("shards", [])),
         "reused": bool(built.get("reused", False)),
+        "partial": partial,
         "recall": round(report["recall"], 4),
         "recall_target": target,
         "qps": round(report["qps"], 1),
