@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -57,6 +58,15 @@ class FastExit(WorkerPlugin):
         """At the worker's start, so the hook runs after the atexit hooks of what tasks import later."""
         atexit.register(_exit_without_teardown)
         logging.getLogger("distributed.worker").addFilter(_HeartbeatAbortedByClose(worker))
+        # Ctrl+C reaches the whole process group: the CLI process says it was interrupted and closes
+        # the cluster; a worker process of ours would only print a KeyboardInterrupt traceback.
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:  # a nanny's worker process, not the CLI's own
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            except ValueError:  # not that process's main thread
+                pass
 
     def teardown(self, worker: Any) -> None:
         """Dask is closing the worker: its process may skip the teardown."""

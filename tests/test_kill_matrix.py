@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -235,3 +236,67 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(
     assert sorted(got) == sorted(want)
     for rel in want:
         _assert_same(rel, got[rel], want[rel])
+
+
+# ----------------------------------------------------------------------- Ctrl+C (issue 17, item 2)
+INTERRUPTED = "error: interrupted: `retformer {}` stopped by Ctrl+C (SIGINT)"
+
+
+def _interrupt(
+    cmd: list[str], ready: Callable[[], bool], timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session; once `ready()` holds, send SIGINT to its process group (what a
+    terminal's Ctrl+C does) and wait for it to end."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(ENV, None)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the command ended before the interrupt point"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _reap_group(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["embed", "train"])
+def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(
+    stage: str, e2e_workspace: Path, small_manifests, tmp_path: Path
+):
+    """Ctrl+C (SIGINT to the process group) in the middle of `retformer embed` (after its first part)
+    and `retformer train` (after its first epoch). Before: typer's 130 was dropped by main() and both
+    exited 0 with no message, so `set -e; retformer embed; retformer index` went on with part of the
+    KB. Now: exit status 130 and one line naming the command and saying a rerun resumes; the rerun
+    of embed ends with the uninterrupted run's parts."""
+    work = _before(e2e_workspace, stage, tmp_path / "work")
+    cmd = _command(stage, small_manifests, work)
+    if stage == "embed":
+        ready = lambda: any((work / "kb" / KB / "embeddings").glob("part-*.parquet"))  # noqa: E731
+    else:
+        ready = lambda: any(p.stat().st_size for p in (work / "runs" / RUN).glob("*.metrics.jsonl"))  # noqa: E731
+    stopped = _interrupt(cmd, ready)
+    assert stopped.returncode == 130, f"{stopped.returncode}:\n{stopped.stdout}\n{stopped.stderr}"
+    assert "Traceback" not in stopped.stderr, stopped.stderr
+    (line,) = [x for x in stopped.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(INTERRUPTED.format(stage)) and "run the same command again to resume" in line
+    if stage == "embed":
+        rerun = _run(cmd)
+        assert rerun.returncode == 0, f"rerun failed:\n{rerun.stdout}\n{rerun.stderr}"
+        got, want = _outputs(work, stage), _outputs(e2e_workspace, stage)
+        assert sorted(got) == sorted(want)
+        for rel in want:
+            _assert_same(rel, got[rel], want[rel])
