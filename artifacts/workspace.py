@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -11,6 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.atomic import write_json_atomic
+from artifacts.errors import UserError
+
+# A KB, dataset or run name is one folder under the workdir: no separator, not `.`/`..`, no leading dot.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
+def plain_name(name: str, what: str) -> str:
+    """`name` when it is a plain name (letters, digits, `_ - . + =`, not starting with a dot); a
+    UserError otherwise: `../..` or an absolute path would put (and remove) files outside --workdir."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or len(name) > 200:
+        raise UserError(
+            f"{what} name {name!r} is not a plain name (letters, digits and _ - . + =, not starting with "
+            "a dot, no /): it names a folder under --workdir"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -21,7 +37,7 @@ class Workspace:
 
     # knowledge bases
     def kb_dir(self, kb: str) -> Path:
-        return self.root / "kb" / kb
+        return self.root / "kb" / plain_name(kb, "KB")
 
     def kb_shards(self, kb: str) -> Path:
         return self.kb_dir(kb) / "shards"
@@ -37,7 +53,7 @@ class Workspace:
 
     # downstream datasets
     def dataset_dir(self, dataset: str) -> Path:
-        return self.root / "datasets" / dataset
+        return self.root / "datasets" / plain_name(dataset, "dataset")
 
     def dataset_shards(self, dataset: str) -> Path:
         return self.dataset_dir(dataset) / "shards"
@@ -52,11 +68,11 @@ class Workspace:
         return self.dataset_dir(dataset) / "_stages" / f"{stage}.json"
 
     def neighbors_dir(self, dataset: str, kb: str, k: int) -> Path:
-        return self.dataset_dir(dataset) / "neighbors" / kb / f"k{k}"
+        return self.dataset_dir(dataset) / "neighbors" / plain_name(kb, "KB") / f"k{k}"
 
     # training runs
     def run_dir(self, run: str) -> Path:
-        return self.root / "runs" / run
+        return self.root / "runs" / plain_name(run, "run")
 
 
 def versions() -> dict[str, str]:

@@ -195,6 +195,42 @@ CASES = [
         ("broken.yaml", "YAML"),
     ),
     Case("evaluate-unknown-run", lambda m, t: ["evaluate", "--run", "nope"], 1, ("nope",)),
+    # issue 17 (4): a KB / run name is one folder under --workdir (`../..` or an absolute path wrote,
+    # and removed, files outside it)
+    Case(
+        "kb-name-parent",
+        lambda m, t: ["shards", *_kb(m), "--set", "kb.name=../../escaped"],
+        1,
+        ("KB name '../../escaped'", "plain name"),
+    ),
+    Case(
+        "kb-name-absolute",
+        lambda m, t: ["embed", *_kb(m), "--set", f"kb.name={t / 'abs_kb'}"],
+        1,
+        ("KB name", "abs_kb", "plain name"),
+    ),
+    Case(
+        "kb-name-in-manifest",
+        _with("kb", _set("name", ".."), "index"),
+        1,
+        ("KB name '..'", "plain name"),
+    ),
+    Case(
+        "run-name-absolute",
+        lambda m, t: ["train", *_ds(m), *_kb(m), *_exp(m), "--run", str(t / "abs_run"), "--force"],
+        1,
+        ("run name", "abs_run", "plain name"),
+    ),
+    Case(
+        "run-name-parent",
+        lambda m, t: ["train", *_ds(m), *_kb(m), *_exp(m), "--run", "../..", "--force"],
+        1,
+        ("run name '../..'", "plain name"),
+    ),
+    Case("evaluate-run-parent", lambda m, t: ["evaluate", "--run", "../.."], 1, ("run name '../..'",)),
+    # issue 17 (5): --workers below 1 started a cluster with no workers and waited forever
+    Case("workers-negative", lambda m, t: ["embed", *_kb(m), "--workers", "-3"], 2, ("--workers",)),
+    Case("workers-minus-one", lambda m, t: ["index", *_kb(m), "--workers", "-1"], 2, ("--workers",)),
 ]
 
 
@@ -224,7 +260,7 @@ def _assert_one_error_line(proc, says: tuple[str, ...]) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_error_line_and_writes_nothing(case: Case, small_manifests, tmp_path) -> None:
     """Each bad input exits with its status and one `error:` line naming the thing; the workdir (a
-    fresh one) stays empty: the check comes before any work."""
+    fresh one) stays empty, and nothing is written beside it: the check comes before any work."""
     workdir = tmp_path / "work"
     args = case.args(small_manifests, tmp_path)
     proc = run_cli(*args, "--workdir", str(workdir), check=False) if args else run_cli(check=False)
@@ -232,6 +268,8 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case: Case, small_manife
     _assert_one_error_line(proc, case.says)
     written = sorted(p for p in workdir.rglob("*") if p.is_file()) if workdir.exists() else []
     assert written == [], written
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".yaml"]
+    assert outside == [], outside
 
 
 def test_workdir_that_is_a_file_is_one_error_line(small_manifests, tmp_path) -> None:
