@@ -548,3 +548,91 @@ def test_index_refuses_a_half_embedded_kb_unless_allow_partial(embedded_user_kb,
     assert proc.returncode == 0, proc.stderr
     index = record(ws.kb_index("ukb") / "index.json")
     assert index["n"] == 40 and index["partial"] == {"shards": 3, "shards_without_part": 1}
+
+
+@pytest.mark.slow
+def test_test_images_taken_down_leave_the_evaluation(embedded_user_kb, tmp_path):
+    """Issue 17 (1), the test folder: an imagefolder dataset with 12 test images in 3 shards of 4,
+    trained and evaluated against the user KB; 4 test images deleted and `retformer shards --dataset`
+    rerun (2 test shards left). Before: the third shard's part stayed, neighbors did not re-embed (its
+    records still matched), train evaluated 12 images, all exit 0. Now train refuses the split with one
+    line until neighbors has re-embedded it (removing the vanished shard's part), then evaluates 8."""
+    kb, ws_root, ws = _copy_user_kb(embedded_user_kb, tmp_path)
+    root = tmp_path / "folder"
+    for split, n in {"train": 8, "test": 6}.items():
+        for c, cls in enumerate(("ant", "bee")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (root / split / cls / f"img{i}.png").write_bytes(png_bytes(100 * c + 10 * len(split) + i, 12))
+    ds = write_manifest(
+        tmp_path / "folder17.yaml",
+        {"name": "folder17", "kind": "imagefolder", "root": str(root), "val_fraction": 0.25, "shard_size": 4},
+    )
+    exp = write_manifest(
+        tmp_path / "exp17.yaml",
+        {
+            "name": "exp17",
+            "k": 4,
+            "eval_split": "test",
+            "methods": ["retformer", "mlp_only"],
+            "model": {"width": 16, "depth": 1, "heads": 2},
+            "train": {"epochs": 1, "batch_size": 8, "seed": 0},
+        },
+    )
+    common = ["--workdir", str(ws_root)]
+    pair = ["--dataset", str(ds), "--kb", str(kb)]
+    train = ["train", *pair, "--experiment", str(exp), "--run", "r17", "--force", *common]
+    run_cli("shards", "--dataset", str(ds), *common)
+    run_cli("index", "--kb", str(kb), *common)
+    run_cli("neighbors", *pair, *common)
+    run_cli(*train)
+    assert record(ws.run_dir("r17") / "eval.json")["methods"]["mlp_only"]["num_samples"] == 12
+
+    for i in range(4):
+        (root / "test" / "bee" / f"img{i}.png").unlink()
+    run_cli("shards", "--dataset", str(ds), *common)
+    assert record(ws.dataset_info("folder17"))["splits"]["test"] == 8
+    proc = run_cli(*train, check=False)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert "split test" in line and "part-test-00002.parquet" in line and "retformer neighbors" in line, line
+
+    run_cli("neighbors", *pair, *common)
+    assert sorted(p.name for p in list_parts(ws.dataset_embeddings("folder17", "test"))) == [
+        "part-test-00000.parquet",
+        "part-test-00001.parquet",
+    ]
+    run_cli(*train)
+    assert record(ws.run_dir("r17") / "eval.json")["methods"]["mlp_only"]["num_samples"] == 8
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_damaged_faiss_shard_is_rebuilt_by_index_and_one_line_elsewhere(embedded_user_kb, tmp_path, damage):
+    """Issue 17 (6): a faiss shard cut to 1000 bytes, or overwritten with random bytes of its size.
+    Before: `retformer index` said the index was complete and up to date (only the file's presence was
+    checked) and neighbors / predict printed faiss's 140-165-line traceback. Now index.json records
+    each shard's size and SHA-256: `retformer index` rebuilds the damaged shard (the same bytes as
+    before), and a reader (ShardedIndex.load: neighbors, predict) raises one line naming the file."""
+    from kb_builder.index.search import ShardedIndex
+
+    kb, ws_root, ws = _copy_user_kb(embedded_user_kb, tmp_path)
+    assert _index(kb, ws_root).returncode == 0
+    index_dir = ws.kb_index("ukb")
+    (shard,) = record(index_dir / "index.json")["shards"]
+    path = index_dir / shard["file"]
+    good = path.read_bytes()
+    assert shard["bytes"] == len(good) and len(shard["sha256"]) == 64
+    if damage == "truncated":
+        path.write_bytes(good[:1000])
+    else:
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, len(good), dtype=np.uint8).tobytes())
+
+    with pytest.raises(UserError, match=r"damaged index shard: .*shard-00000\.faissindex") as err:
+        ShardedIndex.load(index_dir)
+    assert "\n" not in str(err.value) and "rerun `retformer index`" in str(err.value)
+
+    proc = _index(kb, ws_root)
+    assert proc.returncode == 0, proc.stderr
+    assert "rebuilding it" in proc.stderr and "Traceback" not in proc.stderr
+    assert path.read_bytes() == good
+    assert ShardedIndex.load(index_dir).ntotal == 60

@@ -132,6 +132,30 @@ def write_index_record(index_dir: Path, record: dict[str, Any]) -> None:
     write_json_atomic(Path(index_dir) / INDEX_JSON, record)
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 8 MiB blocks (~1 s per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_damage(out_dir: Path, shard: dict[str, Any], checksum: bool = True) -> str | None:
+    """Why the faiss file a shard record describes cannot be used as it is (missing, another size
+    than written, other bytes: overwritten or cut), or None. `checksum=False`: the size only (cheap,
+    for readers; the index stage, which can rebuild it, checks the bytes too)."""
+    path = Path(out_dir) / shard["file"]
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if "bytes" in shard and size != shard["bytes"]:
+        return f"{path} is {size} bytes, {shard['bytes']} were written"
+    if checksum and shard.get("sha256") and file_sha256(path) != shard["sha256"]:
+        return f"{path} does not hold the bytes written (its SHA-256 differs)"
+    return None
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -209,6 +233,7 @@ def build_shard(
         "id_hi": int(id_hi),
         "ntotal": int(index.ntotal),
         "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
         "build_s": time.perf_counter() - t0,
         "gpu": on_gpu,
         "key": build_key,
@@ -268,13 +293,12 @@ def build_index(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     existing = _read_json(out_dir / INDEX_JSON)
-    if (
-        existing
-        and existing.get("key") == key
-        and all((out_dir / s["file"]).is_file() for s in existing.get("shards", []))
-    ):
+    damaged = [d for s in (existing or {}).get("shards", []) if (d := shard_damage(out_dir, s))]
+    if existing and existing.get("key") == key and not damaged:
         log.info("index in %s is complete and up to date: reusing it", out_dir)
         return {**existing, "reused": True}
+    for reason in damaged:
+        log.warning("index shard %s: rebuilding it", reason)
     # From here on the folder is not a usable index until the new record lands.
     (out_dir / INDEX_JSON).unlink(missing_ok=True)
 
@@ -306,7 +330,7 @@ def build_index(
     for s, (lo, hi) in enumerate(ranges):
         name = SHARD_PATTERN.format(s)
         rec = _read_json(out_dir / f"{name}.json")
-        if rec and rec.get("key") == key and (out_dir / f"{name}{SHARD_SUFFIX}").is_file():
+        if rec and rec.get("key") == key and shard_damage(out_dir, rec) is None:
             log.debug("shard %d is complete: reusing it", s)
             reused[s] = rec
         else:

@@ -26,7 +26,7 @@ from faiss.contrib.evaluation import knn_intersection_measure
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from artifacts.errors import UserError
-from kb_builder.index.build import INDEX_JSON, write_index_record
+from kb_builder.index.build import INDEX_JSON, shard_damage, write_index_record
 from kb_builder.index.rows import iter_blocks, part_table, read_rows
 from kb_builder.index.select import estimate_bytes
 
@@ -103,7 +103,18 @@ class ShardedIndex:
             path = index_dir / s["file"]
             if not path.is_file():
                 raise UserError(f"index shard {path} is missing: rerun the index stage")
-            index, how = _read_index(path, mmap)
+            # A cut or overwritten file: one line (faiss's reader would print its C++ trace, or worse).
+            damage = shard_damage(index_dir, s, checksum=False)
+            if damage is not None:
+                raise UserError(f"damaged index shard: {damage}: rerun `retformer index` to rebuild it")
+            try:
+                index, how = _read_index(path, mmap)
+            except RuntimeError as exc:
+                why = " ".join(str(exc).split())
+                raise UserError(
+                    f"damaged index shard: {path} cannot be read ({why}): "
+                    "rerun `retformer index` to rebuild it"
+                ) from None
             if index.ntotal != s["ntotal"]:
                 raise UserError(
                     f"index shard {path} holds {index.ntotal} vectors, index.json says {s['ntotal']}"
