@@ -107,6 +107,22 @@ def write_stage_record(path: Path, stage: str, record: dict[str, Any]) -> dict[s
     return full
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file's content, or None when it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(path: Path, *, torn_ok: bool = False) -> dict[str, Any] | None:
+    """A JSON record's content, or None when it does not exist.
+
+    A torn record (cut short by a full disk or another tool, edited by hand: not a JSON object) is a
+    UserError naming it; with `torn_ok` (the stage that writes it is asking whether its output is
+    complete) it is None, so that the stage redoes that output."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        data, why = None, " ".join(str(exc).split())
+    else:
+        why = f"a JSON {type(data).__name__}, not an object"
+    if isinstance(data, dict):
+        return data
+    if torn_ok:
+        return None
+    raise UserError(f"{path} is torn or not a record ({why}): rerun the stage that writes it, or remove it")

@@ -240,7 +240,7 @@ def neighbors_key(index_dir: Path, kb_embeddings: Path, query_dirs: dict[str, Pa
 
 def complete_tables(out_dir: Path, key: str) -> dict[str, Any] | None:
     """The record of a complete table set in `out_dir` made for `key`, or None (must be built)."""
-    record = read_json(Path(out_dir) / RECORD)
+    record = read_json(Path(out_dir) / RECORD, torn_ok=True)  # torn: the set is rebuilt
     if not record or record.get("key") != key:
         return None
     files = [f"{split}.parquet" for split in record.get("splits", {})] + [STORE]

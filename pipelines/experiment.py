@@ -426,7 +426,9 @@ def run_experiment(
                 eval_sizes,
             )
             # Rank 0 reads it (after its start-over): every rank reuses, or trains, the same methods.
-            previous = distributed.from_main(lambda done=done: read_json(done) if resume else None)
+            previous = distributed.from_main(
+                lambda done=done: read_json(done, torn_ok=True) if resume else None
+            )
             if previous is not None and previous.get("fingerprint") == fp:
                 log.info("%s: reusing the result of the interrupted run (%s)", key, done)
                 results.update(previous["metrics"])

@@ -52,7 +52,7 @@ def check_overwrite(run_dir: Path, wanted: str, force: bool = False) -> None:
     """UserError when `run_dir` holds a finished run of another configuration (its eval.json's
     config_hash differs from `wanted`, or it has none: a run from before the hashes) and not `force`.
     An unfinished run is not refused: its methods resume or restart by their own fingerprints."""
-    done = read_json(run_dir / "eval.json")
+    done = read_json(run_dir / "eval.json", torn_ok=True)
     if done is None or force or done.get("config_hash") == wanted:
         return
     had = done.get("config_hash") or "not recorded"

@@ -9,7 +9,6 @@ take a Dask client or None; the fan-out itself is pipelines/dask_runner.py's `ta
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import time
 from contextlib import ExitStack
@@ -260,7 +259,7 @@ def stage_embed(
     embed_options(kb.get("embed"))  # a bad `embed:` option fails now, not after the shards are built
     if not kb_shard_paths(ws, kb):
         stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
-    if ds and not ws.dataset_info(ds["name"]).is_file():
+    if ds and read_json(ws.dataset_info(ds["name"]), torn_ok=True) is None:
         stage_dataset_shards(ws, ds)
     with dask_client(scheduler, workers, cluster=cluster, scheduler_file=scheduler_file) as client:
         records = {kb["name"]: stage_embed_kb(ws, kb, client)}
@@ -371,7 +370,7 @@ def split_coverage(ws: Workspace, dataset: str, split: str) -> Any:
 
 def _guard_encoder_change(record_path: Path, encoders: dict, out_dir: Path) -> None:
     """Parts embedded with other encoders are stale: remove them so they are recomputed."""
-    previous = read_json(record_path)
+    previous = read_json(record_path, torn_ok=True)
     if previous and previous.get("encoders") != encoders and out_dir.is_dir():
         log.warning("encoders changed since the last embed of %s: re-embedding", out_dir)
         for part in out_dir.glob("part-*.parquet"):
@@ -475,7 +474,7 @@ def stage_index(
 def check_kb_encoders(ws: Workspace, kb: dict[str, Any]) -> None:
     """The KB's embeddings (and so its index) were made with the encoders the manifest names now;
     otherwise the dataset would be embedded into another space than the one searched."""
-    done = read_json(ws.kb_stage_record(kb["name"], "embed"))
+    done = read_json(ws.kb_stage_record(kb["name"], "embed"), torn_ok=True)
     if done and done.get("encoders") != kb["encoders"]:
         raise UserError(
             f"KB {kb['name']} was embedded with encoders {_encoder_names(done.get('encoders'))}, the "
@@ -543,13 +542,13 @@ def _ensure_dataset_embedded(
     scheduler_file: str | None = None,
 ) -> None:
     """Shard and embed the dataset with the KB's encoders unless its embed records already match."""
-    info = read_json(ws.dataset_info(ds["name"]))
-    if info is None:
+    info = read_json(ws.dataset_info(ds["name"]), torn_ok=True)
+    if info is None:  # never sharded, or its dataset.json torn: the shards stage redoes it
         stage_dataset_shards(ws, ds)
         info = read_json(ws.dataset_info(ds["name"]))
     stale = False
     for split in info["splits"]:
-        rec = read_json(ws.dataset_stage_record(ds["name"], f"embed-{split}"))
+        rec = read_json(ws.dataset_stage_record(ds["name"], f"embed-{split}"), torn_ok=True)
         stale |= rec is None or rec.get("encoders") != kb["encoders"]
         # A part missing (an embed interrupted) or one of a shard no longer in the split (a take-down,
         # a re-sharding): the embed resumes, and removes the parts of vanished shards.
@@ -653,7 +652,7 @@ def stage_train(
         def prepare() -> dict[str, Any] | None:
             """Rank 0, under the run's lock: another run's fresh eval.json to return, else None (train)."""
             held = stack.enter_context(output_lock(run_dir, f"the run {run_dir.name}"))
-            report = read_json(run_dir / "eval.json")
+            report = read_json(run_dir / "eval.json", torn_ok=True)  # torn: trained again
             same = bool(report and report.get("config_hash") == wanted)
             if same and held.waited_s and (run_dir / "eval.json").stat().st_mtime >= asked:
                 log.info("run %s was finished by the run this one waited for: using its eval.json", run_dir)
@@ -692,4 +691,4 @@ def stage_evaluate(ws: Workspace, run: str | None = None) -> tuple[str, dict[str
         path = runs[-1]
     else:
         raise UserError(f"no finished runs under {runs_root}: run `retformer train` first")
-    return path.parent.name, json.loads(path.read_text())
+    return path.parent.name, read_json(path) or {}

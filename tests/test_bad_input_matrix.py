@@ -9,6 +9,7 @@ The data-path cases (truncated shards, empty tars, non-images) are in test_relia
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -336,3 +337,47 @@ def test_small_manifests_still_pass_the_schemas(small_manifests) -> None:
         stages.load_kb(name, None)
     for name in ("demo", "ours_finetune", "k_sweep", "clip_zeroshot", "logit_adjusted"):
         stages.load_experiment(name, None)
+
+
+TORN_ELSEWHERE = [  # (id, torn file under the workdir, command args) -> one error line naming the file
+    ("eval-json-evaluate", "runs/tiny/eval.json", lambda m: ["evaluate", "--run", "tiny"]),
+    ("dataset-json-train", "datasets/tiny_lt/dataset.json", lambda m: ["train", *_ds(m), *_kb(m), *_exp(m)]),
+    ("index-json-neighbors", "kb/tiny_all/index/index.json", lambda m: ["neighbors", *_ds(m), *_kb(m)]),
+]
+
+
+@needs_fmnist
+@pytest.mark.parametrize(("rel", "args"), [c[1:] for c in TORN_ELSEWHERE], ids=[c[0] for c in TORN_ELSEWHERE])
+def test_a_torn_record_read_by_another_stage_is_one_error_line(
+    rel, args, small_manifests, e2e_workspace, tmp_path
+):
+    """Issue 17 (7): a record cut in half (a full disk, another tool). Before: a 66-138-line
+    JSONDecodeError traceback. Now: one `error:` line naming the file, and nothing changes."""
+    workdir = tmp_path / "work"
+    shutil.copytree(e2e_workspace, workdir)
+    torn = workdir / rel
+    torn.write_text(torn.read_text()[: len(torn.read_text()) // 2])
+    before = _snapshot(workdir)
+    proc = run_cli(*args(small_manifests), "--workdir", str(workdir), check=False)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    _assert_one_error_line(proc, (str(torn), "torn"))
+    assert _snapshot(workdir) == before
+
+
+@needs_fmnist
+def test_a_torn_record_of_a_stage_output_makes_the_stage_redo_it(small_manifests, e2e_workspace, tmp_path):
+    """Issue 17 (7): the stage that writes a record treats a torn one as absent and redoes the output
+    (index.json: `retformer index`; _neighbors.json: `retformer neighbors`) instead of a traceback."""
+    workdir = tmp_path / "work"
+    shutil.copytree(e2e_workspace, workdir)
+    m = small_manifests
+    for rel, args in (
+        ("kb/tiny_all/index/index.json", ["index", *_kb(m)]),
+        ("datasets/tiny_lt/neighbors/tiny_all/k8/_neighbors.json", ["neighbors", *_ds(m), *_kb(m)]),
+    ):
+        torn = workdir / rel
+        torn.write_text(torn.read_text()[:40])
+        proc = run_cli(*args, "--workdir", str(workdir), check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert isinstance(json.loads(torn.read_text()), dict)

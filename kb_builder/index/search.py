@@ -91,7 +91,9 @@ class ShardedIndex:
         meta_path = index_dir / INDEX_JSON
         if not meta_path.is_file():
             raise UserError(f"no index in {index_dir} ({INDEX_JSON} missing): run the index stage first")
-        return cls.from_record(index_dir, json.loads(meta_path.read_text()), mmap)
+        from artifacts.workspace import read_json
+
+        return cls.from_record(index_dir, read_json(meta_path) or {}, mmap)
 
     @classmethod
     def from_record(cls, index_dir: Path | str, meta: dict[str, Any], mmap: bool = True) -> ShardedIndex:
