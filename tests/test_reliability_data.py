@@ -118,6 +118,7 @@ def record(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ 1. truncated shards
+@pytest.mark.slow
 def test_truncated_user_shard_is_one_error_and_the_good_part_is_kept(tmp_path):
     """A user KB of two 40-sample shards, the second cut inside a member's padding: embed exits 1 with
     one `error:` line naming that shard (the reader used to stop there and embed 10 of its 40 with
@@ -148,6 +149,7 @@ def test_truncated_user_shard_is_one_error_and_the_good_part_is_kept(tmp_path):
     assert table.uid.tolist() == [f"a{i}" for i in range(40)] + [f"b{i}" for i in range(40)]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_truncated_dataset_shard_is_checked_against_its_manifest(e2e_workspace, small_manifests, tmp_path):
     """The issue's case on a copy of the end-to-end workspace: the dataset's test-00001.tar (100
@@ -192,6 +194,7 @@ def test_truncated_dataset_shard_is_checked_against_its_manifest(e2e_workspace, 
 
 
 # ----------------------------------------------------------------------------------- 2. empty KB
+@pytest.mark.slow
 def test_empty_user_kb_is_named_at_embed(tmp_path):
     """A user KB whose only shard is an empty webdataset tar: embed exits 1 with "the KB ... is empty"
     naming the KB and the shard (it used to write a 0-row part, and index then reported
@@ -206,6 +209,7 @@ def test_empty_user_kb_is_named_at_embed(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- 6. uids
+@pytest.mark.slow
 def test_uid_outside_the_contract_is_one_error_naming_shard_and_uid(tmp_path):
     """A user shard with the uid "photo 7.jpg" (space and dot): one error naming the shard and the uid;
     a download metadata chunk with such a uid is refused before anything is fetched."""
@@ -295,6 +299,7 @@ def limits_site(tmp_path) -> Iterator[str]:
         server.server_close()
 
 
+@pytest.mark.slow
 def test_download_fetches_http_only_within_bytes_pixels_and_deadline(limits_site, tmp_path):
     """`retformer download` against the loopback server, max_bytes 200 kB, deadline 3 s, the default
     max_pixels: the good PNG is stored; a file: URL, a data: URL (urllib would have decoded it into a
@@ -430,6 +435,42 @@ def test_imagefolder_broken_bmp_is_one_error_naming_the_file(tmp_path):
     (line,) = error_lines(proc)
     assert str(broken) in line and "cannot be decoded" in line, line
     assert not list(ws.rglob("_SUCCESS-*.json")), list(ws.rglob("*"))
+
+
+def test_imagefolder_bmp_and_gif_bombs_are_skipped_by_reason(tmp_path):
+    """Issue 17 (8): a BMP and a GIF whose headers claim 50000 x 50000 pixels (a few dozen bytes each).
+    `retformer shards` re-encodes such formats, so it decoded them: a DecompressionBombError traceback.
+    Now they are skipped at the folder scan and counted as `decompression_bomb`, like a PNG/JPEG bomb
+    at embed, and the shards hold the other images."""
+    import io
+    import struct
+
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for cls in ("ant", "bee"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                (d / f"img{i}.png").write_bytes(png_bytes(i + len(cls), 12))
+    bmp, gif = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (4, 4)).save(bmp, format="BMP")
+    Image.new("P", (4, 4)).save(gif, format="GIF")
+    bmp_bytes, gif_bytes = bytearray(bmp.getvalue()), bytearray(gif.getvalue())
+    struct.pack_into("<ii", bmp_bytes, 18, 50000, 50000)  # BITMAPINFOHEADER width, height
+    struct.pack_into("<HH", gif_bytes, 6, 50000, 50000)  # logical screen width, height
+    (root / "train" / "bee" / "bomb.bmp").write_bytes(bytes(bmp_bytes))
+    (root / "train" / "ant" / "bomb.gif").write_bytes(bytes(gif_bytes))
+    ds = write_manifest(
+        tmp_path / "bomb.yaml",
+        {"name": "bomb", "kind": "imagefolder", "root": str(root), "val_fraction": 0, "shard_size": 50},
+    )
+    ws = tmp_path / "work"
+    proc = run_cli("shards", "--dataset", str(ds), "--workdir", str(ws), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert error_lines(proc) == [] and "2 decompression_bomb" in proc.stderr, proc.stderr
+    info = record(Workspace(ws).dataset_info("bomb"))
+    assert info["split_notes"]["skipped_files"]["counts"] == {"decompression_bomb": 2}
+    assert info["splits"] == {"train": 6, "test": 6}
 
 
 # -------------------------------------------------------------------------------- 5. embed options

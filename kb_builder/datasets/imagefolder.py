@@ -5,7 +5,9 @@ the files with a known image extension, sorted by name within each class, classe
 item i of a split gets the uid `<name>-<split>-<i>` (stable while the tree is unchanged; made of
 `safe_token`s, so always inside the uid contract `[A-Za-z0-9_-]`, whatever the file names). A file
 with an image extension that Pillow does not recognise as an image (text saved as `x.png`) is skipped
-and counted (`not_an_image`) in the dataset's notes (`skipped_files`), with a warning; a class folder
+and counted (`not_an_image`) in the dataset's notes (`skipped_files`), with a warning, and so is a
+non-PNG/JPEG file whose header claims more pixels than Pillow's MAX_IMAGE_PIXELS
+(`decompression_bomb`: it would be decoded to be re-encoded); a class folder
 without images gets a warning naming it. An optional `imbalance_ratio` turns the training split
 long-tailed with the CIFAR-LT rule (`longtail.py`), `n_max` defaulting to the largest training class.
 
@@ -65,11 +67,14 @@ def _image_problem(path: Path) -> str | None:
         return None  # the usual case, half the cost of asking Pillow (a folder is scanned at each load)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. This file would be
+            # decoded and re-encoded by `retformer shards` (image_source): a header claiming more
+            # pixels is skipped here, as the embed stage skips a PNG/JPEG bomb (artifacts/decode.py).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path):
                 return None
-    except Image.DecompressionBombError:
-        return None  # an image all the same: the embed stage skips it as a decompression_bomb
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "decompression_bomb"
     except UnidentifiedImageError:
         return "not_an_image"
     except OSError:
