@@ -32,7 +32,7 @@ DASK_ARGS := $(SCHED_ARGS) $(CLUSTER_ARGS)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: help setup data demo test lint shards download embed index neighbors train evaluate bench-embed bench-index bench-neighbors bench-gpu clean
+.PHONY: help setup data demo test test-all docs-img lint shards download embed index neighbors train evaluate bench-embed bench-index bench-neighbors bench-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -66,8 +66,18 @@ data:  ## install Debian's dataset-fashion-mnist when its IDX files are missing
 demo: setup data  ## the whole chain on Fashion-MNIST-LT: table + work/demo/results.json
 	$(RETFORMER) demo $(COMMON) $(DASK_ARGS) $(SET_ARGS)
 
-test: setup data  ## the test suite (offline: models from the installed packages only)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+# Test tiers (README "Tests"): `make test` is the default tier, `make test-all` adds the tests marked
+# slow (kill-matrix cases beyond one, full reruns) and system (SLURM, torchrun, Chromium, several
+# interpreters) as a second pytest run, so CI's `make test-all` runs the README's `make test` first.
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+test: setup data  ## the default test tier, <= 5 min on 2 cores (offline: models from installed packages only)
+	$(PYTEST) -m "not slow and not system"
+
+test-all: test  ## every test: the default tier, then the slow and system tiers (CI)
+	$(PYTEST) -m "slow or system"
+
+docs-img: setup data  ## regenerate docs/img/ (the browser screenshot from its Chromium test)
+	RETFORMER_SCREENSHOT_DIR=$(CURDIR)/docs/img $(PYTEST) tests/test_browse.py -k chromium
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

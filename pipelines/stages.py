@@ -411,6 +411,7 @@ def stage_index(
     cluster: str | None = None,
     scheduler_file: str | None = None,
     allow_partial: bool = False,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     """`retformer index`: choose, build (sharded), tune and recall-check the KB's faiss index.
 
@@ -420,7 +421,8 @@ def stage_index(
     the set always is, and so is a uid that two samples share.
 
     Tasks run on `client` when given; otherwise on a cluster only for a sharded build or a given
-    `scheduler` / `cluster` / `scheduler_file` (a one-shard build is faster here than a cluster's start).
+    `scheduler` / `cluster` / `scheduler_file` (a one-shard build is faster here than a cluster's start);
+    `in_process` runs even a sharded build here (a tiny KB, the tests' workspace).
     """
     from kb_builder.embed.parts import check_unique_uids
     from kb_builder.index import run_index
@@ -463,6 +465,8 @@ def stage_index(
     with output_lock(ws.kb_index(kb["name"]), f"the index of KB {kb['name']}"), ExitStack() as stack:
         if client is not None:
             record = run(task_mapper(client))
+        elif in_process:
+            record = run(task_mapper(None))
         elif int(kb.get("index", {}).get("num_shards", 1)) > 1 or scheduler or cluster or scheduler_file:
             record = run(_cluster_on_demand(stack, scheduler, workers, cluster, scheduler_file))
         else:

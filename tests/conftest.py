@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import yaml
-
-from tests.helpers import run_cli
-
-FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-REPO = Path(__file__).resolve().parents[1]
-
+# Before anything imports torch, numpy or faiss (they read these once, at import):
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One intra-op thread in this process and every CLI it starts: several tests compare outputs bit for
-# bit (the kill matrix, concurrent runs), and CPU kernels with 2+ threads were measured to differ run
-# to run at 1e-7 (a loss, a neighbor score). Dask workers already run one thread each.
+# bit (the kill matrix, concurrent runs, the in-process vs CLI workspace), and CPU kernels with 2+
+# threads were measured to differ run to run at 1e-7 (a loss, a neighbor score). Dask workers already
+# run one thread each. (Set after `tests.helpers` was imported, torch had already taken 2 threads.)
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# Tests run on the CPU unless asked (a GPU box would otherwise run the bit-exact tests on CUDA);
+# RETFORMER_TEST_GPU=1 keeps the GPUs visible for the tests marked `gpu`.
+if os.environ.get("RETFORMER_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from tests.workspace_build import build_in_process  # noqa: E402
+
+FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def have_fmnist() -> bool:
@@ -99,26 +106,22 @@ def small_manifests(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def e2e_workspace(tmp_path_factory, small_manifests) -> Path:
-    """Run every stage once, through the CLI, on the small slice; return the workspace root."""
+    """Every stage once on the small slice, built in this process (byte-equal to the CLI-built
+    workspace: tests/test_workspace_build.py); returns the workspace root. Treat it as read-only:
+    a test that changes files copies it first."""
     if not have_fmnist():
         pytest.skip(f"Fashion-MNIST IDX files not in {FMNIST_DIR}")
-    ws = tmp_path_factory.mktemp("work")
-    m = small_manifests
-    common = ["--workdir", str(ws)]
-    run_cli("shards", "--kb", str(m["kb"]), "--dataset", str(m["dataset"]), *common)
-    run_cli("embed", "--kb", str(m["kb"]), "--dataset", str(m["dataset"]), "--workers", "1", *common)
-    run_cli("index", "--kb", str(m["kb"]), "--workers", "1", *common)
-    run_cli("neighbors", "--dataset", str(m["dataset"]), "--kb", str(m["kb"]), *common)
-    run_cli(
-        "train",
-        "--dataset",
-        str(m["dataset"]),
-        "--kb",
-        str(m["kb"]),
-        "--experiment",
-        str(m["experiment"]),
-        "--run",
-        "tiny",
-        *common,
-    )
-    return ws
+    return build_in_process(tmp_path_factory.mktemp("work"), small_manifests)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` run only where torch can use a CUDA device and RETFORMER_TEST_GPU=1."""
+    if os.environ.get("RETFORMER_TEST_GPU") == "1":
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    skip = pytest.mark.skip(reason="needs a usable CUDA GPU and RETFORMER_TEST_GPU=1")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -124,6 +124,7 @@ def test_slurm_cluster_without_sbatch_is_a_user_error(monkeypatch):
         pass
 
 
+@pytest.mark.slow
 def test_local_manifest_and_scheduler_file(tmp_path):
     """`--cluster local` starts a LocalCluster of the manifest's worker count, and a cluster started
     the HPC way (`dask scheduler --scheduler-file`, `dask worker --scheduler-file`) is joined through

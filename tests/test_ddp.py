@@ -155,6 +155,7 @@ def _error_ranks(rank: int, tmp: Path) -> None:
     distributed.barrier()  # the group still works: nobody was left waiting
 
 
+@pytest.mark.system
 def test_an_error_on_rank_0_reaches_every_rank(two_ranks: Path) -> None:
     """A check that fails on rank 0 (the run folder's checks run there alone) raises the same UserError
     on rank 1 instead of leaving it waiting for a broadcast that never comes."""
@@ -197,6 +198,7 @@ def _feature_ranks(rank: int, tmp: Path) -> None:
     )
 
 
+@pytest.mark.system
 def test_two_processes_train_like_one_and_resume_across_world_sizes(two_ranks: Path) -> None:
     """Feature mode, 2 gloo processes vs 1 with the same global batch (16; mixup, label smoothing, logit
     adjustment, gradient clipping; a last batch of 1 sample, so one rank has an empty part): the same
@@ -254,6 +256,7 @@ def _selection_ranks(rank: int, tmp: Path) -> None:
     torch.save(_select(), tmp / f"select{rank}.pt")
 
 
+@pytest.mark.system
 def test_selection_grid_runs_alike_on_two_processes(two_ranks: Path) -> None:
     """Every rank runs the same selection grid (mlp_only's lr grid, then the stacked RetFormer's cells,
     alphas and gates on val) as one collective training after another, and ends with the one-process
@@ -357,6 +360,7 @@ def _finetune_ranks(rank: int, tmp: Path) -> None:
     torch.save({"state": model.state_dict(), "history": history, "logits": logits}, tmp / f"ft{rank}.pt")
 
 
+@pytest.mark.system
 def test_finetune_two_processes_train_like_one(two_ranks: Path) -> None:
     """Fine-tune mode (a small conv + LayerNorm encoder and a RetFormer head; augmentation, mixup on the
     pixels across the ranks' parts, accumulation of 2 micro-batches, an uneven last batch), 2 gloo
@@ -391,6 +395,7 @@ def _torchrun() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.system
 def test_torchrun_cli_train_equals_one_process(e2e_workspace: Path, small_manifests, tmp_path: Path) -> None:
     """`torchrun --standalone --nproc_per_node 2 --local-ranks-filter 0 -m pipelines.cli train` (as
     `make train NPROC=2` runs it: gloo, feature mode, three methods, mixup and label smoothing,

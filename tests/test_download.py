@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -329,10 +328,7 @@ def test_dask_cluster_runs_the_same_tasks(site: Site, tmp_path: Path) -> None:
     assert sorted(s["uid"] for s in read_all(out)) == sorted(meta.uids("ok", "flaky"))
 
 
-@pytest.mark.skipif(
-    not os.environ.get("RETFORMER_SLOW_TESTS"),
-    reason="starts 4 interpreters that each import torch (~15-30 s on 2 cores): set RETFORMER_SLOW_TESTS=1",
-)
+@pytest.mark.system  # starts 4 interpreters that each import torch (~15-30 s on 2 cores)
 def test_process_pool_engine_writes_the_same_layout(site: Site, tmp_path: Path) -> None:
     """With processes_count > 1, img2dataset.download() runs in a subprocess with its own process pool
     and writes the same files: chunk b's 20 PNGs stored, the 503s and the 404 counted, uids readable."""

@@ -102,6 +102,7 @@ def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_whole_run_then_rerun_gives_identical_parts(kb, tmp_path):
     """`retformer embed` killed with SIGKILL (its whole process group) once some but not all parts
     exist; no temporary file is ever listed as a part; the rerun embeds only the missing shards,
@@ -147,6 +148,7 @@ def test_sigkill_of_the_whole_run_then_rerun_gives_identical_parts(kb, tmp_path)
     assert_same_parts(out, kb["ref"])
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_dask_worker_is_survived(kb, tmp_path):
     """One of two Dask worker processes is SIGKILLed while it embeds a shard: the scheduler re-runs
     its task elsewhere (or, if the run fails, a rerun finishes it) and the parts equal the reference."""

@@ -282,6 +282,7 @@ def _popen(env_vars: dict, args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env_vars, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_killed_finetune_run_resumes_to_the_same_metrics(clip_ws, tmp_path):
     """`retformer train --experiment ours_finetune` (2 epochs, checkpoint every epoch, a DataLoader
     worker, accumulation) SIGKILLed once its first checkpoint is on disk, then rerun with the same

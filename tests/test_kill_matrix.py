@@ -218,7 +218,13 @@ def _assert_same(rel: str, got: Path, want: Path) -> None:
         assert got.read_bytes() == want.read_bytes(), f"{rel}: bytes differ"
 
 
-@pytest.mark.parametrize(("case", "stage", "kill_at"), CASES, ids=[c[0] for c in CASES])
+# The fast tier keeps one case (the cheapest: the KB shard set); `make test-all` runs them all.
+TIERED_CASES = [
+    pytest.param(*c, id=c[0], marks=() if c[0] == "shards-kb-set" else pytest.mark.slow) for c in CASES
+]
+
+
+@pytest.mark.parametrize(("case", "stage", "kill_at"), TIERED_CASES)
 def test_killed_stage_reruns_to_the_uninterrupted_result(
     case: str, stage: str, kill_at: str, e2e_workspace: Path, small_manifests, tmp_path: Path
 ):

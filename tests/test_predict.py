@@ -119,6 +119,7 @@ def test_predict_five_pngs_equals_the_evaluation(e2e_workspace: Path, tmp_path: 
     assert "corrupt.png: skipped" in warnings[0] and "nowhere.png: skipped" in warnings[1]
 
 
+@pytest.mark.slow
 def test_predict_on_the_test_shards_equals_the_evaluation_sample_by_sample(e2e_workspace: Path, tmp_path):
     """`retformer predict RUN <test shards> --out FILE`: one line per test image; every image gets the
     class the evaluation gave it and exactly its neighbors in the stored test neighbor table (first k,
@@ -143,6 +144,7 @@ def test_predict_on_the_test_shards_equals_the_evaluation_sample_by_sample(e2e_w
         assert [n["kb_id"] for n in records[row["uid"]]["neighbors"]] == row["nn_id"][:K], row["uid"]
 
 
+@pytest.mark.slow
 def test_predict_picks_a_method_and_refuses_bad_runs(e2e_workspace: Path, tmp_path: Path):
     """--method chooses the model (a retrieval-free one still lists its image's KB neighbors) and a run
     name may be a pattern (run names end in a config hash); a method without a model file, a run that
@@ -169,6 +171,7 @@ def test_predict_picks_a_method_and_refuses_bad_runs(e2e_workspace: Path, tmp_pa
         assert message in lines[0]
 
 
+@pytest.mark.slow
 def test_fine_tuned_model_predicts_what_its_evaluation_gave(e2e_workspace: Path, small_manifests, tmp_path):
     """A fine-tune method's model file (its own trained encoder + head) predicts from the images: on the
     test shards every image gets the class of the run's evaluation (finetune_predict on the shard

@@ -53,6 +53,9 @@ def _skip_reason() -> str | None:
     return None
 
 
+pytestmark = pytest.mark.system  # a real SLURM (slurmctld + slurmd) started by the test
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory) -> Iterator[Path]:
     """A running one-node SLURM (SLURM_CONF set for this process and the jobs it submits); stopped,

@@ -326,6 +326,7 @@ def _two_runs_one_lock(output: Path, args: list[str], logs: Path) -> list[tuple[
     ]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_two_concurrent_neighbors_runs_compute_once(e2e_workspace: Path, small_manifests, tmp_path: Path):
     """Two `retformer neighbors` on one workdir: both wait for the lock (saying so once), one
@@ -348,6 +349,7 @@ def test_two_concurrent_neighbors_runs_compute_once(e2e_workspace: Path, small_m
         assert (out / name).read_bytes() == (ref / name).read_bytes()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_two_concurrent_train_runs_train_once(e2e_workspace: Path, small_manifests, tmp_path: Path):
     """Two identical `retformer train` on one workdir: one trains, the other waits and returns the
@@ -378,6 +380,7 @@ def test_two_concurrent_train_runs_train_once(e2e_workspace: Path, small_manifes
     assert tables[0] and tables[0] == tables[1], "both print the one run's results"
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_finished_run_of_the_same_configuration_is_skipped(small_manifests, e2e_workspace, tmp_path):
     """`retformer train` again with the same manifests and --run: the finished run is not trained again

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from artifacts.embeddings_io import list_parts, read_part_arrow
 from tests.conftest import SMALL_ENCODERS, write_manifest
 from tests.helpers import run_cli
 
 
+@pytest.mark.slow
 def test_val_split_gets_shards_embeddings_and_neighbor_tables(tmp_path: Path):
     """A digits_lt slice (val 5/class, test 5/class) and a 200-image world KB from its pool: every stage
     handles val like train and test (its own shards, embeddings and neighbor table, one row per val
