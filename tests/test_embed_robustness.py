@@ -102,6 +102,9 @@ def bad_shard(path: Path) -> tuple[Path, list[str], dict[str, int]]:
     add("long_caption", {"png": good(3), "txt": LONG_CAPTION.encode()}, True)
     add("no_image", {"txt": b"a caption without its image"}, False)
     samples.append(("bad_json", {"png": good(4), "txt": b"y", "json": b"{not json"}))
+    # issue 17 (9): a label outside the part's int32 column failed the whole shard (OverflowError)
+    samples.append(("label_2_31", {"png": good(7), "txt": b"z", "json": _meta("label_2_31", 2**31)}))
+    samples.append(("label_inf", {"png": good(8), "txt": b"z", "json": _meta("label_inf", float("inf"))}))
     add("latin1_caption", {"png": good(5), "txt": "caf\xe9".encode("latin-1")}, True)
     add("good_2", {"png": good(6), "txt": b"a bag"}, True)
     expected = {
@@ -111,6 +114,7 @@ def bad_shard(path: Path) -> tuple[Path, list[str], dict[str, int]]:
         "decompression_bomb": 1,
         "missing_image": 1,
         "bad_metadata": 1,
+        "label_out_of_range": 2,
     }
     return write_tar(path, samples), kept, expected
 
@@ -132,9 +136,9 @@ def embedded(tmp_path_factory) -> dict:
 
 
 def test_every_bad_sample_is_skipped_by_reason_or_embedded(embedded):
-    """Truncated JPEG, zero-byte file, text saved as .jpg, decompression bomb, missing image and
-    unreadable json are skipped and counted by reason; CMYK, 16-bit PNG, 1x1, a missing, an over-long
-    and a non-UTF-8 caption are embedded, in shard order, with unit-norm finite vectors."""
+    """Truncated JPEG, zero-byte file, text saved as .jpg, decompression bomb, missing image,
+    unreadable json and a label outside int32 are skipped and counted by reason; CMYK, 16-bit PNG,
+    1x1, a missing, an over-long and a non-UTF-8 caption are embedded, in shard order, with unit-norm finite vectors."""
     stats, table = embedded["runs"][0]
     assert stats["status"] == "embedded"
     assert stats["skipped"] == embedded["expected"]

@@ -677,3 +677,26 @@ def test_a_damaged_faiss_shard_is_rebuilt_by_index_and_one_line_elsewhere(embedd
     assert "rebuilding it" in proc.stderr and "Traceback" not in proc.stderr
     assert path.read_bytes() == good
     assert ShardedIndex.load(index_dir).ntotal == 60
+
+
+@pytest.mark.slow
+def test_a_label_outside_int32_is_that_samples_skip_reason(embedded_user_kb, tmp_path):
+    """Issue 17 (9): one KB sample whose json `label` is 2**31. Before: the part's int32 label column
+    overflowed and the whole shard failed at embed (an OverflowError traceback, exit 1). Now that one
+    sample is skipped as `label_out_of_range` and the shard's other samples are embedded."""
+    kb, ws_root, ws = _copy_user_kb(embedded_user_kb, tmp_path)
+    shard = write_user_shard(tmp_path / "src" / "s003.tar", _shard_uids(3), start=60)
+    with tarfile.open(shard) as tar:  # the same shard with sample 5's label set to 2**31
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name == "s000065.json":
+                data = json.dumps({"uid": "u3_5", "label": 2**31, "source": "user"}).encode()
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    proc = embed(kb, ws_root, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert error_lines(proc) == []
+    stage = record(ws.kb_stage_record("ukb", "embed"))
+    assert stage["images"] == 79 and stage["skipped"] == {"label_out_of_range": 1}, stage
+    assert "u3_5" not in read_embeddings(ws.kb_embeddings("ukb")).uid.tolist()

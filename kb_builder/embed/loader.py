@@ -28,11 +28,19 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def _as_label(value: Any) -> int:
+_LABEL_RANGE = range(-(2**31), 2**31)  # the part's label column is int32
+
+
+def _as_label(value: Any) -> int | None:
+    """The sample's label, -1 when it has none or it is not a number, None when it is a number outside
+    int32 (the sample is skipped as `label_out_of_range`: one such json failed the whole shard)."""
     try:
-        return -1 if value is None else int(value)
+        label = -1 if value is None else int(value)
     except (TypeError, ValueError):
         return -1
+    except OverflowError:  # float("inf")
+        return None
+    return label if label in _LABEL_RANGE else None
 
 
 class ShardBatches(IterableDataset):
@@ -103,6 +111,8 @@ class ShardBatches(IterableDataset):
             rec = to_record(key, files)
         except Exception:  # noqa: BLE001 - unreadable json: skip this sample, not the shard
             return None, None, "bad_metadata"
+        if _as_label(rec.get("label")) is None:
+            return rec, None, "label_out_of_range"
         if rec["image_bytes"] is None:
             return rec, None, "missing_image"
         try:
