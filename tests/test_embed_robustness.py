@@ -138,7 +138,8 @@ def embedded(tmp_path_factory) -> dict:
 def test_every_bad_sample_is_skipped_by_reason_or_embedded(embedded):
     """Truncated JPEG, zero-byte file, text saved as .jpg, decompression bomb, missing image,
     unreadable json and a label outside int32 are skipped and counted by reason; CMYK, 16-bit PNG,
-    1x1, a missing, an over-long and a non-UTF-8 caption are embedded, in shard order, with unit-norm finite vectors."""
+    1x1, a missing, an over-long and a non-UTF-8 caption are embedded, in shard order, with unit-norm
+    finite vectors."""
     stats, table = embedded["runs"][0]
     assert stats["status"] == "embedded"
     assert stats["skipped"] == embedded["expected"]
