@@ -32,7 +32,7 @@ DASK_ARGS := $(SCHED_ARGS) $(CLUSTER_ARGS)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: help setup data demo test test-all docs-img lint shards download embed index neighbors train evaluate bench-embed bench-index bench-neighbors bench-gpu clean
+.PHONY: help setup data demo test test-all docs-img lint shards download embed index neighbors train evaluate bench-embed bench-index bench-neighbors bench-trainer bench-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -114,6 +114,9 @@ bench-embed: setup  ## embed benchmark: end-to-end vs bare encoder forward, per 
 
 bench-neighbors: setup  ## neighbors stage vs bare faiss search; the self-match lookup once vs per slice (BENCHMARKS.md)
 	$(PY) bench/bench_neighbors.py --out bench/results/neighbors.json
+
+bench-trainer: setup data  ## the demo experiment's trainer vs its bare compute, per method (BENCHMARKS.md; QUICK=1)
+	$(PY) bench/bench_trainer.py --workdir $(WORKDIR) $(if $(QUICK),--quick,) --out bench/results/trainer.json
 
 bench-gpu: setup  ## GPU checks, one table: ViT-B-16 embed, faiss-gpu index, AMP fine-tune step (EXTRAS=gpu,dev; QUICK=1)
 	bash bench/gpu_check.sh $(if $(QUICK),--quick,) --out bench/results/gpu
