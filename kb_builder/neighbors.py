@@ -238,10 +238,49 @@ def neighbors_key(index_dir: Path, kb_embeddings: Path, query_dirs: dict[str, Pa
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def complete_tables(out_dir: Path, key: str) -> dict[str, Any] | None:
-    """The record of a complete table set in `out_dir` made for `key`, or None (must be built)."""
+def split_keys(index_dir: Path, kb_embeddings: Path, query_dirs: dict[str, Path], k: int) -> dict[str, str]:
+    """`neighbors_key` of each split alone: a split's table depends on the index, the KB parts, k and
+    that split's query parts only, so a set made for more splits serves a request for fewer (`retformer
+    evaluate --kb` asks for the eval split alone; a full set computed before is reused)."""
+    return {s: neighbors_key(index_dir, kb_embeddings, {s: q}, k) for s, q in query_dirs.items()}
+
+
+def index_identity(index_dir: Path) -> dict[str, Any]:
+    """What the tables of an index depend on in its record: build key, tuned parameters, creation time,
+    rows (the row count says by how much a grown index grew)."""
+    from kb_builder.index.build import INDEX_JSON
+
+    index = read_json(Path(index_dir) / INDEX_JSON, torn_ok=True) or {}
+    return {f: index.get(f) for f in ("key", "params", "created", "n")}
+
+
+def stale_reason(out_dir: Path, index_dir: Path) -> str | None:
+    """Why a complete table set in `out_dir` no longer matches the KB's index (it grew in place or was
+    rebuilt after its tables were computed), or None (current, or no set there). Tables computed against
+    an older index are stale: `neighbors` and `evaluate --kb` recompute them, `train` refuses them."""
+    record = read_json(Path(out_dir) / RECORD, torn_ok=True)
+    if not record or "index" not in record:
+        return None
+    was, now = record["index"], index_identity(index_dir)
+    if {f: was.get(f) for f in ("key", "params", "created")} == {
+        f: now.get(f) for f in ("key", "params", "created")
+    }:
+        return None
+    if was.get("n") is not None and now.get("n") is not None and now["n"] != was["n"]:
+        return f"the KB index changed from {was['n']} to {now['n']} rows after they were computed"
+    return "the KB index was rebuilt or re-tuned after they were computed"
+
+
+def complete_tables(out_dir: Path, key: str, wanted: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The record of a complete table set in `out_dir` made for `key`, or None (must be built).
+    `wanted` (split -> `split_keys` entry): also accept a set holding at least those splits, each made
+    from the same inputs (a full set serves a request for the eval split alone)."""
     record = read_json(Path(out_dir) / RECORD, torn_ok=True)  # torn: the set is rebuilt
-    if not record or record.get("key") != key:
+    if not record:
+        return None
+    have = record.get("split_keys") or {}
+    same_splits = wanted is not None and all(have.get(s) == v for s, v in wanted.items())
+    if record.get("key") != key and not same_splits:
         return None
     files = [f"{split}.parquet" for split in record.get("splits", {})] + [STORE]
     return record if all((Path(out_dir) / f).is_file() for f in files) else None
@@ -268,11 +307,14 @@ def run_neighbors(
     if k > kb_size:
         raise UserError(f"k={k} is larger than the knowledge base ({kb_size} rows)")
     key = neighbors_key(index_dir, kb_embeddings, query_dirs, k)
-    done = complete_tables(out_dir, key)
+    per_split_keys = split_keys(index_dir, kb_embeddings, query_dirs, k)
+    done = complete_tables(out_dir, key, per_split_keys)
     if done is not None:
         log.info("neighbor tables in %s are complete and up to date: reusing them", out_dir)
         remove_dead_temps_of(out_dir)  # what an interrupted rewrite may have left beside them
         return {**done, "reused": True}
+    if (stale := stale_reason(out_dir, index_dir)) is not None:
+        log.info("neighbor tables in %s are stale (%s): recomputing them", out_dir, stale)
     started = time.perf_counter()
     map_tasks = map_tasks or map_inline
     split_uids = {split: _query_uids(qdir) for split, qdir in query_dirs.items()}
@@ -312,6 +354,8 @@ def run_neighbors(
         n_queries = sum(s["queries"] for s in per_split.values())
         body = {
             "key": key,
+            "split_keys": per_split_keys,
+            "index": index_identity(index_dir),
             "k": k,
             "kb_rows": kb_size,
             "splits": per_split,

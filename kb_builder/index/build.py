@@ -375,7 +375,7 @@ def build_index(
         "plan": plan.to_dict(),
         "trained_file": TRAINED_FILE if trained_path else None,
         "shards": [{k: v for k, v in s.items() if k != "key"} for s in shards],
-        "parts": [{k: t[k] for k in ("path", "name", "rows", "offset")} for t in table],
+        "parts": [{k: t[k] for k in ("path", "name", "rows", "offset", "bytes")} for t in table],
         # faiss's defaults until tune_and_check's operating point is recorded (search.record_tuning)
         "params": {},
         "bytes": int(sum(s["bytes"] for s in shards)),
