@@ -80,10 +80,10 @@ def test_bare_state_dict_of_an_older_run_is_a_clear_error(e2e_workspace: Path, t
 
 
 def test_predict_five_pngs_equals_the_evaluation(e2e_workspace: Path, tmp_path: Path):
-    """`retformer predict RUN` on five PNG files (taken out of the test shard), a corrupt file and a path
-    that does not exist: exit 0, exactly five JSON lines on stdout, each with path, class, score, top-5
-    and the neighbors (uid, caption, similarity); the class of each is the one the run's evaluation gave
-    that test image; stderr names each bad input once."""
+    """`retformer predict RUN` on five PNG files (taken out of the test shard), a corrupt file, a path
+    that does not exist and `/dev/zero` (an input that never ends): exit 0, exactly five JSON lines on
+    stdout, each with path, class, score, top-5 and the neighbors (uid, caption, similarity); the class
+    of each is the one the run's evaluation gave that test image; stderr names each bad input once."""
     shard = sorted((e2e_workspace / "datasets" / DATASET / "shards").glob("test-*.tar"))[0]
     pngs = tmp_path / "pngs"
     pngs.mkdir()
@@ -91,7 +91,7 @@ def test_predict_five_pngs_equals_the_evaluation(e2e_workspace: Path, tmp_path: 
         (pngs / f"{rec['uid']}.{rec['image_ext']}").write_bytes(rec["image_bytes"])
     (pngs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     missing = tmp_path / "nowhere.png"
-    proc = run_cli("predict", RUN, str(pngs), str(missing), "--workdir", str(e2e_workspace))
+    proc = run_cli("predict", RUN, str(pngs), str(missing), "/dev/zero", "--workdir", str(e2e_workspace))
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 5, proc.stdout
     expected = eval_predictions(e2e_workspace, "retformer")
@@ -115,8 +115,9 @@ def test_predict_five_pngs_equals_the_evaluation(e2e_workspace: Path, tmp_path: 
         sims = [n["similarity"] for n in rec["neighbors"]]
         assert sims == sorted(sims, reverse=True)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert "corrupt.png: skipped" in warnings[0] and "nowhere.png: skipped" in warnings[1]
+    assert "/dev/zero: skipped (larger than 256 MiB" in warnings[2]  # issue 17 (10): read until MemoryError
 
 
 @pytest.mark.slow
