@@ -340,18 +340,42 @@ def train(
     typer.echo(format_table(stages.stage_train(ctx.ws, ds_m, kb_m, exp_m, run, force=force)))
 
 
-@command()
+@command("set", "dask")
 def evaluate(
     ctx: Ctx,
+    run_name: Annotated[
+        str | None, typer.Argument(metavar="[RUN]", help="Run name (default: the latest run).")
+    ] = None,
     run: Annotated[
         str | None, typer.Option("--run", "--run-name", help="Run name (default: the latest run).")
     ] = None,
+    kb: Annotated[
+        str | None,
+        typer.Option(
+            "--kb",
+            help="Evaluate the run's models with this KB (manifest name or path; embedded with the run's "
+            "encoders): the eval split's neighbours against it, results in <run>/eval.<kb>.json.",
+        ),
+    ] = None,
 ) -> None:
-    """Print a finished run's evaluation table (top-1, top-5, many / medium / few)."""
+    """Print a finished run's evaluation table (top-1, top-5, many / medium / few); with --kb, evaluate
+    its trained models with another (or a grown) KB first, without retraining."""
     from pipelines.results import format_table
 
-    name, report = stages.stage_evaluate(ctx.ws, run)
-    typer.echo(f"run {name}")
+    if run_name and run and run_name != run:
+        raise typer.BadParameter(f"two runs given: {run_name} and --run {run}")
+    run = run_name or run
+    if kb is None:
+        name, report = stages.stage_evaluate(ctx.ws, run)
+        typer.echo(f"run {name}")
+    else:
+        from pipelines.evaluate_kb import eval_file, stage_evaluate_kb
+
+        name, report = stage_evaluate_kb(ctx.ws, run, kb, ctx.overrides, dask=ctx.dask)
+        typer.echo(
+            f"run {name}: trained with {report['trained_kb']}, evaluated with {report['evaluated_kb']} "
+            f"({report['kb_index']['n']} rows; {eval_file(ctx.ws.run_dir(name), report['evaluated_kb'])})"
+        )
     typer.echo(format_table(report))
 
 
@@ -377,6 +401,7 @@ def demo(
 
 
 import pipelines.cli_browse  # noqa: E402,F401  (registers browse)
+import pipelines.cli_doctor  # noqa: E402,F401  (registers doctor)
 import pipelines.cli_use  # noqa: E402,F401  (registers predict)
 
 
@@ -399,6 +424,11 @@ def main() -> None:
     except OSError as exc:  # a workdir that is a file, a read-only disk, a full one
         where = f": {exc.filename}" if exc.filename else ""
         _fail(f"{exc.strerror or exc}{where}", 1)
+    except Exception:  # a bug: its traceback, also in torchrun's failure summary (hidden ranks included)
+        import traceback
+
+        _tell_torchrun(traceback.format_exc().strip().splitlines()[-1], traceback.format_exc())
+        raise
     else:
         # Without standalone mode typer returns a status instead of exiting: 130 for a Ctrl+C it
         # caught itself (outside a command's body), a typer.Exit's code otherwise.
@@ -429,7 +459,31 @@ def _usage_line(exc: Exception) -> str:
 
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
+    _tell_torchrun(f"error: {message}")
     sys.exit(code)
+
+
+def _tell_torchrun(line: str, callstack: str | None = None) -> None:
+    """Under torchrun, a rank's error also goes to the error file torchrun gave it (what torch's
+    `@record` writes), so torchrun's failure summary shows every rank's error, including the ranks
+    `--local-ranks-filter 0` hides."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    message = f"rank {os.environ.get('RANK', '?')}: {line}"
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {"py_callstack": callstack or message, "timestamp": str(int(time.time()))},
+        }
+    }
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

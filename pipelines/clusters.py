@@ -13,6 +13,12 @@ Client):
 A stage writes the same output whichever of these ran its tasks: tasks are per shard / per slice and
 the merges are ordered, and every worker runs its tasks single-threaded per worker thread (see
 `worker_threads`), as a LocalCluster's do.
+
+GPU jobs (`gpus_per_job: N`): N Dask workers per job, one thread and one GPU each (the preload
+pipelines/gpu_worker.py gives worker i of the job the i-th of the job's GPUs), while the job still
+books all its `cores` for the image loader processes. Only the embed stage uses such a cluster; the CPU
+stages (download, index, neighbors) use `cpu_cluster` (a CPU manifest) or, without one, the same
+jobs without GPUs, one worker per job with all its cores as threads (`cpu_spec`).
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class ClusterSpec:
     python: str | None = None  # the workers' python (default: the one submitting, sys.executable)
     death_timeout: float | None = 120  # seconds a worker waits for the scheduler before it exits
     scheduler_options: dict[str, Any] = field(default_factory=dict)  # passed to the Dask scheduler
+    # GPU manifests: the cluster manifest (name or path) the CPU stages (download, index, neighbors) use
+    cpu_cluster: str | None = None
 
 
 def load_cluster(name_or_path: str, overrides: list[str] | None = None) -> ClusterSpec:
@@ -87,6 +95,12 @@ def spec_from_dict(data: dict[str, Any], source: str = "cluster manifest") -> Cl
         value = data.get(key)
         if value is not None and (not isinstance(value, int) or value < 0):
             raise UserError(f"{source}: {key} must be an integer >= 0 (got {value!r})")
+    gpus = data.get("gpus_per_job") or 0
+    if gpus and data.get("processes", 1) != gpus:
+        raise UserError(
+            f"{source}: processes ({data.get('processes', 1)}) must equal gpus_per_job ({gpus}): "
+            "one Dask worker per GPU"
+        )
     if data.get("processes", 1) > data.get("cores", 1):
         raise UserError(f"{source}: processes ({data['processes']}) must not exceed cores ({data['cores']})")
     if data.get("adapt") is not None:
@@ -113,17 +127,28 @@ def slurm_kwargs(spec: ClusterSpec) -> dict[str, Any]:
     """The `dask_jobqueue.SLURMCluster` arguments of a `kind: slurm` manifest."""
     threads = worker_threads(spec)
     directives = list(spec.job_extra_directives)
-    if spec.gpus_per_job:
-        directives.append(f"--gres=gpu:{spec.gpus_per_job}")
     # The same thread count per worker as a LocalCluster's workers get (OMP/MKL from the env), so
     # a task computes the same floats whichever cluster ran it.
     prologue = [f"export OMP_NUM_THREADS={threads}", f"export MKL_NUM_THREADS={threads}"]
+    extra_args: list[str] = []
+    if spec.gpus_per_job:
+        directives.append(f"--gres=gpu:{spec.gpus_per_job}")
+        # One task at a time per GPU (one Dask thread), each worker on its own GPU (the preload picks
+        # it from the worker's name), the worker's share of the cores for its loader processes.
+        prologue += [
+            f"export RETFORMER_WORKER_GPUS={spec.gpus_per_job}",
+            f"export RETFORMER_WORKER_CORES={threads}",
+        ]
+        extra_args = ["--preload", "pipelines.gpu_worker"]
     # The dashboard shows task names and paths: loopback by default (reach it through an ssh tunnel).
     scheduler_options = {"dashboard_address": "127.0.0.1:0", **spec.scheduler_options}
     kwargs: dict[str, Any] = {
         "queue": spec.queue,
         "account": spec.account,
-        "cores": spec.cores,
+        # GPU jobs: `cores` would make each worker run cores/processes tasks at once on one GPU; one
+        # thread per worker, and the job still books its cores (job_cpu: #SBATCH --cpus-per-task).
+        "cores": spec.processes if spec.gpus_per_job else spec.cores,
+        "job_cpu": spec.cores,
         "processes": spec.processes,
         "memory": spec.memory,
         "walltime": spec.walltime,
@@ -132,11 +157,26 @@ def slurm_kwargs(spec: ClusterSpec) -> dict[str, Any]:
         "job_directives_skip": list(spec.job_directives_skip),
         "python": spec.python or sys.executable,
         "scheduler_options": scheduler_options,
+        "worker_extra_args": extra_args,
     }
     for key in ("interface", "local_directory", "log_directory", "death_timeout"):
         if getattr(spec, key) is not None:
             kwargs[key] = getattr(spec, key)
     return kwargs
+
+
+def cpu_spec(spec: ClusterSpec) -> ClusterSpec:
+    """The cluster the CPU stages (download, index, neighbors) use for a manifest: itself without GPUs;
+    for a GPU manifest its `cpu_cluster`, else the same jobs without GPUs, one worker per job with all
+    the job's cores as threads (a GPU worker's one thread would crawl through faiss and downloads)."""
+    if not spec.gpus_per_job:
+        return spec
+    if spec.cpu_cluster:
+        cpu = load_cluster(spec.cpu_cluster)
+        if cpu.gpus_per_job:
+            raise UserError(f"cluster {spec.name}: its cpu_cluster {spec.cpu_cluster} books GPUs too")
+        return cpu
+    return dataclasses.replace(spec, name=f"{spec.name}-cpu", gpus_per_job=0, processes=1)
 
 
 def check_job_script(script: str) -> None:

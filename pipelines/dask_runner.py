@@ -35,13 +35,10 @@ def default_workers() -> int:
 
 
 def gpu_count() -> int:
-    """Number of CUDA devices torch sees (0 without torch or CUDA)."""
-    try:
-        import torch
+    """Number of CUDA devices torch can use (0 without torch, CUDA or a driver torch can use)."""
+    from artifacts.devices import torch_gpu_count
 
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - any import/runtime failure means "no GPU"
-        return 0
+    return torch_gpu_count()
 
 
 # The dashboard shows task names and paths: loopback only (":0" would listen on every interface).
@@ -56,6 +53,7 @@ def dask_client(
     *,
     cluster: str | Any | None = None,
     scheduler_file: str | Path | None = None,
+    gpu: bool = False,
 ) -> Iterator[Any]:
     """A distributed Client on one of (at most one given; pipelines/clusters.py):
 
@@ -63,15 +61,23 @@ def dask_client(
     - `cluster` (a manifest name, path or ClusterSpec): `kind: slurm` submits SLURM jobs
       (SLURMCluster, `n_workers` overrides the manifest's count), `kind: local` as below with the
       manifest's workers and threads;
-    - nothing: a LocalCUDACluster (one worker per GPU, when dask-cuda and GPUs are present) or a CPU
-      LocalCluster of `n_workers` processes.
+    - nothing: a LocalCUDACluster (one worker per GPU, when `gpu`, dask-cuda and GPUs are present) or a
+      CPU LocalCluster of `n_workers` processes.
+
+    `gpu`: the tasks use a GPU (the embed stage). Only then does a GPU machine get one worker per GPU
+    and a GPU SLURM manifest its GPU jobs; the other stages run on CPU workers (`clusters.cpu_spec`).
+    (A machine whose GPUs torch cannot use: `stages.stage_embed` stops with one UserError first.)
 
     Closes what it started (a SLURMCluster cancels its jobs)."""
     from distributed import Client, LocalCluster
 
-    from pipelines.clusters import resolve_cluster, start_slurm_cluster
+    from pipelines.clusters import cpu_spec, resolve_cluster, start_slurm_cluster
 
     spec = resolve_cluster(cluster, scheduler, scheduler_file)
+    if spec is not None and not gpu and spec.gpus_per_job:
+        cpu = cpu_spec(spec)
+        log.info("cluster %s books GPUs: these CPU tasks run on %s", spec.name, cpu.name)
+        spec = cpu
     if scheduler or scheduler_file:
         client = Client(scheduler) if scheduler else Client(scheduler_file=str(scheduler_file))
         log.info("joined Dask scheduler %s", client.scheduler.address)
@@ -87,7 +93,7 @@ def dask_client(
     elif spec is not None:
         n_workers = n_workers or spec.workers
         threads_per_worker = spec.threads_per_worker
-    if cluster is None and gpu_count() > 0:
+    if cluster is None and gpu and gpu_count() > 0:
         try:
             from dask_cuda import LocalCUDACluster
 

@@ -30,8 +30,8 @@ def test_shipped_cluster_manifests_load():
 
 def test_slurm_job_script_has_the_manifests_settings(tmp_path):
     """The job script SLURMCluster submits carries the manifest's partition, account, cores, memory,
-    walltime, extra directives and GPUs; the workers run this python with cores/processes threads
-    each, and OMP/MKL set to that (as a LocalCluster's workers), so a task computes the same floats."""
+    walltime, extra directives and GPUs; the workers run this python with OMP/MKL set to
+    cores/processes (as a LocalCluster's workers), so a task computes the same floats."""
     pytest.importorskip(
         "dask_jobqueue", reason="dask-jobqueue is not installed (pip install 'retformer[slurm]')"
     )
@@ -68,7 +68,8 @@ def test_slurm_job_script_has_the_manifests_settings(tmp_path):
     ):
         assert line in script, (line, script)
     assert f"{sys.executable} -m distributed.cli.dask_worker" in script
-    assert "--nthreads 4" in script and "--nworkers 2" in script
+    # A GPU job: one thread per worker (one task per GPU), the job still books its 8 cores (issue 21).
+    assert "--nthreads 1" in script and "--nworkers 2" in script
     # The prologue runs before the worker starts.
     assert script.index("module load cuda") < script.index("dask_worker")
 

@@ -100,7 +100,13 @@ def shutdown() -> None:
 
 def device_for(device: torch.device) -> torch.device:
     """A CUDA device without an index means this process's GPU (LOCAL_RANK) when distributed; UserError
-    when this machine has fewer GPUs than training processes."""
+    when this machine has fewer GPUs than training processes, and for an explicit index (`cuda:0`
+    would put every process on the same GPU)."""
+    if device.type == "cuda" and device.index is not None and active():
+        raise UserError(
+            f"train.device is {device} under torchrun: every process would use that one GPU; "
+            "set it to cuda or auto (process LOCAL_RANK then uses GPU LOCAL_RANK)"
+        )
     if device.type == "cuda" and device.index is None and active():
         if local_rank() >= torch.cuda.device_count():
             raise UserError(

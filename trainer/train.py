@@ -56,10 +56,11 @@ from trainer.progress import current as progress_tracker
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; under torchrun, "cuda" is this process's GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.device_for(torch.device(device))
+    """'auto' -> cuda when torch can use a GPU, cpu when there is none (a GPU torch cannot use is one
+    UserError: artifacts/devices.py); under torchrun, "cuda" is this process's GPU."""
+    from artifacts.devices import pick
+
+    return distributed.device_for(torch.device(pick(device, "training")))
 
 
 class WarmupCosine:
@@ -119,11 +120,13 @@ def logit_adjustment(class_counts: torch.Tensor | np.ndarray | list[int], tau: f
 
 
 def amp_policy(enabled: bool, device: torch.device) -> tuple[bool, torch.dtype]:
-    """(autocast on?, dtype): bfloat16 on CUDA where supported, else float16 (with a GradScaler); off on
-    the CPU."""
+    """(autocast on?, dtype): bfloat16 on CUDA where native (compute capability >= 8.0), else float16
+    (with a GradScaler; emulated bf16 on a T4/V100 is slow); off on the CPU."""
     if not (enabled and device.type == "cuda"):
         return False, torch.float32
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from artifacts.devices import amp_dtype
+
+    return True, amp_dtype(device)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:

@@ -76,9 +76,11 @@ def _encoders(image_spec: dict, text_spec: dict | None, device: str) -> tuple[An
 
 
 def _pick_device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The manifest's device, else cuda when torch can use a GPU; a GPU torch cannot use is one
+    UserError (artifacts/devices.py), never a silent CPU run."""
+    from artifacts.devices import pick
+
+    return pick(device, "embed")
 
 
 class _TextCache:

@@ -76,8 +76,9 @@ class _Frozen(ABC):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not (self.autocast and self.device.type == "cuda"):
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        from artifacts.devices import amp_dtype  # bf16 where native (sm_80+), else fp16
+
+        return torch.autocast("cuda", dtype=amp_dtype(self.device))
 
     @staticmethod
     def _normalise(feats: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import numpy as np
 from artifacts.atomic import atomic_path, remove_dead_temps, write_json_atomic
 from artifacts.errors import UserError
 from kb_builder import MapTasks, map_inline
-from kb_builder.index.rows import iter_range, part_dim, part_table, sample_rows, shard_ranges
+from kb_builder.index.rows import ADD_BATCH_ROWS, iter_range, part_dim, part_table, sample_rows, shard_ranges
 from kb_builder.index.select import IndexPlan
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,43 @@ def train_index(plan: IndexPlan, sample: np.ndarray) -> faiss.Index:
     return index
 
 
-def _to_gpu_for_add(index: faiss.Index, plan: IndexPlan) -> tuple[faiss.Index, bool]:
-    """Clone an IVF index to one GPU for adding, when its type allows it (IVF,Flat / SQ8 / PQ).
+# faiss-gpu's StandardGpuResources reserves scratch memory beside the index (up to 1.5 GiB).
+GPU_SCRATCH_BYTES = 1536 * 2**20
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of the GPU faiss adds on (GPU 0 of this process); None when unknown."""
+    from artifacts.devices import free_gpu_memory
+
+    return free_gpu_memory(0)
+
+
+def gpu_bytes_for_add(index: faiss.Index, plan: IndexPlan, n_vectors: int) -> int:
+    """What a shard of `n_vectors` costs on the GPU while adding: codes + ids of the vectors (x1.5 for
+    the inverted lists' growth), the coarse centroids, faiss's scratch memory and one add batch."""
+    ivf = faiss.extract_index_ivf(index)
+    code = int(getattr(ivf, "code_size", 0) or plan.d * 4)
+    centroids = int(ivf.nlist) * plan.d * 4
+    return int(n_vectors * (code + 8) * 1.5) + centroids + GPU_SCRATCH_BYTES + ADD_BATCH_ROWS * plan.d * 4
+
+
+def _to_gpu_for_add(index: faiss.Index, plan: IndexPlan, n_vectors: int = 0) -> tuple[faiss.Index, bool]:
+    """Clone an IVF index to one GPU for adding, when its type allows it (IVF,Flat / SQ8 / PQ) and the
+    shard fits in the GPU's free memory (else the add runs on the CPU, with a warning).
 
     One GPU per shard task: with dask-cuda each worker sees exactly one GPU, and replicas on
     several GPUs would each receive every vector.
     """
     if num_gpus() == 0 or plan.kind not in ("ivf_flat", "ivf_sq8", "ivf_pq"):
+        return index, False
+    need, free = gpu_bytes_for_add(index, plan, n_vectors), gpu_free_bytes()
+    if free is not None and need > free:
+        log.warning(
+            "adding on CPU: the shard needs ~%.1f GiB on the GPU, %.1f GiB are free (more num_shards "
+            "would make shards that fit)",
+            need / 2**30,
+            free / 2**30,
+        )
         return index, False
     try:
         return faiss.index_cpu_to_all_gpus(index, ngpu=1), True
@@ -216,7 +246,7 @@ def build_shard(
         faiss.omp_set_num_threads(int(num_threads))
     t0 = time.perf_counter()
     index = faiss.read_index(trained_path) if trained_path else new_index(plan)
-    index, on_gpu = _to_gpu_for_add(index, plan)
+    index, on_gpu = _to_gpu_for_add(index, plan, id_hi - id_lo)
     for ids, vectors in iter_range(parts, id_lo, id_hi):
         index.add_with_ids(vectors, ids)
     if on_gpu:
