@@ -132,7 +132,8 @@ def slurm_kwargs(spec: ClusterSpec) -> dict[str, Any]:
     prologue = [f"export OMP_NUM_THREADS={threads}", f"export MKL_NUM_THREADS={threads}"]
     extra_args: list[str] = []
     if spec.gpus_per_job:
-        directives.append(f"--gres=gpu:{spec.gpus_per_job}")
+        if not any("--gres" in skip for skip in spec.job_directives_skip):  # a site booking GPUs its own
+            directives.append(f"--gres=gpu:{spec.gpus_per_job}")  # way: job_extra_directives
         # One task at a time per GPU (one Dask thread), each worker on its own GPU (the preload picks
         # it from the worker's name), the worker's share of the cores for its loader processes.
         prologue += [

@@ -180,3 +180,53 @@ def test_stages_on_slurm_match_local_cluster(slurm, small_manifests, tmp_path, m
         time.sleep(1)
         left = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True, check=True)
     assert not left.stdout.strip(), left.stdout
+
+
+def _gpu_manifest(root: Path) -> Path:
+    """A GPU manifest (2 GPUs, 2 workers per job) for a node without GPUs: the `--gres` line is skipped
+    and the prologue exports the CUDA_VISIBLE_DEVICES SLURM's gres plugin would give the job."""
+    import yaml
+
+    path = root / "test_slurm_gpu.yaml"
+    data = {
+        "kind": "slurm",
+        "queue": "debug",
+        "cores": 2,
+        "processes": 2,
+        "gpus_per_job": 2,
+        "memory": JOB_MEMORY,
+        "walltime": "00:20:00",
+        "jobs": 1,
+        "log_directory": str(root / "jobs"),
+        "scheduler_options": {"host": "127.0.0.1"},
+        "job_directives_skip": ["--gres"],
+        "job_script_prologue": ["export CUDA_VISIBLE_DEVICES=4,7"],
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_gpu_jobs_run_one_thread_and_own_gpu_per_worker(slurm):
+    """Issue 21 on the real SLURM: a GPU manifest's job books all its cores (--cpus-per-task=2) but runs
+    2 workers of 1 thread each, worker i on the i-th of the job's GPUs (CUDA_VISIBLE_DEVICES 4 and 7,
+    read inside the workers); a CPU stage given the same manifest (gpu=False) gets one worker with the
+    job's 2 cores as threads instead."""
+    from pipelines.dask_runner import dask_client
+
+    def env() -> tuple[str | None, str | None]:
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")
+
+    manifest = _gpu_manifest(slurm)
+    with dask_client(cluster=str(manifest), gpu=True) as client:
+        script = client.cluster.job_script()
+        client.wait_for_workers(2, timeout=240)
+        nthreads = sorted(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+        seen = sorted(client.run(env).values())
+    assert "#SBATCH --cpus-per-task=2" in script and "--nthreads 1 " in script and "gres" not in script
+    assert nthreads == [1, 1]
+    assert seen == [("4", "1"), ("7", "1")], seen
+    with dask_client(cluster=str(manifest)) as client:  # a CPU stage: download, index, neighbors
+        client.wait_for_workers(1, timeout=240)
+        workers = client.scheduler_info()["workers"].values()
+        assert [w["nthreads"] for w in workers] == [2]
+        assert list(client.run(env).values()) == [("4,7", "2")]
