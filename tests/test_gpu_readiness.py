@@ -281,3 +281,17 @@ def test_torchrun_rank_error_goes_to_torchrun_error_file(tmp_path):
     assert line.startswith("error: ")
     data = json.loads(err_file.read_text())
     assert data["message"]["message"] == f"rank 1: {line}"
+
+
+def test_embed_loader_processes_share_the_cores_between_gpus(monkeypatch):
+    """A GPU worker's loader processes: its SLURM job's share (RETFORMER_WORKER_CORES) or the host's
+    cores over all the driver's GPUs (a dask-cuda worker sees one GPU but shares the host with the others)."""
+    from kb_builder.embed import options
+
+    monkeypatch.setattr(options.os, "sched_getaffinity", lambda _: set(range(32)), raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(devices, "driver_info", lambda: devices.DriverInfo(True, "x", "13.0", [None] * 8))
+    monkeypatch.delenv("RETFORMER_WORKER_CORES", raising=False)
+    assert options.default_num_workers("cuda") == 3  # 32 cores / 8 GPUs - 1
+    monkeypatch.setenv("RETFORMER_WORKER_CORES", "16")
+    assert options.default_num_workers("cuda") == 8

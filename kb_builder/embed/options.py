@@ -29,8 +29,12 @@ def default_num_workers(device: str, threads: int | None = None) -> int:
     worker: a loader process would only steal the encoder's core), else a few."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.startswith("cuda"):
-        # The GPU computes; the CPU only feeds it: the host's cores shared between its GPUs.
-        share = cores // max(1, torch.cuda.device_count())
+        # The GPU computes; the CPU only feeds it: the host's cores shared between its GPUs (all the
+        # driver's GPUs: a dask-cuda worker sees only its own), or a GPU SLURM job's share per worker.
+        from artifacts.devices import driver_info
+
+        given = os.environ.get("RETFORMER_WORKER_CORES")
+        share = int(given) if given else cores // max(1, torch.cuda.device_count(), len(driver_info().gpus))
         return max(0, min(8, share - 1))
     share = threads or torch.get_num_threads()
     if share <= 1 or cores <= 1:
