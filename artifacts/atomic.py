@@ -24,14 +24,22 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write; rename it onto `path` only if the block succeeds.
 
     Temporary files of `path` that a killed writer left are removed first, so rewriting an output
-    also clears what a kill during its last write left behind.
+    also clears what a kill during its last write left behind. An OSError of the block that names no
+    file (a write to a full disk) is raised again naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps_of(path)
     tmp = tmp_name(path)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # a write refused without a file name (a full disk: ENOSPC): name the output, so the
+            # CLI's one `error:` line says which file could not be written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         maybe_die(f"rename:{path}")  # test hook (artifacts/faults.py): a kill leaves `tmp` behind
         os.replace(tmp, path)
     finally:

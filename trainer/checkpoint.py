@@ -65,8 +65,30 @@ def save_checkpoint(
         "train_config": asdict(config) if config is not None else None,
         **extra,
     }
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
+
+
+def save_torch(obj: Any, path: Path | str) -> None:
+    """torch.save `obj` to `path` atomically (temporary name, then os.replace). A write the OS refuses
+    (a full disk: ENOSPC) is an OSError naming `path`, which the CLI prints as one `error:` line.
+
+    torch.save writes through a Python file object here, so the OS's error is raised in Python (given
+    a path, its C++ writer reports only "unexpected pos ..."); torch's zip writer then fails closing
+    the archive with a RuntimeError whose context is that OSError (a 123-line traceback at
+    `retformer train`), hence the walk down the exception's context."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(obj, fh)
+        except (OSError, RuntimeError) as exc:
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            assert isinstance(cause, OSError)
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
 
 
 def _torch_load(path: Path | str, map_location: str | torch.device, what: str) -> Any:
@@ -98,8 +120,7 @@ def save_model(path: Path | str, model: nn.Module, info: dict[str, Any] | None =
         "info": jsonable(info or {}),
         **jsonable(extra),
     }
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import discard_stale
+from trainer.checkpoint import discard_stale, save_torch
 from trainer.config import METHOD_NAMES
 from trainer.features import RetrievalFeatures
 from trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
@@ -123,7 +123,7 @@ def train_method(
     if save is not None:
         save(model, weights_path)
     else:
-        torch.save(model.state_dict(), weights_path)
+        save_torch(model.state_dict(), weights_path)
     return logits, len(history)
 
 
