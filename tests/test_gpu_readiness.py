@@ -295,3 +295,14 @@ def test_embed_loader_processes_share_the_cores_between_gpus(monkeypatch):
     assert options.default_num_workers("cuda") == 3  # 32 cores / 8 GPUs - 1
     monkeypatch.setenv("RETFORMER_WORKER_CORES", "16")
     assert options.default_num_workers("cuda") == 8
+
+
+@pytest.mark.gpu
+def test_on_a_real_gpu_auto_picks_cuda_and_amp_follows_the_capability():
+    """Where a GPU is usable (RETFORMER_TEST_GPU=1): no problem line, auto is cuda, AMP's dtype follows
+    the compute capability, and the loaded encoder autocasts with it."""
+    from trainer.train import amp_policy
+
+    assert devices.gpu_problem() is None and devices.pick(None, "embed") == "cuda"
+    native = torch.cuda.get_device_capability(0) >= (8, 0)
+    assert amp_policy(True, torch.device("cuda", 0)) == (True, torch.bfloat16 if native else torch.float16)
