@@ -26,6 +26,7 @@ import logging
 import mimetypes
 import re
 import socket
+import sys
 import tarfile
 import threading
 from collections.abc import Callable
@@ -56,6 +57,12 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # what a shard sample's image membe
 MAX_LIMIT = 1000  # samples per /api/queries answer: the page asks for more as one scrolls
 PAGE = "static/browse.html"
 UID = re.compile(r"[A-Za-z0-9_-]+")  # the uid contract (docs/architecture.md): what /img/dataset/ accepts
+# Seconds a connection may take to send its request: a client that opens connections and sends half
+# a request held one thread each, forever (300 such connections: 305 threads).
+READ_TIMEOUT_S = 30.0
+# Host headers a server bound to a loopback address answers (any port); others get 403, so a page
+# whose DNS name was rebound to 127.0.0.1 cannot read the run from the user's browser.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 # ----------------------------------------------------------------------------------- shard images
@@ -442,8 +449,22 @@ def _filters(query: dict[str, list[str]], num_classes: int) -> dict[str, Any]:
     return out
 
 
-def make_handler(browser: BrowseRun) -> type[BaseHTTPRequestHandler]:
-    """A request handler class serving `browser` (GET only; every path is a fixed route, never a file)."""
+def host_of(header: str | None) -> str | None:
+    """The host name of a Host header (`localhost:8000` -> `localhost`, `[::1]:80` -> `::1`), lower case."""
+    if not header:
+        return None
+    host = header.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else None
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def make_handler(
+    browser: BrowseRun, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS
+) -> type[BaseHTTPRequestHandler]:
+    """A request handler class serving `browser` (GET only; every path is a fixed route, never a file).
+    A request whose Host header names none of `allowed_hosts` gets 403 (None: any host)."""
     page = page_html()
     summary = browser.summary()
     routes: list[tuple[re.Pattern[str], Callable[..., tuple[int, str, bytes]]]] = []
@@ -483,11 +504,17 @@ def make_handler(browser: BrowseRun) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "retformer-browse"
+        timeout = READ_TIMEOUT_S  # the socket's: an idle or half-sent request ends its thread
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             url = urlsplit(self.path)
             params = parse_qs(url.query, keep_blank_values=True)
             path = unquote(url.path)
+            host = host_of(self.headers.get("Host"))
+            if allowed_hosts is not None and host not in allowed_hosts:
+                error = {"error": f"host {host!r} refused: this server answers {sorted(allowed_hosts)} only"}
+                self._send(path, *as_json(error, HTTPStatus.FORBIDDEN))
+                return
             for pattern, view in routes:
                 match = pattern.fullmatch(path)
                 if match:
@@ -499,13 +526,20 @@ def make_handler(browser: BrowseRun) -> type[BaseHTTPRequestHandler]:
                     break
             else:
                 status, ctype, body = as_json({"error": f"no such page: {path}"}, HTTPStatus.NOT_FOUND)
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            # images never change while the server runs; the API answers are small and recomputed
-            self.send_header("Cache-Control", "max-age=3600" if path.startswith("/img/") else "no-store")
-            self.end_headers()
-            self.wfile.write(body)
+            self._send(path, status, ctype, body)
+
+        def _send(self, path: str, status: int, ctype: str, body: bytes) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                # images never change while the server runs; the API answers are small and recomputed
+                self.send_header("Cache-Control", "max-age=3600" if path.startswith("/img/") else "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+            except ConnectionError:  # the browser cancelled the request (a thumbnail scrolled away)
+                log.debug("%s: the client closed the connection before the answer", path)
+                self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
             log.debug("%s " + format, self.address_string(), *args)
@@ -513,17 +547,31 @@ def make_handler(browser: BrowseRun) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class _ThreadingHTTPServer6(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection the client dropped (reset, broken pipe) is a debug line, not a traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("%s closed the connection", client_address)
+            return
+        super().handle_error(request, client_address)
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
 def make_server(browser: BrowseRun, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A server for `browser` bound to host:port (port 0: a free one; see `server.server_address`).
+    Bound to a loopback address it answers loopback Host headers only (`LOOPBACK_HOSTS`); bound
+    elsewhere (`--host`, which warns that anyone who can reach it sees the run) any host.
     UserError when the address cannot be bound."""
     # an IPv6 address needs its own address family (ThreadingHTTPServer binds IPv4)
-    server_class = _ThreadingHTTPServer6 if ":" in host else ThreadingHTTPServer
+    server_class = _Server6 if ":" in host else _Server
+    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
     try:
-        server = server_class((host, port), make_handler(browser))
+        server = server_class(
+            (host, port), make_handler(browser, LOOPBACK_HOSTS | {host} if loopback else None)
+        )
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     server.daemon_threads = True  # a browser's open connection never holds the process at exit
