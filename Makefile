@@ -100,8 +100,10 @@ neighbors: setup  ## top-k neighbor tables (make neighbors DATASET=... KB=...)
 train: setup  ## train + evaluate an experiment (make train DATASET=... KB=... EXPERIMENT=... [NPROC=4])
 	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) --local-ranks-filter 0 -m pipelines.cli,$(RETFORMER)) train --dataset $(DATASET) --kb $(KB) --experiment $(EXPERIMENT) $(COMMON) $(SET_ARGS)
 
-evaluate: setup  ## print the results of a run (make evaluate RUN=...; default: the latest)
-	$(RETFORMER) evaluate $(if $(RUN),--run $(RUN),) --workdir $(WORKDIR)
+# KB only when given (`make evaluate RUN=r KB=other`), not its fmnist_world default.
+EVAL_KB := $(if $(filter command line environment,$(origin KB)),--kb $(KB),)
+evaluate: setup  ## print a run's results (make evaluate RUN=...; default: the latest); KB=K: evaluate it with KB K
+	$(RETFORMER) evaluate $(if $(RUN),--run $(RUN),) $(EVAL_KB) --workdir $(WORKDIR) $(if $(EVAL_KB),$(DASK_ARGS) $(SET_ARGS),)
 
 bench-index: setup  ## index benchmark (BENCHMARKS.md)
 	$(PY) bench/bench_index.py --n 100000 1000000 --d 512 $(if $(BENCH_PARTS),--parts $(BENCH_PARTS)) $(if $(BENCH_NEIGHBORS),--neighbors-record $(BENCH_NEIGHBORS)) --out bench/results/index.json

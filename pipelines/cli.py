@@ -340,18 +340,42 @@ def train(
     typer.echo(format_table(stages.stage_train(ctx.ws, ds_m, kb_m, exp_m, run, force=force)))
 
 
-@command()
+@command("set", "dask")
 def evaluate(
     ctx: Ctx,
+    run_name: Annotated[
+        str | None, typer.Argument(metavar="[RUN]", help="Run name (default: the latest run).")
+    ] = None,
     run: Annotated[
         str | None, typer.Option("--run", "--run-name", help="Run name (default: the latest run).")
     ] = None,
+    kb: Annotated[
+        str | None,
+        typer.Option(
+            "--kb",
+            help="Evaluate the run's models with this KB (manifest name or path; embedded with the run's "
+            "encoders): the eval split's neighbours against it, results in <run>/eval.<kb>.json.",
+        ),
+    ] = None,
 ) -> None:
-    """Print a finished run's evaluation table (top-1, top-5, many / medium / few)."""
+    """Print a finished run's evaluation table (top-1, top-5, many / medium / few); with --kb, evaluate
+    its trained models with another (or a grown) KB first, without retraining."""
     from pipelines.results import format_table
 
-    name, report = stages.stage_evaluate(ctx.ws, run)
-    typer.echo(f"run {name}")
+    if run_name and run and run_name != run:
+        raise typer.BadParameter(f"two runs given: {run_name} and --run {run}")
+    run = run_name or run
+    if kb is None:
+        name, report = stages.stage_evaluate(ctx.ws, run)
+        typer.echo(f"run {name}")
+    else:
+        from pipelines.evaluate_kb import eval_file, stage_evaluate_kb
+
+        name, report = stage_evaluate_kb(ctx.ws, run, kb, ctx.overrides, dask=ctx.dask)
+        typer.echo(
+            f"run {name}: trained with {report['trained_kb']}, evaluated with {report['evaluated_kb']} "
+            f"({report['kb_index']['n']} rows; {eval_file(ctx.ws.run_dir(name), report['evaluated_kb'])})"
+        )
     typer.echo(format_table(report))
 
 

@@ -55,6 +55,14 @@ def predict(
         typer.Option("--batch-size", min=1, help="Images per encoder forward (default: the KB's)."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    kb: Annotated[
+        str | None,
+        typer.Option(
+            "--kb",
+            help="Search this KB instead of the run's (embedded with the run's encoders; or the run's KB "
+            "grown since it was trained): new knowledge without retraining.",
+        ),
+    ] = None,
 ) -> None:
     """Classify images with a trained run: embed them with the run's encoder, retrieve their neighbors
     from the run's KB (its tuned search parameters), run the model; one JSON line per image (path,
@@ -64,7 +72,7 @@ def predict(
 
     for noisy in ("kb_builder", "faiss"):  # index loading notes: not what a predict user asked for
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    predictor = Predictor.open(run, method, ctx.ws.root, device)
+    predictor = Predictor.open(run, method, ctx.ws.root, device, kb=kb)
     total = count_inputs(images)
     skipped: list[str] = []
 

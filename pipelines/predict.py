@@ -195,19 +195,23 @@ def find_model_file(run: str | Path, method: str | None = None, workdir: Path | 
     raise UserError(f"run {run_dir.name} has several models ({', '.join(files)}): choose one with --method")
 
 
-def _workspace_of(saved: SavedModel, workdir: Path | str | None) -> Workspace:
-    """The workspace holding the run's KB: the one the model file sits in (`<root>/runs/<run>/`), else
-    `workdir`, else the one it was trained in."""
-    kb = saved.info["kb"]["name"]
+def _workspace_of(saved: SavedModel, workdir: Path | str | None, kb: str | None = None) -> Workspace:
+    """The workspace holding the run's KB (or `kb`): the one the model file sits in (`<root>/runs/<run>/`),
+    else `workdir`, else the one it was trained in."""
+    other, kb = kb is not None, kb or saved.info["kb"]["name"]
     run_dir = saved.path.resolve().parent
     roots = [run_dir.parent.parent] if run_dir.parent.name == "runs" else []
     roots += [Path(workdir)] if workdir is not None else []
     roots += [Path(saved.info["workspace"])] if saved.info.get("workspace") else []
     for root in roots:
-        if (Workspace(root).kb_index(kb) / "index.json").is_file():
-            return Workspace(root)
+        ws = Workspace(root)
+        # another KB: where it is embedded (its encoders are checked before its index is read)
+        if (ws.kb_index(kb) / "index.json").is_file() or (
+            other and ws.kb_stage_record(kb, "embed").is_file()
+        ):
+            return ws
     raise UserError(
-        f"the index of KB {kb}, which {saved.path.name} was trained against, is in none of "
+        f"the index of KB {kb}, which {saved.path.name} is to search, is in none of "
         f"{', '.join(str(r) for r in roots)}: give the workspace with --workdir"
     )
 
@@ -223,7 +227,9 @@ class Predictor:
 
     Open with `Predictor.open(run, method, workdir)`. The encoder and the index load on first use."""
 
-    def __init__(self, saved: SavedModel, ws: Workspace, device: str | None = None) -> None:
+    def __init__(
+        self, saved: SavedModel, ws: Workspace, device: str | None = None, kb: str | None = None
+    ) -> None:
         info = saved.info
         missing = [key for key in ("encoders", "kb", "index", "k") if not info.get(key)]
         if missing:
@@ -241,7 +247,15 @@ class Predictor:
         self.class_names: list[str] = list(info.get("class_names") or [str(c) for c in range(classes)])
         self.k = int(info["k"])
         self.search_k = max(self.k, int(info.get("search_k") or self.k))
-        self.kb = str(info["kb"]["name"])
+        # `kb`: another KB embedded with the run's encoders (or the run's KB grown since), searched as it
+        # is now with its own tuned parameters (`retformer predict --kb`, pipelines/evaluate_kb.py).
+        self.other_kb = kb
+        self.kb = str(kb or info["kb"]["name"])
+        if kb is not None:  # before any image is read: one line when its vectors live in another space
+            from pipelines.evaluate_kb import check_kb_compatible
+
+            run = saved.path.parent.name
+            check_kb_compatible(ws, self.kb, run, info["encoders"], info.get("embed"))
         embed = info.get("embed") or {}
         self.batch_size = int(embed.get("batch_size") or DEFAULT_BATCH)
         self._encoder: Any = None
@@ -256,16 +270,17 @@ class Predictor:
         method: str | None = None,
         workdir: Path | str | None = None,
         device: str | None = None,
+        kb: str | None = None,
     ) -> Predictor:
         """The predictor of a run folder, run name (under `workdir/runs`) or model file; see
-        `find_model_file` for how `method` picks the model."""
+        `find_model_file` for how `method` picks the model. `kb`: search that KB instead of the run's."""
         saved = load_saved_model(find_model_file(run, method, workdir))
         if not saved.info:
             raise UserError(
                 f"{saved.path} holds no run information (written before model files were self-describing): "
                 "rerun `retformer train` for this run"
             )
-        return cls(saved, _workspace_of(saved, workdir), device)
+        return cls(saved, _workspace_of(saved, workdir, kb), device, kb)
 
     @property
     def method(self) -> str:
@@ -298,12 +313,15 @@ class Predictor:
             kb_parts = [
                 [p.name, int(b - a)] for p, a, b in zip(parts, offsets[:-1], offsets[1:], strict=True)
             ]
-            if now != was or (rec.get("parts") and kb_parts != [list(p) for p in rec["parts"]]):
+            changed = now != was or (rec.get("parts") and kb_parts != [list(p) for p in rec["parts"]])
+            if changed and self.other_kb is None:
                 raise UserError(
                     f"the KB {self.kb} in {self.ws.root} is not the one {self.saved.path.name} was trained "
-                    f"against (index {now}, the run's {was}): retrain the run on the current KB"
+                    f"against (index {now}, the run's {was}): retrain the run on the current KB, or pass "
+                    f"--kb {self.kb} to predict with the KB as it is now"
                 )
-            index.set_params(rec.get("params") or {})
+            if self.other_kb is None:
+                index.set_params(rec.get("params") or {})
             self._index, self._parts = index, (parts, offsets)
         return self._index
 

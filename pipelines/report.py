@@ -341,6 +341,7 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
     )
     body = [f"<h1>Run {html.escape(report.get('run') or run_dir.name)}</h1><p class='meta'>{meta}</p>"]
     body.append(_table(report))
+    body += _other_kbs(run_dir, report)
     for title, text, fig in sections:
         if fig is not None:
             body.append(
@@ -349,6 +350,29 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
     page = "\n".join(body)
     head = f"<meta charset='utf-8'><title>{html.escape(run_dir.name)}</title><style>{_CSS}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{page}</body></html>\n"
+
+
+def _other_kbs(run_dir: Path, report: dict[str, Any]) -> list[str]:
+    """One table per evaluation of the run's models with another (or a grown) KB (`retformer evaluate
+    RUN --kb B`, `<run>/eval.<B>.json`), headed "trained with A, evaluated with B"."""
+    from pipelines.evaluate_kb import other_evaluations
+
+    out = []
+    for kb, rep in other_evaluations(run_dir).items():
+        index = rep.get("kb_index") or {}
+        grown = f", grown in place {len(index['grown'])} time(s)" if index.get("grown") else ""
+        when = html.escape(str(rep.get("evaluated_at", "")))
+        head = (
+            f"Trained with {html.escape(str(rep.get('trained_kb') or report.get('kb')))}, "
+            f"evaluated with {html.escape(kb)}"
+        )
+        text = (
+            f"The same trained models, the eval split's neighbours retrieved from KB {html.escape(kb)} "
+            f"({index.get('n')} rows, {html.escape(str(index.get('factory')))}{grown}) on {when}: "
+            f"<code>eval.{html.escape(kb)}.json</code>."
+        )
+        out.append(f"<h2>{head}</h2><p>{text}</p>{_table(rep)}")
+    return out
 
 
 def write_report(run_dir: Path | str) -> Path:

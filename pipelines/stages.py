@@ -310,7 +310,13 @@ def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, 
             f"the KB {kb['name']} is empty: its {len(shards)} shard(s) ({named}) hold no embeddable "
             f"sample (skipped: {summary['skipped'] or 'none'})"
         )
-    record = {"kb": kb["name"], "encoders": kb["encoders"], "shards": len(shards), **summary}
+    record = {
+        "kb": kb["name"],
+        "encoders": kb["encoders"],
+        "embed": kb.get("embed") or {},  # evaluate / predict --kb compare them with a run's
+        "shards": len(shards),
+        **summary,
+    }
     return write_stage_record(ws.kb_stage_record(kb["name"], "embed"), "embed", record)
 
 
@@ -579,9 +585,11 @@ def stage_neighbors(
     workers: int | None = None,
     cluster: str | None = None,
     scheduler_file: str | None = None,
+    splits: list[str] | None = None,
 ) -> dict[str, Any]:
     """`retformer neighbors`: top-k KB neighbors for every split of the dataset (embedded first when
     needed), plus the compact store. `k` defaults to the dataset manifest's `neighbors.k` (32).
+    `splits`: these splits only (`evaluate --kb`: the eval split); a set holding more is reused.
 
     The search tasks (one per split, or per slice of a large split) run on `client` when given, on a
     cluster when `scheduler`, `cluster`, `scheduler_file` or `workers` is given, else in this process.
@@ -602,7 +610,8 @@ def stage_neighbors(
         raise UserError(f"k={k} is larger than the knowledge base {kb['name']} ({rows} rows)")
     _ensure_dataset_embedded(ws, ds, kb, scheduler, workers, cluster, scheduler_file)
     info = read_json(ws.dataset_info(ds["name"]))
-    query_dirs = {split: ws.dataset_embeddings(ds["name"], split) for split in info["splits"]}
+    wanted = [s for s in info["splits"] if splits is None or s in splits]
+    query_dirs = {split: ws.dataset_embeddings(ds["name"], split) for split in wanted}
     out = ws.neighbors_dir(ds["name"], kb["name"], k)
 
     def run(map_tasks: Any) -> dict[str, Any]:
@@ -650,7 +659,7 @@ def stage_train(
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 says it once
 
     # What can be checked without training is checked before the run folder (or its lock) exists.
-    plan_experiment(exp, kb)
+    _refuse_stale_tables(ws, ds, kb, max(plan_experiment(exp, kb)["k_values"]))
     if (info := read_json(ws.dataset_info(ds["name"]))) is not None:
         eval_splits(exp, info)
         check_split_embeddings(ws, ds["name"], kb["name"], info.get("splits", {}))
@@ -687,6 +696,22 @@ def stage_train(
             log.info("report: %s", write_report(run_dir))
         distributed.barrier()  # every rank returns once rank 0's files are complete
     return report
+
+
+def _refuse_stale_tables(ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], kmax: int) -> None:
+    """The neighbor tables a run would read were computed against the KB's index as it is (a KB grown
+    in place, or re-indexed, makes them stale until `retformer neighbors` recomputes them)."""
+    from kb_builder.neighbors import stale_reason
+    from trainer.features import neighbor_k_values
+
+    usable = [k for k in neighbor_k_values(ws, ds["name"], kb["name"]) if k >= kmax]
+    if usable and (
+        why := stale_reason(ws.neighbors_dir(ds["name"], kb["name"], usable[0]), ws.kb_index(kb["name"]))
+    ):
+        raise UserError(
+            f"the neighbor tables {ws.neighbors_dir(ds['name'], kb['name'], usable[0])} are stale ({why}): "
+            f"run `retformer neighbors --dataset {ds['name']} --kb {kb['name']}` first"
+        )
 
 
 def stage_evaluate(ws: Workspace, run: str | None = None) -> tuple[str, dict[str, Any]]:

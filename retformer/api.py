@@ -57,6 +57,7 @@ class Run:
         neighbors: int = 5,
         batch_size: int | None = None,
         progress: bool = False,
+        kb: str | None = None,
     ) -> pd.DataFrame:
         """Predictions, one row per image: path, uid, class, class_index, score, top5, neighbors.
 
@@ -65,7 +66,10 @@ class Run:
         `read_embeddings` (its `image_emb`, and `uid` so that a KB row with the query's own uid is not
         retrieved, as in the run's neighbor tables) or an (N, D) array made by the run's image encoder
         (rounded to float16, as the embed stage stores it; `uids` optional). `neighbors`: how many of
-        the k neighbors each row lists."""
+        the k neighbors each row lists. `kb`: retrieve from that KB of the run's workspace instead of
+        the run's own (embedded with the run's encoders; or the run's KB grown since): the same trained
+        model with other knowledge, as `retformer predict --kb` and `retformer evaluate --kb`."""
+        predictor = self._predictor if kb is None else self._with_kb(kb)
         if (images is None) == (embeddings is None):
             raise UserError("give images or embeddings (one of them)")
         self.skipped = []
@@ -77,7 +81,7 @@ class Run:
                 log.warning("%s: skipped (%s)", name, reason)
 
             records = list(
-                self._predictor.predict_images(
+                predictor.predict_images(
                     iter_inputs(paths), neighbors, batch_size, on_skip=skip, progress=progress
                 )
             )
@@ -94,8 +98,19 @@ class Run:
                 )
             else:
                 vectors = np.asarray(embeddings)
-            records = self._predictor.predict_embeddings(vectors, uids, names, neighbors)
+            records = predictor.predict_embeddings(vectors, uids, names, neighbors)
         return pd.DataFrame.from_records(records, columns=RECORD_COLUMNS)
+
+    def _with_kb(self, kb: str) -> Predictor:
+        """A predictor of the same model searching KB `kb` (kept for the next call with that KB)."""
+        from pipelines.predict import _workspace_of
+
+        cache = self.__dict__.setdefault("_by_kb", {})
+        if kb not in cache:
+            p = self._predictor
+            ws = _workspace_of(p.saved, p.ws.root, kb)
+            cache[kb] = Predictor(p.saved, ws, str(p.device), kb)
+        return cache[kb]
 
 
 def load_run(
