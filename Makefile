@@ -32,7 +32,7 @@ DASK_ARGS := $(SCHED_ARGS) $(CLUSTER_ARGS)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: help setup data demo test test-all docs-img lint shards download embed index neighbors train evaluate bench-embed bench-index bench-neighbors bench-trainer bench-gpu clean
+.PHONY: help setup data demo test test-all docs-img lint shards download embed index neighbors train evaluate bench-embed bench-index bench-index-grow bench-kb-update bench-neighbors bench-trainer bench-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -113,6 +113,12 @@ clean:  ## remove the workspace (keeps the venv)
 
 bench-embed: setup  ## embed benchmark: end-to-end vs bare encoder forward, per encoder (BENCHMARKS.md)
 	$(PY) bench/bench_embed.py --out bench/results/embed.json
+
+bench-index-grow: setup  ## grow an index in place (+10% rows at 200k) vs rebuild it: time, recall, Flat neighbours (BENCHMARKS.md)
+	$(PY) bench/bench_index_grow.py --n 200000 --d 512 --kinds auto flat --out bench/results/index_grow.json
+
+bench-kb-update: setup data  ## demo data: train with a thinned KB, evaluate with it grown in place / an irrelevant KB; vs rebuild + retrain (README)
+	$(PY) bench/bench_kb_update.py --workdir /tmp/kb_update --out bench/results/kb_update.json
 
 bench-neighbors: setup  ## neighbors stage vs bare faiss search; the self-match lookup once vs per slice (BENCHMARKS.md)
 	$(PY) bench/bench_neighbors.py --out bench/results/neighbors.json

@@ -65,7 +65,7 @@ def test_grown_flat_index_returns_what_a_rebuilt_one_returns(tmp_path: Path):
     own = np.concatenate([np.arange(300), 4500 + np.arange(300)])
     s1, i1 = grown.search(q, 10, exclude_ids=own)
     s2, i2 = rebuilt.search(q, 10, exclude_ids=own)
-    assert np.array_equal(i1, i2) and np.array_equal(s1, s2)
+    assert np.array_equal(i1, i2) and np.allclose(s1, s2, rtol=0, atol=1e-6)  # BLAS rounding at most
     assert (i1 >= 4500).any(), "no query found a new row: the test would prove nothing"
 
 
