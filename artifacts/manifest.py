@@ -65,7 +65,24 @@ def resolve(category: str, name_or_path: str) -> Path:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2's floats: PyYAML (YAML 1.1) reads `1e-3` as a string, which no manifest means."""
+    """YAML 1.2's floats: PyYAML (YAML 1.1) reads `1e-3` as a string, which no manifest means. A key
+    given twice in one mapping is an error (PyYAML keeps the last value without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first + 1})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -99,14 +116,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             value = parse_yaml(raw)
         except yaml.YAMLError as exc:
             raise UserError(f"override {item!r}: value is not valid YAML{_yaml_problem(exc)}") from None
-        node = data
+        node: Any = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):  # `a.b.0.c=x`: an item of a list, kept a list
+                part = _list_index(node, part, item, parts[:depth])
+            elif part not in node:
+                node[part] = {}
+            if not isinstance(node[part], (dict, list)):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = value
+        last = parts[-1]
+        node[_list_index(node, last, item, parts[:-1]) if isinstance(node, list) else last] = value
     return data
+
+
+def _list_index(items: list[Any], part: str, item: str, where: list[str]) -> int:
+    """The list index `part` names in override `item` (`--set a.b.0=x` sets item 0 of the list a.b;
+    it used to turn the list into the dict {"0": x})."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise UserError(
+            f"override {item!r}: {'.'.join(where)} is a list of {len(items)} item(s), {part!r} is not an "
+            f"index of it (0..{len(items) - 1}; to replace the list: {'.'.join(where)}=[...])"
+        )
+    return int(part)
 
 
 def load(category: str, name_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:

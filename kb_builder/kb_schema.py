@@ -8,14 +8,18 @@ defaults, so the schema is strict: a quoted number is refused here.
 from __future__ import annotations
 
 import difflib
+import string
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from artifacts.schema import StrictSection, validate_section
 from kb_builder.index.select import KINDS as INDEX_KINDS
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# The largest encoder input side: 4x the usual 224-336 px. 20000 px was accepted and asked for a
+# 4.8 GB float32 tensor per image at embed.
+MAX_IMAGE_SIZE = 1024
 
 # Each encoder's options besides `name`; the encoder classes check these very sets when built.
 ENCODER_OPTIONS: dict[str, dict[str, set[str]]] = {
@@ -30,6 +34,30 @@ ENCODER_OPTIONS: dict[str, dict[str, set[str]]] = {
 }
 
 
+TEMPLATES_EMPTY = "`templates` is empty: give at least one, or leave the key out for the default templates"
+
+
+def template_problem(template: Any) -> str | None:
+    """Why `template` cannot be a caption template (kb_builder/kb_sources.py), or None. Only the plain
+    fields `{name}` and `{a}` are allowed: `{name.__class__}` or `{a[0]}` would reach attributes."""
+    if not isinstance(template, str):
+        return f"template {template!r} is not a string"
+    try:
+        fields = [
+            "{" + field + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            for _, field, spec, conv in string.Formatter().parse(template)
+            if field is not None
+        ]
+    except ValueError:
+        return f"template {template!r} is not a valid format string"
+    other = [f for f in fields if f not in ("{name}", "{a}")]
+    if other or not fields:
+        return f"template {template!r} may hold only the fields {{name}} and {{a}}" + (
+            f" (it has {', '.join(other)})" if other else ", and needs one of them"
+        )
+    return None
+
+
 class _Encoder(StrictSection):
     """One encoder: `name` plus that encoder's own options (checked against ENCODER_OPTIONS)."""
 
@@ -38,7 +66,7 @@ class _Encoder(StrictSection):
     name: str
     model: str | None = None
     pretrained: str | None = None
-    image_size: Annotated[int, Field(ge=16)] | None = None
+    image_size: Annotated[int, Field(ge=16, le=MAX_IMAGE_SIZE)] | None = None
     autocast: bool | None = None
     batch_size: PositiveInt | None = None
 
@@ -86,6 +114,16 @@ class LocalSource(StrictSection):
     wrong_caption_fraction: Annotated[float, Field(ge=0, le=1)] | None = None
     seed: Annotated[int, Field(ge=0)] = 0
     templates: list[str] | None = None
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, templates: list[str] | None) -> list[str] | None:
+        if templates is not None and not templates:
+            raise ValueError(TEMPLATES_EMPTY)
+        for t in templates or []:
+            if (problem := template_problem(t)) is not None:
+                raise ValueError(problem)
+        return templates
 
 
 class WebdatasetSource(StrictSection):

@@ -39,6 +39,7 @@ import numpy as np
 from artifacts.errors import UserError
 from artifacts.shards import Sample, write_shards
 from kb_builder.datasets.base import DatasetSplit, DownstreamDataset
+from kb_builder.kb_schema import TEMPLATES_EMPTY, template_problem
 
 SOURCES = ("world", "downstream", "all")
 _ALIASES = {"fashion_mnist_world": "world"}
@@ -68,14 +69,15 @@ def caption_for(template: str, class_name: str) -> str:
 
 
 def _templates(kb_spec: dict[str, Any]) -> list[str]:
-    templates = kb_spec.get("templates") or list(TEMPLATES)
+    templates = kb_spec.get("templates")
+    if templates is None:
+        return list(TEMPLATES)
+    if not templates:  # `templates: []` silently became the default templates
+        raise UserError(f"KB {_label(kb_spec)}: {TEMPLATES_EMPTY}")
     for t in templates:
-        if not isinstance(t, str) or ("{name}" not in t and "{a}" not in t):
-            raise UserError(f"KB {_label(kb_spec)}: template {t!r} must contain {{name}} or {{a}}")
-        try:
-            caption_for(t, "x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise UserError(f"KB {_label(kb_spec)}: template {t!r} is not a valid format string") from exc
+        problem = template_problem(t)
+        if problem is not None:
+            raise UserError(f"KB {_label(kb_spec)}: {problem}")
     return list(templates)
 
 

@@ -232,7 +232,49 @@ CASES = [
     # issue 17 (5): --workers below 1 started a cluster with no workers and waited forever
     Case("workers-negative", lambda m, t: ["embed", *_kb(m), "--workers", "-3"], 2, ("--workers",)),
     Case("workers-minus-one", lambda m, t: ["index", *_kb(m), "--workers", "-1"], 2, ("--workers",)),
+    # issue 17 (low): silently accepted or silently changed
+    Case(
+        "kb-templates-empty",  # became the Fashion-MNIST templates
+        _with("kb", _set("source.templates", []), "shards"),
+        1,
+        ("templates", "is empty"),
+    ),
+    Case(
+        "kb-template-attribute",  # `{name.__class__}` reached the string's attributes
+        _with("kb", _set("source.templates", ["a photo of {name}, {name.__class__}"]), "shards"),
+        1,
+        ("{name.__class__}", "only the fields {name} and {a}"),
+    ),
+    Case(
+        "set-image-size-20000",  # accepted: a 4.8 GB tensor per image at embed
+        lambda m, t: ["embed", *_kb(m), "--set", "kb.encoders.image.image_size=20000"],
+        1,
+        ("encoders.image.image_size", "less than or equal to 1024"),
+    ),
+    Case(
+        "manifest-duplicate-key",  # the last value won without a word
+        lambda m, t: ["shards", "--kb", str(_write(t / "dup.yaml", _dup_kb(m)))],
+        1,
+        ("dup.yaml", "duplicate key 'shard_size'", "line"),
+    ),
+    Case(
+        "set-list-item",  # `methods.0=` turned the methods list into {"0": ...}: "should be a valid list"
+        lambda m, t: ["train", *_ds(m), *_kb(m), *_exp(m), "--set", "experiment.methods.0=retformr"],
+        1,
+        ("methods[0]", "retformr"),
+    ),
+    Case(
+        "set-list-index-out-of-range",
+        lambda m, t: ["train", *_ds(m), *_kb(m), *_exp(m), "--set", "experiment.methods.99=mlp_only"],
+        1,
+        ("methods", "'99' is not an index"),
+    ),
 ]
+
+
+def _dup_kb(m: dict[str, Path]) -> str:
+    """The small KB manifest's text with `shard_size` given a second time at the end."""
+    return m["kb"].read_text() + "shard_size: 7\n"
 
 
 def _write(path: Path, text: str) -> Path:
