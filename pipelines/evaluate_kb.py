@@ -29,10 +29,10 @@ from artifacts.workspace import Workspace, read_json
 
 log = logging.getLogger(__name__)
 
-# The embed options that can change the stored vectors (the device: CUDA embeds under autocast); the
-# others (num_workers, threads, prefetch_factor) only schedule the work. batch_size is compared too:
-# the KB manifests pair it with their encoders, and a mismatch says the KB was built for another setup.
-VECTOR_EMBED_OPTIONS = ("batch_size", "device")
+# The embed options that can change the stored vectors: the device (CUDA embeds under autocast). The
+# others (batch_size, num_workers, threads, prefetch_factor) only schedule the work: a KB embedded in
+# batches of 32 lives in the space of one embedded in batches of 256.
+VECTOR_EMBED_OPTIONS = ("device",)
 EVAL_PREFIX = "eval."  # <run>/eval.<kb>.json
 
 
