@@ -70,6 +70,10 @@ def predict(
     stderr and skipped."""
     from pipelines.predict import Predictor, count_inputs, iter_inputs
 
+    if out is not None and out.exists() and not out.is_file():  # was found after all the work
+        raise UserError(
+            f"--out {out} exists and is not a file: give the path of the JSON-lines file to write"
+        )
     for noisy in ("kb_builder", "faiss"):  # index loading notes: not what a predict user asked for
         logging.getLogger(noisy).setLevel(logging.WARNING)
     predictor = Predictor.open(run, method, ctx.ws.root, device, kb=kb)

@@ -264,6 +264,12 @@ CASES = [
         ("methods[0]", "retformr"),
     ),
     Case(
+        "predict-out-is-a-folder",  # IsADirectoryError on the temporary file, after all the work
+        lambda m, t: ["predict", "any-run", "x.png", "--out", str(t)],
+        1,
+        ("--out", "exists and is not a file"),
+    ),
+    Case(
         "set-list-index-out-of-range",
         lambda m, t: ["train", *_ds(m), *_kb(m), *_exp(m), "--set", "experiment.methods.99=mlp_only"],
         1,
@@ -322,6 +328,22 @@ def test_workdir_that_is_a_file_is_one_error_line(small_manifests, tmp_path) -> 
     assert proc.returncode == 1
     _assert_one_error_line(proc, (str(afile), "is a file"))
     assert afile.read_text() == "x"
+
+
+def test_a_tampered_model_file_is_one_error_line(tmp_path) -> None:
+    """Issue 17 (low): a model file holding a pickled function (what a tampered `.pt` would carry) is
+    refused unread by torch.load(weights_only=True), as before, but the error was torch's 7-line
+    paragraph on weights_only defaults; now one line naming the file and the refused global."""
+    import os
+
+    import torch
+
+    run = tmp_path / "runs" / "evil"
+    run.mkdir(parents=True)
+    torch.save({"format": "retformer-trainer-checkpoint/1", "evil": os.getcwd}, run / "retformer.pt")
+    proc = run_cli("predict", str(run / "retformer.pt"), "x.png", "--workdir", str(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stderr
+    _assert_one_error_line(proc, (str(run / "retformer.pt"), "refused unread", "getcwd"))
 
 
 def test_version_prints_and_exits_zero() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,15 @@ def _torch_load(path: Path | str, map_location: str | torch.device, what: str) -
     except FileNotFoundError as exc:
         raise UserError(f"{what} not found: {path}") from exc
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn/foreign file
-        raise UserError(f"unreadable {what} {path}: {exc}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in lines[0]:
+            # torch's refusal is a paragraph on weights_only defaults and a link; the reason is one line
+            why = next((x for x in lines if "GLOBAL" in x or "WeightsUnpickler" in x), lines[-1])
+            raise UserError(
+                f"{what} {path} holds Python objects besides weights and plain values, refused unread "
+                f"(loading them could run code: {why.rstrip('.')}); use a file `retformer train` wrote"
+            ) from exc
+        raise UserError(f"unreadable {what} {path}: {lines[0]}") from exc
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
