@@ -5,15 +5,17 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Captions longer than this are cut before tokenisation (the tokenizer truncates anyway; this bounds
 # the work spent on pathological alt-text).
 MAX_CAPTION_CHARS = 2000
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def decode_image(data: bytes | None) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None) on success, or (None, reason) with reason in a small fixed vocabulary."""
+    """(RGB image, None) on success, or (None, reason) with reason in a small fixed vocabulary. The
+    image is upright: turned as its EXIF orientation says (`upright`), for embed and predict alike."""
     if not data:
         return None, "empty_file"
     try:
@@ -31,9 +33,24 @@ def decode_image(data: bytes | None) -> tuple[Image.Image | None, str | None]:
     if img.width < 1 or img.height < 1:
         return None, "empty_image"
     try:
-        return to_rgb(img), None
+        return to_rgb(upright(img)), None
     except (OSError, ValueError):
         return None, "unsupported_mode"
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says a viewer shows it (a phone's photo is stored sideways
+    with orientation 6); `img` itself when it has no orientation or a broken EXIF block."""
+    try:
+        orientation = img.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels as stored
+        return img
+    if orientation not in range(2, 9):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001
+        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

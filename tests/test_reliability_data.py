@@ -752,3 +752,29 @@ def test_predict_holds_no_input_bytes_once_decoded(monkeypatch):
     out = list(predictor.predict_images(inputs()))
     assert [r["path"] for r in out] == [f"img{i}.png" for i in range(2500)]
     assert most <= 2, most
+
+
+# ----------------------------------------------------------------- 8. issue 17: EXIF orientation
+def test_exif_orientation_is_applied_where_images_are_decoded(tmp_path):
+    """Issue 17 (low): a photo stored sideways with EXIF orientation 6 (as phones write them) was
+    embedded and predicted sideways (`retformer predict` on such a PNG and on its upright copy gave
+    different neighbors). Now decode_image (embed's loader, predict), an imagefolder's re-encoded
+    TIFF (`retformer shards`) see the upright pixels (the fine-tune image reader calls the same
+    `upright`)."""
+    from artifacts.decode import decode_image
+    from kb_builder.datasets.base import DatasetSplit
+
+    rng = np.random.default_rng(3)
+    upright = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to show"
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)
+    png, tif = io.BytesIO(), tmp_path / "sideways.tif"
+    sideways.save(png, format="PNG", exif=exif)
+    sideways.save(tif, format="TIFF", exif=exif)
+
+    decoded, reason = decode_image(png.getvalue())
+    assert reason is None and decoded.size == (40, 24)
+    assert np.array_equal(np.asarray(decoded), np.asarray(upright))
+    reencoded = DatasetSplit(["t-0"], [0], paths=[tif]).image_source(0)
+    assert np.array_equal(np.asarray(reencoded.convert("RGB")), np.asarray(upright))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from artifacts.decode import to_rgb
+from artifacts.decode import to_rgb, upright
 from artifacts.errors import UserError
 from artifacts.shards import list_shards
 
@@ -64,7 +64,7 @@ class ShardImages:
             data = fh.read(int(self.size[i]))
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img
+        return upright(img)  # as the embed stage saw it (artifacts/decode.py)
 
 
 def _tar_images(path: Path) -> Iterator[tuple[str, int, int]]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from artifacts.decode import upright
 from artifacts.errors import UserError
 from kb_builder.datasets.longtail import shot_split as _shot_split
 from kb_builder.datasets.longtail import shot_thresholds as _shot_thresholds
@@ -85,7 +86,8 @@ class DatasetSplit:
         assert self.paths is not None
         with Image.open(self.paths[i]) as img:
             img.load()
-            return img.copy()
+            turned = upright(img)
+            return turned.copy() if turned is img else turned
 
     def image_source(self, i: int) -> bytes | Image.Image:
         """What a shard writer should store for item i: the file's own bytes when it already is a PNG
@@ -97,7 +99,10 @@ class DatasetSplit:
             try:
                 with Image.open(io.BytesIO(data)) as img:
                     img.load()
-                    return img.copy()
+                    # re-encoded without its EXIF block: turned upright first, as decode_image turns
+                    # the PNG/JPEG files kept as they are (artifacts/decode.py)
+                    turned = upright(img)
+                    return turned.copy() if turned is img else turned
             except (OSError, SyntaxError, ValueError) as exc:
                 # Pillow recognised the header at load time but the data is broken (a truncated BMP):
                 # name the file instead of Pillow's "image file is truncated".
