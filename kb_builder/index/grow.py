@@ -142,10 +142,15 @@ def write_recall_sample(
     index_dir: Path, key: str, ids: np.ndarray, gt_ids: np.ndarray, gt_scores: np.ndarray, n: int
 ) -> str:
     """Keep a recall check's queries and their exact top-k (the next growth extends them); the name."""
+    import zipfile
+
     name = _sample_file(key)
-    with atomic_path(Path(index_dir) / name) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids, gt_ids=gt_ids, gt_scores=gt_scores, n=np.int64(n))
+    arrays = {"ids": ids, "gt_ids": gt_ids, "gt_scores": gt_scores, "n": np.int64(n)}
+    with atomic_path(Path(index_dir) / name) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for field, value in arrays.items():
+            # np.savez stamps each entry with the clock: a fixed date makes the same sample the same bytes
+            with zf.open(zipfile.ZipInfo(f"{field}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as fh:
+                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
     return name
 
 
