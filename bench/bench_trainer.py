@@ -18,7 +18,7 @@ epochs and 3 RetFormer epochs per grid cell (a minute or two instead of several)
       cell a fresh model, as many optimizer steps (forward, soft-target cross-entropy, backward, AdamW
       step) on batch-sized slices, one eval forward over val per epoch, then the eval forwards the
       selection and the final evaluation make (counted from the run's own metrics file where the
-      experiment skips repeats); kNN vote: the vote arithmetic on labels gathered once.
+      experiment skips repeats); kNN vote: the votes and their metrics on labels gathered once.
 Recorded: per method wall_s, bare_s, wall_over_bare (goal <= 1.25), steps, eval rows, top1 (test); the
 torch thread count both ran with.
 """
@@ -49,7 +49,8 @@ from artifacts.workspace import Workspace, read_json  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines.experiment import run_experiment  # noqa: E402
 from pipelines.experiment_plan import plan_experiment  # noqa: E402
-from trainer.baselines import SMALL_VOTE_ELEMENTS  # noqa: E402
+from trainer.baselines import vote_threads  # noqa: E402
+from trainer.evaluate import evaluate  # noqa: E402
 from trainer.features import load_retrieval_features, neighbor_table_path  # noqa: E402
 from trainer.model import build_model, relevance  # noqa: E402
 from trainer.selection import shuffled  # noqa: E402
@@ -164,9 +165,10 @@ def best_epochs(metrics: Path, prefix: str) -> list[set[int]]:
     return out
 
 
-def bare_knn(val: Any, test: Any, num_classes: int, ks: list[int], chosen: int) -> float:
+def bare_knn(val: Any, test: Any, num_classes: int, ks: list[int], chosen: int, shot: Any) -> float:
     """Seconds of the kNN votes the experiment casts (each k of the grid on val, the chosen k on val
-    and on test), on neighbour labels and scores gathered before the clock starts."""
+    and on test) and of the metrics it computes from them, on neighbour labels and scores gathered
+    before the clock starts."""
     lab = {"val": val.store_label[val.nn_rows], "test": test.store_label[test.nn_rows]}
     sim = {"val": val.nn_score, "test": test.nn_score}
 
@@ -179,9 +181,14 @@ def bare_knn(val: Any, test: Any, num_classes: int, ks: list[int], chosen: int) 
         tie = (s.clamp(-kk, kk) + kk) / (2 * kk + 1)
         return v + torch.where(v > 0, tie, torch.full_like(tie, kk / (2 * kk + 1)))
 
-    small = len(test) * max(test.k, num_classes) <= SMALL_VOTE_ELEMENTS  # `knn_vote`'s thread rule
-    with intra_op_threads(1 if small else None):
-        return timed(lambda: [votes("val", kk) for kk in [*ks, chosen]] + [votes("test", chosen)])
+    def work() -> None:
+        for kk in ks:
+            votes("val", kk)
+        evaluate(votes("val", chosen), val.labels, shot)
+        evaluate(votes("test", chosen), test.labels, shot)
+
+    with intra_op_threads(vote_threads(len(val) + len(test), test.k, num_classes)):  # `_knn`'s threads
+        return timed(work)
 
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> float:
@@ -304,7 +311,7 @@ def main() -> None:
         elif method == "knn_vote":
             ks = sorted({min(x, k) for x in opts.knn_k})
             chosen = results["knn_vote"]["selected"]["k"]
-            bare_s = bare_knn(val, test, num_classes, ks, chosen)
+            bare_s = bare_knn(val, test, num_classes, ks, chosen, info["shot_split"])
             rows = len(ks) * n_val + n_val + n_test
         else:
             continue

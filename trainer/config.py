@@ -41,9 +41,15 @@ class TrainConfig:
     amp: bool = True  # autocast on CUDA (bfloat16; float16 + GradScaler where bf16 is missing); not on CPU
     features_on_device: bool = True  # copy the features to the GPU once; gather batches there
     eval_batch_size: Annotated[int, Field(ge=1)] = 1024
+    # torch intra-op threads of a feature-mode fit on the CPU: 0 = auto (one thread for a small head,
+    # `trainer.train.head_threads`; else torch's default), N = N. The thread count can move the last
+    # bits of a reduction, never the maths.
+    threads: Annotated[int, Field(ge=0)] = 0
 
     # Fields that may change between a run and its resumption (they do not change the maths).
-    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"device", "features_on_device", "eval_batch_size"})
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset(
+        {"device", "features_on_device", "eval_batch_size", "threads"}
+    )
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "logit_adjusted"):

@@ -210,6 +210,8 @@ def micro_shard(
     rank's part is empty (a batch smaller than the world): it then computes one stand-in sample with
     weight 0, because DDP needs every rank in every backward pass. In one process: needed =
     0..size-1, m = size, partner_at = partner."""
+    if (world() if w is None else w) == 1:  # one process: no numpy set arithmetic per micro-batch
+        return np.arange(size), size, None if partner is None else np.asarray(partner), size
     lo, hi = shard_bounds(size, r, w)
     counted = hi - lo
     if counted == 0:

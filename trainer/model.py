@@ -176,7 +176,9 @@ class RetFormer(nn.Module):
         recipe "paper": tau/2 (L_I + L_R). recipe "stacked": in training mode L_R alone (L_I is the
         frozen mlp_only, so the loss is L_R's own); in eval mode L_I + alpha * 1[s > gate_t] * L_R."""
         logits_r, attn = self._retrieval_logits(z, nn_img, nn_txt, return_attention)
-        s = relevance(z, nn_img) if nn_img is not None else None
+        # s only where combine() reads it: a full-width pass over the neighbours (B, k', Di) that training
+        # and ungated prediction would compute and drop.
+        s = relevance(z, nn_img) if nn_img is not None and self.gated() else None
         logits = self.combine(self.mlp(z), logits_r, s)
         return (logits, attn) if return_attention else logits
 
@@ -185,6 +187,12 @@ class RetFormer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_I, L_R) before they are combined: what the alpha / gate search on val reads."""
         return self.mlp(z), self._retrieval_logits(z, nn_img, nn_txt, False)[0]
+
+    def gated(self) -> bool:
+        """Whether `combine` reads the relevance s now: a stacked model in eval mode with a gate on L_R."""
+        cfg = self.config
+        stacked_eval = cfg["recipe"] == "stacked" and not self.training
+        return stacked_eval and float(cfg["alpha"]) != 0 and cfg["gate_t"] is not None
 
     def combine(self, logits_i: torch.Tensor, logits_r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         """The prediction from the two branches under the model's recipe (see `forward`); s (B,) is

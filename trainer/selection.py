@@ -139,18 +139,35 @@ def select_plain(task: Task, lrs: tuple[float, ...], epochs: int, **options: Any
 
 @torch.inference_mode()
 def branch_logits(
-    model: RetFormer, features: RetrievalFeatures, batch_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L_I, L_R, s) of every query: the branches before they are combined, and the relevance s."""
+    model: RetFormer, features: RetrievalFeatures, batch_size: int = 1024, with_relevance: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """(L_I, L_R, s) of every query: the branches before they are combined, and the relevance s
+    (with_relevance=False: (L_I, L_R) only; s does not depend on the model, `relevance_of` computes it
+    once per split)."""
     model.eval()
     out: list[tuple[torch.Tensor, ...]] = []
     device = next(model.parameters()).device
+    features.make_resident()  # read every epoch of a selection: its neighbours are gathered once
     for start in range(0, len(features), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(features)))
-        b = {k: v.to(device) for k, v in features.batch(idx).items()}
+        stop = min(start + batch_size, len(features))
+        b = {k: v.to(device) for k, v in features.inputs(start, stop).items()}
         li, lr = model.branches(b["z"], b["nn_img"], b["nn_txt"])
-        out.append((li.float().cpu(), lr.float().cpu(), relevance(b["z"], b["nn_img"]).float().cpu()))
-    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
+        parts = (li.float().cpu(), lr.float().cpu())
+        if with_relevance:
+            parts += (relevance(b["z"], b["nn_img"]).float().cpu(),)
+        out.append(parts)
+    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
+
+
+@torch.inference_mode()
+def relevance_of(features: RetrievalFeatures, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """s (N,) of every query, computed on `device` in `branch_logits`' batches: its values, bit for bit."""
+    features.make_resident()
+    out = []
+    for start in range(0, len(features), batch_size):
+        b = features.inputs(start, min(start + batch_size, len(features)))
+        out.append(relevance(b["z"].to(device), b["nn_img"].to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _rule_logits(model: RetFormer, branches: tuple[torch.Tensor, ...], alpha: float, t: float | None) -> Any:
@@ -168,6 +185,7 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
     y = val.labels
     candidates, trials = [], []
     model = None
+    s_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # s over val and over shuffled val
     for cell, (lr, la_tau) in enumerate(opts.retformer_grid):
         config = replace(
             task.base,
@@ -181,13 +199,22 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
         model.mlp.requires_grad_(False)  # L_I is the selected mlp_only; the optimizer skips it
 
         def score(m: RetFormer = model) -> dict[float, float]:
-            li, lr_, _ = branch_logits(m, val)
+            li, lr_ = branch_logits(m, val, with_relevance=False)
             return {a: top1(li + a * lr_, y) for a in opts.alphas}
 
         best = _train_tracked(model, train, config, score, task.class_counts)
+        if s_pair is None:  # s reads only the features: once per selection, not once per state
+            device = next(model.parameters()).device
+            s_pair = relevance_of(val, device), relevance_of(val_sh, device)
+        by_epoch: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         for alpha, (epoch, _, state) in sorted(best.best.items()):
             model.load_state_dict(state)
-            plain, mixed = branch_logits(model, val), branch_logits(model, val_sh)
+            if epoch not in by_epoch:  # alphas whose best epoch is the same share its weights
+                by_epoch[epoch] = (
+                    (*branch_logits(model, val, with_relevance=False), s_pair[0]),
+                    (*branch_logits(model, val_sh, with_relevance=False), s_pair[1]),
+                )
+            plain, mixed = by_epoch[epoch]
             l_i = top1(plain[0], y)
             s_val = plain[2]
             for rank, q in enumerate(opts.gate_quantiles if alpha else (None,)):

@@ -33,7 +33,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
@@ -129,6 +130,41 @@ def amp_policy(enabled: bool, device: torch.device) -> tuple[bool, torch.dtype]:
     return True, amp_dtype(device)
 
 
+# A one-process fit whose inputs (and their mixup partners) take at most this many bytes for a whole
+# epoch gathers and mixes them once per epoch (`_feature_feed`): the baselines' 1,236 x 1,280 floats.
+EPOCH_INPUT_BYTES = 64 << 20
+# A head with at most this many parameters trains and predicts on one CPU thread (TrainConfig.threads
+# = 0): its ops are too small for OpenMP to pay, and on a busy machine every op waits at a barrier for
+# a descheduled thread. The demo's heads (RetFormer width 64, depth 1: 0.31 M parameters; mlp_only
+# 0.17 M) ran 7-10x slower per step on 2 threads than on 1 on a 2-core machine shared with a test run
+# (BENCHMARKS.md, "Trainer"); a width-256 depth-4 RetFormer (8.4 M) keeps torch's threads.
+SMALL_HEAD_PARAMS = 1 << 20
+
+
+def head_threads(model: nn.Module, device: torch.device, threads: int = 0) -> int | None:
+    """The intra-op threads a feature-mode head runs with on `device`: `threads` when given, one for a
+    small head on the CPU, else None (torch's setting is left alone)."""
+    if device.type != "cpu":
+        return None
+    if threads:
+        return threads
+    return 1 if sum(p.numel() for p in model.parameters()) <= SMALL_HEAD_PARAMS else None
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch.set_num_threads(threads) inside the block, the previous count restored after it."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
     """UserError unless there are training samples, all labelled within [0, num_classes)."""
     if len(labels) == 0:
@@ -154,11 +190,14 @@ class Micro:
     b: its rows, `x` (the model's first input: query embeddings, or images in fine-tune mode), `y`,
     and `nn_img` / `nn_txt` when the model reads the neighbors. mix: None, or (lambda, the rows each
     row of b is mixed with: same keys). counted: the rows that count (len(b["y"]); 0 for the stand-in
-    row of a rank whose part is empty, `distributed.micro_shard`)."""
+    row of a rank whose part is empty, `distributed.micro_shard`). targets: None, or the label-smoothed
+    targets the feed made, mixed as the loop would mix them, b's inputs then being mixed already
+    (`_feature_feed`: the loop's arithmetic, bit for bit)."""
 
     b: Batch
     mix: tuple[float, Batch] | None
     counted: int
+    targets: torch.Tensor | None = None  # the feed's soft targets: b's inputs and these are mixed already
 
 
 def split_micro(
@@ -272,6 +311,10 @@ def train_epochs(
     n = len(labels)
     adjust = _adjustment(config, class_counts, labels, num_classes, device)
     use_amp, amp_dtype = amp_policy(config.amp, device)
+
+    def amp() -> torch.autocast:
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -313,16 +356,19 @@ def train_epochs(
         smooth = config.label_smoothing
         for mb, part in enumerate(batches):
             b, y = part.b, part.b["y"]
-            targets = soft_targets(y, num_classes, smooth)
-            if part.mix is not None:
-                lam, other = part.mix
-                for key in ("x", "nn_img", "nn_txt"):
-                    if key in b:
-                        b[key] = lam * b[key] + (1 - lam) * other[key]
-                targets = lam * targets + (1 - lam) * soft_targets(other["y"], num_classes, smooth)
+            if part.targets is not None:  # the feed mixed inputs and targets already
+                targets = part.targets
+            else:
+                targets = soft_targets(y, num_classes, smooth)
+                if part.mix is not None:
+                    lam, other = part.mix
+                    for key in ("x", "nn_img", "nn_txt"):
+                        if key in b:
+                            b[key] = lam * b[key] + (1 - lam) * other[key]
+                    targets = lam * targets + (1 - lam) * soft_targets(other["y"], num_classes, smooth)
             step_end = mb + 1 == len(sizes) or (mb + 1) % acc == 0
             with distributed.no_sync(net, not step_end):  # gradients are exchanged once per step
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                with amp() if use_amp else nullcontext():  # no autocast object per step without AMP
                     logits = net(b["x"], b.get("nn_img"), b.get("nn_txt"))
                 logits = logits.float()
                 # Probability targets: gradients bitwise those of -(t * log_softmax).sum(1).mean() (tested).
@@ -330,7 +376,9 @@ def train_epochs(
                 first = mb - mb % acc
                 # This part's share of the step's samples; DDP averages over the ranks, hence * world.
                 weight = part.counted / sum(sizes[first : first + acc])
-                scaler.scale(loss * (weight * world if world > 1 else weight)).backward()
+                weight = weight * world if world > 1 else weight
+                # x * 1.0 is x, forward and backward: a whole step's part skips the multiply
+                scaler.scale(loss if weight == 1 else loss * weight).backward()
             if part.counted:
                 loss_sum += loss.detach() * part.counted
                 correct += (logits.detach().argmax(dim=1) == y).sum()
@@ -396,16 +444,85 @@ def _num_classes(model: nn.Module, train: RetrievalFeatures) -> int:
     return int(train.labels.max()) + 1
 
 
-def _feature_feed(train: RetrievalFeatures, config: TrainConfig, device: torch.device, use_nn: bool) -> Feed:
+def _feature_feed(
+    train: RetrievalFeatures, config: TrainConfig, device: torch.device, use_nn: bool, num_classes: int
+) -> Feed:
     """Shuffled mini-batches of the in-memory features; mixup on the embeddings. Every rank draws the
-    order and the mixup of each global batch, then gathers its part and its part's mixup partners."""
+    order and the mixup of each global batch, then gathers its part and its part's mixup partners.
+
+    The inputs a model reads (z, and nn_img / nn_txt when it reads the neighbours) are gathered, and
+    mixed in place (lam * own + (1 - lam) * partner: the loop's arithmetic, bit for bit), into two
+    buffers per input that every step reuses: a fresh (B, k, D) float32 tensor per step and per
+    operation cost more than the arithmetic (page faults on every new large allocation). The
+    neighbours come from the split's resident tensors when it has them (`fit`). The soft targets are
+    made once per split and mixed here too (`Micro.targets`). A yielded part's tensors are
+    overwritten by the next part: the loop is done with a part when it asks for the next."""
     gen = torch.Generator().manual_seed(config.seed)  # shuffling and mixup permutations
     np_rng = np.random.default_rng(config.seed)  # mixup lambda
     n, bs = len(train), config.batch_size
+    sources = {"x": "z", "nn_img": "nn_img", "nn_txt": "nn_txt"} if use_nn else {"x": "z"}
+    widths = {"z": (train.img_dim,), "nn_img": (train.k, train.img_dim), "nn_txt": (train.k, train.txt_dim)}
+    buffers: dict[tuple[str, int], torch.Tensor] = {}
+    soft = soft_targets(train.labels, num_classes, config.label_smoothing)  # per row: the loop's values
+
+    def gathered(key: str, which: int, idx: torch.Tensor) -> torch.Tensor:
+        buf = buffers.get((key, which))
+        if buf is None:
+            rows = n if whole_epoch else bs  # a whole epoch's rows, or a batch's
+            buf = torch.empty((rows, *widths[sources[key]]), dtype=torch.float32, device=train.device)
+            buffers[(key, which)] = buf
+        return train.gather_into(sources[key], idx, buf[: len(idx)])
+
+    single = distributed.world() == 1
+    row_bytes = 4 * sum(math.prod(widths[src]) for src in sources.values())
+    whole_epoch = single and 2 * n * row_bytes <= EPOCH_INPUT_BYTES
+
+    def draws(idxs: list[torch.Tensor]) -> list[tuple[float | None, torch.Tensor | None]]:
+        """Each batch's mixup (lambda, partner permutation), drawn in the per-batch order."""
+        out: list[tuple[float | None, torch.Tensor | None]] = []
+        for idx in idxs:
+            if config.mixup_alpha > 0:  # drawn for the global batch, on every rank alike
+                lam = float(np_rng.beta(config.mixup_alpha, config.mixup_alpha))
+                out.append((lam, torch.randperm(len(idx), generator=gen)))
+            else:
+                out.append((None, None))
+        return out
+
+    def epoch_items(perm: torch.Tensor, idxs: list[torch.Tensor]) -> Iterable[Micro]:
+        """One process, small inputs: the whole epoch's batches gathered and mixed at once (a few ops
+        on (N, D) instead of a dozen per step), then sliced. Per row the same products and sums as
+        the per-batch path: lam and 1 - lam are each batch's float32 scalars, repeated per row."""
+        mixes = draws(idxs)
+        own = perm.to(train.device)
+        b = {key: gathered(key, 0, own) for key in sources}
+        targets = soft[own]
+        if config.mixup_alpha > 0:
+            partner = torch.cat([idx[p] for idx, (_, p) in zip(idxs, mixes, strict=True)]).to(train.device)
+            sizes = torch.tensor([len(idx) for idx in idxs])
+
+            def per_row(values: list[float]) -> torch.Tensor:  # (N,) float32, one value per batch
+                return torch.tensor(values, dtype=torch.float32).repeat_interleave(sizes).to(train.device)
+
+            lam, rest = per_row([m[0] for m in mixes]), per_row([1 - m[0] for m in mixes])
+            for key, src in sources.items():
+                shape = (n, *[1] * len(widths[src]))
+                theirs = gathered(key, 1, partner)
+                b[key].mul_(lam.view(shape)).add_(theirs.mul_(rest.view(shape)))
+            targets.mul_(lam[:, None]).add_(soft[partner].mul_(rest[:, None]))
+        b["y"] = train.labels[own]
+        b = {k: v.to(device) for k, v in b.items()}
+        targets = targets.to(device)
+        start = 0
+        for idx in idxs:
+            stop = start + len(idx)
+            yield Micro({k: v[start:stop] for k, v in b.items()}, None, len(idx), targets=targets[start:stop])
+            start = stop
 
     def batches(epoch: int) -> tuple[list[int], Iterable[Micro]]:
         perm = torch.randperm(n, generator=gen)
         idxs = [perm[s : s + bs] for s in range(0, n, bs)]
+        if whole_epoch:
+            return [len(i) for i in idxs], epoch_items(perm, idxs)
 
         def items() -> Iterable[Micro]:
             for idx in idxs:
@@ -414,9 +531,22 @@ def _feature_feed(train: RetrievalFeatures, config: TrainConfig, device: torch.d
                     lam = float(np_rng.beta(config.mixup_alpha, config.mixup_alpha))
                     p = torch.randperm(len(idx), generator=gen)
                 needed, m, partner_at, counted = distributed.micro_shard(len(idx), p)
-                b = train.batch(idx[torch.from_numpy(needed)], neighbors=use_nn)
-                b = {"x" if k == "z" else k: v.to(device, non_blocking=True) for k, v in b.items()}
-                yield split_micro(b, m, partner_at, lam, counted)
+                rows = (idx if single else idx[torch.from_numpy(needed)]).to(train.device)
+                own = rows[:m]
+                b = {key: gathered(key, 0, own) for key in sources}
+                b["y"] = train.labels[own]
+                targets = soft[own]
+                mix = None
+                if partner_at is not None and lam is not None:
+                    partner = rows[torch.as_tensor(partner_at, device=rows.device)]
+                    # lam * own + (1 - lam) * partner, as train_epochs writes it, in place
+                    for key in sources:
+                        b[key].mul_(lam).add_(gathered(key, 1, partner).mul_(1 - lam))
+                    targets.mul_(lam).add_(soft[partner].mul_(1 - lam))
+                    mix = (lam, {"y": train.labels[partner]})
+                # Reused buffers: a blocking copy when the device differs (no copy is left in flight).
+                b = {k: v.to(device) for k, v in b.items()}
+                yield Micro(b, mix, counted, targets=targets.to(device))
 
         return [len(i) for i in idxs], items()
 
@@ -452,8 +582,10 @@ def fit(
     model.to(device)
     if device.type == "cuda" and config.features_on_device:
         train = train.to(device)
+    if needs_neighbors(model):
+        train.make_resident()  # the neighbours' vectors gathered once, when the split is small enough
     torch.manual_seed(config.seed)  # dropout (and CUDA) RNG
-    feed = _feature_feed(train, config, device, needs_neighbors(model))
+    feed = _feature_feed(train, config, device, needs_neighbors(model), num_classes)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, len(train))
 
@@ -462,9 +594,10 @@ def fit(
         return {"val_top1": m["top1"], "val_top5": m["top5"]}
 
     check = on_epoch or (validate if val is not None else None)
-    return train_epochs(
-        model, feed, config, optimizer, scheduler, train.labels, num_classes, device, check, **options
-    )
+    with intra_op_threads(head_threads(model, device, config.threads)):
+        return train_epochs(
+            model, feed, config, optimizer, scheduler, train.labels, num_classes, device, check, **options
+        )
 
 
 @torch.inference_mode()
@@ -480,11 +613,14 @@ def predict(
     device = torch.device(device)
     model.to(device).eval()
     use_nn = needs_neighbors(model)
+    if use_nn:
+        features.make_resident()  # a split evaluated every epoch gathers its neighbours once
     out = []
-    for start in range(0, len(features), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(features)))
-        b = {k: v.to(device, non_blocking=True) for k, v in features.batch(idx, neighbors=use_nn).items()}
-        out.append(model(b["z"], b.get("nn_img"), b.get("nn_txt")).float().cpu())
+    with intra_op_threads(head_threads(model, device)):
+        for start in range(0, len(features), batch_size):
+            stop = min(start + batch_size, len(features))
+            b = {k: v.to(device, non_blocking=True) for k, v in features.inputs(start, stop, use_nn).items()}
+            out.append(model(b["z"], b.get("nn_img"), b.get("nn_txt")).float().cpu())
     if not out:
         return torch.zeros(0, _num_classes(model, features))
     return torch.cat(out)
