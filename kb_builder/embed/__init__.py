@@ -5,10 +5,14 @@ the part's existence is its done-marker: a rerun embeds only the shards whose pa
 stale, or unreadable). Bad samples are skipped and counted by reason; they never stop the run.
 
 Inside a task, reading, decoding and the PIL half of the encoder's transform run in a torch
-DataLoader over the shard (`num_workers` processes; 0 = in the task's own process) while the
-task's process runs the encoders. Workers hand over uint8 HWC pixels; the ToTensor/Normalize half of
-the transform runs once per batch on the encoder's device (4x less data to move, one vectorised op
-instead of two per image). The result is bit-identical to `encoder.preprocess` per image.
+DataLoader over the shard (`num_workers` processes) or, with 0, in a thread of the task's process,
+while the task's thread runs the image encoder. Workers hand over uint8 HWC pixels; the
+ToTensor/Normalize half of the transform runs once per batch on the encoder's device (4x less data to
+move, one vectorised op instead of two per image; in the loader thread when it is one and the device
+is the CPU). The result is bit-identical to `encoder.preprocess` per image. The text encoder runs in
+a thread of its own, beside the image forward (torch releases the GIL in its kernels), on each
+batch's new captions in batch order. Neither thread changes a bit of the vectors: every op runs
+with the task's torch thread count whichever thread calls it (`tests/test_embed_overlap.py`).
 
 Where the time goes (Fashion-MNIST shard, Lite0 at 64 px, one thread, CPU us per image; measured by
 `bench/bench_embed.py`, figures in BENCHMARKS.md): tarfile's header parsing ~130 -> own parser
@@ -23,6 +27,8 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +120,15 @@ class _TextCache:
         return out, has
 
 
+def _text_pool() -> ThreadPoolExecutor:
+    """One thread for the text tower, with the task's torch thread count (torch's intra-op setting
+    is read per thread: a new thread would otherwise start from OMP_NUM_THREADS or the core count)."""
+    threads = torch.get_num_threads()
+    return ThreadPoolExecutor(
+        1, thread_name_prefix="embed-text", initializer=torch.set_num_threads, initargs=(threads,)
+    )
+
+
 def embed_shard(
     task: tuple[Path, str],
     out_dir: Path,
@@ -154,6 +169,8 @@ def embed_shard(
     loaded = time.perf_counter()
     split = split_transform(image_enc)
     dataset = ShardBatches(shard, batch_size, image_enc.image_size, split, image_enc.preprocess)
+    if split and workers == 0 and dev == "cpu":  # the loader thread normalises too (same ops, same bits)
+        dataset.normalise = partial(normalize_batch, mean=split[1], std=split[2], device=dev)
     texts = _TextCache(text_enc)
 
     skipped: Counter[str] = Counter()
@@ -163,34 +180,50 @@ def embed_shard(
     wait = normalise = forward = loader_cpu = 0.0
     samples_read = 0
     batches = iter_batches(dataset, workers, prefetch_factor, pin_memory=dev.startswith("cuda"))
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        t1 = time.perf_counter()
-        wait += t1 - t0
-        if batch is None:
-            break
-        if "error" in batch:  # the shard itself is broken: no part, whatever was read before
-            batches.close()  # stops the loader workers now
-            raise UserError(batch["error"])
-        samples_read += len(batch["index"]) + len(batch["skipped"])
-        loader_cpu += batch["seconds"]
-        for _, uid, reason in batch["skipped"]:
-            skipped[reason] += 1
-            if len(examples.setdefault(reason, [])) < MAX_EXAMPLES:
-                examples[reason].append(uid)
-        if not batch["index"]:
-            continue
-        t2 = time.perf_counter()
-        pixels = batch["pixels"]
-        x = normalize_batch(pixels, split[1], split[2], dev) if split else pixels.to(dev)
-        t3 = time.perf_counter()
-        # Kept on the device (fp16) until the shard ends: no host sync per batch on a GPU.
-        vec_chunks.append(image_enc.encode(x).to(torch.float16))
-        normalise += t3 - t2
-        forward += time.perf_counter() - t3
-        texts.add(batch["caption"])  # text forward here overlaps the loader's next batches
-        parts.append((np.asarray(batch["index"], dtype=np.int64), batch))
+    # The text tower runs in a thread of its own while this one runs the image forward: one job per
+    # batch (its new captions), in batch order, so the cache's rows and chunks are a serial run's.
+    text_pool = _text_pool() if text_enc is not None else None
+    text_jobs: list[Future[None]] = []
+    try:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            wait += t1 - t0
+            if batch is None:
+                break
+            if "error" in batch:  # the shard itself is broken: no part, whatever was read before
+                raise UserError(batch["error"])
+            samples_read += len(batch["index"]) + len(batch["skipped"])
+            loader_cpu += batch["seconds"]
+            for _, uid, reason in batch["skipped"]:
+                skipped[reason] += 1
+                if len(examples.setdefault(reason, [])) < MAX_EXAMPLES:
+                    examples[reason].append(uid)
+            if not batch["index"]:
+                continue
+            if text_pool is not None:
+                text_jobs.append(text_pool.submit(texts.add, batch["caption"]))
+            t2 = time.perf_counter()
+            pixels = batch["pixels"]
+            if batch.get("normalised"):
+                x = pixels
+            else:
+                x = normalize_batch(pixels, split[1], split[2], dev) if split else pixels.to(dev)
+            t3 = time.perf_counter()
+            # Kept on the device (fp16) until the shard ends: no host sync per batch on a GPU.
+            vec_chunks.append(image_enc.encode(x).to(torch.float16))
+            normalise += t3 - t2
+            forward += time.perf_counter() - t3
+            parts.append((np.asarray(batch["index"], dtype=np.int64), batch))
+        t4 = time.perf_counter()
+        for job in text_jobs:
+            job.result()  # a text forward's exception is raised here
+        wait_text = time.perf_counter() - t4
+    finally:
+        batches.close()  # stops the loader (thread or processes) now when the loop ended early
+        if text_pool is not None:
+            text_pool.shutdown(wait=True, cancel_futures=True)
 
     if recorded is not None and samples_read != recorded["count"]:
         raise UserError(
@@ -240,11 +273,13 @@ def embed_shard(
     remove_leftovers(out)
     timings = {
         "load_encoders": loaded - started,  # 0 once this worker process has them
-        "wait_for_loader": wait,  # this process waiting for batches (all decoding when num_workers=0)
+        "wait_for_loader": wait,  # this thread waiting for batches (decoded in a thread or processes)
         "loader_cpu": loader_cpu,  # CPU time reading/decoding/resizing, in whichever process did it
-        "normalise": normalise,  # ToTensor + Normalize per batch (on a GPU: its launch, async)
+        "normalise": normalise,  # ToTensor + Normalize per batch here (on a GPU: its launch, async;
+        # 0 with num_workers=0 on a CPU: the loader thread does it, its time is in loader_cpu)
         "image_forward": forward,
-        "text_forward": texts.seconds,
+        "text_forward": texts.seconds,  # in its own thread, overlapping the image forward
+        "wait_for_text": wait_text,  # this thread waiting for the text thread after the last batch
         "assemble": time.perf_counter() - looped,
     }
     t_write = time.perf_counter()

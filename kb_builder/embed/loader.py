@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +69,10 @@ class ShardBatches(IterableDataset):
         self.batch_size = batch_size
         self.image_size = image_size
         self.pil_steps = split[0] if split else None
+        # Set by a task that reads the batches in a thread of its own process (num_workers=0, CPU): the
+        # batched ToTensor/Normalize then runs here too, off the forward's thread. Loader processes
+        # leave it to the task (uint8 pixels are 4x less to send).
+        self.normalise: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.preprocess = preprocess
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -159,6 +165,9 @@ class ShardBatches(IterableDataset):
             out["pixels"] = torch.stack(pixels) if pixels else torch.zeros((0, 3, s, s))
         else:
             out["pixels"] = torch.from_numpy(np.stack(pixels) if pixels else np.zeros((0, s, s, 3), np.uint8))
+            if self.normalise is not None:
+                out["pixels"] = self.normalise(out["pixels"])
+                out["normalised"] = True
         out["skipped"] = skipped
         return out
 
@@ -182,11 +191,13 @@ def _children_allowed() -> Iterator[None]:
 def iter_batches(
     dataset: Any, num_workers: int, prefetch_factor: int, pin_memory: bool
 ) -> Iterator[dict[str, Any]]:
-    """The dataset's batches, from `num_workers` loader processes (0: in this process)."""
+    """The dataset's batches, from `num_workers` loader processes (0: a thread of this process, which
+    reads and decodes the next batches while the caller's forward runs: torch and Pillow release the
+    GIL in their kernels, so a one-thread task still uses a second core when one is idle)."""
     from torch.utils.data import DataLoader
 
-    if num_workers == 0:  # the same code path, in this process
-        yield from dataset
+    if num_workers == 0:  # the same code path, in a thread of this process
+        yield from _in_thread(iter(dataset), prefetch_factor)
         return
     from PIL import Image
 
@@ -203,3 +214,51 @@ def iter_batches(
     with _children_allowed():
         it = iter(loader)
     yield from it
+
+
+_DONE = object()
+
+
+def _in_thread(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """`items`, produced by a daemon thread up to `depth` ahead of the consumer, in the same order.
+
+    An exception in the producer is raised here, in the consumer. Closing this generator (the task
+    stops early: a broken shard, a failed forward) stops the producer after its current item.
+    """
+    ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((_DONE, exc))
+
+    thread = threading.Thread(target=produce, name="embed-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:  # the producer has ended: its generator is not running any more
+            close()
