@@ -334,7 +334,9 @@ class BrowseRun:
         attention: dict[str, Any] = {}
         with self._model_lock, torch.inference_mode():
             if isinstance(self.model, RetFormer):
-                logits, attn = self.model(b["z"], b["nn_img"], b["nn_txt"], return_attention=True)
+                logits, attn = self.model(
+                    b["z"], b["nn_img"], b["nn_txt"], return_attention=True, nn_label=b["nn_label"]
+                )
                 layers = next(iter(attn.values())).shape[0] if attn else 0
                 for stream, w in attn.items():
                     cls_row = w.mean(dim=2)[:, 0, 0]  # (L, P): the class token's row, heads averaged
@@ -350,7 +352,7 @@ class BrowseRun:
                         for layer in range(layers)
                     ]
             else:
-                logits = self.model(b["z"], b["nn_img"], b["nn_txt"])
+                logits = self.model(b["z"], b["nn_img"], b["nn_txt"], nn_label=b["nn_label"])
         probs = logits.float().softmax(dim=1)[0]
         top = probs.topk(min(5, len(probs))).indices.tolist()
         rows = self.features.nn_rows[i].tolist()

@@ -60,7 +60,7 @@ from trainer.methods import (
     train_method,
 )
 from trainer.progress import ModelProgress, tracking
-from trainer.selection import select_knn_k, shuffled, val_metrics
+from trainer.selection import select_knn_k, select_vote, shuffled, val_metrics, vote_scores
 from trainer.train import intra_op_threads, predict
 from trainer.zeroshot import (
     prompt_class_names,
@@ -95,6 +95,47 @@ class _Context:
         self._encoder = None
         self.mlp_only: Any = None  # the selected mlp_only (recipe stacked builds on it), once per run
         self.table_k: int | None = None  # k of the neighbor tables the run reads (set by run_experiment)
+        self._label_problem: tuple[str | None] | None = None
+        self._class_text: tuple[Any] | None = None
+
+    def label_problem(self, features: Any) -> str | None:
+        """Why the KB's labels cannot vote as this dataset's classes (knn_vote, knn_weighted, RetFormer's
+        label evidence), or None when they can; `features`: any split's (they share the store)."""
+        if self._label_problem is None:
+            ds_name, kb_src = self.ds["name"], (self.kb.get("source") or {}).get("dataset")
+            if kb_src:  # a dataset manifest's name or path, as the shards stage reads it
+                try:
+                    kb_src = manifest.load("datasets", kb_src).get("name", kb_src)
+                except UserError:
+                    pass  # a name without a manifest here: compared as given
+            other = read_json(self.ws.dataset_info(kb_src)) if kb_src and kb_src != ds_name else None
+            problem = kb_label_problem(
+                features.store_label,
+                int(self.info["num_classes"]),
+                ds_name,
+                self.info.get("class_names"),
+                kb_src,
+                (other or {}).get("class_names"),
+            )
+            self._label_problem = (problem,)
+        return self._label_problem[0]
+
+    def class_text(self) -> Any:
+        """The class names' prompt vectors from the KB's text tower (caption evidence; `trainer.evidence`),
+        or None where the dataset has no real class names or the KB no text encoder."""
+        if self._class_text is None:
+            from trainer.evidence import class_text_embeddings
+            from trainer.zeroshot import _PLACEHOLDER
+
+            names = self.info.get("class_names") or []
+            spec = (self.kb.get("encoders") or {}).get("text")
+            if not names or not spec or all(_PLACEHOLDER.match(n) for n in names):
+                self._class_text = (None,)
+            else:
+                from kb_builder.encoders import build_text_encoder
+
+                self._class_text = (class_text_embeddings(build_text_encoder(spec), names),)
+        return self._class_text[0]
 
     def images(self, split: str, uids: list[str], source: str) -> Any:
         """The images of a split in `uids` order (fine-tune mode), indexed once per split."""
@@ -275,9 +316,19 @@ def _select_trained(
     if method == "mlp_only":
         sel = mlp_only()
     else:
+        evidence = {"label_evidence": ctx.label_problem(train_f) is None}
+        if not evidence["label_evidence"] and plan["recipe"] == "stacked":
+            evidence["class_text"] = ctx.class_text()
         with tracking(line(key, plan["configs"][method])):
             sel = select_method(
-                method, plan["recipe"], plan["configs"][method], train_f, val_f, mlp_only=mlp_only, **common
+                method,
+                plan["recipe"],
+                plan["configs"][method],
+                train_f,
+                val_f,
+                mlp_only=mlp_only,
+                **common,
+                **evidence,
             )
     # The selected model with its choices (alpha and gate_t live in its config): a self-describing file.
     info = ctx.model_info(method, key, train_f.k, plan["configs"].get(method))
@@ -312,33 +363,46 @@ def _knn(
 def _knn_votes(
     ctx: _Context, plan: dict[str, Any], k: int, train_f: Any, val_f: Any, evals: dict[str, Any]
 ) -> dict[str, dict[str, Any]] | str:
-    ds_name, kb_src = ctx.ds["name"], (ctx.kb.get("source") or {}).get("dataset")
-    if kb_src and kb_src != ds_name:  # a dataset manifest's name or path, as the shards stage reads it
-        try:
-            kb_src = manifest.load("datasets", kb_src).get("name", kb_src)
-        except UserError:
-            pass  # a name without a manifest here: compared as given
-    other = read_json(ctx.ws.dataset_info(kb_src)) if kb_src and kb_src != ds_name else None
-    problem = kb_label_problem(
-        train_f.store_label,
-        int(ctx.info["num_classes"]),
-        ds_name,
-        ctx.info.get("class_names"),
-        kb_src,
-        (other or {}).get("class_names"),
-    )
+    problem = ctx.label_problem(train_f)
     if problem is not None:
         log.warning("knn_vote skipped: %s", problem)
         return problem
     num_classes, shot, extra = int(ctx.info["num_classes"]), ctx.info["shot_split"], {}
     if val_f is not None:
-        k, val_top1, trials = select_knn_k(val_f, num_classes, plan["select"].knn_k)
+        opts = plan["select"]
+        k, val_top1, trials = select_knn_k(val_f, num_classes, opts.knn_k, opts.select_metric)
         scores = knn_vote(val_f.subset_k(k), num_classes)
         extra = {"selected": {"k": k, "trials": trials}, "val": val_metrics(scores, val_f.labels, shot)}
     out = {}
     for s, f in evals.items():
         scores = knn_vote(f.subset_k(min(k, f.k)), num_classes)
         out[s] = {**_scored(scores, f.labels, shot), "mode": "vote", "k": k, **extra}
+    return out
+
+
+def _weighted_vote(
+    ctx: _Context, plan: dict[str, Any], method: str, train_f: Any, val_f: Any, evals: dict[str, Any]
+) -> dict[str, dict[str, Any]] | str:
+    """knn_weighted (KB labels) or caption_vote (the classes the captions name), k and the vote
+    temperature chosen on val; or why it is skipped (no usable labels; no class names or text tower)."""
+    kind = "label" if method == "knn_weighted" else "caption"
+    class_text = ctx.class_text() if kind == "caption" else None
+    problem = ctx.label_problem(train_f) if kind == "label" else None
+    if kind == "caption" and class_text is None:
+        problem = "the dataset has no class names or the KB no text encoder to read captions with"
+    if problem is not None:
+        log.warning("%s skipped: %s", method, problem)
+        return problem
+    if val_f is None:
+        raise UserError(f"{method} chooses k and its temperature on val: give the experiment a select_split")
+    num_classes, shot, opts = int(ctx.info["num_classes"]), ctx.info["shot_split"], plan["select"]
+    chosen, _, trials = select_vote(val_f, num_classes, kind, opts, class_text, opts.select_metric)
+    val_scores = vote_scores(val_f, num_classes, kind, chosen["k"], chosen["vote_temp"], class_text)
+    extra = {"selected": {**chosen, "trials": trials}, "val": val_metrics(val_scores, val_f.labels, shot)}
+    out = {}
+    for s, f in evals.items():
+        scores = vote_scores(f, num_classes, kind, chosen["k"], chosen["vote_temp"], class_text)
+        out[s] = {**_scored(scores, f.labels, shot), "mode": "vote", **chosen, **extra}
     return out
 
 
@@ -444,7 +508,13 @@ def run_experiment(
                 results.update(previous["metrics"])
                 continue
             started = time.perf_counter()
-            if method == "knn_vote":
+            if method in ("knn_weighted", "caption_vote"):
+                voted = _weighted_vote(ctx, plan, method, train_f, val_f, evals)
+                if isinstance(voted, str):
+                    results.update({name: {"skipped": voted} for name in names.values()})
+                    continue
+                by_split = voted
+            elif method == "knn_vote":
                 knn = _knn(ctx, plan, k, train_f, val_f, evals)
                 if isinstance(knn, str):
                     results.update({name: {"skipped": knn} for name in names.values()})

@@ -57,7 +57,8 @@ def test_no_input_for_query_text_and_zero_slot() -> None:
     for cls in (RetFormer, LinearProbe, MLPOnly):
         params = list(inspect.signature(cls.forward).parameters)
         assert params[:4] == ["self", "z", "nn_img", "nn_txt"]
-        assert set(params) <= {"self", "z", "nn_img", "nn_txt", "return_attention"}
+        # nn_label: the neighbours' KB labels (the query's own KB row is never among its neighbours)
+        assert set(params) <= {"self", "z", "nn_img", "nn_txt", "return_attention", "nn_label"}
     for kind in ("retformer", "retformer_no_image"):
         model = _model(kind)
         seen = {}

@@ -200,7 +200,9 @@ def test_alpha_zero_is_exactly_l_i_and_shuffling_lowers_s(clean) -> None:
     val = load_retrieval_features(ws, "syn", "kbsyn", K, "val")
     model = load_model(clean["root"] / "runs" / "r" / "retformer.pt")
     mlp = load_model(clean["root"] / "runs" / "r" / "mlp_only.pt")
-    model.config.update(alpha=0.0, gate_t=0.5)
+    # The rule without retrieval (no L_R, no evidence, no prior adjustment on either model): L_I exactly.
+    model.config.update(alpha=0.0, beta=0.0, prior_tau=0.0, gate_t=0.5)
+    mlp.config.update(prior_tau=0.0)
     assert torch.equal(predict(model, val), predict(mlp, val))
     li, _, s = branch_logits(model, val)
     assert torch.equal(li, predict(mlp, val))

@@ -16,6 +16,7 @@ RECIPES = ("paper", "stacked")
 # The method names an experiment may list, in table order (trainer/methods.py holds what each is).
 METHOD_NAMES = (
     *("retformer", "retformer_no_text", "retformer_no_image", "mlp_only", "linear_probe", "knn_vote"),
+    *("knn_weighted", "caption_vote"),
     *("retformer_ft", "retformer_no_text_ft", "retformer_no_image_ft", "full_finetune", "zeroshot"),
 )
 
@@ -110,8 +111,18 @@ class SelectOptions:
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
     gate_quantiles: tuple[float | None, ...] = (None, 0.01, 0.05, 0.1, 0.2)  # None = no gate
     knn_k: tuple[int, ...] = (1, 5, 10, 20, 32)
-    tolerance: float = 1.0  # top-1 points the shuffled-neighbour control may lose against L_I
+    tolerance: float = 1.0  # points of select_metric the shuffled-neighbour control may lose against L_I
     shuffle_seed: int = 123
+    # What every choice maximises on val: "balanced" = mean per-class accuracy (what a class-balanced
+    # test reports; a val held out of long-tailed training data is itself long-tailed, and its top-1
+    # rewards the head classes), or "top1".
+    select_metric: Literal["balanced", "top1"] = "balanced"
+    # Post-hoc logit adjustment of the image branch (mlp_only and RetFormer's L_I): logits - tau * log prior
+    prior_taus: tuple[float, ...] = (0.0, 0.5, 1.0)
+    # Weight of the neighbours' evidence, beta * log(similarity-weighted vote), in RetFormer's rule
+    betas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    # Temperatures of the similarity-weighted votes (knn_weighted, caption_vote, RetFormer's evidence)
+    vote_temps: tuple[float, ...] = (0.02, 0.05, 0.1)
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any] | None) -> SelectOptions:
@@ -132,6 +143,10 @@ class SelectOptions:
             raise UserError(f"select: malformed option ({e})") from e
         if 0.0 not in opts.alphas:
             raise UserError("select.alphas must contain 0 (L_I alone: the always-admissible rule)")
+        if 0.0 not in opts.betas or 0.0 not in opts.prior_taus:
+            raise UserError("select.betas and select.prior_taus must contain 0 (the rule without them)")
+        if not opts.vote_temps or min(opts.vote_temps) <= 0:
+            raise UserError(f"select.vote_temps must be > 0, got {list(opts.vote_temps)}")
         epochs = opts.retformer_epochs
         values = list(epochs.values()) if isinstance(epochs, dict) else [epochs]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):

@@ -162,15 +162,17 @@ class RetrievalFeatures:
 
     def inputs(self, start: int, stop: int, neighbors: bool = True) -> dict[str, torch.Tensor]:
         """The model inputs of queries [start, stop): z (float32) and, unless neighbors=False, nn_img and
-        nn_txt (float32): slices of the resident tensors (no copy) when resident, else `batch`'s gather."""
+        nn_txt (float32): slices of the resident tensors (no copy) when resident, else `batch`'s gather;
+        and nn_label (int64), the neighbours' KB labels (what a rule with label evidence reads)."""
         z = self.query_img[start:stop].float()
         if not neighbors:
             return {"z": z}
+        nn_label = self.store_label[self.nn_rows[start:stop]]
         if self._resident is None:
             b = self.batch(torch.arange(start, stop))
-            return {"z": z, "nn_img": b["nn_img"], "nn_txt": b["nn_txt"]}
+            return {"z": z, "nn_img": b["nn_img"], "nn_txt": b["nn_txt"], "nn_label": nn_label}
         img, txt = self._resident
-        return {"z": z, "nn_img": img[start:stop], "nn_txt": txt[start:stop]}
+        return {"z": z, "nn_img": img[start:stop], "nn_txt": txt[start:stop], "nn_label": nn_label}
 
     def gather_into(self, key: str, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """One model input of the queries `idx` ("z", "nn_img" or "nn_txt"), written into `out` (float32,

@@ -92,9 +92,14 @@ class FinetuneModel(nn.Module):
         return F.normalize(self._enc._features(images).float(), dim=-1)
 
     def forward(
-        self, images: torch.Tensor, nn_img: torch.Tensor | None = None, nn_txt: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        nn_img: torch.Tensor | None = None,
+        nn_txt: torch.Tensor | None = None,
+        *,
+        nn_label: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.head(self.encode(images), nn_img, nn_txt)
+        return self.head(self.encode(images), nn_img, nn_txt, nn_label=nn_label)
 
     def no_weight_decay(self) -> set[str]:
         """Class / position embeddings of the encoder and the head (ViT practice)."""

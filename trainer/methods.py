@@ -7,6 +7,8 @@ fine-tune method trains the model of its feature-mode twin as the head on top of
   (the paper's ablations, Sec. 4.5), `mlp_only` (RetFormer's L_I branch alone: no retrieval) and
   `linear_probe` ("CLIP classifier FT");
 - vote: `knn_vote`, the majority label of the retrieved KB items (where the KB has labels);
+  `knn_weighted`, their labels weighted by exp(cos / T) (DINO's kNN); `caption_vote`, the classes their
+  captions name (text to text against class-name prompts: no KB labels needed), weighted alike;
 - finetune: `retformer_ft` (the paper's "Ours"), `retformer_no_text_ft`, `retformer_no_image_ft`
   and `full_finetune` (encoder + linear head, no retrieval: "CLIP full FT");
 - zeroshot: `zeroshot`, class-name prompts through the KB's text tower ("CLIP zero-shot").
@@ -47,6 +49,8 @@ _ALL = (
     Method("mlp_only", "frozen", "mlp_only", False),
     Method("linear_probe", "frozen", "linear_probe", False),
     Method("knn_vote", "vote", None, True),
+    Method("knn_weighted", "vote", None, True),
+    Method("caption_vote", "vote", None, True),
     Method("retformer_ft", "finetune", "retformer", True),
     Method("retformer_no_text_ft", "finetune", "retformer_no_text", True),
     Method("retformer_no_image_ft", "finetune", "retformer_no_image", True),
@@ -138,16 +142,33 @@ def select_method(
     class_counts: list[int] | None,
     opts: SelectOptions,
     mlp_only: Callable[[], Selected],
+    label_evidence: bool = False,
+    class_text: torch.Tensor | None = None,
 ) -> Selected:
     """Train a feature-mode method with every choice made on `val` (`trainer/selection.py`).
 
-    Baselines: the lr grid. RetFormer variants, recipe "stacked": on top of mlp_only() (the selected
-    mlp_only, computed once by the caller); recipe "paper": the `train:` run, best-on-val epoch."""
+    Baselines: the lr grid (mlp_only also its post-hoc prior adjustment). RetFormer variants, recipe
+    "stacked": on top of mlp_only() (the selected mlp_only, computed once by the caller), its rule may
+    add the neighbours' KB-label evidence (label_evidence) or caption evidence (class_text: the class-name
+    prompt vectors); recipe "paper": the `train:` run, best-on-val epoch."""
     spec = METHODS[method]
     if spec.mode != "frozen" or spec.model is None:
         raise ValueError(f"{method} is not a trained feature-mode method")
-    task = Task(spec.model, train, val, config, num_classes, model_options, class_counts)
-    if method in ("mlp_only", "linear_probe"):
+    task = Task(
+        spec.model,
+        train,
+        val,
+        config,
+        num_classes,
+        model_options,
+        class_counts,
+        metric=opts.select_metric,
+        label_evidence=label_evidence,
+        class_text=class_text,
+    )
+    if method == "mlp_only":
+        return select_plain(task, opts.lr_grid, opts.baseline_epochs, opts.prior_taus)
+    if method == "linear_probe":
         return select_plain(task, opts.lr_grid, opts.baseline_epochs)
     if recipe == "paper":
         return select_plain(task, (config.lr,), config.epochs, recipe="paper")

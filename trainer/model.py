@@ -36,11 +36,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import RECIPES
+from trainer.evidence import (
+    caption_class_probs,
+    label_probs,
+    log_evidence,
+    neighbour_weights,
+    weighted_vote,
+)
 from trainer.layers import CrossFusionLayer, SelfAttentionLayer
 
 # Model kinds: the names of the feature-mode methods that train them (`trainer/methods.py`).
 RETFORMER_VARIANTS = {"retformer": "full", "retformer_no_text": "no_text", "retformer_no_image": "no_image"}
 MODEL_KINDS = (*RETFORMER_VARIANTS, "mlp_only", "linear_probe")
+# What RetFormer's stacked rule may add as the neighbours' evidence (None: nothing; trainer/evidence.py).
+EVIDENCE_KINDS = (None, "label", "caption")
+
+
+def log_prior(class_counts: list[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C,) log of the class prior from training counts (a class with 0 images counts as 1)."""
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float32).clamp_min(1.0)
+    if len(counts) != num_classes:
+        raise ValueError(f"{len(counts)} class counts for {num_classes} classes")
+    return torch.log(counts / counts.sum())
+
+
 VARIANTS = tuple(RETFORMER_VARIANTS.values())  # RetFormer's `variant`: "full", "no_text", "no_image"
 _KIND_OF_VARIANT = {v: kind for kind, v in RETFORMER_VARIANTS.items()}
 # How L_I and L_R are trained and combined: "paper" = one loss on tau/2 (L_I + L_R); "stacked" = L_I is
@@ -84,12 +103,20 @@ class RetFormer(nn.Module):
         recipe: str = "paper",
         alpha: float = 1.0,
         gate_t: float | None = None,
+        prior_tau: float = 0.0,
+        beta: float = 0.0,
+        evidence: str | None = None,
+        vote_temp: float = 0.05,
+        caption_temp: float = 0.05,
+        caption_null: float = 0.0,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        if evidence not in EVIDENCE_KINDS:
+            raise ValueError(f"evidence must be one of {EVIDENCE_KINDS}, got {evidence!r}")
         mlp_hidden = mlp_hidden or img_dim
         self.config: dict[str, Any] = {
             "kind": _KIND_OF_VARIANT[variant],
@@ -109,6 +136,12 @@ class RetFormer(nn.Module):
             "recipe": recipe,
             "alpha": alpha,
             "gate_t": gate_t,
+            "prior_tau": prior_tau,
+            "beta": beta,
+            "evidence": evidence,
+            "vote_temp": vote_temp,
+            "caption_temp": caption_temp,
+            "caption_null": caption_null,
         }
         self.variant = variant
         self.k = k
@@ -134,6 +167,11 @@ class RetFormer(nn.Module):
         streams = int(self.use_img) + int(self.use_txt)
         self.head = nn.Linear(streams * width, num_classes)  # h
         self.mlp = ImageBranch(img_dim, num_classes, mlp_hidden)  # L_I branch
+        # The stacked rule's fixed inputs (saved with the weights, never trained): the log of the training
+        # class prior (post-hoc logit adjustment of L_I) and the class-name prompts' text vectors (caption
+        # evidence); zeros until `set_prior` / `set_class_text`.
+        self.register_buffer("log_prior", torch.zeros(num_classes))
+        self.register_buffer("class_text", torch.zeros(num_classes, txt_dim))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -168,19 +206,70 @@ class RetFormer(nn.Module):
         nn_img: torch.Tensor | None = None,
         nn_txt: torch.Tensor | None = None,
         return_attention: bool = False,
+        *,
+        nn_label: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (B, C). With return_attention=True also a dict stream -> weights (L, B, H, P, P),
         P = k'+2, token order [cls, query, nn_1..nn_k']; stream "image" holds the weights over image
         tokens (queries from the text stream in the full variant), "text" over text tokens.
 
         recipe "paper": tau/2 (L_I + L_R). recipe "stacked": in training mode L_R alone (L_I is the
-        frozen mlp_only, so the loss is L_R's own); in eval mode L_I + alpha * 1[s > gate_t] * L_R."""
+        frozen mlp_only, so the loss is L_R's own); in eval mode the rule
+        L_I - prior_tau * log prior + g * (alpha * L_R + beta * log e), g = 1[s > gate_t] (1 without a
+        gate), e the neighbours' evidence (`evidence`): the similarity-weighted vote of their KB labels
+        (nn_label, "label") or of the classes their captions name ("caption")."""
         logits_r, attn = self._retrieval_logits(z, nn_img, nn_txt, return_attention)
         # s only where combine() reads it: a full-width pass over the neighbours (B, k', Di) that training
         # and ungated prediction would compute and drop.
         s = relevance(z, nn_img) if nn_img is not None and self.gated() else None
-        logits = self.combine(self.mlp(z), logits_r, s)
+        log_e = None
+        if self.uses_evidence():
+            log_e = log_evidence(self.evidence(z, nn_img, nn_txt, nn_label))
+        logits = self.combine(self.mlp(z), logits_r, s, log_e)
         return (logits, attn) if return_attention else logits
+
+    def uses_evidence(self) -> bool:
+        """Whether the prediction reads the neighbours' evidence now (stacked, eval mode, beta > 0)."""
+        cfg = self.config
+        return cfg["recipe"] == "stacked" and not self.training and float(cfg["beta"]) != 0
+
+    def evidence(
+        self,
+        z: torch.Tensor,
+        nn_img: torch.Tensor | None,
+        nn_txt: torch.Tensor | None,
+        nn_label: torch.Tensor | None,
+        kind: str | None = None,
+        vote_temp: float | None = None,
+    ) -> torch.Tensor:
+        """(B, C) the neighbours' evidence under this model's settings (or the `kind` / `vote_temp` given):
+        their votes weighted by softmax(cos(z, neighbour image) / vote_temp) (uniform without nn_img)."""
+        cfg = self.config
+        kind = kind or cfg["evidence"]
+        temp = float(vote_temp if vote_temp is not None else cfg["vote_temp"])
+        if kind == "label":
+            if nn_label is None:
+                raise ValueError("label evidence needs the neighbours' KB labels (nn_label)")
+            probs = label_probs(nn_label, int(cfg["num_classes"]))
+        elif kind == "caption":
+            if nn_txt is None:
+                raise ValueError("caption evidence needs the neighbours' caption vectors (nn_txt)")
+            probs = caption_class_probs(nn_txt, self.class_text, cfg["caption_temp"], cfg["caption_null"])
+        else:
+            raise ValueError(f"no evidence kind set (evidence={kind!r})")
+        if nn_img is None:
+            weights = torch.full(probs.shape[:2], 1.0 / probs.shape[1], device=probs.device)
+        else:
+            weights = neighbour_weights(z, nn_img, temp)
+        return weighted_vote(weights, probs)
+
+    def set_prior(self, class_counts: list[int] | torch.Tensor) -> None:
+        """log of the training class prior (a count of 0 counts as 1), for the post-hoc adjustment."""
+        self.log_prior.copy_(log_prior(class_counts, len(self.log_prior)))
+
+    def set_class_text(self, class_text: torch.Tensor) -> None:
+        """The class-name prompts' unit text vectors (C, txt_dim) the caption evidence compares with."""
+        self.class_text.copy_(class_text.to(self.class_text))
 
     def branches(
         self, z: torch.Tensor, nn_img: torch.Tensor | None, nn_txt: torch.Tensor | None
@@ -189,26 +278,44 @@ class RetFormer(nn.Module):
         return self.mlp(z), self._retrieval_logits(z, nn_img, nn_txt, False)[0]
 
     def gated(self) -> bool:
-        """Whether `combine` reads the relevance s now: a stacked model in eval mode with a gate on L_R."""
+        """Whether `combine` reads the relevance s now: a stacked model in eval mode with a gate on
+        alpha L_R + beta log e (one of them non-zero)."""
         cfg = self.config
         stacked_eval = cfg["recipe"] == "stacked" and not self.training
-        return stacked_eval and float(cfg["alpha"]) != 0 and cfg["gate_t"] is not None
+        retrieval = float(cfg["alpha"]) != 0 or float(cfg["beta"]) != 0
+        return stacked_eval and retrieval and cfg["gate_t"] is not None
 
-    def combine(self, logits_i: torch.Tensor, logits_r: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-        """The prediction from the two branches under the model's recipe (see `forward`); s (B,) is
-        `relevance(z, nn_img)`, read only by a gated stacked model."""
+    def combine(
+        self,
+        logits_i: torch.Tensor,
+        logits_r: torch.Tensor,
+        s: torch.Tensor | None,
+        log_e: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The prediction from the branches under the model's recipe and rule (see `forward`); s (B,) is
+        `relevance(z, nn_img)`, read only by a gated stacked model, log_e (B, C) the log evidence, read
+        only when beta > 0."""
         if self.config["recipe"] == "paper":
             return self.tau / 2 * (logits_i + logits_r)
         if self.training:
             return logits_r
-        alpha, gate_t = float(self.config["alpha"]), self.config["gate_t"]
-        if alpha == 0:
-            return logits_i
+        cfg = self.config
+        alpha, beta, gate_t = float(cfg["alpha"]), float(cfg["beta"]), cfg["gate_t"]
+        out = logits_i
+        if float(cfg["prior_tau"]):
+            out = out - float(cfg["prior_tau"]) * self.log_prior.to(out)
+        if alpha == 0 and beta == 0:
+            return out
+        extra = alpha * logits_r if alpha else torch.zeros_like(out)
+        if beta:
+            if log_e is None:
+                raise ValueError("a RetFormer with beta > 0 needs its neighbours' evidence")
+            extra = extra + beta * log_e.to(out)
         if gate_t is None:
-            return logits_i + alpha * logits_r
+            return out + extra
         if s is None:
             raise ValueError("a gated RetFormer needs nn_img to score its neighbors")
-        return logits_i + alpha * (s > float(gate_t)).float()[:, None] * logits_r
+        return out + (s > float(gate_t)).float()[:, None] * extra
 
     def _retrieval_logits(
         self,
@@ -283,7 +390,12 @@ class LinearProbe(nn.Module):
         self.fc = nn.Linear(img_dim, num_classes)
 
     def forward(
-        self, z: torch.Tensor, nn_img: torch.Tensor | None = None, nn_txt: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        nn_img: torch.Tensor | None = None,
+        nn_txt: torch.Tensor | None = None,
+        *,
+        nn_label: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.fc(z)
 
@@ -295,20 +407,49 @@ class MLPOnly(nn.Module):
 
     needs_neighbors = False
 
-    def __init__(self, img_dim: int, num_classes: int, mlp_hidden: int | None = None) -> None:
+    def __init__(
+        self,
+        img_dim: int,
+        num_classes: int,
+        mlp_hidden: int | None = None,
+        prior_tau: float = 0.0,
+        log_prior: list[float] | None = None,
+    ) -> None:
         super().__init__()
         self.mlp = ImageBranch(img_dim, num_classes, mlp_hidden)
+        prior = (
+            torch.zeros(num_classes) if log_prior is None else torch.tensor(log_prior, dtype=torch.float32)
+        )
         self.config: dict[str, Any] = {
             "kind": "mlp_only",
             "img_dim": img_dim,
             "num_classes": num_classes,
             "mlp_hidden": self.mlp.hidden,
+            "prior_tau": prior_tau,
+            "log_prior": prior.tolist(),
         }
+        # Post-hoc logit adjustment at prediction (Menon et al.): logits - prior_tau * log prior, with
+        # prior_tau chosen on val; training is unchanged (it sees logits before the adjustment). The prior
+        # lives in the config, so the state dict stays exactly RetFormer's L_I branch (`mlp.*`).
+        self.register_buffer("log_prior", prior, persistent=False)
+
+    def set_prior(self, class_counts: list[int] | torch.Tensor) -> None:
+        """log of the training class prior, for the post-hoc adjustment."""
+        self.log_prior.copy_(log_prior(class_counts, len(self.log_prior)))
+        self.config["log_prior"] = self.log_prior.tolist()
 
     def forward(
-        self, z: torch.Tensor, nn_img: torch.Tensor | None = None, nn_txt: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        nn_img: torch.Tensor | None = None,
+        nn_txt: torch.Tensor | None = None,
+        *,
+        nn_label: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.mlp(z)
+        logits = self.mlp(z)
+        if self.training or not float(self.config["prior_tau"]):
+            return logits
+        return logits - float(self.config["prior_tau"]) * self.log_prior.to(logits)
 
 
 # The `model:` options of an experiment manifest, with their types.
@@ -360,5 +501,8 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
     if kind == "linear_probe":
         return LinearProbe(**cfg)
     if kind in ("mlp_only", "mlp"):
-        return MLPOnly(cfg["img_dim"], cfg["num_classes"], cfg.get("mlp_hidden", cfg.get("hidden")))
+        hidden = cfg.get("mlp_hidden", cfg.get("hidden"))
+        return MLPOnly(
+            cfg["img_dim"], cfg["num_classes"], hidden, float(cfg.get("prior_tau", 0.0)), cfg.get("log_prior")
+        )
     raise ValueError(f"unknown model kind {kind!r} in config")

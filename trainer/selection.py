@@ -1,16 +1,24 @@
 """Model selection on a validation split: every choice here reads `val`; the eval split is never passed in.
 
+Every choice maximises `select_metric` on val: "balanced" (mean per-class accuracy, the default: what a
+class-balanced test reports, while a val held out of long-tailed training data is long-tailed itself)
+or "top1". Recorded figures keep `val_top1` beside the criterion (`val_score`).
+
 - baselines (`linear_probe`, `mlp_only`): lr grid x `baseline_epochs`, best-on-val epoch per lr, then the
-  best lr on val (ties: the smaller lr, the earlier epoch);
+  best lr on val (ties: the smaller lr, the earlier epoch); mlp_only then gets its post-hoc logit
+  adjustment tau (logits - tau log prior) on val;
 - RetFormer, recipe "stacked" (docs/method-notes.md on branch method-research): L_I = the selected
   mlp_only's weights, frozen; L_R trained on its own cross-entropy, with logit adjustment la_tau as a grid
   option; per (lr, la_tau) cell and per alpha the best-on-val checkpoint; then the prediction rule
-  L_I + alpha * 1[s > t] * L_R is chosen on val among the admissible ones: val top-1 with neighbours
-  shuffled across queries >= L_I's val top-1 - `tolerance` points. alpha = 0 (L_I alone) always is, so
-  the model is never below its own mlp_only on val. Ties go to the smaller alpha, the laxer gate, the
-  earlier grid cell. alpha and t are stored in `model.config`, so a reloaded model predicts the same;
+  L_I - prior_tau log prior + 1[s > t] (alpha L_R + beta log e) is chosen on val among the admissible
+  ones, e the neighbours' similarity-weighted vote of their KB labels (where the KB is labelled with the
+  dataset's classes) or of the classes their captions name (trainer/evidence.py): val criterion with
+  neighbours shuffled across queries >= L_I's - `tolerance` points. alpha = beta = 0 (L_I alone) always
+  is, so the model is never below its own mlp_only on val. Ties go to the smaller alpha, the smaller
+  beta, the laxer gate, the earlier grid cell. The rule is stored in `model.config`, so a reloaded model
+  predicts the same;
 - RetFormer, recipe "paper": the manifest's `train:` run, best-on-val epoch;
-- knn_vote: k on val.
+- knn_vote: k on val; knn_weighted and caption_vote: k and the vote temperature on val.
 """
 
 from __future__ import annotations
@@ -27,8 +35,16 @@ from trainer.baselines import knn_vote
 from trainer.checkpoint import CHECKPOINT_FORMAT
 from trainer.config import SelectOptions
 from trainer.evaluate import evaluate
+from trainer.evidence import (
+    balanced_accuracy,
+    caption_class_probs,
+    label_probs,
+    log_evidence,
+    neighbour_weights,
+    weighted_vote,
+)
 from trainer.features import RetrievalFeatures
-from trainer.model import RetFormer, build_model, relevance
+from trainer.model import MLPOnly, RetFormer, build_model, relevance
 from trainer.train import TrainConfig, fit, predict
 
 
@@ -46,6 +62,14 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy as a fraction, rounded to 6 decimals like every recorded figure (argmax ties to
     the lowest class, as `evaluate`)."""
     return round(float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean()), 6)
+
+
+METRICS = {"balanced": balanced_accuracy, "top1": top1}
+
+
+def criterion(name: str) -> Any:
+    """The val criterion `select_metric` names: (logits, labels) -> float."""
+    return METRICS[name]
 
 
 @dataclass
@@ -93,7 +117,10 @@ def _train_tracked(
 @dataclass(frozen=True)
 class Task:
     """What a selection trains: the model kind, train and val features, the base TrainConfig (the
-    manifest's `train:`), the number of classes, the `model:` options and the train class counts."""
+    manifest's `train:`), the number of classes, the `model:` options and the train class counts;
+    `metric` the val criterion; the neighbours' evidence RetFormer's rule may use: `label_evidence`
+    (the KB is labelled with the dataset's classes) and `class_text` (class-name prompt vectors of the
+    KB's text tower, for caption evidence; None: none)."""
 
     kind: str
     train: RetrievalFeatures
@@ -102,20 +129,39 @@ class Task:
     num_classes: int
     model_options: dict[str, Any]
     class_counts: Any = None
+    metric: str = "balanced"
+    label_evidence: bool = False
+    class_text: torch.Tensor | None = None
 
     def build(self, **options: Any) -> nn.Module:
-        """A fresh model, seeded by the base config (every grid cell starts from the same weights)."""
+        """A fresh model, seeded by the base config (every grid cell starts from the same weights), with
+        the training prior and the class-name vectors its rule may read."""
         torch.manual_seed(self.base.seed)
         f = self.train
-        return build_model(
+        model = build_model(
             self.kind, self.num_classes, f.img_dim, f.txt_dim, f.k, **self.model_options, **options
         )
+        if self.class_counts is not None and hasattr(model, "set_prior"):
+            model.set_prior(self.class_counts)
+        if self.class_text is not None and hasattr(model, "set_class_text"):
+            model.set_class_text(self.class_text)
+        return model
+
+    def evidence_kinds(self) -> list[str]:
+        """The evidence RetFormer's rule may add: KB labels where usable, else captions (with prompts)."""
+        if self.label_evidence:
+            return ["label"]
+        return ["caption"] if self.class_text is not None else []
 
 
-def select_plain(task: Task, lrs: tuple[float, ...], epochs: int, **options: Any) -> Selected:
-    """A model trained at each lr for `epochs`, its best-on-val epoch, then the best lr on val.
+def select_plain(
+    task: Task, lrs: tuple[float, ...], epochs: int, prior_taus: tuple[float, ...] = (0.0,), **options: Any
+) -> Selected:
+    """A model trained at each lr for `epochs`, its best-on-val epoch, then the best lr on val; then
+    (a model with a post-hoc prior adjustment: mlp_only) the adjustment tau in `prior_taus` on val.
     options: extra model options (e.g. recipe)."""
     train, val = task.train, task.val
+    score_of = criterion(task.metric)
     chosen: tuple[float, int, float, dict] | None = None
     trials = []
     model = None
@@ -124,17 +170,28 @@ def select_plain(task: Task, lrs: tuple[float, ...], epochs: int, **options: Any
         model = task.build(**options)
 
         def score(m: nn.Module = model) -> dict[str, float]:
-            return {"model": top1(predict(m, val), val.labels)}
+            return {"model": score_of(predict(m, val), val.labels)}
 
         best = _train_tracked(model, train, config, score, task.class_counts)
         ep, acc, state = best.best["model"]
-        trials.append({"lr": lr, "epoch": ep, "val_top1": acc})
+        trials.append({"lr": lr, "epoch": ep, "val_score": acc})
         if chosen is None or acc > chosen[2]:
             chosen = (lr, ep, acc, state)
     assert chosen is not None and model is not None, "lrs must not be empty"
     model.load_state_dict(chosen[3])
     model.eval()
-    return Selected(model, {"lr": chosen[0], "epoch": chosen[1]}, chosen[2], trials)
+    selected: dict[str, Any] = {"lr": chosen[0], "epoch": chosen[1]}
+    if isinstance(model, MLPOnly):
+        raw = predict(model, val)  # prior_tau is 0 while training: the unadjusted logits
+        adjusted = [
+            (score_of(raw - tau * model.log_prior, val.labels), -i, tau) for i, tau in enumerate(prior_taus)
+        ]
+        _, _, tau = max(adjusted)
+        model.config["prior_tau"] = float(tau)
+        selected["prior_tau"] = float(tau)
+    val_logits = predict(model, val)
+    selected["val_score"] = score_of(val_logits, val.labels)
+    return Selected(model, selected, top1(val_logits, val.labels), trials)
 
 
 @torch.inference_mode()
@@ -170,22 +227,41 @@ def relevance_of(features: RetrievalFeatures, device: torch.device, batch_size: 
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _rule_logits(model: RetFormer, branches: tuple[torch.Tensor, ...], alpha: float, t: float | None) -> Any:
-    """The model's own combine() under the rule (alpha, t): one formula for selection and prediction."""
-    model.config.update(alpha=alpha, gate_t=t)
+@torch.inference_mode()
+def split_evidence(
+    model: RetFormer, features: RetrievalFeatures, kind: str, vote_temp: float, batch_size: int = 1024
+) -> torch.Tensor:
+    """(N, C) log evidence of every query under the model's evidence settings and `kind` / `vote_temp`:
+    what its rule adds, times beta (`RetFormer.evidence`)."""
+    out = []
+    for start in range(0, len(features), batch_size):
+        b = features.batch(torch.arange(start, min(start + batch_size, len(features))))
+        e = model.evidence(b["z"], b["nn_img"], b["nn_txt"], b["nn_label"], kind=kind, vote_temp=vote_temp)
+        out.append(log_evidence(e).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.config["num_classes"])
+
+
+def _rule_logits(
+    model: RetFormer, branches: tuple[torch.Tensor, ...], rule: dict[str, Any], log_e: Any
+) -> Any:
+    """The model's own combine() under `rule` (alpha, gate_t, beta, prior_tau, evidence, vote_temp): one
+    formula for selection and prediction."""
+    model.config.update(rule)
     li, lr, s = branches
-    return model.combine(li, lr, s)
+    return model.combine(li, lr, s, log_e)
 
 
 def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOptions) -> Selected:
     """The stacked RetFormer (any variant, task.kind), every choice on val: see the module docstring.
     mlp_state: the selected mlp_only's `mlp` weights (L_I)."""
     train, val = task.train, task.val
+    score_of = criterion(task.metric)
     val_sh = shuffled(val, opts.shuffle_seed)
     y = val.labels
     candidates, trials = [], []
     model = None
     s_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # s over val and over shuffled val
+    evidence: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
     for cell, (lr, la_tau) in enumerate(opts.retformer_grid):
         config = replace(
             task.base,
@@ -200,12 +276,20 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
 
         def score(m: RetFormer = model) -> dict[float, float]:
             li, lr_ = branch_logits(m, val, with_relevance=False)
-            return {a: top1(li + a * lr_, y) for a in opts.alphas}
+            return {a: score_of(li + a * lr_, y) for a in opts.alphas}
 
         best = _train_tracked(model, train, config, score, task.class_counts)
-        if s_pair is None:  # s reads only the features: once per selection, not once per state
+        if s_pair is None:  # s and the evidence read only the features: once per selection
             device = next(model.parameters()).device
             s_pair = relevance_of(val, device), relevance_of(val_sh, device)
+            for kind in task.evidence_kinds():
+                for temp in opts.vote_temps:
+                    evidence[(kind, temp)] = (
+                        split_evidence(model, val, kind, temp),
+                        split_evidence(model, val_sh, kind, temp),
+                    )
+        options = [(None, 0.0)] + list(evidence)
+        prior = model.log_prior.float().cpu()
         by_epoch: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         for alpha, (epoch, _, state) in sorted(best.best.items()):
             model.load_state_dict(state)
@@ -215,42 +299,116 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
                     (*branch_logits(model, val_sh, with_relevance=False), s_pair[1]),
                 )
             plain, mixed = by_epoch[epoch]
-            l_i = top1(plain[0], y)
             s_val = plain[2]
-            for rank, q in enumerate(opts.gate_quantiles if alpha else (None,)):
-                t = None if q is None else float(torch.quantile(s_val, q))
-                row = {
-                    "lr": lr,
-                    "la_tau": la_tau,
-                    "epoch": epoch,
-                    "alpha": alpha,
-                    "gate_quantile": q,
-                    "gate_t": t,
-                    "val_top1": top1(_rule_logits(model, plain, alpha, t), y),
-                    "val_shuffled_top1": top1(_rule_logits(model, mixed, alpha, t), y),
-                    "l_i_val_top1": l_i,
-                }
-                trials.append(row)
-                # tolerance is in top-1 points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
-                if row["val_shuffled_top1"] >= row["l_i_val_top1"] - opts.tolerance / 100 - 1e-9:
-                    candidates.append(((-row["val_top1"], alpha, rank, cell), row, state))
-    assert model is not None and candidates, "alpha 0 is always admissible"
+            for tau_rank, prior_tau in enumerate(opts.prior_taus):
+                l_i = score_of(plain[0] - prior_tau * prior, y)
+                for beta in opts.betas:
+                    for kind, temp in options if beta else [(None, 0.0)]:
+                        if beta and kind is None:
+                            continue
+                        gates = opts.gate_quantiles if (alpha or beta) else (None,)
+                        for rank, q in enumerate(gates):
+                            t = None if q is None else float(torch.quantile(s_val, q))
+                            rule = {"alpha": alpha, "gate_t": t, "beta": beta, "prior_tau": prior_tau}
+                            rule |= {"evidence": kind, "vote_temp": temp or model.config["vote_temp"]}
+                            e_plain, e_mixed = evidence.get((kind, temp), (None, None))
+                            rule_val = _rule_logits(model, plain, rule, e_plain)
+                            row = {
+                                "lr": lr,
+                                "la_tau": la_tau,
+                                "epoch": epoch,
+                                **rule,
+                                "gate_quantile": q,
+                                "val_score": score_of(rule_val, y),
+                                "val_top1": top1(rule_val, y),
+                                "val_shuffled_score": score_of(_rule_logits(model, mixed, rule, e_mixed), y),
+                                "l_i_val_score": l_i,
+                            }
+                            trials.append(row)
+                            # tolerance is in points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
+                            if (
+                                row["val_shuffled_score"]
+                                >= row["l_i_val_score"] - opts.tolerance / 100 - 1e-9
+                            ):
+                                order = (-row["val_score"], alpha, beta, tau_rank, rank, cell)
+                                candidates.append((order, row, state))
+    assert model is not None and candidates, "alpha = beta = 0 is always admissible"
     _, row, state = min(candidates, key=lambda c: c[0])
     model.load_state_dict(state)
-    model.config.update(alpha=row["alpha"], gate_t=row["gate_t"])
+    rule_keys = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp")
+    model.config.update({key: row[key] for key in rule_keys})
     model.eval()
-    return Selected(model, {k: v for k, v in row.items() if k != "val_top1"}, row["val_top1"], trials)
+    selected = {k: v for k, v in row.items() if k != "val_top1"}
+    return Selected(model, selected, row["val_top1"], trials)
 
 
 def select_knn_k(
-    val: RetrievalFeatures, num_classes: int, ks: tuple[int, ...]
+    val: RetrievalFeatures, num_classes: int, ks: tuple[int, ...], metric: str = "balanced"
 ) -> tuple[int, float, list[dict[str, Any]]]:
     """k of the kNN vote on val, the grid capped by the table's k, ties to the smaller k.
     Returns (k, val top-1, trials)."""
+    score_of = criterion(metric)
     grid = sorted({min(k, val.k) for k in ks})
-    trials = [{"k": k, "val_top1": top1(knn_vote(val.subset_k(k), num_classes), val.labels)} for k in grid]
-    best = max(trials, key=lambda r: (r["val_top1"], -r["k"]))
+    trials = []
+    for k in grid:
+        scores = knn_vote(val.subset_k(k), num_classes)
+        trials.append(
+            {"k": k, "val_score": score_of(scores, val.labels), "val_top1": top1(scores, val.labels)}
+        )
+    best = max(trials, key=lambda r: (r["val_score"], -r["k"]))
     return best["k"], best["val_top1"], trials
+
+
+def vote_scores(
+    features: RetrievalFeatures,
+    num_classes: int,
+    kind: str,
+    k: int,
+    vote_temp: float,
+    class_text: torch.Tensor | None = None,
+    batch_size: int = 4096,
+) -> torch.Tensor:
+    """(N, C) similarity-weighted vote of the first k neighbours: weights softmax(cos(z, e_j) / vote_temp),
+    votes their KB labels ("label": knn_weighted) or the classes their captions name ("caption":
+    caption_vote, with the class-name prompt vectors `class_text`)."""
+    f = features.subset_k(min(k, features.k))
+    out = []
+    for start in range(0, len(f), batch_size):
+        b = f.batch(torch.arange(start, min(start + batch_size, len(f))))
+        if kind == "label":
+            probs = label_probs(b["nn_label"], num_classes)
+        else:
+            assert class_text is not None, "caption votes need the class-name prompt vectors"
+            probs = caption_class_probs(b["nn_txt"], class_text, 0.05, 0.0)
+        out.append(weighted_vote(neighbour_weights(b["z"], b["nn_img"], vote_temp), probs).cpu())
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def select_vote(
+    val: RetrievalFeatures,
+    num_classes: int,
+    kind: str,
+    opts: SelectOptions,
+    class_text: torch.Tensor | None = None,
+    metric: str = "balanced",
+) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
+    """k and the vote temperature of a weighted vote (`vote_scores`) on val; ties to the smaller k, then
+    the higher temperature. Returns ({k, vote_temp}, val top-1, trials)."""
+    score_of = criterion(metric)
+    trials = []
+    for k in sorted({min(k, val.k) for k in opts.knn_k}):
+        for temp in sorted(opts.vote_temps, reverse=True):
+            scores = vote_scores(val, num_classes, kind, k, temp, class_text)
+            trials.append(
+                {
+                    "k": k,
+                    "vote_temp": temp,
+                    "val_score": score_of(scores, val.labels),
+                    "val_top1": top1(scores, val.labels),
+                }
+            )
+    best = max(trials, key=lambda r: (r["val_score"], -r["k"], r["vote_temp"]))
+    return {"k": best["k"], "vote_temp": best["vote_temp"]}, best["val_top1"], trials
 
 
 def val_metrics(logits: torch.Tensor, labels: torch.Tensor, shot_split: dict | None) -> dict[str, Any]:

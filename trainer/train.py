@@ -620,7 +620,9 @@ def predict(
         for start in range(0, len(features), batch_size):
             stop = min(start + batch_size, len(features))
             b = {k: v.to(device, non_blocking=True) for k, v in features.inputs(start, stop, use_nn).items()}
-            out.append(model(b["z"], b.get("nn_img"), b.get("nn_txt")).float().cpu())
+            out.append(
+                model(b["z"], b.get("nn_img"), b.get("nn_txt"), nn_label=b.get("nn_label")).float().cpu()
+            )
     if not out:
         return torch.zeros(0, _num_classes(model, features))
     return torch.cat(out)

@@ -1,0 +1,142 @@
+"""Neighbour evidence (trainer/evidence.py), the balanced val criterion, the weighted votes and the
+RetFormer rule that adds them (issue 18): hand examples, then the real selection on the synthetic
+workspace of tests/test_selection.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.checkpoint import load_model
+from trainer.config import SelectOptions
+from trainer.evidence import (
+    balanced_accuracy,
+    caption_class_probs,
+    label_probs,
+    log_evidence,
+    neighbour_weights,
+    weighted_vote,
+)
+from trainer.features import load_retrieval_features
+from trainer.model import build_model
+from trainer.selection import select_vote, vote_scores
+from trainer.train import predict
+
+torch.set_num_threads(1)
+
+
+def test_balanced_accuracy_is_the_mean_of_per_class_accuracies() -> None:
+    """Nine head images right and one tail image wrong: top-1 0.9, balanced (1.0 + 0.0) / 2 = 0.5; a class
+    absent from the labels does not count."""
+    labels = torch.tensor([0] * 9 + [1])
+    logits = F.one_hot(torch.zeros(10, dtype=torch.long), 3).float()
+    assert balanced_accuracy(logits, labels) == 0.5
+    assert float((logits.argmax(1) == labels).float().mean()) == pytest.approx(0.9)
+
+
+def test_caption_probs_name_the_class_and_an_empty_caption_votes_nothing() -> None:
+    """A caption vector equal to class 2's prompt puts most mass on class 2; an all-zero vector (no
+    caption) votes for nothing; a caption nearer to the null slot than to any class votes mostly nothing."""
+    class_text = torch.eye(4, 6)
+    txt = torch.stack(
+        [class_text[2], torch.zeros(6), F.normalize(torch.tensor([0, 0, 0, 0, 1.0, 1.0]), dim=0)]
+    )
+    probs = caption_class_probs(txt, class_text, temperature=0.05, null_sim=0.5)
+    assert int(probs[0].argmax()) == 2 and float(probs[0, 2]) > 0.99
+    assert torch.equal(probs[1], torch.zeros(4))
+    assert float(probs[2].sum()) < 0.01
+
+
+def test_weighted_vote_follows_the_most_similar_neighbours() -> None:
+    """Two neighbours say class 0, one far more similar says class 1: a sharp temperature follows the
+    similar one, a flat one the majority; unlabelled neighbours (-1) do not vote."""
+    z = torch.tensor([[1.0, 0.0]])
+    nn_img = torch.tensor([[[0.0, 1.0], [0.1, 1.0], [1.0, 0.05]]])
+    probs = label_probs(torch.tensor([[0, 0, 1]]), 2)
+    assert int(weighted_vote(neighbour_weights(z, nn_img, 0.05), probs).argmax()) == 1
+    assert int(weighted_vote(neighbour_weights(z, nn_img, 100.0), probs).argmax()) == 0
+    assert torch.equal(label_probs(torch.tensor([-1, 5]), 2), torch.zeros(2, 2))
+
+
+def test_stacked_rule_adds_prior_adjustment_and_beta_log_evidence() -> None:
+    """The reloaded rule is the formula: L_I - prior_tau log prior + beta log e (no gate, alpha 0); with
+    alpha = beta = prior_tau = 0 it is L_I exactly."""
+    torch.manual_seed(0)
+    model = build_model("retformer", 3, 8, 4, 5, width=8, depth=1, heads=2, recipe="stacked").eval()
+    model.set_prior([30, 10, 2])
+    z, nn_img, nn_txt = torch.randn(6, 8), torch.randn(6, 5, 8), torch.randn(6, 5, 4)
+    nn_label = torch.randint(0, 3, (6, 5))
+    li = model.mlp(z)
+    model.config.update(alpha=0.0, beta=0.0, prior_tau=0.0)
+    assert torch.equal(model(z, nn_img, nn_txt, nn_label=nn_label), li)
+    model.config.update(beta=0.5, prior_tau=1.0, evidence="label", vote_temp=0.1)
+    e = weighted_vote(neighbour_weights(z, nn_img, 0.1), label_probs(nn_label, 3))
+    want = li - model.log_prior + 0.5 * log_evidence(e)
+    assert torch.allclose(model(z, nn_img, nn_txt, nn_label=nn_label), want, atol=1e-6)
+    with pytest.raises(ValueError, match="KB labels"):
+        model(z, nn_img, nn_txt)
+
+
+def test_selection_options_refuse_grids_without_the_plain_rule() -> None:
+    """betas and prior_taus must contain 0 (the rule without them stays reachable); temperatures > 0."""
+    from artifacts.errors import UserError
+
+    with pytest.raises(UserError, match="betas and select.prior_taus must contain 0"):
+        SelectOptions.from_manifest({"betas": [1.0]})
+    with pytest.raises(UserError, match="vote_temps must be > 0"):
+        SelectOptions.from_manifest({"vote_temps": [0.0]})
+    assert SelectOptions().select_metric == "balanced"
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory) -> dict:
+    """The synthetic selection workspace of tests/test_selection.py with every vote and RetFormer."""
+    from tests.test_selection import EXPERIMENT, run
+
+    root = tmp_path_factory.mktemp("evidence")
+    exp = {**EXPERIMENT, "methods": ["retformer", "mlp_only", "knn_vote", "knn_weighted", "caption_vote"]}
+    return {"root": root, "report": run(root, exp)}
+
+
+def test_weighted_votes_are_selected_on_val_and_caption_vote_reads_captions(syn) -> None:
+    """knn_weighted records k and its temperature from the grids; caption_vote is skipped where there is no
+    text tower to read the class names with (the synthetic KB), with its reason."""
+    m = syn["report"]["methods"]
+    assert {"k", "vote_temp"} <= set(m["knn_weighted"]["selected"])
+    assert m["knn_weighted"]["selected"]["vote_temp"] in SelectOptions().vote_temps
+    assert "text encoder" in m["caption_vote"]["skipped"]
+
+
+def test_caption_vote_equals_the_label_vote_when_captions_name_the_label(syn) -> None:
+    """With class prompts equal to the synthetic KB's class words, reading the captions recovers the
+    labels: caption_vote's val predictions match knn_weighted's on almost every image."""
+    from artifacts.workspace import Workspace
+    from tests.test_selection import C, K
+
+    val = load_retrieval_features(Workspace(syn["root"]), "syn", "kbsyn", K, "val")
+    words = torch.stack(
+        [F.normalize(val.store_txt[val.store_label == c].float().mean(0), dim=0) for c in range(C)]
+    )
+    chosen, _, trials = select_vote(val, C, "caption", SelectOptions(knn_k=(4, 8)), words)
+    assert len(trials) == 2 * len(SelectOptions().vote_temps)
+    by_caption = vote_scores(val, C, "caption", chosen["k"], chosen["vote_temp"], words).argmax(1)
+    by_label = vote_scores(val, C, "label", chosen["k"], chosen["vote_temp"]).argmax(1)
+    assert float((by_caption == by_label).float().mean()) > 0.95
+
+
+def test_reloaded_retformer_reproduces_its_rule_with_evidence(syn) -> None:
+    """The selected rule (alpha, beta, gate, prior_tau, evidence, vote temperature) lives in the model file:
+    the reloaded model reproduces the reported val top-1, and its selection scored balanced accuracy."""
+    from artifacts.workspace import Workspace
+    from tests.test_selection import K
+
+    rep = syn["report"]["methods"]["retformer"]
+    assert {"beta", "prior_tau", "evidence", "vote_temp", "val_score"} <= set(rep["selected"])
+    assert rep["selected"]["evidence"] in (None, "label")
+    model = load_model(Path(syn["root"]) / "runs" / "r" / "retformer.pt")
+    val = load_retrieval_features(Workspace(syn["root"]), "syn", "kbsyn", K, "val")
+    got = float((predict(model, val).argmax(1) == val.labels).float().mean())
+    assert got == pytest.approx(rep["val"]["top1"], abs=1e-9)

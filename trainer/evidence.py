@@ -1,0 +1,93 @@
+"""What the retrieved KB items say about a query's class, without training.
+
+Two kinds of neighbour evidence, both turned into one class distribution per query by a
+similarity-weighted vote, w_j = softmax_j(cos(z, e_j) / T) over the k neighbours (DINO's weighted kNN):
+
+- **label evidence**: a neighbour's KB label (only where the KB is labelled with the dataset's
+  classes; `knn_weighted`);
+- **caption evidence** (label-free: web KBs have captions, not labels): a neighbour's caption embedding
+  against the class-name prompts embedded by the KB's own text tower (text to text, so any text
+  encoder works, not only a CLIP pair), q_j = softmax_c(cos(t_j, p_c) / T_c) over the C classes and a
+  "names no class" slot whose similarity is `null_sim`; a caption nearer to no class name than that
+  votes mostly for nothing, and a neighbour without a caption votes nothing (`caption_vote`).
+
+RetFormer's stacked rule adds beta * log(evidence) to its logits (trainer/model.py), so everything here
+is also what a reloaded model computes from (z, nn_img, nn_txt) alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Prompts the class names are put into (averaged per class): the bare name and two short phrases, so a
+# caption matches the name it mentions whatever template it was written in.
+CAPTION_TEMPLATES = ("{name}", "a photo of a {name}.", "an image of {name}.")
+# Evidence is floored at this before its log: a class no neighbour supports costs a bounded amount.
+EVIDENCE_FLOOR = 1e-3
+
+
+@torch.inference_mode()
+def class_text_embeddings(
+    text_encoder: Any, class_names: Sequence[str], templates: Sequence[str] = CAPTION_TEMPLATES
+) -> torch.Tensor:
+    """(C, Dt) unit rows: per class, the renormalised mean of its prompts' unit text embeddings from
+    `text_encoder.encode(list[str])` (the KB's text tower)."""
+    names = [n.replace("_", " ") for n in class_names]
+    prompts = [t.format(name=n) for n in names for t in templates]
+    emb = text_encoder.encode(prompts).float().cpu().view(len(names), len(templates), -1)
+    return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
+
+
+def caption_class_probs(
+    txt: torch.Tensor, class_text: torch.Tensor, temperature: float, null_sim: float
+) -> torch.Tensor:
+    """(..., C) class distribution of each caption vector in `txt` (..., Dt): softmax over the C class
+    prompts and a "names no class" slot at similarity null_sim, the slot then dropped (its mass is a vote
+    for nothing). An all-zero vector (no caption) gives all zeros."""
+    has_text = txt.abs().sum(-1, keepdim=True) > 0
+    sims = F.normalize(txt.float(), dim=-1) @ class_text.to(txt.device, torch.float32).T
+    null = torch.full_like(sims[..., :1], float(null_sim))
+    probs = torch.softmax(torch.cat([sims, null], dim=-1) / temperature, dim=-1)[..., :-1]
+    return probs * has_text
+
+
+def neighbour_weights(z: torch.Tensor, nn_img: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, k) vote weights: softmax over the neighbours of cos(z, neighbour image) / temperature."""
+    cos = (F.normalize(z.float(), dim=-1)[:, None, :] * F.normalize(nn_img.float(), dim=-1)).sum(-1)
+    return torch.softmax(cos / temperature, dim=1)
+
+
+def weighted_vote(weights: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """(B, C) = sum_j weights[:, j] * probs[:, j, :]: each neighbour's class distribution, weighted."""
+    return torch.einsum("bk,bkc->bc", weights, probs.float())
+
+
+def label_probs(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(..., C) one-hot of KB labels; a label outside [0, C) (-1: unlabelled) is all zeros."""
+    valid = (labels >= 0) & (labels < num_classes)
+    onehot = F.one_hot(torch.where(valid, labels, torch.zeros_like(labels)), num_classes).float()
+    return onehot * valid[..., None]
+
+
+def log_evidence(evidence: torch.Tensor) -> torch.Tensor:
+    """log(max(evidence, EVIDENCE_FLOOR)): what a rule adds to logits, bounded below."""
+    return torch.log(evidence.clamp_min(EVIDENCE_FLOOR))
+
+
+def balanced_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean per-class accuracy over the classes present in `labels` (argmax ties to the lowest class),
+    rounded to 6 decimals: the accuracy a class-balanced test set would show. On a long-tailed val split
+    (a hold-out of long-tailed training data) top-1 rewards the head classes; this does not."""
+    y = labels.to(logits.device).long()
+    if len(y) == 0:
+        return 0.0
+    correct = (logits.argmax(dim=1) == y).float()
+    c = int(max(int(y.max()) + 1, logits.shape[1]))
+    hits = torch.zeros(c, device=y.device).index_add_(0, y, correct)
+    totals = torch.bincount(y, minlength=c).float()
+    present = totals > 0
+    return round(float((hits[present] / totals[present]).mean()), 6)
