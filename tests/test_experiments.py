@@ -131,7 +131,7 @@ def train_args(env: dict, experiment: str, run: str, overrides: list[str]) -> li
 
 def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     """Result name -> mode the experiment should report, from its manifest and the overrides."""
-    from trainer.methods import FINETUNE_METHODS, RETRIEVAL_FREE
+    from trainer.methods import METHODS, RETRIEVAL_FREE
     from trainer.model import RETFORMER_VARIANTS
 
     exp = manifest.load("experiments", name, [o.split(".", 1)[1] for o in overrides])
@@ -140,9 +140,7 @@ def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     suffixes = [""] + ([] if isinstance(splits, str) else [f"@{s}" for s in splits[1:]])
     out = {}
     for m in exp["methods"]:
-        mode = {"knn_vote": "vote", "zeroshot": "zeroshot"}.get(
-            m, "finetune" if m in FINETUNE_METHODS else "frozen"
-        )
+        mode = METHODS[m].mode
         keys = [m] if len(ks) == 1 or m in RETRIEVAL_FREE else [f"{m}@k{k}" for k in ks]
         out.update({key + suffix: mode for key in keys for suffix in suffixes})
         if exp.get("select_split") and m in RETFORMER_VARIANTS:  # the shuffled-neighbour control

@@ -196,6 +196,11 @@ def test_stacked_run_predicts_what_its_evaluation_reported(tmp_path: Path):
             "alphas": [0.0, 1.0],
             "gate_quantiles": [0.1],
             "tolerance": 100.0,
+            # the rule of this test is alpha L_R alone (no evidence term, no prior adjustment), chosen
+            # by top-1 as when it was written; tests/test_evidence.py covers the rule with them
+            "betas": [0.0],
+            "prior_taus": [0.0],
+            "select_metric": "top1",
         },
         "model": {"width": 16, "depth": 1, "heads": 2, "ffn": False, "mlp_hidden": 32},
         "train": {"batch_size": 16, "seed": 0},
