@@ -5,6 +5,7 @@ sharded index) leaves the same bytes. This is also the fast tier's one real CLI 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,13 +19,20 @@ pytestmark = needs_fmnist
 # Records of a run, not results: timings, rates, memory, dates, thread counts, and the record keys
 # (they hash the absolute paths of their inputs) and byte counts of files whose metadata holds paths.
 # Each record is compared below without these instead of byte for byte.
-VOLATILE_KEYS = {"key", "created", "threads", "memory", "task_timings", "timings", "table_bytes"}
+VOLATILE_KEYS = {"key", "created", "threads", "memory", "task_timings", "timings", "table_bytes", "bytes"}
+VOLATILE_KEYS |= {"shard_fingerprint"}  # a shard's size and mtime: when it was written, not what it holds
 VOLATILE_SUFFIXES = ("_s", "_at", "qps", "seconds", "_bytes")
+
+
+KEY_IN_TEXT = re.compile(r"\b[0-9a-f]{16}\b")
+STAMPS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}")
+# A file named by its record key (which hashes absolute paths): compared under the key's placeholder.
+KEYED_NAME = re.compile(r"-[0-9a-f]{16}(\.\w+)$")
 
 
 def _files(root: Path) -> dict[str, Path]:
     return {
-        str(p.relative_to(root)): p
+        KEYED_NAME.sub(r"-<key>\1", str(p.relative_to(root))): p
         for p in root.rglob("*")
         if p.is_file() and not p.name.endswith(".lock") and ".tmp-" not in p.name
     }
@@ -40,8 +48,8 @@ def _strip(value, root: str):
         }
     if isinstance(value, list):
         return [_strip(v, root) for v in value]
-    if isinstance(value, str):
-        return value.replace(root, "<ws>")
+    if isinstance(value, str):  # paths, dates and record keys inside strings too
+        return STAMPS.sub("<time>", KEY_IN_TEXT.sub("<key>", value.replace(root, "<ws>")))
     return value
 
 
@@ -83,7 +91,9 @@ def test_in_process_workspace_is_byte_equal_to_the_cli_built_one(
     for rel in models:
         a = torch.load(mine[rel], map_location="cpu", weights_only=False)
         b = torch.load(theirs[rel], map_location="cpu", weights_only=False)
-        sa, sb = a.get("state_dict", a), b.get("state_dict", b)
+        sa, sb = a["model_state"], b["model_state"]
+        assert a["model_config"] == b["model_config"], rel
+        assert _strip(a["info"], str(e2e_workspace)) == _strip(b["info"], str(cli_ws)), rel
         tensors = {k: v for k, v in sa.items() if isinstance(v, torch.Tensor)}
         assert tensors and tensors.keys() == {k for k, v in sb.items() if isinstance(v, torch.Tensor)}, rel
         for key, tensor in tensors.items():

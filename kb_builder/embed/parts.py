@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,9 @@ class Coverage:
     missing: list[Path]  # shards without such a part (never embedded, or embedded from an older shard)
     extra: list[Path]  # parts of shards that are no longer in the set (deleted, or a smaller set)
     part_of: dict[Path, Path]  # current part -> its shard
+    # parts named after a current shard whose Parquet footer cannot be read (cut short, overwritten):
+    # counted as missing (embed redoes them), named as corrupt in messages
+    unreadable: list[Path] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -89,6 +92,8 @@ class Coverage:
     def describe(self, what: str) -> str:
         """One sentence on what does not match, for an error line ("" when exact)."""
         said = []
+        if self.unreadable:
+            said.append(f"corrupt or unreadable Parquet file {self.unreadable[0]}")
         if self.missing:
             said.append(
                 f"{len(self.missing)} of {len(self.shards)} shard(s) have no embeddings part made from "
@@ -114,7 +119,7 @@ def embed_coverage(shards: list[Path], shard_root: Path, out_dir: Path) -> Cover
     present = (
         {p for p in out_dir.glob("part-*.parquet") if not is_leftover_tmp(p)} if out_dir.is_dir() else set()
     )
-    parts, missing, part_of = [], [], {}
+    parts, missing, part_of, unreadable = [], [], {}, []
     for part, shard in expected:
         ok = part in present and part_stats(part).get("shard_fingerprint") == shard_fingerprint(shard)
         if ok:
@@ -122,9 +127,23 @@ def embed_coverage(shards: list[Path], shard_root: Path, out_dir: Path) -> Cover
             part_of[part] = shard
         else:
             missing.append(shard)
+            if part in present and not _readable(part):
+                unreadable.append(part)
     wanted = {part for part, _ in expected}
     extra = sorted(p for p in present if p not in wanted)
-    return Coverage([s for _, s in expected], parts, missing, extra, part_of)
+    return Coverage([s for _, s in expected], parts, missing, extra, part_of, unreadable)
+
+
+def _readable(part: Path) -> bool:
+    """Whether the part's Parquet footer can be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_schema(part)
+    except (pa.ArrowInvalid, OSError, ValueError):
+        return False
+    return True
 
 
 def remove_extra_parts(coverage: Coverage) -> list[Path]:
