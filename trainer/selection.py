@@ -13,8 +13,9 @@ or "top1". Recorded figures keep `val_top1` beside the criterion (`val_score`).
   L_I - prior_tau log prior + 1[s > t] (alpha L_R + beta log e) is chosen on val among the admissible
   ones, e the neighbours' similarity-weighted vote of their KB labels (where the KB is labelled with the
   dataset's classes) or of the classes their captions name (trainer/evidence.py): val criterion with
-  neighbours shuffled across queries >= L_I's - `tolerance` points. alpha = beta = 0 (L_I alone) always
-  is, so the model is never below its own mlp_only on val. Ties go to the smaller alpha, the smaller
+  neighbours shuffled across queries >= L_I's at its best prior adjustment - `tolerance` points.
+  alpha = beta = 0 (L_I alone) at that adjustment always is, so the model is never below its own
+  mlp_only on val. Ties go to the smaller alpha, the smaller
   beta, the laxer gate, the earlier grid cell. The rule is stored in `model.config`, so a reloaded model
   predicts the same;
 - RetFormer, recipe "paper": the manifest's `train:` run, best-on-val epoch;
@@ -300,8 +301,11 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
                 )
             plain, mixed = by_epoch[epoch]
             s_val = plain[2]
+            # The control's reference: L_I at its best prior adjustment (the selected mlp_only's figure),
+            # not at the row's own adjustment; a rule whose over-adjusted L_I is weak must not pass the
+            # shuffled-neighbour check against that weak figure.
+            l_i = max(score_of(plain[0] - tau * prior, y) for tau in opts.prior_taus)
             for tau_rank, prior_tau in enumerate(opts.prior_taus):
-                l_i = score_of(plain[0] - prior_tau * prior, y)
                 for beta in opts.betas:
                     for kind, temp in options if beta else [(None, 0.0)]:
                         if beta and kind is None:
