@@ -265,7 +265,8 @@ def test_selection_grid_runs_alike_on_two_processes(two_ranks: Path) -> None:
     ref = _select()
     for r in (0, 1):
         got = torch.load(two_ranks / f"select{r}.pt", weights_only=False)
-        for key in ("lr", "la_tau", "epoch", "alpha", "gate_quantile", "l_i_val_top1", "val_shuffled_top1"):
+        rule = ("lr", "la_tau", "epoch", "alpha", "beta", "prior_tau", "evidence", "gate_quantile")
+        for key in (*rule, "l_i_val_score", "val_shuffled_score", "val_score"):  # figures by the criterion
             assert got[key] == ref[key], key
         if ref["gate_t"] is None:
             assert got["gate_t"] is None

@@ -132,7 +132,8 @@ def _outputs(ws_root: Path) -> dict[str, Path]:
     index.json (timings, qps) excluded."""
     files = {}
     for p in sorted(ws_root.rglob("*")):
-        rel = p.relative_to(ws_root).as_posix()
+        # the recall sample is named by its index record's key, which hashes absolute paths
+        rel = re.sub(r"recall_sample-[0-9a-f]{16}", "recall_sample-<key>", p.relative_to(ws_root).as_posix())
         if p.is_file() and ("/embeddings/" in rel or "/index/" in rel or "/neighbors/" in rel):
             if p.suffix == ".json":
                 continue
