@@ -28,6 +28,9 @@ import torch.nn.functional as F
 CAPTION_TEMPLATES = ("{name}", "a photo of a {name}.", "an image of {name}.")
 # Evidence is floored at this before its log: a class no neighbour supports costs a bounded amount.
 EVIDENCE_FLOOR = 1e-3
+# How sharply a caption is read as a class, and the "names no class" slot's cosine.
+CAPTION_TEMP = 0.05
+CAPTION_NULL = 0.0
 
 
 @torch.inference_mode()
@@ -64,6 +67,38 @@ def neighbour_weights(z: torch.Tensor, nn_img: torch.Tensor, temperature: float)
 def weighted_vote(weights: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """(B, C) = sum_j weights[:, j] * probs[:, j, :]: each neighbour's class distribution, weighted."""
     return torch.einsum("bk,bkc->bc", weights, probs.float())
+
+
+def neighbour_vote(
+    kind: str,
+    z: torch.Tensor,
+    nn_img: torch.Tensor | None,
+    nn_txt: torch.Tensor | None,
+    nn_label: torch.Tensor | None,
+    num_classes: int,
+    vote_temp: float,
+    class_text: torch.Tensor | None = None,
+    caption_temp: float = CAPTION_TEMP,
+    caption_null: float = CAPTION_NULL,
+) -> torch.Tensor:
+    """(B, C) the neighbours' vote: their KB labels ("label") or the classes their captions name
+    ("caption", against `class_text`), weighted by softmax(cos(z, neighbour image) / vote_temp)
+    (uniform without nn_img). knn_weighted, caption_vote and RetFormer's evidence term all read this."""
+    if kind == "label":
+        if nn_label is None:
+            raise ValueError("label evidence needs the neighbours' KB labels (nn_label)")
+        probs = label_probs(nn_label, num_classes)
+    elif kind == "caption":
+        if nn_txt is None or class_text is None:
+            raise ValueError("caption evidence needs the neighbours' caption vectors and the class prompts")
+        probs = caption_class_probs(nn_txt, class_text, caption_temp, caption_null)
+    else:
+        raise ValueError(f"no evidence kind set (evidence={kind!r})")
+    if nn_img is None:
+        weights = torch.full(probs.shape[:2], 1.0 / probs.shape[1], device=probs.device)
+    else:
+        weights = neighbour_weights(z, nn_img, vote_temp)
+    return weighted_vote(weights, probs)
 
 
 def label_probs(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

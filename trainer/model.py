@@ -36,13 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import RECIPES
-from trainer.evidence import (
-    caption_class_probs,
-    label_probs,
-    log_evidence,
-    neighbour_weights,
-    weighted_vote,
-)
+from trainer.evidence import CAPTION_NULL, CAPTION_TEMP, log_evidence, neighbour_vote
 from trainer.layers import CrossFusionLayer, SelfAttentionLayer
 
 # Model kinds: the names of the feature-mode methods that train them (`trainer/methods.py`).
@@ -107,8 +101,8 @@ class RetFormer(nn.Module):
         beta: float = 0.0,
         evidence: str | None = None,
         vote_temp: float = 0.05,
-        caption_temp: float = 0.05,
-        caption_null: float = 0.0,
+        caption_temp: float = CAPTION_TEMP,
+        caption_null: float = CAPTION_NULL,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -245,23 +239,18 @@ class RetFormer(nn.Module):
         """(B, C) the neighbours' evidence under this model's settings (or the `kind` / `vote_temp` given):
         their votes weighted by softmax(cos(z, neighbour image) / vote_temp) (uniform without nn_img)."""
         cfg = self.config
-        kind = kind or cfg["evidence"]
-        temp = float(vote_temp if vote_temp is not None else cfg["vote_temp"])
-        if kind == "label":
-            if nn_label is None:
-                raise ValueError("label evidence needs the neighbours' KB labels (nn_label)")
-            probs = label_probs(nn_label, int(cfg["num_classes"]))
-        elif kind == "caption":
-            if nn_txt is None:
-                raise ValueError("caption evidence needs the neighbours' caption vectors (nn_txt)")
-            probs = caption_class_probs(nn_txt, self.class_text, cfg["caption_temp"], cfg["caption_null"])
-        else:
-            raise ValueError(f"no evidence kind set (evidence={kind!r})")
-        if nn_img is None:
-            weights = torch.full(probs.shape[:2], 1.0 / probs.shape[1], device=probs.device)
-        else:
-            weights = neighbour_weights(z, nn_img, temp)
-        return weighted_vote(weights, probs)
+        return neighbour_vote(
+            kind or cfg["evidence"],
+            z,
+            nn_img,
+            nn_txt,
+            nn_label,
+            int(cfg["num_classes"]),
+            float(vote_temp if vote_temp is not None else cfg["vote_temp"]),
+            self.class_text,
+            cfg["caption_temp"],
+            cfg["caption_null"],
+        )
 
     def set_prior(self, class_counts: list[int] | torch.Tensor) -> None:
         """log of the training class prior (a count of 0 counts as 1), for the post-hoc adjustment."""

@@ -36,14 +36,7 @@ from trainer.baselines import knn_vote
 from trainer.checkpoint import CHECKPOINT_FORMAT
 from trainer.config import SelectOptions
 from trainer.evaluate import evaluate
-from trainer.evidence import (
-    balanced_accuracy,
-    caption_class_probs,
-    label_probs,
-    log_evidence,
-    neighbour_weights,
-    weighted_vote,
-)
+from trainer.evidence import balanced_accuracy, log_evidence, neighbour_vote
 from trainer.features import RetrievalFeatures
 from trainer.model import MLPOnly, RetFormer, build_model, relevance
 from trainer.train import TrainConfig, fit, predict
@@ -379,12 +372,10 @@ def vote_scores(
     out = []
     for start in range(0, len(f), batch_size):
         b = f.batch(torch.arange(start, min(start + batch_size, len(f))))
-        if kind == "label":
-            probs = label_probs(b["nn_label"], num_classes)
-        else:
-            assert class_text is not None, "caption votes need the class-name prompt vectors"
-            probs = caption_class_probs(b["nn_txt"], class_text, 0.05, 0.0)
-        out.append(weighted_vote(neighbour_weights(b["z"], b["nn_img"], vote_temp), probs).cpu())
+        vote = neighbour_vote(
+            kind, b["z"], b["nn_img"], b["nn_txt"], b["nn_label"], num_classes, vote_temp, class_text
+        )
+        out.append(vote.cpu())
     return torch.cat(out) if out else torch.zeros(0, num_classes)
 
 
