@@ -84,13 +84,14 @@ def _command(stage: str, m: dict[str, Path], work: Path) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", *args, "--workdir", str(work)]
 
 
-def _run(cmd: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """Run `cmd` as its own process group (session); with `kill_at`, the hook kills that group."""
+def _start(cmd: list[str], kill_at: str | None = None) -> subprocess.Popen:
+    """`cmd` started as its own process group (session), one thread, output captured; with `kill_at`,
+    the test hook kills that group there."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(ENV, None)
     if kill_at:
         env[ENV] = kill_at
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd,
         cwd=REPO,
         env=env,
@@ -99,6 +100,11 @@ def _run(cmd: list[str], kill_at: str | None = None) -> subprocess.CompletedProc
         text=True,
         start_new_session=True,
     )
+
+
+def _run(cmd: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """Run `cmd` as its own process group (session); with `kill_at`, the hook kills that group."""
+    proc = _start(cmd, kill_at)
     try:
         out, err = proc.communicate(timeout=900)
     finally:
@@ -255,17 +261,7 @@ def _interrupt(
 ) -> subprocess.CompletedProcess:
     """Run `cmd` in its own session; once `ready()` holds, send SIGINT to its process group (what a
     terminal's Ctrl+C does) and wait for it to end."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop(ENV, None)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start(cmd)
     try:
         deadline = time.monotonic() + timeout
         while proc.poll() is None and not ready() and time.monotonic() < deadline:
