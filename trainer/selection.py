@@ -282,7 +282,6 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
                         split_evidence(model, val, kind, temp),
                         split_evidence(model, val_sh, kind, temp),
                     )
-        options = [(None, 0.0)] + list(evidence)
         prior = model.log_prior.float().cpu()
         by_epoch: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         for alpha, (epoch, _, state) in sorted(best.best.items()):
@@ -300,9 +299,8 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
             l_i = max(score_of(plain[0] - tau * prior, y) for tau in opts.prior_taus)
             for tau_rank, prior_tau in enumerate(opts.prior_taus):
                 for beta in opts.betas:
-                    for kind, temp in options if beta else [(None, 0.0)]:
-                        if beta and kind is None:
-                            continue
+                    # beta > 0 reads each evidence kind and temperature; without evidence it is skipped
+                    for kind, temp in list(evidence) if beta else [(None, 0.0)]:
                         gates = opts.gate_quantiles if (alpha or beta) else (None,)
                         for rank, q in enumerate(gates):
                             t = None if q is None else float(torch.quantile(s_val, q))
