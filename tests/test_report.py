@@ -56,6 +56,22 @@ def test_macro_f1_and_worst_class_hand_example() -> None:
     assert (m["worst_class"], m["worst_class_index"], m["macro_f1"]) == (1.0, 0, 1.0)
 
 
+def test_macro_f1_equals_scikit_learns_on_random_labels() -> None:
+    """The counted macro-F1 is scikit-learn's `f1_score(average="macro", zero_division=0)` on random
+    labels and predictions, with classes missing from either side."""
+    from sklearn.metrics import f1_score
+
+    from trainer.evaluate import _macro_f1
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n, c = 1 + trial * 7, 2 + trial % 9
+        y = torch.randint(0, c, (n,), generator=gen)
+        pred = torch.randint(0, c + 2, (n,), generator=gen)  # predictions may name classes no label has
+        want = f1_score(y.numpy(), pred.numpy(), average="macro", zero_division=0)
+        assert _macro_f1(y, pred) == pytest.approx(want, abs=1e-12)
+
+
 def test_prediction_table_rows() -> None:
     """One row per sample in input order: argmax prediction (ties to the lower class), its raw score and
     softmax probability, correct, and the true label's shot group; lengths must agree."""

@@ -183,6 +183,13 @@ def needs_neighbors(model: nn.Module) -> bool:
 Batch = dict[str, torch.Tensor]
 
 
+def mixed(own: torch.Tensor, partner: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """Mixup's lam * own + (1 - lam) * partner, as one lerp from the partner, written into `partner`
+    (one pass instead of three: it was a fifth of a linear probe's step; the values differ from the
+    two products and a sum in the last bit only). lam: a float, or per row, shaped to broadcast."""
+    return partner.lerp_(own, lam)
+
+
 @dataclass
 class Micro:
     """This rank's part of one global micro-batch.
@@ -192,7 +199,7 @@ class Micro:
     row of b is mixed with: same keys). counted: the rows that count (len(b["y"]); 0 for the stand-in
     row of a rank whose part is empty, `distributed.micro_shard`). targets: None, or the label-smoothed
     targets the feed made, mixed as the loop would mix them, b's inputs then being mixed already
-    (`_feature_feed`: the loop's arithmetic, bit for bit)."""
+    (`_feature_feed`: `mixed`, as the loop calls it)."""
 
     b: Batch
     mix: tuple[float, Batch] | None
@@ -278,6 +285,16 @@ class LoopOptions(TypedDict, total=False):
     stop_after_epoch: int | None
 
 
+def _epoch_sums(
+    losses: list[torch.Tensor], weights: list[int], correct: list[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An epoch's summed loss (each part's mean loss times its counted samples) and correct count."""
+    if not losses:
+        return torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    w = torch.tensor(weights, dtype=torch.float32, device=device)
+    return (torch.stack(losses) * w).sum(), torch.cat(correct).sum()
+
+
 def train_epochs(
     model: nn.Module,
     feed: Feed,
@@ -349,8 +366,11 @@ def train_epochs(
         net.train()
         t0 = time.time()
         sizes, batches = feed.batches(epoch)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        # Per-part loss and predictions, summed once at the epoch's end: a handful of tiny kernels per
+        # step is a visible share of a small model's step (issue 16).
+        part_losses: list[torch.Tensor] = []
+        part_weights: list[int] = []
+        part_correct: list[torch.Tensor] = []
         step = 0
         optimizer.zero_grad(set_to_none=True)
         smooth = config.label_smoothing
@@ -364,8 +384,8 @@ def train_epochs(
                     lam, other = part.mix
                     for key in ("x", "nn_img", "nn_txt"):
                         if key in b:
-                            b[key] = lam * b[key] + (1 - lam) * other[key]
-                    targets = lam * targets + (1 - lam) * soft_targets(other["y"], num_classes, smooth)
+                            b[key] = mixed(b[key], other[key], lam)
+                    targets = mixed(targets, soft_targets(other["y"], num_classes, smooth), lam)
             step_end = mb + 1 == len(sizes) or (mb + 1) % acc == 0
             with distributed.no_sync(net, not step_end):  # gradients are exchanged once per step
                 with amp() if use_amp else nullcontext():  # no autocast object per step without AMP
@@ -380,18 +400,23 @@ def train_epochs(
                 # x * 1.0 is x, forward and backward: a whole step's part skips the multiply
                 scaler.scale(loss if weight == 1 else loss * weight).backward()
             if part.counted:
-                loss_sum += loss.detach() * part.counted
-                correct += (logits.detach().argmax(dim=1) == y).sum()
+                part_losses.append(loss.detach())
+                part_weights.append(part.counted)
+                part_correct.append(logits.detach().argmax(dim=1) == y)
             if step_end:
                 if config.grad_clip:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                if scaler.is_enabled():
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:  # what a disabled scaler's step does, without its wrapper
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
                 shown.step(step, spe)
+        loss_sum, correct = _epoch_sums(part_losses, part_weights, part_correct, device)
         distributed.all_reduce_sum(loss_sum)
         distributed.all_reduce_sum(correct)
         seconds = time.time() - t0
@@ -451,12 +476,15 @@ def _feature_feed(
     order and the mixup of each global batch, then gathers its part and its part's mixup partners.
 
     The inputs a model reads (z, and nn_img / nn_txt when it reads the neighbours) are gathered, and
-    mixed in place (lam * own + (1 - lam) * partner: the loop's arithmetic, bit for bit), into two
+    mixed in place (`mixed`: the loop's arithmetic, bit for bit), into two
     buffers per input that every step reuses: a fresh (B, k, D) float32 tensor per step and per
     operation cost more than the arithmetic (page faults on every new large allocation). The
     neighbours come from the split's resident tensors when it has them (`fit`). The soft targets are
     made once per split and mixed here too (`Micro.targets`). A yielded part's tensors are
     overwritten by the next part: the loop is done with a part when it asks for the next."""
+    # The whole-epoch gather and mix are memory-bound copies of (N, D): they run on the threads the
+    # process has (2x faster on 2 cores than on the one thread a small model's steps use).
+    copy_threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(config.seed)  # shuffling and mixup permutations
     np_rng = np.random.default_rng(config.seed)  # mixup lambda
     n, bs = len(train), config.batch_size
@@ -493,6 +521,18 @@ def _feature_feed(
         on (N, D) instead of a dozen per step), then sliced. Per row the same products and sums as
         the per-batch path: lam and 1 - lam are each batch's float32 scalars, repeated per row."""
         mixes = draws(idxs)
+        with intra_op_threads(copy_threads):
+            b, targets = epoch_inputs(perm, idxs, mixes)
+        start = 0
+        for idx in idxs:
+            stop = start + len(idx)
+            yield Micro({k: v[start:stop] for k, v in b.items()}, None, len(idx), targets=targets[start:stop])
+            start = stop
+
+    def epoch_inputs(
+        perm: torch.Tensor, idxs: list[torch.Tensor], mixes: list[tuple[float | None, torch.Tensor | None]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The epoch's gathered and mixed inputs (and labels) and its mixed soft targets, in `perm`'s order."""
         own = perm.to(train.device)
         b = {key: gathered(key, 0, own) for key in sources}
         targets = soft[own]
@@ -503,20 +543,13 @@ def _feature_feed(
             def per_row(values: list[float]) -> torch.Tensor:  # (N,) float32, one value per batch
                 return torch.tensor(values, dtype=torch.float32).repeat_interleave(sizes).to(train.device)
 
-            lam, rest = per_row([m[0] for m in mixes]), per_row([1 - m[0] for m in mixes])
+            lam = per_row([m[0] for m in mixes])
             for key, src in sources.items():
                 shape = (n, *[1] * len(widths[src]))
-                theirs = gathered(key, 1, partner)
-                b[key].mul_(lam.view(shape)).add_(theirs.mul_(rest.view(shape)))
-            targets.mul_(lam[:, None]).add_(soft[partner].mul_(rest[:, None]))
+                b[key] = mixed(b[key], gathered(key, 1, partner), lam.view(shape))
+            targets = mixed(targets, soft[partner], lam[:, None])
         b["y"] = train.labels[own]
-        b = {k: v.to(device) for k, v in b.items()}
-        targets = targets.to(device)
-        start = 0
-        for idx in idxs:
-            stop = start + len(idx)
-            yield Micro({k: v[start:stop] for k, v in b.items()}, None, len(idx), targets=targets[start:stop])
-            start = stop
+        return {k: v.to(device) for k, v in b.items()}, targets.to(device)
 
     def batches(epoch: int) -> tuple[list[int], Iterable[Micro]]:
         perm = torch.randperm(n, generator=gen)
@@ -539,10 +572,9 @@ def _feature_feed(
                 mix = None
                 if partner_at is not None and lam is not None:
                     partner = rows[torch.as_tensor(partner_at, device=rows.device)]
-                    # lam * own + (1 - lam) * partner, as train_epochs writes it, in place
                     for key in sources:
-                        b[key].mul_(lam).add_(gathered(key, 1, partner).mul_(1 - lam))
-                    targets.mul_(lam).add_(soft[partner].mul_(1 - lam))
+                        b[key] = mixed(b[key], gathered(key, 1, partner), lam)
+                    targets = mixed(targets, soft[partner], lam)
                     mix = (lam, {"y": train.labels[partner]})
                 # Reused buffers: a blocking copy when the device differs (no copy is left in flight).
                 b = {k: v.to(device) for k, v in b.items()}
