@@ -392,12 +392,30 @@ def demo(
         list[str] | None, typer.Option("--kb", help="KB manifest for the --dataset at the same place.")
     ] = None,
     experiment: Annotated[str, typer.Option("--experiment")] = "demo",
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds", min=1, help="Training seeds per dataset: tables show mean ± sd and a paired bootstrap."
+        ),
+    ] = 1,
+    noisy: Annotated[
+        bool | None,
+        typer.Option(
+            "--noisy/--no-noisy",
+            help="Also the noisy-label sets (40% symmetric, 40% asymmetric); default: with --seeds > 1.",
+        ),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Smoke run: digits-LT only, small grids (~2 min on 2 cores).")
+    ] = False,
 ) -> None:
     """Everything on the development datasets (Fashion-MNIST-LT, digits-LT): shards, embed, index,
     neighbors, train RetFormer + baselines with every choice on val, test reported once."""
-    from pipelines.demo import demo_pairs, run_demo
+    from pipelines.demo import QUICK_PAIRS, demo_pairs, run_demo
 
-    run_demo(ctx.ws, demo_pairs(dataset, kb), experiment, ctx.overrides, ctx.dask)
+    with_noisy = seeds > 1 if noisy is None else noisy
+    pairs = list(QUICK_PAIRS) if quick and not dataset else demo_pairs(dataset, kb, with_noisy)
+    run_demo(ctx.ws, pairs, experiment, ctx.overrides, ctx.dask, seeds, quick)
 
 
 import pipelines.cli_browse  # noqa: E402,F401  (registers browse)

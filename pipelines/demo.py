@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 # (dataset manifest, KB manifest): the development datasets the demo reports.
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("fmnist_lt", "fmnist_world"), ("digits_lt", "digits_world"))
+# The paper's second task, noisy training labels (`--noisy`, and every `--seeds` > 1 demo): Fashion-MNIST-LT
+# with 40% symmetric noise, and 40% asymmetric noise between confusable classes; the same world KB.
+NOISY_PAIRS: tuple[tuple[str, str], ...] = (
+    ("fmnist_lt_noisy", "fmnist_world"),
+    ("fmnist_lt_noisy_asym", "fmnist_world"),
+)
 
 
 @contextmanager
@@ -37,10 +43,28 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = round(time.perf_counter() - started, 1)
 
 
-def demo_pairs(datasets: list[str] | None, kbs: list[str] | None) -> list[tuple[str, str]]:
-    """The (dataset, KB) pairs to run: the defaults, or the user's `--dataset`/`--kb` lists zipped."""
+# `retformer demo --quick` (make demo QUICK=1): a smoke run of the same code path, one small dataset and
+# one cell per grid, a couple of minutes on 2 cores; its figures are not the demo's.
+QUICK_PAIRS: tuple[tuple[str, str], ...] = (("digits_lt", "digits_world"),)
+QUICK_OVERRIDES: tuple[str, ...] = (
+    "experiment.select.lr_grid=[0.01]",
+    "experiment.select.baseline_epochs=60",
+    "experiment.select.retformer_grid=[[0.003, 0.0]]",
+    "experiment.select.retformer_epochs=10",
+)
+QUICK_NOTE = (
+    "QUICK smoke run: digits-LT only, one lr per grid, short training: the same code path as `make demo`, "
+    "not its figures (docs and README report the full demo)"
+)
+
+
+def demo_pairs(
+    datasets: list[str] | None, kbs: list[str] | None, noisy: bool = False
+) -> list[tuple[str, str]]:
+    """The (dataset, KB) pairs to run: the defaults (and the noisy-label pairs when `noisy`), or the
+    user's `--dataset`/`--kb` lists zipped."""
     if not datasets and not kbs:
-        return list(DEFAULT_PAIRS)
+        return list(DEFAULT_PAIRS) + (list(NOISY_PAIRS) if noisy else [])
     datasets, kbs = list(datasets or []), list(kbs or [])
     if len(datasets) != len(kbs):
         raise UserError(
@@ -56,11 +80,16 @@ def run_pair(
     experiment: str,
     overrides: list[str] | None,
     dask: dict[str, Any] | None = None,
+    seeds: int = 1,
 ) -> tuple[dict, dict]:
-    """Shards, embed, index, neighbors, train + evaluate for one pair; returns (summary, report).
-    `dask`: where the Dask stages run (scheduler / workers / cluster / scheduler_file, as the CLI's)."""
+    """Shards, embed, index, neighbors, then train + evaluate once per seed for one pair; returns
+    (summary, the first seed's report). `dask`: where the Dask stages run (scheduler / workers / cluster /
+    scheduler_file, as the CLI's). seeds: training seeds, from the experiment's `train.seed` on; with
+    more than one the summary's methods are their mean (`pipelines.seeds.mean_over_seeds`) and
+    `comparison` the paired bootstrap of RetFormer minus the strongest baseline."""
     dask = dask or {}
     from pipelines.results import results_summary
+    from pipelines.seeds import comparison, mean_over_seeds, seed_list
 
     started = time.perf_counter()
     ds_m = stages.load_dataset_manifest(dataset, overrides)
@@ -75,15 +104,26 @@ def run_pair(
         index_rec = stages.stage_index(ws, kb_m, **dask)
     with _timed(timings, f"{ds_m['name']}: neighbors"):
         nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, **dask)
+    seed_values = seed_list(int((exp_m.get("train") or {}).get("seed", 0)), seeds)
+    reports = []
     with _timed(timings, f"{ds_m['name']}: train+evaluate"):
-        report = stages.stage_train(ws, ds_m, kb_m, exp_m)  # run named with its config hash
+        for seed in seed_values:  # each seed is its own run, named with its config hash
+            seeded = {**exp_m, "train": {**(exp_m.get("train") or {}), "seed": seed}}
+            reports.append(stages.stage_train(ws, ds_m, kb_m, seeded))
+    report = reports[0]
     summary = results_summary(report)
+    if seeds > 1:
+        summary["methods"] = mean_over_seeds([results_summary(r) for r in reports])
+    run_dirs = [ws.run_dir(r["run"]) for r in reports if r.get("run")]
     summary.update(
         {
             "dataset": ds_m["name"],
             "description": ds_m.get("description"),
             "kb": kb_m["name"],
             "experiment": exp_m["name"],
+            "seeds": seed_values,
+            "runs": [r.get("run") for r in reports],
+            "comparison": comparison(run_dirs, summary["methods"]) if run_dirs else None,
             "run": report.get("run"),
             "k": report["k"],
             "select_split": report.get("select_split"),
@@ -136,20 +176,28 @@ def run_demo(
     experiment: str,
     overrides: list[str] | None,
     dask: dict[str, Any] | None = None,
+    seeds: int = 1,
+    quick: bool = False,
 ) -> dict:
-    """Run every (dataset, KB) pair, print one table per dataset, write `demo/results.json`."""
-    from pipelines.results import format_table
+    """Run every (dataset, KB) pair (`seeds` training seeds each), print one table per dataset, write
+    `demo/results.json`. quick: the smoke run's small grids (`QUICK_OVERRIDES`) on top of `overrides`,
+    said so in the output and in results.json."""
+    from pipelines.results import format_seed_table, format_table
+    from pipelines.seeds import comparison_line
 
     started = time.perf_counter()
+    if quick:
+        typer.echo(QUICK_NOTE)
+        overrides = [*QUICK_OVERRIDES, *(overrides or [])]
     results: dict[str, dict] = {}
     reports: dict[str, dict] = {}
     for dataset, kb in pairs:
-        summary, report = run_pair(ws, dataset, kb, experiment, overrides, dask)
+        summary, report = run_pair(ws, dataset, kb, experiment, overrides, dask, seeds)
         results[summary["dataset"]] = summary
         reports[summary["dataset"]] = report
     wall = round(time.perf_counter() - started, 1)
     out = ws.root / "demo" / "results.json"
-    write_json_atomic(out, {"datasets": results, "wall_seconds": wall})
+    write_json_atomic(out, {"datasets": results, "wall_seconds": wall, "quick": quick})
     for name, summary in results.items():
         report = reports[name]
         typer.echo("")
@@ -157,12 +205,16 @@ def run_demo(
             f"{name} x {summary['kb']}, k={summary['k']}: every choice on "
             f"{summary.get('select_split') or 'train'}, reported on {summary['eval_split']}"
         )
-        typer.echo(format_table(report))
-        if line := knn_comparison(report):
+        typer.echo(format_seed_table(summary["methods"], seeds) if seeds > 1 else format_table(report))
+        if line := comparison_line(summary.get("comparison")):
+            typer.echo(line)
+        elif line := knn_comparison(report):
             typer.echo(line)
         if summary.get("run"):
             typer.echo(f"report: {ws.run_dir(summary['run']) / 'report.html'}")
     typer.echo("")
     typer.echo(stage_table(results))
     typer.echo(f"\nwall time {wall:.1f} s; written {out}")
-    return {"datasets": results, "wall_seconds": wall}
+    if quick:
+        typer.echo(QUICK_NOTE)
+    return {"datasets": results, "wall_seconds": wall, "quick": quick}

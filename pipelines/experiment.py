@@ -568,11 +568,25 @@ def run_experiment(
         },
         "methods": results,
     }
+    if main and need_nn and "retformer" in results:
+        eval_f = evals_all[splits[0]].subset_k(k_values[0])
+        report["diagnostics"] = _diagnostics(ctx, run_dir, eval_f, results)
     if main:
         write_json_atomic(run_dir / "eval.json", report)
         for p in run_dir.glob("*.result.json"):
             p.unlink()
     return report
+
+
+def _diagnostics(ctx: _Context, run_dir: Path, features: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """`pipelines.run_diagnostics.diagnose` with the neighbours' classes read from the KB's labels where
+    they are the dataset's, else from their captions."""
+    from pipelines.run_diagnostics import diagnose
+
+    kind = "label" if ctx.label_problem(features) is None else None
+    class_text = ctx.class_text() if kind is None else None
+    kind = kind or ("caption" if class_text is not None else None)
+    return diagnose(run_dir, features, results, int(ctx.info["num_classes"]), class_text, kind)
 
 
 def _scored(scores: Any, labels: Any, shot_split: dict | None) -> dict[str, Any]:

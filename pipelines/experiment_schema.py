@@ -36,6 +36,12 @@ class ModelSection(Section):
     mlp_hidden: PositiveInt | None = None
     recipe: Literal[RECIPES] | None = None  # type: ignore[valid-type]
     alpha: float | None = None
+    # Query-aware fusion: attention logits get sim_scale * (cos(z, neighbour) - 1) + a rank term (issue 18)
+    query_bias: bool | None = None
+    # Anchored L_R (stacked recipe): L_R = log(similarity-weighted vote) + a residual head that starts at 0;
+    # "auto" = the KB's labels where they are the dataset's classes, else the classes captions name
+    anchor: Literal["auto", "label", "caption"] | None = None
+    anchor_temp: Annotated[float, Field(gt=0)] | None = None
 
 
 class ZeroshotSection(Section):

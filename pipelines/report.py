@@ -32,6 +32,7 @@ from matplotlib.ticker import FuncFormatter
 
 from artifacts.atomic import atomic_path
 from artifacts.workspace import read_json
+from pipelines.report_diagnostics import agreement_figure, attention_html, per_class_delta_figure, rule_html
 from pipelines.runs import safe_name
 from trainer.evaluate import SHOT_GROUPS
 from trainer.progress import val_figure
@@ -330,6 +331,19 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
             kb_figure(run_dir, report),
         ),
     ]
+    sections += [
+        (
+            "Retrieval and agreement",
+            "Test images binned by the share of their neighbours whose class (KB label, or the class their "
+            "caption names) is the image's true label; each method's accuracy per bin.",
+            agreement_figure(report),
+        ),
+        (
+            "RetFormer minus mlp_only per class",
+            "Accuracy difference in points, per class.",
+            per_class_delta_figure(report),
+        ),
+    ]
     main = main_result(report)
     if main is not None:
         text = "Rows: true class, normalised; per-sample predictions in <code>predictions/</code>."
@@ -340,7 +354,10 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
         if report.get(k) is not None
     )
     body = [f"<h1>Run {html.escape(report.get('run') or run_dir.name)}</h1><p class='meta'>{meta}</p>"]
+    body.append(rule_html(report))
     body.append(_table(report))
+    if attention := attention_html(report):
+        body.append(f"<h2>RetFormer's attention over its neighbours</h2>{attention}")
     body += _other_kbs(run_dir, report)
     for title, text, fig in sections:
         if fig is not None:

@@ -36,6 +36,77 @@ def format_table(report: dict[str, Any]) -> str:
         table.add_row(method, *row)
     out = io.StringIO()
     Console(file=out, width=200, color_system=None, highlight=False).print(table)
+    return "\n".join([out.getvalue().rstrip("\n"), *skipped, *selected_rule_lines(report)])
+
+
+def selected_rule_lines(report: dict[str, Any]) -> list[str]:
+    """What val selected for the stacked RetFormer, in words (console, report header, `evaluate`): lr,
+    epoch, the prediction rule and the share of eval images where retrieval was used; plus a warning
+    line when the rule uses no retrieval at all (the row is then L_I, i.e. mlp_only, to the digit)."""
+    sel = (report.get("methods", {}).get("retformer") or {}).get("selected")
+    if not sel or "alpha" not in sel:
+        return []
+    share = ((report.get("diagnostics") or {}).get("rule") or {}).get("retrieval_share")
+    return [rule_text(sel, share)] + (
+        [
+            "warning: retrieval is off in the selected rule (alpha = beta = 0): the retformer row is its "
+            "image branch L_I alone, i.e. mlp_only with a prior adjustment"
+        ]
+        if not sel.get("alpha") and not sel.get("beta")
+        else []
+    )
+
+
+def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
+    """One line: `retformer selected on val: lr .., epoch .., rule ..., retrieval used on ..%`."""
+    parts = [f"lr {sel.get('lr')}", f"epoch {sel.get('epoch')}"]
+    if sel.get("la_tau"):
+        parts.append(f"L_R logit-adjusted (tau {sel['la_tau']})")
+    w = sel.get("image_weight", 1.0)
+    terms = [f"{'' if w == 1 else f'{w:g} * '}L_I"]
+    if sel.get("prior_tau"):
+        terms[0] += f" - {sel['prior_tau']:g} log prior"
+    retrieval = []
+    if sel.get("alpha"):
+        retrieval.append(f"{sel['alpha']:g} L_R")
+    if sel.get("beta"):
+        retrieval.append(f"{sel['beta']:g} log vote({sel.get('evidence')}, T {sel.get('vote_temp')})")
+    if retrieval:
+        gate = (
+            f"[s > {sel['gate_t']:.3f} (val q {sel.get('gate_quantile')})] "
+            if sel.get("gate_t") is not None
+            else ""
+        )
+        terms.append(gate + " + ".join(retrieval))
+        if w != 1 and sel.get("gate_t") is not None:
+            terms.append("(L_I alone where the gate is closed)")
+    line = f"retformer selected on val: {', '.join(parts)}; rule {' + '.join(terms[:2])}"
+    line += f" {terms[2]}" if len(terms) > 2 else ""
+    if share is not None:
+        line += f"; retrieval used on {100 * share:.1f}% of eval images"
+    return line
+
+
+def format_seed_table(methods: dict[str, Any], seeds: int) -> str:
+    """results.json's mean-over-seeds `methods` as a table: mean and sample standard deviation (over
+    `seeds` training seeds) of top-1 / many / medium / few, in percent, and the mean val top-1."""
+    metrics = ("top1", "many", "medium", "few")
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    table.add_column(f"method (mean ± sd, {seeds} seeds)", no_wrap=True)
+    for name in (*metrics, "val_top1"):
+        table.add_column(name, justify="right", no_wrap=True)
+    skipped = []
+    for method, m in methods.items():
+        if "skipped" in m:
+            skipped.append(f"{method} skipped: {m['skipped']}")
+            continue
+        row = [
+            "-" if m.get(key) is None else f"{100 * m[key]:.2f} ± {100 * m.get(key + '_sd', 0.0):.2f}"
+            for key in metrics
+        ]
+        table.add_row(method, *row, _pct(m.get("val_top1")))
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None, highlight=False).print(table)
     return "\n".join([out.getvalue().rstrip("\n"), *skipped])
 
 

@@ -95,7 +95,37 @@ def load_experiment(name: str, overrides: list[str] | None) -> dict[str, Any]:
     validated; values coerced to their types (pipelines/experiment_schema.py)."""
     from pipelines.experiment_schema import validate_experiment
 
-    return validate_experiment(*_load("experiments", "experiment", name, overrides))
+    exp = validate_experiment(*_load("experiments", "experiment", name, overrides))
+    for item in unread_overrides(exp, split_overrides(overrides, "experiment")):
+        log.warning("--set %s is not read by this experiment: %s", *item)
+    return exp
+
+
+# Keys of `train:` a selection replaces from its `select:` grids: an override of them changes nothing.
+_SELECTED_KEYS = {
+    "train.epochs": "epochs come from select.baseline_epochs (mlp_only, linear_probe) and "
+    "select.retformer_epochs (RetFormer)",
+    "train.lr": "lr comes from select.lr_grid (mlp_only, linear_probe) and select.retformer_grid (RetFormer)",
+}
+
+
+def unread_overrides(exp: dict[str, Any], overrides: list[str]) -> list[tuple[str, str]]:
+    """(override, why) for each experiment override the run will never read: train.epochs / train.lr
+    where every trained method is chosen on a select split (the grids set them)."""
+    from trainer.methods import METHODS
+
+    methods = exp.get("methods") or []
+    selected = exp.get("select_split") and all(
+        m not in METHODS or METHODS[m].mode in ("frozen", "vote") for m in methods
+    )
+    if not selected:
+        return []
+    out = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in _SELECTED_KEYS:
+            out.append((item, _SELECTED_KEYS[key]))
+    return out
 
 
 def datasets_for_kb(kb: dict[str, Any], overrides: list[str] | None) -> dict[str, dict]:

@@ -123,6 +123,9 @@ class SelectOptions:
     betas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     # Temperatures of the similarity-weighted votes (knn_weighted, caption_vote, RetFormer's evidence)
     vote_temps: tuple[float, ...] = (0.02, 0.05, 0.1)
+    # Weight of L_I where the rule's retrieval term applies (s > t): 1 = L_I plus retrieval; 0 = retrieval
+    # alone (the vote or L_R), L_I only where the gate is closed: the rule's other endpoint (issue 18)
+    image_weights: tuple[float, ...] = (1.0, 0.5, 0.0)
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any] | None) -> SelectOptions:
@@ -143,6 +146,8 @@ class SelectOptions:
             raise UserError(f"select: malformed option ({e})") from e
         if 0.0 not in opts.alphas:
             raise UserError("select.alphas must contain 0 (L_I alone: the always-admissible rule)")
+        if 1.0 not in opts.image_weights or min(opts.image_weights) < 0:
+            raise UserError("select.image_weights must contain 1 (L_I at full weight) and be >= 0")
         if 0.0 not in opts.betas or 0.0 not in opts.prior_taus:
             raise UserError("select.betas and select.prior_taus must contain 0 (the rule without them)")
         if not opts.vote_temps or min(opts.vote_temps) <= 0:

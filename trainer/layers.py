@@ -30,9 +30,15 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, p, self.heads, self.head_dim).transpose(1, 2)  # (B, H, P, dh)
 
     def forward(
-        self, q_src: torch.Tensor, kv_src: torch.Tensor, need_weights: bool = False
+        self,
+        q_src: torch.Tensor,
+        kv_src: torch.Tensor,
+        need_weights: bool = False,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (output (B, P, W), weights (B, H, P, P) or None). Rows of the weights sum to 1."""
+        """Returns (output (B, P, W), weights (B, H, P, P) or None). Rows of the weights sum to 1.
+        bias: added to the attention logits before the softmax, broadcast to (B, H, P, P) (e.g. (B, H,
+        1, P): one term per key, the query-aware similarity bias of `RetFormer`)."""
         q, k, v = (
             self._split(self.q_proj(q_src)),
             self._split(self.k_proj(kv_src)),
@@ -42,10 +48,11 @@ class MultiHeadAttention(nn.Module):
         weights = None
         if need_weights:
             # Explicit path: the fused kernel does not expose the softmax.
-            weights = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim), dim=-1)
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            weights = torch.softmax(logits if bias is None else logits + bias, dim=-1)
             out = F.dropout(weights, drop, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         b, _, p, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, p, -1)), weights
 
@@ -86,11 +93,15 @@ class CrossFusionLayer(nn.Module):
             self.ffn_txt = FeedForward(width, ffn_hidden, dropout)
 
     def forward(
-        self, x_img: torch.Tensor, x_txt: torch.Tensor, need_weights: bool = False
+        self,
+        x_img: torch.Tensor,
+        x_txt: torch.Tensor,
+        need_weights: bool = False,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
         h_img, h_txt = self.norm_img(x_img), self.norm_txt(x_txt)
-        a_img, w_img = self.attn_img(h_txt, h_img, need_weights)
-        a_txt, w_txt = self.attn_txt(h_img, h_txt, need_weights)
+        a_img, w_img = self.attn_img(h_txt, h_img, need_weights, bias)
+        a_txt, w_txt = self.attn_txt(h_img, h_txt, need_weights, bias)
         x_img = x_img + self.drop(a_img)
         x_txt = x_txt + self.drop(a_txt)
         if self.ffn:
@@ -113,10 +124,10 @@ class SelfAttentionLayer(nn.Module):
             self.ffn_block = FeedForward(width, ffn_hidden, dropout)
 
     def forward(
-        self, x: torch.Tensor, need_weights: bool = False
+        self, x: torch.Tensor, need_weights: bool = False, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.norm(x)
-        a, w = self.attn(h, h, need_weights)
+        a, w = self.attn(h, h, need_weights, bias)
         x = x + self.drop(a)
         if self.ffn:
             x = x + self.ffn_block(self.ffn_norm(x))

@@ -103,14 +103,20 @@ class RetFormer(nn.Module):
         vote_temp: float = 0.05,
         caption_temp: float = CAPTION_TEMP,
         caption_null: float = CAPTION_NULL,
+        query_bias: bool = False,
+        image_weight: float = 1.0,
+        anchor: str | None = None,
+        anchor_temp: float = 0.05,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-        if evidence not in EVIDENCE_KINDS:
-            raise ValueError(f"evidence must be one of {EVIDENCE_KINDS}, got {evidence!r}")
+        if evidence not in EVIDENCE_KINDS or anchor not in EVIDENCE_KINDS:
+            raise ValueError(
+                f"evidence and anchor must be one of {EVIDENCE_KINDS}, got {evidence!r}, {anchor!r}"
+            )
         mlp_hidden = mlp_hidden or img_dim
         self.config: dict[str, Any] = {
             "kind": _KIND_OF_VARIANT[variant],
@@ -136,6 +142,10 @@ class RetFormer(nn.Module):
             "vote_temp": vote_temp,
             "caption_temp": caption_temp,
             "caption_null": caption_null,
+            "query_bias": query_bias,
+            "image_weight": image_weight,
+            "anchor": anchor,
+            "anchor_temp": anchor_temp,
         }
         self.variant = variant
         self.k = k
@@ -152,6 +162,14 @@ class RetFormer(nn.Module):
             self.proj_txt = nn.Linear(txt_dim, width)
             self.cls_txt = nn.Parameter(torch.zeros(1, 1, width))
             self.pos_txt = nn.Parameter(torch.zeros(1, k + 2, width))
+        self.query_bias = bool(query_bias) and self.use_img
+        if self.query_bias:
+            # Query-aware attention: a term per head and neighbour key added to every attention logit,
+            # sim_scale * (s_j - 1) + rank_bias[j], s_j = cos(z, neighbour j's image). Without it, at depth 1
+            # the class token's query is a constant, so a neighbour's weight cannot depend on z (issue 18).
+            # 1 / 0.05: the similarity-weighted vote's temperature, where a learned weighting starts.
+            self.sim_scale = nn.Parameter(torch.full((heads,), 20.0))
+            self.rank_bias = nn.Parameter(torch.zeros(heads, k))
         layer = CrossFusionLayer if variant == "full" else SelfAttentionLayer
         self.layers = nn.ModuleList(layer(width, heads, ffn, ffn_hidden, dropout) for _ in range(depth))
         if self.use_img:
@@ -167,6 +185,11 @@ class RetFormer(nn.Module):
         self.register_buffer("log_prior", torch.zeros(num_classes))
         self.register_buffer("class_text", torch.zeros(num_classes, txt_dim))
         self._init_weights()
+        if anchor is not None:
+            # Anchored L_R = log e + h(r(z, V_NN)): h starts at zero, so the untrained L_R (epoch 0) is the
+            # neighbours' similarity-weighted vote and training learns a residual on it (issue 18).
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def _init_weights(self) -> None:
         # ViT-style init for the fusion module; the MLP branch and head keep PyTorch's default.
@@ -183,7 +206,9 @@ class RetFormer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (class tokens, position embeddings), as in ViT."""
-        return {n for n, _ in self.named_parameters() if n.startswith(("cls_", "pos_"))}
+        return {
+            n for n, _ in self.named_parameters() if n.startswith(("cls_", "pos_", "sim_scale", "rank_bias"))
+        }
 
     def _tokens(
         self, first: torch.Tensor, nn_vec: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor
@@ -209,10 +234,12 @@ class RetFormer(nn.Module):
 
         recipe "paper": tau/2 (L_I + L_R). recipe "stacked": in training mode L_R alone (L_I is the
         frozen mlp_only, so the loss is L_R's own); in eval mode the rule
-        L_I - prior_tau * log prior + g * (alpha * L_R + beta * log e), g = 1[s > gate_t] (1 without a
-        gate), e the neighbours' evidence (`evidence`): the similarity-weighted vote of their KB labels
-        (nn_label, "label") or of the classes their captions name ("caption")."""
-        logits_r, attn = self._retrieval_logits(z, nn_img, nn_txt, return_attention)
+        w(g) * (L_I - prior_tau * log prior) + g * (alpha * L_R + beta * log e), g = 1[s > gate_t] (1
+        without a gate), w(g) = image_weight where g = 1 and 1 where g = 0 (image_weight 0: retrieval alone
+        where it applies, L_I where the gate is closed), e the neighbours' evidence (`evidence`): the
+        similarity-weighted vote of their KB labels (nn_label, "label") or of the classes their captions
+        name ("caption")."""
+        logits_r, attn = self._retrieval_logits(z, nn_img, nn_txt, return_attention, nn_label)
         # s only where combine() reads it: a full-width pass over the neighbours (B, k', Di) that training
         # and ungated prediction would compute and drop.
         s = relevance(z, nn_img) if nn_img is not None and self.gated() else None
@@ -261,10 +288,14 @@ class RetFormer(nn.Module):
         self.class_text.copy_(class_text.to(self.class_text))
 
     def branches(
-        self, z: torch.Tensor, nn_img: torch.Tensor | None, nn_txt: torch.Tensor | None
+        self,
+        z: torch.Tensor,
+        nn_img: torch.Tensor | None,
+        nn_txt: torch.Tensor | None,
+        nn_label: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_I, L_R) before they are combined: what the alpha / gate search on val reads."""
-        return self.mlp(z), self._retrieval_logits(z, nn_img, nn_txt, False)[0]
+        return self.mlp(z), self._retrieval_logits(z, nn_img, nn_txt, False, nn_label)[0]
 
     def gated(self) -> bool:
         """Whether `combine` reads the relevance s now: a stacked model in eval mode with a gate on
@@ -290,6 +321,7 @@ class RetFormer(nn.Module):
             return logits_r
         cfg = self.config
         alpha, beta, gate_t = float(cfg["alpha"]), float(cfg["beta"]), cfg["gate_t"]
+        w_i = float(cfg.get("image_weight", 1.0))
         out = logits_i
         if float(cfg["prior_tau"]):
             out = out - float(cfg["prior_tau"]) * self.log_prior.to(out)
@@ -301,10 +333,25 @@ class RetFormer(nn.Module):
                 raise ValueError("a RetFormer with beta > 0 needs its neighbours' evidence")
             extra = extra + beta * log_e.to(out)
         if gate_t is None:
-            return out + extra
+            return (out if w_i == 1 else w_i * out) + extra
         if s is None:
             raise ValueError("a gated RetFormer needs nn_img to score its neighbors")
-        return out + (s > float(gate_t)).float()[:, None] * extra
+        g = (s > float(gate_t)).float()[:, None]
+        if w_i == 1:
+            return out + g * extra
+        # L_I at weight w_i where the retrieval term applies, at full weight where the gate is closed
+        return out * (1 - g * (1 - w_i)) + g * extra
+
+    def _attention_bias(self, z: torch.Tensor, nn_img: torch.Tensor | None) -> torch.Tensor:
+        """(B, H, 1, k'+2) the query-aware term of every attention logit, per key: 0 for the class token and
+        the query, sim_scale * (s_j - 1) + rank_bias[j] for neighbour j (s_j its image cosine with z)."""
+        if nn_img is None:
+            raise ValueError("a RetFormer with query_bias needs nn_img")
+        sim = neighbour_similarity(z, nn_img)  # (B, k')
+        kk = sim.shape[1]
+        nb = self.sim_scale[None, :, None] * (sim[:, None, :] - 1) + self.rank_bias[None, :, :kk]
+        bias = torch.cat([nb.new_zeros(nb.shape[0], nb.shape[1], 2), nb], dim=-1)
+        return bias[:, :, None, :].to(z.dtype)
 
     def _retrieval_logits(
         self,
@@ -312,8 +359,10 @@ class RetFormer(nn.Module):
         nn_img: torch.Tensor | None,
         nn_txt: torch.Tensor | None,
         return_attention: bool,
+        nn_label: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_R = h(cross_fusion(z, neighbors)) and, when asked, the attention weights per stream."""
+        """L_R = h(cross_fusion(z, neighbors)) (+ log e, the anchor vote, when `anchor` is set) and, when
+        asked, the attention weights per stream."""
         x_img = x_txt = None
         if self.use_img:
             if nn_img is None:
@@ -326,15 +375,16 @@ class RetFormer(nn.Module):
             # The query's text slot: zeros, never the query's own caption (no leakage of its label).
             x_txt = self._tokens(t.new_zeros(t.shape[0], t.shape[2]), t, self.cls_txt, self.pos_txt)
 
+        bias = self._attention_bias(z, nn_img) if self.query_bias else None
         w_img: list[torch.Tensor] = []
         w_txt: list[torch.Tensor] = []
         for layer in self.layers:
             if self.variant == "full":
-                x_img, x_txt, (wi, wt) = layer(x_img, x_txt, return_attention)
+                x_img, x_txt, (wi, wt) = layer(x_img, x_txt, return_attention, bias)
                 w_img.append(wi)
                 w_txt.append(wt)
             elif self.use_img:
-                x_img, wi = layer(x_img, return_attention)
+                x_img, wi = layer(x_img, return_attention, bias)
                 w_img.append(wi)
             else:
                 x_txt, wt = layer(x_txt, return_attention)
@@ -351,13 +401,25 @@ class RetFormer(nn.Module):
                 attn["image"] = torch.stack(w_img)
             if w_txt:
                 attn["text"] = torch.stack(w_txt)
-        return self.head(torch.cat(cls_out, dim=-1)), attn
+        logits = self.head(torch.cat(cls_out, dim=-1))
+        anchor = self.config["anchor"]
+        if anchor is not None:
+            vote = self.evidence(
+                z, nn_img, nn_txt, nn_label, kind=anchor, vote_temp=self.config["anchor_temp"]
+            )
+            logits = logits + log_evidence(vote).to(logits.dtype)
+        return logits, attn
+
+
+def neighbour_similarity(z: torch.Tensor, nn_img: torch.Tensor) -> torch.Tensor:
+    """(B, k) cosine between each query image and each of its neighbours' images."""
+    return (F.normalize(z, dim=-1)[:, None, :] * F.normalize(nn_img, dim=-1)).sum(-1)
 
 
 def relevance(z: torch.Tensor, nn_img: torch.Tensor) -> torch.Tensor:
     """s (B,): mean cosine between each query image z and its neighbours' images, from the vectors
     given (not the neighbour table's scores), so shuffled or foreign neighbours score low."""
-    return (F.normalize(z, dim=-1)[:, None, :] * F.normalize(nn_img, dim=-1)).sum(-1).mean(1)
+    return neighbour_similarity(z, nn_img).mean(1)
 
 
 def neighbor_attention(attn: dict[str, torch.Tensor], layer: int = -1) -> dict[str, torch.Tensor]:
@@ -453,6 +515,9 @@ _RETFORMER_OPTIONS = {
     "mlp_hidden": int,
     "recipe": str,
     "alpha": float,
+    "query_bias": bool,
+    "anchor": str,
+    "anchor_temp": float,
 }
 
 
@@ -467,6 +532,8 @@ def build_model(
     (one section serves every method), and mlp_hidden sizes the L_I branch of RetFormer and mlp_only
     alike. Typical: build_model("retformer", C, feats.img_dim, feats.txt_dim, feats.k, width=256)."""
     opts = {k: cast(options[k]) for k, cast in _RETFORMER_OPTIONS.items() if options.get(k) is not None}
+    if opts.get("anchor") == "auto":  # resolved by the stacked selection (`Task.build`); no vote elsewhere
+        opts["anchor"] = None
     if kind in RETFORMER_VARIANTS:
         return RetFormer(img_dim, txt_dim, num_classes, k=k, variant=RETFORMER_VARIANTS[kind], **opts)
     if kind == "mlp_only":

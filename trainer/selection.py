@@ -7,17 +7,20 @@ or "top1". Recorded figures keep `val_top1` beside the criterion (`val_score`).
 - baselines (`linear_probe`, `mlp_only`): lr grid x `baseline_epochs`, best-on-val epoch per lr, then the
   best lr on val (ties: the smaller lr, the earlier epoch); mlp_only then gets its post-hoc logit
   adjustment tau (logits - tau log prior) on val;
-- RetFormer, recipe "stacked" (docs/method-notes.md on branch method-research): L_I = the selected
-  mlp_only's weights, frozen; L_R trained on its own cross-entropy, with logit adjustment la_tau as a grid
-  option; per (lr, la_tau) cell and per alpha the best-on-val checkpoint; then the prediction rule
-  L_I - prior_tau log prior + 1[s > t] (alpha L_R + beta log e) is chosen on val among the admissible
-  ones, e the neighbours' similarity-weighted vote of their KB labels (where the KB is labelled with the
-  dataset's classes) or of the classes their captions name (trainer/evidence.py): val criterion with
-  neighbours shuffled across queries >= L_I's at its best prior adjustment - `tolerance` points.
-  alpha = beta = 0 (L_I alone) at that adjustment always is, so the model is never below its own
-  mlp_only on val. Ties go to the smaller alpha, the smaller
-  beta, the laxer gate, the earlier grid cell. The rule is stored in `model.config`, so a reloaded model
-  predicts the same;
+- RetFormer, recipe "stacked" (docs/method-notes.md): L_I = the selected mlp_only's weights, frozen; L_R
+  trained on its own cross-entropy (optionally anchored: log of the neighbours' vote plus a residual head
+  that starts at zero, `anchor`), with logit adjustment la_tau as a grid option; per (lr, la_tau) cell
+  and per alpha the best-on-val checkpoint, epoch 0 (the untrained L_R: the vote itself when anchored)
+  a candidate too; then the prediction rule
+  w (L_I - prior_tau log prior) + 1[s > t] (alpha L_R + beta log e), w = image_weight where s > t and
+  1 elsewhere (w 0 with a gate: retrieval alone where it is relevant), e the neighbours'
+  similarity-weighted vote of their KB labels (where the KB is labelled with the dataset's classes) or
+  of the classes their captions name (trainer/evidence.py), is chosen on val among the admissible
+  rules: val criterion with neighbours shuffled across queries >= L_I's at its best prior adjustment -
+  `tolerance` points. alpha = beta = 0 (L_I alone) at that adjustment always is, so the model is never
+  below its own mlp_only on val. Ties go to the smaller alpha, the smaller beta, the larger image
+  weight, the smaller prior adjustment, the laxer gate, the earlier grid cell. The rule is stored in
+  `model.config`, so a reloaded model predicts the same;
 - RetFormer, recipe "paper": the manifest's `train:` run, best-on-val epoch;
 - knn_vote: k on val; knn_weighted and caption_vote: k and the vote temperature on val.
 """
@@ -93,9 +96,11 @@ def _train_tracked(
     config: TrainConfig,
     score: Any,
     class_counts: Any,
+    from_epoch_zero: bool = False,
 ) -> _Best:
-    """fit() with score() -> {key: val top-1} after every epoch; the best state per key is kept."""
-    best, epoch = _Best(), [0]
+    """fit() with score() -> {key: val top-1} after every epoch; the best state per key is kept.
+    from_epoch_zero: the weights before training (epoch 0) are a candidate too."""
+    best, epoch = _Best(), [-1 if from_epoch_zero else 0]
 
     def on_epoch() -> dict[str, Any]:
         epoch[0] += 1
@@ -104,6 +109,8 @@ def _train_tracked(
             best.offer(key, epoch[0], acc, model)
         return {f"val_top1_{key}": acc for key, acc in scores.items()}
 
+    if from_epoch_zero:
+        on_epoch()
     fit(model, train, config, on_epoch=on_epoch, class_counts=class_counts, progress=False)
     return best
 
@@ -132,9 +139,11 @@ class Task:
         the training prior and the class-name vectors its rule may read."""
         torch.manual_seed(self.base.seed)
         f = self.train
-        model = build_model(
-            self.kind, self.num_classes, f.img_dim, f.txt_dim, f.k, **self.model_options, **options
-        )
+        opts = {**self.model_options, **options}
+        if opts.get("anchor") == "auto":  # the anchor vote reads the evidence this task has, if any
+            kinds = self.evidence_kinds()
+            opts["anchor"] = kinds[0] if kinds else None
+        model = build_model(self.kind, self.num_classes, f.img_dim, f.txt_dim, f.k, **opts)
         if self.class_counts is not None and hasattr(model, "set_prior"):
             model.set_prior(self.class_counts)
         if self.class_text is not None and hasattr(model, "set_class_text"):
@@ -202,7 +211,7 @@ def branch_logits(
     for start in range(0, len(features), batch_size):
         stop = min(start + batch_size, len(features))
         b = {k: v.to(device) for k, v in features.inputs(start, stop).items()}
-        li, lr = model.branches(b["z"], b["nn_img"], b["nn_txt"])
+        li, lr = model.branches(b["z"], b["nn_img"], b["nn_txt"], b.get("nn_label"))
         parts = (li.float().cpu(), lr.float().cpu())
         if with_relevance:
             parts += (relevance(b["z"], b["nn_img"]).float().cpu(),)
@@ -238,11 +247,37 @@ def split_evidence(
 def _rule_logits(
     model: RetFormer, branches: tuple[torch.Tensor, ...], rule: dict[str, Any], log_e: Any
 ) -> Any:
-    """The model's own combine() under `rule` (alpha, gate_t, beta, prior_tau, evidence, vote_temp): one
-    formula for selection and prediction."""
-    model.config.update(rule)
+    """The model's own combine() under `rule` (alpha, gate_t, beta, prior_tau, evidence, vote_temp,
+    image_weight; its gate_quantile is a record, not a setting): one formula for selection and prediction."""
+    model.config.update({k: v for k, v in rule.items() if k != "gate_quantile"})
     li, lr, s = branches
     return model.combine(li, lr, s, log_e)
+
+
+def _rule_grid(
+    alpha: float,
+    opts: SelectOptions,
+    evidence: list[tuple[str, float]],
+    s_val: torch.Tensor,
+    default_temp: float,
+) -> list[tuple[dict[str, Any], tuple[float, ...]]]:
+    """Every prediction rule with this alpha: (rule, tie ranks), the ranks preferring the smaller alpha,
+    the smaller beta, the full image weight, the smaller prior adjustment and the laxer gate. beta > 0
+    reads each evidence (kind, vote temperature); an image weight below 1 only with a gate (where the gate
+    is closed L_I predicts alone, so the rule stays defined for every image) and a retrieval term."""
+    out = []
+    for tau_rank, prior_tau in enumerate(opts.prior_taus):
+        for beta in opts.betas:
+            for kind, temp in evidence if beta else [(None, default_temp)]:
+                retrieval = bool(alpha or beta)
+                for rank, q in enumerate(opts.gate_quantiles if retrieval else (None,)):
+                    t = None if q is None else float(torch.quantile(s_val, q))
+                    weights = opts.image_weights if (retrieval and q is not None) else (1.0,)
+                    for w in sorted(weights, reverse=True):
+                        rule = {"alpha": alpha, "gate_t": t, "beta": beta, "prior_tau": prior_tau}
+                        rule |= {"evidence": kind, "vote_temp": temp, "image_weight": w, "gate_quantile": q}
+                        out.append((rule, (alpha, beta, -w, tau_rank, rank)))
+    return out
 
 
 def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOptions) -> Selected:
@@ -272,7 +307,7 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
             li, lr_ = branch_logits(m, val, with_relevance=False)
             return {a: score_of(li + a * lr_, y) for a in opts.alphas}
 
-        best = _train_tracked(model, train, config, score, task.class_counts)
+        best = _train_tracked(model, train, config, score, task.class_counts, from_epoch_zero=True)
         if s_pair is None:  # s and the evidence read only the features: once per selection
             device = next(model.parameters()).device
             s_pair = relevance_of(val, device), relevance_of(val_sh, device)
@@ -297,40 +332,27 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
             # not at the row's own adjustment; a rule whose over-adjusted L_I is weak must not pass the
             # shuffled-neighbour check against that weak figure.
             l_i = max(score_of(plain[0] - tau * prior, y) for tau in opts.prior_taus)
-            for tau_rank, prior_tau in enumerate(opts.prior_taus):
-                for beta in opts.betas:
-                    # beta > 0 reads each evidence kind and temperature; without evidence it is skipped
-                    for kind, temp in list(evidence) if beta else [(None, 0.0)]:
-                        gates = opts.gate_quantiles if (alpha or beta) else (None,)
-                        for rank, q in enumerate(gates):
-                            t = None if q is None else float(torch.quantile(s_val, q))
-                            rule = {"alpha": alpha, "gate_t": t, "beta": beta, "prior_tau": prior_tau}
-                            rule |= {"evidence": kind, "vote_temp": temp or model.config["vote_temp"]}
-                            e_plain, e_mixed = evidence.get((kind, temp), (None, None))
-                            rule_val = _rule_logits(model, plain, rule, e_plain)
-                            row = {
-                                "lr": lr,
-                                "la_tau": la_tau,
-                                "epoch": epoch,
-                                **rule,
-                                "gate_quantile": q,
-                                "val_score": score_of(rule_val, y),
-                                "val_top1": top1(rule_val, y),
-                                "val_shuffled_score": score_of(_rule_logits(model, mixed, rule, e_mixed), y),
-                                "l_i_val_score": l_i,
-                            }
-                            trials.append(row)
-                            # tolerance is in points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
-                            if (
-                                row["val_shuffled_score"]
-                                >= row["l_i_val_score"] - opts.tolerance / 100 - 1e-9
-                            ):
-                                order = (-row["val_score"], alpha, beta, tau_rank, rank, cell)
-                                candidates.append((order, row, state))
+            for rule, ranks in _rule_grid(alpha, opts, list(evidence), s_val, model.config["vote_temp"]):
+                e_plain, e_mixed = evidence.get((rule["evidence"], rule["vote_temp"]), (None, None))
+                rule_val = _rule_logits(model, plain, rule, e_plain)
+                row = {
+                    "lr": lr,
+                    "la_tau": la_tau,
+                    "epoch": epoch,
+                    **rule,
+                    "val_score": score_of(rule_val, y),
+                    "val_top1": top1(rule_val, y),
+                    "val_shuffled_score": score_of(_rule_logits(model, mixed, rule, e_mixed), y),
+                    "l_i_val_score": l_i,
+                }
+                trials.append(row)
+                # tolerance is in points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
+                if row["val_shuffled_score"] >= row["l_i_val_score"] - opts.tolerance / 100 - 1e-9:
+                    candidates.append(((-row["val_score"], *ranks, cell), row, state))
     assert model is not None and candidates, "alpha = beta = 0 is always admissible"
     _, row, state = min(candidates, key=lambda c: c[0])
     model.load_state_dict(state)
-    rule_keys = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp")
+    rule_keys = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "image_weight")
     model.config.update({key: row[key] for key in rule_keys})
     model.eval()
     selected = {k: v for k, v in row.items() if k != "val_top1"}

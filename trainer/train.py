@@ -389,7 +389,8 @@ def train_epochs(
             step_end = mb + 1 == len(sizes) or (mb + 1) % acc == 0
             with distributed.no_sync(net, not step_end):  # gradients are exchanged once per step
                 with amp() if use_amp else nullcontext():  # no autocast object per step without AMP
-                    logits = net(b["x"], b.get("nn_img"), b.get("nn_txt"))
+                    extra = {"nn_label": b["nn_label"]} if "nn_label" in b else {}  # an anchored L_R reads it
+                    logits = net(b["x"], b.get("nn_img"), b.get("nn_txt"), **extra)
                 logits = logits.float()
                 # Probability targets: gradients bitwise those of -(t * log_softmax).sum(1).mean() (tested).
                 loss = F.cross_entropy(logits + adjust if adjust is not None else logits, targets)
@@ -532,7 +533,7 @@ def _feature_feed(
     def epoch_inputs(
         perm: torch.Tensor, idxs: list[torch.Tensor], mixes: list[tuple[float | None, torch.Tensor | None]]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The epoch's gathered and mixed inputs (and labels) and its mixed soft targets, in `perm`'s order."""
+        """The epoch's gathered and mixed inputs (and labels) and mixed soft targets, in `perm`'s order."""
         own = perm.to(train.device)
         b = {key: gathered(key, 0, own) for key in sources}
         targets = soft[own]
@@ -549,6 +550,8 @@ def _feature_feed(
                 b[key] = mixed(b[key], gathered(key, 1, partner), lam.view(shape))
             targets = mixed(targets, soft[partner], lam[:, None])
         b["y"] = train.labels[own]
+        if use_nn:
+            b["nn_label"] = train.store_label[train.nn_rows[own]]
         return {k: v.to(device) for k, v in b.items()}, targets.to(device)
 
     def batches(epoch: int) -> tuple[list[int], Iterable[Micro]]:
@@ -568,6 +571,8 @@ def _feature_feed(
                 own = rows[:m]
                 b = {key: gathered(key, 0, own) for key in sources}
                 b["y"] = train.labels[own]
+                if use_nn:
+                    b["nn_label"] = train.store_label[train.nn_rows[own]]
                 targets = soft[own]
                 mix = None
                 if partner_at is not None and lam is not None:

@@ -1,0 +1,191 @@
+"""Issue 18's fusion: the query-aware attention bias, the anchored L_R, the rule's image weight, the
+diagnostics that measure them, and the multi-seed summary with its paired bootstrap."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.seeds import comparison, mean_over_seeds, paired_bootstrap, seed_list
+from trainer.diagnostics import agreement_accuracy, attention_stats, neighbour_classes, retrieval_share
+from trainer.evidence import log_evidence, neighbour_vote
+from trainer.features import RetrievalFeatures
+from trainer.model import build_model, neighbor_attention
+
+torch.set_num_threads(1)
+DI, DT, C, K, B = 16, 12, 5, 6, 4
+
+
+def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, DI, generator=g),
+        torch.randn(B, K, DI, generator=g),
+        torch.randn(B, K, DT, generator=g),
+        torch.randint(0, C, (B, K), generator=g),
+    )
+
+
+def _retformer(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("retformer", C, DI, DT, K, width=16, depth=1, heads=2, recipe="stacked", **kw).eval()
+
+
+def _neighbour_ratios(
+    model: torch.nn.Module, z: torch.Tensor, a: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """Class-token attention over the neighbours, renormalised over them (the query slot left out)."""
+    _, attn = model._retrieval_logits(z, a, t, True)
+    w = neighbor_attention(attn)["image"]
+    return w / w.sum(1, keepdim=True)
+
+
+def test_query_bias_makes_neighbour_attention_depend_on_the_query() -> None:
+    """At depth 1 without the bias, the class token's query is a constant, so the weights among a fixed
+    neighbour list are the same for any query z; with query_bias they change with z (through
+    cos(z, neighbour)), and more similar neighbours get more weight than under the plain model."""
+    _, a, t, _ = _inputs()
+    a = a[:1].expand(2, -1, -1).contiguous()
+    t = t[:1].expand(2, -1, -1).contiguous()
+    z = torch.stack([a[0, 0] * 3, a[0, 5] * 3])  # query 0 is near neighbour 0, query 1 near neighbour 5
+    plain = _neighbour_ratios(_retformer(), z, a, t)
+    torch.testing.assert_close(plain[0], plain[1])
+    biased = _neighbour_ratios(_retformer(query_bias=True), z, a, t)
+    assert biased[0, 0] > biased[1, 0] and biased[1, 5] > biased[0, 5]
+
+
+def test_anchored_retrieval_branch_starts_as_the_vote() -> None:
+    """With anchor="label" the untrained L_R is exactly log of the similarity-weighted label vote (its
+    residual head starts at zero); training then moves it."""
+    z, a, t, lab = _inputs()
+    model = _retformer(anchor="label", anchor_temp=0.1)
+    _, l_r = model.branches(z, a, t, lab)
+    want = log_evidence(neighbour_vote("label", z, a, t, lab, C, 0.1))
+    torch.testing.assert_close(l_r, want)
+    with pytest.raises(ValueError, match="nn_label"):
+        model.branches(z, a, t)
+
+
+def test_image_weight_zero_is_retrieval_alone_where_the_gate_opens() -> None:
+    """image_weight 0 with a gate: where s > t the prediction is the retrieval term alone (here the vote,
+    beta 1, alpha 0), where the gate is closed it is L_I alone: both endpoints of the rule."""
+    z, a, t, lab = _inputs()
+    model = _retformer()
+    l_i, l_r = model.branches(z, a, t)
+    log_e = log_evidence(neighbour_vote("label", z, a, t, lab, C, 0.05))
+    s = torch.tensor([0.9, 0.1, 0.8, 0.2])
+    model.config.update(alpha=0.0, beta=1.0, gate_t=0.5, prior_tau=0.0, image_weight=0.0)
+    out = model.combine(l_i, l_r, s, log_e)
+    torch.testing.assert_close(out[[0, 2]], log_e[[0, 2]])
+    torch.testing.assert_close(out[[1, 3]], l_i[[1, 3]])
+    model.config.update(image_weight=0.5)
+    torch.testing.assert_close(model.combine(l_i, l_r, s, log_e)[0], 0.5 * l_i[0] + log_e[0])
+
+
+def _features(n: int = 40, seed: int = 0) -> RetrievalFeatures:
+    g = torch.Generator().manual_seed(seed)
+    m = 30
+    store = torch.nn.functional.normalize(torch.randn(m, DI, generator=g), dim=-1)
+    return RetrievalFeatures(
+        query_img=torch.randn(n, DI, generator=g),
+        labels=torch.randint(0, C, (n,), generator=g),
+        uids=[f"q{i}" for i in range(n)],
+        nn_rows=torch.randint(0, m, (n, K), generator=g),
+        nn_score=torch.rand(n, K, generator=g),
+        store_img=store.half(),
+        store_txt=torch.randn(m, DT, generator=g).half(),
+        store_has_text=torch.ones(m, dtype=torch.bool),
+        store_label=torch.randint(0, C, (m,), generator=g),
+    )
+
+
+def test_attention_diagnostics_are_bounded_and_uniform_attention_is_entropy_one() -> None:
+    """Entropy over log k is in (0, 1], correlation in [-1, 1], and the share of attention on
+    other-class neighbours is measured beside its uniform-attention value, which is the plain share of
+    such neighbours."""
+    f = _features()
+    classes = neighbour_classes(f, C, None, "label")
+    stats = attention_stats(_retformer(query_bias=True, anchor="label"), f, classes)
+    assert 0 < stats["attention_entropy_over_log_k"] <= 1 + 1e-6
+    assert -1 <= stats["attention_similarity_corr"] <= 1
+    other = (classes != f.labels[:, None]).float().mean(1).mean()
+    assert stats["uniform_on_other_class"] == pytest.approx(float(other), abs=1e-6)
+    assert stats["images"] == len(f)
+
+
+def test_agreement_bins_count_every_image_once_and_read_each_method() -> None:
+    """Images are binned by the share of neighbours carrying their label; the bins partition the split
+    and a method right everywhere scores 1 in every non-empty bin."""
+    f = _features()
+    classes = neighbour_classes(f, C, None, "label")
+    out = agreement_accuracy(f, classes, {"all": torch.ones(len(f), dtype=torch.bool)})
+    assert sum(b["images"] for b in out["bins"]) == len(f)
+    assert all(b["all"] == 1.0 for b in out["bins"] if b["images"])
+
+
+def test_retrieval_share_follows_the_gate() -> None:
+    """The share of images whose relevance passes the gate: 0 without a retrieval term, 1 without a
+    gate, and the fraction above t otherwise."""
+    f = _features()
+    model = _retformer()
+    model.config.update(alpha=0.0, beta=0.0, gate_t=None)
+    assert retrieval_share(model, f) == 0.0
+    model.config.update(alpha=1.0)
+    assert retrieval_share(model, f) == 1.0
+    model.config.update(gate_t=1.1)  # a cosine mean never exceeds 1
+    assert retrieval_share(model, f) == 0.0
+
+
+def _predictions(run: Path, name: str, correct: list[bool], groups: list[str]) -> None:
+    (run / "predictions").mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.table({"correct": correct, "shot_group": groups}), run / "predictions" / f"{name}.parquet"
+    )
+
+
+def test_paired_bootstrap_difference_and_interval(tmp_path: Path) -> None:
+    """Paired over the same images and averaged over seeds: identical methods give 0 with a zero-width
+    interval; a method right on 3 more of 10 images in each seed gives +0.3 inside its interval; the
+    few-shot group reads only its images."""
+    groups = ["few"] * 4 + ["many"] * 6
+    runs = []
+    for seed in range(2):
+        run = tmp_path / f"s{seed}"
+        _predictions(run, "retformer", [True] * 8 + [False] * 2, groups)
+        _predictions(run, "knn_vote", [True] * 5 + [False] * 5, groups)
+        _predictions(run, "mlp_only", [True] * 8 + [False] * 2, groups)
+        runs.append(run)
+    same = paired_bootstrap(runs, "retformer", "mlp_only")
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "images": 10}
+    better = paired_bootstrap(runs, "retformer", "knn_vote", resamples=500)
+    assert better["diff"] == pytest.approx(0.3) and better["lo"] <= 0.3 <= better["hi"]
+    assert paired_bootstrap(runs, "retformer", "knn_vote", group="few")["diff"] == 0.0
+    methods = {"retformer": {"top1": 0.8}, "knn_vote": {"top1": 0.5}, "mlp_only": {"top1": 0.8}}
+    assert comparison(runs, methods)["baseline"] == "mlp_only"  # the strongest baseline, ties by name
+
+
+def test_mean_over_seeds_keeps_each_seed_and_the_spread() -> None:
+    """Per method the mean, the sample sd and each seed's value; a method skipped in a seed stays
+    skipped; seeds count up from the experiment's own."""
+    summaries = [
+        {
+            "methods": {
+                "retformer": {"top1": v, "few": 0.5, "selected": {"alpha": a}},
+                "knn_vote": {"skipped": "x"},
+            }
+        }
+        for v, a in ((0.8, 0.0), (0.9, 0.5), (1.0, 1.0))
+    ]
+    out = mean_over_seeds(summaries)
+    r = out["retformer"]
+    assert r["top1"] == pytest.approx(0.9) and r["top1_sd"] == pytest.approx(0.1)
+    assert r["top1_seeds"] == [0.8, 0.9, 1.0] and r["few_sd"] == 0.0
+    assert [s["alpha"] for s in r["selected_seeds"]] == [0.0, 0.5, 1.0]
+    assert out["knn_vote"] == {"skipped": "x"}
+    assert seed_list(0, 3) == [0, 1, 2] and seed_list(5, 1) == [5]
+    assert not math.isnan(r["few"])
