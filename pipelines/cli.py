@@ -420,6 +420,7 @@ def demo(
 
 import pipelines.cli_browse  # noqa: E402,F401  (registers browse)
 import pipelines.cli_doctor  # noqa: E402,F401  (registers doctor)
+import pipelines.cli_serve  # noqa: E402,F401  (registers serve)
 import pipelines.cli_use  # noqa: E402,F401  (registers predict)
 
 

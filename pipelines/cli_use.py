@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, Any, TextIO
 
 import typer
 from tqdm.auto import tqdm
@@ -24,6 +25,58 @@ if getattr(getattr(_main, "__spec__", None), "name", None) == "pipelines.cli":
     Ctx, app, command = _main.Ctx, _main.app, _main.command  # type: ignore[union-attr]
 else:
     from pipelines.cli import Ctx, app, command  # noqa: F401 - app: where `command` registers
+
+
+@dataclass
+class Summary:
+    """What `retformer predict` tells at the end: counts over the records written, accuracy over the
+    labelled ones (shard samples with a label in the run's classes)."""
+
+    predicted: int = 0
+    labelled: int = 0
+    correct: int = 0
+    ood: int = 0
+    retrieval_used: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        """Count one record."""
+        self.predicted += 1
+        self.labelled += rec["label"] is not None
+        self.correct += bool(rec["correct"])
+        self.ood += bool(rec["ood"])
+        self.retrieval_used += bool(rec["retrieval_used"])
+
+    @property
+    def accuracy(self) -> float | None:
+        """Top-1 over the labelled records (None without any)."""
+        return self.correct / self.labelled if self.labelled else None
+
+    def as_json(self, run: str, method: str, ood: dict[str, Any]) -> dict[str, Any]:
+        """The `--json` summary object (the output's last line)."""
+        acc = self.accuracy
+        return {
+            "summary": {
+                "run": run,
+                "method": method,
+                "predicted": self.predicted,
+                "skipped": len(self.skipped),
+                "labelled": self.labelled,
+                "correct": self.correct,
+                "accuracy": None if acc is None else round(acc, 6),
+                "ood": self.ood,
+                "ood_threshold": ood["threshold"],
+                "ood_rule": ood["rule"],
+                "retrieval_used": self.retrieval_used,
+            }
+        }
+
+    def accuracy_line(self) -> str | None:
+        """`accuracy 81.50% (163 of 200 labelled images)`, or None when no record had a label."""
+        acc = self.accuracy
+        if acc is None:
+            return None
+        return f"accuracy {100 * acc:.2f}% ({self.correct} of {self.labelled} labelled images)"
 
 
 @command()
@@ -63,11 +116,20 @@ def predict(
             "grown since it was trained): new knowledge without retraining.",
         ),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='End the output with one summary line {"summary": {predicted, skipped, labelled, '
+            "correct, accuracy, ood, ood_threshold, retrieval_used, ...}}.",
+        ),
+    ] = False,
 ) -> None:
     """Classify images with a trained run: embed them with the run's encoder, retrieve their neighbors
     from the run's KB (its tuned search parameters), run the model; one JSON line per image (path,
-    class, score, top5, neighbors with uid, caption, similarity). Unreadable images are named on
-    stderr and skipped."""
+    class, score, top5, label / correct for a labelled shard sample, retrieval_used, mean_similarity,
+    ood, neighbors with uid, caption, similarity). Unreadable images are named on stderr and skipped;
+    with labelled shards an accuracy line ends stderr."""
     from pipelines.predict import Predictor, count_inputs, iter_inputs
 
     if out is not None and out.exists() and not out.is_file():  # was found after all the work
@@ -78,14 +140,15 @@ def predict(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     predictor = Predictor.open(run, method, ctx.ws.root, device, kb=kb)
     total = count_inputs(images)
-    skipped: list[str] = []
+    summary = Summary()
+    skipped = summary.skipped
+    run_name = predictor.saved.path.parent.name
 
     def on_skip(name: str, reason: str) -> None:
         skipped.append(name)
         tqdm.write(f"warning: {name}: skipped ({reason})", file=sys.stderr)
 
     def write(fh: TextIO) -> int:
-        written = 0
         records = predictor.predict_images(
             iter_inputs(images),
             neighbors=neighbors,
@@ -96,9 +159,12 @@ def predict(
         )
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            written += 1
+            summary.add(rec)
+        if as_json and summary.predicted:
+            ood = predictor.ood_threshold().describe()
+            fh.write(json.dumps(summary.as_json(run_name, predictor.method, ood), ensure_ascii=False) + "\n")
         fh.flush()
-        return written
+        return summary.predicted
 
     def none_read() -> UserError:
         return UserError(f"no image could be read among the inputs ({len(skipped)} skipped)")
@@ -111,8 +177,13 @@ def predict(
             if (written := write(fh)) == 0:
                 raise none_read()  # before the rename: no empty --out file
     where = f" to {out}" if out is not None else ""
+    thr = predictor.ood_threshold().value
+    flagged = f"; {summary.ood} flagged ood (s < {thr:.4f})" if thr is not None and summary.ood else ""
     typer.echo(
-        f"predicted {written} image(s) with {predictor.method} of {predictor.saved.path.parent.name}{where}"
-        + (f"; {len(skipped)} skipped" if skipped else ""),
+        f"predicted {written} image(s) with {predictor.method} of {run_name}{where}"
+        + (f"; {len(skipped)} skipped" if skipped else "")
+        + flagged,
         err=True,
     )
+    if (line := summary.accuracy_line()) is not None:
+        typer.echo(line, err=True)

@@ -12,7 +12,10 @@ images predicted here get the classes the run's evaluation gave them:
    the model's k; a shard sample whose uid is in the KB does not retrieve itself (as in the
    neighbors stage); the neighbors' rows come from the KB's embeddings parts;
 3. `trainer.train.predict` over those `RetrievalFeatures` (the evaluation's own call), fine-tuned
-   models on the preprocessed images; score = softmax of the logits.
+   models on the preprocessed images; score = softmax of the logits;
+4. what the record says about retrieval (`pipelines/relevance.py`): s (`mean_similarity`), whether the
+   rule applied its retrieval term (`retrieval_used`) and `ood` (s below the run's val threshold); a
+   labelled shard sample also gets its true `label` and whether the class is `correct`.
 
 Everything comes from the model file (`<run>/<method>.pt`, `trainer.checkpoint.save_model`): no
 manifest is read. The index and KB parts must be the ones the run was trained against (checked).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import numbers
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +44,7 @@ from artifacts.errors import UserError
 from artifacts.shards import to_record
 from artifacts.tar_reader import iter_shard_files
 from artifacts.workspace import Workspace
+from pipelines.relevance import OodThreshold, mean_similarity, ood_threshold, retrieval_applied
 from trainer.checkpoint import SavedModel, load_saved_model
 from trainer.features import RetrievalFeatures
 
@@ -62,15 +67,20 @@ def _image_suffixes() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
+class NotAnImage(UserError):
+    """Bytes that do not decode to an image the model's encoder can read (`Predictor.predict_bytes`)."""
+
+
 @dataclass(frozen=True)
 class ImageInput:
-    """One image to predict: its name (path, or `shard.tar#key`), its bytes, its uid when a shard gives
-    one, or why it cannot be read."""
+    """One image to predict: its name (path, or `shard.tar#key`), its bytes, its uid and true label when
+    a shard gives them, or why it cannot be read."""
 
     name: str
     data: bytes | None = None
     uid: str | None = None
     error: str | None = None
+    label: int | None = None
 
 
 def iter_inputs(paths: Iterable[Path | str]) -> Iterator[ImageInput]:
@@ -125,9 +135,17 @@ def _shard_inputs(shard: Path) -> Iterator[ImageInput]:
             if rec["image_bytes"] is None:
                 yield ImageInput(name, uid=rec["uid"], error="missing_image")
             else:
-                yield ImageInput(name, rec["image_bytes"], uid=rec["uid"])
+                yield ImageInput(name, rec["image_bytes"], uid=rec["uid"], label=_label(rec["label"]))
     except UserError as exc:
         yield ImageInput(str(shard), error=str(exc))
+
+
+def _label(value: Any) -> int | None:
+    """A shard json's (or an embeddings frame's) `label` as a class index; None when absent or not a
+    non-negative integer (a KB of web pairs has none; -1 means none in the embeddings parts)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        return None
+    return int(value)
 
 
 def count_inputs(paths: Iterable[Path | str]) -> int | None:
@@ -262,6 +280,7 @@ class Predictor:
         self._split: Any = None
         self._index: Any = None
         self._parts: tuple[list[Path], np.ndarray] | None = None
+        self._ood: OodThreshold | None = None
 
     @classmethod
     def open(
@@ -325,6 +344,19 @@ class Predictor:
             self._index, self._parts = index, (parts, offsets)
         return self._index
 
+    def ood_threshold(self) -> OodThreshold:
+        """The run's out-of-distribution threshold on s (`pipelines/relevance.py`), computed once from
+        the run's own val neighbour table (against the KB it was trained with, also under `kb`)."""
+        if self._ood is None:
+            ws: Workspace | None = self.ws
+            if self.other_kb is not None:
+                try:
+                    ws = _workspace_of(self.saved, self.ws.root)
+                except UserError:
+                    ws = None  # the run's own KB is not at hand: no threshold, said once
+            self._ood = ood_threshold(self.info, ws)
+        return self._ood
+
     # ----------------------------------------------------------------------------------- images
     def _pixels(self, data: bytes) -> tuple[Any, str | None]:
         """One image's preprocessed pixels (as the embed stage's loader makes them) or a skip reason."""
@@ -377,9 +409,9 @@ class Predictor:
         bar = tqdm(
             total=total, desc=f"predict {self.method}", unit="image", disable=not progress, leave=False
         )
-        # (name, uid, pixels) per decoded input: an input's bytes are dropped once decoded (holding the
-        # items of a chunk kept up to CHUNK files' raw bytes: 200 PNGs of 6.75 MB were +1.3 GB)
-        pending: list[tuple[str, str | None, Any]] = []
+        # (name, uid, label, pixels) per decoded input: an input's bytes are dropped once decoded (holding
+        # the items of a chunk kept up to CHUNK files' raw bytes: 200 PNGs of 6.75 MB were +1.3 GB)
+        pending: list[tuple[str, str | None, int | None, Any]] = []
         try:
             for item in inputs:
                 px, why = (None, item.error) if item.error else self._pixels(item.data or b"")
@@ -387,7 +419,7 @@ class Predictor:
                     skip(item.name, why or "unreadable")
                     bar.update(1)
                     continue
-                pending.append((item.name, item.uid, px))
+                pending.append((item.name, item.uid, item.label, px))
                 del item
                 if len(pending) >= chunk:
                     yield from self._predict_chunk(pending, neighbors, batch_size, bar)
@@ -398,22 +430,40 @@ class Predictor:
             bar.close()
 
     def _predict_chunk(
-        self, pending: list[tuple[str, str | None, Any]], neighbors: int, batch_size: int, bar: Any
+        self,
+        pending: list[tuple[str, str | None, int | None, Any]],
+        neighbors: int,
+        batch_size: int,
+        bar: Any,
     ) -> list[dict[str, Any]]:
         vectors, batches = [], []
         for start in range(0, len(pending), batch_size):
-            z, x = self._encode([px for _, _, px in pending[start : start + batch_size]])
+            z, x = self._encode([px for *_, px in pending[start : start + batch_size]])
             vectors.append(z)
             if self.finetuned:
                 batches.append(x)
             bar.update(len(z))
         return self.records(
             np.concatenate(vectors),
-            [uid for _, uid, _ in pending],
-            [name for name, _, _ in pending],
+            [uid for _, uid, _, _ in pending],
+            [name for name, *_ in pending],
             neighbors,
             images=torch.cat(batches) if batches else None,
+            labels=[label for _, _, label, _ in pending],
         )
+
+    def predict_bytes(self, data: bytes, name: str = "request", neighbors: int = 5) -> dict[str, Any]:
+        """The record of one image given as bytes (`retformer serve`); NotAnImage naming the reason
+        when they are not an image this model can read."""
+        reasons: list[str] = []
+        out = list(
+            self.predict_images(
+                [ImageInput(name, data)], neighbors, on_skip=lambda _, why: reasons.append(why)
+            )
+        )
+        if not out:
+            raise NotAnImage(f"not a readable image ({reasons[0] if reasons else 'unreadable'})")
+        return out[0]
 
     # ------------------------------------------------------------------------------- embeddings
     def predict_embeddings(
@@ -422,10 +472,12 @@ class Predictor:
         uids: list[str | None] | None = None,
         names: list[str] | None = None,
         neighbors: int = 5,
+        labels: list[int | None] | None = None,
     ) -> list[dict[str, Any]]:
         """Records for image embeddings (N, D) made by the run's encoder (e.g. a split's embeddings
         parts); they are rounded to float16 as the embed stage stores them. `uids` (where known) keep a
-        KB row with the same uid out of the neighbors, as the neighbors stage does."""
+        KB row with the same uid out of the neighbors, as the neighbors stage does; `labels` (where
+        known, else None or -1) are the true classes the records carry."""
         if self.finetuned:
             raise UserError(f"{self.method} fine-tuned its encoder: it predicts from images, not embeddings")
         z = np.asarray(vectors)
@@ -436,12 +488,17 @@ class Predictor:
         names = (
             list(names) if names is not None else [u if u is not None else str(i) for i, u in enumerate(uids)]
         )
-        if not len(uids) == len(names) == n:
-            raise UserError(f"{n} embeddings, {len(uids)} uids and {len(names)} names")
+        labels = [_label(y) for y in labels] if labels is not None else [None] * n
+        if not len(uids) == len(names) == len(labels) == n:
+            raise UserError(f"{n} embeddings, {len(uids)} uids, {len(names)} names and {len(labels)} labels")
         out: list[dict[str, Any]] = []
         for s in range(0, n, CHUNK):
             out += self.records(
-                z[s : s + CHUNK].astype(np.float16), uids[s : s + CHUNK], names[s : s + CHUNK], neighbors
+                z[s : s + CHUNK].astype(np.float16),
+                uids[s : s + CHUNK],
+                names[s : s + CHUNK],
+                neighbors,
+                labels=labels[s : s + CHUNK],
             )
         return out
 
@@ -512,11 +569,18 @@ class Predictor:
         names: list[str],
         neighbors: int = 5,
         images: torch.Tensor | None = None,
+        labels: list[int | None] | None = None,
     ) -> list[dict[str, Any]]:
         """Prediction records: path, uid, class, class_index, score (softmax), top5 [{class, index,
-        score}], neighbors [{kb_id, uid, caption, similarity, label}] (the first `neighbors` of k)."""
+        score}], label / label_class / correct (the true class where `labels` gives one in the run's
+        classes, else null), retrieval_used, mean_similarity (s), ood (`pipelines/relevance.py`),
+        neighbors [{kb_id, uid, caption, similarity, label}] (the first `neighbors` of k)."""
         features, store, kb_id = self.retrieve(z16, uids)
         logits = self.logits(features, images).float()
+        s = mean_similarity(features)
+        used = retrieval_applied(self.model, s)
+        ood = self.ood_threshold()
+        num_classes = len(self.class_names)
         probs = logits.softmax(dim=1)
         # the class is the logits' argmax, as in the evaluation (ties to the lowest class index)
         classes = logits.argmax(dim=1)
@@ -541,6 +605,8 @@ class Predictor:
                         "label": int(store.label[row]) if store.label[row] >= 0 else None,
                     }
                 )
+            label = labels[i] if labels is not None else None
+            label = label if label is not None and label < num_classes else None  # not one of the run's
             out.append(
                 {
                     "path": name,
@@ -549,6 +615,12 @@ class Predictor:
                     "class_index": top5[0]["index"],
                     "score": top5[0]["score"],
                     "top5": top5,
+                    "label": label,
+                    "label_class": None if label is None else self.class_names[label],
+                    "correct": None if label is None else label == top5[0]["index"],
+                    "retrieval_used": bool(used[i]),
+                    "mean_similarity": round(float(s[i]), 6),
+                    "ood": ood.flag(float(s[i])),
                     "neighbors": nn,
                 }
             )

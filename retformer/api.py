@@ -19,7 +19,21 @@ from trainer.features import NEIGHBOR_STORE, neighbor_k_values, neighbor_table_p
 
 log = logging.getLogger(__name__)
 
-RECORD_COLUMNS = ["path", "uid", "class", "class_index", "score", "top5", "neighbors"]
+RECORD_COLUMNS = [
+    "path",
+    "uid",
+    "class",
+    "class_index",
+    "score",
+    "top5",
+    "label",
+    "label_class",
+    "correct",
+    "retrieval_used",
+    "mean_similarity",
+    "ood",
+    "neighbors",
+]
 
 
 class Run:
@@ -48,6 +62,12 @@ class Run:
         """The run's eval.json (every method's metrics), or None when the model file is not in its run."""
         return read_json(self.path.parent / "eval.json")
 
+    @property
+    def ood_threshold(self) -> float | None:
+        """The s below which `predict` flags an image `ood`: percentile 1 of s over the run's val images
+        (pipelines/relevance.py); None when the run's val neighbour table is not at hand."""
+        return self._predictor.ood_threshold().value
+
     def predict(
         self,
         images: str | Path | Iterable[str | Path] | None = None,
@@ -59,7 +79,10 @@ class Run:
         progress: bool = False,
         kb: str | None = None,
     ) -> pd.DataFrame:
-        """Predictions, one row per image: path, uid, class, class_index, score, top5, neighbors.
+        """Predictions, one row per image: path, uid, class, class_index, score, top5, label,
+        label_class, correct (the true class where a shard sample or the embeddings' `label` column
+        gives one, else None), retrieval_used, mean_similarity, ood (`retformer predict`'s fields, see
+        pipelines/relevance.py), neighbors.
 
         images: image files, folders (searched recursively) and webdataset shards (`.tar`); unreadable
         ones are logged, listed in `self.skipped` and left out. embeddings instead: a DataFrame from
@@ -86,19 +109,21 @@ class Run:
                 )
             )
         else:
-            names = None
+            names, labels = None, None
             if isinstance(embeddings, pd.DataFrame):
                 if "image_emb" not in embeddings:
                     raise UserError("the embeddings DataFrame has no image_emb column (see read_embeddings)")
                 if uids is None and "uid" in embeddings:
                     uids = embeddings["uid"].tolist()
                     names = list(uids)
+                if "label" in embeddings:  # -1: none (read_embeddings)
+                    labels = [int(y) for y in embeddings["label"]]
                 vectors = (
                     np.stack(embeddings["image_emb"].to_numpy()) if len(embeddings) else np.zeros((0, 0))
                 )
             else:
                 vectors = np.asarray(embeddings)
-            records = predictor.predict_embeddings(vectors, uids, names, neighbors)
+            records = predictor.predict_embeddings(vectors, uids, names, neighbors, labels)
         return pd.DataFrame.from_records(records, columns=RECORD_COLUMNS)
 
     def _with_kb(self, kb: str) -> Predictor:
