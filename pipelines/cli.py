@@ -344,10 +344,15 @@ def train(
 def evaluate(
     ctx: Ctx,
     run_name: Annotated[
-        str | None, typer.Argument(metavar="[RUN]", help="Run name (default: the latest run).")
+        str | None,
+        typer.Argument(
+            metavar="[RUN]",
+            help="A finished run: its name, a unique prefix of it, a pattern ('fmnist_lt-*': the newest "
+            "match) or `latest` (the default). `retformer runs` lists them.",
+        ),
     ] = None,
     run: Annotated[
-        str | None, typer.Option("--run", "--run-name", help="Run name (default: the latest run).")
+        str | None, typer.Option("--run", "--run-name", help="The run, as RUN (default: the latest run).")
     ] = None,
     kb: Annotated[
         str | None,
@@ -402,6 +407,7 @@ def demo(
 
 import pipelines.cli_browse  # noqa: E402,F401  (registers browse)
 import pipelines.cli_doctor  # noqa: E402,F401  (registers doctor)
+import pipelines.cli_runs  # noqa: E402,F401  (registers runs, compare)
 import pipelines.cli_use  # noqa: E402,F401  (registers predict)
 
 

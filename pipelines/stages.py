@@ -715,15 +715,9 @@ def _refuse_stale_tables(ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], 
 
 
 def stage_evaluate(ws: Workspace, run: str | None = None) -> tuple[str, dict[str, Any]]:
-    """`retformer evaluate`: (run name, report) of a finished run, by default the latest one."""
-    runs_root = ws.root / "runs"
-    runs = sorted(runs_root.glob("*/eval.json"), key=lambda p: p.stat().st_mtime)
-    if run:
-        path = ws.run_dir(run) / "eval.json"
-        if not path.is_file():
-            raise UserError(f"run {run!r} has no eval.json under {runs_root}")
-    elif runs:
-        path = runs[-1]
-    else:
-        raise UserError(f"no finished runs under {runs_root}: run `retformer train` first")
-    return path.parent.name, read_json(path) or {}
+    """`retformer evaluate`: (run name, report) of a finished run: `run` as `resolve_run` reads it (a
+    name, a pattern, a unique prefix), by default the latest one."""
+    from pipelines.run_index import EVAL, resolve_run
+
+    run_dir = resolve_run(ws.root, run)
+    return run_dir.name, read_json(run_dir / EVAL) or {}
