@@ -144,9 +144,10 @@ class Ctx:
         }
 
 
-def command(*groups: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def command(*groups: str, name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register `fn(ctx, **own options)` as a command whose CLI also takes the shared option `groups`
-    ("workdir" always; "set", "dask"), appended to its own options."""
+    ("workdir" always; "set", "dask"), appended to its own options. `name`: the command's name when
+    it cannot be the function's (`list`, a builtin)."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
@@ -180,7 +181,7 @@ def command(*groups: str) -> Callable[[Callable[..., None]], Callable[..., None]
             [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
         )
         run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
-        return app.command(name=fn.__name__)(run)
+        return app.command(name=name or fn.__name__)(run)
 
     return register
 
@@ -407,7 +408,7 @@ def demo(
 
 import pipelines.cli_browse  # noqa: E402,F401  (registers browse)
 import pipelines.cli_doctor  # noqa: E402,F401  (registers doctor)
-import pipelines.cli_runs  # noqa: E402,F401  (registers runs, compare)
+import pipelines.cli_runs  # noqa: E402,F401  (registers runs, compare, list)
 import pipelines.cli_use  # noqa: E402,F401  (registers predict)
 
 

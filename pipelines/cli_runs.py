@@ -1,5 +1,6 @@
-"""Commands that look around the workspace: `retformer runs` (the finished runs) and `retformer compare
-RUN [RUN...]` (runs side by side). The work is pipelines/run_index.py and compare.py.
+"""Commands that look around the workspace and the manifests: `retformer runs` (the finished runs),
+`retformer compare RUN [RUN...]` (runs side by side) and `retformer list KIND` (datasets, KBs,
+experiments, encoders, clusters). The work is pipelines/run_index.py, compare.py and catalog.py.
 
 Registered on the `retformer` app by importing this module (pipelines/cli.py does, before `main`).
 """
@@ -120,3 +121,24 @@ def compare(
     figure = per_class_figure(found, method)
     typer.echo(compare_table(found))
     typer.echo(f"\nper-class accuracy: {write_png(figure, target)}")
+
+
+@command(name="list")
+def list_(
+    ctx: Ctx,
+    kind: Annotated[
+        str, typer.Argument(metavar="KIND", help="datasets, kbs, experiments, encoders or clusters.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """List what there is to run with: one line per dataset, KB, experiment, encoder or cluster: its
+    name, what it is, whether it needs a GPU, whether its data is here or must be downloaded, and where
+    that data is expected."""
+    from pipelines.catalog import entries
+
+    found = entries(kind, ctx.ws.root)
+    if as_json:
+        typer.echo(json.dumps([e.as_json() for e in found], indent=2))
+        return
+    rows = [[e.name, e.what, e.gpu, e.data, e.where] for e in found]
+    typer.echo(plain_table(["name", "what", "gpu", "data", "where"], rows))
