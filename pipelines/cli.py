@@ -42,6 +42,15 @@ RunOpt = Annotated[
     str | None,
     typer.Option("--run", "--run-name", help="Run name (default: dataset-kb-experiment-<config hash>)."),
 ]
+TensorBoardOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        help="Also log each trained model's per-epoch figures (loss, train_acc, lr, val) for TensorBoard "
+        "under DIR/<run>/<method>/ (`tensorboard --logdir DIR`).",
+        metavar="DIR",
+    ),
+]
 
 # The options several commands share, defined once: (parameter, annotation, default) per group.
 _SHARED: dict[str, list[tuple[str, Any, Any]]] = {
@@ -331,14 +340,18 @@ def train(
     force: Annotated[
         bool, typer.Option("--force", help="Replace a finished run of another configuration under --run.")
     ] = False,
+    tensorboard: TensorBoardOpt = None,
 ) -> None:
     """Train and evaluate the experiment's methods on precomputed neighbor tables."""
     from pipelines.results import format_table
+    from pipelines.tensorboard import check_dir
 
+    board = check_dir(tensorboard) if tensorboard is not None else None
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides)
     kb_m = stages.load_kb(kb, ctx.overrides)
     exp_m = stages.load_experiment(experiment, ctx.overrides)
-    typer.echo(format_table(stages.stage_train(ctx.ws, ds_m, kb_m, exp_m, run, force=force)))
+    report = stages.stage_train(ctx.ws, ds_m, kb_m, exp_m, run, force=force, tensorboard=board)
+    typer.echo(format_table(report))
 
 
 @command("set", "dask")
@@ -398,12 +411,16 @@ def demo(
         list[str] | None, typer.Option("--kb", help="KB manifest for the --dataset at the same place.")
     ] = None,
     experiment: Annotated[str, typer.Option("--experiment")] = "demo",
+    tensorboard: TensorBoardOpt = None,
 ) -> None:
     """Everything on the development datasets (Fashion-MNIST-LT, digits-LT): shards, embed, index,
     neighbors, train RetFormer + baselines with every choice on val, test reported once."""
     from pipelines.demo import demo_pairs, run_demo
+    from pipelines.tensorboard import check_dir
 
-    run_demo(ctx.ws, demo_pairs(dataset, kb), experiment, ctx.overrides, ctx.dask)
+    board = check_dir(tensorboard) if tensorboard is not None else None
+    pairs = demo_pairs(dataset, kb)
+    run_demo(ctx.ws, pairs, experiment, ctx.overrides, ctx.dask, board)
 
 
 import pipelines.cli_browse  # noqa: E402,F401  (registers browse)

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -56,9 +57,11 @@ def run_pair(
     experiment: str,
     overrides: list[str] | None,
     dask: dict[str, Any] | None = None,
+    tensorboard: Path | None = None,
 ) -> tuple[dict, dict]:
     """Shards, embed, index, neighbors, train + evaluate for one pair; returns (summary, report).
-    `dask`: where the Dask stages run (scheduler / workers / cluster / scheduler_file, as the CLI's)."""
+    `dask`: where the Dask stages run (scheduler / workers / cluster / scheduler_file, as the CLI's);
+    `tensorboard`: the folder for the per-epoch figures (stage_train's)."""
     dask = dask or {}
     from pipelines.results import results_summary
 
@@ -76,7 +79,7 @@ def run_pair(
     with _timed(timings, f"{ds_m['name']}: neighbors"):
         nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, **dask)
     with _timed(timings, f"{ds_m['name']}: train+evaluate"):
-        report = stages.stage_train(ws, ds_m, kb_m, exp_m)  # run named with its config hash
+        report = stages.stage_train(ws, ds_m, kb_m, exp_m, tensorboard=tensorboard)  # named by config hash
     summary = results_summary(report)
     summary.update(
         {
@@ -136,15 +139,17 @@ def run_demo(
     experiment: str,
     overrides: list[str] | None,
     dask: dict[str, Any] | None = None,
+    tensorboard: Path | None = None,
 ) -> dict:
-    """Run every (dataset, KB) pair, print one table per dataset, write `demo/results.json`."""
+    """Run every (dataset, KB) pair, print one table per dataset, write `demo/results.json`
+    (`tensorboard`: each trained model's per-epoch figures under it, `<run>/<method>/`)."""
     from pipelines.results import format_table
 
     started = time.perf_counter()
     results: dict[str, dict] = {}
     reports: dict[str, dict] = {}
     for dataset, kb in pairs:
-        summary, report = run_pair(ws, dataset, kb, experiment, overrides, dask)
+        summary, report = run_pair(ws, dataset, kb, experiment, overrides, dask, tensorboard)
         results[summary["dataset"]] = summary
         reports[summary["dataset"]] = report
     wall = round(time.perf_counter() - started, 1)
