@@ -42,6 +42,15 @@ RunOpt = Annotated[
     str | None,
     typer.Option("--run", "--run-name", help="Run name (default: dataset-kb-experiment-<config hash>)."),
 ]
+TensorBoardOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        help="Also log each trained model's per-epoch figures (loss, train_acc, lr, val) for TensorBoard "
+        "under DIR/<run>/<method>/ (`tensorboard --logdir DIR`).",
+        metavar="DIR",
+    ),
+]
 
 # The options several commands share, defined once: (parameter, annotation, default) per group.
 _SHARED: dict[str, list[tuple[str, Any, Any]]] = {
@@ -144,9 +153,10 @@ class Ctx:
         }
 
 
-def command(*groups: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def command(*groups: str, name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register `fn(ctx, **own options)` as a command whose CLI also takes the shared option `groups`
-    ("workdir" always; "set", "dask"), appended to its own options."""
+    ("workdir" always; "set", "dask"), appended to its own options. `name`: the command's name when
+    it cannot be the function's (`list`, a builtin)."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
@@ -180,7 +190,7 @@ def command(*groups: str) -> Callable[[Callable[..., None]], Callable[..., None]
             [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
         )
         run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
-        return app.command(name=fn.__name__)(run)
+        return app.command(name=name or fn.__name__)(run)
 
     return register
 
@@ -330,24 +340,33 @@ def train(
     force: Annotated[
         bool, typer.Option("--force", help="Replace a finished run of another configuration under --run.")
     ] = False,
+    tensorboard: TensorBoardOpt = None,
 ) -> None:
     """Train and evaluate the experiment's methods on precomputed neighbor tables."""
     from pipelines.results import format_table
+    from pipelines.tensorboard import check_dir
 
+    board = check_dir(tensorboard) if tensorboard is not None else None
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides)
     kb_m = stages.load_kb(kb, ctx.overrides)
     exp_m = stages.load_experiment(experiment, ctx.overrides)
-    typer.echo(format_table(stages.stage_train(ctx.ws, ds_m, kb_m, exp_m, run, force=force)))
+    report = stages.stage_train(ctx.ws, ds_m, kb_m, exp_m, run, force=force, tensorboard=board)
+    typer.echo(format_table(report))
 
 
 @command("set", "dask")
 def evaluate(
     ctx: Ctx,
     run_name: Annotated[
-        str | None, typer.Argument(metavar="[RUN]", help="Run name (default: the latest run).")
+        str | None,
+        typer.Argument(
+            metavar="[RUN]",
+            help="A finished run: its name, a unique prefix of it, a pattern ('fmnist_lt-*': the newest "
+            "match) or `latest` (the default). `retformer runs` lists them.",
+        ),
     ] = None,
     run: Annotated[
-        str | None, typer.Option("--run", "--run-name", help="Run name (default: the latest run).")
+        str | None, typer.Option("--run", "--run-name", help="The run, as RUN (default: the latest run).")
     ] = None,
     kb: Annotated[
         str | None,
@@ -408,18 +427,22 @@ def demo(
     quick: Annotated[
         bool, typer.Option("--quick", help="Smoke run: digits-LT only, small grids (~2 min on 2 cores).")
     ] = False,
+    tensorboard: TensorBoardOpt = None,
 ) -> None:
     """Everything on the development datasets (Fashion-MNIST-LT, digits-LT): shards, embed, index,
     neighbors, train RetFormer + baselines with every choice on val, test reported once."""
     from pipelines.demo import QUICK_PAIRS, demo_pairs, run_demo
+    from pipelines.tensorboard import check_dir
 
+    board = check_dir(tensorboard) if tensorboard is not None else None
     with_noisy = seeds > 1 if noisy is None else noisy
     pairs = list(QUICK_PAIRS) if quick and not dataset else demo_pairs(dataset, kb, with_noisy)
-    run_demo(ctx.ws, pairs, experiment, ctx.overrides, ctx.dask, seeds, quick)
+    run_demo(ctx.ws, pairs, experiment, ctx.overrides, ctx.dask, seeds, quick, board)
 
 
 import pipelines.cli_browse  # noqa: E402,F401  (registers browse)
 import pipelines.cli_doctor  # noqa: E402,F401  (registers doctor)
+import pipelines.cli_runs  # noqa: E402,F401  (registers runs, compare, list)
 import pipelines.cli_serve  # noqa: E402,F401  (registers serve)
 import pipelines.cli_use  # noqa: E402,F401  (registers predict)
 

@@ -44,6 +44,7 @@ class ClusterSpec:
 
     name: str
     kind: str = "local"
+    description: str | None = None  # one line for `retformer list clusters`, as other manifests have
     # local
     workers: int | None = None  # LocalCluster worker processes (default: one per core, at most 8)
     threads_per_worker: int = 1

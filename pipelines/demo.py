@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -81,12 +82,14 @@ def run_pair(
     overrides: list[str] | None,
     dask: dict[str, Any] | None = None,
     seeds: int = 1,
+    tensorboard: Path | None = None,
 ) -> tuple[dict, dict]:
     """Shards, embed, index, neighbors, then train + evaluate once per seed for one pair; returns
     (summary, the first seed's report). `dask`: where the Dask stages run (scheduler / workers / cluster /
     scheduler_file, as the CLI's). seeds: training seeds, from the experiment's `train.seed` on; with
     more than one the summary's methods are their mean (`pipelines.seeds.mean_over_seeds`) and
-    `comparison` the paired bootstrap of RetFormer minus the strongest baseline."""
+    `comparison` the paired bootstrap of RetFormer minus the strongest baseline. `tensorboard`: the
+    folder for the per-epoch figures (stage_train's)."""
     dask = dask or {}
     from pipelines.results import results_summary
     from pipelines.seeds import comparison, mean_over_seeds, seed_list
@@ -109,7 +112,7 @@ def run_pair(
     with _timed(timings, f"{ds_m['name']}: train+evaluate"):
         for seed in seed_values:  # each seed is its own run, named with its config hash
             seeded = {**exp_m, "train": {**(exp_m.get("train") or {}), "seed": seed}}
-            reports.append(stages.stage_train(ws, ds_m, kb_m, seeded))
+            reports.append(stages.stage_train(ws, ds_m, kb_m, seeded, tensorboard=tensorboard))
     report = reports[0]
     summary = results_summary(report)
     if seeds > 1:
@@ -178,10 +181,12 @@ def run_demo(
     dask: dict[str, Any] | None = None,
     seeds: int = 1,
     quick: bool = False,
+    tensorboard: Path | None = None,
 ) -> dict:
     """Run every (dataset, KB) pair (`seeds` training seeds each), print one table per dataset, write
     `demo/results.json`. quick: the smoke run's small grids (`QUICK_OVERRIDES`) on top of `overrides`,
-    said so in the output and in results.json."""
+    said so in the output and in results.json. `tensorboard`: each trained model's per-epoch figures
+    under it, `<run>/<method>/`."""
     from pipelines.results import format_seed_table, format_table
     from pipelines.seeds import comparison_line
 
@@ -192,7 +197,7 @@ def run_demo(
     results: dict[str, dict] = {}
     reports: dict[str, dict] = {}
     for dataset, kb in pairs:
-        summary, report = run_pair(ws, dataset, kb, experiment, overrides, dask, seeds)
+        summary, report = run_pair(ws, dataset, kb, experiment, overrides, dask, seeds, tensorboard)
         results[summary["dataset"]] = summary
         reports[summary["dataset"]] = report
     wall = round(time.perf_counter() - started, 1)

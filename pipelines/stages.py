@@ -664,11 +664,13 @@ def stage_train(
     exp: dict[str, Any],
     run: str | None = None,
     force: bool = False,
+    tensorboard: Path | None = None,
 ) -> dict[str, Any]:
     """`retformer train`: every method of the experiment on the neighbor tables; the run's eval.json,
     per-sample predictions and report.html (pipelines/report.py). The run is named
     `<dataset>-<kb>-<experiment>-<config hash>` (pipelines/runs.py) unless `run` is given; a finished
-    run of another configuration under that name is refused unless `force`.
+    run of another configuration under that name is refused unless `force`. `tensorboard`: a folder
+    that gets each trained model's per-epoch figures under `<run>/<method>/` (pipelines/tensorboard.py).
 
     One writer per run folder. A finished run of this configuration (its eval.json's config_hash) is
     skipped: its eval.json is returned (`force` trains it again); a killed one is resumed
@@ -683,6 +685,7 @@ def stage_train(
     from pipelines.experiment_plan import eval_splits, plan_experiment
     from pipelines.report import write_report
     from pipelines.runs import check_overwrite, config_hash, default_run_name
+    from pipelines.tensorboard import tensorboard_logging
     from trainer import distributed
 
     if distributed.init_from_env() and not distributed.is_main():
@@ -721,7 +724,9 @@ def stage_train(
         if finished is not None:
             return finished
         progress = console.progress_enabled()
-        report = run_experiment(ws, ds, kb, exp, run_dir, progress=progress, config_hash=wanted)
+        board = run_dir.name if tensorboard is not None and distributed.is_main() else None
+        with tensorboard_logging(tensorboard / board if board else None):  # rank 0 alone writes
+            report = run_experiment(ws, ds, kb, exp, run_dir, progress=progress, config_hash=wanted)
         if distributed.is_main():
             log.info("report: %s", write_report(run_dir))
         distributed.barrier()  # every rank returns once rank 0's files are complete
@@ -745,15 +750,9 @@ def _refuse_stale_tables(ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], 
 
 
 def stage_evaluate(ws: Workspace, run: str | None = None) -> tuple[str, dict[str, Any]]:
-    """`retformer evaluate`: (run name, report) of a finished run, by default the latest one."""
-    runs_root = ws.root / "runs"
-    runs = sorted(runs_root.glob("*/eval.json"), key=lambda p: p.stat().st_mtime)
-    if run:
-        path = ws.run_dir(run) / "eval.json"
-        if not path.is_file():
-            raise UserError(f"run {run!r} has no eval.json under {runs_root}")
-    elif runs:
-        path = runs[-1]
-    else:
-        raise UserError(f"no finished runs under {runs_root}: run `retformer train` first")
-    return path.parent.name, read_json(path) or {}
+    """`retformer evaluate`: (run name, report) of a finished run: `run` as `resolve_run` reads it (a
+    name, a pattern, a unique prefix), by default the latest one."""
+    from pipelines.run_index import EVAL, resolve_run
+
+    run_dir = resolve_run(ws.root, run)
+    return run_dir.name, read_json(run_dir / EVAL) or {}

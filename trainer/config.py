@@ -13,11 +13,15 @@ from artifacts.errors import UserError
 
 # The ways a RetFormer's branches are combined (trainer/model.py).
 RECIPES = ("paper", "stacked")
+# The fine-tune methods (mode "finetune" in trainer/methods.py, which checks this list), named here too so
+# that `retformer list experiments` tells which experiments train an encoder without importing torch.
+FINETUNE_NAMES = ("retformer_ft", "retformer_no_text_ft", "retformer_no_image_ft", "full_finetune")
 # The method names an experiment may list, in table order (trainer/methods.py holds what each is).
 METHOD_NAMES = (
     *("retformer", "retformer_no_text", "retformer_no_image", "mlp_only", "linear_probe", "knn_vote"),
     *("knn_weighted", "caption_vote"),
-    *("retformer_ft", "retformer_no_text_ft", "retformer_no_image_ft", "full_finetune", "zeroshot"),
+    *FINETUNE_NAMES,
+    "zeroshot",
 )
 
 

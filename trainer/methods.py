@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint import discard_stale, save_torch
-from trainer.config import METHOD_NAMES
+from trainer.config import FINETUNE_NAMES, METHOD_NAMES
 from trainer.features import RetrievalFeatures
 from trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
 from trainer.model import MODEL_KINDS, build_model
@@ -63,6 +63,7 @@ assert tuple(METHODS) == METHOD_NAMES, "trainer/config.py METHOD_NAMES must list
 FEATURE_METHODS = tuple(m.name for m in _ALL if m.mode in ("frozen", "vote"))
 # fine-tune method -> the feature-mode method whose model it trains on top of the live encoder
 FINETUNE_METHODS = {m.name: m.model for m in _ALL if m.mode == "finetune"}
+assert tuple(FINETUNE_METHODS) == FINETUNE_NAMES, "trainer/config.py FINETUNE_NAMES must list them"
 # Methods that never look at the neighbors: one result per experiment, even in a k sweep.
 RETRIEVAL_FREE = frozenset(m.name for m in _ALL if not m.uses_neighbors)
 TRAINED = frozenset(m.name for m in _ALL if m.model is not None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -20,6 +20,9 @@ from typing import Any
 from tqdm import tqdm
 
 _CURRENT: ContextVar[ModelProgress | None] = ContextVar("model_progress", default=None)
+# (model name, epoch number over the model's fits, the epoch's metrics line) -> None: see `listening`
+EpochListener = Callable[[str, int, dict[str, Any]], None]
+_LISTENERS: ContextVar[tuple[EpochListener, ...]] = ContextVar("epoch_listeners", default=())
 
 # `{desc} {n}/{total}` first, as a person reads it; tqdm's bar and times after.
 BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} {figures} |{bar:16}| {elapsed}<{remaining}"
@@ -104,9 +107,12 @@ class ModelProgress:
         if val is not None:
             parts.append(f"val {val:.3f}")
         self.figures = " ".join(parts)
+        line = {"fit": self.fit, "fit_config": self.fit_config, **entry}
         if self.log_path is not None:
             with open(self.log_path, "a") as fh:
-                fh.write(json.dumps({"fit": self.fit, "fit_config": self.fit_config, **entry}) + "\n")
+                fh.write(json.dumps(line) + "\n")
+        for listener in _LISTENERS.get():
+            listener(self.name, self.done, line)
         self._draw()
 
     def _draw(self) -> None:
@@ -141,6 +147,21 @@ def tracking(progress: ModelProgress) -> Iterator[ModelProgress]:
     finally:
         _CURRENT.reset(token)
         progress.close()
+
+
+@contextmanager
+def listening(listener: EpochListener) -> Iterator[None]:
+    """Inside the block, `listener(name, n, line)` runs after every epoch of every model trained: `name`
+    is the model's progress name (its result name), `n` its epochs so far over all its fits (1, 2, ...;
+    a resumed fit counts the epochs before the checkpoint), `line` the epoch's entry with its `fit`
+    number and `fit_config`, as the metrics file has it. Every epoch passes through a ModelProgress
+    (train_epochs opens one when no caller did), so this one hook sees both modes and every selection
+    grid; `--tensorboard` (pipelines/tensorboard.py) listens here without the trainer knowing of it."""
+    token = _LISTENERS.set((*_LISTENERS.get(), listener))
+    try:
+        yield
+    finally:
+        _LISTENERS.reset(token)
 
 
 def fit_summary(config: Any) -> dict[str, Any]:

@@ -15,7 +15,14 @@ from typing import Any
 from artifacts.errors import UserError
 from kb_builder.encoders.base import ImageEncoder, TextEncoder
 
-__all__ = ["ImageEncoder", "TextEncoder", "build_image_encoder", "build_text_encoder", "encoder_names"]
+__all__ = [
+    "ImageEncoder",
+    "TextEncoder",
+    "build_image_encoder",
+    "build_text_encoder",
+    "encoder_modules",
+    "encoder_names",
+]
 
 # name -> "module:Class", relative to this package.
 _IMAGE = {
@@ -31,6 +38,15 @@ _TEXT = {
 def encoder_names() -> dict[str, list[str]]:
     """Known encoder names by kind: {"image": [...], "text": [...]}."""
     return {"image": sorted(_IMAGE), "text": sorted(_TEXT)}
+
+
+def encoder_modules() -> dict[str, dict[str, str]]:
+    """The module of each encoder by kind and name ({"image": {"open_clip": "kb_builder.encoders.
+    open_clip_encoder", ...}, "text": {...}}), without importing any (`retformer list encoders`)."""
+    return {
+        kind: {name: f"{__name__}.{target.split(':')[0]}" for name, target in sorted(registry.items())}
+        for kind, registry in (("image", _IMAGE), ("text", _TEXT))
+    }
 
 
 def _build(spec: Any, registry: dict[str, str], kind: str) -> Any:
