@@ -325,7 +325,7 @@ BARE = {
     "caption_vote": bare_votes,
 }
 TRAINED_HERE = ("mlp_only", "linear_probe", "retformer")
-RULE_KEYS = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "image_weight")
+RULE_KEYS = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "vote_k", "image_weight")
 
 
 def caption_class_text(kb: dict[str, Any], info: dict[str, Any]) -> torch.Tensor | None:

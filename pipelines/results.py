@@ -70,7 +70,8 @@ def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
     if sel.get("alpha"):
         retrieval.append(f"{sel['alpha']:g} L_R")
     if sel.get("beta"):
-        retrieval.append(f"{sel['beta']:g} log vote({sel.get('evidence')}, T {sel.get('vote_temp')})")
+        k = f"k {sel['vote_k']}, " if sel.get("vote_k") else ""
+        retrieval.append(f"{sel['beta']:g} log vote({sel.get('evidence')}, {k}T {sel.get('vote_temp')})")
     if retrieval:
         gate = (
             f"[s > {sel['gate_t']:.3f} (val q {sel.get('gate_quantile')})] "

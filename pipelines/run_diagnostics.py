@@ -55,7 +55,16 @@ def diagnose(
             out["attention"] = attention_stats(model, features, classes)
             out["rule"] = {
                 key: model.config.get(key)
-                for key in ("alpha", "beta", "gate_t", "prior_tau", "evidence", "vote_temp", "image_weight")
+                for key in (
+                    "alpha",
+                    "beta",
+                    "gate_t",
+                    "prior_tau",
+                    "evidence",
+                    "vote_temp",
+                    "vote_k",
+                    "image_weight",
+                )
             }
             out["rule"]["retrieval_share"] = retrieval_share(model, features)
             out["query_bias"] = bool(model.config.get("query_bias"))

@@ -189,3 +189,17 @@ def test_mean_over_seeds_keeps_each_seed_and_the_spread() -> None:
     assert out["knn_vote"] == {"skipped": "x"}
     assert seed_list(0, 3) == [0, 1, 2] and seed_list(5, 1) == [5]
     assert not math.isnan(r["few"])
+
+
+def test_vote_grid_from_parts_equals_the_streamed_votes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The (k, temperature) grid of a weighted vote cast from the neighbours read once equals, trial by
+    trial, the votes streamed per cell (the path for splits too large to hold)."""
+    import trainer.selection as selection
+    from trainer.config import SelectOptions
+
+    f = _features(n=60)
+    opts = SelectOptions(knn_k=(1, 3, 6), vote_temps=(0.02, 0.1))
+    fast = selection.select_vote(f, C, "label", opts)
+    monkeypatch.setattr(selection, "VOTE_PARTS_MAX", 0)
+    assert selection.split_vote_parts(f, C, "label") is None
+    assert selection.select_vote(f, C, "label", opts) == fast

@@ -130,6 +130,9 @@ class SelectOptions:
     # Weight of L_I where the rule's retrieval term applies (s > t): 1 = L_I plus retrieval; 0 = retrieval
     # alone (the vote or L_R), L_I only where the gate is closed: the rule's other endpoint (issue 18)
     image_weights: tuple[float, ...] = (1.0, 0.5, 0.0)
+    # Points of select_metric a rule with retrieval must gain on val over the best rule without it to be
+    # chosen (0: any gain; issue 18's "alpha > 0 only with > 1 val point gain", checked on a control)
+    min_gain: float = 0.0
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any] | None) -> SelectOptions:

@@ -84,6 +84,26 @@ def neighbour_vote(
     """(B, C) the neighbours' vote: their KB labels ("label") or the classes their captions name
     ("caption", against `class_text`), weighted by softmax(cos(z, neighbour image) / vote_temp)
     (uniform without nn_img). knn_weighted, caption_vote and RetFormer's evidence term all read this."""
+    cos, probs = vote_parts(
+        kind, z, nn_img, nn_txt, nn_label, num_classes, class_text, caption_temp, caption_null
+    )
+    return vote_from_parts(cos, probs, probs.shape[1], vote_temp)
+
+
+def vote_parts(
+    kind: str,
+    z: torch.Tensor,
+    nn_img: torch.Tensor | None,
+    nn_txt: torch.Tensor | None,
+    nn_label: torch.Tensor | None,
+    num_classes: int,
+    class_text: torch.Tensor | None = None,
+    caption_temp: float = CAPTION_TEMP,
+    caption_null: float = CAPTION_NULL,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What every vote of these queries reads, whatever its k and temperature: (cos (B, k) between each
+    query and its neighbours' images, or None without nn_img; the neighbours' class distributions
+    (B, k, C)). `vote_from_parts` then casts any (k', T) vote from them: `neighbour_vote`'s values."""
     if kind == "label":
         if nn_label is None:
             raise ValueError("label evidence needs the neighbours' KB labels (nn_label)")
@@ -95,9 +115,20 @@ def neighbour_vote(
     else:
         raise ValueError(f"no evidence kind set (evidence={kind!r})")
     if nn_img is None:
+        return None, probs
+    cos = (F.normalize(z.float(), dim=-1)[:, None, :] * F.normalize(nn_img.float(), dim=-1)).sum(-1)
+    return cos, probs
+
+
+def vote_from_parts(
+    cos: torch.Tensor | None, probs: torch.Tensor, k: int, temperature: float
+) -> torch.Tensor:
+    """(B, C) the similarity-weighted vote of the first k neighbours from `vote_parts`' output."""
+    probs = probs[:, :k]
+    if cos is None:
         weights = torch.full(probs.shape[:2], 1.0 / probs.shape[1], device=probs.device)
     else:
-        weights = neighbour_weights(z, nn_img, vote_temp)
+        weights = torch.softmax(cos[:, :k] / temperature, dim=1)
     return weighted_vote(weights, probs)
 
 

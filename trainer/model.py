@@ -107,6 +107,7 @@ class RetFormer(nn.Module):
         image_weight: float = 1.0,
         anchor: str | None = None,
         anchor_temp: float = 0.05,
+        vote_k: int | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -146,6 +147,7 @@ class RetFormer(nn.Module):
             "image_weight": image_weight,
             "anchor": anchor,
             "anchor_temp": anchor_temp,
+            "vote_k": vote_k,
         }
         self.variant = variant
         self.k = k
@@ -262,10 +264,17 @@ class RetFormer(nn.Module):
         nn_label: torch.Tensor | None,
         kind: str | None = None,
         vote_temp: float | None = None,
+        vote_k: int | None = None,
     ) -> torch.Tensor:
-        """(B, C) the neighbours' evidence under this model's settings (or the `kind` / `vote_temp` given):
-        their votes weighted by softmax(cos(z, neighbour image) / vote_temp) (uniform without nn_img)."""
+        """(B, C) the neighbours' evidence under this model's settings (or the `kind` / `vote_temp` /
+        `vote_k` given): the votes of the first vote_k neighbours (all when None) weighted by
+        softmax(cos(z, neighbour image) / vote_temp) (uniform without nn_img)."""
         cfg = self.config
+        # The rule's own vote (no `kind` given) reads its first vote_k neighbours: the weighted-vote
+        # baseline's k, chosen on val; an explicit kind (the anchor, a selection) says its own k.
+        k = vote_k if vote_k is not None else (cfg.get("vote_k") if kind is None else None)
+        if k is not None:
+            nn_img, nn_txt, nn_label = (None if x is None else x[:, :k] for x in (nn_img, nn_txt, nn_label))
         return neighbour_vote(
             kind or cfg["evidence"],
             z,

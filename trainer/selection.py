@@ -39,7 +39,15 @@ from trainer.baselines import knn_vote
 from trainer.checkpoint import CHECKPOINT_FORMAT
 from trainer.config import SelectOptions
 from trainer.evaluate import evaluate
-from trainer.evidence import balanced_accuracy, log_evidence, neighbour_vote
+from trainer.evidence import (
+    CAPTION_NULL,
+    CAPTION_TEMP,
+    balanced_accuracy,
+    log_evidence,
+    neighbour_vote,
+    vote_from_parts,
+    vote_parts,
+)
 from trainer.features import RetrievalFeatures
 from trainer.model import MLPOnly, RetFormer, build_model, relevance
 from trainer.train import TrainConfig, fit, predict
@@ -232,16 +240,57 @@ def relevance_of(features: RetrievalFeatures, device: torch.device, batch_size: 
 
 @torch.inference_mode()
 def split_evidence(
-    model: RetFormer, features: RetrievalFeatures, kind: str, vote_temp: float, batch_size: int = 1024
+    model: RetFormer, features: RetrievalFeatures, kind: str, vote_temp: float, vote_k: int
 ) -> torch.Tensor:
-    """(N, C) log evidence of every query under the model's evidence settings and `kind` / `vote_temp`:
-    what its rule adds, times beta (`RetFormer.evidence`)."""
-    out = []
+    """(N, C) log evidence of every query under the model's evidence settings, `kind` and the vote's
+    (k, temperature): what its rule adds, times beta (`RetFormer.evidence`'s values)."""
+    cfg = model.config
+    args = (int(cfg["num_classes"]), kind, model.class_text, cfg["caption_temp"], cfg["caption_null"])
+    parts = split_vote_parts(features, *args)
+    if parts is not None:
+        vote = vote_from_parts(*parts, vote_k, vote_temp)
+    else:  # too many (query, neighbour, class) entries to hold: stream it
+        vote = vote_scores(features, *args[:3], vote_k, vote_temp, caption=args[3:])
+    return log_evidence(vote).float()
+
+
+# Elements of the (N, k, C) class distributions `split_vote_parts` holds at once (256 MB of float32).
+VOTE_PARTS_MAX = 64 << 20
+
+
+def split_vote_parts(
+    features: RetrievalFeatures,
+    num_classes: int,
+    kind: str,
+    class_text: torch.Tensor | None = None,
+    caption_temp: float = CAPTION_TEMP,
+    caption_null: float = CAPTION_NULL,
+    batch_size: int = 4096,
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """`trainer.evidence.vote_parts` of every query (cos (N, k), class distributions (N, k, C)), read once
+    so a grid of (k, temperature) votes costs a softmax and a sum each; None when they are too large to
+    hold (`VOTE_PARTS_MAX`)."""
+    if len(features) * features.k * num_classes > VOTE_PARTS_MAX:
+        return None
+    cos, probs = [], []
     for start in range(0, len(features), batch_size):
-        b = features.batch(torch.arange(start, min(start + batch_size, len(features))))
-        e = model.evidence(b["z"], b["nn_img"], b["nn_txt"], b["nn_label"], kind=kind, vote_temp=vote_temp)
-        out.append(log_evidence(e).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.config["num_classes"])
+        b = features.inputs(start, min(start + batch_size, len(features)))
+        c, p = vote_parts(
+            kind,
+            b["z"],
+            b["nn_img"],
+            b["nn_txt"],
+            b["nn_label"],
+            num_classes,
+            class_text,
+            caption_temp,
+            caption_null,
+        )
+        cos.append(c)
+        probs.append(p.cpu())
+    if not probs:
+        return None
+    return (None if cos[0] is None else torch.cat(cos).cpu()), torch.cat(probs)
 
 
 def _rule_logits(
@@ -257,25 +306,27 @@ def _rule_logits(
 def _rule_grid(
     alpha: float,
     opts: SelectOptions,
-    evidence: list[tuple[str, float]],
+    evidence: list[tuple[str, float, int]],
     s_val: torch.Tensor,
     default_temp: float,
 ) -> list[tuple[dict[str, Any], tuple[float, ...]]]:
     """Every prediction rule with this alpha: (rule, tie ranks), the ranks preferring the smaller alpha,
     the smaller beta, the full image weight, the smaller prior adjustment and the laxer gate. beta > 0
-    reads each evidence (kind, vote temperature); an image weight below 1 only with a gate (where the gate
-    is closed L_I predicts alone, so the rule stays defined for every image) and a retrieval term."""
+    reads each evidence (kind, vote temperature, vote k); an image weight below 1 only with a gate
+    (where the gate is closed L_I predicts alone, so the rule stays defined for every image) and a
+    retrieval term."""
     out = []
     for tau_rank, prior_tau in enumerate(opts.prior_taus):
         for beta in opts.betas:
-            for kind, temp in evidence if beta else [(None, default_temp)]:
+            for kind, temp, vote_k in evidence if beta else [(None, default_temp, None)]:
                 retrieval = bool(alpha or beta)
                 for rank, q in enumerate(opts.gate_quantiles if retrieval else (None,)):
                     t = None if q is None else float(torch.quantile(s_val, q))
                     weights = opts.image_weights if (retrieval and q is not None) else (1.0,)
                     for w in sorted(weights, reverse=True):
                         rule = {"alpha": alpha, "gate_t": t, "beta": beta, "prior_tau": prior_tau}
-                        rule |= {"evidence": kind, "vote_temp": temp, "image_weight": w, "gate_quantile": q}
+                        rule |= {"evidence": kind, "vote_temp": temp, "vote_k": vote_k}
+                        rule |= {"image_weight": w, "gate_quantile": q}
                         out.append((rule, (alpha, beta, -w, tau_rank, rank)))
     return out
 
@@ -312,11 +363,12 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
             device = next(model.parameters()).device
             s_pair = relevance_of(val, device), relevance_of(val_sh, device)
             for kind in task.evidence_kinds():
-                for temp in opts.vote_temps:
-                    evidence[(kind, temp)] = (
-                        split_evidence(model, val, kind, temp),
-                        split_evidence(model, val_sh, kind, temp),
-                    )
+                # The vote the rule adds is the weighted-vote baseline of this evidence (knn_weighted,
+                # caption_vote): its (k, T) chosen on val the same way, so beta alone reaches it.
+                chosen, _, _ = select_vote(val, task.num_classes, kind, opts, model.class_text, task.metric)
+                k_, t_ = chosen["k"], chosen["vote_temp"]
+                plain_e = split_evidence(model, val, kind, t_, k_)
+                evidence[(kind, t_, k_)] = (plain_e, split_evidence(model, val_sh, kind, t_, k_))
         prior = model.log_prior.float().cpu()
         by_epoch: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         for alpha, (epoch, _, state) in sorted(best.best.items()):
@@ -333,7 +385,8 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
             # shuffled-neighbour check against that weak figure.
             l_i = max(score_of(plain[0] - tau * prior, y) for tau in opts.prior_taus)
             for rule, ranks in _rule_grid(alpha, opts, list(evidence), s_val, model.config["vote_temp"]):
-                e_plain, e_mixed = evidence.get((rule["evidence"], rule["vote_temp"]), (None, None))
+                key = (rule["evidence"], rule["vote_temp"], rule["vote_k"])
+                e_plain, e_mixed = evidence.get(key, (None, None))
                 rule_val = _rule_logits(model, plain, rule, e_plain)
                 row = {
                     "lr": lr,
@@ -351,8 +404,15 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
                     candidates.append(((-row["val_score"], *ranks, cell), row, state))
     assert model is not None and candidates, "alpha = beta = 0 is always admissible"
     _, row, state = min(candidates, key=lambda c: c[0])
+    plain = [c for c in candidates if not c[1]["alpha"] and not c[1]["beta"]]
+    if (row["alpha"] or row["beta"]) and plain and opts.min_gain > 0:
+        # Retrieval only where it buys more than min_gain points on val over the best rule without it
+        # (a small gain on a few hundred val images is within their noise).
+        _, plain_row, plain_state = min(plain, key=lambda c: c[0])
+        if row["val_score"] < plain_row["val_score"] + opts.min_gain / 100 - 1e-9:
+            row, state = plain_row, plain_state
     model.load_state_dict(state)
-    rule_keys = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "image_weight")
+    rule_keys = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "vote_k", "image_weight")
     model.config.update({key: row[key] for key in rule_keys})
     model.eval()
     selected = {k: v for k, v in row.items() if k != "val_top1"}
@@ -384,16 +444,26 @@ def vote_scores(
     vote_temp: float,
     class_text: torch.Tensor | None = None,
     batch_size: int = 4096,
+    caption: tuple[float, float] = (CAPTION_TEMP, CAPTION_NULL),
 ) -> torch.Tensor:
     """(N, C) similarity-weighted vote of the first k neighbours: weights softmax(cos(z, e_j) / vote_temp),
     votes their KB labels ("label": knn_weighted) or the classes their captions name ("caption":
-    caption_vote, with the class-name prompt vectors `class_text`)."""
+    caption_vote, with the class-name prompt vectors `class_text`; caption: its (temperature, null
+    similarity))."""
     f = features.subset_k(min(k, features.k))
     out = []
     for start in range(0, len(f), batch_size):
-        b = f.batch(torch.arange(start, min(start + batch_size, len(f))))
+        b = f.inputs(start, min(start + batch_size, len(f)))
         vote = neighbour_vote(
-            kind, b["z"], b["nn_img"], b["nn_txt"], b["nn_label"], num_classes, vote_temp, class_text
+            kind,
+            b["z"],
+            b["nn_img"],
+            b["nn_txt"],
+            b["nn_label"],
+            num_classes,
+            vote_temp,
+            class_text,
+            *caption,
         )
         out.append(vote.cpu())
     return torch.cat(out) if out else torch.zeros(0, num_classes)
@@ -411,9 +481,13 @@ def select_vote(
     the higher temperature. Returns ({k, vote_temp}, val top-1, trials)."""
     score_of = criterion(metric)
     trials = []
+    parts = split_vote_parts(val, num_classes, kind, class_text)  # the neighbours read once for the grid
     for k in sorted({min(k, val.k) for k in opts.knn_k}):
         for temp in sorted(opts.vote_temps, reverse=True):
-            scores = vote_scores(val, num_classes, kind, k, temp, class_text)
+            if parts is not None:
+                scores = vote_from_parts(*parts, k, temp)
+            else:
+                scores = vote_scores(val, num_classes, kind, k, temp, class_text)
             trials.append(
                 {
                     "k": k,
