@@ -32,13 +32,16 @@ from matplotlib.figure import Figure
 from artifacts.atomic import atomic_path
 from artifacts.workspace import read_json
 from pipelines.report_diagnostics import agreement_figure, attention_html, per_class_delta_figure, rule_html
+from pipelines.report_header import header_html
 from pipelines.report_labels import class_ticks, label_points, plain_log_axis
+from pipelines.report_retrieval import retrieval_figure, retrieval_html, retrieval_quality
 from pipelines.report_tables import other_kb_tables, results_table
 from pipelines.runs import safe_name
 from trainer.evaluate import SHOT_GROUPS
 from trainer.progress import val_figure
 
 GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
+RETRIEVAL = "Retrieval quality"  # the section shown also without a figure (it says why)
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -322,6 +325,8 @@ _CSS = (
     "table{border-collapse:collapse;font-size:14px}td,th{padding:3px 10px;text-align:right;"
     "border-bottom:1px solid #ddd}td:first-child,th:first-child{text-align:left}"
     "img{max-width:100%}h2{margin-top:1.6em}.meta{color:#555;font-size:14px}"
+    "table.header td{text-align:left}table.header th{text-align:left;color:#555;font-weight:normal}"
+    "table.similarity,details{margin-top:1em}"
 )
 
 
@@ -362,6 +367,9 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
             per_class_delta_figure(report),
         ),
     ]
+    quality = retrieval_quality(run_dir, report)
+    figure = None if isinstance(quality, str) else retrieval_figure(quality)
+    sections.insert(1, (RETRIEVAL, retrieval_html(quality), figure))
     main = main_result(report)
     if main is not None:
         text = "Rows: true class, normalised; per-sample predictions in <code>predictions/</code>."
@@ -372,16 +380,17 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
         if report.get(k) is not None
     )
     body = [f"<h1>Run {html.escape(report.get('run') or run_dir.name)}</h1><p class='meta'>{meta}</p>"]
+    body.append(header_html(run_dir, report))
     body.append(rule_html(report))
     body.append(results_table(report))
     if attention := attention_html(report):
         body.append(f"<h2>RetFormer's attention over its neighbours</h2>{attention}")
     body += other_kb_tables(run_dir, report)
     for title, text, fig in sections:
-        if fig is not None:
-            body.append(
-                f"<h2>{title}</h2><p>{text}</p><img alt='{title}' src='data:image/png;base64,{_png(fig)}'>"
-            )
+        if fig is None and title != RETRIEVAL:  # the retrieval section says why it has no figure
+            continue
+        img = "" if fig is None else f"<img alt='{title}' src='data:image/png;base64,{_png(fig)}'>"
+        body.append(f"<h2>{title}</h2>{text if text.startswith('<') else f'<p>{text}</p>'}{img}")
     page = "\n".join(body)
     head = f"<meta charset='utf-8'><title>{html.escape(run_dir.name)}</title><style>{_CSS}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{page}</body></html>\n"

@@ -1,6 +1,6 @@
 """report.html's figures towards paper figures (issue 20 item 6): class names on the long-tail points,
 tick labels that never overlap for 10-100 classes, and the shuffled-neighbour control beside RetFormer
-in the shot-group bars. Real figure code (pipelines/report.py, report_labels.py)
+in the shot-group bars. Real figure code (pipelines/report.py, report_labels.py, report_retrieval.py)
 on synthetic eval.json contents; overlaps are measured on the drawn text extents (Agg renderer)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from pipelines.report import confusion_figure, main_figure
 from pipelines.report_labels import class_ticks, overlapping
+from pipelines.report_retrieval import RetrievalQuality, retrieval_figure
 
 SIZES = (10, 30, 60, 100)
 
@@ -105,7 +106,7 @@ def test_shot_bars_put_the_shuffled_control_beside_retformer() -> None:
 
 @pytest.mark.parametrize("c", SIZES)
 def test_class_name_ticks_never_overlap(c: int, tmp_path) -> None:
-    """Class names as ticks (the confusion matrix's two axes) for 10-100
+    """Class names as ticks (the confusion matrix's two axes, the precision@k bars) for 10-100
     classes: no two drawn tick labels overlap, every name is written up to 60 classes and at least
     every second one at 100."""
     y = np.repeat(np.arange(c), 3)
@@ -115,9 +116,13 @@ def test_class_name_ticks_never_overlap(c: int, tmp_path) -> None:
         "class_names": names(c),
         "methods": {"r": {"predictions": "predictions/r.parquet", "num_classes": c}},
     }
+    q = RetrievalQuality(
+        8, "test", names(c), [3] * c, [0.5] * c, 0.5, None, {"test": np.linspace(0.2, 0.9, 50)}
+    )
     for fig, axis in (
         (confusion_figure(tmp_path, report, "r"), "x"),
         (confusion_figure(tmp_path, report, "r"), "y"),
+        (retrieval_figure(q), "x"),
     ):
         r = renderer_of(fig)
         ax = fig.axes[0]
