@@ -51,7 +51,8 @@ def browse(
     one and see its top-k KB neighbors (thumbnails read from the shards, captions, similarity), the
     attention the fusion module gave each, and the predicted and true class. Prints the URL; Ctrl+C
     stops it."""
-    from pipelines.browse import BrowseRun, make_server, server_url
+    from pipelines.browse import BrowseRun
+    from pipelines.browse_server import make_server, server_url
 
     for noisy in ("kb_builder", "faiss"):  # index loading notes: not what a browse user asked for
         logging.getLogger(noisy).setLevel(logging.WARNING)
