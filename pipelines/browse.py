@@ -1,13 +1,17 @@
-"""The neighbor browser: one run's test images, the KB neighbors each retrieved, and the attention the
-fusion module gave them (the paper's Fig. 5), served as a small local web page.
+"""The neighbor browser: one run's test images, the KB neighbors each retrieved, the attention the
+fusion module gave them (the paper's Fig. 5) and what retrieval did for each image, served as a small
+local web page.
 
 `retformer browse RUN` (pipelines/cli_browse.py) opens a run with `BrowseRun.open` and serves it with
 `pipelines.browse_server.make_server`: one static page (`pipelines/static/browse.html`, inline JS and
 CSS, nothing fetched from the internet) and a JSON API:
 
-- `GET /api/run`: the run, its method, split, k, classes (name, shot group, test count), top-1;
-- `GET /api/queries?class=&correct=&shot=&offset=&limit=`: the split's samples that pass the filters,
-  with their true and predicted class;
+- `GET /api/run`: the run, its method, split, k, classes (name, shot group, test count), top-1, the
+  model's rule (recipe, alpha, beta, gate_t, image_weight, prior_tau) and how many images retrieval
+  helped, hurt or left alone;
+- `GET /api/queries?class=&correct=&shot=&effect=&offset=&limit=`: the split's samples that pass the
+  filters, with their true and predicted class, s, whether the rule used retrieval, the image-only
+  prediction and the effect (`pipelines.browse_effect`);
 - `GET /api/query/<i>`: sample i with its top-5, its k neighbors (kb_id, uid, caption, label,
   similarity) and, for a RetFormer, the class token's attention over them per layer and stream
   (`trainer.model.neighbor_attention`, plus the mass that went to the class token and the query slot);
@@ -34,6 +38,7 @@ import torch
 from artifacts.embeddings_io import list_parts, read_part_arrow
 from artifacts.errors import UserError
 from artifacts.workspace import Workspace, read_json
+from pipelines.browse_effect import EFFECTS, retrieval_effect, retrieval_reason
 from pipelines.shard_images import ShardImageReader
 from trainer.evaluate import prediction_table, shot_group_of
 from trainer.features import RetrievalFeatures, load_retrieval_features
@@ -91,6 +96,10 @@ class BrowseRun:
             "correct": t.column("correct").to_numpy(zero_copy_only=False).astype(bool),
             "shot": np.array(t.column("shot_group").to_pylist(), dtype=object),
         }
+        with torch.inference_mode():  # s, the rule's use of retrieval, L_I's prediction, the effect
+            self.effect = retrieval_effect(
+                self.model, self.features, self._columns["pred"], self._columns["label"]
+            )
         self._model_lock = threading.Lock()
         self._image_readers()
 
@@ -163,6 +172,9 @@ class BrowseRun:
             "top1": round(float(c["correct"].mean()), 4) if len(c["correct"]) else None,
             "predictions_source": self.predictions_source,
             "attention": self.attention_streams(),
+            "rule": self.effect.rule,
+            "retrieval_used": int(self.effect.used.sum()),
+            "effects": {e: int((self.effect.effect == e).sum()) for e in EFFECTS},
             "classes": [
                 {"index": i, "name": name, "shot": shot[i], "count": int(counts[i])}
                 for i, name in enumerate(self.class_names)
@@ -190,6 +202,22 @@ class BrowseRun:
             "prob": round(float(c["prob"][i]), 4),
             "correct": bool(c["correct"][i]),
             "shot": c["shot"][i],
+            **self.retrieval_row(i),
+        }
+
+    def retrieval_row(self, i: int) -> dict[str, Any]:
+        """Sample i's retrieval fields: s, whether the rule used retrieval (and why), the image-only
+        prediction and the effect (`pipelines.browse_effect`)."""
+        e, label = self.effect, int(self._columns["label"][i])
+        s, used, image_pred = float(e.s[i]), bool(e.used[i]), int(e.image_pred[i])
+        return {
+            "s": round(s, 6),
+            "retrieval_used": used,
+            "retrieval_reason": retrieval_reason(e.rule, s, used),
+            "image_pred": image_pred,
+            "image_pred_name": self.class_name(image_pred),
+            "image_correct": image_pred == label,
+            "effect": e.effect[i],
         }
 
     def queries(
@@ -197,11 +225,13 @@ class BrowseRun:
         cls: int | None = None,
         correct: bool | None = None,
         shot: str | None = None,
+        effect: str | None = None,
         offset: int = 0,
         limit: int = 200,
     ) -> dict[str, Any]:
         """The samples whose true class is `cls`, whose prediction is (in)correct, whose class is in
-        shot group `shot` (None: any), from `offset`, at most `limit`."""
+        shot group `shot`, on which retrieval had `effect` (helped / hurt / same; None: any), from
+        `offset`, at most `limit`."""
         c = self._columns
         keep = np.ones(len(c["label"]), dtype=bool)
         if cls is not None:
@@ -210,6 +240,8 @@ class BrowseRun:
             keep &= c["correct"] == correct
         if shot is not None:
             keep &= c["shot"] == shot
+        if effect is not None:
+            keep &= self.effect.effect == effect
         idx = np.flatnonzero(keep)
         page = idx[offset : offset + min(limit, MAX_LIMIT)]
         return {"total": int(len(idx)), "offset": offset, "items": [self.row(int(i)) for i in page]}

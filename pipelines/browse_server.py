@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from artifacts.errors import UserError
+from pipelines.browse_effect import EFFECTS
 
 if TYPE_CHECKING:
     from pipelines.browse import BrowseRun
@@ -59,6 +60,10 @@ def _filters(query: dict[str, list[str]], num_classes: int) -> dict[str, Any]:
         if shot not in ("many", "medium", "few"):
             raise ValueError(f"shot must be many, medium or few, got {shot!r}")
         out["shot"] = shot
+    if (effect := one("effect")) is not None:
+        if effect not in EFFECTS:
+            raise ValueError(f"effect must be one of {', '.join(EFFECTS)}, got {effect!r}")
+        out["effect"] = effect
     for name, default in (("offset", 0), ("limit", 200)):
         value = one(name)
         if value is not None and not value.isdigit():

@@ -36,6 +36,7 @@ from artifacts.shards import read_shard
 from artifacts.workspace import Workspace
 from tests.conftest import needs_fmnist
 from tests.helpers import REPO, run_cli
+from tests.test_browse_retrieval import direct, effects_of
 from trainer.checkpoint import load_model
 from trainer.evaluate import shot_group_of
 from trainer.features import load_retrieval_features
@@ -176,7 +177,9 @@ def shard_images(shard_dir: Path) -> dict[str, bytes]:
 def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_workspace: Path, server):
     """The JSON API against the run's files: /api/run has the eval split's size and eval.json's top-1;
     /api/queries lists every test sample with the class the run's evaluation gave it, and
-    its class / correct / shot filters select exactly the matching samples; /api/query/<i> gives the k
+    its class / correct / shot filters select exactly the matching samples, its s and image-only
+    prediction are the model's own and effect=helped / hurt / same selects exactly the images where
+    the two predictions' correctness differs that way; /api/query/<i> gives the k
     neighbors of the stored test table (first k, same order, same similarity) and, per stream and
     layer, attention weights that with the class token's and query slot's share sum to 1; /img/ serves
     the shards' exact bytes for a test image and a KB neighbor; bad requests get 400 / 404."""
@@ -202,6 +205,14 @@ def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_work
     assert all(q["label_name"] == run["classes"][9]["name"] for q in few["items"])
     page = get_json(url + "api/queries?offset=190&limit=50")
     assert page["total"] == 200 and [q["i"] for q in page["items"]] == list(range(190, 200))
+    # the retrieval columns (issue 20): equal to trainer.model's own calls (tests/test_browse_retrieval.py)
+    direct_ref = direct(e2e_workspace, load_model(e2e_workspace / "runs" / RUN / "retformer.pt"))
+    assert [q["s"] for q in every["items"]] == pytest.approx(direct_ref["s"].tolist(), abs=1e-5)
+    assert [q["image_pred"] for q in every["items"]] == direct_ref["image_pred"].tolist()
+    assert all(q["retrieval_used"] for q in every["items"]) and run["rule"]["recipe"] == "paper"
+    for effect, images in effects_of(direct_ref).items():
+        assert [q["i"] for q in get_json(url + f"api/queries?effect={effect}&limit=1000")["items"]] == images
+        assert run["effects"][effect] == len(images)
 
     table = pq.read_table(
         e2e_workspace / "datasets" / DATASET / "neighbors" / KB / f"k{TABLE_K}" / "test.parquet"
@@ -234,6 +245,7 @@ def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_work
     assert get(url + "api/query/200")[0] == 404
     assert get(url + "api/queries?correct=maybe")[0] == 400
     assert get(url + "api/queries?class=10")[0] == 400
+    assert get(url + "api/queries?effect=better")[0] == 400
     assert get(url + "img/dataset/no-such-uid")[0] == 404
     assert get(url + "img/dataset/..%2F..%2Fetc%2Fpasswd")[0] == 404  # a uid, never a path
     assert get(url + "img/kb/999999")[0] == 404
