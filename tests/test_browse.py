@@ -2,13 +2,10 @@
 (tests/conftest.py's `e2e_workspace`: Fashion-MNIST-LT slice, KB = world pool + training split, run
 `tiny`, k = 4 of the neighbor tables' 8, a depth-1 RetFormer with image and text streams).
 
-The server is the real command in a subprocess; the page is driven in a real headless Chromium
-(Debian's `chromium`, installed by apt-get here when missing and the tests run as root) through
-Playwright, launched on that executable (never `playwright install`: no download). The API answers are
-checked against the run's own files: eval.json, the per-sample predictions, the stored neighbor
-tables and the shards' image bytes. A passing page test saves its screenshot in its own folder, or in
-$RETFORMER_SCREENSHOT_DIR (`make docs-img`: docs/img/browser.png, the picture README shows). The
-server's behaviour towards hostile clients is tests/test_browse_server.py.
+The server is the real command in a subprocess. The API answers are checked against the run's own
+files: eval.json, the per-sample predictions, the stored neighbor tables and the shards' image bytes.
+The page itself, in headless Chromium, is tests/test_browse_page.py; the server's behaviour towards
+hostile clients tests/test_browse_server.py.
 """
 
 from __future__ import annotations
@@ -48,32 +45,9 @@ torch.set_num_threads(1)
 DATASET, KB, RUN, K, TABLE_K = "tiny_lt", "tiny_all", "tiny", 4, 8
 URL_LINE = re.compile(r"at (http://127\.0\.0\.1:\d+/)")
 START_TIMEOUT = 300  # s: loading torch and the run on two busy shared cores
-SCREENSHOT_NAME = "browser.png"  # README shows docs/img/browser.png (`make docs-img`)
 
 
 # ------------------------------------------------------------------------------------ fixtures
-def chromium_executable() -> str:
-    """Debian's chromium, apt-get installed when missing (root only); a skip names why it cannot be."""
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if found:
-        return found
-    if not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and there is no apt-get to install it")
-    if os.geteuid() != 0:
-        pytest.skip("chromium is not installed and the tests do not run as root: `apt-get install chromium`")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "chromium"]
-    proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:  # a stale package list: refresh it once
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-        proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
-    found = shutil.which("chromium")
-    if proc.returncode != 0 or not found:
-        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
-        pytest.skip(f"`apt-get install chromium` failed (exit {proc.returncode}): {tail}")
-    return found
-
-
 class Server:
     """`retformer browse` in a subprocess; its output lines are collected by a reader thread."""
 
@@ -253,79 +227,6 @@ def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_work
     status, ctype, body = get(url)
     assert status == 200 and ctype.startswith("text/html") and b"<script>" in body
     assert b"http://" not in body and b"https://" not in body  # nothing fetched from elsewhere
-
-
-# ---------------------------------------------------------------------------------- the page
-@pytest.mark.system  # Debian's chromium (apt-get installed when missing) driven by Playwright
-def test_page_in_headless_chromium_shows_k_neighbors_with_weights(
-    e2e_workspace: Path, server, tmp_path: Path
-):
-    """In a real headless Chromium: the page loads the run, the "wrong" filter leaves only wrongly
-    predicted images, picking one renders its true and predicted class and exactly k neighbor cards,
-    each with a thumbnail that decoded (read from the shards), its caption, similarity and one
-    attention weight per stream, the weights being the API's; the screenshot is saved when all hold."""
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (it is in the dev extra: .[dev])"
-    )
-    executable = chromium_executable()
-    url = server.url()
-    wrong = get_json(url + "api/queries?correct=false&limit=1000")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=executable, args=["--no-sandbox"], timeout=180_000)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.set_default_timeout(120_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url)
-            page.wait_for_selector(".q-item")
-            assert page.locator(".q-item").count() == 120  # the first page of the 200 test images
-            page.select_option("#f-correct", "false")
-            page.wait_for_function(
-                f"document.querySelectorAll('.q-item').length === {min(wrong['total'], 120)} && "
-                "!document.querySelector('.q-item.ok')"
-            )
-            assert page.inner_text("#count").startswith(f"{wrong['total']} images match")
-            first = wrong["items"][0]
-            page.locator(".q-item").first.click()
-            page.wait_for_selector(f"body[data-shown='{first['i']}']")
-            cards = page.locator(".nn-card")
-            assert cards.count() == K
-            q = get_json(url + f"api/query/{first['i']}")
-            assert page.inner_text("#pred").startswith(q["pred_name"]) and q["label_name"] != q["pred_name"]
-            assert "wrong" in page.inner_text(".query") and q["label_name"] in page.inner_text(".query")
-            assert "null" not in page.inner_text("#detail") and "undefined" not in page.inner_text("#detail")
-            page.wait_for_function(
-                "[...document.querySelectorAll('.nn-card img, .query img')]"
-                ".every(img => img.complete && img.naturalWidth > 0)"
-            )
-            for j in range(K):
-                card, n = cards.nth(j), q["neighbors"][j]
-                weights = json.loads(card.get_attribute("data-weights"))
-                assert weights == {s: n["attention"][s][-1] for s in ("image", "text")}
-                assert card.locator(".bar").count() == 2 and card.locator("img").count() == 1
-                assert f"sim {n['similarity']:.3f}" in card.inner_text()
-                assert (n["caption"] or "(no caption)") in card.inner_text()
-            shares = {s: sum(layers[-1]["neighbors"]) for s, layers in q["attention"].items()}
-            assert all(0 < share <= 1 for share in shares.values())
-            assert not errors, errors
-            shot = save_screenshot(page, tmp_path)  # only a passing run saves its picture
-            assert shot.stat().st_size > 10_000, shot
-        finally:
-            browser.close()
-
-
-def save_screenshot(page, tmp_path: Path) -> Path:
-    """The page's screenshot: into $RETFORMER_SCREENSHOT_DIR when set (`make docs-img` sets it to
-    docs/img/ to regenerate README's picture), else into the test's own folder: tests never write into
-    the tracked tree. Written under a temporary name, then renamed."""
-    folder = Path(os.environ.get("RETFORMER_SCREENSHOT_DIR") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / SCREENSHOT_NAME
-    tmp = target.with_name(f"{target.stem}.tmp-{os.getpid()}.png")
-    page.screenshot(path=str(tmp))
-    os.replace(tmp, target)
-    return target
 
 
 # ---------------------------------------------------------------------------- in-process paths
