@@ -234,7 +234,8 @@ def test_predictions_without_the_runs_file_are_the_models_own(e2e_workspace: Pat
     """A run folder without its predictions file (a copy of the model file alone) gets its predictions
     from the model on the stored neighbor tables, equal to the evaluation's sample by sample (the run
     folder itself is browsed with its predictions file where the run wrote one); a model without a
-    fusion module (mlp_only) shows its neighbors without attention; a port already taken is one
+    fusion module (mlp_only) shows its neighbors without attention, never uses retrieval and is its
+    own image-only prediction (no image helped or hurt); a port already taken is one
     UserError naming the address."""
     from pipelines.browse import BrowseRun
     from pipelines.browse_server import make_server
@@ -254,6 +255,10 @@ def test_predictions_without_the_runs_file_are_the_models_own(e2e_workspace: Pat
     q = mlp.query(0)  # no fusion module: no attention, the retrieved neighbors all the same
     assert mlp.attention_streams() == [] and q["attention"] == {} and len(q["neighbors"]) == K
     assert q["pred"] == evaluated(e2e_workspace, "mlp_only")[0]["pred"]
+    # image-only already: never retrieval, its own prediction is L_I's, so no image is helped or hurt
+    assert mlp.summary()["rule"] is None and mlp.summary()["effects"]["same"] == len(mlp.features)
+    assert not q["retrieval_used"] and q["image_pred"] == q["pred"] and q["effect"] == "same"
+    assert q["retrieval_reason"] == "no retrieval branch: the model reads the image alone"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
