@@ -88,8 +88,11 @@ test: setup data  ## the default test tier, <= 5 min on 2 cores (offline: models
 test-all: test  ## every test: the default tier, then the slow and system tiers (CI)
 	$(PYTEST) -m "slow or system"
 
-docs-img: setup data  ## regenerate docs/img/ (the browser screenshot from its Chromium test)
-	RETFORMER_SCREENSHOT_DIR=$(CURDIR)/docs/img $(PYTEST) tests/test_browse.py -k chromium
+# `make docs-img RUN=<run name or folder>`: the pictures of that run (README's: the demo's fmnist_lt run);
+# without RUN, of the small demo-like run the test builds.
+SCREENSHOT_RUN := $(if $(RUN),RETFORMER_SCREENSHOT_RUN=$(abspath $(if $(findstring /,$(RUN)),$(RUN),$(WORKDIR)/runs/$(RUN))),)
+docs-img: setup data  ## regenerate docs/img/browser.png and report.png in headless Chromium (RUN=<run>: of that run)
+	RETFORMER_SCREENSHOT_DIR=$(CURDIR)/docs/img $(SCREENSHOT_RUN) $(PYTEST) tests/test_browse_page.py
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

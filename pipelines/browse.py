@@ -1,18 +1,22 @@
-"""The neighbor browser: one run's test images, the KB neighbors each retrieved, and the attention the
-fusion module gave them (the paper's Fig. 5), served as a small local web page.
+"""The neighbor browser: one run's test images, the KB neighbors each retrieved, the attention the
+fusion module gave them (the paper's Fig. 5) and what retrieval did for each image, served as a small
+local web page.
 
 `retformer browse RUN` (pipelines/cli_browse.py) opens a run with `BrowseRun.open` and serves it with
-`serve`: the standard library's ThreadingHTTPServer, one static page (`pipelines/static/browse.html`,
-inline JS and CSS, nothing fetched from the internet) and a JSON API:
+`pipelines.browse_server.make_server`: one static page (`pipelines/static/browse.html`, inline JS and
+CSS, nothing fetched from the internet) and a JSON API:
 
-- `GET /api/run`: the run, its method, split, k, classes (name, shot group, test count), top-1;
-- `GET /api/queries?class=&correct=&shot=&offset=&limit=`: the split's samples that pass the filters,
-  with their true and predicted class;
+- `GET /api/run`: the run, its method, split, k, classes (name, shot group, test count), top-1, the
+  model's rule (recipe, alpha, beta, gate_t, image_weight, prior_tau) and how many images retrieval
+  helped, hurt or left alone;
+- `GET /api/queries?class=&correct=&shot=&effect=&offset=&limit=`: the split's samples that pass the
+  filters, with their true and predicted class, s, whether the rule used retrieval, the image-only
+  prediction and the effect (`pipelines.browse_effect`);
 - `GET /api/query/<i>`: sample i with its top-5, its k neighbors (kb_id, uid, caption, label,
   similarity) and, for a RetFormer, the class token's attention over them per layer and stream
   (`trainer.model.neighbor_attention`, plus the mass that went to the class token and the query slot);
 - `GET /img/dataset/<uid>`, `GET /img/kb/<kb_id>`: an image's bytes, read from its webdataset shard
-  at the member's byte offset (nothing is extracted to disk).
+  at the member's byte offset (`pipelines.shard_images`).
 
 Predictions are the run's own: its per-sample predictions file (`<run>/predictions/<result>.parquet`,
 the evaluation's output) when it covers the split, else the model on the stored neighbor tables
@@ -21,136 +25,27 @@ through `trainer.train.predict` (the evaluation's call). Neighbors are the store
 
 from __future__ import annotations
 
-import json
 import logging
-import mimetypes
-import re
-import socket
-import sys
-import tarfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from artifacts.embeddings_io import list_parts, read_part_arrow
 from artifacts.errors import UserError
-from artifacts.shards import shard_stem, to_record
-from artifacts.tar_reader import split_name
 from artifacts.workspace import Workspace, read_json
+from pipelines.browse_effect import EFFECTS, retrieval_effect, retrieval_reason
+from pipelines.shard_images import ShardImageReader
 from trainer.evaluate import prediction_table, shot_group_of
 from trainer.features import RetrievalFeatures, load_retrieval_features
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # what a shard sample's image member may be (artifacts/shards)
 MAX_LIMIT = 1000  # samples per /api/queries answer: the page asks for more as one scrolls
-PAGE = "static/browse.html"
-UID = re.compile(r"[A-Za-z0-9_-]+")  # the uid contract (docs/architecture.md): what /img/dataset/ accepts
-# Seconds a connection may take to send its request: a client that opens connections and sends half
-# a request held one thread each, forever (300 such connections: 305 threads).
-READ_TIMEOUT_S = 30.0
-# Host headers a server bound to a loopback address answers (any port); others get 403, so a page
-# whose DNS name was rebound to 127.0.0.1 cannot read the run from the user's browser.
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-# ----------------------------------------------------------------------------------- shard images
-def shard_offsets(path: Path) -> dict[str, tuple[int, int, str]]:
-    """uid -> (byte offset, size, extension) of each sample's image member in a webdataset tar.
-
-    One pass over the headers (tarfile's `offset_data`, as `trainer.images` reads fine-tune images);
-    only the small json members are read, for the uid a sample's json may give (img2dataset shards:
-    `__key__` is not the uid), with `artifacts.shards.to_record`'s rule: json uid, else the key."""
-    images: dict[str, tuple[int, int, str]] = {}
-    uids: dict[str, str] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_name(member.name.rsplit("/", 1)[-1])
-                if ext.lower() in IMAGE_EXTS:
-                    images[key] = (member.offset_data, member.size, ext.lower())
-                elif ext == "json":
-                    fh = tar.extractfile(member)
-                    try:
-                        uids[key] = to_record(key, {"json": fh.read() if fh else b"{}"})["uid"]
-                    except ValueError:  # unreadable json: the key stands for the uid, as a reader would fail
-                        uids[key] = key
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise UserError(f"cannot index shard {path}: {exc}") from exc
-    return {uids.get(key, key): where for key, where in images.items()}
-
-
-class ShardImageReader:
-    """Images of embeddings parts, read from the shards the parts were embedded from.
-
-    A part's shard is the one whose `artifacts.shards.shard_stem` under one of `roots` names the part
-    (`part-<stem>.parquet`, as the embed stage names it), else the absolute path the embed stage
-    recorded in the part's metadata (`shard_stats.shard`).
-    Each shard's offset index (`shard_offsets`) is built on first use and kept in memory."""
-
-    def __init__(self, parts: list[Path], roots: list[Path]) -> None:
-        self.parts = parts
-        self.roots = [r for r in roots if r.is_dir()]
-        self._shards: dict[int, Path | None] = {}
-        self._offsets: dict[Path, dict[str, tuple[int, int, str]]] = {}
-        self._by_stem: dict[str, Path] | None = None
-        self._lock = threading.Lock()
-
-    def shard_of(self, part: int) -> Path | None:
-        """The shard part `part` was embedded from; None when it cannot be found."""
-        with self._lock:
-            if part not in self._shards:
-                self._shards[part] = self._find_shard(self.parts[part])
-            return self._shards[part]
-
-    def _find_shard(self, part: Path) -> Path | None:
-        # The shard named like the part under this workspace's roots first: the recorded path may be
-        # relative to wherever the embed stage ran, or belong to a workspace since moved.
-        if self._by_stem is None:
-            self._by_stem = {}
-            for root in self.roots:
-                for tar in sorted(root.rglob("*.tar")):
-                    self._by_stem.setdefault(shard_stem(tar, root), tar)
-        found = self._by_stem.get(part.name[len("part-") : -len(".parquet")])
-        if found is not None:
-            return found
-        try:
-            meta = json.loads((pq.read_schema(part).metadata or {}).get(b"meta", b"{}"))
-        except (pa.ArrowInvalid, OSError, ValueError):
-            meta = {}
-        recorded = (meta.get("shard_stats") or {}).get("shard")
-        return (
-            Path(recorded) if recorded and Path(recorded).is_absolute() and Path(recorded).is_file() else None
-        )
-
-    def read(self, part: int, uid: str) -> tuple[bytes, str] | None:
-        """(bytes, extension) of sample `uid`'s image in part `part`'s shard; None if not found."""
-        shard = self.shard_of(part)
-        if shard is None:
-            return None
-        with self._lock:
-            if shard not in self._offsets:
-                self._offsets[shard] = shard_offsets(shard)
-            where = self._offsets[shard].get(uid)
-        if where is None:
-            return None
-        offset, size, ext = where
-        with open(shard, "rb") as fh:
-            fh.seek(offset)
-            return fh.read(size), ext
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -201,6 +96,10 @@ class BrowseRun:
             "correct": t.column("correct").to_numpy(zero_copy_only=False).astype(bool),
             "shot": np.array(t.column("shot_group").to_pylist(), dtype=object),
         }
+        with torch.inference_mode():  # s, the rule's use of retrieval, L_I's prediction, the effect
+            self.effect = retrieval_effect(
+                self.model, self.features, self._columns["pred"], self._columns["label"]
+            )
         self._model_lock = threading.Lock()
         self._image_readers()
 
@@ -273,6 +172,9 @@ class BrowseRun:
             "top1": round(float(c["correct"].mean()), 4) if len(c["correct"]) else None,
             "predictions_source": self.predictions_source,
             "attention": self.attention_streams(),
+            "rule": self.effect.rule,
+            "retrieval_used": int(self.effect.used.sum()),
+            "effects": {e: int((self.effect.effect == e).sum()) for e in EFFECTS},
             "classes": [
                 {"index": i, "name": name, "shot": shot[i], "count": int(counts[i])}
                 for i, name in enumerate(self.class_names)
@@ -300,6 +202,22 @@ class BrowseRun:
             "prob": round(float(c["prob"][i]), 4),
             "correct": bool(c["correct"][i]),
             "shot": c["shot"][i],
+            **self.retrieval_row(i),
+        }
+
+    def retrieval_row(self, i: int) -> dict[str, Any]:
+        """Sample i's retrieval fields: s, whether the rule used retrieval (and why), the image-only
+        prediction and the effect (`pipelines.browse_effect`)."""
+        e, label = self.effect, int(self._columns["label"][i])
+        s, used, image_pred = float(e.s[i]), bool(e.used[i]), int(e.image_pred[i])
+        return {
+            "s": round(s, 6),
+            "retrieval_used": used,
+            "retrieval_reason": retrieval_reason(e.rule, s, used),
+            "image_pred": image_pred,
+            "image_pred_name": self.class_name(image_pred),
+            "image_correct": image_pred == label,
+            "effect": e.effect[i],
         }
 
     def queries(
@@ -307,11 +225,13 @@ class BrowseRun:
         cls: int | None = None,
         correct: bool | None = None,
         shot: str | None = None,
+        effect: str | None = None,
         offset: int = 0,
         limit: int = 200,
     ) -> dict[str, Any]:
         """The samples whose true class is `cls`, whose prediction is (in)correct, whose class is in
-        shot group `shot` (None: any), from `offset`, at most `limit`."""
+        shot group `shot`, on which retrieval had `effect` (helped / hurt / same; None: any), from
+        `offset`, at most `limit`."""
         c = self._columns
         keep = np.ones(len(c["label"]), dtype=bool)
         if cls is not None:
@@ -320,6 +240,8 @@ class BrowseRun:
             keep &= c["correct"] == correct
         if shot is not None:
             keep &= c["shot"] == shot
+        if effect is not None:
+            keep &= self.effect.effect == effect
         idx = np.flatnonzero(keep)
         page = idx[offset : offset + min(limit, MAX_LIMIT)]
         return {"total": int(len(idx)), "offset": offset, "items": [self.row(int(i)) for i in page]}
@@ -415,173 +337,3 @@ class BrowseRun:
         """(bytes, extension) of this split's sample `uid`."""
         part = self._part_of.get(uid)
         return None if part is None else self._dataset_reader.read(part, uid)
-
-
-# ------------------------------------------------------------------------------------ the server
-def page_html() -> bytes:
-    """The browser's single page (static HTML with inline JS and CSS)."""
-    return resources.files("pipelines").joinpath(PAGE).read_bytes()
-
-
-def _filters(query: dict[str, list[str]], num_classes: int) -> dict[str, Any]:
-    """/api/queries's parameters, checked: ValueError names the bad one."""
-
-    def one(name: str) -> str | None:
-        values = [v for v in query.get(name, []) if v != ""]
-        return values[-1] if values else None
-
-    out: dict[str, Any] = {}
-    if (cls := one("class")) is not None:
-        if not cls.isdigit() or int(cls) >= num_classes:
-            raise ValueError(f"class must be a class index below {num_classes}, got {cls!r}")
-        out["cls"] = int(cls)
-    if (correct := one("correct")) is not None:
-        if correct not in ("true", "false", "1", "0"):
-            raise ValueError(f"correct must be true or false, got {correct!r}")
-        out["correct"] = correct in ("true", "1")
-    if (shot := one("shot")) is not None:
-        if shot not in ("many", "medium", "few"):
-            raise ValueError(f"shot must be many, medium or few, got {shot!r}")
-        out["shot"] = shot
-    for name, default in (("offset", 0), ("limit", 200)):
-        value = one(name)
-        if value is not None and not value.isdigit():
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        out[name] = int(value) if value is not None else default
-    return out
-
-
-def host_of(header: str | None) -> str | None:
-    """The host name of a Host header (`localhost:8000` -> `localhost`, `[::1]:80` -> `::1`), lower case."""
-    if not header:
-        return None
-    host = header.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else None
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def make_handler(
-    browser: BrowseRun, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS
-) -> type[BaseHTTPRequestHandler]:
-    """A request handler class serving `browser` (GET only; every path is a fixed route, never a file).
-    A request whose Host header names none of `allowed_hosts` gets 403 (None: any host)."""
-    page = page_html()
-    summary = browser.summary()
-    routes: list[tuple[re.Pattern[str], Callable[..., tuple[int, str, bytes]]]] = []
-
-    def as_json(obj: Any, status: int = HTTPStatus.OK) -> tuple[int, str, bytes]:
-        return status, "application/json", json.dumps(obj).encode()
-
-    def image(found: tuple[bytes, str] | None) -> tuple[int, str, bytes]:
-        if found is None:
-            return as_json({"error": "image not found"}, HTTPStatus.NOT_FOUND)
-        data, ext = found
-        return HTTPStatus.OK, mimetypes.types_map.get(f".{ext}", "application/octet-stream"), data
-
-    def query(i: str, params: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        try:
-            return as_json(browser.query(int(i)))
-        except KeyError:
-            return as_json({"error": f"no sample {i} (the split has {len(browser.features)})"}, 404)
-
-    def queries(params: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        try:
-            return as_json(browser.queries(**_filters(params, len(browser.class_names))))
-        except ValueError as exc:
-            return as_json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
-
-    routes += [
-        (re.compile(r"/"), lambda params: (HTTPStatus.OK, "text/html; charset=utf-8", page)),
-        (re.compile(r"/api/run"), lambda params: as_json(summary)),
-        (re.compile(r"/api/queries"), queries),
-        (re.compile(r"/api/query/(\d+)"), query),
-        (re.compile(r"/img/kb/(\d+)"), lambda kb_id, params: image(browser.kb_image(int(kb_id)))),
-        (
-            re.compile(r"/img/dataset/(.+)"),
-            lambda uid, params: image(browser.dataset_image(uid) if UID.fullmatch(uid) else None),
-        ),
-    ]
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "retformer-browse"
-        timeout = READ_TIMEOUT_S  # the socket's: an idle or half-sent request ends its thread
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            url = urlsplit(self.path)
-            params = parse_qs(url.query, keep_blank_values=True)
-            path = unquote(url.path)
-            host = host_of(self.headers.get("Host"))
-            if allowed_hosts is not None and host not in allowed_hosts:
-                error = {"error": f"host {host!r} refused: this server answers {sorted(allowed_hosts)} only"}
-                self._send(path, *as_json(error, HTTPStatus.FORBIDDEN))
-                return
-            for pattern, view in routes:
-                match = pattern.fullmatch(path)
-                if match:
-                    try:
-                        status, ctype, body = view(*match.groups(), params)
-                    except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
-                        log.exception("%s failed", path)
-                        status, ctype, body = as_json({"error": str(exc)}, HTTPStatus.INTERNAL_SERVER_ERROR)
-                    break
-            else:
-                status, ctype, body = as_json({"error": f"no such page: {path}"}, HTTPStatus.NOT_FOUND)
-            self._send(path, status, ctype, body)
-
-        def _send(self, path: str, status: int, ctype: str, body: bytes) -> None:
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                # images never change while the server runs; the API answers are small and recomputed
-                self.send_header("Cache-Control", "max-age=3600" if path.startswith("/img/") else "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-            except ConnectionError:  # the browser cancelled the request (a thumbnail scrolled away)
-                log.debug("%s: the client closed the connection before the answer", path)
-                self.close_connection = True
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-            log.debug("%s " + format, self.address_string(), *args)
-
-    return Handler
-
-
-class _Server(ThreadingHTTPServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection the client dropped (reset, broken pipe) is a debug line, not a traceback."""
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            log.debug("%s closed the connection", client_address)
-            return
-        super().handle_error(request, client_address)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-def make_server(browser: BrowseRun, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A server for `browser` bound to host:port (port 0: a free one; see `server.server_address`).
-    Bound to a loopback address it answers loopback Host headers only (`LOOPBACK_HOSTS`); bound
-    elsewhere (`--host`, which warns that anyone who can reach it sees the run) any host.
-    UserError when the address cannot be bound."""
-    # an IPv6 address needs its own address family (ThreadingHTTPServer binds IPv4)
-    server_class = _Server6 if ":" in host else _Server
-    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
-    try:
-        server = server_class(
-            (host, port), make_handler(browser, LOOPBACK_HOSTS | {host} if loopback else None)
-        )
-    except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    server.daemon_threads = True  # a browser's open connection never holds the process at exit
-    return server
-
-
-def server_url(server: ThreadingHTTPServer) -> str:
-    """The URL a browser opens for `server`."""
-    host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in str(host) else str(host)
-    return f"http://{shown}:{port}/"

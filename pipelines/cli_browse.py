@@ -47,11 +47,13 @@ def browse(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port; 0 picks a free one.")] = 0,
 ) -> None:
-    """Serve a page to browse a run's test images: filter by class, correct / wrong and shot group, pick
-    one and see its top-k KB neighbors (thumbnails read from the shards, captions, similarity), the
-    attention the fusion module gave each, and the predicted and true class. Prints the URL; Ctrl+C
-    stops it."""
-    from pipelines.browse import BrowseRun, make_server, server_url
+    """Serve a page to browse a run's test images: filter by class, correct / wrong, shot group and
+    whether retrieval helped or hurt, pick one and see its top-k KB neighbors (thumbnails read from the
+    shards, captions, similarity), the attention the fusion module gave each, whether the rule used
+    retrieval (s against the gate t), the image-only prediction beside the model's, and the true class.
+    Prints the URL; Ctrl+C stops it."""
+    from pipelines.browse import BrowseRun
+    from pipelines.browse_server import make_server, server_url
 
     for noisy in ("kb_builder", "faiss"):  # index loading notes: not what a browse user asked for
         logging.getLogger(noisy).setLevel(logging.WARNING)

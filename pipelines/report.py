@@ -28,16 +28,20 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 
 from artifacts.atomic import atomic_path
 from artifacts.workspace import read_json
 from pipelines.report_diagnostics import agreement_figure, attention_html, per_class_delta_figure, rule_html
+from pipelines.report_header import header_html
+from pipelines.report_labels import class_ticks, label_points, plain_log_axis
+from pipelines.report_retrieval import retrieval_figure, retrieval_html, retrieval_quality
+from pipelines.report_tables import other_kb_tables, results_table
 from pipelines.runs import safe_name
 from trainer.evaluate import SHOT_GROUPS
 from trainer.progress import val_figure
 
 GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
+RETRIEVAL = "Retrieval quality"  # the section shown also without a figure (it says why)
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -98,18 +102,22 @@ def _pct(v: Any) -> float:
     return float("nan") if v is None else 100 * float(v)
 
 
-def long_tail_axes(ax: Any, report: dict[str, Any], names: list[str]) -> None:
-    """Per-class accuracy against the class's training count (log x), one series per result."""
+def long_tail_axes(ax: Any, report: dict[str, Any], names: list[str]) -> list[tuple[float, float, str]]:
+    """Per-class accuracy against the class's training count (log x), one series per result. Returns
+    the points to name (`report_labels.label_points`): the first RetFormer result's (else the first
+    result's), every class up to 30 classes, else the 10 with the lowest accuracy."""
     counts = report.get("train_class_counts")
     if not counts:
         ax.text(0.5, 0.5, "no training counts in eval.json", ha="center", transform=ax.transAxes)
-        return
+        return []
     counts = np.asarray(counts, dtype=float)
     order = np.argsort(counts, kind="stable")
+    series = {}
     for name in names:
         acc = np.array([_pct(a) for a in report["methods"][name].get("per_class", [])], dtype=float)
         if len(acc) != len(counts):
             continue
+        series[name] = acc
         ax.plot(counts[order], acc[order], marker="o", markersize=3, linewidth=1, alpha=0.85, label=name)
     shot = report.get("shot_split") or {}
     group_counts = {g: [counts[c] for c in shot.get(g, []) if c < len(counts)] for g in SHOT_GROUPS}
@@ -120,30 +128,58 @@ def long_tail_axes(ax: Any, report: dict[str, Any], names: list[str]) -> None:
             ax.axvline(edge, color="grey", linestyle=":", linewidth=1)
             ax.text(edge, 102, f"{low} | {high}", fontsize=7, color="grey", ha="center")
     ax.set_xscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
+    plain_log_axis(ax, float(counts.min()), float(counts.max()))
     ax.set_xlabel("training images of the class (log)")
     ax.set_ylabel(f"accuracy on {report['eval_split']} (%)")
     ax.set_ylim(-2, 108)
     ax.set_title("per-class accuracy against training count")
     ax.legend(fontsize=7, loc="lower right")
+    class_names = report.get("class_names") or []
+    named = next((n for n in series if n.startswith("retformer")), next(iter(series), None))
+    if named is None or len(class_names) != len(counts):
+        return []
+    acc = series[named]
+    picked = order if len(counts) <= 30 else np.argsort(np.nan_to_num(acc, nan=1e9), kind="stable")[:10]
+    return [(float(counts[c]), float(acc[c]), str(class_names[c])) for c in picked]
+
+
+def bar_results(report: dict[str, Any], names: list[str]) -> list[str]:
+    """The shot-group bars' results: `names`, each followed by its shuffled-neighbour control
+    (`<name>:shuffled`) where the run evaluated one."""
+    methods = report["methods"]
+    out = []
+    for name in names:
+        out.append(name)
+        control = methods.get(f"{name}:shuffled") or {}
+        if "skipped" not in control and control.get("top1") is not None:
+            out.append(f"{name}:shuffled")
+    return out
 
 
 def shot_bars_axes(ax: Any, report: dict[str, Any], names: list[str]) -> None:
-    """Many / medium / few accuracy, one group of three bars per result."""
+    """Many / medium / few accuracy, one group of three bars per result; a shuffled-neighbour control
+    (`:shuffled`) hatched, beside the result it controls."""
     x = np.arange(len(names))
     width = 0.8 / len(SHOT_GROUPS)
     for i, group in enumerate(SHOT_GROUPS):
-        values = [_pct(report["methods"][n].get(group)) for n in names]
         label = f"{group} ({len((report.get('shot_split') or {}).get(group, []))} classes)"
-        ax.bar(x + (i - 1) * width, values, width, label=label, color=GROUP_COLORS[group])
+        for j, name in enumerate(names):
+            control = name.endswith(":shuffled")
+            ax.bar(
+                x[j] + (i - 1) * width,
+                _pct(report["methods"][name].get(group)),
+                width,
+                label=label if j == 0 else None,
+                color=GROUP_COLORS[group],
+                alpha=0.55 if control else 1.0,
+                hatch="///" if control else None,
+                edgecolor="white" if control else None,
+            )
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 116)  # the legend sits above 100
     ax.set_yticks(range(0, 101, 20))
-    ax.set_title("many / medium / few-shot accuracy")
+    ax.set_title("many / medium / few-shot accuracy (hatched: neighbours shuffled)")
     ax.legend(fontsize=7, ncols=3, loc="upper center")
 
 
@@ -152,11 +188,12 @@ def main_figure(report: dict[str, Any]) -> Figure:
     names = primary_results(report)
     fig = Figure(figsize=(13, 4.6), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1.25, 1])
-    long_tail_axes(left, report, names)
-    shot_bars_axes(right, report, names)
+    points = long_tail_axes(left, report, names)
+    shot_bars_axes(right, report, bar_results(report, names))
     fig.suptitle(
         f"{report['dataset']} x {report['kb']}, {report['experiment']} ({report['eval_split']} split)"
     )
+    label_points(fig, left, points)  # last: it fixes the layout to measure the labels
     return fig
 
 
@@ -275,37 +312,21 @@ def confusion_figure(run_dir: Path, report: dict[str, Any], name: str) -> Figure
     image = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
     names = report.get("class_names") or []
-    if len(names) == c and c <= 30:
-        ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(c), names, fontsize=7)
+    if len(names) == c and c <= 100:
+        class_ticks(ax, names, "x", 0.8 * side)
+        class_ticks(ax, names, "y", 0.8 * side)
     ax.set(xlabel="predicted class", ylabel="true class", title=f"confusion matrix: {name}")
     return fig
 
 
 # --------------------------------------------------------------------------------------------- page
-def _table(report: dict[str, Any]) -> str:
-    names = report.get("class_names") or []
-    cols = ("top1", "top5", "many", "medium", "few", "macro_f1")
-    head = "".join(f"<th>{c}</th>" for c in (*cols, "worst class"))
-    rows = []
-    for name, m in report["methods"].items():
-        if "skipped" in m:
-            rows.append(f"<tr><td>{html.escape(name)}</td><td colspan='{len(cols) + 1}'>skipped: ")
-            rows[-1] += f"{html.escape(str(m['skipped']))}</td></tr>"
-            continue
-        cells = "".join(f"<td>{'-' if m.get(c) is None else f'{100 * m[c]:.2f}'}</td>" for c in cols)
-        worst, idx = m.get("worst_class"), m.get("worst_class_index")
-        label = names[idx] if idx is not None and idx < len(names) else idx
-        cells += "<td>-</td>" if worst is None else f"<td>{100 * worst:.2f} ({html.escape(str(label))})</td>"
-        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
-    return f"<table><tr><th>result</th>{head}</tr>{''.join(rows)}</table>"
-
-
 _CSS = (
     "body{font-family:sans-serif;max-width:1400px;margin:1em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;font-size:14px}td,th{padding:3px 10px;text-align:right;"
     "border-bottom:1px solid #ddd}td:first-child,th:first-child{text-align:left}"
     "img{max-width:100%}h2{margin-top:1.6em}.meta{color:#555;font-size:14px}"
+    "table.header td{text-align:left}table.header th{text-align:left;color:#555;font-weight:normal}"
+    "table.similarity,details{margin-top:1em}"
 )
 
 
@@ -315,7 +336,9 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
         (
             "The long tail",
             "Left: each class's accuracy against its number of training images (dotted lines: the "
-            "few / medium / many boundaries). Right: accuracy over the test images of each shot group.",
+            "few / medium / many boundaries; the points named are RetFormer's). Right: accuracy over the "
+            "test images of each shot group; hatched beside a result, the same model with its neighbours "
+            "shuffled across images (the irrelevant-neighbour control).",
             main_figure(report),
         ),
         (
@@ -344,6 +367,9 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
             per_class_delta_figure(report),
         ),
     ]
+    quality = retrieval_quality(run_dir, report)
+    figure = None if isinstance(quality, str) else retrieval_figure(quality)
+    sections.insert(1, (RETRIEVAL, retrieval_html(quality), figure))
     main = main_result(report)
     if main is not None:
         text = "Rows: true class, normalised; per-sample predictions in <code>predictions/</code>."
@@ -354,42 +380,20 @@ def build_html(run_dir: Path, report: dict[str, Any]) -> str:
         if report.get(k) is not None
     )
     body = [f"<h1>Run {html.escape(report.get('run') or run_dir.name)}</h1><p class='meta'>{meta}</p>"]
+    body.append(header_html(run_dir, report))
     body.append(rule_html(report))
-    body.append(_table(report))
+    body.append(results_table(report))
     if attention := attention_html(report):
         body.append(f"<h2>RetFormer's attention over its neighbours</h2>{attention}")
-    body += _other_kbs(run_dir, report)
+    body += other_kb_tables(run_dir, report)
     for title, text, fig in sections:
-        if fig is not None:
-            body.append(
-                f"<h2>{title}</h2><p>{text}</p><img alt='{title}' src='data:image/png;base64,{_png(fig)}'>"
-            )
+        if fig is None and title != RETRIEVAL:  # the retrieval section says why it has no figure
+            continue
+        img = "" if fig is None else f"<img alt='{title}' src='data:image/png;base64,{_png(fig)}'>"
+        body.append(f"<h2>{title}</h2>{text if text.startswith('<') else f'<p>{text}</p>'}{img}")
     page = "\n".join(body)
     head = f"<meta charset='utf-8'><title>{html.escape(run_dir.name)}</title><style>{_CSS}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{page}</body></html>\n"
-
-
-def _other_kbs(run_dir: Path, report: dict[str, Any]) -> list[str]:
-    """One table per evaluation of the run's models with another (or a grown) KB (`retformer evaluate
-    RUN --kb B`, `<run>/eval.<B>.json`), headed "trained with A, evaluated with B"."""
-    from pipelines.evaluate_kb import other_evaluations
-
-    out = []
-    for kb, rep in other_evaluations(run_dir).items():
-        index = rep.get("kb_index") or {}
-        grown = f", grown in place {len(index['grown'])} time(s)" if index.get("grown") else ""
-        when = html.escape(str(rep.get("evaluated_at", "")))
-        head = (
-            f"Trained with {html.escape(str(rep.get('trained_kb') or report.get('kb')))}, "
-            f"evaluated with {html.escape(kb)}"
-        )
-        text = (
-            f"The same trained models, the eval split's neighbours retrieved from KB {html.escape(kb)} "
-            f"({index.get('n')} rows, {html.escape(str(index.get('factory')))}{grown}) on {when}: "
-            f"<code>eval.{html.escape(kb)}.json</code>."
-        )
-        out.append(f"<h2>{head}</h2><p>{text}</p>{_table(rep)}")
-    return out
 
 
 def write_report(run_dir: Path | str) -> Path:

@@ -2,12 +2,10 @@
 (tests/conftest.py's `e2e_workspace`: Fashion-MNIST-LT slice, KB = world pool + training split, run
 `tiny`, k = 4 of the neighbor tables' 8, a depth-1 RetFormer with image and text streams).
 
-The server is the real command in a subprocess; the page is driven in a real headless Chromium
-(Debian's `chromium`, installed by apt-get here when missing and the tests run as root) through
-Playwright, launched on that executable (never `playwright install`: no download). The API answers are
-checked against the run's own files: eval.json, the per-sample predictions, the stored neighbor
-tables and the shards' image bytes. A passing page test saves its screenshot in its own folder, or in
-$RETFORMER_SCREENSHOT_DIR (`make docs-img`: docs/img/browser.png, the picture README shows).
+The server is the real command in a subprocess. The API answers are checked against the run's own
+files: eval.json, the per-sample predictions, the stored neighbor tables and the shards' image bytes.
+The page itself, in headless Chromium, is tests/test_browse_page.py; the server's behaviour towards
+hostile clients tests/test_browse_server.py.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from artifacts.shards import read_shard
 from artifacts.workspace import Workspace
 from tests.conftest import needs_fmnist
 from tests.helpers import REPO, run_cli
+from tests.test_browse_retrieval import direct, effects_of
 from trainer.checkpoint import load_model
 from trainer.evaluate import shot_group_of
 from trainer.features import load_retrieval_features
@@ -46,32 +45,9 @@ torch.set_num_threads(1)
 DATASET, KB, RUN, K, TABLE_K = "tiny_lt", "tiny_all", "tiny", 4, 8
 URL_LINE = re.compile(r"at (http://127\.0\.0\.1:\d+/)")
 START_TIMEOUT = 300  # s: loading torch and the run on two busy shared cores
-SCREENSHOT_NAME = "browser.png"  # README shows docs/img/browser.png (`make docs-img`)
 
 
 # ------------------------------------------------------------------------------------ fixtures
-def chromium_executable() -> str:
-    """Debian's chromium, apt-get installed when missing (root only); a skip names why it cannot be."""
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if found:
-        return found
-    if not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and there is no apt-get to install it")
-    if os.geteuid() != 0:
-        pytest.skip("chromium is not installed and the tests do not run as root: `apt-get install chromium`")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "chromium"]
-    proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:  # a stale package list: refresh it once
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-        proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1800)
-    found = shutil.which("chromium")
-    if proc.returncode != 0 or not found:
-        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
-        pytest.skip(f"`apt-get install chromium` failed (exit {proc.returncode}): {tail}")
-    return found
-
-
 class Server:
     """`retformer browse` in a subprocess; its output lines are collected by a reader thread."""
 
@@ -175,7 +151,9 @@ def shard_images(shard_dir: Path) -> dict[str, bytes]:
 def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_workspace: Path, server):
     """The JSON API against the run's files: /api/run has the eval split's size and eval.json's top-1;
     /api/queries lists every test sample with the class the run's evaluation gave it, and
-    its class / correct / shot filters select exactly the matching samples; /api/query/<i> gives the k
+    its class / correct / shot filters select exactly the matching samples, its s and image-only
+    prediction are the model's own and effect=helped / hurt / same selects exactly the images where
+    the two predictions' correctness differs that way; /api/query/<i> gives the k
     neighbors of the stored test table (first k, same order, same similarity) and, per stream and
     layer, attention weights that with the class token's and query slot's share sum to 1; /img/ serves
     the shards' exact bytes for a test image and a KB neighbor; bad requests get 400 / 404."""
@@ -201,6 +179,14 @@ def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_work
     assert all(q["label_name"] == run["classes"][9]["name"] for q in few["items"])
     page = get_json(url + "api/queries?offset=190&limit=50")
     assert page["total"] == 200 and [q["i"] for q in page["items"]] == list(range(190, 200))
+    # the retrieval columns (issue 20): equal to trainer.model's own calls (tests/test_browse_retrieval.py)
+    direct_ref = direct(e2e_workspace, load_model(e2e_workspace / "runs" / RUN / "retformer.pt"))
+    assert [q["s"] for q in every["items"]] == pytest.approx(direct_ref["s"].tolist(), abs=1e-5)
+    assert [q["image_pred"] for q in every["items"]] == direct_ref["image_pred"].tolist()
+    assert all(q["retrieval_used"] for q in every["items"]) and run["rule"]["recipe"] == "paper"
+    for effect, images in effects_of(direct_ref).items():
+        assert [q["i"] for q in get_json(url + f"api/queries?effect={effect}&limit=1000")["items"]] == images
+        assert run["effects"][effect] == len(images)
 
     table = pq.read_table(
         e2e_workspace / "datasets" / DATASET / "neighbors" / KB / f"k{TABLE_K}" / "test.parquet"
@@ -233,6 +219,7 @@ def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_work
     assert get(url + "api/query/200")[0] == 404
     assert get(url + "api/queries?correct=maybe")[0] == 400
     assert get(url + "api/queries?class=10")[0] == 400
+    assert get(url + "api/queries?effect=better")[0] == 400
     assert get(url + "img/dataset/no-such-uid")[0] == 404
     assert get(url + "img/dataset/..%2F..%2Fetc%2Fpasswd")[0] == 404  # a uid, never a path
     assert get(url + "img/kb/999999")[0] == 404
@@ -242,87 +229,16 @@ def test_api_serves_the_runs_predictions_neighbors_attention_and_images(e2e_work
     assert b"http://" not in body and b"https://" not in body  # nothing fetched from elsewhere
 
 
-# ---------------------------------------------------------------------------------- the page
-@pytest.mark.system  # Debian's chromium (apt-get installed when missing) driven by Playwright
-def test_page_in_headless_chromium_shows_k_neighbors_with_weights(
-    e2e_workspace: Path, server, tmp_path: Path
-):
-    """In a real headless Chromium: the page loads the run, the "wrong" filter leaves only wrongly
-    predicted images, picking one renders its true and predicted class and exactly k neighbor cards,
-    each with a thumbnail that decoded (read from the shards), its caption, similarity and one
-    attention weight per stream, the weights being the API's; the screenshot is saved when all hold."""
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (it is in the dev extra: .[dev])"
-    )
-    executable = chromium_executable()
-    url = server.url()
-    wrong = get_json(url + "api/queries?correct=false&limit=1000")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=executable, args=["--no-sandbox"], timeout=180_000)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.set_default_timeout(120_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url)
-            page.wait_for_selector(".q-item")
-            assert page.locator(".q-item").count() == 120  # the first page of the 200 test images
-            page.select_option("#f-correct", "false")
-            page.wait_for_function(
-                f"document.querySelectorAll('.q-item').length === {min(wrong['total'], 120)} && "
-                "!document.querySelector('.q-item.ok')"
-            )
-            assert page.inner_text("#count").startswith(f"{wrong['total']} images match")
-            first = wrong["items"][0]
-            page.locator(".q-item").first.click()
-            page.wait_for_selector(f"body[data-shown='{first['i']}']")
-            cards = page.locator(".nn-card")
-            assert cards.count() == K
-            q = get_json(url + f"api/query/{first['i']}")
-            assert page.inner_text("#pred").startswith(q["pred_name"]) and q["label_name"] != q["pred_name"]
-            assert "wrong" in page.inner_text(".query") and q["label_name"] in page.inner_text(".query")
-            assert "null" not in page.inner_text("#detail") and "undefined" not in page.inner_text("#detail")
-            page.wait_for_function(
-                "[...document.querySelectorAll('.nn-card img, .query img')]"
-                ".every(img => img.complete && img.naturalWidth > 0)"
-            )
-            for j in range(K):
-                card, n = cards.nth(j), q["neighbors"][j]
-                weights = json.loads(card.get_attribute("data-weights"))
-                assert weights == {s: n["attention"][s][-1] for s in ("image", "text")}
-                assert card.locator(".bar").count() == 2 and card.locator("img").count() == 1
-                assert f"sim {n['similarity']:.3f}" in card.inner_text()
-                assert (n["caption"] or "(no caption)") in card.inner_text()
-            shares = {s: sum(layers[-1]["neighbors"]) for s, layers in q["attention"].items()}
-            assert all(0 < share <= 1 for share in shares.values())
-            assert not errors, errors
-            shot = save_screenshot(page, tmp_path)  # only a passing run saves its picture
-            assert shot.stat().st_size > 10_000, shot
-        finally:
-            browser.close()
-
-
-def save_screenshot(page, tmp_path: Path) -> Path:
-    """The page's screenshot: into $RETFORMER_SCREENSHOT_DIR when set (`make docs-img` sets it to
-    docs/img/ to regenerate README's picture), else into the test's own folder: tests never write into
-    the tracked tree. Written under a temporary name, then renamed."""
-    folder = Path(os.environ.get("RETFORMER_SCREENSHOT_DIR") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / SCREENSHOT_NAME
-    tmp = target.with_name(f"{target.stem}.tmp-{os.getpid()}.png")
-    page.screenshot(path=str(tmp))
-    os.replace(tmp, target)
-    return target
-
-
 # ---------------------------------------------------------------------------- in-process paths
 def test_predictions_without_the_runs_file_are_the_models_own(e2e_workspace: Path, tmp_path: Path):
     """A run folder without its predictions file (a copy of the model file alone) gets its predictions
     from the model on the stored neighbor tables, equal to the evaluation's sample by sample (the run
     folder itself is browsed with its predictions file where the run wrote one); a model without a
-    fusion module (mlp_only) shows its neighbors without attention; a port already taken is one
+    fusion module (mlp_only) shows its neighbors without attention, never uses retrieval and is its
+    own image-only prediction (no image helped or hurt); a port already taken is one
     UserError naming the address."""
-    from pipelines.browse import BrowseRun, make_server
+    from pipelines.browse import BrowseRun
+    from pipelines.browse_server import make_server
 
     copy = tmp_path / "runs" / "copy"
     copy.mkdir(parents=True)
@@ -339,6 +255,10 @@ def test_predictions_without_the_runs_file_are_the_models_own(e2e_workspace: Pat
     q = mlp.query(0)  # no fusion module: no attention, the retrieved neighbors all the same
     assert mlp.attention_streams() == [] and q["attention"] == {} and len(q["neighbors"]) == K
     assert q["pred"] == evaluated(e2e_workspace, "mlp_only")[0]["pred"]
+    # image-only already: never retrieval, its own prediction is L_I's, so no image is helped or hurt
+    assert mlp.summary()["rule"] is None and mlp.summary()["effects"]["same"] == len(mlp.features)
+    assert not q["retrieval_used"] and q["image_pred"] == q["pred"] and q["effect"] == "same"
+    assert q["retrieval_reason"] == "no retrieval branch: the model reads the image alone"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -364,76 +284,3 @@ def test_ctrl_c_stops_browse_started_with_sigint_ignored(e2e_workspace: Path) ->
     finally:
         code = srv.stop()
     assert code == 0, "\n".join(srv.lines)
-
-
-# ------------------------------------------------------------------- issue 17: hostile clients
-class _StubRun:
-    """What the handler asks of a BrowseRun, for the connection-level cases (no run needed)."""
-
-    features, class_names = [], []
-
-    def summary(self) -> dict:
-        return {"run": "stub"}
-
-    def kb_image(self, kb_id: int) -> tuple[bytes, str]:
-        return bytes(32 << 20), "png"  # 32 MB: the client is gone long before it is sent
-
-
-@pytest.fixture
-def stub_server(monkeypatch):
-    """An in-process server of `_StubRun` on a free loopback port, read timeout 0.5 s; yields (host,
-    port). Its handler threads' exceptions go to the process's stderr (capfd sees them)."""
-    from pipelines import browse
-
-    monkeypatch.setattr(browse, "READ_TIMEOUT_S", 0.5, raising=False)
-    server = browse.make_server(_StubRun(), "127.0.0.1", 0)  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[:2]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _raw_get(addr: tuple[str, int], path: str, host: str) -> int:
-    with socket.create_connection(addr, timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        return int(sock.recv(64).split()[1])
-
-
-def test_browse_answers_loopback_host_headers_only(stub_server):
-    """Issue 17 (low): no Host check, so a page whose DNS name was rebound to 127.0.0.1 could read the
-    run from the user's browser. Now the loopback server answers Host 127.0.0.1 / localhost / [::1]
-    (any port) and refuses any other host with 403."""
-    host, port = stub_server
-    for ok in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
-        assert _raw_get(stub_server, "/api/run", ok) == 200, ok
-    for bad in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
-        assert _raw_get(stub_server, "/api/run", bad) == 403, bad
-
-
-def test_a_half_sent_request_is_dropped_after_the_read_timeout(stub_server):
-    """Issue 17 (low): a connection that sends half a request held its thread forever (300 such held
-    305 threads). Now the server closes it after READ_TIMEOUT_S (0.5 s here)."""
-    with socket.create_connection(stub_server, timeout=5) as sock:
-        sock.sendall(b"GET /api/run HTTP/1.1\r\nHost: local")
-        started = time.monotonic()
-        assert sock.recv(100) == b""  # closed by the server (the old one: a timeout after 5 s)
-        assert time.monotonic() - started < 4
-
-
-def test_a_cancelled_image_request_prints_no_traceback(stub_server, capfd):
-    """Issue 17 (low): a thumbnail request the browser cancels (a reset before the answer is sent)
-    printed a ~23-line BrokenPipe / ConnectionReset traceback on the server's stderr. Now nothing."""
-    import struct
-
-    for _ in range(3):
-        sock = socket.create_connection(stub_server, timeout=5)
-        sock.sendall(b"GET /img/kb/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        sock.recv(1024)  # the answer has begun
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()  # a reset, as a cancelled fetch
-    time.sleep(1.0)
-    err = capfd.readouterr().err
-    assert "Traceback" not in err and "Error" not in err, err

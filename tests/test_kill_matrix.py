@@ -14,8 +14,8 @@ checks that it died by SIGKILL leaving a temporary file, reruns the command and 
 - index.json: build key, factory, shards, tuned params and recall check;
 - train: every method's metrics in eval.json (but its seconds), each model file's weights, each
   metrics.jsonl (but its time_s), the per-sample predictions byte for byte and report.html but for
-  the config hash (the kill runs checkpoint every epoch: TRAIN_SET), i.e. a resumed run ends where
-  an uninterrupted one does;
+  the config hash (the kill runs checkpoint every epoch: TRAIN_SET) and the workdir it names, i.e. a
+  resumed run ends where an uninterrupted one does;
 - and no temporary file (`.tmp-`) anywhere in the workdir.
 """
 
@@ -185,11 +185,13 @@ def _assert_same(rel: str, got: Path, want: Path) -> None:
     """`got` holds what `want` (the uninterrupted run's file) holds, by the rules of the module doc."""
     name = got.name
     if name == "report.html":
-        # The same page but for the config hash, which covers the checkpoint override (TRAIN_SET).
+        # The same page but for the config hash, which covers the checkpoint override (TRAIN_SET), and
+        # the workdir its header's browse command names (<workdir>/runs/<run>/report.html).
         pages = []
         for path in (got, want):
             config_hash = json.loads((path.parent / "eval.json").read_text())["config_hash"]
-            pages.append(path.read_text().replace(config_hash, "<hash>"))
+            workdir = str(path.resolve().parents[2])
+            pages.append(path.read_text().replace(config_hash, "<hash>").replace(workdir, "<workdir>"))
         assert pages[0] == pages[1], f"{rel}: report differs"
     elif name == "eval.json":
         metrics = [

@@ -127,7 +127,13 @@ def test_report_html_is_self_contained_with_its_figures(run) -> None:
     confusion matrix; it loads nothing from elsewhere."""
     page = (run["dir"] / "report.html").read_text()
     images = _images(page)
-    assert list(images) == ["The long tail", "Training", "Effect of k", "Confusion matrix"]
+    assert list(images) == [
+        "The long tail",
+        "Retrieval quality",
+        "Training",
+        "Effect of k",
+        "Confusion matrix",
+    ]
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000 for png in images.values())
     assert not re.search(r"(src|href)=['\"](?!data:)", page), "only inline images"
     for name in run["report"]["methods"]:
