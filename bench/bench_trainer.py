@@ -57,7 +57,7 @@ from pipelines.experiment_plan import plan_experiment  # noqa: E402
 from trainer.baselines import vote_threads  # noqa: E402
 from trainer.checkpoint import load_model  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
-from trainer.evidence import neighbour_vote  # noqa: E402
+from trainer.evidence import class_text_embeddings, neighbour_vote  # noqa: E402
 from trainer.features import load_retrieval_features, neighbor_table_path  # noqa: E402
 from trainer.model import build_model, model_from_config, relevance  # noqa: E402
 from trainer.selection import shuffled  # noqa: E402
@@ -305,13 +305,17 @@ def bare_votes(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, int
         for kk in ks:
             for temp in opts.vote_temps:
                 vote("val", kk, temp)
-        for split in ("val", "test"):
-            vote(split, sel["k"], sel["vote_temp"])
+        vote("val", sel["k"], sel["vote_temp"])
+        for _ in range(0, sizes["test"], len(res["test"])):  # the resident test rows, cycled to its size
+            vote("test", sel["k"], sel["vote_temp"])
 
     if kind == "caption" and class_text is None:
         return 0.0, 0, 0
     with intra_op_threads(vote_threads(sizes["val"] + sizes["test"], k, num_classes)):
         seconds = timed(work)
+    if kind == "caption":  # the class-name prompts through the text tower (loaded before the clock)
+        encoder, names = ctx["text_encoder"]
+        seconds += timed(class_text_embeddings, encoder, names)
     rows = len(ks) * len(opts.vote_temps) * sizes["val"] + sizes["val"] + sizes["test"]
     return seconds, 0, rows
 
@@ -328,16 +332,15 @@ TRAINED_HERE = ("mlp_only", "linear_probe", "retformer")
 RULE_KEYS = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "vote_k", "image_weight")
 
 
-def caption_class_text(kb: dict[str, Any], info: dict[str, Any]) -> torch.Tensor | None:
-    """The class-name prompt vectors caption_vote reads (the KB's text tower; built before any clock)."""
+def caption_text_encoder(kb: dict[str, Any], info: dict[str, Any]) -> tuple[Any, list[str]] | None:
+    """The KB's text tower and the class names caption_vote embeds (loaded before any clock)."""
     spec = (kb.get("encoders") or {}).get("text")
     names = info.get("class_names") or []
     if not spec or not names:
         return None
     from kb_builder.encoders import build_text_encoder
-    from trainer.evidence import class_text_embeddings
 
-    return class_text_embeddings(build_text_encoder(spec), names)
+    return build_text_encoder(spec), list(names)
 
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> float:
@@ -414,8 +417,9 @@ def main() -> None:
         "stacked_best": stacked_best,
         "results": results,
         "features": {"val": val, "test": test},
-        "class_text": caption_class_text(kb, info) if "caption_vote" in methods else None,
     }
+    ctx["text_encoder"] = caption_text_encoder(kb, info) if "caption_vote" in methods else None
+    ctx["class_text"] = class_text_embeddings(*ctx["text_encoder"]) if ctx["text_encoder"] else None
     out: dict[str, Any] = {}
     for method in order:
         if method not in BARE:
