@@ -735,7 +735,9 @@ def test_predict_holds_no_input_bytes_once_decoded(monkeypatch):
     monkeypatch.setattr(predictor, "_pixels", lambda data: (np.zeros((2, 2, 3), np.uint8), None))
     monkeypatch.setattr(predictor, "_encode", lambda px: (np.zeros((len(px), 4), np.float16), None))
     monkeypatch.setattr(
-        predictor, "records", lambda z, uids, names, neighbors, images=None: [{"path": n} for n in names]
+        predictor,
+        "records",
+        lambda z, uids, names, neighbors, images=None, labels=None: [{"path": n} for n in names],
     )
     alive: list[weakref.ref] = []
     most = 0
