@@ -151,6 +151,7 @@ def _hold_slow_teardown() -> int:
     return os.getpid()
 
 
+@pytest.mark.slow  # starts and closes a real LocalCluster (~10-15 s)
 def test_local_cluster_closes_without_killing_its_workers() -> None:
     """A LocalCluster worker whose interpreter teardown takes 6 s: `dask_client` closes the cluster in
     well under the nanny's 4 s grace, and no "Worker process still alive" warning is logged."""

@@ -113,7 +113,10 @@ def test_loader_thread_keeps_order_raises_and_stops():
     assert not [t for t in threading.enumerate() if t.name == "embed-loader"]
 
 
-@pytest.mark.parametrize(("side", "n"), [(64, 256), (64, 196), (32, 300)])
+@pytest.mark.parametrize(
+    ("side", "n"),
+    [pytest.param(64, 256, marks=pytest.mark.slow), pytest.param(64, 196, marks=pytest.mark.slow), (32, 300)],
+)  # the 64-px cases ~13 s each: the slow tier; the fast tier keeps the 32-px one (the same code path)
 def test_cpu_chunks_give_the_whole_batch_bytes(side, n):
     """Lite0's CPU forward in cache-sized chunks (remainder < 16 merged): the same bits as one
     forward of the whole batch, at one and at two threads."""

@@ -516,6 +516,7 @@ def _index(kb: Path, ws: Path, *more: str):
     return run_cli("index", "--kb", str(kb), *more, "--workdir", str(ws), check=False)
 
 
+@pytest.mark.slow  # shares a real embed of a user KB (~25 s of set-up) with the slow take-down tests
 def test_takedown_removes_the_parts_of_vanished_shards(embedded_user_kb, tmp_path):
     """Issue 17 (1): a shard deleted from a user KB (its images taken down). Before: embed kept the
     vanished shard's part, index read every part in the folder and indexed 60 vectors for a 40-sample
@@ -540,6 +541,7 @@ def test_takedown_removes_the_parts_of_vanished_shards(embedded_user_kb, tmp_pat
     assert [p["name"] for p in index["parts"]] == ["part-s000.parquet", "part-s001.parquet"]
 
 
+@pytest.mark.slow  # shares a real embed of a user KB (~25 s of set-up) with the slow take-down tests
 def test_duplicate_uid_in_a_kb_is_one_error_naming_uid_and_shards(embedded_user_kb, tmp_path):
     """Issue 17 (1): README says a uid is unique in a KB; nothing checked it. A fourth shard repeating
     the uid `u0_3` of s000.tar: embed used to exit 0 (and index to hold both rows). Now embed exits 1
@@ -557,6 +559,7 @@ def test_duplicate_uid_in_a_kb_is_one_error_naming_uid_and_shards(embedded_user_
     assert "uid 'u0_3'" in line, line
 
 
+@pytest.mark.slow  # shares a real embed of a user KB (~25 s of set-up) with the slow take-down tests
 def test_index_refuses_a_half_embedded_kb_unless_allow_partial(embedded_user_kb, tmp_path):
     """Issue 17 (3): an embed killed (SIGKILL, the kill matrix's hook) after 2 of 3 parts. Before:
     `retformer index` built a 40-of-60-vector index, exit 0, no word. Now it exits 1 with one line
