@@ -63,9 +63,8 @@ def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
     if sel.get("la_tau"):
         parts.append(f"L_R logit-adjusted (tau {sel['la_tau']})")
     w = sel.get("image_weight", 1.0)
-    terms = [f"{'' if w == 1 else f'{w:g} * '}L_I"]
-    if sel.get("prior_tau"):
-        terms[0] += f" - {sel['prior_tau']:g} log prior"
+    image = f"L_I - {sel['prior_tau']:g} log prior" if sel.get("prior_tau") else "L_I"
+    terms = [image if w == 1 else f"{w:g} * ({image})"]
     retrieval = []
     if sel.get("alpha"):
         retrieval.append(f"{sel['alpha']:g} L_R")
