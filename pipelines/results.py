@@ -62,7 +62,8 @@ def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
     parts = [f"lr {sel.get('lr')}", f"epoch {sel.get('epoch')}"]
     if sel.get("la_tau"):
         parts.append(f"L_R logit-adjusted (tau {sel['la_tau']})")
-    w = sel.get("image_weight", 1.0)
+    # the image weight only applies with a retrieval term (combine() returns L_I alone otherwise)
+    w = sel.get("image_weight", 1.0) if (sel.get("alpha") or sel.get("beta")) else 1.0
     image = f"L_I - {sel['prior_tau']:g} log prior" if sel.get("prior_tau") else "L_I"
     terms = [image if w == 1 else f"{w:g} * ({image})"]
     retrieval = []

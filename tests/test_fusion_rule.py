@@ -203,3 +203,27 @@ def test_vote_grid_from_parts_equals_the_streamed_votes(monkeypatch: pytest.Monk
     monkeypatch.setattr(selection, "VOTE_PARTS_MAX", 0)
     assert selection.split_vote_parts(f, C, "label") is None
     assert selection.select_vote(f, C, "label", opts) == fast
+
+
+def test_the_selected_rule_is_said_in_words_and_retrieval_off_is_a_warning() -> None:
+    """Under every results table: lr, epoch, the rule with its image weight around the prior-adjusted L_I,
+    the gate and the vote's (k, T), the share of images where retrieval was used; and a warning line
+    when val chose alpha = beta = 0 (the retformer row is then L_I alone)."""
+    from pipelines.results import format_table, selected_rule_lines
+
+    sel = {"lr": 0.003, "epoch": 2, "alpha": 0.25, "beta": 0.5, "prior_tau": 1.0, "image_weight": 0.5}
+    sel |= {"gate_t": 0.8161, "gate_quantile": 0.2, "evidence": "label", "vote_k": 20, "vote_temp": 0.1}
+    report = {
+        "methods": {"retformer": {"top1": 0.9, "selected": sel}},
+        "diagnostics": {"rule": {"retrieval_share": 0.83}},
+    }
+    (line,) = selected_rule_lines(report)
+    assert line == (
+        "retformer selected on val: lr 0.003, epoch 2; rule 0.5 * (L_I - 1 log prior) + [s > 0.816 (val q 0.2)] "
+        "0.25 L_R + 0.5 log vote(label, k 20, T 0.1) (L_I alone where the gate is closed); "
+        "retrieval used on 83.0% of eval images"
+    )
+    sel |= {"alpha": 0.0, "beta": 0.0}
+    lines = format_table(report).splitlines()
+    assert lines[-2].endswith("rule L_I - 1 log prior; retrieval used on 83.0% of eval images")
+    assert lines[-1].startswith("warning: retrieval is off in the selected rule")
