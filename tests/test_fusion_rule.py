@@ -220,7 +220,8 @@ def test_the_selected_rule_is_said_in_words_and_retrieval_off_is_a_warning() -> 
     (line,) = selected_rule_lines(report)
     assert line == (
         "retformer selected on val: lr 0.003, epoch 2; rule 0.5 * (L_I - 1 log prior) + "
-        "[s > 0.816 (val q 0.2)] 0.25 L_R + 0.5 log vote(label, k 20, T 0.1) (L_I alone where the gate is closed); "
+        "[s > 0.816 (val q 0.2)] 0.25 L_R + 0.5 log vote(label, k 20, T 0.1) "
+        "(L_I alone where the gate is closed); "
         "retrieval used on 83.0% of eval images"
     )
     sel |= {"alpha": 0.0, "beta": 0.0}
