@@ -34,9 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifacts.atomic import atomic_path
 from trainer.baselines import knn_vote
-from trainer.checkpoint import CHECKPOINT_FORMAT
 from trainer.config import SelectOptions
 from trainer.evaluate import evaluate
 from trainer.evidence import (
@@ -504,12 +502,3 @@ def val_metrics(logits: torch.Tensor, labels: torch.Tensor, shot_split: dict | N
     """The val figures a result records: top1, top5, many / medium / few."""
     m = evaluate(logits, labels, shot_split)
     return {k: m.get(k) for k in ("top1", "top5", "many", "medium", "few")}
-
-
-def save_selected(path: Any, sel: Selected) -> None:
-    """The selected model as a checkpoint `trainer.checkpoint.load_model` rebuilds: its config (alpha and
-    gate_t included, so the reloaded model predicts the same), weights and selected hyper-parameters."""
-    with atomic_path(path) as tmp:
-        state = {"format": CHECKPOINT_FORMAT, "model_config": sel.model.config}
-        state["model_state"] = sel.model.state_dict()
-        torch.save({**state, "selected": sel.selected, "val_top1": sel.val_top1}, tmp)
