@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from artifacts.errors import UserError
 from pipelines.browse_effect import EFFECTS
+from pipelines.local_http import LOOPBACK_HOSTS, host_of, hosts_answered
 
 if TYPE_CHECKING:
     from pipelines.browse import BrowseRun
@@ -30,9 +31,6 @@ UID = re.compile(r"[A-Za-z0-9_-]+")  # the uid contract (docs/architecture.md): 
 # Seconds a connection may take to send its request: a client that opens connections and sends half
 # a request held one thread each, forever (300 such connections: 305 threads).
 READ_TIMEOUT_S = 30.0
-# Host headers a server bound to a loopback address answers (any port); others get 403, so a page
-# whose DNS name was rebound to 127.0.0.1 cannot read the run from the user's browser.
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def page_html() -> bytes:
@@ -70,17 +68,6 @@ def _filters(query: dict[str, list[str]], num_classes: int) -> dict[str, Any]:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         out[name] = int(value) if value is not None else default
     return out
-
-
-def host_of(header: str | None) -> str | None:
-    """The host name of a Host header (`localhost:8000` -> `localhost`, `[::1]:80` -> `::1`), lower case."""
-    if not header:
-        return None
-    host = header.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else None
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def make_handler(
@@ -190,11 +177,8 @@ def make_server(browser: BrowseRun, host: str = "127.0.0.1", port: int = 0) -> T
     UserError when the address cannot be bound."""
     # an IPv6 address needs its own address family (ThreadingHTTPServer binds IPv4)
     server_class = _Server6 if ":" in host else _Server
-    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
     try:
-        server = server_class(
-            (host, port), make_handler(browser, LOOPBACK_HOSTS | {host} if loopback else None)
-        )
+        server = server_class((host, port), make_handler(browser, hosts_answered(host)))
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     server.daemon_threads = True  # a browser's open connection never holds the process at exit

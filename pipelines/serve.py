@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from artifacts.errors import UserError
+from pipelines.local_http import host_of, hosts_answered
 from pipelines.predict import NotAnImage, Predictor
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 READ_TIMEOUT_S = 30  # the socket's: an idle or half-sent request ends its thread, not the server
 DRAIN_MAX_BYTES = 64 * 1024 * 1024  # a refused body up to this size is read and dropped (see _drain)
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class PredictService:
@@ -72,17 +72,6 @@ class PredictService:
         """One image's record; NotAnImage when the bytes are not a readable image."""
         with self.lock:
             return self.predictor.predict_bytes(data, "request", self.neighbors)
-
-
-def host_of(header: str | None) -> str | None:
-    """The host name of a Host header (`localhost:8765` -> `localhost`, `[::1]:80` -> `::1`), lower case."""
-    if not header:
-        return None
-    host = header.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else None
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def make_handler(
@@ -254,8 +243,7 @@ def make_server(
     """A server for `service` bound to host:port (port 0: a free one, see `server.server_address`).
     Bound to a loopback address it answers loopback Host headers only. UserError when the address
     cannot be bound."""
-    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
-    handler = make_handler(service, max_bytes, LOOPBACK_HOSTS | {host} if loopback else None)
+    handler = make_handler(service, max_bytes, hosts_answered(host))
     try:
         return (_Server6 if ":" in host else _Server)((host, port), handler)
     except OSError as exc:
