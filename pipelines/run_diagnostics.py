@@ -9,10 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 
-from pipelines.runs import PREDICTIONS, safe_name
+from pipelines.runs import read_predictions
 from trainer.checkpoint import load_model
 from trainer.diagnostics import agreement_accuracy, attention_stats, neighbour_classes, retrieval_share
 from trainer.model import RetFormer
@@ -24,12 +23,8 @@ AGREEMENT_METHODS = ("mlp_only", "knn_vote", "knn_weighted", "caption_vote", "re
 
 
 def _correct(run_dir: Path, result: str) -> torch.Tensor | None:
-    path = run_dir / PREDICTIONS / f"{safe_name(result)}.parquet"
-    if not path.is_file():
-        return None
-    return torch.as_tensor(
-        pq.read_table(path, columns=["correct"]).column("correct").to_numpy(), dtype=torch.bool
-    )
+    table = read_predictions(run_dir, result, ["correct"])
+    return None if table is None else torch.as_tensor(table.column("correct").to_numpy(), dtype=torch.bool)
 
 
 def diagnose(

@@ -62,12 +62,25 @@ def check_overwrite(run_dir: Path, wanted: str, force: bool = False) -> None:
     )
 
 
+def predictions_path(run_dir: Path, name: str) -> Path:
+    """`<run>/predictions/<result>.parquet`: where a result's per-sample predictions live."""
+    return run_dir / PREDICTIONS / f"{safe_name(name)}.parquet"
+
+
 def write_predictions(run_dir: Path, name: str, table: Any) -> str:
     """Write a result's predictions table; its path relative to the run folder."""
     import pyarrow.parquet as pq
 
-    rel = f"{PREDICTIONS}/{safe_name(name)}.parquet"
-    (run_dir / PREDICTIONS).mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / rel) as tmp:
+    path = predictions_path(run_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-    return rel
+    return str(path.relative_to(run_dir))
+
+
+def read_predictions(run_dir: Path, name: str, columns: list[str]) -> Any:
+    """Those columns of a result's predictions table (pyarrow), or None where the run has none."""
+    import pyarrow.parquet as pq
+
+    path = predictions_path(run_dir, name)
+    return pq.read_table(path, columns=columns) if path.is_file() else None

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipelines.runs import PREDICTIONS, safe_name
+from pipelines.runs import predictions_path, read_predictions
 
 METRICS = ("top1", "top5", "many", "medium", "few", "macro_f1", "worst_class")
 # Methods RetFormer is compared with in the bootstrap line (the strongest of them on the mean test top-1).
@@ -64,9 +63,9 @@ def _mean_or_none(values: list[Any]) -> float | None:
 def _correct(run_dir: Path, result: str, group: str | None) -> np.ndarray:
     """Per test image: 1.0 where the result's prediction is right (in the predictions file's row order),
     only the images of one shot group when `group` is given."""
-    table = pq.read_table(
-        run_dir / PREDICTIONS / f"{safe_name(result)}.parquet", columns=["correct", "shot_group"]
-    )
+    table = read_predictions(run_dir, result, ["correct", "shot_group"])
+    if table is None:
+        raise FileNotFoundError(predictions_path(run_dir, result))
     correct = table.column("correct").to_numpy(zero_copy_only=False).astype(np.float64)
     if group is None:
         return correct
