@@ -222,9 +222,9 @@ def test_zeroshot_weights_follow_open_clip_prompts(clip_ws):
     assert torch.allclose(w.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
-# slow tier: in the full default tier it fails now and then at atol 1e-6 (AdamW's first step divides by |g|, so
-# the other summation order of near-zero gradients shows up in the weights); it passes run on its own and
-# with its module. Cause not found; the bound stays 1e-6 (see the issue 16 closing note).
+# slow tier: in the full default tier it fails now and then at atol 1e-6 (AdamW's first step divides by
+# |g|, so the other summation order of near-zero gradients shows up in the weights); it passes run on its
+# own and with its module. Cause not found; the bound stays 1e-6 (see the issue 16 closing note).
 @pytest.mark.slow
 def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
     """Fine-tune mechanics on the real shards: (1) two accumulated micro-batches of 16 give the same
