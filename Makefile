@@ -113,7 +113,7 @@ neighbors: setup  ## top-k neighbor tables (make neighbors DATASET=... KB=...)
 	$(RETFORMER) neighbors --dataset $(DATASET) --kb $(KB) $(COMMON) $(DASK_ARGS) $(SET_ARGS)
 
 train: setup  ## train + evaluate an experiment (make train DATASET=... KB=... EXPERIMENT=... [NPROC=4])
-	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) --local-ranks-filter 0 -m pipelines.cli,$(RETFORMER)) train --dataset $(DATASET) --kb $(KB) --experiment $(EXPERIMENT) $(COMMON) $(SET_ARGS)
+	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) --local-ranks-filter 0 -m retformer.pipelines.cli,$(RETFORMER)) train --dataset $(DATASET) --kb $(KB) --experiment $(EXPERIMENT) $(COMMON) $(SET_ARGS)
 
 # KB only when given (`make evaluate RUN=r KB=other`), not its fmnist_world default.
 EVAL_KB := $(if $(filter command line environment,$(origin KB)),--kb $(KB),)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from artifacts.faults import maybe_die
+from retformer.artifacts.faults import maybe_die
 
 
 def tmp_name(path: Path) -> Path:

@@ -18,9 +18,12 @@ import ctypes
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from artifacts.errors import UserError
+from retformer.artifacts.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported lazily (see above)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,15 @@ def pick(device: str | None, what: str) -> str:
         if index and int(index) >= have:
             raise UserError(f"{what} asks for {device}: torch sees {have} GPU(s) (cuda:0..cuda:{have - 1})")
     return device
+
+
+def resolve_device(device: str | None, what: str) -> torch.device:
+    """The torch device `what` (a stage, training, prediction) runs on: `pick`'s choice as a
+    torch.device; the one resolver every stage and the trainer go through (under torchrun the trainer
+    then maps a bare "cuda" to its process's GPU: trainer.distributed.device_for)."""
+    import torch
+
+    return torch.device(pick(device, what))
 
 
 def native_bf16(device: Any = None) -> bool:

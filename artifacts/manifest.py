@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from artifacts.errors import UserError
+from retformer.artifacts.errors import UserError
 
 CATEGORIES = ("kb", "datasets", "experiments", "clusters")
 

@@ -19,7 +19,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from artifacts.errors import UserError
+from retformer.artifacts.errors import UserError
 
 
 class Section(BaseModel):

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,16 +25,16 @@ import numpy as np
 import webdataset
 from PIL import Image
 
-from artifacts.atomic import (
+from retformer.artifacts.atomic import (
     is_leftover_tmp,
     remove_dead_temps,
     remove_dead_temps_of,
     tmp_name,
     write_json_atomic,
 )
-from artifacts.errors import UserError
-from artifacts.faults import maybe_die
-from artifacts.tar_reader import iter_shard_files
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.faults import maybe_die
+from retformer.artifacts.tar_reader import Member, iter_shard_files, iter_shard_members
 
 SHARD_FORMAT = "{prefix}-{index:05d}.tar"
 MANIFEST_FORMAT = "_SUCCESS-{prefix}.json"
@@ -43,7 +43,8 @@ UID_RE = re.compile(r"[A-Za-z0-9_-]+")  # the uid contract (docs/architecture.md
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+# What a sample's image member may be, in the order one is picked when a sample has several.
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 IMG2DATASET_SOURCE = "img2dataset"  # `source` of samples read from img2dataset shards
 
 
@@ -277,7 +278,7 @@ def _is_img2dataset(meta: dict[str, Any]) -> bool:
 def to_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
     """One sample's files (extension -> bytes) as read_shard's record (see there)."""
     meta = json.loads(files["json"]) if "json" in files else {}
-    image_ext = next((e for e in _IMAGE_EXTS if e in files), None)
+    image_ext = image_ext_of(files)
     caption = files["txt"].decode("utf-8") if "txt" in files else None
     source = meta.get("source")
     if _is_img2dataset(meta):
@@ -297,6 +298,42 @@ def to_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
     }
 
 
+def image_ext_of(exts: Container[str]) -> str | None:
+    """The extension of a sample's image member among its files' `exts`: the first of IMAGE_EXTS it
+    has (None: the sample has no image)."""
+    return next((e for e in IMAGE_EXTS if e in exts), None)
+
+
+class ImageMember(NamedTuple):
+    """Where a sample's image lies in its shard (read `size` bytes at `offset`) and its extension."""
+
+    offset: int
+    size: int
+    ext: str
+
+
+def image_members(path: Path | str) -> dict[str, ImageMember]:
+    """uid -> where the image of each sample of a shard lies, for reading one image later without
+    scanning the shard (the browser, fine-tune mode).
+
+    One pass over the headers; only the small json members are read. The uid and the image member are
+    the ones `read_shard` gives the sample (`to_record`'s rule: the json's uid, else the key, so an
+    img2dataset sample is found under its uid too). A sample whose json is unreadable is found under its
+    key (the embed stage fails on it, so no part names it)."""
+    found: dict[str, ImageMember] = {}
+    for key, where, small in iter_shard_members(Path(path), read=("json",)):
+        ext = image_ext_of(where)
+        if ext is None:
+            continue
+        try:
+            uid = to_record(key, small)["uid"]
+        except ValueError:
+            uid = key
+        member: Member = where[ext]
+        found[uid] = ImageMember(member.offset, member.size, ext)
+    return found
+
+
 def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:
     """Yield each sample of a shard as dict(uid, image_bytes, image_ext, caption, label, source, meta).
 
@@ -314,5 +351,14 @@ def shard_stem(shard: Path | str, shard_root: Path | str) -> str:
     (the embeddings part `part-<stem>.parquet`): its path under the root with '/' -> '-', e.g.
     `<chunk>/00000.tar` -> `<chunk>-00000`, `<chunk>/retry-001/00000.tar` -> `<chunk>-retry-001-00000`
     (img2dataset names the shards of every chunk folder 00000.tar, 00001.tar, ...)."""
-    rel = Path(shard).resolve().relative_to(Path(shard_root).resolve())
+    shard, root = Path(shard), Path(shard_root)
+    # as given first: a shard that is a symlink to a file elsewhere is still this root's shard
+    for path, base in ((shard, root), (shard.absolute(), root.absolute()), (shard.resolve(), root.resolve())):
+        try:
+            rel = path.relative_to(base)
+            break
+        except ValueError:
+            continue
+    else:
+        raise UserError(f"shard {shard} is not under its shard folder {root}")
     return "-".join(rel.with_suffix("").parts)

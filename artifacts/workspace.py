@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from artifacts.atomic import write_json_atomic
-from artifacts.errors import UserError
+from retformer.artifacts.atomic import write_json_atomic
+from retformer.artifacts.errors import UserError
 
 # A KB, dataset or run name is one folder under the workdir: no separator, not `.`/`..`, no leading dot.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")

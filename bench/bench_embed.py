@@ -54,10 +54,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from artifacts.atomic import write_json_atomic  # noqa: E402
-from artifacts.shards import Sample, write_shards  # noqa: E402
-from kb_builder import embed  # noqa: E402
-from kb_builder.kb_sources import TEMPLATES, caption_for  # noqa: E402
+from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
+from retformer.artifacts.shards import Sample, write_shards  # noqa: E402
+from retformer.kb_builder import embed  # noqa: E402
+from retformer.kb_builder.kb_sources import TEMPLATES, caption_for  # noqa: E402
 
 FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 MINILM = {"name": "minilm"}
@@ -97,7 +97,7 @@ def fashion_samples(n: int, offset: int = 0) -> list[Sample]:
     """n Fashion-MNIST training images with the demo's templated captions (random images without it)."""
     rng = np.random.default_rng(0)
     if (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        from kb_builder.datasets import fashion_mnist as fm
+        from retformer.kb_builder.datasets import fashion_mnist as fm
 
         images, labels = fm.load_arrays(FMNIST_DIR, "train")
         names = list(fm.CLASS_NAMES)
@@ -276,9 +276,9 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
 def step_profile(args: argparse.Namespace, root: Path, n: int = 2500) -> dict[str, Any]:
     """CPU microseconds per image of each step of the Lite0 64 px + MiniLM path, old way and new way
     (best of 3, this thread only): where a shard's time goes, step by step."""
-    from artifacts.decode import decode_image
-    from artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
-    from artifacts.shards import to_record as _to_record
+    from retformer.artifacts.decode import decode_image
+    from retformer.artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
+    from retformer.artifacts.shards import to_record as _to_record
     from tests.helpers import read_shard_tarfile
 
     image_spec, text_spec = CONFIGS["lite0_64_minilm"][:2]
@@ -351,8 +351,8 @@ def step_profile(args: argparse.Namespace, root: Path, n: int = 2500) -> dict[st
 
 def run_stage(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """The embed stage through Dask on a demo-like KB (Lite0 64 px + MiniLM, shards of 2500)."""
-    from pipelines import stages
-    from pipelines.dask_runner import dask_client
+    from retformer.pipelines import stages_embed as stages
+    from retformer.pipelines.dask_runner import dask_client
 
     image_spec, text_spec = CONFIGS["lite0_64_minilm"][:2]
     n_shards, size = args.stage_shards, 2500

@@ -36,12 +36,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from artifacts.atomic import write_json_atomic  # noqa: E402
-from trainer.config import FinetuneConfig  # noqa: E402
-from trainer.features import RetrievalFeatures  # noqa: E402
-from trainer.finetune import FinetuneModel, finetune_fit, make_finetune_optimizer  # noqa: E402
-from trainer.model import build_model  # noqa: E402
-from trainer.train import amp_policy, soft_targets  # noqa: E402
+from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
+from retformer.trainer.config import FinetuneConfig  # noqa: E402
+from retformer.trainer.features import RetrievalFeatures  # noqa: E402
+from retformer.trainer.finetune import FinetuneModel, finetune_fit, make_finetune_optimizer  # noqa: E402
+from retformer.trainer.model_factory import build_model  # noqa: E402
+from retformer.trainer.train import amp_policy, soft_targets  # noqa: E402
 
 NUM_CLASSES, DIM, K = 1000, 512, 32
 
@@ -94,7 +94,7 @@ def random_features(n: int, store_rows: int, seed: int = 0) -> RetrievalFeatures
 
 
 def make_model(args: argparse.Namespace) -> FinetuneModel:
-    from kb_builder.encoders import build_image_encoder
+    from retformer.kb_builder.encoders import build_image_encoder
 
     torch.manual_seed(0)
     encoder = build_image_encoder({"name": "open_clip", "model": args.model, "pretrained": None})

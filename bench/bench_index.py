@@ -44,13 +44,14 @@ from faiss.contrib.evaluation import knn_intersection_measure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts.atomic import write_json_atomic  # noqa: E402
-from artifacts.embeddings_io import list_parts, read_image_vectors  # noqa: E402
-from artifacts.errors import UserError  # noqa: E402
-from kb_builder.index.build import INDEX_JSON, build_index  # noqa: E402
-from kb_builder.index.rows import part_table  # noqa: E402
-from kb_builder.index.search import ShardedIndex, exact_ground_truth, sample_queries, tune_and_check  # noqa: E402
-from kb_builder.index.select import IndexPlan, choose_index, make_plan  # noqa: E402
+from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
+from retformer.artifacts.embeddings_io import list_parts, read_image_vectors  # noqa: E402
+from retformer.artifacts.errors import UserError  # noqa: E402
+from retformer.artifacts.names import INDEX_JSON  # noqa: E402
+from retformer.kb_builder.index.build import build_index  # noqa: E402
+from retformer.kb_builder.index.rows import part_table  # noqa: E402
+from retformer.kb_builder.index.search import ShardedIndex, exact_ground_truth, sample_queries, tune_and_check  # noqa: E402
+from retformer.kb_builder.index.select import IndexPlan, choose_index, make_plan  # noqa: E402
 from tests.helpers import synthetic_clustered_vectors, write_parts  # noqa: E402
 
 log = logging.getLogger("bench_index")

@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts.atomic import write_json_atomic  # noqa: E402
-from kb_builder.index import run_index  # noqa: E402
-from kb_builder.index.search import ShardedIndex  # noqa: E402
+from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
+from retformer.kb_builder.index import run_index  # noqa: E402
+from retformer.kb_builder.index.search import ShardedIndex  # noqa: E402
 from tests.helpers import synthetic_clustered_vectors, write_parts  # noqa: E402
 
 PART_ROWS = 10_000

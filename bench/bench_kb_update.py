@@ -33,11 +33,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts.atomic import write_json_atomic  # noqa: E402
-from artifacts.shards import Sample, list_shards, read_shard, write_shards  # noqa: E402
-from artifacts.workspace import Workspace, read_json  # noqa: E402
-from pipelines import stages  # noqa: E402
-from pipelines.evaluate_kb import stage_evaluate_kb  # noqa: E402
+from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
+from retformer.artifacts.shards import Sample, list_shards, read_shard, write_shards  # noqa: E402
+from retformer.artifacts.workspace import Workspace, read_json  # noqa: E402
+from retformer.pipelines import stages  # noqa: E402
+from retformer.pipelines.dask_target import DaskTarget  # noqa: E402
+from retformer.pipelines.evaluate_kb import stage_evaluate_kb  # noqa: E402
 
 DATASET, WORLD, EXPERIMENT = "digits_lt", "digits_world", "demo"
 THIN, FULL, IRRELEVANT = "digits_world_thin", "digits_world_full", "fmnist_world_2k"
@@ -124,7 +125,7 @@ def main() -> None:
 
     # 1. train once with the thin KB
     t0 = time.perf_counter()
-    stages.stage_embed(ws, thin, ds, None, workers=1)
+    stages.stage_embed(ws, thin, ds, None, dask=DaskTarget(workers=1))
     stages.stage_index(ws, thin)
     stages.stage_neighbors(ws, ds, thin)
     run_a = stages.stage_train(ws, ds, thin, exp)
@@ -135,7 +136,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for shard in sorted(aside.glob("*.tar")):
         shutil.copy2(shard, src / shard.name)
-    stages.stage_embed(ws, thin, None, None, workers=1)
+    stages.stage_embed(ws, thin, None, None, dask=DaskTarget(workers=1))
     grow_rec = stages.stage_index(ws, thin)
     _, grown = stage_evaluate_kb(ws, run_a["run"], str(man / f"{THIN}.yaml"))
     times["grow + evaluate"] = round(time.perf_counter() - t0, 1)
@@ -143,7 +144,7 @@ def main() -> None:
     # 3. an irrelevant KB (the same encoders)
     irr = stages.load_kb(str(irrelevant_manifest(man / f"{IRRELEVANT}.yaml")), None)
     t0 = time.perf_counter()
-    stages.stage_embed(ws, irr, None, None, workers=1)
+    stages.stage_embed(ws, irr, None, None, dask=DaskTarget(workers=1))
     stages.stage_index(ws, irr)
     _, irrelevant = stage_evaluate_kb(ws, run_a["run"], str(man / f"{IRRELEVANT}.yaml"))
     times["irrelevant KB: embed + index + evaluate"] = round(time.perf_counter() - t0, 1)
@@ -151,7 +152,7 @@ def main() -> None:
     # 4. rebuild + retrain: the grown source as a KB built from scratch, a new run
     full = stages.load_kb(str(kb_manifest(man / f"{FULL}.yaml", FULL, src)), None)
     t0 = time.perf_counter()
-    stages.stage_embed(ws, full, None, None, workers=1)
+    stages.stage_embed(ws, full, None, None, dask=DaskTarget(workers=1))
     stages.stage_index(ws, full)
     stages.stage_neighbors(ws, ds, full)
     run_b = stages.stage_train(ws, ds, full, exp)

@@ -35,10 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts.atomic import write_json_atomic  # noqa: E402
-from kb_builder import map_inline  # noqa: E402
-from kb_builder import neighbors as nb  # noqa: E402
-from kb_builder.index import load_kb_index, run_index  # noqa: E402
+from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
+from retformer.kb_builder import map_inline  # noqa: E402
+from retformer.kb_builder import neighbors as nb  # noqa: E402
+from retformer.kb_builder.index import load_kb_index, run_index  # noqa: E402
 from tests.helpers import synthetic_clustered_vectors, write_parts  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts.atomic import write_json_atomic  # noqa: E402
+from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
 
 IMAGENET_LT = {"train": 115_846, "val": 20_000, "test": 50_000}
 KB_ROWS = 1_400_000_000  # the paper's KB: neighbor ids are drawn from its id range
@@ -51,9 +51,9 @@ def write_workspace(root: Path, scale: float, k: int, dim: int, reuse: float, se
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
-    from artifacts.workspace import Workspace
-    from kb_builder.neighbors import neighbor_table
+    from retformer.artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
+    from retformer.artifacts.workspace import Workspace
+    from retformer.kb_builder.neighbors import neighbor_table
 
     rng = np.random.default_rng(seed)
     ws = Workspace(root)
@@ -130,8 +130,8 @@ def child(workdir: Path, mode: str, k: int, batch_size: int) -> dict[str, Any]:
     """Load train/val/test as an experiment does, then gather one epoch of training batches."""
     import torch
 
-    from artifacts.workspace import Workspace
-    from trainer.features import load_retrieval_features
+    from retformer.artifacts.workspace import Workspace
+    from retformer.trainer.features import load_retrieval_features
 
     torch.set_num_threads(1)
     ws = Workspace(workdir)

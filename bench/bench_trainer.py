@@ -49,19 +49,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from artifacts.atomic import write_json_atomic  # noqa: E402
-from artifacts.workspace import Workspace, read_json  # noqa: E402
-from pipelines import stages  # noqa: E402
-from pipelines.experiment import run_experiment  # noqa: E402
-from pipelines.experiment_plan import plan_experiment  # noqa: E402
-from trainer.baselines import vote_threads  # noqa: E402
-from trainer.checkpoint import load_model  # noqa: E402
-from trainer.evaluate import evaluate  # noqa: E402
-from trainer.evidence import class_text_embeddings, neighbour_vote  # noqa: E402
-from trainer.features import load_retrieval_features, neighbor_table_path  # noqa: E402
-from trainer.model import build_model, model_from_config, relevance  # noqa: E402
-from trainer.selection import shuffled  # noqa: E402
-from trainer.train import (  # noqa: E402
+from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
+from retformer.artifacts.workspace import Workspace, read_json  # noqa: E402
+from retformer.pipelines import stages  # noqa: E402
+from retformer.pipelines.experiment import run_experiment  # noqa: E402
+from retformer.pipelines.experiment_plan import plan_experiment  # noqa: E402
+from retformer.trainer.baselines import vote_threads  # noqa: E402
+from retformer.trainer.checkpoint import load_model  # noqa: E402
+from retformer.trainer.evaluate import evaluate  # noqa: E402
+from retformer.trainer.evidence import class_text_embeddings, neighbour_vote  # noqa: E402
+from retformer.trainer.features import load_retrieval_features, neighbor_table_path  # noqa: E402
+from retformer.trainer.model import relevance  # noqa: E402
+from retformer.trainer.model_factory import build_model, model_from_config  # noqa: E402
+from retformer.trainer.selection import shuffled  # noqa: E402
+from retformer.trainer.train import (  # noqa: E402
     head_threads,
     intra_op_threads,
     logit_adjustment,
@@ -338,7 +339,7 @@ def caption_text_encoder(kb: dict[str, Any], info: dict[str, Any]) -> tuple[Any,
     names = info.get("class_names") or []
     if not spec or not names:
         return None
-    from kb_builder.encoders import build_text_encoder
+    from retformer.kb_builder.encoders import build_text_encoder
 
     return build_text_encoder(spec), list(names)
 
@@ -388,7 +389,12 @@ def main() -> None:
             s: load_retrieval_features(ws, ds["name"], kb["name"], k, s) for s in ("train", "val", "test")
         }
         stacked_best = (
-            best_epochs(run_dir / "retformer.metrics.jsonl", "val_top1_")
+            best_epochs(
+                run_dir / "retformer.metrics.jsonl",
+                # the figure the stacked selection keeps its checkpoints by: val top-1 per alpha (grid)
+                # or the fitted rule's val log-likelihood per (evidence, gate) (select.rule_fit: stack)
+                "val_loglik_" if opts.rule_fit == "stack" else "val_top1_",
+            )
             if "retformer" in methods and plan["recipe"] == "stacked"
             else None
         )

@@ -50,7 +50,7 @@ WORK="$OUT_DIR/work"
 KB=first_hour_kb
 KB_YAML="$OUT_DIR/$KB.yaml"
 EXP_YAML="$OUT_DIR/first_hour_exp.yaml"
-RET=("$PY" -m pipelines.cli)
+RET=("$PY" -m retformer.pipelines.cli)
 
 # The tiny KB: the digits world pool, open_clip ViT-B-16 with random weights (no download); the CPU
 # rehearsal uses the test suite's small encoders instead (ViT-B-16 ran at ~2 images/s on a shared CPU).
@@ -140,7 +140,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     print("reason: torch cannot use a GPU here (torch.cuda.is_available() is False)")
     sys.exit(1)
-from artifacts.devices import native_bf16
+from retformer.artifacts.devices import native_bf16
 g = torch.Generator().manual_seed(0)
 a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
 x, w = torch.randn(8, 16, 56, 56, generator=g), torch.randn(32, 16, 3, 3, generator=g)
@@ -239,7 +239,7 @@ step_index() {
 step_torchrun() {
   local gpus
   gpus=$(torch_gpus)
-  local trun=("$BIN/torchrun" --standalone --nproc_per_node 2 --local-ranks-filter 0 -m pipelines.cli train
+  local trun=("$BIN/torchrun" --standalone --nproc_per_node 2 --local-ranks-filter 0 -m retformer.pipelines.cli train
     --dataset digits_lt --kb "$KB_YAML" --experiment "$EXP_YAML" --workdir "$WORK" --set "train.device=$DEVICE")
   if [ "$DEVICE" = cpu ] || [ "$gpus" -ge 2 ]; then
     "${trun[@]}" || { echo "reason: the 2-rank train failed (torchrun's summary above names the rank)"; return 1; }

@@ -13,8 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from artifacts.schema import StrictSection, validate_section
-from kb_builder.index.select import KINDS as INDEX_KINDS
+from retformer.artifacts.schema import StrictSection, validate_section
+from retformer.kb_builder.index.select import KINDS as INDEX_KINDS
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # The largest encoder input side: 4x the usual 224-336 px. 20000 px was accepted and asked for a

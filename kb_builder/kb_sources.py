@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.errors import UserError
-from artifacts.shards import Sample, write_shards
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset
-from kb_builder.kb_schema import TEMPLATES_EMPTY, template_problem
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import Sample, write_shards
+from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset
+from retformer.kb_builder.kb_schema import TEMPLATES_EMPTY, template_problem
 
 SOURCES = ("world", "downstream", "all")
 _ALIASES = {"fashion_mnist_world": "world"}

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from artifacts.atomic import atomic_dir, atomic_path, remove_dead_temps_of
-from artifacts.embeddings_io import (
+from retformer.artifacts.atomic import atomic_dir, atomic_path, remove_dead_temps_of
+from retformer.artifacts.embeddings_io import (
     EmbeddingTable,
     arrow_to_table,
     list_parts,
@@ -44,9 +44,10 @@ from artifacts.embeddings_io import (
     read_part_arrow,
     table_to_arrow,
 )
-from artifacts.errors import UserError
-from artifacts.workspace import read_json, write_stage_record
-from kb_builder import MapTasks, map_inline
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import INDEX_JSON, NEIGHBOR_STORE
+from retformer.artifacts.workspace import read_json, write_stage_record
+from retformer.kb_builder import MapTasks, map_inline
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ TASK_ROWS = 16 * SEARCH_BATCH  # queries per task (a multiple of SEARCH_BATCH: s
 SELF_MATCH_PARTS = 64  # KB parts per self-match task (their uid columns only)
 _INDEXES: dict[tuple[str, int], Any] = {}  # the loaded index per worker process, by index.json mtime
 RECORD = "_neighbors.json"  # the stage record, inside the table folder
-STORE = "store.parquet"
 KEY_FORMAT = 1
 
 
@@ -151,8 +151,7 @@ def build_store(kb_parts: list[Path], offsets: np.ndarray, used_ids: np.ndarray)
 
 def _load_index(index_dir: Path) -> Any:
     """The built index with its tuned search parameters, loaded once per process (memory-mapped)."""
-    from kb_builder.index import load_kb_index
-    from kb_builder.index.build import INDEX_JSON
+    from retformer.kb_builder.index import load_kb_index
 
     key = (str(index_dir), (index_dir / INDEX_JSON).stat().st_mtime_ns)
     if key not in _INDEXES:
@@ -224,8 +223,6 @@ def _file_identity(path: Path) -> list[Any]:
 def neighbors_key(index_dir: Path, kb_embeddings: Path, query_dirs: dict[str, Path], k: int) -> str:
     """A hash of what the neighbor tables depend on: k, the index (its record's build key, tuned search
     parameters and build time), the KB parts and every split's query parts (name, size, mtime)."""
-    from kb_builder.index.build import INDEX_JSON
-
     index = read_json(Path(index_dir) / INDEX_JSON) or {}
     src = {
         "format": KEY_FORMAT,
@@ -248,8 +245,6 @@ def split_keys(index_dir: Path, kb_embeddings: Path, query_dirs: dict[str, Path]
 def index_identity(index_dir: Path) -> dict[str, Any]:
     """What the tables of an index depend on in its record: build key, tuned parameters, creation time,
     rows (the row count says by how much a grown index grew)."""
-    from kb_builder.index.build import INDEX_JSON
-
     index = read_json(Path(index_dir) / INDEX_JSON, torn_ok=True) or {}
     return {f: index.get(f) for f in ("key", "params", "created", "n")}
 
@@ -282,7 +277,7 @@ def complete_tables(out_dir: Path, key: str, wanted: dict[str, str] | None = Non
     same_splits = wanted is not None and all(have.get(s) == v for s, v in wanted.items())
     if record.get("key") != key and not same_splits:
         return None
-    files = [f"{split}.parquet" for split in record.get("splits", {})] + [STORE]
+    files = [f"{split}.parquet" for split in record.get("splits", {})] + [NEIGHBOR_STORE]
     return record if all((Path(out_dir) / f).is_file() for f in files) else None
 
 
@@ -348,9 +343,9 @@ def run_neighbors(
             with atomic_path(staging / f"{split}.parquet") as tmp:
                 pq.write_table(table, tmp, compression="zstd")
             total_bytes += (staging / f"{split}.parquet").stat().st_size
-        with atomic_path(staging / STORE) as tmp:
+        with atomic_path(staging / NEIGHBOR_STORE) as tmp:
             pq.write_table(store, tmp, compression="zstd")
-        store_bytes = (staging / STORE).stat().st_size
+        store_bytes = (staging / NEIGHBOR_STORE).stat().st_size
         n_queries = sum(s["queries"] for s in per_split.values())
         body = {
             "key": key,

@@ -35,13 +35,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from artifacts.embeddings_io import list_parts, read_part_arrow
-from artifacts.errors import UserError
-from artifacts.workspace import Workspace, read_json
-from pipelines.browse_effect import EFFECTS, retrieval_effect, retrieval_reason
-from pipelines.shard_images import ShardImageReader
-from trainer.evaluate import prediction_table, shot_group_of
-from trainer.features import RetrievalFeatures, load_retrieval_features
+from retformer.artifacts.embeddings_io import list_parts, read_part_arrow
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import NEIGHBOR_STORE
+from retformer.artifacts.workspace import Workspace, read_json
+from retformer.pipelines.browse_effect import EFFECTS, retrieval_effect, retrieval_reason
+from retformer.pipelines.shard_images import ShardImageReader
+from retformer.trainer.evaluate import prediction_table, shot_group_of
+from retformer.trainer.features import RetrievalFeatures, load_retrieval_features
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class BrowseRun:
     ) -> BrowseRun:
         """The browser of a run folder, run name (under `workdir/runs`) or model file; `method` picks
         the model as `retformer predict` does, `split` defaults to the run's eval split."""
-        from pipelines.predict import Predictor
+        from retformer.pipelines.use.predictor import Predictor
 
         return cls(Predictor.open(run, method, workdir, "cpu"), split)
 
@@ -124,7 +125,7 @@ class BrowseRun:
     def _store(self) -> Neighbors:
         """The neighbor store's kb_id, uid, caption and label columns, in the file's row order (the
         rows `RetrievalFeatures.nn_rows` index)."""
-        path = self.ws.neighbors_dir(self.dataset, self.kb, self.table_k) / "store.parquet"
+        path = self.ws.neighbors_dir(self.dataset, self.kb, self.table_k) / NEIGHBOR_STORE
         table = read_part_arrow(path, columns=["kb_id", "uid", "caption"])
         return Neighbors(
             kb_id=table.column("kb_id").to_numpy().astype(np.int64),
@@ -144,7 +145,7 @@ class BrowseRun:
             if table.column("uid").to_pylist() == self.features.uids:
                 return table, str(self.run_dir / rel)
             log.warning("%s does not hold this split's samples in order: predicting again", rel)
-        from trainer.train import predict
+        from retformer.trainer.train import predict
 
         with torch.inference_mode():
             logits = predict(self.model, self.features, device="cpu")
@@ -183,7 +184,7 @@ class BrowseRun:
 
     def attention_streams(self) -> list[str]:
         """The streams whose attention the model exposes ([] for models without a fusion module)."""
-        from trainer.model import RetFormer
+        from retformer.trainer.model import RetFormer
 
         if not isinstance(self.model, RetFormer):
             return []
@@ -250,7 +251,7 @@ class BrowseRun:
         """Sample i: its row, top-5, its k neighbors and (RetFormer) the attention each received."""
         if not 0 <= i < len(self.features):
             raise KeyError(i)
-        from trainer.model import RetFormer, neighbor_attention
+        from retformer.trainer.model import RetFormer, neighbor_attention
 
         b = self.features.batch([i])
         attention: dict[str, Any] = {}
@@ -307,7 +308,7 @@ class BrowseRun:
     def _image_readers(self) -> None:
         """The KB's and the split's part -> shard readers, and where a kb_id or uid is found: all small
         (part footers, the split's uid column), made once before any request thread reads them."""
-        from kb_builder.neighbors import part_offsets
+        from retformer.kb_builder.neighbors import part_offsets
 
         kb_parts = list_parts(self.ws.kb_embeddings(self.kb))
         source = self.predictor.info["kb"].get("source") or {}

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.relevance import mean_similarity, retrieval_applied
-from trainer.features import RetrievalFeatures
+from retformer.pipelines.relevance import mean_similarity, retrieval_applied
+from retformer.trainer.features import RetrievalFeatures
 
 EFFECTS = ("helped", "hurt", "same")
 RULE_KEYS = ("recipe", "alpha", "beta", "gate_t", "image_weight", "prior_tau")
@@ -66,7 +66,7 @@ def retrieval_effect(
     model: nn.Module, features: RetrievalFeatures, pred: np.ndarray, labels: np.ndarray
 ) -> RetrievalEffect:
     """The columns of `RetrievalEffect` for `model` (eval mode) whose predictions are `pred`."""
-    from trainer.model import RetFormer
+    from retformer.trainer.model import RetFormer
 
     s = mean_similarity(features)
     used = retrieval_applied(model, s).numpy()

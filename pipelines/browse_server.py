@@ -17,12 +17,12 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from artifacts.errors import UserError
-from pipelines.browse_effect import EFFECTS
-from pipelines.local_http import LOOPBACK_HOSTS, host_of, hosts_answered
+from retformer.artifacts.errors import UserError
+from retformer.pipelines.browse_effect import EFFECTS
+from retformer.pipelines.local_http import LOOPBACK_HOSTS, host_of, hosts_answered
 
 if TYPE_CHECKING:
-    from pipelines.browse import BrowseRun
+    from retformer.pipelines.browse import BrowseRun
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ READ_TIMEOUT_S = 30.0
 
 def page_html() -> bytes:
     """The browser's single page (static HTML with inline JS and CSS)."""
-    return resources.files("pipelines").joinpath(PAGE).read_bytes()
+    return resources.files("retformer.pipelines").joinpath(PAGE).read_bytes()
 
 
 def _filters(query: dict[str, list[str]], num_classes: int) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from artifacts import manifest
-from artifacts.errors import UserError
+from retformer.artifacts import manifest
+from retformer.artifacts.errors import UserError
 
 KINDS = ("datasets", "kbs", "experiments", "encoders", "clusters")
 _CATEGORY = {"datasets": "datasets", "kbs": "kb", "experiments": "experiments", "clusters": "clusters"}
@@ -135,7 +135,9 @@ def _kb(name: str, data: dict[str, Any], workdir: Path) -> Entry:
 
 
 def _experiment(name: str, data: dict[str, Any], workdir: Path) -> Entry:
-    from trainer.config import FINETUNE_NAMES  # not trainer.methods: that imports torch and timm (~3 s)
+    from retformer.trainer.config import (
+        FINETUNE_NAMES,  # not trainer.methods: that imports torch and timm (~3 s)
+    )
 
     methods = data.get("methods") or []  # none listed: the feature-mode methods, none fine-tunes
     finetune = [m for m in methods if m in FINETUNE_NAMES]
@@ -180,7 +182,7 @@ def _installed_at(module: str) -> str:
 
 
 def _encoders() -> list[Entry]:
-    from kb_builder.encoders import encoder_modules
+    from retformer.kb_builder.encoders import encoder_modules
 
     by_name: dict[str, list[str]] = {}
     modules: dict[str, str] = {}

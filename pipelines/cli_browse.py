@@ -1,24 +1,17 @@
 """`retformer browse RUN`: serve the neighbor browser of a trained run (the work is pipelines/browse.py).
 
-Registered on the `retformer` app by importing this module (pipelines/cli.py does, before `main`).
+Registered on the `retformer` app (pipelines/cli_app.py) by importing this module (pipelines/cli.py
+does, before `main`).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 from typing import Annotated
 
 import typer
 
-_main = sys.modules.get("__main__")
-if getattr(getattr(_main, "__spec__", None), "name", None) == "pipelines.cli":
-    # `python -m pipelines.cli` runs cli.py as __main__: register on the app that runs, not on the second
-    # copy of the module that `import pipelines.cli` would make
-    Ctx, app, command = _main.Ctx, _main.app, _main.command  # type: ignore[union-attr]
-else:
-    from pipelines.cli import Ctx, app, command  # noqa: F401 - app: where `command` registers
+from retformer.pipelines.cli_app import Ctx, command, serve_until_stopped
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -52,10 +45,10 @@ def browse(
     shards, captions, similarity), the attention the fusion module gave each, whether the rule used
     retrieval (s against the gate t), the image-only prediction beside the model's, and the true class.
     Prints the URL; Ctrl+C stops it."""
-    from pipelines.browse import BrowseRun
-    from pipelines.browse_server import make_server, server_url
+    from retformer.pipelines.browse import BrowseRun
+    from retformer.pipelines.browse_server import make_server, server_url
 
-    for noisy in ("kb_builder", "faiss"):  # index loading notes: not what a browse user asked for
+    for noisy in ("retformer.kb_builder", "faiss"):  # index loading notes: not what a browse user asked for
         logging.getLogger(noisy).setLevel(logging.WARNING)
     browser = BrowseRun.open(run, method, ctx.ws.root, split)
     server = make_server(browser, host, port)
@@ -68,14 +61,4 @@ def browse(
         f"browsing run {browser.run_dir.name} ({browser.method}, {browser.split} split, "
         f"{len(browser.features)} images) at {server_url(server)}  (Ctrl+C stops)"
     )
-    sys.stdout.flush()  # the URL line must reach a pipe at once (a test, a script waiting for it)
-    # Ctrl+C and a plain `kill` stop it cleanly even when started from a non-interactive shell's
-    # background job, which starts with SIGINT ignored (Python then installs no KeyboardInterrupt).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        typer.echo("stopped", err=True)
-    finally:
-        server.server_close()
+    serve_until_stopped(server)

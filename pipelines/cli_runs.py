@@ -2,14 +2,14 @@
 `retformer compare RUN [RUN...]` (runs side by side) and `retformer list KIND` (datasets, KBs,
 experiments, encoders, clusters). The work is pipelines/run_index.py, compare.py and catalog.py.
 
-Registered on the `retformer` app by importing this module (pipelines/cli.py does, before `main`).
+Registered on the `retformer` app (pipelines/cli_app.py) by importing this module (pipelines/cli.py
+does, before `main`).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -18,15 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from artifacts.errors import UserError
-
-_main = sys.modules.get("__main__")
-if getattr(getattr(_main, "__spec__", None), "name", None) == "pipelines.cli":
-    # `python -m pipelines.cli` runs cli.py as __main__: register on the app that runs, not on the second
-    # copy of the module that `import pipelines.cli` would make
-    Ctx, app, command = _main.Ctx, _main.app, _main.command  # type: ignore[union-attr]
-else:
-    from pipelines.cli import Ctx, app, command  # noqa: F401 - app: where `command` registers
+from retformer.artifacts.errors import UserError
+from retformer.pipelines.cli_app import Ctx, command
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of the table.")]
 
@@ -48,7 +41,7 @@ def runs(ctx: Ctx, as_json: JsonOpt = False) -> None:
     """List the workspace's finished runs (<workdir>/runs/<run>/eval.json), newest last: name, dataset,
     KB, experiment, the top-1 of its RetFormer result (else its best one) on its eval split, and when it
     finished. The names (or a unique prefix, or a pattern) are what `evaluate` and `compare` take."""
-    from pipelines.run_index import finished_runs, runs_root, summarize, unfinished_runs
+    from retformer.pipelines.run_index import finished_runs, runs_root, summarize, unfinished_runs
 
     summaries = []
     for run_dir in finished_runs(ctx.ws.root):
@@ -105,7 +98,7 @@ def compare(
     """Compare finished runs: one table (rows: results; columns: each run's top-1 and few-shot
     accuracy, %) and one figure of per-class accuracy, a line per run (class names on the x axis where
     the runs record them), written as PNG; its path is printed."""
-    from pipelines.compare import (
+    from retformer.pipelines.compare import (
         check_out,
         compare_table,
         default_out,
@@ -113,7 +106,7 @@ def compare(
         read_runs,
         write_png,
     )
-    from pipelines.run_index import resolve_run
+    from retformer.pipelines.run_index import resolve_run
 
     found = read_runs([resolve_run(ctx.ws.root, name) for name in run])  # every name checked first
     target = out if out is not None else default_out(ctx.ws.root, [name for name, _ in found])
@@ -134,7 +127,7 @@ def list_(
     """List what there is to run with: one line per dataset, KB, experiment, encoder or cluster: its
     name, what it is, whether it needs a GPU, whether its data is here or must be downloaded, and where
     that data is expected."""
-    from pipelines.catalog import entries
+    from retformer.pipelines.catalog import entries
 
     found = entries(kind, ctx.ws.root)
     if as_json:

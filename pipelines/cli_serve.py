@@ -1,24 +1,17 @@
 """`retformer serve RUN`: a run's model as a local JSON service (the work is pipelines/serve.py).
 
-Registered on the `retformer` app by importing this module (pipelines/cli.py does, before `main`).
+Registered on the `retformer` app (pipelines/cli_app.py) by importing this module (pipelines/cli.py
+does, before `main`).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 from typing import Annotated
 
 import typer
 
-_main = sys.modules.get("__main__")
-if getattr(getattr(_main, "__spec__", None), "name", None) == "pipelines.cli":
-    # `python -m pipelines.cli` runs cli.py as __main__: register on the app that runs, not on the second
-    # copy of the module that `import pipelines.cli` would make
-    Ctx, app, command = _main.Ctx, _main.app, _main.command  # type: ignore[union-attr]
-else:
-    from pipelines.cli import Ctx, app, command  # noqa: F401 - app: where `command` registers
+from retformer.pipelines.cli_app import Ctx, command, serve_until_stopped
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -57,10 +50,10 @@ def serve(
     (Content-Type image/*) answers the JSON record `retformer predict` prints for it; GET /health names
     the run and method. Errors are JSON {"error": ...} with a 4xx status (413 above --max-bytes, 400
     for a body that is not an image). One prediction at a time; Ctrl+C stops it."""
-    from pipelines.predict import Predictor
-    from pipelines.serve import PredictService, make_server, server_url
+    from retformer.pipelines.serve import PredictService, make_server, server_url
+    from retformer.pipelines.use.predictor import Predictor
 
-    for noisy in ("kb_builder", "faiss"):  # index loading notes: not what a serve user asked for
+    for noisy in ("retformer.kb_builder", "faiss"):  # index loading notes: not what a serve user asked for
         logging.getLogger(noisy).setLevel(logging.WARNING)
     service = PredictService(Predictor.open(run, method, ctx.ws.root, device, kb=kb), neighbors)
     service.warm_up()
@@ -75,14 +68,4 @@ def serve(
         f"serving {health['method']} of run {health['run']} at {server_url(server)}  "
         f"(POST /predict with an image's bytes, GET /health; Ctrl+C stops)"
     )
-    sys.stdout.flush()  # the URL line must reach a pipe at once (a test, a script waiting for it)
-    # Ctrl+C and a plain `kill` stop it cleanly even when started from a non-interactive shell's
-    # background job, which starts with SIGINT ignored (Python then installs no KeyboardInterrupt).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        typer.echo("stopped", err=True)
-    finally:
-        server.server_close()
+    serve_until_stopped(server)

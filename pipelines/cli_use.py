@@ -1,6 +1,7 @@
-"""Commands that use a trained run: `retformer predict RUN IMAGE...` (the work is pipelines/predict.py).
+"""Commands that use a trained run: `retformer predict RUN IMAGE...` (the work is pipelines/use/).
 
-Registered on the `retformer` app by importing this module (pipelines/cli.py does, before `main`).
+Registered on the `retformer` app (pipelines/cli_app.py) by importing this module (pipelines/cli.py
+does, before `main`).
 """
 
 from __future__ import annotations
@@ -15,16 +16,9 @@ from typing import Annotated, Any, TextIO
 import typer
 from tqdm.auto import tqdm
 
-from artifacts.atomic import atomic_path
-from artifacts.errors import UserError
-
-_main = sys.modules.get("__main__")
-if getattr(getattr(_main, "__spec__", None), "name", None) == "pipelines.cli":
-    # `python -m pipelines.cli` runs cli.py as __main__: register on the app that runs, not on the second
-    # copy of the module that `import pipelines.cli` would make
-    Ctx, app, command = _main.Ctx, _main.app, _main.command  # type: ignore[union-attr]
-else:
-    from pipelines.cli import Ctx, app, command  # noqa: F401 - app: where `command` registers
+from retformer.artifacts.atomic import atomic_path
+from retformer.artifacts.errors import UserError
+from retformer.pipelines.cli_app import Ctx, command
 
 
 @dataclass
@@ -130,13 +124,14 @@ def predict(
     class, score, top5, label / correct for a labelled shard sample, retrieval_used, mean_similarity,
     ood, neighbors with uid, caption, similarity). Unreadable images are named on stderr and skipped;
     with labelled shards an accuracy line ends stderr."""
-    from pipelines.predict import Predictor, count_inputs, iter_inputs
+    from retformer.pipelines.use.inputs import count_inputs, iter_inputs
+    from retformer.pipelines.use.predictor import Predictor
 
     if out is not None and out.exists() and not out.is_file():  # was found after all the work
         raise UserError(
             f"--out {out} exists and is not a file: give the path of the JSON-lines file to write"
         )
-    for noisy in ("kb_builder", "faiss"):  # index loading notes: not what a predict user asked for
+    for noisy in ("retformer.kb_builder", "faiss"):  # index loading notes: not what a predict user asked for
         logging.getLogger(noisy).setLevel(logging.WARNING)
     predictor = Predictor.open(run, method, ctx.ws.root, device, kb=kb)
     total = count_inputs(images)

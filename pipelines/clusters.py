@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifacts import manifest
-from artifacts.errors import UserError
+from retformer.artifacts import manifest
+from retformer.artifacts.errors import UserError
 
 KINDS = ("local", "slurm")
 
@@ -141,7 +141,7 @@ def slurm_kwargs(spec: ClusterSpec) -> dict[str, Any]:
             f"export RETFORMER_WORKER_GPUS={spec.gpus_per_job}",
             f"export RETFORMER_WORKER_CORES={threads}",
         ]
-        extra_args = ["--preload", "pipelines.gpu_worker"]
+        extra_args = ["--preload", "retformer.pipelines.gpu_worker"]
     # The dashboard shows task names and paths: loopback by default (reach it through an ssh tunnel).
     scheduler_options = {"dashboard_address": "127.0.0.1:0", **spec.scheduler_options}
     kwargs: dict[str, Any] = {

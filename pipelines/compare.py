@@ -15,10 +15,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from artifacts.atomic import atomic_path
-from artifacts.errors import UserError
-from artifacts.workspace import read_json
-from pipelines.run_index import EVAL, main_row, primary_rows
+from retformer.artifacts.atomic import atomic_path
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.workspace import read_json
+from retformer.pipelines.run_index import EVAL, main_row, primary_rows
 
 COLUMNS = ("top1", "few")  # per run, in percent
 MAX_NAMED_CLASSES = 60  # more classes than this: the x axis shows class indices, not names

@@ -1,6 +1,6 @@
 """What a person sees on the console: `--quiet` (no progress bars, no INFO lines: the results and the
-errors only) and `--verbose` (DEBUG logs), the global options of `retformer` (`options`, the typer
-callback pipelines/cli.py registers).
+errors only) and `--verbose` (DEBUG logs), the global options of `retformer` (the typer callback of
+pipelines/cli_app.py calls `configure`).
 
 Progress bars are tqdm lines on stderr. `--quiet` turns off every bar: the stages ask
 `progress_enabled()`; every other tqdm bar of this process (kb_builder's, the libraries') gets
@@ -15,13 +15,11 @@ import logging
 import os
 import sys
 from functools import partialmethod
-from typing import Annotated
 
-import typer
 from tqdm import std as tqdm_std
 from tqdm import tqdm
 
-from artifacts.errors import UserError
+from retformer.artifacts.errors import UserError
 
 _state = {"progress": True, "set_tqdm_disable": False}
 _TQDM_INIT = tqdm_std.tqdm.__init__  # restored by a configure() without quiet
@@ -66,14 +64,3 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
 def progress_enabled() -> bool:
     """Whether stages draw progress bars (False after `configure(quiet=True)`)."""
     return bool(_state["progress"])
-
-
-def options(
-    quiet: Annotated[
-        bool,
-        typer.Option("--quiet", "-q", help="No progress bars and no info lines: results and errors only."),
-    ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False,
-) -> None:
-    """Options every command takes, given before the command: `retformer --quiet train ...`."""
-    configure(quiet, verbose)

@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kb_builder import MapTasks, map_inline
+from retformer.kb_builder import MapTasks, map_inline
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def default_workers() -> int:
 
 def gpu_count() -> int:
     """Number of CUDA devices torch can use (0 without torch, CUDA or a driver torch can use)."""
-    from artifacts.devices import torch_gpu_count
+    from retformer.artifacts.devices import torch_gpu_count
 
     return torch_gpu_count()
 
@@ -71,7 +71,7 @@ def dask_client(
     Closes what it started (a SLURMCluster cancels its jobs)."""
     from distributed import Client, LocalCluster
 
-    from pipelines.clusters import cpu_spec, resolve_cluster, start_slurm_cluster
+    from retformer.pipelines.clusters import cpu_spec, resolve_cluster, start_slurm_cluster
 
     spec = resolve_cluster(cluster, scheduler, scheduler_file)
     if spec is not None and not gpu and spec.gpus_per_job:
@@ -113,7 +113,7 @@ def dask_client(
         )
     client = Client(cluster)
     if isinstance(cluster, LocalCluster):  # LocalCUDACluster too; not others' workers or SLURM jobs
-        from pipelines.worker_exit import FastExit
+        from retformer.pipelines.worker_exit import FastExit
 
         client.register_plugin(FastExit())
     log.info("Dask dashboard: %s", client.dashboard_link)
@@ -150,7 +150,7 @@ def run_tasks(
     results: list[dict | None] = [None] * len(items)
     total = 0
     start = time.perf_counter()
-    from pipelines.console import progress_enabled
+    from retformer.pipelines.console import progress_enabled
 
     with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress_enabled()) as bar:
         for future in as_completed(futures):

@@ -14,14 +14,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from artifacts.atomic import write_json_atomic
-from artifacts.errors import UserError
-from artifacts.workspace import Workspace
-from pipelines import stages
+from retformer.artifacts.atomic import write_json_atomic
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.workspace import Workspace
+from retformer.pipelines import stages
+from retformer.pipelines.dask_target import DaskTarget
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +80,18 @@ def run_pair(
     kb: str,
     experiment: str,
     overrides: list[str] | None,
-    dask: dict[str, Any] | None = None,
+    dask: DaskTarget | None = None,
     seeds: int = 1,
     tensorboard: Path | None = None,
 ) -> tuple[dict, dict]:
     """Shards, embed, index, neighbors, then train + evaluate once per seed for one pair; returns
-    (summary, the first seed's report). `dask`: where the Dask stages run (scheduler / workers / cluster /
-    scheduler_file, as the CLI's). seeds: training seeds, from the experiment's `train.seed` on; with
-    more than one the summary's methods are their mean (`pipelines.seeds.mean_over_seeds`) and
+    (summary, the first seed's report). `dask`: where the Dask stages run (as the CLI's). seeds:
+    training seeds, from the experiment's `train.seed` on; with more than one the summary's methods
+    are their mean (`pipelines.seeds.mean_over_seeds`) and
     `comparison` the paired bootstrap of RetFormer minus the strongest baseline. `tensorboard`: the
     folder for the per-epoch figures (stage_train's)."""
-    dask = dask or {}
-    from pipelines.results import results_summary
-    from pipelines.seeds import comparison, mean_over_seeds, seed_list
+    from retformer.pipelines.results import results_summary
+    from retformer.pipelines.seeds import comparison, mean_over_seeds, seed_list
 
     started = time.perf_counter()
     ds_m = stages.load_dataset_manifest(dataset, overrides)
@@ -102,11 +101,11 @@ def run_pair(
     with _timed(timings, f"{ds_m['name']}: shards"):
         stages.stage_shards(ws, kb_m, ds_m, overrides)
     with _timed(timings, f"{ds_m['name']}: embed"):
-        stages.stage_embed(ws, kb_m, ds_m, overrides, **dask)
+        stages.stage_embed(ws, kb_m, ds_m, overrides, dask=dask)
     with _timed(timings, f"{ds_m['name']}: index"):
-        index_rec = stages.stage_index(ws, kb_m, **dask)
+        index_rec = stages.stage_index(ws, kb_m, dask=dask)
     with _timed(timings, f"{ds_m['name']}: neighbors"):
-        nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, **dask)
+        nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, dask=dask)
     seed_values = seed_list(int((exp_m.get("train") or {}).get("seed", 0)), seeds)
     reports = []
     with _timed(timings, f"{ds_m['name']}: train+evaluate"):
@@ -178,7 +177,7 @@ def run_demo(
     pairs: list[tuple[str, str]],
     experiment: str,
     overrides: list[str] | None,
-    dask: dict[str, Any] | None = None,
+    dask: DaskTarget | None = None,
     seeds: int = 1,
     quick: bool = False,
     tensorboard: Path | None = None,
@@ -187,8 +186,8 @@ def run_demo(
     `demo/results.json`. quick: the smoke run's small grids (`QUICK_OVERRIDES`) on top of `overrides`,
     said so in the output and in results.json. `tensorboard`: each trained model's per-epoch figures
     under it, `<run>/<method>/`."""
-    from pipelines.results import format_seed_table, format_table
-    from pipelines.seeds import comparison_line
+    from retformer.pipelines.results import format_seed_table, format_table
+    from retformer.pipelines.seeds import comparison_line
 
     started = time.perf_counter()
     if quick:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from artifacts import devices
+from retformer.artifacts import devices
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 

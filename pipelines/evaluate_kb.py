@@ -10,8 +10,8 @@ classes); zero-shot does not read the KB and is copied. The results go to `<run>
 are, and report.html shows each such evaluation as "trained with A, evaluated with B".
 
 OTHER must be embedded with the run's encoders and the embed options that shape the vectors
-(`VECTOR_EMBED_OPTIONS`); otherwise one error line names both. The same check serves `retformer
-predict RUN --kb OTHER` and `Run.predict(..., kb=...)` (pipelines/predict.py).
+(`pipelines/use/kb_check.py`); otherwise one error line names both. The same check serves `retformer
+predict RUN --kb OTHER` and `Run.predict(..., kb=...)` (pipelines/use/).
 """
 
 from __future__ import annotations
@@ -21,81 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from artifacts import manifest
-from artifacts.atomic import write_json_atomic
-from artifacts.errors import UserError
-from artifacts.lock import output_lock
-from artifacts.workspace import Workspace, read_json
+from retformer.artifacts import manifest
+from retformer.artifacts.atomic import write_json_atomic
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.lock import output_lock
+from retformer.artifacts.workspace import Workspace, read_json
+from retformer.pipelines.dask_target import DaskTarget
+from retformer.pipelines.run_index import eval_file
+from retformer.pipelines.use.kb_check import check_kb_compatible
 
 log = logging.getLogger(__name__)
 
-# The embed options that can change the stored vectors: the device (CUDA embeds under autocast). The
-# others (batch_size, num_workers, threads, prefetch_factor) only schedule the work: a KB embedded in
-# batches of 32 lives in the space of one embedded in batches of 256.
-VECTOR_EMBED_OPTIONS = ("device",)
-EVAL_PREFIX = "eval."  # <run>/eval.<kb>.json
-
-
-def eval_file(run_dir: Path, kb: str) -> Path:
-    """Where the evaluation of a run with KB `kb` is written (never the run's own eval.json)."""
-    return Path(run_dir) / f"{EVAL_PREFIX}{kb}.json"
-
-
-def other_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The run's evaluations with other KBs (eval.<kb>.json), by KB name, oldest first."""
-    out = {}
-    for path in sorted(Path(run_dir).glob(f"{EVAL_PREFIX}*.json"), key=lambda p: p.stat().st_mtime):
-        if path.name != "eval.json" and (rec := read_json(path, torn_ok=True)) is not None:
-            out[path.name[len(EVAL_PREFIX) : -len(".json")]] = rec
-    return out
-
-
-def _vector_options(embed: dict[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (embed or {}).items() if k in VECTOR_EMBED_OPTIONS and v is not None}
-
-
-def _describe(encoders: Any, embed: dict[str, Any] | None) -> str:
-    """`image=efficientnet_lite0(image_size=64), text=minilm (embed {'batch_size': 256})`: every key
-    of each encoder's spec, so that two specs that differ read differently."""
-    roles = []
-    for role, spec in (encoders or {}).items():
-        if spec:
-            rest = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-            roles.append(f"{role}={spec.get('name')}" + (f"({rest})" if rest else ""))
-    opts = _vector_options(embed)
-    return (", ".join(roles) or "no encoders") + (f" (embed {opts})" if opts else "")
-
-
-def check_kb_compatible(
-    ws: Workspace,
-    kb: str,
-    run: str,
-    encoders: dict[str, Any],
-    embed: dict[str, Any] | None,
-    manifest: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """KB `kb` in `ws` was embedded with these encoders and vector-shaping embed options (the run's) and
-    is indexed; returns its index.json. One UserError line naming both sides otherwise. The KB's embed
-    record says what it was embedded with; `manifest` (its manifest, when loaded) fills in the embed
-    options of records written before they carried them."""
-    record = read_json(ws.kb_stage_record(kb, "embed"), torn_ok=True)
-    if record is None:
-        raise UserError(f"KB {kb} is not embedded in {ws.root}: run `retformer embed --kb {kb}` first")
-    kb_embed = record.get("embed", (manifest or {}).get("embed"))
-    if record.get("encoders") != encoders or _vector_options(kb_embed) != _vector_options(embed):
-        raise UserError(
-            f"KB {kb} was embedded with {_describe(record.get('encoders'), kb_embed)}, but run {run} was "
-            f"trained with {_describe(encoders, embed)}: evaluate with a KB embedded with the run's "
-            "encoders (its vectors live in another space)"
-        )
-    index = read_json(ws.kb_index(kb) / "index.json", torn_ok=True)
-    if not index or "recall_check" not in index:
-        raise UserError(f"KB {kb} has no index: run `retformer index --kb {kb}` first")
-    return index
-
 
 def _run_dir(ws: Workspace, run: str | None) -> Path:
-    from pipelines.stages import stage_evaluate
+    from retformer.pipelines.stages import stage_evaluate
 
     name, _ = stage_evaluate(ws, run)
     return ws.run_dir(name)
@@ -105,8 +44,8 @@ def _write_table(run_dir: Path, rel: str, scores: Any, f: Any, shot: Any) -> str
     """A result's per-sample predictions (trainer.evaluate.prediction_table) at `<run>/<rel>`."""
     import pyarrow.parquet as pq
 
-    from artifacts.atomic import atomic_path
-    from trainer.evaluate import prediction_table
+    from retformer.artifacts.atomic import atomic_path
+    from retformer.trainer.evaluate import prediction_table
 
     with atomic_path(Path(run_dir) / rel) as tmp:
         pq.write_table(prediction_table(scores, f.labels, f.uids, shot), tmp)
@@ -129,20 +68,20 @@ def stage_evaluate_kb(
     kb: str,
     overrides: list[str] | None = None,
     *,
-    dask: dict[str, Any] | None = None,
+    dask: DaskTarget | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """`retformer evaluate [RUN] --kb OTHER`: (run name, the report written to eval.<OTHER>.json)."""
     import torch
 
-    from pipelines import stages
-    from pipelines.predict import model_files
-    from pipelines.runs import safe_name
-    from trainer.baselines import kb_label_problem, knn_vote
-    from trainer.checkpoint import load_saved_model
-    from trainer.evaluate import evaluate
-    from trainer.features import load_retrieval_features
-    from trainer.selection import shuffled
-    from trainer.train import predict
+    from retformer.artifacts.names import safe_name
+    from retformer.pipelines import stages
+    from retformer.pipelines.use.model_file import model_files
+    from retformer.trainer.baselines import kb_label_problem, knn_vote
+    from retformer.trainer.checkpoint import load_saved_model
+    from retformer.trainer.evaluate import evaluate
+    from retformer.trainer.features import load_retrieval_features
+    from retformer.trainer.selection import shuffled
+    from retformer.trainer.train import predict
 
     started = time.perf_counter()
     run_dir = _run_dir(ws, run)
@@ -162,7 +101,7 @@ def stage_evaluate_kb(
     table_k = original.get("neighbor_table_k")
     if table_k is None:
         raise UserError(f"run {run_dir.name} read no neighbour tables: there is nothing a KB changes")
-    nn = stages.stage_neighbors(ws, ds, kb_m, int(table_k), splits=splits, **(dask or {}))
+    nn = stages.stage_neighbors(ws, ds, kb_m, int(table_k), splits=splits, dask=dask)
     info = read_json(ws.dataset_info(ds["name"])) or {}
     shot, num_classes = info.get("shot_split"), int(info["num_classes"])
     seed = int((original.get("config", {}).get("select") or {}).get("shuffle_seed", 123))
@@ -244,7 +183,7 @@ def stage_evaluate_kb(
         }
         write_json_atomic(eval_file(run_dir, other), report)
     try:
-        from pipelines.report import write_report
+        from retformer.pipelines.report import write_report
 
         write_report(run_dir)  # its "other knowledge bases" section lists this evaluation
     except UserError as exc:

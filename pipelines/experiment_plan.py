@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from artifacts.errors import UserError
-from trainer.finetune import FinetuneConfig
-from trainer.methods import FEATURE_METHODS, FINETUNE_METHODS, METHODS, TRAINED
-from trainer.model import RECIPES
-from trainer.selection import SelectOptions
-from trainer.train import TrainConfig
-from trainer.zeroshot import check_aligned, templates
+from retformer.artifacts.errors import UserError
+from retformer.trainer.finetune import FinetuneConfig
+from retformer.trainer.methods import FEATURE_METHODS, FINETUNE_METHODS, METHODS, TRAINED
+from retformer.trainer.model import RECIPES
+from retformer.trainer.selection import SelectOptions
+from retformer.trainer.train import TrainConfig
+from retformer.trainer.zeroshot import check_aligned, templates
 
 DEFAULT_CHECKPOINT = {"every_s": 60.0, "resume": True}
 

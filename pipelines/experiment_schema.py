@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from artifacts.schema import Section, dump_given, section_from_dataclass, validate_section
-from trainer.config import METHOD_NAMES, RECIPES, FinetuneConfig, SelectOptions, TrainConfig
+from retformer.artifacts.schema import Section, dump_given, section_from_dataclass, validate_section
+from retformer.trainer.config import METHOD_NAMES, RECIPES, FinetuneConfig, SelectOptions, TrainConfig
 
 PositiveInt = Annotated[int, Field(ge=1)]
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -24,7 +24,7 @@ SelectSection = section_from_dataclass(SelectOptions, "select")
 
 
 class ModelSection(Section):
-    """The fusion model's shape (trainer/model.py build_model options)."""
+    """The fusion model's shape (trainer/model_factory.py build_model options)."""
 
     width: PositiveInt | None = None
     depth: PositiveInt | None = None

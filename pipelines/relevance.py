@@ -1,4 +1,4 @@
-"""What a prediction record says about retrieval, per image (pipelines/predict.py's records):
+"""What a prediction record says about retrieval, per image (pipelines/use/records.py):
 
 - `mean_similarity`: s, the mean cosine between the query image and its k neighbours' images
   (`trainer.model.relevance`, the value RetFormer's stacked rule gates on);
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from artifacts.errors import UserError
-from artifacts.workspace import Workspace
-from trainer.features import RetrievalFeatures
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.workspace import Workspace
+from retformer.trainer.features import RetrievalFeatures
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _BATCH = 1024  # queries per relevance batch: (B, k, D) float32 neighbour vector
 def mean_similarity(features: RetrievalFeatures) -> torch.Tensor:
     """s (N,) float32: each query's mean cosine to its neighbours' image vectors (all of features' k),
     computed by `trainer.model.relevance` on the vectors the model reads."""
-    from trainer.model import relevance
+    from retformer.trainer.model import relevance
 
     out = [torch.zeros(0)]
     for start in range(0, len(features), _BATCH):
@@ -53,7 +53,7 @@ def mean_similarity(features: RetrievalFeatures) -> torch.Tensor:
 def retrieval_applied(model: nn.Module, s: torch.Tensor) -> torch.Tensor:
     """(N,) bool: whether `model` (eval mode) added its retrieval term to the prediction of each image
     whose relevance is `s` (see the module doc). A fine-tuned model is judged by its head."""
-    from trainer.model import RetFormer
+    from retformer.trainer.model import RetFormer
 
     config = getattr(model, "config", {}) or {}
     # FinetuneModel wraps the head (RetFormer has a `head` too: its linear h, not a wrapper)
@@ -103,7 +103,7 @@ def ood_threshold(info: dict[str, Any], ws: Workspace | None) -> OodThreshold:
     """The run's threshold from its own neighbour tables in `ws` (the run's workspace): the split its
     choices were made on (`select_split`, else `val`), else `train`; s over its images with the model's
     k neighbours, as the model reads them. No table: a threshold of None with the reason, logged once."""
-    from trainer.features import load_retrieval_features, neighbor_table_path
+    from retformer.trainer.features import load_retrieval_features, neighbor_table_path
 
     dataset = (info.get("dataset") or {}).get("name")
     kb = (info.get("kb") or {}).get("name")

@@ -12,7 +12,8 @@ What it shows, from the run folder alone (eval.json, `<result>.metrics.jsonl`, p
 - the main method's confusion matrix (rows: true class, normalised).
 
 Figures are drawn on `matplotlib.figure.Figure` objects (the Agg canvas: no display, no pyplot state).
-`python -m pipelines.report RUN_DIR [--png PATH]` rewrites a run's report (and saves its main figure).
+`python -m retformer.pipelines.report RUN_DIR [--png PATH]` rewrites a run's report (and saves its main
+figure).
 """
 
 from __future__ import annotations
@@ -29,16 +30,21 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from artifacts.atomic import atomic_path
-from artifacts.workspace import read_json
-from pipelines.report_diagnostics import agreement_figure, attention_html, per_class_delta_figure, rule_html
-from pipelines.report_header import header_html
-from pipelines.report_labels import class_ticks, label_points, plain_log_axis
-from pipelines.report_retrieval import retrieval_figure, retrieval_html, retrieval_quality
-from pipelines.report_tables import other_kb_tables, results_table
-from pipelines.runs import safe_name
-from trainer.evaluate import SHOT_GROUPS
-from trainer.progress import val_figure
+from retformer.artifacts.atomic import atomic_path
+from retformer.artifacts.names import safe_name
+from retformer.artifacts.workspace import read_json
+from retformer.pipelines.report_diagnostics import (
+    agreement_figure,
+    attention_html,
+    per_class_delta_figure,
+    rule_html,
+)
+from retformer.pipelines.report_header import header_html
+from retformer.pipelines.report_labels import class_ticks, label_points, plain_log_axis
+from retformer.pipelines.report_retrieval import retrieval_figure, retrieval_html, retrieval_quality
+from retformer.pipelines.report_tables import other_kb_tables, results_table
+from retformer.trainer.evaluate import SHOT_GROUPS
+from retformer.trainer.progress import val_figure
 
 GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
 RETRIEVAL = "Retrieval quality"  # the section shown also without a figure (it says why)
@@ -401,7 +407,7 @@ def write_report(run_dir: Path | str) -> Path:
     run_dir = Path(run_dir)
     report = read_json(run_dir / "eval.json")
     if report is None:
-        from artifacts.errors import UserError
+        from retformer.artifacts.errors import UserError
 
         raise UserError(f"{run_dir} has no eval.json: the run has not finished")
     out = run_dir / "report.html"
@@ -415,7 +421,7 @@ def save_main_figure(run_dir: Path | str, png: Path | str) -> Path:
     """The run's main figure (`main_figure`) as a PNG file (README's picture)."""
     report = read_json(Path(run_dir) / "eval.json")
     if report is None:
-        from artifacts.errors import UserError
+        from retformer.artifacts.errors import UserError
 
         raise UserError(f"{run_dir} has no eval.json: the run has not finished")
     png = Path(png)
@@ -425,7 +431,7 @@ def save_main_figure(run_dir: Path | str, png: Path | str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipelines.report RUN_DIR [--png PATH]`."""
+    """`python -m retformer.pipelines.report RUN_DIR [--png PATH]`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--png", type=Path, help="also save the main figure here")

@@ -9,7 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from pipelines.results import selected_rule_lines
+from retformer.pipelines.results import selected_rule_lines
 
 
 def rule_html(report: dict[str, Any]) -> str:

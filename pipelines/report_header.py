@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from artifacts.workspace import Workspace, read_json
+from retformer.artifacts.names import INDEX_JSON
+from retformer.artifacts.workspace import Workspace, read_json
 
 DEFAULT_WORKDIR = "work"  # the CLI's --workdir default (pipelines/cli.py)
 
@@ -84,7 +85,7 @@ def header_facts(run_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     else:
         where = "the run is outside a workspace" if ws is None else f"no embed record for KB {kb}"
         facts["encoders"] = f"unknown ({where})"
-    index = read_json(ws.kb_index(kb) / "index.json", torn_ok=True) if ws is not None else None
+    index = read_json(ws.kb_index(kb) / INDEX_JSON, torn_ok=True) if ws is not None else None
     if index:
         check = index.get("recall_check") or {}
         facts["KB size"] = f"{index.get('n'):,} rows in its index ({index.get('factory')})"

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from artifacts.errors import UserError
-from artifacts.workspace import Workspace, read_json
-from pipelines.report_header import run_workspace
-from pipelines.report_labels import class_ticks
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.workspace import Workspace, read_json
+from retformer.pipelines.report_header import run_workspace
+from retformer.pipelines.report_labels import class_ticks
 
 FOLD_CLASSES = 30  # a per-class table longer than this is folded (<details>)
 
@@ -71,11 +71,11 @@ def _kb_label_dataset(ws: Workspace, kb: str) -> tuple[str | None, list[str] | N
 
 def retrieval_quality(run_dir: Path, report: dict[str, Any]) -> RetrievalQuality | str:
     """The section's figures from the run's neighbour tables, or the reason there are none."""
-    from pipelines.relevance import mean_similarity
-    from trainer.baselines import kb_label_problem
-    from trainer.config import SelectOptions
-    from trainer.features import load_retrieval_features, neighbor_table_path
-    from trainer.selection import shuffled
+    from retformer.pipelines.relevance import mean_similarity
+    from retformer.trainer.baselines import kb_label_problem
+    from retformer.trainer.config import SelectOptions
+    from retformer.trainer.features import load_retrieval_features, neighbor_table_path
+    from retformer.trainer.selection import shuffled
 
     ws, k = run_workspace(run_dir), report.get("k")
     dataset, kb, split = str(report.get("dataset")), str(report.get("kb")), str(report.get("eval_split"))

@@ -7,6 +7,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from retformer.pipelines.run_index import other_evaluations
+
 
 def results_table(report: dict[str, Any]) -> str:
     """The results as an HTML table: top-1, top-5, many / medium / few, macro-F1 and the worst class per
@@ -31,8 +33,6 @@ def results_table(report: dict[str, Any]) -> str:
 def other_kb_tables(run_dir: Path, report: dict[str, Any]) -> list[str]:
     """One table per evaluation of the run's models with another (or a grown) KB (`retformer evaluate
     RUN --kb B`, `<run>/eval.<B>.json`), headed "trained with A, evaluated with B"."""
-    from pipelines.evaluate_kb import other_evaluations
-
     out = []
     for kb, rep in other_evaluations(run_dir).items():
         index = rep.get("kb_index") or {}

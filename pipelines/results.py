@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 from rich.console import Console
@@ -62,6 +61,8 @@ def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
     parts = [f"lr {sel.get('lr')}", f"epoch {sel.get('epoch')}"]
     if sel.get("la_tau"):
         parts.append(f"L_R logit-adjusted (tau {sel['la_tau']})")
+    if sel.get("rule_fit") == "stack":  # weights fitted on val (trainer/stacking.py), not picked from a grid
+        parts.append("weights fitted on val")
     # the image weight only applies with a retrieval term (combine() returns L_I alone otherwise)
     w = sel.get("image_weight", 1.0) if (sel.get("alpha") or sel.get("beta")) else 1.0
     image = f"L_I - {sel['prior_tau']:g} log prior" if sel.get("prior_tau") else "L_I"
@@ -79,7 +80,11 @@ def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
             else ""
         )
         terms.append(gate + " + ".join(retrieval))
-        if w != 1 and sel.get("gate_t") is not None:
+        closed = sel.get("closed_prior_tau")
+        if closed is not None and sel.get("gate_t") is not None:  # a fitted rule: L_I's own shift there
+            image_closed = f"L_I - {closed:g} log prior" if closed else "L_I"
+            terms.append(f"({image_closed} where the gate is closed)")
+        elif w != 1 and sel.get("gate_t") is not None:
             terms.append("(L_I alone where the gate is closed)")
     line = f"retformer selected on val: {', '.join(parts)}; rule {' + '.join(terms[:2])}"
     line += f" {terms[2]}" if len(terms) > 2 else ""
@@ -125,7 +130,3 @@ def results_summary(report: dict[str, Any]) -> dict[str, Any]:
             if extra in v:
                 out[m][extra] = v[extra]
     return {"methods": out}
-
-
-def dump(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)

@@ -11,10 +11,15 @@ from typing import Any
 
 import torch
 
-from pipelines.runs import read_predictions
-from trainer.checkpoint import load_model
-from trainer.diagnostics import agreement_accuracy, attention_stats, neighbour_classes, retrieval_share
-from trainer.model import RetFormer
+from retformer.pipelines.runs import read_predictions
+from retformer.trainer.checkpoint import load_model
+from retformer.trainer.diagnostics import (
+    agreement_accuracy,
+    attention_stats,
+    neighbour_classes,
+    retrieval_share,
+)
+from retformer.trainer.model import RetFormer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The workspace's finished runs (`<workdir>/runs/<run>/eval.json`): which there are, a one-line summary
 of each, and `resolve_run`, the one way a command's RUN argument names one of them (`retformer
-evaluate`, `compare`; `runs` lists what it can name).
+evaluate`, `compare`; `runs` lists what it can name), and the names of a run's evaluations with other
+KBs (`eval.<kb>.json`: pipelines/evaluate_kb.py writes them, report.html lists them).
 
 A run is finished when its eval.json exists (written last, atomically: pipelines/experiment.py); a
 folder without one is a killed or running run. Runs are ordered by eval.json's mtime, the time the
@@ -18,10 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from artifacts.errors import UserError
-from artifacts.workspace import plain_name, read_json
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.workspace import plain_name, read_json
 
 EVAL = "eval.json"
+EVAL_PREFIX = "eval."  # <run>/eval.<kb>.json: the run's models evaluated with another KB (evaluate_kb.py)
 LATEST = "latest"  # the RUN argument that names the newest finished run (as no argument does)
 MAIN_METHODS = ("retformer", "retformer_ft")  # the row a run is summarised by, when it has one
 SHOWN_IN_ERRORS = 12  # runs listed in a "run not found" line (the newest ones)
@@ -52,6 +54,20 @@ def unfinished_runs(workdir: Path | str) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not (p / EVAL).is_file())
+
+
+def eval_file(run_dir: Path, kb: str) -> Path:
+    """Where the evaluation of a run with KB `kb` is written (never the run's own eval.json)."""
+    return Path(run_dir) / f"{EVAL_PREFIX}{kb}.json"
+
+
+def other_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The run's evaluations with other KBs (eval.<kb>.json), by KB name, oldest first."""
+    out = {}
+    for path in sorted(Path(run_dir).glob(f"{EVAL_PREFIX}*.json"), key=lambda p: p.stat().st_mtime):
+        if path.name != EVAL and (rec := read_json(path, torn_ok=True)) is not None:
+            out[path.name[len(EVAL_PREFIX) : -len(".json")]] = rec
+    return out
 
 
 def _not_found(run: str, root: Path, names: list[str], why: str) -> UserError:

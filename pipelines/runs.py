@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from artifacts.atomic import atomic_path
-from artifacts.errors import UserError
-from artifacts.workspace import read_json
-
-
-def safe_name(key: str) -> str:
-    """A result name as a file name (`retformer@k8` -> `retformer-k8`), as the run's other files."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", key)
-
-
-PREDICTIONS = "predictions"  # <run>/predictions/<result>.parquet: one row per eval sample
+from retformer.artifacts.atomic import atomic_path
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import prediction_file
+from retformer.artifacts.workspace import read_json
 
 
 def _without_private(value: Any) -> Any:
@@ -64,7 +56,7 @@ def check_overwrite(run_dir: Path, wanted: str, force: bool = False) -> None:
 
 def predictions_path(run_dir: Path, name: str) -> Path:
     """`<run>/predictions/<result>.parquet`: where a result's per-sample predictions live."""
-    return run_dir / PREDICTIONS / f"{safe_name(name)}.parquet"
+    return run_dir / prediction_file(name)
 
 
 def write_predictions(run_dir: Path, name: str, table: Any) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.runs import predictions_path, read_predictions
+from retformer.pipelines.runs import predictions_path, read_predictions
 
 METRICS = ("top1", "top5", "many", "medium", "few", "macro_f1", "worst_class")
 # Methods RetFormer is compared with in the bootstrap line (the strongest of them on the mean test top-1).

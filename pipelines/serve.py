@@ -28,9 +28,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from artifacts.errors import UserError
-from pipelines.local_http import host_of, hosts_answered
-from pipelines.predict import NotAnImage, Predictor
+from retformer.artifacts.errors import UserError
+from retformer.pipelines.local_http import host_of, hosts_answered
+from retformer.pipelines.use.inputs import NotAnImage
+from retformer.pipelines.use.predictor import Predictor
 
 log = logging.getLogger(__name__)
 

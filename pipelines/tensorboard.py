@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from artifacts.errors import UserError
-from pipelines.runs import safe_name
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def tensorboard_logging(root: Path | None) -> Iterator[EpochLogger | None]:
     if root is None:
         yield None
         return
-    from trainer.progress import listening
+    from retformer.trainer.progress import listening
 
     logger = EpochLogger(root)
     try:

@@ -11,11 +11,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from artifacts.embeddings_io import arrow_to_table, list_parts, read_part_arrow
-from artifacts.errors import UserError
-from artifacts.workspace import Workspace, read_json
-from pipelines.predict import Predictor, iter_inputs
-from trainer.features import NEIGHBOR_STORE, neighbor_k_values, neighbor_table_path
+from retformer.artifacts.embeddings_io import arrow_to_table, list_parts, read_part_arrow
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import NEIGHBOR_STORE
+from retformer.artifacts.workspace import Workspace, read_json
+from retformer.pipelines.use.inputs import iter_inputs
+from retformer.pipelines.use.model_file import workspace_of
+from retformer.pipelines.use.predictor import Predictor
+from retformer.trainer.features import neighbor_k_values, neighbor_table_path
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +131,10 @@ class Run:
 
     def _with_kb(self, kb: str) -> Predictor:
         """A predictor of the same model searching KB `kb` (kept for the next call with that KB)."""
-        from pipelines.predict import _workspace_of
-
         cache = self.__dict__.setdefault("_by_kb", {})
         if kb not in cache:
             p = self._predictor
-            ws = _workspace_of(p.saved, p.ws.root, kb)
+            ws = workspace_of(p.saved, p.ws.root, kb)
             cache[kb] = Predictor(p.saved, ws, str(p.device), kb)
         return cache[kb]
 

@@ -16,9 +16,9 @@ K = 8
 
 def build_demo_like(root: Path) -> Path:
     """Every stage on the small demo-like slice under `root/work`; returns the run folder."""
-    from artifacts.workspace import Workspace
-    from pipelines import stages
-    from pipelines.demo import QUICK_OVERRIDES
+    from retformer.artifacts.workspace import Workspace
+    from retformer.pipelines import stages
+    from retformer.pipelines.demo import QUICK_OVERRIDES
 
     manifests = root / "manifests"
     ds_path = write_manifest(

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.embeddings_io import EmbeddingTable, list_parts, write_embeddings_part
-from artifacts.errors import UserError
-from artifacts.shards import to_record
-from artifacts.tar_reader import split_name
+from retformer.artifacts.embeddings_io import EmbeddingTable, list_parts, write_embeddings_part
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import to_record
+from retformer.artifacts.tar_reader import split_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def executor_map_tasks(pool: Executor) -> Callable[..., list[Any]]:
 
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real `retformer` entry point in a subprocess (as a user would)."""
-    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    cmd = [sys.executable, "-m", "retformer.pipelines.cli", *args]
     proc = subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -390,7 +390,7 @@ def test_bad_input_on_a_finished_workspace_changes_nothing(
 def test_small_manifests_still_pass_the_schemas(small_manifests) -> None:
     """The positive control: the test manifests (and the repo's own, by name) load without error, so the
     cases above fail for their one edit, not for the base manifest."""
-    from pipelines import stages
+    from retformer.pipelines import stages
 
     stages.load_dataset_manifest(str(small_manifests["dataset"]), None)
     stages.load_kb(str(small_manifests["kb"]), None)

@@ -28,16 +28,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.errors import UserError
-from artifacts.shards import read_shard
-from artifacts.workspace import Workspace
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import read_shard
+from retformer.artifacts.workspace import Workspace
+from retformer.trainer.checkpoint import load_model
+from retformer.trainer.evaluate import shot_group_of
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.train import predict
 from tests.conftest import needs_fmnist
 from tests.helpers import REPO, run_cli
 from tests.test_browse_retrieval import direct, effects_of
-from trainer.checkpoint import load_model
-from trainer.evaluate import shot_group_of
-from trainer.features import load_retrieval_features
-from trainer.train import predict
 
 pytestmark = needs_fmnist
 torch.set_num_threads(1)
@@ -54,7 +54,7 @@ class Server:
     def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", "browse", *args],
+            [sys.executable, "-m", "retformer.pipelines.cli", "browse", *args],
             cwd=REPO,
             env=env,
             # As a background job of a non-interactive shell starts it (CI): SIGINT ignored.
@@ -237,8 +237,8 @@ def test_predictions_without_the_runs_file_are_the_models_own(e2e_workspace: Pat
     fusion module (mlp_only) shows its neighbors without attention, never uses retrieval and is its
     own image-only prediction (no image helped or hurt); a port already taken is one
     UserError naming the address."""
-    from pipelines.browse import BrowseRun
-    from pipelines.browse_server import make_server
+    from retformer.pipelines.browse import BrowseRun
+    from retformer.pipelines.browse_server import make_server
 
     copy = tmp_path / "runs" / "copy"
     copy.mkdir(parents=True)

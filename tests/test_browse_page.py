@@ -204,7 +204,7 @@ def test_report_renders_in_chromium_with_its_header_and_retrieval_section(
     Chromium: no script error, every inline figure decodes, the header names the encoders, the KB
     size, the index recall, the code commit and the browse command, the retrieval-quality section is
     there; the screenshot of its top is saved when all hold."""
-    from pipelines.report import build_html
+    from retformer.pipelines.report import build_html
 
     report = json.loads((shown_run / "eval.json").read_text())
     html_file = tmp_path / "report.html"

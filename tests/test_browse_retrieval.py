@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from artifacts.workspace import Workspace
+from retformer.artifacts.workspace import Workspace
+from retformer.trainer.checkpoint import load_saved_model, save_model
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.model import relevance
 from tests.conftest import needs_fmnist
-from trainer.checkpoint import load_saved_model, save_model
-from trainer.features import load_retrieval_features
-from trainer.model import relevance
 
 pytestmark = needs_fmnist
 torch.set_num_threads(1)
@@ -82,7 +82,7 @@ def test_retrieval_fields_of_the_small_run_equal_a_direct_computation(e2e_worksp
     retrieval is used on every image and the reason says why, the image-only prediction is the argmax
     of branches()'s L_I, and effect=helped / hurt / same returns exactly the images where the model's
     and L_I's correctness differ that way (every image in one of the three)."""
-    from pipelines.browse import BrowseRun
+    from retformer.pipelines.browse import BrowseRun
 
     browser = BrowseRun.open(RUN, None, e2e_workspace)
     ref = direct(e2e_workspace, load_saved_model(e2e_workspace / "runs" / RUN / "retformer.pt").model)
@@ -100,7 +100,7 @@ def test_gated_rule_uses_retrieval_only_above_t(e2e_workspace: Path, tmp_path: P
     (about half the images) and the reason names s and t, the image-only prediction is argmax(L_I -
     log prior), the predictions are the gated model's own (no predictions file in the copy) and the
     helped / hurt / same filter returns exactly the images the direct computation gives."""
-    from pipelines.browse import BrowseRun
+    from retformer.pipelines.browse import BrowseRun
 
     run_dir = e2e_workspace / "runs" / RUN
     saved = load_saved_model(run_dir / "retformer.pt")

@@ -26,7 +26,7 @@ class _StubRun:
 def stub_server(monkeypatch):
     """An in-process server of `_StubRun` on a free loopback port, read timeout 0.5 s; yields (host,
     port). Its handler threads' exceptions go to the process's stderr (capfd sees them)."""
-    from pipelines import browse_server
+    from retformer.pipelines import browse_server
 
     monkeypatch.setattr(browse_server, "READ_TIMEOUT_S", 0.5)
     server = browse_server.make_server(_StubRun(), "127.0.0.1", 0)  # type: ignore[arg-type]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from artifacts import manifest
-from kb_builder.encoders import encoder_names
-from pipelines.catalog import ENCODER_NEEDS, KINDS
+from retformer.artifacts import manifest
+from retformer.kb_builder.encoders import encoder_names
+from retformer.pipelines.catalog import ENCODER_NEEDS, KINDS
 from tests.helpers import run_cli
 
 CATEGORY = {"datasets": "datasets", "kbs": "kb", "experiments": "experiments", "clusters": "clusters"}

@@ -81,7 +81,7 @@ def test_local_cluster_dashboard_listens_on_loopback_only():
     """The LocalCluster's dashboard binds 127.0.0.1, not every interface (it prints a 127.0.0.1 link)."""
     import psutil
 
-    from pipelines.dask_runner import dask_client
+    from retformer.pipelines.dask_runner import dask_client
 
     with dask_client(n_workers=1) as client:
         port = int(client.dashboard_link.split(":")[2].split("/")[0])
@@ -99,7 +99,7 @@ HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
 def _heartbeat_filter_on_worker() -> tuple[bool, bool]:
     """Runs on a Dask worker: (is the close filter on its `distributed.worker` logger, does that
     logger keep a heartbeat-failure record while the worker runs)."""
-    from pipelines.worker_exit import _HeartbeatAbortedByClose
+    from retformer.pipelines.worker_exit import _HeartbeatAbortedByClose
 
     logger = logging.getLogger("distributed.worker")
     record = logging.LogRecord(logger.name, logging.ERROR, __file__, 0, HEARTBEAT_FAILED, None, None)
@@ -115,8 +115,8 @@ def test_heartbeat_cut_by_a_workers_own_close_is_not_logged():
 
     from distributed.core import Status
 
-    from pipelines.dask_runner import dask_client
-    from pipelines.worker_exit import _HeartbeatAbortedByClose
+    from retformer.pipelines.dask_runner import dask_client
+    from retformer.pipelines.worker_exit import _HeartbeatAbortedByClose
 
     with dask_client(n_workers=1) as client:
         on_workers = client.run(_heartbeat_filter_on_worker)

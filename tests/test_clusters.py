@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from artifacts.errors import UserError
-from pipelines.clusters import load_cluster, resolve_cluster, slurm_kwargs, spec_from_dict
+from retformer.artifacts.errors import UserError
+from retformer.pipelines.clusters import load_cluster, resolve_cluster, slurm_kwargs, spec_from_dict
 
 
 def test_shipped_cluster_manifests_load():
@@ -118,7 +118,7 @@ def test_slurm_cluster_without_sbatch_is_a_user_error(monkeypatch):
     pytest.importorskip(
         "dask_jobqueue", reason="dask-jobqueue is not installed (pip install 'retformer[slurm]')"
     )
-    from pipelines.dask_runner import dask_client
+    from retformer.pipelines.dask_runner import dask_client
 
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UserError, match="sbatch is not on PATH"), dask_client(cluster="slurm"):
@@ -130,7 +130,7 @@ def test_local_manifest_and_scheduler_file(tmp_path):
     """`--cluster local` starts a LocalCluster of the manifest's worker count, and a cluster started
     the HPC way (`dask scheduler --scheduler-file`, `dask worker --scheduler-file`) is joined through
     the file; the tasks run in the worker processes, results in item order."""
-    from pipelines.dask_runner import dask_client, run_tasks
+    from retformer.pipelines.dask_runner import dask_client, run_tasks
 
     def _square(x: int) -> dict:  # local: pickled by value, the workers cannot import this test module
         return {"x": x, "square": x * x, "pid": os.getpid()}
@@ -185,9 +185,9 @@ def test_neighbor_slices_on_a_cluster_match_one_pass(tmp_path, monkeypatch):
     LocalCluster, give byte-identical tables and store to the serial in-process pass with one slice
     per split and one part group; inside a worker process the index is loaded once and memory-mapped
     (every task of the worker gets the same loaded object)."""
-    from kb_builder import neighbors
-    from kb_builder.index import run_index
-    from pipelines.dask_runner import dask_client, run_tasks, task_mapper
+    from retformer.kb_builder import neighbors
+    from retformer.kb_builder.index import run_index
+    from retformer.pipelines.dask_runner import dask_client, run_tasks, task_mapper
     from tests.helpers import synthetic_clustered_vectors, write_parts
 
     kb = synthetic_clustered_vectors(3000, 16, seed=1)

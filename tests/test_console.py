@@ -11,14 +11,13 @@ import time
 
 import pytest
 import torch
-import typer
 from tqdm import tqdm
 from typer.testing import CliRunner
 
-from artifacts.errors import UserError
-from pipelines import console, stages
+from retformer.artifacts.errors import UserError
+from retformer.pipelines import console, stages
+from retformer.trainer.progress import ModelProgress
 from tests.test_selection import EXPERIMENT, write_workspace
-from trainer.progress import ModelProgress
 
 torch.set_num_threads(1)
 
@@ -101,29 +100,28 @@ def test_quiet_and_verbose_set_levels_and_bars() -> None:
         console.configure(quiet=True, verbose=True)
 
 
-def test_options_callback_wires_into_a_typer_app() -> None:
-    """`app.callback()(console.options)` gives every command `--quiet` / `--verbose` before its name
-    (the lines pipelines/cli.py adds)."""
-    app = typer.Typer()
-    app.callback()(console.options)
-
-    @app.command()
-    def show() -> None:
-        typer.echo(f"{console.progress_enabled()} {logging.getLevelName(logging.getLogger().level)}")
-
-    @app.command()
-    def other() -> None:
-        pass
+def test_global_options_set_the_console_before_any_command(tmp_path) -> None:
+    """`retformer --quiet CMD` / `--verbose CMD` / `CMD` (the app's global options, pipelines/cli_app.py)
+    leave the console as the command runs it: bars off and WARNING, bars on and DEBUG, bars on and
+    INFO."""
+    import retformer.pipelines.cli  # noqa: F401 - registers the commands on the app
+    from retformer.pipelines.cli_app import app
 
     runner = CliRunner()
-    assert runner.invoke(app, ["--quiet", "show"]).output.strip() == "False WARNING"
-    assert runner.invoke(app, ["--verbose", "show"]).output.strip() == "True DEBUG"
-    assert runner.invoke(app, ["show"]).output.strip() == "True INFO"
+
+    def state(*options: str) -> str:
+        result = runner.invoke(app, [*options, "list", "encoders", "--workdir", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        return f"{console.progress_enabled()} {logging.getLevelName(logging.getLogger().level)}"
+
+    assert state("--quiet") == "False WARNING"
+    assert state("--verbose") == "True DEBUG"
+    assert state() == "True INFO"
 
 
 def test_demo_stage_table() -> None:
     """The demo ends with one table: a row per stage and the total, a column per dataset."""
-    from pipelines.demo import stage_table
+    from retformer.pipelines.demo import stage_table
 
     text = stage_table(
         {
@@ -155,7 +153,7 @@ def _hold_slow_teardown() -> int:
 def test_local_cluster_closes_without_killing_its_workers() -> None:
     """A LocalCluster worker whose interpreter teardown takes 6 s: `dask_client` closes the cluster in
     well under the nanny's 4 s grace, and no "Worker process still alive" warning is logged."""
-    from pipelines.dask_runner import dask_client
+    from retformer.pipelines.dask_runner import dask_client
 
     seen: list[str] = []
 
@@ -185,7 +183,7 @@ def test_model_line_survives_tqdm_disable_from_the_environment() -> None:
     import sys
 
     code = (
-        "from trainer.progress import ModelProgress\n"
+        "from retformer.trainer.progress import ModelProgress\n"
         "m = ModelProgress('retformer', 2)\n"
         "m.begin_fit(2)\n"
         "m.epoch({'loss': 0.5, 'val_top1': 0.7})\n"

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artifacts import manifest
-from artifacts.errors import UserError
-from kb_builder.datasets import fashion_mnist_world_pool, load_dataset, longtail_counts, shot_split
-from kb_builder.datasets.cifar import cifar_lt_indices, read_cifar_pickle
-from kb_builder.datasets.label_noise import NoisyLabelSplit, apply_label_noise, asymmetric_targets
+from retformer.artifacts import manifest
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets import fashion_mnist_world_pool, load_dataset, longtail_counts, shot_split
+from retformer.kb_builder.datasets.cifar import cifar_lt_indices, read_cifar_pickle
+from retformer.kb_builder.datasets.label_noise import NoisyLabelSplit, apply_label_noise, asymmetric_targets
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -1,6 +1,6 @@
 """Training on several processes (trainer/distributed.py): 2 CPU processes over gloo end where one process
-ends with the same global batch, in feature mode (through `torchrun ... -m pipelines.cli train`) and in
-fine-tune mode, and a checkpoint written by one world size resumes on the other."""
+ends with the same global batch, in feature mode (through `torchrun ... -m retformer.pipelines.cli train`)
+and in fine-tune mode, and a checkpoint written by one world size resumes on the other."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
-from trainer import distributed
-from trainer.config import FinetuneConfig, TrainConfig
+from retformer.trainer import distributed
+from retformer.trainer.config import FinetuneConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # float rounding: the ranks' partial gradients are summed in another order
@@ -125,7 +125,7 @@ def two_ranks(tmp_path_factory) -> Path:
     """One spawn of 2 gloo processes (starting them costs more than the training) that run every
     2-process job of the feature and fine-tune tests; their outputs are in the returned folder, next
     to the 1-process checkpoint they resume."""
-    from trainer.train import fit
+    from retformer.trainer.train import fit
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("ddp")
@@ -143,7 +143,7 @@ def _all_ranks(rank: int, tmp: Path) -> None:
 
 
 def _error_ranks(rank: int, tmp: Path) -> None:
-    from artifacts.errors import UserError
+    from retformer.artifacts.errors import UserError
 
     def refuse() -> None:
         raise UserError("run r already holds a finished run of another configuration")
@@ -165,8 +165,8 @@ def test_an_error_on_rank_0_reaches_every_rank(two_ranks: Path) -> None:
 
 # ------------------------------------------------------------------ feature mode, direct + resume
 def _feature_setup():
+    from retformer.trainer.model_factory import build_model
     from tests.test_train import make_features
-    from trainer.model import build_model
 
     # 33 samples in batches of 16: the last batch has 1 sample, so rank 1 computes a weight-0 stand-in.
     f = make_features(n=33, seed=5)
@@ -183,7 +183,7 @@ def _feature_setup():
 
 
 def _feature_ranks(rank: int, tmp: Path) -> None:
-    from trainer.train import fit
+    from retformer.trainer.train import fit
 
     f, cfg, model = _feature_setup()
     # (a) uninterrupted; (b) stopped after epoch 1; (c) resumed from a 1-process epoch-1 checkpoint.
@@ -205,7 +205,7 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(two_ranks: P
     final weights (within 1e-5) on both ranks, the same per-epoch loss / accuracy / lr, and the metrics
     file written once by rank 0. A checkpoint that 2 processes stopped after epoch 1 resumes in 1
     process, and one that 1 process stopped resumes in 2, both to the uninterrupted run's weights."""
-    from trainer.train import fit
+    from retformer.trainer.train import fit
 
     tmp_path = two_ranks
     f, cfg, model = _feature_setup()
@@ -231,9 +231,9 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(two_ranks: P
 def _select():
     """The stacked recipe's selection on small grids: mlp_only's lr grid, then RetFormer's (lr, la_tau)
     cells and its (alpha, gate) rule on val."""
+    from retformer.trainer.config import SelectOptions
+    from retformer.trainer.methods import select_method
     from tests.test_train import make_features
-    from trainer.config import SelectOptions
-    from trainer.methods import select_method
 
     train, val = make_features(n=40, seed=11), make_features(n=24, seed=12)
     opts = SelectOptions(
@@ -295,7 +295,7 @@ class _TinyImages:
 def _tiny_encoder():
     """A small trainable image tower with the KB encoders' interface (conv + LayerNorm: no BatchNorm,
     whose per-rank statistics gloo cannot synchronise)."""
-    from kb_builder.encoders.base import ImageEncoder
+    from retformer.kb_builder.encoders.base import ImageEncoder
 
     class Tiny(ImageEncoder):
         name, dim, image_size, spec = "tiny", 16, 16, {"name": "tiny"}
@@ -321,9 +321,9 @@ def _tiny_encoder():
 
 
 def _finetune_setup():
+    from retformer.trainer.finetune import FinetuneModel
+    from retformer.trainer.model_factory import build_model
     from tests.test_train import make_features
-    from trainer.finetune import FinetuneModel
-    from trainer.model import build_model
 
     f = make_features(n=21, di=16, seed=7)  # batches of 6: 6, 6, 6, 3 (two steps of 2 micro-batches)
     cfg = FinetuneConfig(
@@ -338,7 +338,7 @@ def _finetune_setup():
 @contextlib.contextmanager
 def _sgd() -> Iterator[None]:
     """finetune_fit with SGD (momentum, the same two learning rates) instead of AdamW: see the test."""
-    from trainer import finetune
+    from retformer.trainer import finetune
 
     def sgd(model, config):
         groups = [(model.head, config.lr), (model.encoder, config.encoder_lr)]
@@ -352,7 +352,7 @@ def _sgd() -> Iterator[None]:
 
 
 def _finetune_ranks(rank: int, tmp: Path) -> None:
-    from trainer.finetune import finetune_fit, finetune_predict
+    from retformer.trainer.finetune import finetune_fit, finetune_predict
 
     f, cfg, model, images = _finetune_setup()
     with _sgd():
@@ -373,7 +373,7 @@ def test_finetune_two_processes_train_like_one(two_ranks: Path) -> None:
     whichever way the noise falls, and summing the ranks' parts in another order changes the noise
     (measured with AdamW: up to 9e-5 on such coordinates, 5e-7 elsewhere). A linear update keeps the
     comparison at float rounding; feature mode and the CLI test keep AdamW."""
-    from trainer.finetune import finetune_fit, finetune_predict
+    from retformer.trainer.finetune import finetune_fit, finetune_predict
 
     tmp_path = two_ranks
     f, cfg, model, images = _finetune_setup()
@@ -398,7 +398,7 @@ def _torchrun() -> list[str]:
 
 @pytest.mark.system
 def test_torchrun_cli_train_equals_one_process(e2e_workspace: Path, small_manifests, tmp_path: Path) -> None:
-    """`torchrun --standalone --nproc_per_node 2 --local-ranks-filter 0 -m pipelines.cli train` (as
+    """`torchrun --standalone --nproc_per_node 2 --local-ranks-filter 0 -m retformer.pipelines.cli train` (as
     `make train NPROC=2` runs it: gloo, feature mode, three methods, mixup and label smoothing,
     checkpoints every epoch) on a copy of the e2e workspace ends with the one-process run's eval.json
     metrics, per-epoch figures and model weights (within 1e-5); its run folder holds the same files
@@ -426,12 +426,12 @@ def test_torchrun_cli_train_equals_one_process(e2e_workspace: Path, small_manife
         ws[name] = tmp_path / name
         shutil.copytree(e2e_workspace, ws[name], ignore=shutil.ignore_patterns("runs"))
     one = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args, "--workdir", str(ws["one"])],
+        [sys.executable, "-m", "retformer.pipelines.cli", *args, "--workdir", str(ws["one"])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "--local-ranks-filter", "0"]
-    cmd += ["-m", "pipelines.cli", *args, "--workdir", str(ws["two"])]
+    cmd += ["-m", "retformer.pipelines.cli", *args, "--workdir", str(ws["two"])]
     two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from artifacts.errors import UserError
-from pipelines.demo import DEFAULT_PAIRS, demo_pairs, knn_comparison
+from retformer.artifacts.errors import UserError
+from retformer.pipelines.demo import DEFAULT_PAIRS, demo_pairs, knn_comparison
 
 
 def test_demo_runs_both_development_datasets_by_default() -> None:

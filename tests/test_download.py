@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from artifacts.decode import decode_image
-from artifacts.errors import UserError
-from artifacts.shards import IMG2DATASET_SOURCE, read_shard, shard_stem
-from kb_builder.download import (
+from retformer.artifacts.decode import decode_image
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import IMG2DATASET_SOURCE, read_shard, shard_stem
+from retformer.kb_builder.download import (
     RETRY_INPUT_NAME,
     SUCCESS_NAME,
     download_chunk,
@@ -95,7 +95,7 @@ def _foolbox_imagenet() -> list[Path]:
 
 def _small_images(n: int) -> list[np.ndarray]:
     if have_fmnist():
-        from kb_builder.datasets.fashion_mnist import load_arrays
+        from retformer.kb_builder.datasets.fashion_mnist import load_arrays
 
         return list(load_arrays(FMNIST_DIR, "test")[0][:n])
     rng = np.random.default_rng(0)  # stand-ins: 28x28 grey blobs
@@ -314,7 +314,7 @@ def test_rerun_skips_redo_and_retry_failed(site: Site, tmp_path: Path) -> None:
 def test_dask_cluster_runs_the_same_tasks(site: Site, tmp_path: Path) -> None:
     """The same tasks on a Dask LocalCluster (1 worker process) give the same counts and shards as the
     inline path, and retry_failed works there too."""
-    from pipelines.dask_runner import dask_client, task_mapper
+    from retformer.pipelines.dask_runner import dask_client, task_mapper
 
     meta = write_metadata(site, tmp_path / "metadata", "dask")
     out = tmp_path / "shards"

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from artifacts.embeddings_io import list_parts, read_embeddings
+from retformer.artifacts.embeddings_io import list_parts, read_embeddings
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.embeddings_io import list_parts
-from artifacts.shards import Sample, write_shards
-from kb_builder import embed
-from kb_builder.datasets import fashion_mnist as fm
+from retformer.artifacts.embeddings_io import list_parts
+from retformer.artifacts.shards import Sample, write_shards
+from retformer.kb_builder import embed
+from retformer.kb_builder.datasets import fashion_mnist as fm
 from tests.conftest import FMNIST_DIR, REPO, needs_fmnist, write_manifest
 from tests.helpers import run_cli
 
@@ -83,7 +83,7 @@ def assert_same_parts(out: Path, ref: Path) -> None:
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *args],
+        [sys.executable, "-m", "retformer.pipelines.cli", *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -152,8 +152,8 @@ def test_sigkill_of_the_whole_run_then_rerun_gives_identical_parts(kb, tmp_path)
 def test_sigkill_of_one_dask_worker_is_survived(kb, tmp_path):
     """One of two Dask worker processes is SIGKILLed while it embeds a shard: the scheduler re-runs
     its task elsewhere (or, if the run fails, a rerun finishes it) and the parts equal the reference."""
-    from pipelines import stages
-    from pipelines.dask_runner import dask_client
+    from retformer.pipelines import stages_embed as stages
+    from retformer.pipelines.dask_runner import dask_client
 
     out = tmp_path / "embeddings"
     options = {**OPTIONS, "num_workers": 0}

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from artifacts.embeddings_io import read_embeddings
-from artifacts.shards import Sample, write_shards
-from kb_builder import embed
-from kb_builder.embed.loader import _in_thread
+from retformer.artifacts.embeddings_io import read_embeddings
+from retformer.artifacts.shards import Sample, write_shards
+from retformer.kb_builder import embed
+from retformer.kb_builder.embed.loader import _in_thread
 
 IMAGE_SPEC = {"name": "efficientnet_lite0", "image_size": 32}
 TEXT_SPEC = {"name": "minilm"}
@@ -120,8 +120,8 @@ def test_loader_thread_keeps_order_raises_and_stops():
 def test_cpu_chunks_give_the_whole_batch_bytes(side, n):
     """Lite0's CPU forward in cache-sized chunks (remainder < 16 merged): the same bits as one
     forward of the whole batch, at one and at two threads."""
-    from kb_builder.encoders import build_image_encoder
-    from kb_builder.encoders.efficientnet_lite import cpu_chunks
+    from retformer.kb_builder.encoders import build_image_encoder
+    from retformer.kb_builder.encoders.efficientnet_lite import cpu_chunks
 
     enc = build_image_encoder({"name": "efficientnet_lite0", "image_size": side})
     assert len(cpu_chunks(n, side)) > 1 and min(cpu_chunks(n, side)) >= 16

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from artifacts.decode import MAX_CAPTION_CHARS
-from artifacts.embeddings_io import read_embeddings
-from artifacts.errors import UserError
-from artifacts.shards import to_record as _to_record
-from kb_builder import embed
+from retformer.artifacts.decode import MAX_CAPTION_CHARS
+from retformer.artifacts.embeddings_io import read_embeddings
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import to_record as _to_record
+from retformer.kb_builder import embed
 from tests.helpers import read_shard_tarfile as read_shard
 
 IMAGE_SPEC = {"name": "efficientnet_lite0", "image_size": 32}

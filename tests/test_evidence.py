@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.checkpoint import load_model
-from trainer.config import SelectOptions
-from trainer.evidence import (
+from retformer.trainer.checkpoint import load_model
+from retformer.trainer.config import SelectOptions
+from retformer.trainer.evidence import (
     balanced_accuracy,
     caption_class_probs,
     label_probs,
@@ -20,10 +20,10 @@ from trainer.evidence import (
     neighbour_weights,
     weighted_vote,
 )
-from trainer.features import load_retrieval_features
-from trainer.model import build_model
-from trainer.selection import select_vote, vote_scores
-from trainer.train import predict
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.model_factory import build_model
+from retformer.trainer.select_votes import select_vote, vote_scores
+from retformer.trainer.train import predict
 
 torch.set_num_threads(1)
 
@@ -82,7 +82,7 @@ def test_stacked_rule_adds_prior_adjustment_and_beta_log_evidence() -> None:
 
 def test_selection_options_refuse_grids_without_the_plain_rule() -> None:
     """betas and prior_taus must contain 0 (the rule without them stays reachable); temperatures > 0."""
-    from artifacts.errors import UserError
+    from retformer.artifacts.errors import UserError
 
     with pytest.raises(UserError, match="betas and select.prior_taus must contain 0"):
         SelectOptions.from_manifest({"betas": [1.0]})
@@ -113,7 +113,7 @@ def test_weighted_votes_are_selected_on_val_and_caption_vote_reads_captions(syn)
 def test_caption_vote_equals_the_label_vote_when_captions_name_the_label(syn) -> None:
     """With class prompts equal to the synthetic KB's class words, reading the captions recovers the
     labels: caption_vote's val predictions match knn_weighted's on almost every image."""
-    from artifacts.workspace import Workspace
+    from retformer.artifacts.workspace import Workspace
     from tests.test_selection import C, K
 
     val = load_retrieval_features(Workspace(syn["root"]), "syn", "kbsyn", K, "val")
@@ -130,7 +130,7 @@ def test_caption_vote_equals_the_label_vote_when_captions_name_the_label(syn) ->
 def test_reloaded_retformer_reproduces_its_rule_with_evidence(syn) -> None:
     """The selected rule (alpha, beta, gate, prior_tau, evidence, vote temperature) lives in the model file:
     the reloaded model reproduces the reported val top-1, and its selection scored balanced accuracy."""
-    from artifacts.workspace import Workspace
+    from retformer.artifacts.workspace import Workspace
     from tests.test_selection import K
 
     rep = syn["report"]["methods"]["retformer"]

@@ -25,10 +25,10 @@ import pytest
 import torch
 import yaml
 
-from artifacts import manifest
-from artifacts.workspace import Workspace
+from retformer.artifacts import manifest
+from retformer.artifacts.workspace import Workspace
+from retformer.trainer.checkpoint import load_model
 from tests.conftest import REPO, have_fmnist, needs_fmnist, write_manifest
-from trainer.checkpoint import load_model
 
 pytestmark = needs_fmnist
 torch.set_num_threads(1)
@@ -69,7 +69,7 @@ def cli(*args: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from pipelines.cli import main
+    from retformer.pipelines.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -91,7 +91,7 @@ def clip_ws(tmp_path_factory, small_manifests) -> dict:
         pytest.skip("Fashion-MNIST not installed")
     from distributed import Client
 
-    from pipelines import stages
+    from retformer.pipelines import stages
 
     root = tmp_path_factory.mktemp("clip")
     ds_spec = yaml.safe_load(Path(small_manifests["dataset"]).read_text())
@@ -131,8 +131,8 @@ def train_args(env: dict, experiment: str, run: str, overrides: list[str]) -> li
 
 def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     """Result name -> mode the experiment should report, from its manifest and the overrides."""
-    from trainer.methods import METHODS, RETRIEVAL_FREE
-    from trainer.model import RETFORMER_VARIANTS
+    from retformer.trainer.methods import METHODS, RETRIEVAL_FREE
+    from retformer.trainer.model import RETFORMER_VARIANTS
 
     exp = manifest.load("experiments", name, [o.split(".", 1)[1] for o in overrides])
     ks = exp.get("k_values") or [exp.get("k", 32)]
@@ -210,8 +210,8 @@ def test_bad_experiments_fail_with_one_line(small_manifests, tmp_path, experimen
 def test_zeroshot_weights_follow_open_clip_prompts(clip_ws):
     """The zero-shot classifier averages open_clip's prompts per class: each row equals the renormalised
     mean of the text tower's embeddings of the class name in the 7 simple templates."""
-    from kb_builder.encoders import build_text_encoder
-    from trainer.zeroshot import prompt_class_names, templates, zeroshot_weights
+    from retformer.kb_builder.encoders import build_text_encoder
+    from retformer.trainer.zeroshot import prompt_class_names, templates, zeroshot_weights
 
     text = build_text_encoder(CLIP)
     names = prompt_class_names(["Ankle boot", "T-shirt/top", "aquarium_fish"])
@@ -231,11 +231,16 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
     update as one batch of 32; (2) the encoder trains at encoder_lr, the head at lr; (3) the encoder
     the KB was embedded with is copied, never modified; (4) augmentation depends only on (seed, epoch,
     sample): the same batch with 0 or 2 DataLoader workers, another one next epoch."""
-    from kb_builder.encoders import build_image_encoder
-    from trainer.features import load_retrieval_features
-    from trainer.finetune import FinetuneConfig, FinetuneModel, finetune_fit, make_finetune_optimizer
-    from trainer.images import ImageDataset, _EpochSampler, _loader, epoch_batches, shard_images
-    from trainer.model import RetFormer
+    from retformer.kb_builder.encoders import build_image_encoder
+    from retformer.trainer.features import load_retrieval_features
+    from retformer.trainer.finetune import (
+        FinetuneConfig,
+        FinetuneModel,
+        finetune_fit,
+        make_finetune_optimizer,
+    )
+    from retformer.trainer.images import ImageDataset, _EpochSampler, _loader, epoch_batches, shard_images
+    from retformer.trainer.model import RetFormer
 
     ws = Workspace(clip_ws["ws"])
     feats = load_retrieval_features(ws, "tiny_lt", "tiny_clip", 8, "train").subset_k(4)
@@ -280,7 +285,7 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
 
 
 def _popen(env_vars: dict, args: list[str], log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    cmd = [sys.executable, "-m", "retformer.pipelines.cli", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env_vars, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -339,7 +344,7 @@ def test_reproduce_guide_names_exactly_the_tested_experiments():
     assert named <= set(EXPERIMENTS), named - set(EXPERIMENTS)
     assert set(EXPERIMENTS) - {"demo"} <= named, set(EXPERIMENTS) - named
     # Every manifest the guide points to is valid YAML with methods the trainer knows.
-    from trainer.methods import METHODS
+    from retformer.trainer.methods import METHODS
 
     for name in named:
         data = yaml.safe_load((REPO / "manifests" / "experiments" / f"{name}.yaml").read_text())
@@ -349,7 +354,7 @@ def test_reproduce_guide_names_exactly_the_tested_experiments():
 def test_format_table_renders_every_result():
     """The results table (rendered by rich) has a header with the five metrics, one row per result in
     percent with two decimals (`-` where a group has no sample), and one line per skipped method."""
-    from pipelines.results import format_table
+    from retformer.pipelines.results import format_table
 
     report = {
         "methods": {
@@ -369,7 +374,7 @@ def test_format_table_renders_every_result():
 def test_format_table_adds_the_val_column_of_selected_methods():
     """Results selected on val get a `val_top1` column (the figure the choice was made on); a result
     without a val figure, such as the shuffled-neighbor control, shows `-` there."""
-    from pipelines.results import format_table
+    from retformer.pipelines.results import format_table
 
     report = {
         "methods": {

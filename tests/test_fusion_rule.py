@@ -11,11 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.seeds import comparison, mean_over_seeds, paired_bootstrap, seed_list
-from trainer.diagnostics import agreement_accuracy, attention_stats, neighbour_classes, retrieval_share
-from trainer.evidence import log_evidence, neighbour_vote
-from trainer.features import RetrievalFeatures
-from trainer.model import build_model, neighbor_attention
+from retformer.pipelines.seeds import comparison, mean_over_seeds, paired_bootstrap, seed_list
+from retformer.trainer.diagnostics import (
+    agreement_accuracy,
+    attention_stats,
+    neighbour_classes,
+    retrieval_share,
+)
+from retformer.trainer.evidence import log_evidence, neighbour_vote
+from retformer.trainer.features import RetrievalFeatures
+from retformer.trainer.model import neighbor_attention
+from retformer.trainer.model_factory import build_model
 
 torch.set_num_threads(1)
 DI, DT, C, K, B = 16, 12, 5, 6, 4
@@ -194,8 +200,8 @@ def test_mean_over_seeds_keeps_each_seed_and_the_spread() -> None:
 def test_vote_grid_from_parts_equals_the_streamed_votes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The (k, temperature) grid of a weighted vote cast from the neighbours read once equals, trial by
     trial, the votes streamed per cell (the path for splits too large to hold)."""
-    import trainer.selection as selection
-    from trainer.config import SelectOptions
+    import retformer.trainer.select_votes as selection
+    from retformer.trainer.config import SelectOptions
 
     f = _features(n=60)
     opts = SelectOptions(knn_k=(1, 3, 6), vote_temps=(0.02, 0.1))
@@ -209,7 +215,7 @@ def test_the_selected_rule_is_said_in_words_and_retrieval_off_is_a_warning() -> 
     """Under every results table: lr, epoch, the rule with its image weight around the prior-adjusted L_I,
     the gate and the vote's (k, T), the share of images where retrieval was used; and a warning line
     when val chose alpha = beta = 0 (the retformer row is then L_I alone)."""
-    from pipelines.results import format_table, selected_rule_lines
+    from retformer.pipelines.results import format_table, selected_rule_lines
 
     sel = {"lr": 0.003, "epoch": 2, "alpha": 0.25, "beta": 0.5, "prior_tau": 1.0, "image_weight": 0.5}
     sel |= {"gate_t": 0.8161, "gate_quantile": 0.2, "evidence": "label", "vote_k": 20, "vote_temp": 0.1}

@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from artifacts import devices
-from artifacts.errors import UserError
-from pipelines.clusters import cpu_spec, load_cluster, slurm_kwargs, spec_from_dict
-from pipelines.gpu_worker import worker_gpu
+from retformer.artifacts import devices
+from retformer.artifacts.errors import UserError
+from retformer.pipelines.clusters import cpu_spec, load_cluster, slurm_kwargs, spec_from_dict
+from retformer.pipelines.gpu_worker import worker_gpu
 from tests.conftest import REPO
 
 
@@ -80,20 +80,19 @@ def test_gpu_torch_cannot_use_is_one_error(two_gpus_torch_cannot_use):
 
 def test_embed_worker_and_trainer_refuse_unusable_gpu(two_gpus_torch_cannot_use):
     """The embed task's device choice and the trainer's `device: auto` go through the same check."""
-    from kb_builder.embed import _pick_device
-    from trainer.train import resolve_device
+    from retformer.artifacts.devices import resolve_device
 
     with pytest.raises(UserError, match="cannot use them"):
-        _pick_device(None)
+        resolve_device(None, "embed")
     with pytest.raises(UserError, match="training: .*cannot use them"):
-        resolve_device("auto")
-    assert resolve_device("cpu").type == "cpu"
+        resolve_device("auto", "training")
+    assert resolve_device("cpu", "training").type == "cpu"
 
 
 def test_amp_dtype_is_bf16_only_where_native(monkeypatch):
     """sm_75 (T4) and sm_70 (V100) get fp16 (+ GradScaler in training): is_bf16_supported() says
     True there because bf16 is emulated; sm_80+ gets bf16."""
-    from trainer.train import amp_policy
+    from retformer.trainer.train import amp_policy
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -110,7 +109,7 @@ def test_amp_dtype_is_bf16_only_where_native(monkeypatch):
 
 
 def test_device_index_refused_under_torchrun(monkeypatch):
-    from trainer import distributed
+    from retformer.trainer import distributed
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     with pytest.raises(UserError, match="cuda:0 under torchrun: every process would use that one GPU"):
@@ -120,7 +119,7 @@ def test_device_index_refused_under_torchrun(monkeypatch):
 
 def test_doctor_cpu_machine_exits_0(monkeypatch, capsys):
     """The CLI's entry point on this machine (no driver; tests hide GPUs): the CPU picture, exit 0."""
-    from pipelines import cli
+    from retformer.pipelines import cli
 
     monkeypatch.setattr(sys, "argv", ["retformer", "doctor"])
     cli.main()  # returns: exit status 0
@@ -146,7 +145,7 @@ def test_doctor_cpu_machine_exits_0(monkeypatch, capsys):
 def test_doctor_gpu_torch_cannot_use_exits_1_with_one_line(two_gpus_torch_cannot_use, monkeypatch, capsys):
     """A visible GPU (simulated NVML count) with a torch that cannot use it: the screen, then exit 1 and
     one `error:` line naming both CUDA versions."""
-    from pipelines import cli
+    from retformer.pipelines import cli
 
     monkeypatch.setattr(sys, "argv", ["retformer", "doctor"])
     with pytest.raises(SystemExit) as exit_:
@@ -177,7 +176,7 @@ def test_gpu_job_script_one_thread_per_worker_own_gpu_cores_booked():
             script = cluster.job_script()
         assert f"#SBATCH --cpus-per-task={cores}" in script, script
         assert f"#SBATCH --gres=gpu:{gpus}" in script
-        assert "--nthreads 1 " in script and "--preload pipelines.gpu_worker" in script
+        assert "--nthreads 1 " in script and "--preload retformer.pipelines.gpu_worker" in script
         assert (f"--nworkers {gpus}" in script) == (gpus > 1)
         assert f"export RETFORMER_WORKER_GPUS={gpus}" in script
         assert f"export OMP_NUM_THREADS={cores // gpus}" in script
@@ -214,7 +213,7 @@ def test_only_embed_asks_for_a_gpu_cluster(monkeypatch):
     LocalCUDACluster there; download, index and neighbors get CPU workers)."""
     from contextlib import contextmanager
 
-    from pipelines import stages
+    from retformer.pipelines import stages_embed as stages
 
     asked = []
 
@@ -242,8 +241,8 @@ def test_index_shard_adds_on_cpu_when_the_gpu_lacks_memory(monkeypatch, caplog):
     import faiss
     import numpy as np
 
-    from kb_builder.index import build
-    from kb_builder.index.select import IndexPlan
+    from retformer.kb_builder.index import build
+    from retformer.kb_builder.index.select import IndexPlan
 
     plan = IndexPlan(kind="ivf_flat", factory="IVF16,Flat", n=10_000_000, d=32, metric="inner_product")
     index = build.new_index(plan)
@@ -269,7 +268,7 @@ def test_torchrun_rank_error_goes_to_torchrun_error_file(tmp_path):
     err_file = tmp_path / "error.json"
     env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(err_file), "RANK": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "evaluate", "--workdir", str(tmp_path / "w")],
+        [sys.executable, "-m", "retformer.pipelines.cli", "evaluate", "--workdir", str(tmp_path / "w")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -286,7 +285,7 @@ def test_torchrun_rank_error_goes_to_torchrun_error_file(tmp_path):
 def test_embed_loader_processes_share_the_cores_between_gpus(monkeypatch):
     """A GPU worker's loader processes: its SLURM job's share (RETFORMER_WORKER_CORES) or the host's
     cores over all the driver's GPUs (a dask-cuda worker sees one GPU but shares the host with the others)."""
-    from kb_builder.embed import options
+    from retformer.kb_builder.embed import options
 
     monkeypatch.setattr(options.os, "sched_getaffinity", lambda _: set(range(32)), raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -301,7 +300,7 @@ def test_embed_loader_processes_share_the_cores_between_gpus(monkeypatch):
 def test_on_a_real_gpu_auto_picks_cuda_and_amp_follows_the_capability():
     """Where a GPU is usable (RETFORMER_TEST_GPU=1): no problem line, auto is cuda, AMP's dtype follows
     the compute capability, and the loaded encoder autocasts with it."""
-    from trainer.train import amp_policy
+    from retformer.trainer.train import amp_policy
 
     assert devices.gpu_problem() is None and devices.pick(None, "embed") == "cuda"
     native = torch.cuda.get_device_capability(0) >= (8, 0)

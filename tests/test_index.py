@@ -12,11 +12,12 @@ import faiss
 import numpy as np
 import pytest
 
-from artifacts.errors import UserError
-from kb_builder.index.build import INDEX_JSON, build_index
-from kb_builder.index.rows import shard_ranges
-from kb_builder.index.search import ShardedIndex, record_tuning, tune_and_check
-from kb_builder.index.select import (
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import INDEX_JSON
+from retformer.kb_builder.index.build import build_index
+from retformer.kb_builder.index.rows import shard_ranges
+from retformer.kb_builder.index.search import ShardedIndex, record_tuning, tune_and_check
+from retformer.kb_builder.index.select import (
     IVF_CENTROIDS_PER_SQRT_N,
     MEMORY_HEADROOM,
     TRAIN_MAX_POINTS_PER_CENTROID,
@@ -82,7 +83,7 @@ def _queries(vectors: np.ndarray, num: int, seed: int) -> np.ndarray:
 
 def test_choose_index_small_n_is_exact_flat(caplog):
     """A tiny KB gets exact Flat search, and the logged reason says why."""
-    with caplog.at_level(logging.INFO, logger="kb_builder.index.select"):
+    with caplog.at_level(logging.INFO, logger="retformer.kb_builder.index.select"):
         plan = choose_index(5_000, 512, 8 * 10**9, 0.95, 32)
     assert plan.kind == "flat" and "Flat" in plan.factory
     assert plan.train_size == 0 and plan.search_sweep == [{}]
@@ -107,7 +108,7 @@ def test_choose_index_mid_n_is_hnsw_or_ivf():
 def test_choose_index_web_scale_small_budget_is_ivf_pq_with_refine(caplog):
     """1.4B x 512 in 200 GB: IVF-PQ with fp16 re-ranking, inside the budget, and the reason says so."""
     budget = 200 * 10**9
-    with caplog.at_level(logging.INFO, logger="kb_builder.index.select"):
+    with caplog.at_level(logging.INFO, logger="retformer.kb_builder.index.select"):
         plan = choose_index(1_400_000_000, 512, budget, 0.95, 32)
     assert plan.kind == "ivf_pq_refine"
     assert "PQ64" in plan.factory and "Refine(SQfp16)" in plan.factory and "_HNSW32" in plan.factory

@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artifacts.errors import UserError
-from artifacts.shards import Sample, list_shards, manifest_path, read_shard, write_shards
-from kb_builder.datasets import fashion_mnist as fm
-from kb_builder.datasets import fashion_mnist_world_pool, load_dataset
-from kb_builder.kb_sources import TEMPLATES, build_kb_shards, caption_for, world_samples, write_dataset_shards
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import Sample, list_shards, manifest_path, read_shard, write_shards
+from retformer.kb_builder.datasets import fashion_mnist as fm
+from retformer.kb_builder.datasets import fashion_mnist_world_pool, load_dataset
+from retformer.kb_builder.kb_sources import (
+    TEMPLATES,
+    build_kb_shards,
+    caption_for,
+    world_samples,
+    write_dataset_shards,
+)
 
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 

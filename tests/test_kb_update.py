@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.faults import ENV
-from artifacts.workspace import Workspace, write_stage_record
+from retformer.artifacts.faults import ENV
+from retformer.artifacts.workspace import Workspace, write_stage_record
 from tests.conftest import REPO, needs_fmnist, write_manifest
 from tests.helpers import run_cli, synthetic_clustered_vectors, write_parts
 
@@ -34,7 +34,7 @@ RUN, DS, KB = "tiny", "tiny_lt", "tiny_all"
 
 # --------------------------------------------------------------------------------- index growth
 def _index(tmp: Path, name: str, parts: list[Path], kind: str = "flat") -> dict:
-    from kb_builder.index import run_index
+    from retformer.kb_builder.index import run_index
 
     cfg = {"kind": kind, "k": 10, "recall_target": 0.9, "num_queries": 200}
     return run_index(parts[0].parent, tmp / name, cfg, parts=parts)
@@ -49,7 +49,7 @@ def test_grown_flat_index_returns_what_a_rebuilt_one_returns(tmp_path: Path):
     """Parts appended after the indexed ones are added as one more shard (not rebuilt): index.json
     records the growth and a fresh recall check, a rerun skips, and the neighbours (ids and scores)
     equal those of an exact index built from scratch over all parts."""
-    from kb_builder.index.search import ShardedIndex
+    from retformer.kb_builder.index.search import ShardedIndex
 
     parts = _parts(tmp_path, [1500, 1500, 1500, 600])
     _index(tmp_path, "grown", parts[:3])
@@ -70,7 +70,7 @@ def test_grown_flat_index_returns_what_a_rebuilt_one_returns(tmp_path: Path):
 
 
 def read_vectors(part: Path) -> np.ndarray:
-    from artifacts.embeddings_io import read_image_vectors
+    from retformer.artifacts.embeddings_io import read_image_vectors
 
     return np.asarray(read_image_vectors(part)[1], dtype=np.float32)
 
@@ -91,8 +91,8 @@ def test_growth_that_does_not_fit_rebuilds_and_says_why(tmp_path: Path):
 GROW_SCRIPT = """
 import sys
 from pathlib import Path
-from artifacts.embeddings_io import list_parts
-from kb_builder.index import run_index
+from retformer.artifacts.embeddings_io import list_parts
+from retformer.kb_builder.index import run_index
 emb, out = Path(sys.argv[1]), Path(sys.argv[2])
 parts = list_parts(emb)
 cfg = {"kind": "flat", "k": 10, "recall_target": 0.9, "num_queries": 200}
@@ -154,7 +154,7 @@ def test_kill_during_growth_then_rerun_gives_the_same_index(tmp_path: Path, poin
 def _other_kb(work: Path, manifests: dict, tmp: Path, shards: list[str], name: str = "tiny_other") -> Path:
     """A KB of some of the run KB's shards (webdataset source: more shards can join it later), embedded
     by copying the run KB's parts (same encoders), indexed (Flat)."""
-    from pipelines import stages
+    from retformer.pipelines import stages
 
     src = tmp / f"{name}_src"
     src.mkdir(exist_ok=True)
@@ -184,11 +184,11 @@ def _other_kb(work: Path, manifests: dict, tmp: Path, shards: list[str], name: s
 def _by_hand(work: Path, other: str, model_file: str, k_table: int) -> dict:
     """Fresh neighbours of the test split against `other`'s index (a table set of its own), then the
     run's model on them, evaluated as the run evaluates: the figures `evaluate --kb` must give."""
-    from kb_builder.neighbors import run_neighbors
-    from trainer.checkpoint import load_saved_model
-    from trainer.evaluate import evaluate
-    from trainer.features import load_retrieval_features
-    from trainer.train import predict
+    from retformer.kb_builder.neighbors import run_neighbors
+    from retformer.trainer.checkpoint import load_saved_model
+    from retformer.trainer.evaluate import evaluate
+    from retformer.trainer.features import load_retrieval_features
+    from retformer.trainer.train import predict
 
     ws = Workspace(work)
     run_neighbors(
@@ -262,7 +262,7 @@ def test_evaluate_and_predict_with_another_kb(e2e_workspace: Path, small_manifes
     assert lines and all(rec["class_index"] == want[rec["uid"]] for rec in lines)
 
     # Grow tiny_other in place: a new shard joins its source; embed (here: its part copied) and index.
-    from pipelines import stages
+    from retformer.pipelines import stages
 
     shutil.copy2(
         work / "kb" / KB / "shards" / "world-00002.tar", tmp_path / "tiny_other_src" / "world-00002.tar"
@@ -275,7 +275,7 @@ def test_evaluate_and_predict_with_another_kb(e2e_workspace: Path, small_manifes
     stages.stage_embed_kb(Workspace(work), kb, None)
     rec = stages.stage_index(Workspace(work), kb, in_process=True)
     assert rec["grown"]["from_n"] == 200 and rec["grown"]["to_n"] == 300
-    from kb_builder.neighbors import stale_reason
+    from retformer.kb_builder.neighbors import stale_reason
 
     assert "200 to 300 rows" in stale_reason(tables, work / "kb" / "tiny_other" / "index")
     run_cli("evaluate", RUN, "--kb", str(path), "--workdir", str(work))
@@ -288,7 +288,7 @@ def test_evaluate_and_predict_with_another_kb(e2e_workspace: Path, small_manifes
 
 def _foreign_kb(work: Path, small_manifests, tmp_path: Path) -> Path:
     """A KB whose embed record names other encoders (EfficientNet-Lite0 at 96 px, the run's at 32)."""
-    from pipelines import stages
+    from retformer.pipelines import stages
 
     run_kb = stages.load_kb(str(small_manifests["kb"]), None)
     foreign = {"image": {"name": "efficientnet_lite0", "image_size": 96}, "text": {"name": "minilm"}}
@@ -315,9 +315,9 @@ def _one_line_naming_both(message: str) -> None:
 def test_kb_with_other_encoders_is_refused(e2e_workspace: Path, small_manifests, tmp_path: Path):
     """evaluate --kb and predict --kb (Predictor, Run.predict) with a KB embedded by other encoders: one
     line naming both the KB's encoders and the run's, before any work."""
-    from artifacts.errors import UserError
-    from pipelines.evaluate_kb import stage_evaluate_kb
     from retformer import load_run
+    from retformer.artifacts.errors import UserError
+    from retformer.pipelines.evaluate_kb import stage_evaluate_kb
 
     work = tmp_path / "work"
     shutil.copytree(e2e_workspace, work)

@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.atomic import atomic_path
-from artifacts.faults import ENV
+from retformer.artifacts.atomic import atomic_path
+from retformer.artifacts.faults import ENV
 from tests.conftest import REPO, needs_fmnist
 
 pytestmark = needs_fmnist
@@ -81,7 +81,11 @@ def _command(stage: str, m: dict[str, Path], work: Path) -> list[str]:
         "neighbors": ["neighbors", *ds, *kb],
         "train": ["train", *ds, *kb, "--experiment", str(m["experiment"]), "--run", RUN, *TRAIN_SET],
     }[stage]
-    return [sys.executable, "-m", "pipelines.cli", *args, "--workdir", str(work)]
+    return [sys.executable, "-m", "retformer.pipelines.cli", *args, "--workdir", str(work)]
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _start(cmd: list[str], kill_at: str | None = None) -> subprocess.Popen:
@@ -99,6 +103,10 @@ def _start(cmd: list[str], kill_at: str | None = None) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # SIGINT at its default, as in a terminal's foreground job: a suite started as a background job
+        # of a non-interactive shell (`nohup make test-all &`) hands its children SIGINT ignored, and
+        # the Ctrl+C tests would then test nothing but that
+        preexec_fn=_default_sigint,
     )
 
 
@@ -337,7 +345,7 @@ def test_a_full_disk_under_torch_save_is_an_oserror_naming_the_file(writer, tmp_
     ("unexpected pos ..."; a 123-line traceback at `retformer train`). Now a checkpoint or model file
     whose write the OS refuses is an OSError ENOSPC naming the file (the CLI's one `error:` line), and
     no temporary file is left; so is any atomic write's OSError that named no file."""
-    from trainer import checkpoint
+    from retformer.trainer import checkpoint
 
     real_open = open
     monkeypatch.setattr(checkpoint, "open", lambda p, mode: _FillsUp(real_open(p, mode), 1000), raising=False)

@@ -7,14 +7,9 @@ import inspect
 import pytest
 import torch
 
-from trainer.model import (
-    LinearProbe,
-    MLPOnly,
-    RetFormer,
-    build_model,
-    model_from_config,
-    neighbor_attention,
-)
+from retformer.trainer.image_models import LinearProbe, MLPOnly
+from retformer.trainer.model import RetFormer, neighbor_attention
+from retformer.trainer.model_factory import build_model, model_from_config
 
 torch.set_num_threads(1)
 
@@ -194,7 +189,7 @@ def test_stacked_recipe_combines_branches_by_alpha_and_gate(kind: str) -> None:
     """Recipe "stacked": in training mode the logits are L_R alone (its own loss); in eval mode
     L_I + alpha * 1[s > t] * L_R with s the mean query-neighbour image cosine; alpha 0 is exactly L_I;
     the paper recipe is tau/2 (L_I + L_R) on the same weights; alpha and t survive model_from_config."""
-    from trainer.model import relevance
+    from retformer.trainer.model import relevance
 
     z, nn_img, nn_txt = _inputs()
     nn_img[0] = z[0]  # query 0's neighbours are itself: s = 1; the others' are random: s ~ 0

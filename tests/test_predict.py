@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.shards import read_shard
-from artifacts.workspace import Workspace
+from retformer.artifacts.shards import read_shard
+from retformer.artifacts.workspace import Workspace
+from retformer.trainer.checkpoint import load_model, load_saved_model
+from retformer.trainer.evaluate import evaluate
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.train import predict
 from tests.conftest import needs_fmnist
 from tests.helpers import run_cli
-from trainer.checkpoint import load_model, load_saved_model
-from trainer.evaluate import evaluate
-from trainer.features import load_retrieval_features
-from trainer.train import predict
 
 pytestmark = needs_fmnist
 torch.set_num_threads(1)
@@ -65,7 +65,7 @@ def test_model_files_reload_to_the_evaluated_models(e2e_workspace: Path):
 def test_bare_state_dict_of_an_older_run_is_a_clear_error(e2e_workspace: Path, tmp_path: Path):
     """A `<method>.pt` written before model files were self-describing (a bare state dict) is named as
     such by `load_model`, and `retformer predict` on its run ends with one `error:` line, exit 1."""
-    from artifacts.errors import UserError
+    from retformer.artifacts.errors import UserError
 
     model = load_model(e2e_workspace / "runs" / RUN / "retformer.pt")
     old_run = tmp_path / "runs" / "old"

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from artifacts.shards import read_shard
-from artifacts.workspace import Workspace
-from pipelines.predict import Predictor
-from pipelines.relevance import OOD_PERCENTILE
 from retformer import load_run, read_embeddings
+from retformer.artifacts.shards import read_shard
+from retformer.artifacts.workspace import Workspace
+from retformer.pipelines.relevance import OOD_PERCENTILE
+from retformer.pipelines.use.predictor import Predictor
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.model import relevance
 from tests.conftest import needs_fmnist
 from tests.helpers import run_cli
-from trainer.features import load_retrieval_features
-from trainer.model import relevance
 
 torch.set_num_threads(1)
 
@@ -65,9 +65,9 @@ def test_stacked_gate_retrieval_used_is_what_the_rule_applied(tmp_path: Path):
     """A stacked run whose val-selected rule gates retrieval (alpha 1, t = val's 10% quantile of s):
     retrieval_used is s > gate_t image by image, and where it is false the class is L_I's alone, where
     true L_I + L_R's, so the flag tells what the model did; with alpha = beta = 0 it is false for all."""
-    from kb_builder.index import run_index
-    from kb_builder.neighbors import run_neighbors
-    from pipelines.experiment import run_experiment
+    from retformer.kb_builder.index import run_index
+    from retformer.kb_builder.neighbors import run_neighbors
+    from retformer.pipelines.experiment import run_experiment
     from tests.test_python_api import _synthetic_workspace
 
     ws = _synthetic_workspace(tmp_path)

@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
-from artifacts.embeddings_io import read_embeddings as read_table
-from artifacts.errors import UserError
-from artifacts.workspace import Workspace
 from retformer import load_run, read_embeddings, read_neighbors
+from retformer.artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
+from retformer.artifacts.embeddings_io import read_embeddings as read_table
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.workspace import Workspace
+from retformer.trainer.checkpoint import load_model
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.train import predict
 from tests.conftest import REPO
-from trainer.checkpoint import load_model
-from trainer.features import load_retrieval_features
-from trainer.train import predict
 
 torch.set_num_threads(1)  # tests that need Fashion-MNIST take `e2e_workspace`, which skips without it
 
@@ -166,9 +166,9 @@ def test_stacked_run_predicts_what_its_evaluation_reported(tmp_path: Path):
     the real index (HNSW, search parameters tuned by the index stage), neighbors and experiment code:
     the saved model file alone (load_run, then predict on the test embeddings) gives the test top-1
     eval.json reports and the evaluation path's class for every sample, with the selected alpha / gate."""
-    from kb_builder.index import run_index
-    from kb_builder.neighbors import run_neighbors
-    from pipelines.experiment import run_experiment
+    from retformer.kb_builder.index import run_index
+    from retformer.kb_builder.neighbors import run_neighbors
+    from retformer.pipelines.experiment import run_experiment
 
     ws = _synthetic_workspace(tmp_path)
     index_cfg = {"kind": "hnsw", "recall_target": 0.9, "k": 8, "num_queries": 100}

@@ -36,11 +36,11 @@ import webdataset
 import yaml
 from PIL import Image
 
-from artifacts.embeddings_io import list_parts, read_embeddings
-from artifacts.errors import UserError
-from artifacts.shards import manifest_path
-from artifacts.workspace import Workspace
-from kb_builder.download import download_chunk
+from retformer.artifacts.embeddings_io import list_parts, read_embeddings
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import manifest_path
+from retformer.artifacts.workspace import Workspace
+from retformer.kb_builder.download import download_chunk
 from tests.conftest import REPO, SMALL_ENCODERS, needs_fmnist, write_manifest
 from tests.helpers import run_cli
 from tests.test_embed_robustness import bomb_png
@@ -569,7 +569,16 @@ def test_index_refuses_a_half_embedded_kb_unless_allow_partial(embedded_user_kb,
     for name in ("part-s001.parquet", "part-s002.parquet"):
         (emb / name).unlink()
     env_kill = {"RETFORMER_KILL_AT": f"rename:{emb}/part-s002.parquet"}
-    cmd = [sys.executable, "-m", "pipelines.cli", "embed", "--kb", str(kb), "--workdir", str(ws_root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retformer.pipelines.cli",
+        "embed",
+        "--kb",
+        str(kb),
+        "--workdir",
+        str(ws_root),
+    ]
     proc = subprocess.run(
         [*cmd, "--workers", "1"],
         cwd=REPO,
@@ -657,7 +666,7 @@ def test_a_damaged_faiss_shard_is_rebuilt_by_index_and_one_line_elsewhere(embedd
     checked) and neighbors / predict printed faiss's 140-165-line traceback. Now index.json records
     each shard's size and SHA-256: `retformer index` rebuilds the damaged shard (the same bytes as
     before), and a reader (ShardedIndex.load: neighbors, predict) raises one line naming the file."""
-    from kb_builder.index.search import ShardedIndex
+    from retformer.kb_builder.index.search import ShardedIndex
 
     kb, ws_root, ws = _copy_user_kb(embedded_user_kb, tmp_path)
     assert _index(kb, ws_root).returncode == 0
@@ -710,7 +719,7 @@ def test_predict_input_files_are_capped(tmp_path):
     """Issue 17 (10): an input read had no size cap (`retformer predict RUN /dev/zero` read until
     MemoryError). Now a file over MAX_INPUT_BYTES (a sparse file: known by its size, never read) and a
     device that never ends (read up to the cap) are each one skipped input with the reason."""
-    from pipelines.predict import MAX_INPUT_BYTES, iter_inputs
+    from retformer.pipelines.use.inputs import MAX_INPUT_BYTES, iter_inputs
 
     sparse = tmp_path / "huge.png"
     with open(sparse, "wb") as f:
@@ -731,7 +740,8 @@ def test_predict_holds_no_input_bytes_once_decoded(monkeypatch):
     (measured through the CLI on the same 200 PNGs: 1.37 GB peak)."""
     import weakref
 
-    from pipelines.predict import ImageInput, Predictor
+    from retformer.pipelines.use.inputs import ImageInput
+    from retformer.pipelines.use.predictor import Predictor
 
     predictor = Predictor.__new__(Predictor)  # the loop only: decoding, encoder and retrieval stubbed
     predictor.finetuned, predictor.batch_size, predictor.info = False, 8, {"result": "stub"}
@@ -766,8 +776,8 @@ def test_exif_orientation_is_applied_where_images_are_decoded(tmp_path):
     different neighbors). Now decode_image (embed's loader, predict), an imagefolder's re-encoded
     TIFF (`retformer shards`) see the upright pixels (the fine-tune image reader calls the same
     `upright`)."""
-    from artifacts.decode import decode_image
-    from kb_builder.datasets.base import DatasetSplit
+    from retformer.artifacts.decode import decode_image
+    from retformer.kb_builder.datasets.base import DatasetSplit
 
     rng = np.random.default_rng(3)
     upright = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.errors import UserError
-from pipelines import stages
-from pipelines.runs import check_overwrite, config_hash, default_run_name
+from retformer.artifacts.errors import UserError
+from retformer.pipelines import stages
+from retformer.pipelines.runs import check_overwrite, config_hash, default_run_name
+from retformer.trainer.evaluate import evaluate, prediction_table
 from tests.test_selection import EXPERIMENT, write_workspace
-from trainer.evaluate import evaluate, prediction_table
 
 torch.set_num_threads(1)
 
@@ -61,7 +61,7 @@ def test_macro_f1_equals_scikit_learns_on_random_labels() -> None:
     labels and predictions, with classes missing from either side."""
     from sklearn.metrics import f1_score
 
-    from trainer.evaluate import _macro_f1
+    from retformer.trainer.evaluate import _macro_f1
 
     gen = torch.Generator().manual_seed(0)
     for trial in range(20):
@@ -109,7 +109,7 @@ def test_eval_json_predictions_agree_with_the_metrics(run) -> None:
 
 def test_results_summary_carries_the_new_metrics(run) -> None:
     """results.json's form of a run (the demo writes it) has macro_f1 and worst_class per method."""
-    from pipelines.results import results_summary
+    from retformer.pipelines.results import results_summary
 
     summary = results_summary(run["report"])["methods"]
     for name, m in run["report"]["methods"].items():
@@ -148,7 +148,7 @@ def test_report_html_is_self_contained_with_its_figures(run) -> None:
 def test_report_compares_knowledge_bases_when_runs_exist(run, tmp_path) -> None:
     """A finished run of the same dataset and experiment with another KB in the runs folder adds the
     KB comparison figure; a run of another experiment does not."""
-    from pipelines.report import build_html, sibling_runs
+    from retformer.pipelines.report import build_html, sibling_runs
 
     runs = tmp_path / "runs"
     here = runs / "a"

@@ -12,9 +12,9 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipelines.report import confusion_figure, main_figure
-from pipelines.report_labels import class_ticks, overlapping
-from pipelines.report_retrieval import RetrievalQuality, retrieval_figure
+from retformer.pipelines.report import confusion_figure, main_figure
+from retformer.pipelines.report_labels import class_ticks, overlapping
+from retformer.pipelines.report_retrieval import RetrievalQuality, retrieval_figure
 
 SIZES = (10, 30, 60, 100)
 

@@ -19,14 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.workspace import Workspace
-from pipelines.report import build_html
-from pipelines.report_header import browse_command, code_commit
+from retformer.artifacts.workspace import Workspace
+from retformer.pipelines.report import build_html
+from retformer.pipelines.report_header import browse_command, code_commit
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.model import relevance
+from retformer.trainer.selection import shuffled
 from tests.conftest import needs_fmnist
 from tests.helpers import REPO
-from trainer.features import load_retrieval_features
-from trainer.model import relevance
-from trainer.selection import shuffled
 
 DATASET, KB, RUN, K, TABLE_K = "tiny_lt", "tiny_all", "tiny", 4, 8
 
@@ -118,7 +118,7 @@ def test_header_names_encoders_kb_size_recall_commit_and_browse_command(tiny) ->
     """The header: the encoders of the KB's embed record, the KB's rows and recall from its index.json,
     the commit `git rev-parse --short HEAD` gives for this checkout, and a browse command whose run
     name and --workdir open this very run."""
-    from pipelines.predict import find_model_file
+    from retformer.pipelines.use.model_file import find_model_file
 
     ws = tiny["ws"]
     index = json.loads((ws / "kb" / KB / "index" / "index.json").read_text())

@@ -11,11 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from artifacts.errors import UserError
-from pipelines import stages
-from pipelines.compare import default_out, per_class_figure, read_runs
-from pipelines.report import primary_results
-from pipelines.run_index import main_row, primary_rows, resolve_run, summarize
+from retformer.artifacts.errors import UserError
+from retformer.pipelines import stages
+from retformer.pipelines.compare import default_out, per_class_figure, read_runs
+from retformer.pipelines.report import primary_results
+from retformer.pipelines.run_index import (
+    eval_file,
+    main_row,
+    other_evaluations,
+    primary_rows,
+    resolve_run,
+    summarize,
+)
 from tests.helpers import run_cli
 from tests.test_report import DS, KB
 from tests.test_selection import EXPERIMENT, write_workspace
@@ -190,3 +197,16 @@ def test_primary_rows_are_the_reports_primary_results(ws) -> None:
         report = _eval(ws, name)
         assert primary_rows(report) == primary_results(report)
         assert summarize(ws["root"] / "runs" / name).method == main_row(report)
+
+
+def test_other_evaluations_reads_the_eval_kb_files_oldest_first(tmp_path: Path) -> None:
+    """`eval_file` names `<run>/eval.<kb>.json`; `other_evaluations` reads those files by KB name, oldest
+    first, and leaves out the run's own eval.json and a torn file."""
+    (tmp_path / "eval.json").write_text("{}")
+    for i, kb in enumerate(("b", "a")):
+        path = eval_file(tmp_path, kb)
+        path.write_text(json.dumps({"kb": kb}))
+        os.utime(path, (1000 + i, 1000 + i))
+    (tmp_path / "eval.torn.json").write_text("{")
+    assert eval_file(tmp_path, "a") == tmp_path / "eval.a.json"
+    assert list(other_evaluations(tmp_path).items()) == [("b", {"kb": "b"}), ("a", {"kb": "a"})]

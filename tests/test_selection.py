@@ -12,16 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
-from artifacts.errors import UserError
-from artifacts.workspace import Workspace
-from pipelines.experiment import run_experiment
-from trainer.baselines import kb_label_problem
-from trainer.checkpoint import load_model
-from trainer.features import load_retrieval_features
-from trainer.model import relevance
-from trainer.selection import SelectOptions, branch_logits, shuffled
-from trainer.train import predict
+from retformer.artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.workspace import Workspace
+from retformer.pipelines.experiment import run_experiment
+from retformer.trainer.baselines import kb_label_problem
+from retformer.trainer.checkpoint import load_model
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.model import relevance
+from retformer.trainer.selection import SelectOptions, branch_logits, shuffled
+from retformer.trainer.train import predict
 
 torch.set_num_threads(1)
 

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import torch
 
-from artifacts.errors import UserError
-from artifacts.shards import read_shard
-from pipelines.predict import ImageInput, Predictor
-from pipelines.serve import PredictService, make_server
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import read_shard
+from retformer.pipelines.serve import PredictService, make_server
+from retformer.pipelines.use.inputs import ImageInput
+from retformer.pipelines.use.predictor import Predictor
 from tests.conftest import REPO, needs_fmnist
 
 pytestmark = needs_fmnist
@@ -162,7 +163,7 @@ def test_serve_command_answers_and_stops_on_ctrl_c(e2e_workspace: Path):
     cmd = [
         sys.executable,
         "-m",
-        "pipelines.cli",
+        "retformer.pipelines.cli",
         "serve",
         RUN,
         "--port",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from artifacts.embeddings_io import list_parts
+from retformer.artifacts.embeddings_io import list_parts
 from tests.conftest import have_fmnist
 
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
@@ -108,16 +108,17 @@ def _slurm_manifest(root: Path, jobs: int) -> Path:
 
 def _run_stages(ws_root: Path, manifests: dict[str, Path], **where) -> None:
     """embed (KB + dataset splits) -> index (2 shards: two build tasks) -> neighbors, all on `where`."""
-    from artifacts.workspace import Workspace
-    from pipelines import stages
+    from retformer.artifacts.workspace import Workspace
+    from retformer.pipelines import stages
+    from retformer.pipelines.dask_target import DaskTarget
 
     ws = Workspace(ws_root)
     kb = stages.load_kb(str(manifests["kb"]), None)
     ds = stages.load_dataset_manifest(str(manifests["dataset"]), None)
     stages.stage_shards(ws, kb, ds, None)
-    stages.stage_embed(ws, kb, ds, None, **where)
-    stages.stage_index(ws, kb, **where)
-    stages.stage_neighbors(ws, ds, kb, **where)
+    stages.stage_embed(ws, kb, ds, None, dask=DaskTarget(**where))
+    stages.stage_index(ws, kb, dask=DaskTarget(**where))
+    stages.stage_neighbors(ws, ds, kb, dask=DaskTarget(**where))
 
 
 def _table(path: Path):
@@ -212,7 +213,7 @@ def test_gpu_jobs_run_one_thread_and_own_gpu_per_worker(slurm):
     2 workers of 1 thread each, worker i on the i-th of the job's GPUs (CUDA_VISIBLE_DEVICES 4 and 7,
     read inside the workers); a CPU stage given the same manifest (gpu=False) gets one worker with the
     job's 2 cores as threads instead."""
-    from pipelines.dask_runner import dask_client
+    from retformer.pipelines.dask_runner import dask_client
 
     def env() -> tuple[str | None, str | None]:
         return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")

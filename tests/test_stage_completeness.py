@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from artifacts.atomic import atomic_dir, atomic_path, remove_dead_temps_of
-from artifacts.errors import UserError
-from artifacts.lock import lock_path, output_lock
-from artifacts.workspace import Workspace
-from kb_builder import index as index_stage
-from kb_builder.index.build import INDEX_JSON
-from kb_builder.neighbors import RECORD, run_neighbors
+from retformer.artifacts.atomic import atomic_dir, atomic_path, remove_dead_temps_of
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.lock import lock_path, output_lock
+from retformer.artifacts.names import INDEX_JSON
+from retformer.artifacts.workspace import Workspace
+from retformer.kb_builder import index as index_stage
+from retformer.kb_builder.neighbors import RECORD, run_neighbors
 from tests.conftest import REPO, needs_fmnist, write_manifest
 from tests.helpers import synthetic_clustered_vectors, write_parts
 
@@ -33,7 +33,7 @@ INDEX_CFG = {"kind": "flat", "num_shards": 2, "k": K, "recall_target": 0.9, "num
 # A process that holds an output's lock until its stdin closes (the test's "other run").
 HOLDER = """
 import sys
-from artifacts.lock import output_lock
+from retformer.artifacts.lock import output_lock
 with output_lock(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.read()
@@ -202,7 +202,7 @@ def test_a_rebuild_removes_the_old_index_json_before_touching_shards(
 ):
     """A rebuild (here: 3 shards instead of 2) that dies while building shards leaves no index.json:
     the old record would otherwise describe shard files the new build has replaced."""
-    from kb_builder.index import build
+    from retformer.kb_builder.index import build
 
     index_dir = tmp_path / "kb" / "index"
     index_stage.run_index(kb_parts, index_dir, INDEX_CFG)
@@ -263,7 +263,7 @@ def test_a_killed_neighbors_run_leaves_no_readable_half_set(searchable: dict[str
     """What a SIGKILL after train.parquet appeared leaves (a `k5.tmp-<pid>/` folder holding
     train.parquet and store.parquet.tmp-<pid>) is invisible to the readers (no table set for that
     k) and is removed by the rerun, which writes the complete set."""
-    from trainer.features import load_retrieval_features, neighbor_k_values
+    from retformer.trainer.features import load_retrieval_features, neighbor_k_values
 
     out = searchable["out"]
     pid = _dead_pid()
@@ -306,7 +306,7 @@ def _two_runs_one_lock(output: Path, args: list[str], logs: Path) -> list[tuple[
             out, err = logs / f"{i}.out", logs / f"{i}.err"
             files.append((out, err))
             with open(out, "w") as fo, open(err, "w") as fe:
-                cmd = [sys.executable, "-m", "pipelines.cli", *args]
+                cmd = [sys.executable, "-m", "retformer.pipelines.cli", *args]
                 procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fo, stderr=fe))
         deadline = time.monotonic() + 300
         while not all("waiting for another retformer run" in err.read_text() for _, err in files):

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
-from artifacts.workspace import Workspace
-from trainer import features as feat
-from trainer.evaluate import evaluate
-from trainer.features import STORE_MMAP, load_retrieval_features, open_store
-from trainer.model import build_model
-from trainer.train import TrainConfig, fit, predict
+from retformer.artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
+from retformer.artifacts.workspace import Workspace
+from retformer.trainer import features as feat
+from retformer.trainer.evaluate import evaluate
+from retformer.trainer.features import STORE_MMAP, load_retrieval_features, open_store
+from retformer.trainer.model_factory import build_model
+from retformer.trainer.train import TrainConfig, fit, predict
 
 torch.set_num_threads(1)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipelines import stages
-from pipelines.tensorboard import SKIPPED
+from retformer.pipelines import stages
+from retformer.pipelines.tensorboard import SKIPPED
 from tests.helpers import run_cli
 from tests.test_report import DS, KB
 from tests.test_selection import EXPERIMENT, write_workspace

@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
-from artifacts.errors import UserError
-from artifacts.workspace import Workspace
-from trainer.baselines import knn_vote
-from trainer.checkpoint import load_model
-from trainer.evaluate import evaluate, shot_split_from_counts
-from trainer.features import RetrievalFeatures, load_retrieval_features
-from trainer.model import build_model
-from trainer.train import (
+from retformer.artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.workspace import Workspace
+from retformer.trainer.baselines import knn_vote
+from retformer.trainer.checkpoint import load_model
+from retformer.trainer.evaluate import evaluate, shot_split_from_counts
+from retformer.trainer.features import RetrievalFeatures, load_retrieval_features
+from retformer.trainer.model_factory import build_model
+from retformer.trainer.train import (
     TrainConfig,
     WarmupCosine,
     fit,
@@ -489,7 +489,7 @@ def test_timm_weight_decay_groups_follow_the_rule(kind: str) -> None:
 def test_mixed_is_the_mixup_blend_to_rounding() -> None:
     """`mixed` (one lerp) is lam * own + (1 - lam) * partner to float32 rounding, for a scalar lam and
     for one lam per row."""
-    from trainer.train import mixed
+    from retformer.trainer.train import mixed
 
     gen = torch.Generator().manual_seed(0)
     own, partner = torch.randn(64, 33, generator=gen), torch.randn(64, 33, generator=gen)
@@ -501,7 +501,7 @@ def test_mixed_is_the_mixup_blend_to_rounding() -> None:
 def test_the_whole_epoch_feed_trains_bitwise_like_the_per_batch_feed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole-epoch gather-and-mix path (small splits) and the per-batch path (large splits, and every
     DDP rank) give bitwise the same weights: one mixup, two layouts."""
-    import trainer.train as train_module
+    import retformer.trainer.feature_feed as train_module
 
     feats = make_features(n=300, c=4)
     cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-2, mixup_alpha=0.4, label_smoothing=0.1, seed=3)

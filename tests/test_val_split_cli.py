@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from artifacts.embeddings_io import list_parts, read_part_arrow
+from retformer.artifacts.embeddings_io import list_parts, read_part_arrow
 from tests.conftest import SMALL_ENCODERS, write_manifest
 from tests.helpers import run_cli
 

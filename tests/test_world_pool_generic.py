@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artifacts.errors import UserError
-from artifacts.shards import read_shard
-from kb_builder.datasets import fashion_mnist as fm
-from kb_builder.datasets import fashion_mnist_world_pool, load_dataset
-from kb_builder.kb_sources import build_kb_shards, world_samples
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import read_shard
+from retformer.kb_builder.datasets import fashion_mnist as fm
+from retformer.kb_builder.datasets import fashion_mnist_world_pool, load_dataset
+from retformer.kb_builder.kb_sources import build_kb_shards, world_samples
 
 DIGITS = {
     "name": "digits_lt",

@@ -38,8 +38,8 @@ def build_with_cli(ws: Path, manifests: dict[str, Path]) -> Path:
 def build_in_process(ws: Path, manifests: dict[str, Path]) -> Path:
     """The same stages as `build_with_cli`, called here with every task inline (no subprocess, no
     cluster); returns `ws`."""
-    from artifacts.workspace import Workspace
-    from pipelines import stages
+    from retformer.artifacts.workspace import Workspace
+    from retformer.pipelines import stages
 
     workspace = Workspace(ws)
     kb = stages.load_kb(str(manifests["kb"]), None)

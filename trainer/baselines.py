@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.features import RetrievalFeatures
-from trainer.train import intra_op_threads
+from retformer.trainer.features import RetrievalFeatures
+from retformer.trainer.train import intra_op_threads
 
 # A vote over at most this many (query, neighbour or class) cells runs on one CPU thread: its few
 # small ops lose more at OpenMP barriers than they gain (50x slower on 2 threads than on 1 for the

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from artifacts.atomic import atomic_path
-from artifacts.errors import UserError
-from trainer import distributed
-from trainer.model import model_from_config
+from retformer.artifacts.atomic import atomic_path
+from retformer.artifacts.errors import UserError
+from retformer.trainer import distributed
+from retformer.trainer.model_factory import model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,8 @@ def load_saved_model(path: Path | str, map_location: str | torch.device = "cpu")
 
 def _finetune_model(path: Path, config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
     """A fine-tuned encoder + head, built from the KB's image encoder spec the file records."""
-    from kb_builder.encoders import build_image_encoder
-    from trainer.finetune import FinetuneModel
+    from retformer.kb_builder.encoders import build_image_encoder
+    from retformer.trainer.finetune_model import FinetuneModel
 
     spec = (info.get("encoders") or {}).get("image")
     if spec is None:

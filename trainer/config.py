@@ -9,7 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from artifacts.errors import UserError
+from retformer.artifacts.errors import UserError
 
 # The ways a RetFormer's branches are combined (trainer/model.py).
 RECIPES = ("paper", "stacked")
@@ -133,6 +133,10 @@ class SelectOptions:
     # Points of select_metric a rule with retrieval must gain on val over the best rule without it to be
     # chosen (0: any gain; issue 18's "alpha > 0 only with > 1 val point gain", checked on a control)
     min_gain: float = 0.0
+    # How RetFormer's rule is chosen: "grid" = the best of the rule grid above by the val criterion;
+    # "stack" = its linear weights fitted on val by class-balanced log-likelihood (trainer/stacking.py),
+    # the checkpoint and the evidence chosen by that likelihood (the gate and image-weight grids unused)
+    rule_fit: Literal["grid", "stack"] = "grid"
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any] | None) -> SelectOptions:
@@ -157,6 +161,8 @@ class SelectOptions:
             raise UserError("select.image_weights must contain 1 (L_I at full weight) and be >= 0")
         if 0.0 not in opts.betas or 0.0 not in opts.prior_taus:
             raise UserError("select.betas and select.prior_taus must contain 0 (the rule without them)")
+        if opts.rule_fit not in ("grid", "stack"):
+            raise UserError(f"select.rule_fit must be grid or stack, got {opts.rule_fit!r}")
         if not opts.vote_temps or min(opts.vote_temps) <= 0:
             raise UserError(f"select.vote_temps must be > 0, got {list(opts.vote_temps)}")
         epochs = opts.retformer_epochs

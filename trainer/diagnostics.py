@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from trainer.evidence import caption_class_probs
-from trainer.features import RetrievalFeatures
-from trainer.model import RetFormer, neighbor_attention, neighbour_similarity, relevance
+from retformer.trainer.evidence import caption_class_probs
+from retformer.trainer.features import RetrievalFeatures
+from retformer.trainer.model import RetFormer, neighbor_attention, neighbour_similarity, relevance
 
 AGREEMENT_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from artifacts.errors import UserError
+from retformer.artifacts.errors import UserError
 
 T = TypeVar("T")
 

@@ -84,18 +84,18 @@ def neighbour_vote(
     """(B, C) the neighbours' vote: their KB labels ("label") or the classes their captions name
     ("caption", against `class_text`), weighted by softmax(cos(z, neighbour image) / vote_temp)
     (uniform without nn_img). knn_weighted, caption_vote and RetFormer's evidence term all read this."""
-    cos, probs = vote_parts(
-        kind, z, nn_img, nn_txt, nn_label, num_classes, class_text, caption_temp, caption_null
-    )
+    neighbours = (z, nn_img, nn_txt, nn_label)
+    cos, probs = vote_parts(kind, neighbours, num_classes, class_text, caption_temp, caption_null)
     return vote_from_parts(cos, probs, probs.shape[1], vote_temp)
+
+
+# (z, nn_img, nn_txt, nn_label) of a batch of queries: what a vote reads (None: not in the tables)
+Neighbours = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
 def vote_parts(
     kind: str,
-    z: torch.Tensor,
-    nn_img: torch.Tensor | None,
-    nn_txt: torch.Tensor | None,
-    nn_label: torch.Tensor | None,
+    neighbours: Neighbours,
     num_classes: int,
     class_text: torch.Tensor | None = None,
     caption_temp: float = CAPTION_TEMP,
@@ -104,6 +104,7 @@ def vote_parts(
     """What every vote of these queries reads, whatever its k and temperature: (cos (B, k) between each
     query and its neighbours' images, or None without nn_img; the neighbours' class distributions
     (B, k, C)). `vote_from_parts` then casts any (k', T) vote from them: `neighbour_vote`'s values."""
+    z, nn_img, nn_txt, nn_label = neighbours
     if kind == "label":
         if nn_label is None:
             raise ValueError("label evidence needs the neighbours' KB labels (nn_label)")

@@ -29,17 +29,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from artifacts.atomic import atomic_dir
-from artifacts.embeddings_io import binary_to_vectors, read_embeddings, read_part_arrow
-from artifacts.errors import UserError
-from artifacts.lock import output_lock
-from artifacts.workspace import Workspace
+from retformer.artifacts.atomic import atomic_dir
+from retformer.artifacts.embeddings_io import binary_to_vectors, read_embeddings, read_part_arrow
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.lock import output_lock
+from retformer.artifacts.names import NEIGHBOR_STORE
+from retformer.artifacts.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-# File names inside a neighbor-table folder (`Workspace.neighbors_dir`), as the neighbors stage writes them.
-NEIGHBOR_STORE = "store.parquet"
-# The memory-mappable copy of the store that the trainer writes beside it (`build_store_mmap`).
+# The memory-mappable copy of the neighbor store (artifacts.names.NEIGHBOR_STORE) that the trainer writes
+# beside it (`build_store_mmap`).
 STORE_MMAP = "store.mmap"
 STORE_MMAP_FORMAT = 1
 # Auto mode memory-maps a store from this many bytes of vectors on: below it, reading it into RAM is

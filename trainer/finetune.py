@@ -36,78 +36,39 @@ encoder does not end exactly where one process would.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from typing import Any, Unpack
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from artifacts.errors import UserError
-from trainer import distributed
-from trainer.config import FinetuneConfig
-from trainer.features import RetrievalFeatures
-from trainer.images import ImageDataset, ShardImages, SplitImages, _EpochSampler, _loader, epoch_batches
-from trainer.train import (
+from retformer.artifacts.devices import resolve_device
+from retformer.artifacts.errors import UserError
+from retformer.trainer import distributed
+from retformer.trainer.config import FinetuneConfig
+from retformer.trainer.features import RetrievalFeatures
+from retformer.trainer.finetune_model import FinetuneModel
+from retformer.trainer.images import (
+    ImageDataset,
+    ShardImages,
+    SplitImages,
+    _EpochSampler,
+    _loader,
+    epoch_batches,
+)
+from retformer.trainer.train import (
     Feed,
     LoopOptions,
     Micro,
+    TrainingRun,
     amp_policy,
     check_labels,
     make_scheduler,
-    needs_neighbors,
-    resolve_device,
     split_micro,
     train_epochs,
     weight_decay_groups,
 )
-
-
-class FinetuneModel(nn.Module):
-    """A trainable copy of a KB image encoder followed by a head with the trainer's signature:
-    forward(images, nn_img, nn_txt) = head(normalize(encoder(images)), nn_img, nn_txt)."""
-
-    def __init__(self, image_encoder: Any, head: nn.Module) -> None:
-        super().__init__()
-        # Copy the tower: the loaded encoder may be shared (open_clip's cache) and must stay frozen.
-        enc = copy.copy(image_encoder)
-        enc.model = copy.deepcopy(image_encoder.model)
-        enc.model.requires_grad_(True)
-        self._enc = enc  # not a module attribute: its tower is registered below as `encoder`
-        self.encoder = enc.model
-        self.head = head
-        self.preprocess = enc.preprocess
-        self.image_size = int(enc.image_size)
-        self.needs_neighbors = needs_neighbors(head)
-        self.config: dict[str, Any] = {
-            "kind": "finetune",
-            "encoder": dict(getattr(enc, "spec", {})),
-            "head": dict(getattr(head, "config", {})),
-        }
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """z: the encoder's features, L2-normalised in float32 (as the KB's were)."""
-        return F.normalize(self._enc._features(images).float(), dim=-1)
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        nn_img: torch.Tensor | None = None,
-        nn_txt: torch.Tensor | None = None,
-        *,
-        nn_label: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.head(self.encode(images), nn_img, nn_txt, nn_label=nn_label)
-
-    def no_weight_decay(self) -> set[str]:
-        """Class / position embeddings of the encoder and the head (ViT practice)."""
-        out = set()
-        for prefix, module in (("encoder.", self.encoder), ("head.", self.head)):
-            if hasattr(module, "no_weight_decay"):
-                out |= {prefix + n for n in module.no_weight_decay()}
-        return out
 
 
 def make_finetune_optimizer(model: FinetuneModel, config: FinetuneConfig) -> torch.optim.AdamW:
@@ -169,7 +130,7 @@ def finetune_fit(
 ) -> list[dict[str, Any]]:
     """Train encoder + head in place on the images of `train` (same order as its uids); return the
     history (one dict per epoch). Arguments as `train.fit`; `images[i]` is the image of train query i."""
-    device = resolve_device(config.device)
+    device = distributed.device_for(resolve_device(config.device, "training"))  # torchrun: own GPU
     n = len(train)
     if n == 0:
         raise UserError("no training samples")
@@ -198,7 +159,9 @@ def finetune_fit(
 
     feed = _image_feed(model, images, train, config, device, extra)
     labels = train.labels
-    history = train_epochs(model, feed, config, optimizer, scheduler, labels, num_classes, device, **options)
+    run = TrainingRun(model, feed, config, optimizer, scheduler, labels, num_classes, device)
+    history = train_epochs(run, **options)
+    del run  # holds the feed too
     del feed  # stops the persistent DataLoader workers
     return history
 

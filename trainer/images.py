@@ -16,7 +16,6 @@ import io
 import math
 import multiprocessing
 import random
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from artifacts.decode import to_rgb, upright
-from artifacts.errors import UserError
-from artifacts.shards import list_shards
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+from retformer.artifacts.decode import to_rgb, upright
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import image_members, list_shards
 
 
 class ShardImages:
@@ -42,8 +39,8 @@ class ShardImages:
         self.paths = [str(p) for p in shards]
         where: dict[str, tuple[int, int, int]] = {}
         for s, path in enumerate(self.paths):
-            for key, offset, size in _tar_images(Path(path)):
-                where[key] = (s, offset, size)
+            for uid, member in image_members(path).items():
+                where[uid] = (s, member.offset, member.size)
         missing = [u for u in uids if u not in where]
         if missing:
             raise UserError(
@@ -65,21 +62,6 @@ class ShardImages:
         img = Image.open(io.BytesIO(data))
         img.load()
         return upright(img)  # as the embed stage saw it (artifacts/decode.py)
-
-
-def _tar_images(path: Path) -> Iterator[tuple[str, int, int]]:
-    """(key, data offset, size) of every image member of an uncompressed tar (headers only)."""
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if ext.lower() in IMAGE_EXTS:
-                    yield key, member.offset_data, member.size
-    except (tarfile.TarError, EOFError) as exc:
-        raise UserError(f"corrupt or truncated shard {path}: {exc}") from exc
 
 
 class SplitImages:

@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import discard_stale, save_torch
-from trainer.config import FINETUNE_NAMES, METHOD_NAMES
-from trainer.features import RetrievalFeatures
-from trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
-from trainer.model import MODEL_KINDS, build_model
-from trainer.selection import Selected, SelectOptions, Task, select_plain, select_stacked
-from trainer.train import TrainConfig, fit, predict
+from retformer.trainer.checkpoint import discard_stale
+from retformer.trainer.config import FINETUNE_NAMES, METHOD_NAMES
+from retformer.trainer.features import RetrievalFeatures
+from retformer.trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
+from retformer.trainer.model_factory import MODEL_KINDS, build_model
+from retformer.trainer.select_fitted import select_fitted
+from retformer.trainer.selection import Selected, SelectOptions, Task, select_plain, select_stacked
+from retformer.trainer.train import TrainConfig, fit, predict
 
 
 @dataclass(frozen=True)
@@ -81,20 +82,20 @@ def train_method(
     class_counts: list[int] | None,
     log_path: Path,
     weights_path: Path,
+    save: Callable[[torch.nn.Module, Path], None],
     checkpoint_path: Path | None = None,
     checkpoint_every_s: float = 0.0,
     progress: bool = True,
     image_encoder: Callable[[], Any] | None = None,
     images: Callable[[str, RetrievalFeatures], Any] | None = None,
-    save: Callable[[torch.nn.Module, Path], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Train one method's model (frozen or fine-tune mode) and return (logits per eval split, epochs).
 
     model_options: the experiment's `model:` section (`build_model`). A checkpoint at checkpoint_path
     is resumed when compatible, else deleted and the method starts over. Fine-tune methods need
     image_encoder() (the KB's image encoder) and images(split, features) (that split's images in the
-    order of its features). The trained model goes to weights_path: save(model, weights_path) when
-    given (the experiment's self-describing model file), else its bare state dict."""
+    order of its features). The trained model goes to weights_path through save(model, weights_path):
+    the experiment's self-describing model file, the one kind `trainer.checkpoint` loads."""
     spec = METHODS[method]
     torch.manual_seed(config.seed)
     head = build_model(spec.model, num_classes, train.img_dim, train.txt_dim, k, **model_options)
@@ -125,10 +126,7 @@ def train_method(
         history = fit(model, train, config, **common)
         for split, f in evals.items():
             logits[split] = predict(model, f, batch_size=config.eval_batch_size)
-    if save is not None:
-        save(model, weights_path)
-    else:
-        save_torch(model.state_dict(), weights_path)
+    save(model, weights_path)
     return logits, len(history)
 
 
@@ -173,4 +171,6 @@ def select_method(
         return select_plain(task, opts.lr_grid, opts.baseline_epochs)
     if recipe == "paper":
         return select_plain(task, (config.lr,), config.epochs, recipe="paper")
+    if opts.rule_fit == "stack":
+        return select_fitted(task, mlp_only().model.mlp.state_dict(), opts)
     return select_stacked(task, mlp_only().model.mlp.state_dict(), opts)

@@ -1,4 +1,5 @@
-"""RetFormer (paper Eq. 3-6) and the baselines that share its forward signature.
+"""RetFormer (paper Eq. 3-6); the image-only baselines that share its forward signature are in
+trainer/image_models.py.
 
     logits = tau/2 * (L_I + L_R),  L_I = MLP(z),  L_R = h(r(z, V_NN))          (Eq. 3)
 
@@ -24,7 +25,8 @@ Variants (paper Sec. 4.5): "no_text" keeps only the image stream and "no_image" 
 stream; a single stream attends to itself, i.e. "degenerates into a vanilla transformer encoder".
 Their model kinds (= method names, `trainer/methods.py`) are retformer_no_text and retformer_no_image.
 
-`build_model` is the one factory: the experiment runner, fine-tune heads and the tests all build here.
+`trainer.model_factory.build_model` is the one factory: the experiment runner, fine-tune heads and the
+tests all build there.
 """
 
 from __future__ import annotations
@@ -35,39 +37,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import RECIPES
-from trainer.evidence import CAPTION_NULL, CAPTION_TEMP, log_evidence, neighbour_vote
-from trainer.layers import CrossFusionLayer, SelfAttentionLayer
+from retformer.trainer.config import RECIPES
+from retformer.trainer.evidence import CAPTION_NULL, CAPTION_TEMP, log_evidence, neighbour_vote
+from retformer.trainer.image_models import ImageBranch, log_prior
+from retformer.trainer.layers import CrossFusionLayer, SelfAttentionLayer
 
-# Model kinds: the names of the feature-mode methods that train them (`trainer/methods.py`).
+# RetFormer's model kinds (the names of the feature-mode methods that train them, `trainer/methods.py`;
+# all kinds: `trainer.model_factory.MODEL_KINDS`) and the variant each builds.
 RETFORMER_VARIANTS = {"retformer": "full", "retformer_no_text": "no_text", "retformer_no_image": "no_image"}
-MODEL_KINDS = (*RETFORMER_VARIANTS, "mlp_only", "linear_probe")
 # What RetFormer's stacked rule may add as the neighbours' evidence (None: nothing; trainer/evidence.py).
 EVIDENCE_KINDS = (None, "label", "caption")
-
-
-def log_prior(class_counts: list[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C,) log of the class prior from training counts (a class with 0 images counts as 1)."""
-    counts = torch.as_tensor(list(class_counts), dtype=torch.float32).clamp_min(1.0)
-    if len(counts) != num_classes:
-        raise ValueError(f"{len(counts)} class counts for {num_classes} classes")
-    return torch.log(counts / counts.sum())
-
-
 VARIANTS = tuple(RETFORMER_VARIANTS.values())  # RetFormer's `variant`: "full", "no_text", "no_image"
 _KIND_OF_VARIANT = {v: kind for kind, v in RETFORMER_VARIANTS.items()}
 # How L_I and L_R are trained and combined: "paper" = one loss on tau/2 (L_I + L_R); "stacked" = L_I is
 # a trained mlp_only, frozen, L_R learns on its own loss, prediction L_I + alpha * 1[s > t] * L_R.
-
-
-class ImageBranch(nn.Sequential):
-    """RetFormer's L_I branch, the paper's MLP(z): Linear(img_dim, hidden) -> ReLU -> Linear(hidden, C).
-    The `mlp_only` ablation is this very module alone (`MLPOnly`); hidden defaults to img_dim."""
-
-    def __init__(self, img_dim: int, num_classes: int, hidden: int | None = None) -> None:
-        hidden = hidden or img_dim
-        super().__init__(nn.Linear(img_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-        self.hidden = hidden
 
 
 class RetFormer(nn.Module):
@@ -108,6 +91,7 @@ class RetFormer(nn.Module):
         anchor: str | None = None,
         anchor_temp: float = 0.05,
         vote_k: int | None = None,
+        closed_prior_tau: float | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -148,6 +132,7 @@ class RetFormer(nn.Module):
             "anchor": anchor,
             "anchor_temp": anchor_temp,
             "vote_k": vote_k,
+            "closed_prior_tau": closed_prior_tau,
         }
         self.variant = variant
         self.k = k
@@ -238,7 +223,8 @@ class RetFormer(nn.Module):
         frozen mlp_only, so the loss is L_R's own); in eval mode the rule
         w(g) * (L_I - prior_tau * log prior) + g * (alpha * L_R + beta * log e), g = 1[s > gate_t] (1
         without a gate), w(g) = image_weight where g = 1 and 1 where g = 0 (image_weight 0: retrieval alone
-        where it applies, L_I where the gate is closed), e the neighbours' evidence (`evidence`): the
+        where it applies, L_I where the gate is closed; where the gate is closed L_I's shift is
+        closed_prior_tau when set, the fitted rule's), e the neighbours' evidence (`evidence`): the
         similarity-weighted vote of their KB labels (nn_label, "label") or of the classes their captions
         name ("caption")."""
         logits_r, attn = self._retrieval_logits(z, nn_img, nn_txt, return_attention, nn_label)
@@ -346,6 +332,10 @@ class RetFormer(nn.Module):
         if s is None:
             raise ValueError("a gated RetFormer needs nn_img to score its neighbors")
         g = (s > float(gate_t)).float()[:, None]
+        closed_tau = cfg.get("closed_prior_tau")
+        if closed_tau is not None:  # a fitted rule (select.rule_fit stack): L_I's own shift where closed
+            closed = logits_i - float(closed_tau) * self.log_prior.to(logits_i)
+            return g * (w_i * out + extra) + (1 - g) * closed
         if w_i == 1:
             return out + g * extra
         # L_I at weight w_i where the retrieval term applies, at full weight where the gate is closed
@@ -437,137 +427,3 @@ def neighbor_attention(attn: dict[str, torch.Tensor], layer: int = -1) -> dict[s
     This is what the paper's Fig. 5 displays above each retrieved image. The rest of the class
     token's attention mass goes to itself and to the query slot."""
     return {name: w[layer].mean(dim=1)[:, 0, 2:] for name, w in attn.items()}
-
-
-class LinearProbe(nn.Module):
-    """Linear classifier on the query embedding ("CLIP classifier FT"); ignores the neighbors."""
-
-    needs_neighbors = False
-
-    def __init__(self, img_dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.config: dict[str, Any] = {"kind": "linear_probe", "img_dim": img_dim, "num_classes": num_classes}
-        self.fc = nn.Linear(img_dim, num_classes)
-
-    def forward(
-        self,
-        z: torch.Tensor,
-        nn_img: torch.Tensor | None = None,
-        nn_txt: torch.Tensor | None = None,
-        *,
-        nn_label: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.fc(z)
-
-
-class MLPOnly(nn.Module):
-    """The `mlp_only` ablation: exactly RetFormer's L_I branch alone (the same `ImageBranch` module, same
-    hidden width: `mlp_hidden`, default img_dim, as in RetFormer), no retrieval; ignores the neighbors.
-    Its state dict has RetFormer's `mlp.*` keys."""
-
-    needs_neighbors = False
-
-    def __init__(
-        self,
-        img_dim: int,
-        num_classes: int,
-        mlp_hidden: int | None = None,
-        prior_tau: float = 0.0,
-        log_prior: list[float] | None = None,
-    ) -> None:
-        super().__init__()
-        self.mlp = ImageBranch(img_dim, num_classes, mlp_hidden)
-        prior = (
-            torch.zeros(num_classes) if log_prior is None else torch.tensor(log_prior, dtype=torch.float32)
-        )
-        self.config: dict[str, Any] = {
-            "kind": "mlp_only",
-            "img_dim": img_dim,
-            "num_classes": num_classes,
-            "mlp_hidden": self.mlp.hidden,
-            "prior_tau": prior_tau,
-            "log_prior": prior.tolist(),
-        }
-        # Post-hoc logit adjustment at prediction (Menon et al.): logits - prior_tau * log prior, with
-        # prior_tau chosen on val; training is unchanged (it sees logits before the adjustment). The prior
-        # lives in the config, so the state dict stays exactly RetFormer's L_I branch (`mlp.*`).
-        self.register_buffer("log_prior", prior, persistent=False)
-
-    def set_prior(self, class_counts: list[int] | torch.Tensor) -> None:
-        """log of the training class prior, for the post-hoc adjustment."""
-        self.log_prior.copy_(log_prior(class_counts, len(self.log_prior)))
-        self.config["log_prior"] = self.log_prior.tolist()
-
-    def forward(
-        self,
-        z: torch.Tensor,
-        nn_img: torch.Tensor | None = None,
-        nn_txt: torch.Tensor | None = None,
-        *,
-        nn_label: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        logits = self.mlp(z)
-        if self.training or not float(self.config["prior_tau"]):
-            return logits
-        return logits - float(self.config["prior_tau"]) * self.log_prior.to(logits)
-
-
-# The `model:` options of an experiment manifest, with their types.
-_RETFORMER_OPTIONS = {
-    "width": int,
-    "depth": int,
-    "heads": int,
-    "tau": float,
-    "dropout": float,
-    "ffn": bool,
-    "ffn_ratio": float,
-    "mlp_hidden": int,
-    "recipe": str,
-    "alpha": float,
-    "query_bias": bool,
-    "anchor": str,
-    "anchor_temp": float,
-}
-
-
-def build_model(
-    kind: str, num_classes: int, img_dim: int, txt_dim: int = 0, k: int = 32, **options: Any
-) -> nn.Module:
-    """The one model factory: the model of a method (its model kind, `trainer.methods`).
-
-    kind: retformer, retformer_no_text, retformer_no_image, mlp_only or linear_probe (a fine-tune method
-    passes its head's kind, `METHODS[m].model`). options: the experiment's `model:` section (width,
-    depth, heads, tau, dropout, ffn, ffn_ratio, mlp_hidden); a model ignores the ones it has no use for
-    (one section serves every method), and mlp_hidden sizes the L_I branch of RetFormer and mlp_only
-    alike. Typical: build_model("retformer", C, feats.img_dim, feats.txt_dim, feats.k, width=256)."""
-    opts = {k: cast(options[k]) for k, cast in _RETFORMER_OPTIONS.items() if options.get(k) is not None}
-    if opts.get("anchor") == "auto":  # resolved by the stacked selection (`Task.build`); no vote elsewhere
-        opts["anchor"] = None
-    if kind in RETFORMER_VARIANTS:
-        return RetFormer(img_dim, txt_dim, num_classes, k=k, variant=RETFORMER_VARIANTS[kind], **opts)
-    if kind == "mlp_only":
-        return MLPOnly(img_dim, num_classes, mlp_hidden=opts.get("mlp_hidden"))
-    if kind == "linear_probe":
-        return LinearProbe(img_dim, num_classes)
-    raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
-
-
-# Model kinds of checkpoints written before the method names became the kinds (read both).
-_OLD_KINDS = {"no_text": "retformer_no_text", "no_image": "retformer_no_image", "linear": "linear_probe"}
-
-
-def model_from_config(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its `.config` dict (as stored in checkpoints)."""
-    cfg = dict(config)
-    kind = cfg.pop("kind")
-    kind = _OLD_KINDS.get(kind, kind)
-    if kind in RETFORMER_VARIANTS:
-        return RetFormer(**cfg)
-    if kind == "linear_probe":
-        return LinearProbe(**cfg)
-    if kind in ("mlp_only", "mlp"):
-        hidden = cfg.get("mlp_hidden", cfg.get("hidden"))
-        return MLPOnly(
-            cfg["img_dim"], cfg["num_classes"], hidden, float(cfg.get("prior_tau", 0.0)), cfg.get("log_prior")
-        )
-    raise ValueError(f"unknown model kind {kind!r} in config")

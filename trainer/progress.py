@@ -43,7 +43,17 @@ def val_figure(entry: dict[str, Any]) -> float | None:
     selection records (one per alpha, say); None without a val figure."""
     if entry.get("val_top1") is not None:
         return float(entry["val_top1"])
-    values = [float(v) for k, v in entry.items() if k.startswith("val_top1_") and v is not None]
+    return _best_of(entry, "val_top1_")
+
+
+def val_loglik(entry: dict[str, Any]) -> float | None:
+    """The best `val_loglik_<choice>` of an epoch entry: the class-balanced val log-likelihood a fitted
+    rule (select.rule_fit: stack) chooses its checkpoint by; None without one."""
+    return _best_of(entry, "val_loglik_")
+
+
+def _best_of(entry: dict[str, Any], prefix: str) -> float | None:
+    values = [float(v) for k, v in entry.items() if k.startswith(prefix) and v is not None]
     return max(values) if values else None
 
 
@@ -103,9 +113,11 @@ class ModelProgress:
         self.done += 1
         self._epoch_started = time.monotonic()
         parts = [f"loss {entry['loss']:.3f}"] if entry.get("loss") is not None else []
-        val = val_figure(entry)
+        val, loglik = val_figure(entry), val_loglik(entry)
         if val is not None:
             parts.append(f"val {val:.3f}")
+        elif loglik is not None:
+            parts.append(f"val loglik {loglik:.3f}")
         self.figures = " ".join(parts)
         line = {"fit": self.fit, "fit_config": self.fit_config, **entry}
         if self.log_path is not None:

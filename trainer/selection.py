@@ -34,21 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.baselines import knn_vote
-from trainer.config import SelectOptions
-from trainer.evaluate import evaluate
-from trainer.evidence import (
-    CAPTION_NULL,
-    CAPTION_TEMP,
-    balanced_accuracy,
-    log_evidence,
-    neighbour_vote,
-    vote_from_parts,
-    vote_parts,
-)
-from trainer.features import RetrievalFeatures
-from trainer.model import MLPOnly, RetFormer, build_model, relevance
-from trainer.train import TrainConfig, fit, predict
+from retformer.trainer.config import SelectOptions
+from retformer.trainer.features import RetrievalFeatures
+from retformer.trainer.image_models import MLPOnly
+from retformer.trainer.model import RetFormer, relevance
+from retformer.trainer.model_factory import build_model
+from retformer.trainer.select_votes import select_vote, split_evidence
+from retformer.trainer.train import TrainConfig, fit, predict
+from retformer.trainer.val_criteria import criterion, top1
 
 
 def shuffled(features: RetrievalFeatures, seed: int) -> RetrievalFeatures:
@@ -59,20 +52,6 @@ def shuffled(features: RetrievalFeatures, seed: int) -> RetrievalFeatures:
     same = perm == torch.arange(n)
     perm[same] = (perm[same] + 1) % max(n, 1)
     return replace(features, nn_rows=features.nn_rows[perm], nn_score=features.nn_score[perm])
-
-
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy as a fraction, rounded to 6 decimals like every recorded figure (argmax ties to
-    the lowest class, as `evaluate`)."""
-    return round(float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean()), 6)
-
-
-METRICS = {"balanced": balanced_accuracy, "top1": top1}
-
-
-def criterion(name: str) -> Any:
-    """The val criterion `select_metric` names: (logits, labels) -> float."""
-    return METRICS[name]
 
 
 @dataclass
@@ -96,16 +75,18 @@ class _Best:
             self.best[key] = (epoch, acc, copy.deepcopy(model.state_dict()))
 
 
-def _train_tracked(
+def train_tracked(
     model: nn.Module,
     train: RetrievalFeatures,
     config: TrainConfig,
     score: Any,
     class_counts: Any,
     from_epoch_zero: bool = False,
+    figure: str = "val_top1",
 ) -> _Best:
-    """fit() with score() -> {key: val top-1} after every epoch; the best state per key is kept.
-    from_epoch_zero: the weights before training (epoch 0) are a candidate too."""
+    """fit() with score() -> {key: val figure, higher is better} after every epoch; the best state per
+    key is kept. from_epoch_zero: the weights before training (epoch 0) are a candidate too. figure: what
+    the scores are, the name of the per-epoch entries (`<figure>_<key>`) in the metrics file."""
     best, epoch = _Best(), [-1 if from_epoch_zero else 0]
 
     def on_epoch() -> dict[str, Any]:
@@ -113,7 +94,7 @@ def _train_tracked(
         scores = score()
         for key, acc in scores.items():
             best.offer(key, epoch[0], acc, model)
-        return {f"val_top1_{key}": acc for key, acc in scores.items()}
+        return {f"{figure}_{key}": acc for key, acc in scores.items()}
 
     if from_epoch_zero:
         on_epoch()
@@ -181,7 +162,7 @@ def select_plain(
         def score(m: nn.Module = model) -> dict[str, float]:
             return {"model": score_of(predict(m, val), val.labels)}
 
-        best = _train_tracked(model, train, config, score, task.class_counts)
+        best = train_tracked(model, train, config, score, task.class_counts)
         ep, acc, state = best.best["model"]
         trials.append({"lr": lr, "epoch": ep, "val_score": acc})
         if chosen is None or acc > chosen[2]:
@@ -236,62 +217,7 @@ def relevance_of(features: RetrievalFeatures, device: torch.device, batch_size: 
     return torch.cat(out) if out else torch.zeros(0)
 
 
-@torch.inference_mode()
-def split_evidence(
-    model: RetFormer, features: RetrievalFeatures, kind: str, vote_temp: float, vote_k: int
-) -> torch.Tensor:
-    """(N, C) log evidence of every query under the model's evidence settings, `kind` and the vote's
-    (k, temperature): what its rule adds, times beta (`RetFormer.evidence`'s values)."""
-    cfg = model.config
-    args = (int(cfg["num_classes"]), kind, model.class_text, cfg["caption_temp"], cfg["caption_null"])
-    parts = split_vote_parts(features, *args)
-    if parts is not None:
-        vote = vote_from_parts(*parts, vote_k, vote_temp)
-    else:  # too many (query, neighbour, class) entries to hold: stream it
-        vote = vote_scores(features, *args[:3], vote_k, vote_temp, caption=args[3:])
-    return log_evidence(vote).float()
-
-
-# Elements of the (N, k, C) class distributions `split_vote_parts` holds at once (256 MB of float32).
-VOTE_PARTS_MAX = 64 << 20
-
-
-def split_vote_parts(
-    features: RetrievalFeatures,
-    num_classes: int,
-    kind: str,
-    class_text: torch.Tensor | None = None,
-    caption_temp: float = CAPTION_TEMP,
-    caption_null: float = CAPTION_NULL,
-    batch_size: int = 4096,
-) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-    """`trainer.evidence.vote_parts` of every query (cos (N, k), class distributions (N, k, C)), read once
-    so a grid of (k, temperature) votes costs a softmax and a sum each; None when they are too large to
-    hold (`VOTE_PARTS_MAX`)."""
-    if len(features) * features.k * num_classes > VOTE_PARTS_MAX:
-        return None
-    cos, probs = [], []
-    for start in range(0, len(features), batch_size):
-        b = features.inputs(start, min(start + batch_size, len(features)))
-        c, p = vote_parts(
-            kind,
-            b["z"],
-            b["nn_img"],
-            b["nn_txt"],
-            b["nn_label"],
-            num_classes,
-            class_text,
-            caption_temp,
-            caption_null,
-        )
-        cos.append(c)
-        probs.append(p.cpu())
-    if not probs:
-        return None
-    return (None if cos[0] is None else torch.cat(cos).cpu()), torch.cat(probs)
-
-
-def _rule_logits(
+def rule_logits(
     model: RetFormer, branches: tuple[torch.Tensor, ...], rule: dict[str, Any], log_e: Any
 ) -> Any:
     """The model's own combine() under `rule` (alpha, gate_t, beta, prior_tau, evidence, vote_temp,
@@ -329,6 +255,41 @@ def _rule_grid(
     return out
 
 
+def stacked_cell(
+    task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOptions, lr: float, la_tau: float
+) -> tuple[RetFormer, TrainConfig]:
+    """A fresh stacked RetFormer of one (lr, la_tau) grid cell, L_I the selected mlp_only's weights,
+    frozen, and the TrainConfig its L_R trains with."""
+    config = replace(
+        task.base,
+        lr=lr,
+        epochs=int(opts.retformer_epochs),  # type: ignore[arg-type]  # for_dataset() resolved it
+        loss="logit_adjusted" if la_tau else "ce",
+        la_tau=la_tau,
+    )
+    model = task.build(recipe="stacked")
+    model.mlp.load_state_dict(mlp_state)
+    model.mlp.requires_grad_(False)  # L_I is the selected mlp_only; the optimizer skips it
+    return model, config
+
+
+def rule_evidence(
+    task: Task, model: RetFormer, val_shuffled: RetrievalFeatures, opts: SelectOptions
+) -> dict[tuple[str, float, int], tuple[torch.Tensor, torch.Tensor]]:
+    """{(kind, vote temperature, vote k): (log evidence on val, on `val_shuffled`)} of every evidence the
+    task's rule may add. The vote is the weighted-vote baseline of that evidence (knn_weighted,
+    caption_vote), its (k, T) chosen on val the same way, so beta alone reaches it."""
+    val, out = task.val, {}
+    for kind in task.evidence_kinds():
+        chosen, _, _ = select_vote(val, task.num_classes, kind, opts, model.class_text, task.metric)
+        k, temp = chosen["k"], chosen["vote_temp"]
+        out[(kind, temp, k)] = (
+            split_evidence(model, val, kind, temp, k),
+            split_evidence(model, val_shuffled, kind, temp, k),
+        )
+    return out
+
+
 def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOptions) -> Selected:
     """The stacked RetFormer (any variant, task.kind), every choice on val: see the module docstring.
     mlp_state: the selected mlp_only's `mlp` weights (L_I)."""
@@ -339,34 +300,19 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
     candidates, trials = [], []
     model = None
     s_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # s over val and over shuffled val
-    evidence: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+    evidence: dict[tuple[str, float, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for cell, (lr, la_tau) in enumerate(opts.retformer_grid):
-        config = replace(
-            task.base,
-            lr=lr,
-            epochs=int(opts.retformer_epochs),  # type: ignore[arg-type]  # for_dataset() resolved it
-            loss="logit_adjusted" if la_tau else "ce",
-            la_tau=la_tau,
-        )
-        model = task.build(recipe="stacked")
-        model.mlp.load_state_dict(mlp_state)
-        model.mlp.requires_grad_(False)  # L_I is the selected mlp_only; the optimizer skips it
+        model, config = stacked_cell(task, mlp_state, opts, lr, la_tau)
 
         def score(m: RetFormer = model) -> dict[float, float]:
             li, lr_ = branch_logits(m, val, with_relevance=False)
             return {a: score_of(li + a * lr_, y) for a in opts.alphas}
 
-        best = _train_tracked(model, train, config, score, task.class_counts, from_epoch_zero=True)
+        best = train_tracked(model, train, config, score, task.class_counts, from_epoch_zero=True)
         if s_pair is None:  # s and the evidence read only the features: once per selection
             device = next(model.parameters()).device
             s_pair = relevance_of(val, device), relevance_of(val_sh, device)
-            for kind in task.evidence_kinds():
-                # The vote the rule adds is the weighted-vote baseline of this evidence (knn_weighted,
-                # caption_vote): its (k, T) chosen on val the same way, so beta alone reaches it.
-                chosen, _, _ = select_vote(val, task.num_classes, kind, opts, model.class_text, task.metric)
-                k_, t_ = chosen["k"], chosen["vote_temp"]
-                plain_e = split_evidence(model, val, kind, t_, k_)
-                evidence[(kind, t_, k_)] = (plain_e, split_evidence(model, val_sh, kind, t_, k_))
+            evidence = rule_evidence(task, model, val_sh, opts)
         prior = model.log_prior.float().cpu()
         by_epoch: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         for alpha, (epoch, _, state) in sorted(best.best.items()):
@@ -385,7 +331,7 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
             for rule, ranks in _rule_grid(alpha, opts, list(evidence), s_val, model.config["vote_temp"]):
                 key = (rule["evidence"], rule["vote_temp"], rule["vote_k"])
                 e_plain, e_mixed = evidence.get(key, (None, None))
-                rule_val = _rule_logits(model, plain, rule, e_plain)
+                rule_val = rule_logits(model, plain, rule, e_plain)
                 row = {
                     "lr": lr,
                     "la_tau": la_tau,
@@ -393,7 +339,7 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
                     **rule,
                     "val_score": score_of(rule_val, y),
                     "val_top1": top1(rule_val, y),
-                    "val_shuffled_score": score_of(_rule_logits(model, mixed, rule, e_mixed), y),
+                    "val_shuffled_score": score_of(rule_logits(model, mixed, rule, e_mixed), y),
                     "l_i_val_score": l_i,
                 }
                 trials.append(row)
@@ -415,90 +361,3 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
     model.eval()
     selected = {k: v for k, v in row.items() if k != "val_top1"}
     return Selected(model, selected, row["val_top1"], trials)
-
-
-def select_knn_k(
-    val: RetrievalFeatures, num_classes: int, ks: tuple[int, ...], metric: str = "balanced"
-) -> tuple[int, float, list[dict[str, Any]]]:
-    """k of the kNN vote on val, the grid capped by the table's k, ties to the smaller k.
-    Returns (k, val top-1, trials)."""
-    score_of = criterion(metric)
-    grid = sorted({min(k, val.k) for k in ks})
-    trials = []
-    for k in grid:
-        scores = knn_vote(val.subset_k(k), num_classes)
-        trials.append(
-            {"k": k, "val_score": score_of(scores, val.labels), "val_top1": top1(scores, val.labels)}
-        )
-    best = max(trials, key=lambda r: (r["val_score"], -r["k"]))
-    return best["k"], best["val_top1"], trials
-
-
-def vote_scores(
-    features: RetrievalFeatures,
-    num_classes: int,
-    kind: str,
-    k: int,
-    vote_temp: float,
-    class_text: torch.Tensor | None = None,
-    batch_size: int = 4096,
-    caption: tuple[float, float] = (CAPTION_TEMP, CAPTION_NULL),
-) -> torch.Tensor:
-    """(N, C) similarity-weighted vote of the first k neighbours: weights softmax(cos(z, e_j) / vote_temp),
-    votes their KB labels ("label": knn_weighted) or the classes their captions name ("caption":
-    caption_vote, with the class-name prompt vectors `class_text`; caption: its (temperature, null
-    similarity))."""
-    f = features.subset_k(min(k, features.k))
-    out = []
-    for start in range(0, len(f), batch_size):
-        b = f.inputs(start, min(start + batch_size, len(f)))
-        vote = neighbour_vote(
-            kind,
-            b["z"],
-            b["nn_img"],
-            b["nn_txt"],
-            b["nn_label"],
-            num_classes,
-            vote_temp,
-            class_text,
-            *caption,
-        )
-        out.append(vote.cpu())
-    return torch.cat(out) if out else torch.zeros(0, num_classes)
-
-
-def select_vote(
-    val: RetrievalFeatures,
-    num_classes: int,
-    kind: str,
-    opts: SelectOptions,
-    class_text: torch.Tensor | None = None,
-    metric: str = "balanced",
-) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
-    """k and the vote temperature of a weighted vote (`vote_scores`) on val; ties to the smaller k, then
-    the higher temperature. Returns ({k, vote_temp}, val top-1, trials)."""
-    score_of = criterion(metric)
-    trials = []
-    parts = split_vote_parts(val, num_classes, kind, class_text)  # the neighbours read once for the grid
-    for k in sorted({min(k, val.k) for k in opts.knn_k}):
-        for temp in sorted(opts.vote_temps, reverse=True):
-            if parts is not None:
-                scores = vote_from_parts(*parts, k, temp)
-            else:
-                scores = vote_scores(val, num_classes, kind, k, temp, class_text)
-            trials.append(
-                {
-                    "k": k,
-                    "vote_temp": temp,
-                    "val_score": score_of(scores, val.labels),
-                    "val_top1": top1(scores, val.labels),
-                }
-            )
-    best = max(trials, key=lambda r: (r["val_score"], -r["k"], r["vote_temp"]))
-    return {"k": best["k"], "vote_temp": best["vote_temp"]}, best["val_top1"], trials
-
-
-def val_metrics(logits: torch.Tensor, labels: torch.Tensor, shot_split: dict | None) -> dict[str, Any]:
-    """The val figures a result records: top1, top5, many / medium / few."""
-    m = evaluate(logits, labels, shot_split)
-    return {k: m.get(k) for k in ("top1", "top5", "many", "medium", "few")}

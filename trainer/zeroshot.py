@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from artifacts.errors import UserError
+from retformer.artifacts.errors import UserError
 
 LOGIT_SCALE = 100.0  # CLIP's learned temperature ends at (and is clamped to) 100
 TEMPLATE_SETS = ("openai", "simple")

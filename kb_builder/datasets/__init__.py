@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.errors import UserError
-from kb_builder.datasets import (
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets import (
     cifar,
     fashion_mnist,
     imagefolder,
@@ -54,10 +54,21 @@ from kb_builder.datasets import (
     sklearn_digits,
     webvision,
 )
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, hold_out_val, make_uid, safe_token
-from kb_builder.datasets.label_noise import apply_label_noise
-from kb_builder.datasets.longtail import longtail_counts, longtail_indices, shot_split, shot_thresholds
-from kb_builder.datasets.schema import KINDS, validate_dataset
+from retformer.kb_builder.datasets.base import (
+    DatasetSplit,
+    DownstreamDataset,
+    hold_out_val,
+    make_uid,
+    safe_token,
+)
+from retformer.kb_builder.datasets.label_noise import apply_label_noise
+from retformer.kb_builder.datasets.longtail import (
+    longtail_counts,
+    longtail_indices,
+    shot_split,
+    shot_thresholds,
+)
+from retformer.kb_builder.datasets.schema import KINDS, validate_dataset
 
 __all__ = [
     "DatasetSplit",

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from artifacts.decode import upright
-from artifacts.errors import UserError
-from kb_builder.datasets.longtail import shot_split as _shot_split
-from kb_builder.datasets.longtail import shot_thresholds as _shot_thresholds
+from retformer.artifacts.decode import upright
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets.longtail import shot_split as _shot_split
+from retformer.kb_builder.datasets.longtail import shot_thresholds as _shot_thresholds
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.errors import UserError
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
-from kb_builder.datasets.fashion_mnist import balanced_subsample
-from kb_builder.datasets.longtail import longtail_counts, longtail_indices
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
+from retformer.kb_builder.datasets.fashion_mnist import balanced_subsample
+from retformer.kb_builder.datasets.longtail import longtail_counts, longtail_indices
 
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.errors import UserError
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
-from kb_builder.datasets.longtail import longtail_indices
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
+from retformer.kb_builder.datasets.longtail import longtail_indices
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = [

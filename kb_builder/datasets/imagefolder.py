@@ -30,9 +30,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from artifacts.errors import UserError
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, hold_out_val, make_uid, safe_token
-from kb_builder.datasets.longtail import longtail_indices
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets.base import (
+    DatasetSplit,
+    DownstreamDataset,
+    hold_out_val,
+    make_uid,
+    safe_token,
+)
+from retformer.kb_builder.datasets.longtail import longtail_indices
 
 log = logging.getLogger(__name__)
 

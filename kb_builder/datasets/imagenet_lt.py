@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.errors import UserError
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset, safe_token
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset, safe_token
 
 LIST_FILES = {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"}
 REQUIRED_SPLITS = ("train", "test")

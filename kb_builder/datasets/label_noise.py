@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.errors import UserError
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset
-from kb_builder.datasets.cifar import ShotReferenceDataset
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset
+from retformer.kb_builder.datasets.cifar import ShotReferenceDataset
 
 KINDS = ("symmetric", "asymmetric")
 CONFIG_KEYS = {"kind", "rate", "seed", "mapping"}

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, create_model
 
-from artifacts.errors import UserError
-from artifacts.schema import StrictSection, validate_section
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.schema import StrictSection, validate_section
 
 PositiveInt = Annotated[int, Field(ge=1)]
 

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.errors import UserError
-from kb_builder.datasets.base import DatasetSplit, DownstreamDataset
-from kb_builder.datasets.imagefolder import IMAGE_EXTENSIONS
-from kb_builder.datasets.imagenet_lt import (
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset
+from retformer.kb_builder.datasets.imagefolder import IMAGE_EXTENSIONS
+from retformer.kb_builder.datasets.imagenet_lt import (
     check_first_exists,
     check_unique,
     path_uid,

@@ -51,16 +51,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from artifacts.atomic import is_leftover_tmp
-from artifacts.errors import UserError
-from kb_builder.download.chunk import (
+from retformer.artifacts.atomic import is_leftover_tmp
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.download.chunk import (
     _chunk_state,
     _img2dataset_version,
     _listed_shards,
     download_chunk,
     read_chunk_marker,
 )
-from kb_builder.download.settings import (
+from retformer.kb_builder.download.settings import (
     DEFAULT_SETTINGS,
     RETRY_INPUT_NAME,
     SUCCESS_NAME,

@@ -17,11 +17,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from artifacts.atomic import remove_dead_temps, tmp_name, write_json_atomic
-from artifacts.errors import UserError
-from artifacts.shards import UID_RE
-from kb_builder.download.engine import _img2dataset_version, _run_img2dataset
-from kb_builder.download.settings import (
+from retformer.artifacts.atomic import remove_dead_temps, tmp_name, write_json_atomic
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import UID_RE
+from retformer.kb_builder.download.engine import _img2dataset_version, _run_img2dataset
+from retformer.kb_builder.download.settings import (
     _OOM_SHARD_COUNT,
     FORMAT_VERSION,
     LOG_NAME,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kb_builder.download.settings import _OOM_SHARD_COUNT, FETCH_LIMIT_KEYS, LOG_NAME, UID_COL
+from retformer.kb_builder.download.settings import _OOM_SHARD_COUNT, FETCH_LIMIT_KEYS, LOG_NAME, UID_COL
 
 
 def _img2dataset_version() -> str:
@@ -91,7 +91,7 @@ def _run_in_process(kwargs: dict[str, Any], limits: dict[str, Any]) -> None:
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from kb_builder.download.fetch import FetchLimits, SafeDownloader
+    from retformer.kb_builder.download.fetch import FetchLimits, SafeDownloader
 
     folder = Path(kwargs["output_folder"])
     tmp_path = folder / "_tmp"
@@ -164,7 +164,7 @@ def _in_process_supported() -> bool:
 
 # The spawned pool processes of download() get the limits with the pickled SafeDownloader.
 _SUBPROCESS_MAIN = (
-    "import json, sys; from kb_builder.download.fetch import install_in_download; "
+    "import json, sys; from retformer.kb_builder.download.fetch import install_in_download; "
     "install_in_download(json.loads(sys.argv[2])); "
     "from img2dataset import download; download(**json.loads(sys.argv[1]))"
 )

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifacts.atomic import is_leftover_tmp
-from artifacts.errors import UserError
+from retformer.artifacts.atomic import is_leftover_tmp
+from retformer.artifacts.errors import UserError
 
 FORMAT_VERSION = 1
 SUCCESS_NAME = "_SUCCESS"

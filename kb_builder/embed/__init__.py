@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
-from artifacts.errors import UserError
-from artifacts.shards import shard_stem as part_stem
-from artifacts.tar_reader import iter_shard_files
-from kb_builder.embed.fast_transform import normalize_batch, split_transform
-from kb_builder.embed.loader import ShardBatches, iter_batches
-from kb_builder.embed.options import default_num_workers, embed_options
-from kb_builder.embed.parts import (
+from retformer.artifacts.devices import resolve_device
+from retformer.artifacts.embeddings_io import EmbeddingTable, write_embeddings_part
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import shard_stem as part_stem
+from retformer.artifacts.step_timer import StepTimer
+from retformer.artifacts.tar_reader import iter_shard_files
+from retformer.kb_builder.embed.fast_transform import normalize_batch, split_transform
+from retformer.kb_builder.embed.loader import ShardBatches, iter_batches
+from retformer.kb_builder.embed.options import default_num_workers, embed_options
+from retformer.kb_builder.embed.parts import (
     embed_coverage,
     part_path_for,
     part_stats,
@@ -71,7 +74,7 @@ MapTasks = Callable[..., list[dict]]
 
 def _encoders(image_spec: dict, text_spec: dict | None, device: str) -> tuple[Any, Any]:
     """Load (once per worker process) the frozen encoders for these specs."""
-    from kb_builder.encoders import build_image_encoder, build_text_encoder
+    from retformer.kb_builder.encoders import build_image_encoder, build_text_encoder
 
     key = json.dumps([image_spec, text_spec, device], sort_keys=True)
     if key not in _ENCODERS:
@@ -79,14 +82,6 @@ def _encoders(image_spec: dict, text_spec: dict | None, device: str) -> tuple[An
         text = build_text_encoder(text_spec).to(device) if text_spec else None
         _ENCODERS[key] = (image, text)
     return _ENCODERS[key]
-
-
-def _pick_device(device: str | None) -> str:
-    """The manifest's device, else cuda when torch can use a GPU; a GPU torch cannot use is one
-    UserError (artifacts/devices.py), never a silent CPU run."""
-    from artifacts.devices import pick
-
-    return pick(device, "embed")
 
 
 class _TextCache:
@@ -129,6 +124,126 @@ def _text_pool() -> ThreadPoolExecutor:
     )
 
 
+# The timing keys of a part's stats, in their order (present, 0.0, even when a step never ran).
+TIMING_STEPS = (
+    "load_encoders",  # 0 once this worker process has them
+    "wait_for_loader",  # this thread waiting for batches (decoded in a thread or processes)
+    "loader_cpu",  # CPU time reading/decoding/resizing, in whichever process did it
+    # ToTensor + Normalize per batch here (on a GPU: its launch, async; 0 with num_workers=0 on a CPU:
+    # the loader thread does it, its time is in loader_cpu)
+    "normalise",
+    "image_forward",
+    "text_forward",  # in its own thread, overlapping the image forward
+    "wait_for_text",  # this thread waiting for the text thread after the last batch
+    "assemble",
+)
+
+
+@dataclass
+class _Collected:
+    """What the batch loop gathers from one shard: the kept rows' batches (with their sample indexes),
+    their image vectors, the skipped samples by reason, and how many samples were read."""
+
+    parts: list[tuple[np.ndarray, dict[str, Any]]] = field(default_factory=list)
+    vec_chunks: list[torch.Tensor] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    samples_read: int = 0
+
+    def count(self, batch: dict[str, Any]) -> None:
+        """Count a batch's samples and its skips (a few uids kept per reason)."""
+        self.samples_read += len(batch["index"]) + len(batch["skipped"])
+        for _, uid, reason in batch["skipped"]:
+            self.skipped[reason] += 1
+            if len(self.examples.setdefault(reason, [])) < MAX_EXAMPLES:
+                self.examples[reason].append(uid)
+
+    def order(self) -> np.ndarray:
+        """The permutation that puts the kept rows back in shard order."""
+        index = np.concatenate([i for i, _ in self.parts]) if self.parts else np.zeros(0, np.int64)
+        return np.argsort(index, kind="stable")
+
+    def column(self, name: str, order: np.ndarray) -> list[Any]:
+        flat = [v for _, b in self.parts for v in b[name]]
+        return [flat[i] for i in order]
+
+
+def _check_size(shard: Path, recorded: dict[str, Any] | None) -> None:
+    """UserError when the shard's size is not the one its manifest records (cut or changed)."""
+    if recorded is not None and shard.stat().st_size != recorded["bytes"]:
+        raise UserError(
+            f"shard {shard} is {shard.stat().st_size} bytes, but {recorded['manifest']} records "
+            f"{recorded['bytes']}: it was cut or changed after it was written; {_fix_hint(recorded)}"
+        )
+
+
+def _embed_batches(
+    batches: Any,
+    image_enc: Any,
+    texts: _TextCache,
+    text_pool: ThreadPoolExecutor | None,
+    split: Any,
+    dev: str,
+    timer: StepTimer,
+) -> _Collected:
+    """Run the image forward on every batch of the loader (the text tower in `text_pool` beside it);
+    raise the UserError of a broken shard."""
+    got = _Collected()
+    # One text job per batch (its new captions), in batch order, so the cache's rows and chunks are a
+    # serial run's.
+    text_jobs: list[Future[None]] = []
+    while True:
+        with timer.step("wait_for_loader"):
+            batch = next(batches, None)
+        if batch is None:
+            break
+        if "error" in batch:  # the shard itself is broken: no part, whatever was read before
+            raise UserError(batch["error"])
+        got.count(batch)
+        timer.add("loader_cpu", batch["seconds"])
+        if not batch["index"]:
+            continue
+        if text_pool is not None:
+            text_jobs.append(text_pool.submit(texts.add, batch["caption"]))
+        with timer.step("normalise"):
+            pixels = batch["pixels"]
+            if batch.get("normalised"):
+                x = pixels
+            else:
+                x = normalize_batch(pixels, split[1], split[2], dev) if split else pixels.to(dev)
+        with timer.step("image_forward"):
+            # Kept on the device (fp16) until the shard ends: no host sync per batch on a GPU.
+            got.vec_chunks.append(image_enc.encode(x).to(torch.float16))
+        got.parts.append((np.asarray(batch["index"], dtype=np.int64), batch))
+    with timer.step("wait_for_text"):
+        for job in text_jobs:
+            job.result()  # a text forward's exception is raised here
+    return got
+
+
+def _table(
+    got: _Collected, texts: _TextCache, image_enc: Any, image_spec: dict, text_spec: dict | None
+) -> EmbeddingTable:
+    """The part's rows in shard order."""
+    order = got.order()
+    captions = got.column("caption", order)
+    if got.vec_chunks:
+        image_emb = torch.cat(got.vec_chunks).cpu().numpy()[order]
+    else:
+        image_emb = np.zeros((0, image_enc.dim), np.float16)
+    text_emb, has_text = texts.vectors(captions)
+    return EmbeddingTable(
+        uid=np.array(got.column("uid", order), dtype=object),
+        image_emb=image_emb,
+        text_emb=text_emb,
+        has_text=has_text,
+        caption=captions,
+        label=np.array(got.column("label", order), dtype=np.int32),
+        source=got.column("source", order),
+        meta={"image_encoder": image_spec, "text_encoder": text_spec},
+    )
+
+
 def embed_shard(
     task: tuple[Path, str],
     out_dir: Path,
@@ -157,138 +272,59 @@ def embed_shard(
     if out.exists() and part_stats(out).get("shard_fingerprint") == fingerprint:
         return {"shard": str(shard), "part": str(out), "status": "done_before", "images": 0}
     recorded = shard_record(shard)
-    if recorded is not None and shard.stat().st_size != recorded["bytes"]:
-        raise UserError(
-            f"shard {shard} is {shard.stat().st_size} bytes, but {recorded['manifest']} records "
-            f"{recorded['bytes']}: it was cut or changed after it was written; {_fix_hint(recorded)}"
-        )
+    _check_size(shard, recorded)
     started = time.perf_counter()
-    dev = _pick_device(device)
-    workers = default_num_workers(dev, threads) if num_workers is None else int(num_workers)
-    image_enc, text_enc = _encoders(image_spec, text_spec, dev)
-    loaded = time.perf_counter()
+    timer = StepTimer(*TIMING_STEPS)
+    with timer.step("load_encoders"):
+        # The manifest's device, else cuda when torch can use a GPU; a GPU torch cannot use is a UserError.
+        dev = str(resolve_device(device, "embed"))
+        workers = default_num_workers(dev, threads) if num_workers is None else int(num_workers)
+        image_enc, text_enc = _encoders(image_spec, text_spec, dev)
     split = split_transform(image_enc)
     dataset = ShardBatches(shard, batch_size, image_enc.image_size, split, image_enc.preprocess)
     if split and workers == 0 and dev == "cpu":  # the loader thread normalises too (same ops, same bits)
         dataset.normalise = partial(normalize_batch, mean=split[1], std=split[2], device=dev)
     texts = _TextCache(text_enc)
-
-    skipped: Counter[str] = Counter()
-    examples: dict[str, list[str]] = {}
-    parts: list[tuple[np.ndarray, dict[str, Any]]] = []
-    vec_chunks: list[Any] = []
-    wait = normalise = forward = loader_cpu = 0.0
-    samples_read = 0
     batches = iter_batches(dataset, workers, prefetch_factor, pin_memory=dev.startswith("cuda"))
-    # The text tower runs in a thread of its own while this one runs the image forward: one job per
-    # batch (its new captions), in batch order, so the cache's rows and chunks are a serial run's.
+    # The text tower runs in a thread of its own while this one runs the image forward.
     text_pool = _text_pool() if text_enc is not None else None
-    text_jobs: list[Future[None]] = []
     try:
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            t1 = time.perf_counter()
-            wait += t1 - t0
-            if batch is None:
-                break
-            if "error" in batch:  # the shard itself is broken: no part, whatever was read before
-                raise UserError(batch["error"])
-            samples_read += len(batch["index"]) + len(batch["skipped"])
-            loader_cpu += batch["seconds"]
-            for _, uid, reason in batch["skipped"]:
-                skipped[reason] += 1
-                if len(examples.setdefault(reason, [])) < MAX_EXAMPLES:
-                    examples[reason].append(uid)
-            if not batch["index"]:
-                continue
-            if text_pool is not None:
-                text_jobs.append(text_pool.submit(texts.add, batch["caption"]))
-            t2 = time.perf_counter()
-            pixels = batch["pixels"]
-            if batch.get("normalised"):
-                x = pixels
-            else:
-                x = normalize_batch(pixels, split[1], split[2], dev) if split else pixels.to(dev)
-            t3 = time.perf_counter()
-            # Kept on the device (fp16) until the shard ends: no host sync per batch on a GPU.
-            vec_chunks.append(image_enc.encode(x).to(torch.float16))
-            normalise += t3 - t2
-            forward += time.perf_counter() - t3
-            parts.append((np.asarray(batch["index"], dtype=np.int64), batch))
-        t4 = time.perf_counter()
-        for job in text_jobs:
-            job.result()  # a text forward's exception is raised here
-        wait_text = time.perf_counter() - t4
+        got = _embed_batches(batches, image_enc, texts, text_pool, split, dev, timer)
     finally:
         batches.close()  # stops the loader (thread or processes) now when the loop ended early
         if text_pool is not None:
             text_pool.shutdown(wait=True, cancel_futures=True)
+    timer.add("text_forward", texts.seconds)
 
-    if recorded is not None and samples_read != recorded["count"]:
+    if recorded is not None and got.samples_read != recorded["count"]:
         raise UserError(
-            f"shard {shard}: {samples_read} samples read, but {recorded['manifest']} records "
+            f"shard {shard}: {got.samples_read} samples read, but {recorded['manifest']} records "
             f"{recorded['count']}; {_fix_hint(recorded)}"
         )
-    looped = time.perf_counter()
-    order = np.argsort(
-        np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int64), kind="stable"
-    )
-
-    def column(name: str) -> list[Any]:
-        flat = [v for _, b in parts for v in b[name]]
-        return [flat[i] for i in order]
-
-    captions = column("caption")
-    if vec_chunks:
-        image_emb = torch.cat(vec_chunks).cpu().numpy()[order]
-    else:
-        image_emb = np.zeros((0, image_enc.dim), np.float16)
-    text_emb, has_text = texts.vectors(captions)
-    n = len(captions)
-    stats: dict[str, Any] = {
-        "shard": str(shard),
-        "part": str(out),
-        "status": "embedded",
-        "shard_fingerprint": fingerprint,
-        "images": n,
-        "skipped": dict(skipped),
-        "skipped_examples": examples,
-        "missing_caption": int(sum(c is None for c in captions)),
-        "device": dev,
-        "batch_size": batch_size,
-        "num_workers": workers,
-        "threads": torch.get_num_threads(),
-    }
-    table = EmbeddingTable(
-        uid=np.array(column("uid"), dtype=object),
-        image_emb=image_emb,
-        text_emb=text_emb,
-        has_text=has_text,
-        caption=captions,
-        label=np.array(column("label"), dtype=np.int32),
-        source=column("source"),
-        meta={"image_encoder": image_spec, "text_encoder": text_spec},
-    )
-    remove_leftovers(out)
-    timings = {
-        "load_encoders": loaded - started,  # 0 once this worker process has them
-        "wait_for_loader": wait,  # this thread waiting for batches (decoded in a thread or processes)
-        "loader_cpu": loader_cpu,  # CPU time reading/decoding/resizing, in whichever process did it
-        "normalise": normalise,  # ToTensor + Normalize per batch here (on a GPU: its launch, async;
-        # 0 with num_workers=0 on a CPU: the loader thread does it, its time is in loader_cpu)
-        "image_forward": forward,
-        "text_forward": texts.seconds,  # in its own thread, overlapping the image forward
-        "wait_for_text": wait_text,  # this thread waiting for the text thread after the last batch
-        "assemble": time.perf_counter() - looped,
-    }
-    t_write = time.perf_counter()
+    with timer.step("assemble"):
+        table = _table(got, texts, image_enc, image_spec, text_spec)
+        n = len(table.caption)
+        stats: dict[str, Any] = {
+            "shard": str(shard),
+            "part": str(out),
+            "status": "embedded",
+            "shard_fingerprint": fingerprint,
+            "images": n,
+            "skipped": dict(got.skipped),
+            "skipped_examples": got.examples,
+            "missing_caption": int(sum(c is None for c in table.caption)),
+            "device": dev,
+            "batch_size": batch_size,
+            "num_workers": workers,
+            "threads": torch.get_num_threads(),
+        }
+        remove_leftovers(out)
     # The stats travel in the part's metadata (a rerun's stage record reads them from there); the
     # write's own duration can only be in the returned copy.
-    write_embeddings_part(out, table, {"shard_stats": {**stats, "timings": _rounded(timings)}})
+    with timer.step("write"):
+        write_embeddings_part(out, table, {"shard_stats": {**stats, "timings": _rounded(timer.as_dict())}})
     finished = time.perf_counter()
-    timings["write"] = finished - t_write
-    stats["timings"] = _rounded(timings)
+    stats["timings"] = _rounded(timer.as_dict())
     stats["seconds"] = round(finished - started, 3)
     stats["images_per_s"] = round(n / max(finished - started, 1e-9), 1)
     return stats

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from artifacts.decode import clean_caption, decode_image, to_rgb
-from artifacts.errors import UserError
-from artifacts.shards import UID_RE, to_record
-from artifacts.tar_reader import iter_shard_files
+from retformer.artifacts.decode import clean_caption, decode_image, to_rgb
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.shards import UID_RE, to_record
+from retformer.artifacts.tar_reader import iter_shard_files
 
 # Loader workers are forked: no pickling of the transform and ~10 ms per worker, where "spawn"
 # re-imports torch in every worker of every shard (~2 s each). Linux only: fork is unsafe on macOS.

@@ -17,8 +17,8 @@ def embed_options(cfg: dict[str, Any] | None) -> dict[str, Any]:
     (batches each loader worker keeps ready, default 2), `device` ("cpu", "cuda", "cuda:1"; default:
     cuda when available).
     """
-    from artifacts.schema import dump_given, validate_section
-    from kb_builder.kb_schema import EmbedSection
+    from retformer.artifacts.schema import dump_given, validate_section
+    from retformer.kb_builder.kb_schema import EmbedSection
 
     section = validate_section(EmbedSection, dict(cfg or {}), "embed")
     return {key: value for key, value in dump_given(section).items() if value is not None}
@@ -31,7 +31,7 @@ def default_num_workers(device: str, threads: int | None = None) -> int:
     if device.startswith("cuda"):
         # The GPU computes; the CPU only feeds it: the host's cores shared between its GPUs (all the
         # driver's GPUs: a dask-cuda worker sees only its own), or a GPU SLURM job's share per worker.
-        from artifacts.devices import driver_info
+        from retformer.artifacts.devices import driver_info
 
         given = os.environ.get("RETFORMER_WORKER_CORES")
         share = int(given) if given else cores // max(1, torch.cuda.device_count(), len(driver_info().gpus))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifacts.atomic import remove_dead_temps
+from retformer.artifacts.atomic import remove_dead_temps
 
 
 def part_path_for(stem: str, out_dir: Path) -> Path:
@@ -25,12 +25,12 @@ def shard_record(shard: Path) -> dict[str, Any] | None:
     """What a manifest records for `shard`: {"count" (samples in the tar), "bytes", "manifest"}, from
     the shard set's `_SUCCESS-<prefix>.json` (artifacts/shards.py) or the img2dataset chunk's `_SUCCESS`
     (kb_builder/download/); None for a shard no manifest lists (the user's own webdataset shards)."""
-    from artifacts.shards import recorded_shard
+    from retformer.artifacts.shards import recorded_shard
 
     own = recorded_shard(shard)
     if own is not None:
         return own
-    from kb_builder.download import SUCCESS_NAME, read_chunk_marker
+    from retformer.kb_builder.download import SUCCESS_NAME, read_chunk_marker
 
     # img2dataset: <chunk>/00000.tar, or <chunk>/retry-NNN/00000.tar listed as "retry-NNN/00000.tar".
     retry_name = f"{shard.parent.name}/{shard.name}"
@@ -111,8 +111,8 @@ def embed_coverage(shards: list[Path], shard_root: Path, out_dir: Path) -> Cover
     """Match the parts in `out_dir` against the current `shards`: a shard is covered by the part named
     after it when that part was made from this very shard (its recorded size and mtime); any other
     part in the folder is extra. Reads only the parts' Parquet footers."""
-    from artifacts.atomic import is_leftover_tmp
-    from artifacts.shards import shard_stem
+    from retformer.artifacts.atomic import is_leftover_tmp
+    from retformer.artifacts.shards import shard_stem
 
     out_dir = Path(out_dir)
     expected = sorted((part_path_for(shard_stem(s, shard_root), out_dir), Path(s)) for s in shards)
@@ -159,8 +159,8 @@ def check_unique_uids(parts: list[Path], part_of: dict[Path, Path], what: str) -
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from artifacts.embeddings_io import read_part_arrow
-    from artifacts.errors import UserError
+    from retformer.artifacts.embeddings_io import read_part_arrow
+    from retformer.artifacts.errors import UserError
 
     if not parts:
         return

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from artifacts.errors import UserError
-from kb_builder.encoders.base import ImageEncoder, TextEncoder
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.encoders.base import ImageEncoder, TextEncoder
 
 __all__ = [
     "ImageEncoder",

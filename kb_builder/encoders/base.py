@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from artifacts.decode import to_rgb
-from artifacts.errors import UserError
+from retformer.artifacts.decode import to_rgb
+from retformer.artifacts.errors import UserError
 
 __all__ = ["ImageEncoder", "TextEncoder", "check_spec_keys", "check_image_size", "to_rgb"]
 
@@ -76,7 +76,7 @@ class _Frozen(ABC):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not (self.autocast and self.device.type == "cuda"):
             return contextlib.nullcontext()
-        from artifacts.devices import amp_dtype  # bf16 where native (sm_80+), else fp16
+        from retformer.artifacts.devices import amp_dtype  # bf16 where native (sm_80+), else fp16
 
         return torch.autocast("cuda", dtype=amp_dtype(self.device))
 

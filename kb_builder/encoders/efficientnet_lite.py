@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from kb_builder.encoders.base import ImageEncoder, check_image_size, check_spec_keys
-from kb_builder.kb_schema import ENCODER_OPTIONS
+from retformer.kb_builder.encoders.base import ImageEncoder, check_image_size, check_spec_keys
+from retformer.kb_builder.kb_schema import ENCODER_OPTIONS
 
 TIMM_ARCH = "tf_efficientnet_lite0"
 MEAN = (0.5, 0.5, 0.5)

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from kb_builder.encoders.base import TextEncoder, check_spec_keys
-from kb_builder.kb_schema import ENCODER_OPTIONS
+from retformer.kb_builder.encoders.base import TextEncoder, check_spec_keys
+from retformer.kb_builder.kb_schema import ENCODER_OPTIONS
 
 BATCH_SIZE = 256
 

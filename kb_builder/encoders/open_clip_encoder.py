@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from artifacts.errors import UserError
-from kb_builder.encoders.base import ImageEncoder, TextEncoder, check_image_size, check_spec_keys
-from kb_builder.kb_schema import ENCODER_OPTIONS
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder.encoders.base import ImageEncoder, TextEncoder, check_image_size, check_spec_keys
+from retformer.kb_builder.kb_schema import ENCODER_OPTIONS
 
 SPEC_KEYS = ENCODER_OPTIONS["image"]["open_clip"]  # the manifest schema's set (same for text)
 TEXT_BATCH = 512

@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from artifacts.atomic import remove_dead_temps
-from artifacts.embeddings_io import list_parts, part_num_rows
-from artifacts.errors import UserError
-from artifacts.workspace import read_json
-from kb_builder import MapTasks
-from kb_builder.index.build import INDEX_JSON, build_index, part_dim, shard_damage, write_index_record
-from kb_builder.index.grow import (
+from retformer.artifacts.atomic import remove_dead_temps
+from retformer.artifacts.embeddings_io import list_parts, part_num_rows
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import INDEX_JSON
+from retformer.artifacts.workspace import read_json
+from retformer.kb_builder import MapTasks
+from retformer.kb_builder.index.build import build_index, part_dim, shard_damage, write_index_record
+from retformer.kb_builder.index.grow import (
     Rebuild,
     grow_decision,
     grow_index,
@@ -38,15 +39,15 @@ from kb_builder.index.grow import (
     same_parts,
     write_recall_sample,
 )
-from kb_builder.index.rows import part_table
-from kb_builder.index.search import (
+from retformer.kb_builder.index.rows import part_table
+from retformer.kb_builder.index.search import (
     ShardedIndex,
     exact_ground_truth,
     record_tuning,
     sample_queries,
     tune_and_check,
 )
-from kb_builder.index.select import choose_index, make_plan
+from retformer.kb_builder.index.select import choose_index, make_plan
 
 log = logging.getLogger(__name__)
 

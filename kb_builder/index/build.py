@@ -33,15 +33,22 @@ from typing import Any
 import faiss
 import numpy as np
 
-from artifacts.atomic import atomic_path, remove_dead_temps, write_json_atomic
-from artifacts.errors import UserError
-from kb_builder import MapTasks, map_inline
-from kb_builder.index.rows import ADD_BATCH_ROWS, iter_range, part_dim, part_table, sample_rows, shard_ranges
-from kb_builder.index.select import IndexPlan
+from retformer.artifacts.atomic import atomic_path, remove_dead_temps, write_json_atomic
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import INDEX_JSON
+from retformer.kb_builder import MapTasks, map_inline
+from retformer.kb_builder.index.rows import (
+    ADD_BATCH_ROWS,
+    iter_range,
+    part_dim,
+    part_table,
+    sample_rows,
+    shard_ranges,
+)
+from retformer.kb_builder.index.select import IndexPlan
 
 log = logging.getLogger(__name__)
 
-INDEX_JSON = "index.json"
 TRAINED_FILE = "trained.faissindex"
 SHARD_PATTERN = "shard-{:05d}"
 SHARD_SUFFIX = ".faissindex"
@@ -112,7 +119,7 @@ GPU_SCRATCH_BYTES = 1536 * 2**20
 
 def gpu_free_bytes() -> int | None:
     """Free memory of the GPU faiss adds on (GPU 0 of this process); None when unknown."""
-    from artifacts.devices import free_gpu_memory
+    from retformer.artifacts.devices import free_gpu_memory
 
     return free_gpu_memory(0)
 

@@ -38,18 +38,18 @@ from typing import Any
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from artifacts.atomic import atomic_path
-from artifacts.errors import UserError
-from kb_builder import MapTasks, map_inline
-from kb_builder.index.build import (
+from retformer.artifacts.atomic import atomic_path
+from retformer.artifacts.errors import UserError
+from retformer.kb_builder import MapTasks, map_inline
+from retformer.kb_builder.index.build import (
     SHARD_PATTERN,
     TRAINED_FILE,
     _read_json,
     build_shard,
     shard_damage,
 )
-from kb_builder.index.rows import iter_range, read_rows
-from kb_builder.index.search import (
+from retformer.kb_builder.index.rows import iter_range, read_rows
+from retformer.kb_builder.index.search import (
     QUERY_SEED,
     ShardedIndex,
     exact_ground_truth,
@@ -58,7 +58,7 @@ from kb_builder.index.search import (
     sample_queries,
     tune_and_check,
 )
-from kb_builder.index.select import IndexPlan, ivf_nlist
+from retformer.kb_builder.index.select import IndexPlan, ivf_nlist
 
 log = logging.getLogger(__name__)
 

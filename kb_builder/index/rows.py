@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from artifacts.embeddings_io import part_num_rows, read_image_vectors
-from artifacts.errors import UserError
+from retformer.artifacts.embeddings_io import part_num_rows, read_image_vectors
+from retformer.artifacts.errors import UserError
 
 ADD_BATCH_ROWS = 65_536  # vectors converted to fp32 and added at a time (bounds a task's memory)
 # The training sample is drawn from random parts holding at least this many times the sample

@@ -25,10 +25,11 @@ import numpy as np
 from faiss.contrib.evaluation import knn_intersection_measure
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from artifacts.errors import UserError
-from kb_builder.index.build import INDEX_JSON, shard_damage, write_index_record
-from kb_builder.index.rows import iter_blocks, part_table, read_rows
-from kb_builder.index.select import estimate_bytes
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import INDEX_JSON
+from retformer.kb_builder.index.build import shard_damage, write_index_record
+from retformer.kb_builder.index.rows import iter_blocks, part_table, read_rows
+from retformer.kb_builder.index.select import estimate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class ShardedIndex:
         meta_path = index_dir / INDEX_JSON
         if not meta_path.is_file():
             raise UserError(f"no index in {index_dir} ({INDEX_JSON} missing): run the index stage first")
-        from artifacts.workspace import read_json
+        from retformer.artifacts.workspace import read_json
 
         return cls.from_record(index_dir, read_json(meta_path) or {}, mmap)
 

@@ -1,14 +1,14 @@
 """Choose a faiss index for the KB's image embeddings from (N, d, memory budget, recall target, k).
 
 The rules follow faiss's wiki page "Guidelines to choose an index" and the index-selection logic
-of autofaiss (read, not copied), adjusted by what DESIGN.md measured on this project's data:
+of autofaiss (read, not copied), adjusted by what was measured on this project's data:
 
 * Flat is the only exact index; it is the choice when N is small enough that brute force is cheap.
 * HNSW{M},Flat needs (4*d + 2*M*4) bytes per vector and no training; good below ~1M vectors.
 * IVF{K} with K between 4*sqrt(N) and 16*sqrt(N); k-means needs 30*K..256*K training points.
   From about 1M vectors on, the coarse quantizer itself is an HNSW graph (IVF65536_HNSW32 ...).
 * When memory is tight, vectors are compressed: SQ8 (d bytes/vector) and then PQ{m}
-  (m bytes/vector). Bare PQ recalls poorly (DESIGN.md: PQ64 0.31-0.61 at k=32), so PQ is always
+  (m bytes/vector). Bare PQ recalls poorly (measured: PQ64 0.31-0.61 at k=32), so PQ is always
   paired with re-ranking from fp16 copies of the vectors (`Refine(SQfp16)`), which the search
   side memory-maps from disk, so they cost disk, not RAM.
 
@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from artifacts.errors import UserError
+from retformer.artifacts.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ METRIC = "inner_product"
 # optimises latency; our queries are an offline batch job.)
 FLAT_MAX_N = 100_000
 # HNSW below this many vectors. Wiki: HNSW is the best speed/accuracy when memory allows, in the
-# "below 1M vectors" bucket; DESIGN.md measured HNSW building 3-8x slower than IVF at 1M and
+# "below 1M vectors" bucket; measured on this project's data, HNSW built 3-8x slower than IVF at 1M and
 # recalling less, so from 1M on we use IVF.
 HNSW_MAX_N = 1_000_000
 # Wiki: M between 4 and 64, memory (4*d + 2*M*4) bytes/vector; 32 is the wiki's and autofaiss's
@@ -62,10 +62,10 @@ PQ_MIN_TRAIN_POINTS = 39 * 256
 TRAIN_MEMORY_FRACTION = 0.5
 # Unquantised IVF (IVF,Flat) below this N when it fits (autofaiss's ivf_flat_threshold).
 IVF_FLAT_MAX_N = 1_000_000
-# SQ8 caps recall a little below exact storage: DESIGN.md measured IVF4096,SQ8 at 0.98 (k=32,
+# SQ8 caps recall a little below exact storage: IVF4096,SQ8 measured 0.98 (k=32,
 # d=512). Targets above this need unquantised (or re-ranked) vectors.
 SQ8_RECALL_CEILING = 0.98
-# PQ code sizes to try, largest (most accurate) first; m must divide d. 64 bytes is DESIGN.md's
+# PQ code sizes to try, largest (most accurate) first; m must divide d. 64 bytes is the
 # web-scale figure (1.4B x 64 B ~ 100 GB).
 PQ_M_CHOICES = (128, 96, 64, 48, 32, 16, 8)
 # At least 4 dimensions per sub-quantizer (wiki: OPQ{M}_{D} with D = 4*M; finer splits train

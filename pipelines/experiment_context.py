@@ -1,0 +1,150 @@
+"""What the methods of one experiment share (`ExperimentContext`): the manifests, the dataset's info,
+and what is loaded once and only when a method needs it (the KB's label check, the class names' text
+vectors, the split images of fine-tune mode, the image encoder); and the start over of a run's
+per-method state (its files are named by `artifacts.names.safe_name`)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retformer.artifacts import manifest
+from retformer.artifacts.errors import UserError
+from retformer.artifacts.names import INDEX_JSON, PREDICTIONS
+from retformer.artifacts.workspace import Workspace, read_json
+from retformer.trainer.baselines import kb_label_problem
+from retformer.trainer.images import SplitImages, shard_images
+from retformer.trainer.methods import METHODS
+
+
+def start_over(run_dir: Path) -> None:
+    """A finished run (or resume: false) is repeated from scratch: drop its per-method state."""
+    for pattern in ("*.ckpt.pt", "*.result.json", "eval.json", "report.html"):
+        for p in run_dir.glob(pattern):
+            p.unlink()
+    shutil.rmtree(run_dir / PREDICTIONS, ignore_errors=True)
+
+
+class ExperimentContext:
+    """What the methods of one experiment share, loaded once and only when a method needs it."""
+
+    def __init__(self, ws: Workspace, ds: dict, kb: dict, exp: dict, info: dict, progress: bool) -> None:
+        self.ws, self.ds, self.kb, self.exp, self.info, self.progress = ws, ds, kb, exp, info, progress
+        self._images: dict[tuple[str, str], Any] = {}
+        self._dataset = None
+        self._encoder = None
+        self.mlp_only: Any = None  # the selected mlp_only (recipe stacked builds on it), once per run
+        self.table_k: int | None = None  # k of the neighbor tables the run reads (set by run_experiment)
+        self._label_problem: tuple[str | None] | None = None
+        self._class_text: tuple[Any] | None = None
+
+    def label_problem(self, features: Any) -> str | None:
+        """Why the KB's labels cannot vote as this dataset's classes (knn_vote, knn_weighted, RetFormer's
+        label evidence), or None when they can; `features`: any split's (they share the store)."""
+        if self._label_problem is None:
+            ds_name, kb_src = self.ds["name"], (self.kb.get("source") or {}).get("dataset")
+            if kb_src:  # a dataset manifest's name or path, as the shards stage reads it
+                try:
+                    kb_src = manifest.load("datasets", kb_src).get("name", kb_src)
+                except UserError:
+                    pass  # a name without a manifest here: compared as given
+            other = read_json(self.ws.dataset_info(kb_src)) if kb_src and kb_src != ds_name else None
+            problem = kb_label_problem(
+                features.store_label,
+                int(self.info["num_classes"]),
+                ds_name,
+                self.info.get("class_names"),
+                kb_src,
+                (other or {}).get("class_names"),
+            )
+            self._label_problem = (problem,)
+        return self._label_problem[0]
+
+    def class_text(self) -> Any:
+        """The class names' prompt vectors from the KB's text tower (caption evidence; `trainer.evidence`),
+        or None where the dataset has no real class names or the KB no text encoder."""
+        if self._class_text is None:
+            from retformer.trainer.evidence import class_text_embeddings
+            from retformer.trainer.zeroshot import _PLACEHOLDER
+
+            names = self.info.get("class_names") or []
+            spec = (self.kb.get("encoders") or {}).get("text")
+            if not names or not spec or all(_PLACEHOLDER.match(n) for n in names):
+                self._class_text = (None,)
+            else:
+                from retformer.kb_builder.encoders import build_text_encoder
+
+                self._class_text = (class_text_embeddings(build_text_encoder(spec), names),)
+        return self._class_text[0]
+
+    def images(self, split: str, uids: list[str], source: str) -> Any:
+        """The images of a split in `uids` order (fine-tune mode), indexed once per split."""
+
+        key = (split, source)
+        if key not in self._images:
+            if source == "dataset":
+                from retformer.kb_builder.datasets import load_dataset
+
+                if self._dataset is None:
+                    self._dataset = load_dataset(self.ds)
+                if split not in self._dataset.splits:
+                    raise UserError(f"dataset {self.ds['name']} has no split {split!r}")
+                self._images[key] = SplitImages(self._dataset.splits[split], uids)
+            else:
+                self._images[key] = shard_images(self.ws.dataset_shards(self.ds["name"]), split, uids)
+        return self._images[key]
+
+    def model_info(self, method: str, key: str, k: int, config: Any, **extra: Any) -> dict[str, Any]:
+        """What a saved model needs besides its weights to predict on new images (`<run>/<key>.pt`):
+        the dataset and KB manifests, the encoders and embed options (the same preprocessing), the KB
+        index it searched and its tuned search parameters, k and the k of the neighbor tables (the
+        search depth of the run's own retrieval), class names, the training config and recipe."""
+        index_dir = self.ws.kb_index(self.kb["name"])
+        index = read_json(index_dir / INDEX_JSON) or {}
+        return {
+            "method": method,
+            "result": key,
+            "mode": METHODS[method].mode,
+            "uses_neighbors": METHODS[method].uses_neighbors,
+            "workspace": str(self.ws.root.resolve()),
+            "dataset": self.ds,
+            "kb": self.kb,
+            "encoders": self.kb.get("encoders") or {},
+            "embed": self.kb.get("embed") or {},
+            "class_names": self.info.get("class_names"),
+            "num_classes": int(self.info["num_classes"]),
+            "shot_split": self.info.get("shot_split"),
+            "k": k,
+            "search_k": self.table_k or k,
+            "index": {
+                "dir": str(index_dir.relative_to(self.ws.root)),
+                "key": index.get("key"),
+                "factory": index.get("factory"),
+                "n": index.get("n"),
+                "parts": [(p["name"], p["rows"]) for p in index.get("parts", [])],
+                # the search parameters `retformer index` tuned to its recall target (index.json)
+                "params": index.get("params", {}),
+                "params_source": f"{index_dir / INDEX_JSON} (tuned at {index.get('created')})",
+                "recall_check": index.get("recall_check"),
+            },
+            "train_config": asdict(config) if is_dataclass(config) else config,
+            "recipe": self.exp.get("recipe", "paper"),
+            "select_split": self.exp.get("select_split"),
+            "experiment": self.exp.get("name"),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
+
+    def image_encoder(self, seed: int) -> Any:
+        """The KB's image encoder (fine-tune mode trains a copy), built once; seeded for random weights."""
+        from retformer.kb_builder.encoders import build_image_encoder
+
+        if self._encoder is None:
+            torch.manual_seed(seed)  # random-weight encoders (tests) are then the same in every run
+            self._encoder = build_image_encoder(self.kb["encoders"]["image"])
+        return self._encoder

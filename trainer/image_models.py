@@ -1,0 +1,109 @@
+"""The image-only models: RetFormer's L_I branch (`ImageBranch`) and the baselines that read the query
+embedding alone (`LinearProbe`, the `mlp_only` ablation `MLPOnly`), with the class prior's log that
+RetFormer and mlp_only adjust their logits by. They take RetFormer's forward arguments (one call serves
+every model, trainer/train.py) and ignore the neighbours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def log_prior(class_counts: list[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C,) log of the class prior from training counts (a class with 0 images counts as 1)."""
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float32).clamp_min(1.0)
+    if len(counts) != num_classes:
+        raise ValueError(f"{len(counts)} class counts for {num_classes} classes")
+    return torch.log(counts / counts.sum())
+
+
+class ImageBranch(nn.Sequential):
+    """RetFormer's L_I branch, the paper's MLP(z): Linear(img_dim, hidden) -> ReLU -> Linear(hidden, C).
+    The `mlp_only` ablation is this very module alone (`MLPOnly`); hidden defaults to img_dim."""
+
+    def __init__(self, img_dim: int, num_classes: int, hidden: int | None = None) -> None:
+        hidden = hidden or img_dim
+        super().__init__(nn.Linear(img_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.hidden = hidden
+
+
+class ImageOnlyModel(nn.Module):
+    """A model of the query embedding alone: `forward` takes RetFormer's arguments and ignores the
+    neighbours (so the epoch loop skips gathering them: `needs_neighbors`); a subclass says its logits."""
+
+    needs_neighbors = False
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        nn_img: torch.Tensor | None = None,
+        nn_txt: torch.Tensor | None = None,
+        *,
+        nn_label: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, C) logits of the query embeddings z (B, img_dim)."""
+        return self.image_logits(z)
+
+    def image_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits of z: the subclass's model."""
+        raise NotImplementedError
+
+
+class LinearProbe(ImageOnlyModel):
+    """Linear classifier on the query embedding ("CLIP classifier FT"); ignores the neighbors."""
+
+    def __init__(self, img_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {"kind": "linear_probe", "img_dim": img_dim, "num_classes": num_classes}
+        self.fc = nn.Linear(img_dim, num_classes)
+
+    def image_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C) = fc(z)."""
+        return self.fc(z)
+
+
+class MLPOnly(ImageOnlyModel):
+    """The `mlp_only` ablation: exactly RetFormer's L_I branch alone (the same `ImageBranch` module, same
+    hidden width: `mlp_hidden`, default img_dim, as in RetFormer), no retrieval; ignores the neighbors.
+    Its state dict has RetFormer's `mlp.*` keys."""
+
+    def __init__(
+        self,
+        img_dim: int,
+        num_classes: int,
+        mlp_hidden: int | None = None,
+        prior_tau: float = 0.0,
+        log_prior: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.mlp = ImageBranch(img_dim, num_classes, mlp_hidden)
+        prior = (
+            torch.zeros(num_classes) if log_prior is None else torch.tensor(log_prior, dtype=torch.float32)
+        )
+        self.config: dict[str, Any] = {
+            "kind": "mlp_only",
+            "img_dim": img_dim,
+            "num_classes": num_classes,
+            "mlp_hidden": self.mlp.hidden,
+            "prior_tau": prior_tau,
+            "log_prior": prior.tolist(),
+        }
+        # Post-hoc logit adjustment at prediction (Menon et al.): logits - prior_tau * log prior, with
+        # prior_tau chosen on val; training is unchanged (it sees logits before the adjustment). The prior
+        # lives in the config, so the state dict stays exactly RetFormer's L_I branch (`mlp.*`).
+        self.register_buffer("log_prior", prior, persistent=False)
+
+    def set_prior(self, class_counts: list[int] | torch.Tensor) -> None:
+        """log of the training class prior, for the post-hoc adjustment."""
+        self.log_prior.copy_(log_prior(class_counts, len(self.log_prior)))
+        self.config["log_prior"] = self.log_prior.tolist()
+
+    def image_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C) = mlp(z), less prior_tau * log prior when evaluating (training sees mlp(z))."""
+        logits = self.mlp(z)
+        if self.training or not float(self.config["prior_tau"]):
+            return logits
+        return logits - float(self.config["prior_tau"]) * self.log_prior.to(logits)

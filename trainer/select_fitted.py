@@ -1,0 +1,181 @@
+"""The stacked RetFormer with its prediction rule fitted on val (`select.rule_fit: stack`).
+
+The same model and training as `selection.select_stacked` (L_I the selected mlp_only, frozen; L_R trained
+on its own loss per (lr, la_tau) cell, epoch 0 a candidate), but the rule is fitted, not picked from a
+grid (trainer/stacking.py): after every epoch, per evidence and per gate (t = a quantile of the
+relevance s over val; None: no gate), the weights of (L_I, log prior, L_R, log e) are fitted on the val
+images the gate opens by class-balanced negative log-likelihood; where it is closed L_I predicts alone
+with its own fitted prior shift. The checkpoint, the evidence and the gate are chosen by the whole val
+split's likelihood, smooth where val accuracy moves in steps of one image. The gate is what keeps a
+heavily weighted retrieval term safe when the neighbours are not relevant (shuffled val, another KB).
+Kept from the grid recipe: the evidence is the weighted-vote baseline's (its (k, T) chosen on val as
+knn_weighted / caption_vote choose them), the shuffled-neighbour admissibility rule (val with neighbours
+shuffled across queries must score >= L_I's best - `tolerance` points), and L_I alone as the fallback: a
+fitted rule whose val criterion is below L_I's stack by more than -`min_gain` points is not taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from retformer.trainer.config import SelectOptions
+from retformer.trainer.model import RetFormer
+from retformer.trainer.selection import (
+    Selected,
+    Task,
+    branch_logits,
+    relevance_of,
+    rule_evidence,
+    rule_logits,
+    shuffled,
+    stacked_cell,
+    train_tracked,
+)
+from retformer.trainer.stacking import Stack, class_weights, fit_stack, stack_logits, weighted_nll
+from retformer.trainer.val_criteria import criterion, top1
+
+# Decimals the fitted weights keep in the rule (what results.json and the rule line show); the val
+# figures are computed with the rounded rule, so a reloaded model predicts what selection scored.
+RULE_DECIMALS = 4
+# Where the fitted rule fails the shuffled-neighbour control, its retrieval weights are scaled by these in
+# turn (L_I's kept) and the first that passes is the candidate: the control bounds how much a rule may
+# trust neighbours whose relevance the gate cannot tell from chance (e.g. digits, where any digit's
+# neighbours look alike), as the grid's small alphas and betas did.
+SHRINKS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+RULE_KEYS = (
+    "alpha",
+    "gate_t",
+    "beta",
+    "prior_tau",
+    "evidence",
+    "vote_temp",
+    "vote_k",
+    "image_weight",
+    "closed_prior_tau",
+)
+
+
+def _rule(stack: Stack, evidence: tuple[str, float, int] | None, default_temp: float) -> dict[str, Any]:
+    rule = {k: round(v, RULE_DECIMALS) for k, v in stack.rule().items()}
+    kind, temp, k = evidence if evidence is not None and rule["beta"] else (None, default_temp, None)
+    return rule | {"gate_t": None, "gate_quantile": None, "evidence": kind, "vote_temp": temp, "vote_k": k}
+
+
+def _gated(rule: dict[str, Any], q: float | None, t: float | None, plain: dict[str, Any]) -> dict[str, Any]:
+    """The rule with its gate (quantile q, threshold t) and, where the gate is closed, L_I's own shift."""
+    if q is None or not (rule["alpha"] or rule["beta"]):
+        return rule | {"closed_prior_tau": None}
+    return rule | {"gate_t": t, "gate_quantile": q, "closed_prior_tau": plain["prior_tau"]}
+
+
+def select_fitted(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOptions) -> Selected:
+    """The stacked RetFormer, its checkpoint, evidence, gate and rule weights fitted on val: see the module
+    docstring. mlp_state: the selected mlp_only's `mlp` weights (L_I)."""
+    train, val = task.train, task.val
+    score_of = criterion(task.metric)
+    y = val.labels
+    val_sh = shuffled(val, opts.shuffle_seed)
+    probe: RetFormer = task.build(recipe="stacked")
+    probe.mlp.load_state_dict(mlp_state)
+    prior = probe.log_prior.float().cpu()
+    default_temp = float(probe.config["vote_temp"])
+    device = next(probe.parameters()).device
+    s_val, s_sh = relevance_of(val, device), relevance_of(val_sh, device)
+    # The evidence the rule may add, read once (key None: L_R without evidence).
+    evidence: dict[tuple[str, float, int] | None, tuple[torch.Tensor | None, torch.Tensor | None]] = {
+        None: (None, None),
+        **rule_evidence(task, probe, val_sh, opts),
+    }
+    sw = class_weights(y)
+    l_i = branch_logits(probe, val, with_relevance=False)[0]
+    plain_stack = fit_stack(l_i, prior, y, sample_weight=sw)
+    plain_rule = _gated(_rule(replace(plain_stack, alpha=0.0, beta=0.0), None, default_temp), None, None, {})
+    # The reference of the shuffled-neighbour control and the fallback: L_I alone, its prior shift fitted.
+    plain_val = rule_logits(probe, (l_i, l_i, s_val), plain_rule, None)
+    plain_score = score_of(plain_val, y)
+    l_i_score = max([plain_score] + [score_of(l_i - tau * prior, y) for tau in opts.prior_taus])
+    # each val image's weighted nll under L_I alone: what a closed gate contributes
+    plain_nll = weighted_nll(stack_logits(plain_stack, l_i, prior), y, sw)
+    # per gate quantile (None: no gate): its threshold t, the val images it opens and the nll of the rest
+    gates: dict[float | None, tuple[float | None, torch.Tensor, float]] = {}
+    for q in opts.gate_quantiles:
+        t = None if q is None else float(torch.quantile(s_val, q))
+        open_ = torch.ones_like(y, dtype=torch.bool) if t is None else s_val > t
+        gates[q] = (t, open_, float(plain_nll[~open_].sum()))
+
+    def split_nll(stack: Stack, li: torch.Tensor, lr_: torch.Tensor, log_e: Any, q: float | None) -> float:
+        """The whole val split's weighted nll: `stack` where gate q is open, L_I alone where closed."""
+        _, open_, closed_nll = gates[q]
+        e_open = None if log_e is None else log_e[open_]
+        logits = stack_logits(stack, li[open_], prior, lr_[open_], e_open)
+        return float(weighted_nll(logits, y[open_], sw[open_]).sum()) + closed_nll
+
+    def fit_open(li: torch.Tensor, lr_: torch.Tensor, log_e: Any, open_: torch.Tensor) -> Stack:
+        """The stack fitted on the val images a gate opens, with their weights in the whole split."""
+        e_open = None if log_e is None else log_e[open_]
+        return fit_stack(li[open_], prior, y[open_], lr_[open_], e_open, sample_weight=sw[open_])
+
+    trials: list[dict[str, Any]] = []
+    candidates = []
+    model = None
+    for cell, (lr, la_tau) in enumerate(opts.retformer_grid):
+        model, config = stacked_cell(task, mlp_state, opts, lr, la_tau)
+
+        def score(m: RetFormer = model) -> dict[Any, float]:
+            li, lr_ = branch_logits(m, val, with_relevance=False)
+            return {
+                (key, q): -(fit_open(li, lr_, log_e, open_).nll + closed_nll)
+                for key, (log_e, _) in evidence.items()
+                for q, (_, open_, closed_nll) in gates.items()
+            }
+
+        best = train_tracked(
+            model, train, config, score, task.class_counts, from_epoch_zero=True, figure="val_loglik"
+        )
+        for (key, q), (ep, _, state) in best.best.items():
+            model.load_state_dict(state)
+            li, lr_ = branch_logits(model, val, with_relevance=False)
+            li_sh, lr_sh = branch_logits(model, val_sh, with_relevance=False)
+            e_plain, e_mixed = evidence[key]
+            t, open_, _ = gates[q]
+            # the fit this epoch won with, refitted (deterministic: the same branches, the same weights)
+            fitted = fit_open(li, lr_, e_plain, open_)
+            for shrink in SHRINKS:
+                stack = replace(fitted, alpha=fitted.alpha * shrink, beta=fitted.beta * shrink)
+                rule = _gated(_rule(stack, key, default_temp), q, t, plain_rule)
+                rule_val = rule_logits(model, (li, lr_, s_val), rule, e_plain)
+                rule_sh = rule_logits(model, (li_sh, lr_sh, s_sh), rule, e_mixed)
+                nll = split_nll(stack, li, lr_, e_plain, q)
+                row = {
+                    "lr": lr,
+                    "la_tau": la_tau,
+                    "epoch": ep,
+                    **rule,
+                    "shrink": shrink,
+                    "val_nll": round(nll, 6),
+                    "val_score": score_of(rule_val, y),
+                    "val_top1": top1(rule_val, y),
+                    "val_shuffled_score": score_of(rule_sh, y),
+                    "l_i_val_score": l_i_score,
+                }
+                trials.append(row)
+                # tolerance is in points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
+                if row["val_shuffled_score"] >= l_i_score - opts.tolerance / 100 - 1e-9:
+                    # the largest shrink of the fitted retrieval weights that passes the control
+                    if row["val_score"] >= plain_score + opts.min_gain / 100 - 1e-9:
+                        candidates.append((nll, cell, row, state))
+                    break
+    assert model is not None
+    if candidates:
+        _, _, row, state = min(candidates, key=lambda c: (c[0], c[1]))
+        model.load_state_dict(state)
+    else:  # L_I alone: any trained L_R state will do, alpha = beta = 0 never reads it
+        row = {"lr": None, "la_tau": 0.0, "epoch": 0, **plain_rule, "val_nll": round(plain_stack.nll, 6)}
+        row |= {"val_score": plain_score, "val_top1": top1(plain_val, y)}
+    model.config.update({key: row[key] for key in RULE_KEYS})
+    model.eval()
+    selected = {k: v for k, v in row.items() if k != "val_top1"} | {"rule_fit": "stack"}
+    return Selected(model, selected, row["val_top1"], trials)
