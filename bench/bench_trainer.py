@@ -374,9 +374,9 @@ def main() -> None:
     order = sorted(methods, key=lambda m: m != "mlp_only")  # mlp_only first: see the docstring
     exp = {**exp, "methods": order}
     plan = plan_experiment(exp, kb)
-    opts = plan["select"].for_dataset(ds["name"])
+    opts = plan["select"].for_dataset(ds.name)
     k = int(exp.get("k", 32))
-    ensure_tables(args.workdir, ds["name"], kb["name"], k)
+    ensure_tables(args.workdir, ds.name, kb["name"], k)
     ws = Workspace(args.workdir)
 
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
@@ -384,10 +384,8 @@ def main() -> None:
         started = time.perf_counter()
         report = run_experiment(ws, ds, kb, exp, run_dir, progress=not args.no_progress)
         experiment_s = time.perf_counter() - started
-        info = read_json(ws.dataset_info(ds["name"]))
-        splits = {
-            s: load_retrieval_features(ws, ds["name"], kb["name"], k, s) for s in ("train", "val", "test")
-        }
+        info = read_json(ws.dataset_info(ds.name))
+        splits = {s: load_retrieval_features(ws, ds.name, kb["name"], k, s) for s in ("train", "val", "test")}
         stacked_best = (
             best_epochs(
                 run_dir / "retformer.metrics.jsonl",
@@ -450,7 +448,7 @@ def main() -> None:
         "command": "python bench/bench_trainer.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "torch_threads": torch.get_num_threads(),
-        "dataset": ds["name"],
+        "dataset": ds.name,
         "kb": kb["name"],
         "experiment": exp["name"],
         "overrides": overrides,

@@ -126,7 +126,7 @@ def neighbors(
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides)
     kb_m = stages.load_kb(kb, ctx.overrides)
     rec = stages.stage_neighbors(ctx.ws, ds_m, kb_m, k, dask=ctx.dask)
-    _echo_record(f"neighbors {ds_m['name']} x {kb_m['name']}", rec, ["k", "splits", "bytes_per_query_image"])
+    _echo_record(f"neighbors {ds_m.name} x {kb_m['name']}", rec, ["k", "splits", "bytes_per_query_image"])
 
 
 @command("set")

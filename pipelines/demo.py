@@ -98,17 +98,17 @@ def run_pair(
     kb_m = stages.load_kb(kb, overrides)
     exp_m = stages.load_experiment(experiment, overrides)
     timings: dict[str, float] = {}
-    with _timed(timings, f"{ds_m['name']}: shards"):
+    with _timed(timings, f"{ds_m.name}: shards"):
         stages.stage_shards(ws, kb_m, ds_m, overrides)
-    with _timed(timings, f"{ds_m['name']}: embed"):
+    with _timed(timings, f"{ds_m.name}: embed"):
         stages.stage_embed(ws, kb_m, ds_m, overrides, dask=dask)
-    with _timed(timings, f"{ds_m['name']}: index"):
+    with _timed(timings, f"{ds_m.name}: index"):
         index_rec = stages.stage_index(ws, kb_m, dask=dask)
-    with _timed(timings, f"{ds_m['name']}: neighbors"):
+    with _timed(timings, f"{ds_m.name}: neighbors"):
         nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, dask=dask)
     seed_values = seed_list(int((exp_m.get("train") or {}).get("seed", 0)), seeds)
     reports = []
-    with _timed(timings, f"{ds_m['name']}: train+evaluate"):
+    with _timed(timings, f"{ds_m.name}: train+evaluate"):
         for seed in seed_values:  # each seed is its own run, named with its config hash
             seeded = {**exp_m, "train": {**(exp_m.get("train") or {}), "seed": seed}}
             reports.append(stages.stage_train(ws, ds_m, kb_m, seeded, tensorboard=tensorboard))
@@ -119,8 +119,8 @@ def run_pair(
     run_dirs = [ws.run_dir(r["run"]) for r in reports if r.get("run")]
     summary.update(
         {
-            "dataset": ds_m["name"],
-            "description": ds_m.get("description"),
+            "dataset": ds_m.name,
+            "description": ds_m.description,
             "kb": kb_m["name"],
             "experiment": exp_m["name"],
             "seeds": seed_values,

@@ -74,6 +74,7 @@ def stage_evaluate_kb(
     import torch
 
     from retformer.artifacts.names import safe_name
+    from retformer.kb_builder.datasets.schema import validate_dataset
     from retformer.pipelines import stages
     from retformer.pipelines.use.model_file import model_files
     from retformer.trainer.baselines import kb_label_problem, knn_vote
@@ -91,7 +92,8 @@ def stage_evaluate_kb(
     saved = {stem: load_saved_model(path) for stem, path in model_files(run_dir).items()}
     infos = [s.info for s in saved.values() if s.info]
     if infos:
-        ds, encoders, embed = infos[0]["dataset"], infos[0]["encoders"], infos[0].get("embed")
+        ds = validate_dataset(infos[0]["dataset"])  # the manifest the model was trained with
+        encoders, embed = infos[0]["encoders"], infos[0].get("embed")
     else:  # a run of kNN vote / zero-shot only: its manifests as they are now
         ds = stages.load_dataset_manifest(original["dataset"], overrides)
         trained_kb = stages.load_kb(original["kb"], overrides)
@@ -102,10 +104,10 @@ def stage_evaluate_kb(
     if table_k is None:
         raise UserError(f"run {run_dir.name} read no neighbour tables: there is nothing a KB changes")
     nn = stages.stage_neighbors(ws, ds, kb_m, int(table_k), splits=splits, dask=dask)
-    info = read_json(ws.dataset_info(ds["name"])) or {}
+    info = read_json(ws.dataset_info(ds.name)) or {}
     shot, num_classes = info.get("shot_split"), int(info["num_classes"])
     seed = int((original.get("config", {}).get("select") or {}).get("shuffle_seed", 123))
-    feats = {s: load_retrieval_features(ws, ds["name"], other, int(table_k), s) for s in splits}
+    feats = {s: load_retrieval_features(ws, ds.name, other, int(table_k), s) for s in splits}
     out_dir = f"predictions.{other}"
 
     def scored(scores: Any, f: Any, name: str, **extra: Any) -> dict[str, Any]:
@@ -150,11 +152,11 @@ def stage_evaluate_kb(
                     source = manifest.load("datasets", source).get("name", source)
                 except UserError:
                     pass  # a name without a manifest here: compared as given
-            other_info = read_json(ws.dataset_info(source)) if source and source != ds["name"] else None
+            other_info = read_json(ws.dataset_info(source)) if source and source != ds.name else None
             problem = kb_label_problem(
                 f.store_label,
                 num_classes,
-                ds["name"],
+                ds.name,
                 info.get("class_names"),
                 source,
                 (other_info or {}).get("class_names"),
@@ -173,7 +175,7 @@ def stage_evaluate_kb(
             "evaluated_kb": other,
             "kb_index": _index_summary(index),
             "neighbor_tables": {
-                "dir": str(ws.neighbors_dir(ds["name"], other, int(table_k)).relative_to(ws.root)),
+                "dir": str(ws.neighbors_dir(ds.name, other, int(table_k)).relative_to(ws.root)),
                 "reused": bool(nn.get("reused")),
                 "splits": splits,
             },

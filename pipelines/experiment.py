@@ -36,7 +36,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,6 +54,9 @@ from retformer.trainer.checkpoint import result_fingerprint
 from retformer.trainer.evaluate import prediction_table
 from retformer.trainer.features import load_retrieval_features, neighbor_k_values
 from retformer.trainer.methods import RETRIEVAL_FREE
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.datasets.schema import DatasetManifest
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ class _Inputs:
 
 def run_experiment(
     ws: Workspace,
-    ds: dict[str, Any],
+    ds: DatasetManifest,
     kb: dict[str, Any],
     exp: dict[str, Any],
     run_dir: Path,
@@ -103,18 +106,18 @@ def run_experiment(
     (`pipelines.runs.check_overwrite` reads it)."""
 
     plan = plan_experiment(exp, kb)
-    info = read_json(ws.dataset_info(ds["name"]))
+    info = read_json(ws.dataset_info(ds.name))
     if info is None:
-        raise UserError(f"dataset {ds['name']} has not been prepared: run `retformer neighbors` first")
+        raise UserError(f"dataset {ds.name} has not been prepared: run `retformer neighbors` first")
     splits = eval_splits(exp, info)
-    plan["select"] = plan["select"].for_dataset(ds["name"])
+    plan["select"] = plan["select"].for_dataset(ds.name)
     select_split = exp.get("select_split")
     if select_split is not None and (select_split not in info["splits"] or select_split in splits):
         raise UserError(
             f"select_split {select_split!r} must be one of the dataset's splits {list(info['splits'])} "
             f"and not an eval split ({', '.join(splits)})"
         )
-    inputs = _load_inputs(ws, ds["name"], kb["name"], plan, info, splits, select_split)
+    inputs = _load_inputs(ws, ds.name, kb["name"], plan, info, splits, select_split)
     main = distributed.is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +265,7 @@ def _report(
     return {
         "run": run_dir.name,
         "config_hash": config_hash,
-        "dataset": ctx.ds["name"],
+        "dataset": ctx.ds.name,
         "kb": ctx.kb["name"],
         "experiment": exp["name"],
         "k": k_values[0] if len(k_values) == 1 else k_values,

@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from retformer.artifacts.workspace import Workspace, read_json
 from retformer.trainer.baselines import kb_label_problem
 from retformer.trainer.images import SplitImages, shard_images
 from retformer.trainer.methods import METHODS
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.datasets.schema import DatasetManifest
 
 
 def start_over(run_dir: Path) -> None:
@@ -33,7 +36,9 @@ def start_over(run_dir: Path) -> None:
 class ExperimentContext:
     """What the methods of one experiment share, loaded once and only when a method needs it."""
 
-    def __init__(self, ws: Workspace, ds: dict, kb: dict, exp: dict, info: dict, progress: bool) -> None:
+    def __init__(
+        self, ws: Workspace, ds: DatasetManifest, kb: dict, exp: dict, info: dict, progress: bool
+    ) -> None:
         self.ws, self.ds, self.kb, self.exp, self.info, self.progress = ws, ds, kb, exp, info, progress
         self._images: dict[tuple[str, str], Any] = {}
         self._dataset = None
@@ -47,7 +52,7 @@ class ExperimentContext:
         """Why the KB's labels cannot vote as this dataset's classes (knn_vote, knn_weighted, RetFormer's
         label evidence), or None when they can; `features`: any split's (they share the store)."""
         if self._label_problem is None:
-            ds_name, kb_src = self.ds["name"], (self.kb.get("source") or {}).get("dataset")
+            ds_name, kb_src = self.ds.name, (self.kb.get("source") or {}).get("dataset")
             if kb_src:  # a dataset manifest's name or path, as the shards stage reads it
                 try:
                     kb_src = manifest.load("datasets", kb_src).get("name", kb_src)
@@ -93,10 +98,10 @@ class ExperimentContext:
                 if self._dataset is None:
                     self._dataset = load_dataset(self.ds)
                 if split not in self._dataset.splits:
-                    raise UserError(f"dataset {self.ds['name']} has no split {split!r}")
+                    raise UserError(f"dataset {self.ds.name} has no split {split!r}")
                 self._images[key] = SplitImages(self._dataset.splits[split], uids)
             else:
-                self._images[key] = shard_images(self.ws.dataset_shards(self.ds["name"]), split, uids)
+                self._images[key] = shard_images(self.ws.dataset_shards(self.ds.name), split, uids)
         return self._images[key]
 
     def model_info(self, method: str, key: str, k: int, config: Any, **extra: Any) -> dict[str, Any]:
@@ -112,7 +117,7 @@ class ExperimentContext:
             "mode": METHODS[method].mode,
             "uses_neighbors": METHODS[method].uses_neighbors,
             "workspace": str(self.ws.root.resolve()),
-            "dataset": self.ds,
+            "dataset": self.ds.record(),
             "kb": self.kb,
             "encoders": self.kb.get("encoders") or {},
             "embed": self.kb.get("embed") or {},

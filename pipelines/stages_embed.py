@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.devices import resolve_device
 from retformer.artifacts.errors import UserError
@@ -22,6 +22,9 @@ from retformer.pipelines.stages_shards import (
     stage_dataset_shards,
     stage_kb_shards,
 )
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.datasets.schema import DatasetManifest
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ def _embed_shards(
 def stage_embed(
     ws: Workspace,
     kb: dict[str, Any],
-    ds: dict[str, Any] | None,
+    ds: DatasetManifest | None,
     overrides: list[str] | None,
     *,
     dask: DaskTarget | None = None,
@@ -57,13 +60,13 @@ def stage_embed(
         resolve_device(options.get("device"), f"embed of KB {kb['name']}")
     if not kb_shard_paths(ws, kb):
         stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
-    if ds and read_json(ws.dataset_info(ds["name"]), torn_ok=True) is None:
+    if ds and read_json(ws.dataset_info(ds.name), torn_ok=True) is None:
         stage_dataset_shards(ws, ds)
     with dask_client(**dask.client_options, gpu=True) as client:
         records = {kb["name"]: stage_embed_kb(ws, kb, client)}
         if ds:
             for split, rec in stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed")).items():
-                records[f"{ds['name']}/{split}"] = rec
+                records[f"{ds.name}/{split}"] = rec
     return records
 
 
@@ -112,37 +115,35 @@ def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, 
 
 
 def stage_embed_dataset(
-    ws: Workspace, ds: dict[str, Any], encoders: dict, client: Any, embed_cfg: dict | None = None
+    ws: Workspace, ds: DatasetManifest, encoders: dict, client: Any, embed_cfg: dict | None = None
 ) -> dict[str, Any]:
     """Embed a downstream dataset's splits with the KB's encoders (the same feature space);
     `embed_cfg` is an `embed:` section (the KB's), defaults when None."""
     from retformer.kb_builder.embed import embed_options
 
     options = embed_options(embed_cfg)
-    shard_dir = ws.dataset_shards(ds["name"])
-    info = read_json(ws.dataset_info(ds["name"]))
+    shard_dir = ws.dataset_shards(ds.name)
+    info = read_json(ws.dataset_info(ds.name))
     if info is None:
-        raise UserError(
-            f"dataset {ds['name']} has no shards yet: run `retformer shards --dataset {ds['name']}`"
-        )
+        raise UserError(f"dataset {ds.name} has no shards yet: run `retformer shards --dataset {ds.name}`")
     records = {}
     for split in info["splits"]:
-        out = ws.dataset_embeddings(ds["name"], split)
-        _guard_encoder_change(ws.dataset_stage_record(ds["name"], f"embed-{split}"), encoders, out)
-        with _shards_held(shard_dir, f"the shards of dataset {ds['name']}"):
-            shards = split_shard_paths(ws, ds["name"], split)
+        out = ws.dataset_embeddings(ds.name, split)
+        _guard_encoder_change(ws.dataset_stage_record(ds.name, f"embed-{split}"), encoders, out)
+        with _shards_held(shard_dir, f"the shards of dataset {ds.name}"):
+            shards = split_shard_paths(ws, ds.name, split)
             records[split] = _embed_shards(
-                client, shards, shard_dir, out, encoders, options, f"embed {ds['name']}/{split}"
+                client, shards, shard_dir, out, encoders, options, f"embed {ds.name}/{split}"
             )
         if records[split]["images"] == 0:
             raise UserError(
-                f"split {split} of dataset {ds['name']} is empty: its {len(shards)} shard(s) in "
+                f"split {split} of dataset {ds.name} is empty: its {len(shards)} shard(s) in "
                 f"{shard_dir} hold no embeddable sample (skipped: {records[split]['skipped'] or 'none'})"
             )
         write_stage_record(
-            ws.dataset_stage_record(ds["name"], f"embed-{split}"),
+            ws.dataset_stage_record(ds.name, f"embed-{split}"),
             "embed",
-            {"dataset": ds["name"], "split": split, "encoders": encoders, **records[split]},
+            {"dataset": ds.name, "split": split, "encoders": encoders, **records[split]},
         )
     return records
 
@@ -179,20 +180,20 @@ def _guard_encoder_change(record_path: Path, encoders: dict, out_dir: Path) -> N
             part.unlink()
 
 
-def ensure_dataset_embedded(ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], dask: DaskTarget) -> None:
+def ensure_dataset_embedded(ws: Workspace, ds: DatasetManifest, kb: dict[str, Any], dask: DaskTarget) -> None:
     """Shard and embed the dataset with the KB's encoders, on `dask`, unless its embed records already
     match."""
-    info = read_json(ws.dataset_info(ds["name"]), torn_ok=True)
+    info = read_json(ws.dataset_info(ds.name), torn_ok=True)
     if info is None:  # never sharded, or its dataset.json torn: the shards stage redoes it
         stage_dataset_shards(ws, ds)
-        info = read_json(ws.dataset_info(ds["name"]))
+        info = read_json(ws.dataset_info(ds.name))
     stale = False
     for split in info["splits"]:
-        rec = read_json(ws.dataset_stage_record(ds["name"], f"embed-{split}"), torn_ok=True)
+        rec = read_json(ws.dataset_stage_record(ds.name, f"embed-{split}"), torn_ok=True)
         stale |= rec is None or rec.get("encoders") != kb["encoders"]
         # A part missing (an embed interrupted) or one of a shard no longer in the split (a take-down,
         # a re-sharding): the embed resumes, and removes the parts of vanished shards.
-        stale |= not split_coverage(ws, ds["name"], split).exact
+        stale |= not split_coverage(ws, ds.name, split).exact
     if stale:
         with dask_client(**dask.client_options, gpu=True) as client:
             stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed"))

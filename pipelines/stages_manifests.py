@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts import manifest
 from retformer.artifacts.errors import UserError
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.datasets.schema import DatasetManifest
 
 log = logging.getLogger(__name__)
 
 
 def _schema_keys() -> dict[str, set[str]]:
     """The top-level keys each manifest kind's schema takes (to route unprefixed `--set` items)."""
-    from retformer.kb_builder.datasets.schema import KEY_TYPES, DatasetCommon
+    from retformer.kb_builder.datasets.schema import DATASET_KEYS
     from retformer.kb_builder.kb_schema import KBManifest
     from retformer.pipelines.experiment_schema import ExperimentManifest
 
     return {
         "kb": set(KBManifest.model_fields),
-        "dataset": set(DatasetCommon.model_fields) | set(KEY_TYPES),
+        "dataset": set(DATASET_KEYS),
         "experiment": set(ExperimentManifest.model_fields),
     }
 
@@ -70,8 +73,9 @@ def load_kb(name: str, overrides: list[str] | None) -> dict[str, Any]:
     return validate_kb(*_load("kb", "kb", name, overrides))
 
 
-def load_dataset_manifest(name: str, overrides: list[str] | None) -> dict[str, Any]:
-    """A dataset manifest (a name under manifests/datasets/ or a path) with its overrides, validated."""
+def load_dataset_manifest(name: str, overrides: list[str] | None) -> DatasetManifest:
+    """A dataset manifest (a name under manifests/datasets/ or a path) with its overrides, validated:
+    its kind's model (schema.py), which knows the file it was read from (`manifest_path`)."""
     from retformer.kb_builder.datasets.schema import validate_dataset
 
     return validate_dataset(*_load("datasets", "dataset", name, overrides))
@@ -115,7 +119,7 @@ def unread_overrides(exp: dict[str, Any], overrides: list[str]) -> list[tuple[st
     return out
 
 
-def datasets_for_kb(kb: dict[str, Any], overrides: list[str] | None) -> dict[str, dict]:
+def datasets_for_kb(kb: dict[str, Any], overrides: list[str] | None) -> dict[str, DatasetManifest]:
     """The manifest of the dataset a KB is built from ({} for downloaded or external shards)."""
     name = kb.get("source", {}).get("dataset")
     return {name: load_dataset_manifest(name, overrides)} if name else {}

@@ -4,7 +4,7 @@ the checks that the KB's index and the split's embeddings are those of their cur
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.embeddings_io import list_parts, part_num_rows
 from retformer.artifacts.errors import UserError
@@ -15,6 +15,9 @@ from retformer.pipelines.dask_runner import task_mapper
 from retformer.pipelines.dask_target import DaskTarget
 from retformer.pipelines.stages_embed import ensure_dataset_embedded, kb_coverage, split_coverage
 from retformer.pipelines.stages_index import check_kb_encoders
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.datasets.schema import DatasetManifest
 
 
 def _check_index_matches_kb(ws: Workspace, kb: dict[str, Any], index_rec: dict[str, Any]) -> None:
@@ -59,7 +62,7 @@ def _kb_rows(ws: Workspace, kb_name: str) -> int:
 
 def stage_neighbors(
     ws: Workspace,
-    ds: dict[str, Any],
+    ds: DatasetManifest,
     kb: dict[str, Any],
     k: int | None = None,
     client: Any | None = None,
@@ -78,7 +81,7 @@ def stage_neighbors(
     from retformer.kb_builder.neighbors import run_neighbors
 
     dask = dask or DaskTarget()
-    k = int(k if k is not None else (ds.get("neighbors") or {}).get("k", 32))
+    k = int(k if k is not None else ds.neighbors.k)
     if k < 1:
         raise UserError(f"k must be >= 1 (got {k})")
     # index.json lands only after the recall check (kb_builder/index): its check is what makes it usable.
@@ -91,14 +94,14 @@ def stage_neighbors(
     if k > rows:
         raise UserError(f"k={k} is larger than the knowledge base {kb['name']} ({rows} rows)")
     ensure_dataset_embedded(ws, ds, kb, dask)
-    info = read_json(ws.dataset_info(ds["name"]))
+    info = read_json(ws.dataset_info(ds.name))
     wanted = [s for s in info["splits"] if splits is None or s in splits]
-    query_dirs = {split: ws.dataset_embeddings(ds["name"], split) for split in wanted}
-    out = ws.neighbors_dir(ds["name"], kb["name"], k)
+    query_dirs = {split: ws.dataset_embeddings(ds.name, split) for split in wanted}
+    out = ws.neighbors_dir(ds.name, kb["name"], k)
 
     def run(map_tasks: Any) -> dict[str, Any]:
         index_dir, emb_dir = ws.kb_index(kb["name"]), ws.kb_embeddings(kb["name"])
-        extra = {"dataset": ds["name"], "kb": kb["name"]}
+        extra = {"dataset": ds.name, "kb": kb["name"]}
         return run_neighbors(index_dir, emb_dir, query_dirs, out, k, map_tasks, record_extra=extra)
 
     # One writer per table set; run_neighbors skips a complete one (also after waiting here).

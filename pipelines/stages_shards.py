@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.lock import output_lock
 from retformer.artifacts.workspace import Workspace, write_stage_record
 from retformer.pipelines.dask_target import DaskTarget
 from retformer.pipelines.stages_manifests import datasets_for_kb
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.datasets.schema import DatasetManifest
 
 EXTERNAL_SHARD_KINDS = ("webdataset", "img2dataset")
 
@@ -47,7 +50,9 @@ def kb_shard_paths(ws: Workspace, kb: dict[str, Any]) -> list[Path]:
     return list_shards(shard_dir) if shard_dir.is_dir() else []
 
 
-def stage_kb_shards(ws: Workspace, kb: dict[str, Any], datasets: dict[str, dict]) -> dict[str, Any]:
+def stage_kb_shards(
+    ws: Workspace, kb: dict[str, Any], datasets: dict[str, DatasetManifest]
+) -> dict[str, Any]:
     """Build the KB's shards from its source (demo world pool, downstream split, or both)."""
     from retformer.kb_builder.datasets import load_dataset
     from retformer.kb_builder.kb_sources import build_kb_shards
@@ -74,7 +79,7 @@ def stage_kb_shards(ws: Workspace, kb: dict[str, Any], datasets: dict[str, dict]
     return write_stage_record(ws.kb_stage_record(kb["name"], "shards"), "shards", record)
 
 
-def stage_dataset_shards(ws: Workspace, ds: dict[str, Any]) -> dict[str, Any]:
+def stage_dataset_shards(ws: Workspace, ds: DatasetManifest) -> dict[str, Any]:
     """Write a downstream dataset's splits as shards and its dataset.json (classes, counts, shot split)."""
     from retformer.artifacts.atomic import write_json_atomic
     from retformer.kb_builder.datasets import load_dataset
@@ -82,19 +87,19 @@ def stage_dataset_shards(ws: Workspace, ds: dict[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     dataset = load_dataset(ds)
-    shard_dir = ws.dataset_shards(ds["name"])
-    with output_lock(shard_dir, f"the shards of dataset {ds['name']}"):
-        info = write_dataset_shards(dataset, shard_dir, int(ds.get("shard_size", 5000)))
+    shard_dir = ws.dataset_shards(ds.name)
+    with output_lock(shard_dir, f"the shards of dataset {ds.name}"):
+        info = write_dataset_shards(dataset, shard_dir, ds.shard_size)
         # describe() applies the manifest's shot_thresholds (scaled when asked) to the train counts.
         description = dataset.describe()
         description["splits"] = description["split_sizes"]
-        write_json_atomic(ws.dataset_info(ds["name"]), description)
-    record = {"dataset": ds["name"], "result": info, "seconds": round(time.perf_counter() - started, 2)}
-    return write_stage_record(ws.dataset_stage_record(ds["name"], "shards"), "shards", record)
+        write_json_atomic(ws.dataset_info(ds.name), description)
+    record = {"dataset": ds.name, "result": info, "seconds": round(time.perf_counter() - started, 2)}
+    return write_stage_record(ws.dataset_stage_record(ds.name, "shards"), "shards", record)
 
 
 def stage_shards(
-    ws: Workspace, kb: dict[str, Any] | None, ds: dict[str, Any] | None, overrides: list[str] | None
+    ws: Workspace, kb: dict[str, Any] | None, ds: DatasetManifest | None, overrides: list[str] | None
 ) -> dict[str, dict[str, Any]]:
     """`retformer shards`: a KB's shards and / or a dataset's split shards; records by name."""
     if not kb and not ds:
@@ -103,7 +108,7 @@ def stage_shards(
     if kb:
         records[kb["name"]] = stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
     if ds:
-        records[ds["name"]] = stage_dataset_shards(ws, ds)
+        records[ds.name] = stage_dataset_shards(ws, ds)
     return records
 
 

@@ -108,3 +108,25 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def dataset_manifest(spec: Any) -> Any:
+    """A dataset manifest written as a dict in a test, validated into its kind's model (a model passes
+    as it is), as `load_dataset_manifest` hands it to the loaders."""
+    from retformer.kb_builder.datasets.schema import DatasetManifest, validate_dataset
+
+    return spec if isinstance(spec, DatasetManifest) else validate_dataset(spec)
+
+
+def load_dataset(spec: Any) -> Any:
+    """`kb_builder.datasets.load_dataset` of a manifest written as a dict (validated first)."""
+    from retformer.kb_builder import datasets
+
+    return datasets.load_dataset(dataset_manifest(spec))
+
+
+def fashion_mnist_world_pool(spec: Any) -> np.ndarray:
+    """`kb_builder.datasets.fashion_mnist_world_pool` of a manifest written as a dict (validated first)."""
+    from retformer.kb_builder import datasets
+
+    return datasets.fashion_mnist_world_pool(dataset_manifest(spec))

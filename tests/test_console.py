@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 from retformer.artifacts.errors import UserError
 from retformer.pipelines import console, stages
 from retformer.trainer.progress import ModelProgress
+from tests.helpers import dataset_manifest
 from tests.test_selection import EXPERIMENT, write_workspace
 
 torch.set_num_threads(1)
 
-DS = {"name": "syn"}
+DS = dataset_manifest({"name": "syn", "kind": "imagefolder"})
 KB = {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}}
 SMALL = {
     **copy.deepcopy(EXPERIMENT),

@@ -16,9 +16,10 @@ from PIL import Image
 
 from retformer.artifacts import manifest
 from retformer.artifacts.errors import UserError
-from retformer.kb_builder.datasets import fashion_mnist_world_pool, load_dataset, longtail_counts, shot_split
+from retformer.kb_builder.datasets import longtail_counts, shot_split
 from retformer.kb_builder.datasets.cifar import cifar_lt_indices, read_cifar_pickle
 from retformer.kb_builder.datasets.label_noise import NoisyLabelSplit, apply_label_noise, asymmetric_targets
+from tests.helpers import fashion_mnist_world_pool, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

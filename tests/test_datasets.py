@@ -13,13 +13,13 @@ from PIL import Image
 from retformer.artifacts.errors import UserError
 from retformer.kb_builder.datasets import fashion_mnist as fm
 from retformer.kb_builder.datasets import (
-    load_dataset,
     longtail_counts,
     longtail_indices,
     shot_split,
     shot_thresholds,
 )
 from retformer.kb_builder.datasets.base import DatasetSplit, make_uid
+from tests.helpers import load_dataset
 
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_real = pytest.mark.skipif(

@@ -29,6 +29,7 @@ from retformer.artifacts import manifest
 from retformer.artifacts.workspace import Workspace
 from retformer.trainer.checkpoint import load_model
 from tests.conftest import REPO, have_fmnist, needs_fmnist, write_manifest
+from tests.helpers import dataset_manifest
 
 pytestmark = needs_fmnist
 torch.set_num_threads(1)
@@ -108,7 +109,7 @@ def clip_ws(tmp_path_factory, small_manifests) -> dict:
         },
     )
     ws = Workspace(root / "work")
-    ds_m = manifest.load("datasets", str(ds_path))
+    ds_m = dataset_manifest(manifest.load("datasets", str(ds_path)))
     kb_m = manifest.load("kb", str(kb_path))
     stages.stage_dataset_shards(ws, ds_m)
     stages.stage_kb_shards(ws, kb_m, {kb_m["source"]["dataset"]: ds_m})

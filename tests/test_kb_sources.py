@@ -14,7 +14,6 @@ from PIL import Image
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.shards import Sample, list_shards, manifest_path, read_shard, write_shards
 from retformer.kb_builder.datasets import fashion_mnist as fm
-from retformer.kb_builder.datasets import fashion_mnist_world_pool, load_dataset
 from retformer.kb_builder.kb_sources import (
     TEMPLATES,
     build_kb_shards,
@@ -22,6 +21,7 @@ from retformer.kb_builder.kb_sources import (
     world_samples,
     write_dataset_shards,
 )
+from tests.helpers import fashion_mnist_world_pool, load_dataset
 
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
@@ -100,7 +100,7 @@ def test_world_captions_noise_fraction_labels_and_uniform_wrong_classes(dataset)
     n = len(uids)
     assert info["wrong_caption_fraction"]["measured"] == pytest.approx(0.2, abs=1 / n)
     assert [_named_class(c) for c in captions] == named.tolist()
-    _, labels = fm.load_arrays(dataset.spec["root"], "train")
+    _, labels = fm.load_arrays(dataset.spec.root, "train")
     np.testing.assert_array_equal(true, labels[rows])
     offsets = ((named - true) % 10)[named != true]
     counts = np.bincount(offsets, minlength=10)
@@ -125,7 +125,7 @@ def test_world_shards_read_back_identically(dataset, tmp_path):
     assert [r["label"] for r in recs] == named.tolist()
     assert [r["meta"]["true_label"] for r in recs] == true.tolist()
     assert {r["source"] for r in recs} == {"world"} and {r["image_ext"] for r in recs} == {"png"}
-    images, _ = fm.load_arrays(dataset.spec["root"], "train")
+    images, _ = fm.load_arrays(dataset.spec.root, "train")
     img = Image.open(io.BytesIO(recs[5]["image_bytes"]))
     assert img.mode == "L"
     np.testing.assert_array_equal(np.asarray(img), images[rows[5]])

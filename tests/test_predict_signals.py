@@ -20,7 +20,9 @@ from retformer.pipelines.use.predictor import Predictor
 from retformer.trainer.features import load_retrieval_features
 from retformer.trainer.model import relevance
 from tests.conftest import needs_fmnist
-from tests.helpers import run_cli
+from tests.helpers import dataset_manifest, run_cli
+
+SYN = dataset_manifest({"name": "syn", "kind": "imagefolder"})  # the synthetic workspace's dataset
 
 torch.set_num_threads(1)
 
@@ -101,7 +103,7 @@ def test_stacked_gate_retrieval_used_is_what_the_rule_applied(tmp_path: Path):
         "checkpoint": False,
     }
     kb = {"name": "kbsyn", "source": {"kind": "world"}, "encoders": {"image": {"name": "efficientnet_lite0"}}}
-    run_experiment(ws, {"name": "syn"}, kb, exp, tmp_path / "runs" / "r", progress=False)
+    run_experiment(ws, SYN, kb, exp, tmp_path / "runs" / "r", progress=False)
     predictor = Predictor.open(tmp_path / "runs" / "r", device="cpu")
     gate_t = predictor.model.config["gate_t"]
     assert gate_t is not None and predictor.model.config["alpha"] == 1.0

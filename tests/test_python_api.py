@@ -21,6 +21,9 @@ from retformer.trainer.checkpoint import load_model
 from retformer.trainer.features import load_retrieval_features
 from retformer.trainer.train import predict
 from tests.conftest import REPO
+from tests.helpers import dataset_manifest
+
+SYN = dataset_manifest({"name": "syn", "kind": "imagefolder"})  # the synthetic workspace's dataset
 
 torch.set_num_threads(1)  # tests that need Fashion-MNIST take `e2e_workspace`, which skips without it
 
@@ -206,7 +209,7 @@ def test_stacked_run_predicts_what_its_evaluation_reported(tmp_path: Path):
         "train": {"batch_size": 16, "seed": 0},
         "checkpoint": False,
     }
-    report = run_experiment(ws, {"name": "syn"}, kb, exp, tmp_path / "runs" / "r", progress=False)
+    report = run_experiment(ws, SYN, kb, exp, tmp_path / "runs" / "r", progress=False)
     run = load_run(tmp_path / "runs" / "r")
     selected = report["methods"]["retformer"]["selected"]
     assert selected["alpha"] == 1.0 and selected["gate_t"] is not None, selected

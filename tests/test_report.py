@@ -18,11 +18,13 @@ from retformer.artifacts.errors import UserError
 from retformer.pipelines import stages
 from retformer.pipelines.runs import check_overwrite, config_hash, default_run_name
 from retformer.trainer.evaluate import evaluate, prediction_table
+from tests.helpers import dataset_manifest
 from tests.test_selection import EXPERIMENT, write_workspace
 
 torch.set_num_threads(1)
 
-DS = {"name": "syn", "_manifest_path": "/somewhere/syn.yaml"}
+DS_GIVEN = {"name": "syn", "kind": "imagefolder", "_manifest_path": "/somewhere/syn.yaml"}
+DS = dataset_manifest(DS_GIVEN)
 KB = {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}, "_manifest_path": "/x/kbsyn.yaml"}
 # The selection experiment at its smallest grid, swept over k = 4 and 8 (k-sweep names: retformer@k4).
 SWEEP = {
@@ -167,7 +169,7 @@ def test_run_name_hashes_the_resolved_manifests() -> None:
     was read from does not count, a changed value does."""
     name = default_run_name(DS, KB, SWEEP)
     assert re.fullmatch(r"syn-kbsyn-syn_sweep-[0-9a-f]{8}", name)
-    moved = {**DS, "_manifest_path": "/elsewhere/syn.yaml"}
+    moved = dataset_manifest({**DS_GIVEN, "_manifest_path": "/elsewhere/syn.yaml"})
     assert config_hash(moved, KB, SWEEP) == config_hash(DS, KB, SWEEP)
     changed = copy.deepcopy(SWEEP)
     changed["train"]["batch_size"] = 8

@@ -22,6 +22,9 @@ from retformer.trainer.features import load_retrieval_features
 from retformer.trainer.model import relevance
 from retformer.trainer.selection import SelectOptions, branch_logits, shuffled
 from retformer.trainer.train import predict
+from tests.helpers import dataset_manifest
+
+SYN = dataset_manifest({"name": "syn", "kind": "imagefolder"})  # the synthetic workspace's dataset
 
 torch.set_num_threads(1)
 
@@ -126,7 +129,7 @@ def write_workspace(root: Path, test_labels: np.ndarray | None = None) -> Worksp
 def run(root: Path, exp: dict | None = None, kb: dict | None = None, **kw) -> dict:
     ws = write_workspace(root, **kw)
     kb = kb or {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}}
-    return run_experiment(ws, {"name": "syn"}, kb, exp or EXPERIMENT, root / "runs" / "r", progress=False)
+    return run_experiment(ws, SYN, kb, exp or EXPERIMENT, root / "runs" / "r", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +224,7 @@ def test_knn_vote_skips_a_foreign_label_space(tmp_path: Path) -> None:
     ws.dataset_info("fm").write_text(json.dumps(other))
     exp = {**EXPERIMENT, "methods": ["knn_vote"]}
     kb = {"name": "kbsyn", "source": {"kind": "world", "dataset": "fm"}}
-    rep = run_experiment(ws, {"name": "syn"}, kb, exp, tmp_path / "runs" / "x", progress=False)
+    rep = run_experiment(ws, SYN, kb, exp, tmp_path / "runs" / "x", progress=False)
     assert "not of syn" in rep["methods"]["knn_vote"]["skipped"]
     labels = torch.tensor([0, 1, 2, 3])
     names = [f"c{i}" for i in range(C)]

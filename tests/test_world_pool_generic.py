@@ -9,8 +9,8 @@ from PIL import Image
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.shards import read_shard
 from retformer.kb_builder.datasets import fashion_mnist as fm
-from retformer.kb_builder.datasets import fashion_mnist_world_pool, load_dataset
 from retformer.kb_builder.kb_sources import build_kb_shards, world_samples
+from tests.helpers import fashion_mnist_world_pool, load_dataset
 
 DIGITS = {
     "name": "digits_lt",

@@ -1,4 +1,5 @@
-"""Downstream datasets, loaded from a manifest entry (`manifests/datasets/<name>.yaml`).
+"""Downstream datasets, loaded from a validated manifest entry (`manifests/datasets/<name>.yaml`,
+read into its kind's model by `schema.validate_dataset`, which holds every key's default).
 
 Kinds and the keys read here (besides `name`, `kind`, `shot_thresholds`):
 
@@ -34,8 +35,8 @@ split's labels are replaced by noisy ones, the clean ones kept (`label_noise.py`
 `few` (20), `scale` (False), `reference_max` (None); see `longtail.shot_split`.
 
 A manifest also carries keys of other stages (`shard_size`, `neighbors`, ...), which are ignored
-here; an unknown key that looks like a misspelling of one of the keys above (`imbalance_ration`)
-is refused rather than silently replaced by a default.
+here; an unknown key (`imbalance_ration`) is refused by the schema rather than silently replaced by a
+default.
 """
 
 from __future__ import annotations
@@ -68,9 +69,22 @@ from retformer.kb_builder.datasets.longtail import (
     shot_split,
     shot_thresholds,
 )
-from retformer.kb_builder.datasets.schema import KINDS, validate_dataset
+from retformer.kb_builder.datasets.schema import (
+    KINDS,
+    Cifar100Lt,
+    DatasetManifest,
+    FashionMnist,
+    FashionMnistLt,
+    HeldOutVal,
+    ImageFolder,
+    ImagenetLt,
+    MiniWebvision,
+    SklearnDigitsLt,
+    validate_dataset,
+)
 
 __all__ = [
+    "DatasetManifest",
     "DatasetSplit",
     "DownstreamDataset",
     "KINDS",
@@ -83,41 +97,35 @@ __all__ = [
     "safe_token",
     "shot_split",
     "shot_thresholds",
+    "validate_dataset",
 ]
 
 
-def _validate(spec: dict[str, Any]) -> str:
-    """The manifest checked against its kind's schema (schema.py); returns the kind."""
-    return validate_dataset(spec)["kind"]
-
-
-def load_dataset(spec: dict[str, Any]) -> DownstreamDataset:
-    """The DownstreamDataset a manifest entry describes (see the module docstring for the kinds)."""
-    kind = _validate(spec)
-    if kind == "fashion_mnist":
-        dataset = fashion_mnist.load_fashion_mnist(spec, long_tailed=False)
-    elif kind == "fashion_mnist_lt":
-        dataset = fashion_mnist.load_fashion_mnist(spec, long_tailed=True)
-    elif kind == "cifar100_lt":
-        dataset = cifar.load_cifar100_lt(spec)
-    elif kind == "imagenet_lt":
-        dataset = imagenet_lt.load_imagenet_lt(spec)
-    elif kind == "mini_webvision":
-        dataset = webvision.load_mini_webvision(spec)
-    elif kind == "sklearn_digits_lt":
-        dataset = sklearn_digits.load_sklearn_digits_lt(spec, None)
+def load_dataset(dataset: DatasetManifest) -> DownstreamDataset:
+    """The DownstreamDataset a validated manifest describes (see the module docstring for the kinds)."""
+    if isinstance(dataset, FashionMnist):  # and FashionMnistLt
+        loaded = fashion_mnist.load_fashion_mnist(dataset, long_tailed=isinstance(dataset, FashionMnistLt))
+    elif isinstance(dataset, Cifar100Lt):
+        loaded = cifar.load_cifar100_lt(dataset)
+    elif isinstance(dataset, ImagenetLt):
+        loaded = imagenet_lt.load_imagenet_lt(dataset)
+    elif isinstance(dataset, MiniWebvision):
+        loaded = webvision.load_mini_webvision(dataset)
+    elif isinstance(dataset, SklearnDigitsLt):
+        loaded = sklearn_digits.load_sklearn_digits_lt(dataset, None)
+    elif isinstance(dataset, ImageFolder):
+        loaded = imagefolder.load_imagefolder(dataset)
     else:
-        dataset = imagefolder.load_imagefolder(spec)
-    if kind in ("cifar100_lt", "mini_webvision") and "val" not in dataset.splits:
-        if spec.get("val_per_class") is not None or spec.get("val_fraction"):
-            seed = int(spec.get("seed", 0)) + 1
-            per_class, fraction = spec.get("val_per_class"), spec.get("val_fraction", 0.0)
-            hold_out_val(dataset.splits, dataset.notes, dataset.name, seed, per_class, fraction)
-    if spec.get("class_names") is not None:
-        dataset.class_names = rename_classes(dataset.class_names, spec["class_names"], str(spec.get("name")))
-    if spec.get("label_noise") is not None:
-        dataset = label_noise.add_label_noise(dataset, spec["label_noise"])
-    return dataset
+        raise TypeError(f"no loader for dataset kind {dataset.kind!r}")
+    if isinstance(dataset, HeldOutVal) and "val" not in loaded.splits:
+        if dataset.val_per_class is not None or dataset.val_fraction:
+            seed, per_class, fraction = dataset.seed + 1, dataset.val_per_class, dataset.val_fraction
+            hold_out_val(loaded.splits, loaded.notes, loaded.name, seed, per_class, fraction)
+    if dataset.class_names is not None:
+        loaded.class_names = rename_classes(loaded.class_names, dataset.class_names, str(dataset.name))
+    if dataset.label_noise is not None:
+        loaded = label_noise.add_label_noise(loaded, dataset.label_noise)
+    return loaded
 
 
 def rename_classes(names: list[str], mapping: Any, label: str) -> list[str]:
@@ -139,9 +147,8 @@ def rename_classes(names: list[str], mapping: Any, label: str) -> list[str]:
     raise UserError(f"dataset {label}: class_names must be a list or mapping, not {type(mapping).__name__}")
 
 
-def fashion_mnist_world_pool(spec: dict[str, Any]) -> np.ndarray:
-    """Sorted Fashion-MNIST training indices NOT in the spec's training split (the demo KB's pool)."""
-    kind = _validate(spec)
-    if kind not in ("fashion_mnist", "fashion_mnist_lt"):
-        raise UserError(f"the world pool is defined for Fashion-MNIST datasets, not kind {kind!r}")
-    return fashion_mnist.world_pool(spec)
+def fashion_mnist_world_pool(dataset: DatasetManifest) -> np.ndarray:
+    """Sorted Fashion-MNIST training indices NOT in the dataset's training split (the demo KB's pool)."""
+    if not isinstance(dataset, FashionMnist):
+        raise UserError(f"the world pool is defined for Fashion-MNIST datasets, not kind {dataset.kind!r}")
+    return fashion_mnist.world_pool(dataset)

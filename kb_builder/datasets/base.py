@@ -26,6 +26,7 @@ from retformer.artifacts.decode import upright
 from retformer.artifacts.errors import UserError
 from retformer.kb_builder.datasets.longtail import shot_split as _shot_split
 from retformer.kb_builder.datasets.longtail import shot_thresholds as _shot_thresholds
+from retformer.kb_builder.datasets.schema import DatasetManifest, ShotThresholds
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -132,9 +133,9 @@ class DownstreamDataset:
     """A labelled dataset with named splits (`train` always; `val` and/or `test` where present).
 
     `shot` (the manifest's `shot_thresholds`) configures the many/medium/few split of classes by
-    training-set size: keys `many` (100), `few` (20), `scale` (False) and `reference_max` (None),
-    passed to `longtail.shot_split`.
-    `spec` is the manifest entry the dataset was loaded from (kept for KB builders and records).
+    training-set size: `many`, `few`, `scale` and `reference_max` (schema.ShotThresholds), passed to
+    `longtail.shot_split`.
+    `spec` is the validated manifest the dataset was loaded from (kept for KB builders and records).
     `pool` holds labelled images in none of the splits (e.g. those a long-tailed subset left out): the
     "world" a KB can be built from (`kb_sources.py`). It is not a split: it is never sharded,
     embedded or evaluated as one. `notes` says how the splits were made (e.g. a seeded val hold-out).
@@ -143,8 +144,8 @@ class DownstreamDataset:
     name: str
     class_names: list[str]
     splits: dict[str, DatasetSplit]
-    spec: dict[str, Any] = field(default_factory=dict)
-    shot: dict[str, Any] = field(default_factory=dict)
+    spec: DatasetManifest
+    shot: ShotThresholds = field(default_factory=ShotThresholds)
     pool: DatasetSplit | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -167,11 +168,11 @@ class DownstreamDataset:
 
     def shot_thresholds(self) -> dict[str, float]:
         """The (possibly scaled) many/few thresholds this dataset's shot split uses."""
-        return _shot_thresholds(self.shot_counts_used(), **self.shot)
+        return _shot_thresholds(self.shot_counts_used(), **self.shot.model_dump())
 
     def shot_split(self) -> dict[str, list[int]]:
         """Class ids grouped into `many` / `medium` / `few` by `shot_counts_used()` (training-set size)."""
-        return _shot_split(self.shot_counts_used(), **self.shot)
+        return _shot_split(self.shot_counts_used(), **self.shot.model_dump())
 
     def describe(self) -> dict[str, Any]:
         """The content of the workspace's `dataset.json` (see docs/architecture.md)."""
@@ -185,7 +186,7 @@ class DownstreamDataset:
             "shot_thresholds": self.shot_thresholds(),
             "world_pool_size": len(self.pool) if self.pool is not None else 0,
             "split_notes": dict(self.notes),
-            "spec": {k: v for k, v in self.spec.items() if not k.startswith("_")},
+            "spec": self.spec.given(),
         }
 
 

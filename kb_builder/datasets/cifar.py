@@ -28,6 +28,7 @@ from retformer.artifacts.errors import UserError
 from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
 from retformer.kb_builder.datasets.fashion_mnist import balanced_subsample
 from retformer.kb_builder.datasets.longtail import longtail_counts, longtail_indices
+from retformer.kb_builder.datasets.schema import Cifar100Lt
 
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
@@ -216,27 +217,18 @@ def superclass_map(fine: np.ndarray, coarse: np.ndarray, num_classes: int) -> li
     return out
 
 
-def _reference_ratio(spec: dict[str, Any]) -> float | None:
-    value = spec.get("shot_reference_ratio", 100)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
-        raise UserError(f"shot_reference_ratio must be a number >= 1 or null, got {value!r}")
-    return float(value)
-
-
-def load_cifar100_lt(spec: dict[str, Any]) -> ShotReferenceDataset:
+def load_cifar100_lt(dataset: Cifar100Lt) -> ShotReferenceDataset:
     """CIFAR-100-LT as a ShotReferenceDataset with splits `train` (long-tailed) and `test` (balanced).
 
-    spec keys: `root` (required), `imbalance_ratio` (100; 1 = the full balanced training set),
+    Manifest keys: `root` (required), `imbalance_ratio` (100; 1 = the full balanced training set),
     `n_max` (LDAM's img_max; default int(len(train) / 100) = 500), `seed` (0, LDAM's rand_number),
     `test_limit` (None = all 10,000; else a seeded class-balanced subsample), `shot_reference_ratio`
     (100: many/medium/few from the counts of that ratio; null = from this split's own counts).
     """
-    if not spec.get("root"):
+    if not dataset.root:
         raise UserError(f"dataset kind cifar100_lt: `root` is required ({LAYOUT})")
-    root = Path(spec["root"]).expanduser()
-    ref_ratio = _reference_ratio(spec)
+    root = Path(dataset.root).expanduser()
+    ref_ratio = float(dataset.shot_reference_ratio) if dataset.shot_reference_ratio is not None else None
     class_names, _ = load_meta(root)
     num_classes = len(class_names)
     train_images, train_labels, train_coarse = load_arrays(root, "train")
@@ -253,15 +245,15 @@ def load_cifar100_lt(spec: dict[str, Any]) -> ShotReferenceDataset:
         raise UserError(
             f"CIFAR-100 train split has no images of classes {missing[:10]}: cannot apply the LT rule"
         )
-    ratio = float(100 if spec.get("imbalance_ratio") is None else spec["imbalance_ratio"])
-    n_max = spec.get("n_max") or int(len(train_labels) / num_classes)
-    seed = int(spec.get("seed", 0))
+    ratio = float(dataset.imbalance_ratio)
+    n_max = dataset.n_max or int(len(train_labels) / num_classes)
+    seed = dataset.seed
     train_rows = cifar_lt_indices(train_labels, ratio, int(n_max), seed, num_classes)
     test_rows = np.arange(len(test_labels), dtype=np.int64)
-    if spec.get("test_limit") is not None:
-        per_class = int(spec["test_limit"]) // num_classes
+    if dataset.test_limit is not None:
+        per_class = dataset.test_limit // num_classes
         if per_class < 1:
-            raise UserError(f"test_limit {spec['test_limit']} is below one image per class ({num_classes})")
+            raise UserError(f"test_limit {dataset.test_limit} is below one image per class ({num_classes})")
         test_rows = balanced_subsample(test_labels, per_class, seed)
     shot_counts = longtail_counts(num_classes, int(n_max), ref_ratio) if ref_ratio is not None else None
     superclass = superclass_map(train_labels, train_coarse, num_classes) if train_coarse is not None else None
@@ -275,14 +267,14 @@ def load_cifar100_lt(spec: dict[str, Any]) -> ShotReferenceDataset:
         )
 
     return ShotReferenceDataset(
-        name=spec.get("name") or "cifar100_lt",
+        name=dataset.name or "cifar100_lt",
         class_names=class_names,
         splits={
             "train": split("train", train_images, train_labels, train_rows),
             "test": split("test", test_images, test_labels, test_rows),
         },
-        spec=dict(spec),
-        shot=dict(spec.get("shot_thresholds") or {}),
+        spec=dataset,
+        shot=dataset.shot_thresholds,
         shot_counts=shot_counts,
         superclass=superclass,
         extra_info={"shot_reference_ratio": ref_ratio},

@@ -22,8 +22,9 @@ import numpy as np
 from retformer.artifacts.errors import UserError
 from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
 from retformer.kb_builder.datasets.longtail import longtail_indices
+from retformer.kb_builder.datasets.schema import FASHION_MNIST_ROOT, FashionMnist, FashionMnistLt
 
-DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path(FASHION_MNIST_ROOT)
 CLASS_NAMES = [
     "T-shirt/top",
     "Trouser",
@@ -190,91 +191,87 @@ def balanced_subsample(labels: np.ndarray, per_class: int, seed: int) -> np.ndar
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
-def lt_train_indices(spec: dict[str, Any]) -> np.ndarray:
-    """Indices into the 60,000 training images of the Fashion-MNIST-LT training subset of `spec`."""
-    _, labels = load_arrays(spec.get("root", DEFAULT_ROOT), "train")
+def lt_train_indices(dataset: FashionMnistLt) -> np.ndarray:
+    """Indices into the 60,000 training images of the Fashion-MNIST-LT training subset of `dataset`."""
+    _, labels = load_arrays(dataset.root, "train")
     return longtail_indices(
         labels,
-        int(spec.get("n_max", 500)),
-        float(spec.get("imbalance_ratio", 100)),
-        int(spec.get("seed", 0)),
+        dataset.n_max,
+        float(dataset.imbalance_ratio),
+        dataset.seed,
         num_classes=len(CLASS_NAMES),
     )
 
 
-def val_indices(spec: dict[str, Any]) -> np.ndarray:
+def val_indices(dataset: FashionMnist) -> np.ndarray:
     """Indices into the 60,000 training images of the balanced val split (`val_per_class` per class,
     seeded by `val_seed`, default seed + 1), drawn from the images the LT training subset leaves out.
-    Empty when the spec has no `val_per_class` (or for the balanced dataset, which uses all 60,000)."""
-    per_class = spec.get("val_per_class")
-    if not per_class or spec.get("kind", "fashion_mnist_lt") == "fashion_mnist":
+    Empty when the manifest has no `val_per_class` (or for the balanced dataset, which uses all 60,000)."""
+    if not isinstance(dataset, FashionMnistLt) or not dataset.val_per_class:
         return np.zeros(0, dtype=np.int64)
-    root = spec.get("root") or DEFAULT_ROOT
-    _, labels = load_arrays(root, "train")
-    left = np.setdiff1d(np.arange(len(labels), dtype=np.int64), lt_train_indices({**spec, "root": root}))
-    seed = int(spec.get("val_seed", int(spec.get("seed", 0)) + 1))
-    return left[balanced_subsample(labels[left], int(per_class), seed)]
+    _, labels = load_arrays(dataset.root, "train")
+    left = np.setdiff1d(np.arange(len(labels), dtype=np.int64), lt_train_indices(dataset))
+    return left[balanced_subsample(labels[left], dataset.val_per_class, dataset.val_split_seed)]
 
 
-def load_fashion_mnist(spec: dict[str, Any], long_tailed: bool) -> DownstreamDataset:
+def load_fashion_mnist(dataset: FashionMnist, long_tailed: bool) -> DownstreamDataset:
     """Fashion-MNIST (balanced) or Fashion-MNIST-LT as a DownstreamDataset.
 
-    spec keys: `root` (default /usr/share/datasets/fashion-mnist), and for the LT variant `n_max`
+    Manifest keys: `root` (default /usr/share/datasets/fashion-mnist), and for the LT variant `n_max`
     (500), `imbalance_ratio` (100), `seed` (0), `val_per_class` (None = no val split; else a balanced
     val split from the training images outside the LT subset, seeded by `val_seed`). The LT
     variant's `pool` is every training image in neither train nor val (the world KB draws from it).
     `test_limit` (None = all 10,000) keeps a seeded, class-balanced subsample of test_limit // 10
     images per class (for quick runs on small machines).
     """
-    root = Path(spec.get("root") or DEFAULT_ROOT)
+    root = Path(dataset.root)
     train_images, train_labels = load_arrays(root, "train")
     test_images, test_labels = load_arrays(root, "test")
-    train_rows = lt_train_indices({**spec, "root": root}) if long_tailed else None
+    lt = dataset if long_tailed and isinstance(dataset, FashionMnistLt) else None
+    train_rows = lt_train_indices(lt) if lt is not None else None
     test_rows = None
-    if spec.get("test_limit") is not None:
-        per_class = int(spec["test_limit"]) // len(CLASS_NAMES)
+    if dataset.test_limit is not None:
+        per_class = dataset.test_limit // len(CLASS_NAMES)
         if per_class < 1:
             raise UserError(
-                f"test_limit {spec['test_limit']} is below one image per class ({len(CLASS_NAMES)})"
+                f"test_limit {dataset.test_limit} is below one image per class ({len(CLASS_NAMES)})"
             )
-        test_rows = balanced_subsample(test_labels, per_class, int(spec.get("seed", 0)))
-    name = spec.get("name") or ("fashion_mnist_lt" if long_tailed else "fashion_mnist")
+        test_rows = balanced_subsample(test_labels, per_class, dataset.seed)
+    name = dataset.name or ("fashion_mnist_lt" if long_tailed else "fashion_mnist")
     splits = {"train": _split("train", train_images, train_labels, train_rows)}
     notes: dict[str, Any] = {"test": "Fashion-MNIST t10k"}
     pool = None
-    if long_tailed:
-        val_rows = val_indices({**spec, "root": root})
+    if lt is not None:
+        val_rows = val_indices(lt)
         if len(val_rows):
             splits["val"] = _split("train", train_images, train_labels, val_rows)
-            val_seed = int(spec.get("val_seed", int(spec.get("seed", 0)) + 1))
             notes["val"] = (
-                f"{spec['val_per_class']} per class (seed {val_seed}) from training images outside the LT "
-                "subset (and hence outside the world pool)"
+                f"{lt.val_per_class} per class (seed {lt.val_split_seed}) from training images outside "
+                "the LT subset (and hence outside the world pool)"
             )
-        pool = _split("train", train_images, train_labels, world_pool({**spec, "root": root}))
+        pool = _split("train", train_images, train_labels, world_pool(lt))
         notes["pool"] = "training images in neither the LT subset nor val"
     splits["test"] = _split("test", test_images, test_labels, test_rows)
     return DownstreamDataset(
         name=name,
         class_names=list(CLASS_NAMES),
         splits=splits,
-        spec=dict(spec),
-        shot=dict(spec.get("shot_thresholds") or {}),
+        spec=dataset,
+        shot=dataset.shot_thresholds,
         pool=pool,
         notes=notes,
     )
 
 
-def world_pool(spec: dict[str, Any]) -> np.ndarray:
+def world_pool(dataset: FashionMnist) -> np.ndarray:
     """Training indices (sorted) in neither the dataset's training nor its val split: the pool the
     world KB draws from.
 
     For Fashion-MNIST-LT that is every training image the long-tailed subset (and the val split, when
-    the spec asks for one) left out; for the balanced dataset (which uses all 60,000) it is empty.
+    the manifest asks for one) left out; for the balanced dataset (which uses all 60,000) it is empty.
     """
-    root = spec.get("root") or DEFAULT_ROOT
-    _, labels = load_arrays(root, "train")
-    if spec.get("kind", "fashion_mnist_lt") == "fashion_mnist":
+    _, labels = load_arrays(dataset.root, "train")
+    if not isinstance(dataset, FashionMnistLt):
         return np.zeros(0, dtype=np.int64)
-    used = np.union1d(lt_train_indices({**spec, "root": root}), val_indices({**spec, "root": root}))
+    used = np.union1d(lt_train_indices(dataset), val_indices(dataset))
     return np.setdiff1d(np.arange(len(labels), dtype=np.int64), used, assume_unique=True)

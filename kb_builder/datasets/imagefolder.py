@@ -39,6 +39,7 @@ from retformer.kb_builder.datasets.base import (
     safe_token,
 )
 from retformer.kb_builder.datasets.longtail import longtail_indices
+from retformer.kb_builder.datasets.schema import ImageFolder
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ MAX_EXAMPLES = 5  # skipped files named per reason in the dataset's notes
 # Pillow, so Pillow must recognise them.
 _PASSED_AS_IS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 POOL_DIR = "world"
-# Held out for model selection when the folder has no val/ and the manifest names no val_per_class.
-DEFAULT_VAL_FRACTION = 0.2
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -134,16 +133,16 @@ def _scan_split(split_dir: Path, class_names: list[str], scan: _Scan) -> tuple[l
     return paths, labels
 
 
-def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
+def load_imagefolder(dataset: ImageFolder) -> DownstreamDataset:
     """Load `root/<split>/<class>/<image>` as a DownstreamDataset.
 
-    spec keys: `root` (required), `name` (default: the root's directory name), `imbalance_ratio`
+    Manifest keys: `root` (required), `name` (default: the root's directory name), `imbalance_ratio`
     (None = keep the training split as is), `n_max` (default: largest training class), `seed` (0),
     `shot_thresholds` (many/medium/few thresholds, see `DownstreamDataset`).
     """
-    if not spec.get("root"):
+    if not dataset.root:
         raise UserError("imagefolder dataset: `root` is required (a directory with train/ and val/ or test/)")
-    root = Path(spec["root"]).expanduser()
+    root = Path(dataset.root).expanduser()
     if not root.is_dir():
         raise UserError(f"image folder root {root} does not exist or is not a directory")
     splits_present = [s for s in SPLITS if (root / s).is_dir()]
@@ -155,7 +154,7 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
     class_names = [p.name for p in _list_dir(root / "train") if p.is_dir()]
     if not class_names:
         raise UserError(f"{root / 'train'} has no class subdirectories")
-    name = spec.get("name") or root.name
+    name = dataset.name or root.name
     prefix = safe_token(name)
     splits: dict[str, DatasetSplit] = {}
     scan = _Scan()
@@ -167,12 +166,11 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
             [make_uid(prefix, split, i) for i in range(len(paths))], np.asarray(labels), paths=paths
         )
     notes: dict[str, Any] = {}
-    seed = int(spec.get("seed", 0))
+    seed = dataset.seed
     if "val" in splits:
         notes["val"] = f"{root / 'val'}"
     else:  # no val/: hold one out of train, before the long-tailed cut (train and val stay disjoint)
-        fraction = spec.get("val_fraction", DEFAULT_VAL_FRACTION)
-        hold_out_val(splits, notes, name, seed + 1, spec.get("val_per_class"), fraction)
+        hold_out_val(splits, notes, name, seed + 1, dataset.val_per_class, dataset.val_fraction)
     pool = None
     if (root / POOL_DIR).is_dir():
         paths, labels = _scan_split(root / POOL_DIR, class_names, scan)
@@ -186,10 +184,10 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
             ", ".join(f"{n} {reason}" for reason, n in sorted(scan.skipped.items())),
             next(iter(scan.examples.values()))[0],
         )
-    ratio = spec.get("imbalance_ratio")
+    ratio = dataset.imbalance_ratio
     if ratio is not None:
         train = splits["train"]
-        n_max = spec.get("n_max") or int(np.bincount(train.labels).max())
+        n_max = dataset.n_max or int(np.bincount(train.labels).max())
         rows = longtail_indices(train.labels, int(n_max), float(ratio), seed, num_classes=len(class_names))
         splits["train"] = train.subset(rows)
         if pool is None:
@@ -199,8 +197,8 @@ def load_imagefolder(spec: dict[str, Any]) -> DownstreamDataset:
         name=name,
         class_names=class_names,
         splits=splits,
-        spec=dict(spec),
-        shot=dict(spec.get("shot_thresholds") or {}),
+        spec=dataset,
+        shot=dataset.shot_thresholds,
         pool=pool,
         notes=notes,
     )

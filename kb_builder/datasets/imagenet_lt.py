@@ -18,17 +18,16 @@ line); checking all 186K files would cost minutes on network storage.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from retformer.artifacts.errors import UserError
 from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset, safe_token
+from retformer.kb_builder.datasets.schema import ImagenetLt
 
 LIST_FILES = {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"}
 REQUIRED_SPLITS = ("train", "test")
 CLASSNAMES_FILE = "classnames.txt"
-NUM_CLASSES = 1000
 UID_PREFIX = "imagenet"
 LAYOUT = (
     "expected lists/ImageNet_LT_{train,val,test}.txt (lines `relative/path label`) with the paths "
@@ -105,16 +104,6 @@ def check_first_exists(files: list[Path], listed_in: Path | str, root: Path, lay
         )
 
 
-def positive_int(spec: dict[str, Any], key: str, default: int) -> int:
-    """spec[key] (default when absent) as a positive int, else UserError."""
-    value = spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(
-            f"dataset {spec.get('name', spec.get('kind'))!r}: {key} must be a positive integer, got {value!r}"
-        )
-    return value
-
-
 def read_class_names(path: Path, num_classes: int) -> list[str]:
     """Class names from `path` (one a line, label order) if it exists, else `class_<i>`."""
     if not path.is_file():
@@ -125,17 +114,17 @@ def read_class_names(path: Path, num_classes: int) -> list[str]:
     return names
 
 
-def load_imagenet_lt(spec: dict[str, Any]) -> DownstreamDataset:
+def load_imagenet_lt(dataset: ImagenetLt) -> DownstreamDataset:
     """ImageNet-LT as a DownstreamDataset with splits `train`, `test` and (if listed) `val`.
 
-    spec keys: `root` (required: the folder the list paths are relative to), `lists` (the folder of
+    Manifest keys: `root` (required: the folder the list paths are relative to), `lists` (the folder of
     the three list files; default: root), `num_classes` (1000), `shot_thresholds`.
     """
-    if not spec.get("root"):
+    if not dataset.root:
         raise UserError(f"dataset kind imagenet_lt: `root` is required ({LAYOUT})")
-    root = Path(spec["root"]).expanduser()
-    lists = Path(spec.get("lists") or root).expanduser()
-    num_classes = positive_int(spec, "num_classes", NUM_CLASSES)
+    root = Path(dataset.root).expanduser()
+    lists = Path(dataset.lists or root).expanduser()
+    num_classes = dataset.num_classes
     if not root.is_dir():
         raise UserError(f"ImageNet-LT image root {root} not found: {LAYOUT}")
     if not lists.is_dir():
@@ -158,9 +147,9 @@ def load_imagenet_lt(spec: dict[str, Any]) -> DownstreamDataset:
         # source_index = row in the list file, so every item traces back to its line.
         splits[split] = DatasetSplit(uids, labels, paths=files)
     return DownstreamDataset(
-        name=spec.get("name") or "imagenet_lt",
+        name=dataset.name or "imagenet_lt",
         class_names=read_class_names(lists / CLASSNAMES_FILE, num_classes),
         splits=splits,
-        spec=dict(spec),
-        shot=dict(spec.get("shot_thresholds") or {}),
+        spec=dataset,
+        shot=dataset.shot_thresholds,
     )

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from retformer.artifacts.errors import UserError
 from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset
 from retformer.kb_builder.datasets.cifar import ShotReferenceDataset
+from retformer.kb_builder.datasets.schema import LabelNoise
 
 KINDS = ("symmetric", "asymmetric")
-CONFIG_KEYS = {"kind", "rate", "seed", "mapping"}
 
 
 class NoisyLabelSplit(DatasetSplit):
@@ -146,34 +145,7 @@ def apply_label_noise(
     return noisy, noisy != labels
 
 
-def parse_config(config: Any, label: str = "dataset") -> dict[str, Any]:
-    """The validated `label_noise` manifest entry: {kind, rate, seed, mapping}; bad input -> UserError."""
-    if not isinstance(config, dict):
-        raise UserError(
-            f"{label}: label_noise must be a mapping like {{kind: symmetric, rate: 0.4, seed: 0}}"
-        )
-    unknown = set(map(str, config)) - CONFIG_KEYS
-    if unknown:
-        raise UserError(
-            f"{label}: unknown label_noise keys {sorted(unknown)} (allowed: {sorted(CONFIG_KEYS)})"
-        )
-    kind = config.get("kind", "symmetric")
-    if kind not in KINDS:
-        raise UserError(f"{label}: label_noise.kind must be one of {list(KINDS)}, got {kind!r}")
-    try:
-        rate = _check_rate(config.get("rate"))
-    except ValueError as exc:
-        raise UserError(f"{label}: label_noise.rate: {exc}") from None
-    seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"{label}: label_noise.seed must be a non-negative integer, got {seed!r}")
-    mapping = config.get("mapping")
-    if mapping is not None and (kind != "asymmetric" or not isinstance(mapping, list)):
-        raise UserError(f"{label}: label_noise.mapping must be a list of class ids, with kind asymmetric")
-    return {"kind": kind, "rate": rate, "seed": seed, "mapping": mapping}
-
-
-def add_label_noise(dataset: DownstreamDataset, config: Any) -> ShotReferenceDataset:
+def add_label_noise(dataset: DownstreamDataset, noise: LabelNoise) -> ShotReferenceDataset:
     """`dataset` with its train split's labels replaced by noisy ones (other splits unchanged).
 
     The new train split is a NoisyLabelSplit (`clean_labels`, `noise_mask`). Many/medium/few stay
@@ -181,18 +153,20 @@ def add_label_noise(dataset: DownstreamDataset, config: Any) -> ShotReferenceDat
     `describe()` gains `label_noise` (the config plus the realised number and rate of changed labels)
     and `clean_train_class_counts`.
     """
-    cfg = parse_config(config, f"dataset {dataset.name!r}")
+    label = f"dataset {dataset.name!r}"
+    if noise.mapping is not None and noise.kind != "asymmetric":
+        raise UserError(f"{label}: label_noise.mapping must be a list of class ids, with kind asymmetric")
     train = dataset.train
     superclass = getattr(dataset, "superclass", None)
     try:
         noisy, mask = apply_label_noise(
             train.labels,
             dataset.num_classes,
-            cfg["kind"],
-            cfg["rate"],
-            cfg["seed"],
+            noise.kind,
+            noise.rate,
+            noise.seed,
             superclass=superclass,
-            mapping=cfg["mapping"],
+            mapping=noise.mapping,
         )
     except ValueError as exc:
         raise UserError(f"dataset {dataset.name!r}: label_noise: {exc}") from None
@@ -209,7 +183,7 @@ def add_label_noise(dataset: DownstreamDataset, config: Any) -> ShotReferenceDat
     ref = getattr(dataset, "shot_counts", None)
     extra = dict(getattr(dataset, "extra_info", {}))
     extra["label_noise"] = {
-        **{k: v for k, v in cfg.items() if v is not None},
+        **{k: v for k, v in noise.model_dump().items() if v is not None},
         "noisy_labels": int(mask.sum()),
         "realised_rate": float(mask.mean()) if mask.size else 0.0,
     }
@@ -218,8 +192,8 @@ def add_label_noise(dataset: DownstreamDataset, config: Any) -> ShotReferenceDat
         name=dataset.name,
         class_names=list(dataset.class_names),
         splits={**dataset.splits, "train": new_train},
-        spec=dict(dataset.spec),
-        shot=dict(dataset.shot),
+        spec=dataset.spec,
+        shot=dataset.shot,
         shot_counts=list(ref) if ref is not None else dataset.train_class_counts(),
         superclass=superclass,
         extra_info=extra,

@@ -14,14 +14,13 @@ Uids name the source image: `digits-all-0042` is row 42 of load_digits() in ever
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from retformer.artifacts.errors import UserError
 from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset, make_uid
 from retformer.kb_builder.datasets.fashion_mnist import balanced_subsample
 from retformer.kb_builder.datasets.longtail import longtail_indices
+from retformer.kb_builder.datasets.schema import SklearnDigitsLt
 
 UID_PREFIX = "digits"
 DEFAULT_CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -40,28 +39,19 @@ def load_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(d.target, dtype=np.int64)
 
 
-def _positive(spec: dict[str, Any], key: str, default: int) -> int:
-    value = spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(
-            f"dataset {spec.get('name', 'sklearn_digits_lt')!r}: {key} must be a positive integer"
-        )
-    return value
-
-
-def part_indices(spec: dict[str, Any], labels: np.ndarray) -> dict[str, np.ndarray]:
+def part_indices(dataset: SklearnDigitsLt, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Sorted row indices of the four disjoint parts: test, val, train (long-tailed) and pool."""
-    seed = int(spec.get("seed", 0))
+    seed = dataset.seed
     rows = np.arange(len(labels), dtype=np.int64)
-    test = rows[balanced_subsample(labels, _positive(spec, "test_per_class", 50), seed)]
+    test = rows[balanced_subsample(labels, dataset.test_per_class, seed)]
     rest = np.setdiff1d(rows, test, assume_unique=True)
-    val = rest[balanced_subsample(labels[rest], _positive(spec, "val_per_class", 30), seed + 1)]
+    val = rest[balanced_subsample(labels[rest], dataset.val_per_class, seed + 1)]
     rest = np.setdiff1d(rest, val, assume_unique=True)
     train = rest[
         longtail_indices(
             labels[rest],
-            _positive(spec, "n_max", 50),
-            float(spec.get("imbalance_ratio", 10)),
+            dataset.n_max,
+            float(dataset.imbalance_ratio),
             seed + 2,
             num_classes=10,
         )
@@ -70,11 +60,11 @@ def part_indices(spec: dict[str, Any], labels: np.ndarray) -> dict[str, np.ndarr
     return {"train": train, "val": val, "test": test, "pool": pool}
 
 
-def load_sklearn_digits_lt(spec: dict[str, Any], class_names: list[str] | None) -> DownstreamDataset:
-    """The long-tailed digits dataset of `spec` (see the module docstring for the keys)."""
+def load_sklearn_digits_lt(dataset: SklearnDigitsLt, class_names: list[str] | None) -> DownstreamDataset:
+    """The long-tailed digits dataset of `dataset` (see the module docstring for the keys)."""
     images, labels = load_arrays()
-    parts = part_indices(spec, labels)
-    seed = int(spec.get("seed", 0))
+    parts = part_indices(dataset, labels)
+    seed = dataset.seed
 
     def split(rows: np.ndarray) -> DatasetSplit:
         return DatasetSplit(
@@ -85,17 +75,16 @@ def load_sklearn_digits_lt(spec: dict[str, Any], class_names: list[str] | None) 
         )
 
     return DownstreamDataset(
-        name=spec.get("name") or "digits_lt",
+        name=dataset.name or "digits_lt",
         class_names=list(class_names or DEFAULT_CLASS_NAMES),
         splits={s: split(parts[s]) for s in ("train", "val", "test")},
-        spec=dict(spec),
-        shot=dict(spec.get("shot_thresholds") or {}),
+        spec=dataset,
+        shot=dataset.shot_thresholds,
         pool=split(parts["pool"]),
         notes={
-            "test": f"{spec.get('test_per_class', 50)} per class of the 1,797 images, balanced (seed {seed})",
+            "test": f"{dataset.test_per_class} per class of the 1,797 images, balanced (seed {seed})",
             "val": (
-                f"{spec.get('val_per_class', 30)} per class of the images outside test, balanced "
-                f"(seed {seed + 1})"
+                f"{dataset.val_per_class} per class of the images outside test, balanced (seed {seed + 1})"
             ),
             "pool": "every image in none of train / val / test",
         },

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -41,12 +40,11 @@ from retformer.kb_builder.datasets.imagenet_lt import (
     check_first_exists,
     check_unique,
     path_uid,
-    positive_int,
     read_file_list,
     stem_uid,
 )
+from retformer.kb_builder.datasets.schema import MiniWebvision
 
-NUM_CLASSES = 50
 TRAIN_LIST = "info/train_filelist_google.txt"
 VAL_LIST = "info/val_filelist.txt"
 VAL_IMAGES = "val_images_256"
@@ -105,15 +103,15 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _imagenet_val_split(spec: dict[str, Any], root: Path, num_classes: int) -> DatasetSplit:
-    val_root = Path(spec["imagenet_val_root"]).expanduser()
+def _imagenet_val_split(dataset: MiniWebvision, val_root: Path, root: Path, num_classes: int) -> DatasetSplit:
+    val_root = val_root.expanduser()
     if not val_root.is_dir():
         raise UserError(f"ILSVRC12 val folder {val_root} (imagenet_val_root) not found: {IMAGENET_LAYOUT}")
     files: list[Path] = []
     labels: list[int] = []
     where: Path = val_root
-    if spec.get("imagenet_val_list"):
-        where = Path(spec["imagenet_val_list"]).expanduser()
+    if dataset.imagenet_val_list:
+        where = Path(dataset.imagenet_val_list).expanduser()
         if not where.is_file():
             raise UserError(f"ILSVRC12 val list {where} (imagenet_val_list) not found: {IMAGENET_LAYOUT}")
         rel, lab, _ = read_file_list(where)
@@ -148,25 +146,27 @@ def _imagenet_val_split(spec: dict[str, Any], root: Path, num_classes: int) -> D
     return DatasetSplit(uids, np.asarray(labels), paths=files)
 
 
-def load_mini_webvision(spec: dict[str, Any]) -> DownstreamDataset:
+def load_mini_webvision(dataset: MiniWebvision) -> DownstreamDataset:
     """mini-WebVision: splits `train`, `webvision_val` and (when configured) `imagenet_val`.
 
-    spec keys: `root` (required), `num_classes` (50: the first 50 classes), `imagenet_val_root` and
+    Manifest keys: `root` (required), `num_classes` (50: the first 50 classes), `imagenet_val_root` and
     `imagenet_val_list` (see the module docstring), `shot_thresholds`.
     """
-    if not spec.get("root"):
+    if not dataset.root:
         raise UserError(f"dataset kind mini_webvision: `root` is required ({LAYOUT})")
-    root = Path(spec["root"]).expanduser()
+    root = Path(dataset.root).expanduser()
     if not root.is_dir():
         raise UserError(f"WebVision root {root} not found: {LAYOUT}")
-    num_classes = positive_int(spec, "num_classes", NUM_CLASSES)
+    num_classes = dataset.num_classes
     splits = {
         "train": _list_split(root / TRAIN_LIST, root, num_classes, "", "train"),
         "webvision_val": _list_split(root / VAL_LIST, root / VAL_IMAGES, num_classes, VAL_IMAGES, "val"),
     }
-    if spec.get("imagenet_val_root"):
-        splits["imagenet_val"] = _imagenet_val_split(spec, root, num_classes)
-    elif spec.get("imagenet_val_list"):
+    if dataset.imagenet_val_root:
+        splits["imagenet_val"] = _imagenet_val_split(
+            dataset, Path(dataset.imagenet_val_root), root, num_classes
+        )
+    elif dataset.imagenet_val_list:
         raise UserError(
             "mini-WebVision: imagenet_val_list needs imagenet_val_root (the folder its paths are in)"
         )
@@ -177,9 +177,9 @@ def load_mini_webvision(spec: dict[str, Any]) -> DownstreamDataset:
         [name for _, name in synsets[:num_classes]] if synsets else [f"class_{i}" for i in range(num_classes)]
     )
     return DownstreamDataset(
-        name=spec.get("name") or "mini_webvision",
+        name=dataset.name or "mini_webvision",
         class_names=names,
         splits=splits,
-        spec=dict(spec),
-        shot=dict(spec.get("shot_thresholds") or {}),
+        spec=dataset,
+        shot=dataset.shot_thresholds,
     )
