@@ -44,10 +44,12 @@ from retformer.artifacts.atomic import write_json_atomic
 from retformer.artifacts.embeddings_io import read_embeddings
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.names import prediction_file, safe_name
+from retformer.artifacts.schema import dump_given
 from retformer.artifacts.workspace import Workspace, read_json
 from retformer.pipelines.experiment_context import ExperimentContext, start_over
 from retformer.pipelines.experiment_methods import run_method, selects
 from retformer.pipelines.experiment_plan import eval_splits, plan_experiment
+from retformer.pipelines.experiment_schema import ExperimentManifest
 from retformer.pipelines.runs import write_predictions
 from retformer.trainer import distributed
 from retformer.trainer.checkpoint import result_fingerprint
@@ -88,7 +90,7 @@ def run_experiment(
     ws: Workspace,
     ds: dict[str, Any],
     kb: dict[str, Any],
-    exp: dict[str, Any],
+    exp: ExperimentManifest,
     run_dir: Path,
     progress: bool = True,
     config_hash: str | None = None,
@@ -108,7 +110,7 @@ def run_experiment(
         raise UserError(f"dataset {ds['name']} has not been prepared: run `retformer neighbors` first")
     splits = eval_splits(exp, info)
     plan["select"] = plan["select"].for_dataset(ds["name"])
-    select_split = exp.get("select_split")
+    select_split = exp.select_split
     if select_split is not None and (select_split not in info["splits"] or select_split in splits):
         raise UserError(
             f"select_split {select_split!r} must be one of the dataset's splits {list(info['splits'])} "
@@ -229,19 +231,20 @@ def _resumes(plan: dict[str, Any]) -> bool:
     return plan["checkpoint"] is not None and plan["checkpoint"]["resume"]
 
 
-def _fingerprint(exp: dict[str, Any], plan: dict[str, Any], method: str, k: int, inputs: _Inputs) -> str:
+def _fingerprint(exp: ExperimentManifest, plan: dict[str, Any], method: str, k: int, inputs: _Inputs) -> str:
     """`result_fingerprint` of what a method's result depends on (with selection: its grid too, so a
-    changed grid reruns the method)."""
+    changed grid reruns the method): the sections as the manifest gives them (`dump_given`)."""
     config = plan["configs"].get(method)
-    model_fp = exp.get("model") if config is not None else None
+    given = dump_given(exp)
+    model_fp = given.get("model") if config is not None else None
     if selects(exp, method):
-        sel = {"select_split": exp.get("select_split"), "recipe": plan["recipe"], "select": exp.get("select")}
-        model_fp = {"model": exp.get("model"), **sel}
+        sel = {"select_split": exp.select_split, "recipe": plan["recipe"], "select": given.get("select")}
+        model_fp = {"model": given.get("model"), **sel}
     return result_fingerprint(
         method,
         config,
         model_fp,
-        exp.get("zeroshot") if method == "zeroshot" else None,
+        given.get("zeroshot") if method == "zeroshot" else None,
         None if method in RETRIEVAL_FREE else k,
         inputs.train_size,
         inputs.eval_sizes,
@@ -257,18 +260,20 @@ def _report(
     config_hash: str | None,
     results: dict[str, Any],
 ) -> dict[str, Any]:
-    """eval.json's content: the run's identity, splits and sizes, the configuration, every result."""
+    """eval.json's content: the run's identity, splits and sizes, the configuration (the sections as the
+    manifest gives them: `dump_given`), every result."""
     exp, info, k_values = ctx.exp, ctx.info, plan["k_values"]
+    given = dump_given(exp)
     return {
         "run": run_dir.name,
         "config_hash": config_hash,
         "dataset": ctx.ds["name"],
         "kb": ctx.kb["name"],
-        "experiment": exp["name"],
+        "experiment": exp.name,
         "k": k_values[0] if len(k_values) == 1 else k_values,
         "neighbor_table_k": inputs.table_k,
         "eval_split": splits[0],
-        "select_split": exp.get("select_split"),
+        "select_split": exp.select_split,
         "recipe": plan["recipe"],
         "eval_splits": splits,
         "train_size": inputs.train_size,
@@ -278,13 +283,13 @@ def _report(
         "class_names": info.get("class_names"),
         "train_class_counts": info.get("train_class_counts"),
         "config": {
-            "train": exp.get("train", {}),
-            "method_train": exp.get("method_train", {}) or {},
-            "model": exp.get("model", {}),
-            "finetune": exp.get("finetune", {}) or {},
-            "zeroshot": exp.get("zeroshot", {}) or {},
+            "train": given.get("train", {}),
+            "method_train": given.get("method_train") or {},
+            "model": given.get("model", {}),
+            "finetune": given.get("finetune") or {},
+            "zeroshot": given.get("zeroshot") or {},
             "checkpoint": plan["checkpoint"],
-            "select": exp.get("select", {}) or {},
+            "select": given.get("select") or {},
         },
         "methods": results,
     }

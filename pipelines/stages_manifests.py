@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts import manifest
 from retformer.artifacts.errors import UserError
+
+if TYPE_CHECKING:
+    from retformer.pipelines.experiment_schema import ExperimentManifest
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def load_dataset_manifest(name: str, overrides: list[str] | None) -> dict[str, A
     return validate_dataset(*_load("datasets", "dataset", name, overrides))
 
 
-def load_experiment(name: str, overrides: list[str] | None) -> dict[str, Any]:
+def load_experiment(name: str, overrides: list[str] | None) -> ExperimentManifest:
     """An experiment manifest (a name under manifests/experiments/ or a path) with its overrides,
     validated; values coerced to their types (pipelines/experiment_schema.py)."""
     from retformer.pipelines.experiment_schema import validate_experiment
@@ -96,13 +99,13 @@ _SELECTED_KEYS = {
 }
 
 
-def unread_overrides(exp: dict[str, Any], overrides: list[str]) -> list[tuple[str, str]]:
+def unread_overrides(exp: ExperimentManifest, overrides: list[str]) -> list[tuple[str, str]]:
     """(override, why) for each experiment override the run will never read: train.epochs / train.lr
     where every trained method is chosen on a select split (the grids set them)."""
     from retformer.trainer.methods import METHODS
 
-    methods = exp.get("methods") or []
-    selected = exp.get("select_split") and all(
+    methods = exp.methods or []
+    selected = exp.select_split and all(
         m not in METHODS or METHODS[m].mode in ("frozen", "vote") for m in methods
     )
     if not selected:

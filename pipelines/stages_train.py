@@ -7,12 +7,15 @@ import logging
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.lock import output_lock
 from retformer.artifacts.workspace import Workspace, read_json
 from retformer.pipelines.stages_neighbors import check_split_embeddings
+
+if TYPE_CHECKING:
+    from retformer.pipelines.experiment_schema import ExperimentManifest
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +24,7 @@ def stage_train(
     ws: Workspace,
     ds: dict[str, Any],
     kb: dict[str, Any],
-    exp: dict[str, Any],
+    exp: ExperimentManifest,
     run: str | None = None,
     force: bool = False,
     tensorboard: Path | None = None,
