@@ -7,8 +7,8 @@ Experiment manifest keys: `k` (neighbors, default 32) or `k_values` (a sweep: on
 retrieval method, named `<method>@k<k>`), `eval_split`, `methods`, `model` (head sizes), `train`
 (TrainConfig), `method_train` (per-method TrainConfig overrides), `finetune` (FinetuneConfig:
 encoder_lr, accumulate, num_workers, augment, crop_scale, hflip, images, grad_checkpointing),
-`zeroshot` (templates: openai | simple, class_names) and `checkpoint` (every_s, resume; `false`
-turns checkpoints off).
+`zeroshot` (templates: openai | simple; the class names are the dataset's) and `checkpoint`
+(every_s, resume; `false` turns checkpoints off).
 
 Selection (issue 9): `select_split: val` makes every choice of the feature-mode methods on that split
 (`trainer/selection.py`): the baselines' lr and epoch, RetFormer's checkpoint, la_tau, alpha and gate,
