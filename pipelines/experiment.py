@@ -235,16 +235,16 @@ def _fingerprint(exp: ExperimentManifest, plan: dict[str, Any], method: str, k: 
     """`result_fingerprint` of what a method's result depends on (with selection: its grid too, so a
     changed grid reruns the method): the sections as the manifest gives them (`dump_given`)."""
     config = plan["configs"].get(method)
-    given = dump_given(exp)
-    model_fp = given.get("model") if config is not None else None
+    written = dump_given(exp)
+    model_fp = written.get("model") if config is not None else None
     if selects(exp, method):
-        sel = {"select_split": exp.select_split, "recipe": plan["recipe"], "select": given.get("select")}
-        model_fp = {"model": given.get("model"), **sel}
+        sel = {"select_split": exp.select_split, "recipe": plan["recipe"], "select": written.get("select")}
+        model_fp = {"model": written.get("model"), **sel}
     return result_fingerprint(
         method,
         config,
         model_fp,
-        given.get("zeroshot") if method == "zeroshot" else None,
+        written.get("zeroshot") if method == "zeroshot" else None,
         None if method in RETRIEVAL_FREE else k,
         inputs.train_size,
         inputs.eval_sizes,
@@ -263,7 +263,7 @@ def _report(
     """eval.json's content: the run's identity, splits and sizes, the configuration (the sections as the
     manifest gives them: `dump_given`), every result."""
     exp, info, k_values = ctx.exp, ctx.info, plan["k_values"]
-    given = dump_given(exp)
+    written = dump_given(exp)
     return {
         "run": run_dir.name,
         "config_hash": config_hash,
@@ -283,13 +283,13 @@ def _report(
         "class_names": info.get("class_names"),
         "train_class_counts": info.get("train_class_counts"),
         "config": {
-            "train": given.get("train", {}),
-            "method_train": given.get("method_train") or {},
-            "model": given.get("model", {}),
-            "finetune": given.get("finetune") or {},
-            "zeroshot": given.get("zeroshot") or {},
+            "train": written.get("train", {}),
+            "method_train": written.get("method_train") or {},
+            "model": written.get("model", {}),
+            "finetune": written.get("finetune") or {},
+            "zeroshot": written.get("zeroshot") or {},
             "checkpoint": plan["checkpoint"],
-            "select": given.get("select") or {},
+            "select": written.get("select") or {},
         },
         "methods": results,
     }
