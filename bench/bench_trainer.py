@@ -54,6 +54,7 @@ from retformer.artifacts.workspace import Workspace, read_json  # noqa: E402
 from retformer.pipelines import stages  # noqa: E402
 from retformer.pipelines.experiment import run_experiment  # noqa: E402
 from retformer.pipelines.experiment_plan import plan_experiment  # noqa: E402
+from retformer.pipelines.experiment_schema import given  # noqa: E402
 from retformer.trainer.baselines import vote_threads  # noqa: E402
 from retformer.trainer.checkpoint import load_model  # noqa: E402
 from retformer.trainer.evaluate import evaluate  # noqa: E402
@@ -370,12 +371,12 @@ def main() -> None:
     ds = stages.load_dataset_manifest(args.dataset, None)
     kb = stages.load_kb(args.kb, None)
     exp = stages.load_experiment(args.experiment, overrides)
-    methods = list(exp["methods"])
+    methods = list(exp.methods or [])
     order = sorted(methods, key=lambda m: m != "mlp_only")  # mlp_only first: see the docstring
-    exp = {**exp, "methods": order}
+    exp = exp.model_copy(update={"methods": order})
     plan = plan_experiment(exp, kb)
     opts = plan["select"].for_dataset(ds.name)
-    k = int(exp.get("k", 32))
+    k = exp.k
     ensure_tables(args.workdir, ds.name, kb["name"], k)
     ws = Workspace(args.workdir)
 
@@ -416,7 +417,7 @@ def main() -> None:
         "k": k,
         "sizes": sizes,
         "res": res,
-        "model_options": exp.get("model", {}) or {},
+        "model_options": given(exp.model),
         "retformer_config": retformer_config,
         "stacked_best": stacked_best,
         "results": results,
@@ -450,7 +451,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "dataset": ds.name,
         "kb": kb["name"],
-        "experiment": exp["name"],
+        "experiment": exp.name,
         "overrides": overrides,
         "sizes": {**sizes, "k": k},
         "experiment_seconds": round(experiment_s, 1),

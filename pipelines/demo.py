@@ -90,6 +90,7 @@ def run_pair(
     are their mean (`pipelines.seeds.mean_over_seeds`) and
     `comparison` the paired bootstrap of RetFormer minus the strongest baseline. `tensorboard`: the
     folder for the per-epoch figures (stage_train's)."""
+    from retformer.pipelines.experiment_schema import TrainSection
     from retformer.pipelines.results import results_summary
     from retformer.pipelines.seeds import comparison, mean_over_seeds, seed_list
 
@@ -106,11 +107,11 @@ def run_pair(
         index_rec = stages.stage_index(ws, kb_m, dask=dask)
     with _timed(timings, f"{ds_m.name}: neighbors"):
         nn_rec = stages.stage_neighbors(ws, ds_m, kb_m, dask=dask)
-    seed_values = seed_list(int((exp_m.get("train") or {}).get("seed", 0)), seeds)
+    seed_values = seed_list((exp_m.train or TrainSection()).seed, seeds)
     reports = []
     with _timed(timings, f"{ds_m.name}: train+evaluate"):
         for seed in seed_values:  # each seed is its own run, named with its config hash
-            seeded = {**exp_m, "train": {**(exp_m.get("train") or {}), "seed": seed}}
+            seeded = exp_m.seeded(seed)
             reports.append(stages.stage_train(ws, ds_m, kb_m, seeded, tensorboard=tensorboard))
     report = reports[0]
     summary = results_summary(report)
@@ -122,7 +123,7 @@ def run_pair(
             "dataset": ds_m.name,
             "description": ds_m.description,
             "kb": kb_m["name"],
-            "experiment": exp_m["name"],
+            "experiment": exp_m.name,
             "seeds": seed_values,
             "runs": [r.get("run") for r in reports],
             "comparison": comparison(run_dirs, summary["methods"]) if run_dirs else None,

@@ -7,8 +7,8 @@ Experiment manifest keys: `k` (neighbors, default 32) or `k_values` (a sweep: on
 retrieval method, named `<method>@k<k>`), `eval_split`, `methods`, `model` (head sizes), `train`
 (TrainConfig), `method_train` (per-method TrainConfig overrides), `finetune` (FinetuneConfig:
 encoder_lr, accumulate, num_workers, augment, crop_scale, hflip, images, grad_checkpointing),
-`zeroshot` (templates: openai | simple, class_names) and `checkpoint` (every_s, resume; `false`
-turns checkpoints off).
+`zeroshot` (templates: openai | simple; the class names are the dataset's) and `checkpoint`
+(every_s, resume; `false` turns checkpoints off).
 
 Selection (issue 9): `select_split: val` makes every choice of the feature-mode methods on that split
 (`trainer/selection.py`): the baselines' lr and epoch, RetFormer's checkpoint, la_tau, alpha and gate,
@@ -44,10 +44,12 @@ from retformer.artifacts.atomic import write_json_atomic
 from retformer.artifacts.embeddings_io import read_embeddings
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.names import prediction_file, safe_name
+from retformer.artifacts.schema import dump_given
 from retformer.artifacts.workspace import Workspace, read_json
 from retformer.pipelines.experiment_context import ExperimentContext, start_over
 from retformer.pipelines.experiment_methods import run_method, selects
 from retformer.pipelines.experiment_plan import eval_splits, plan_experiment
+from retformer.pipelines.experiment_schema import ExperimentManifest
 from retformer.pipelines.runs import write_predictions
 from retformer.trainer import distributed
 from retformer.trainer.checkpoint import result_fingerprint
@@ -91,7 +93,7 @@ def run_experiment(
     ws: Workspace,
     ds: DatasetManifest,
     kb: dict[str, Any],
-    exp: dict[str, Any],
+    exp: ExperimentManifest,
     run_dir: Path,
     progress: bool = True,
     config_hash: str | None = None,
@@ -111,7 +113,7 @@ def run_experiment(
         raise UserError(f"dataset {ds.name} has not been prepared: run `retformer neighbors` first")
     splits = eval_splits(exp, info)
     plan["select"] = plan["select"].for_dataset(ds.name)
-    select_split = exp.get("select_split")
+    select_split = exp.select_split
     if select_split is not None and (select_split not in info["splits"] or select_split in splits):
         raise UserError(
             f"select_split {select_split!r} must be one of the dataset's splits {list(info['splits'])} "
@@ -232,19 +234,20 @@ def _resumes(plan: dict[str, Any]) -> bool:
     return plan["checkpoint"] is not None and plan["checkpoint"]["resume"]
 
 
-def _fingerprint(exp: dict[str, Any], plan: dict[str, Any], method: str, k: int, inputs: _Inputs) -> str:
+def _fingerprint(exp: ExperimentManifest, plan: dict[str, Any], method: str, k: int, inputs: _Inputs) -> str:
     """`result_fingerprint` of what a method's result depends on (with selection: its grid too, so a
-    changed grid reruns the method)."""
+    changed grid reruns the method): the sections as the manifest gives them (`dump_given`)."""
     config = plan["configs"].get(method)
-    model_fp = exp.get("model") if config is not None else None
+    written = dump_given(exp)
+    model_fp = written.get("model") if config is not None else None
     if selects(exp, method):
-        sel = {"select_split": exp.get("select_split"), "recipe": plan["recipe"], "select": exp.get("select")}
-        model_fp = {"model": exp.get("model"), **sel}
+        sel = {"select_split": exp.select_split, "recipe": plan["recipe"], "select": written.get("select")}
+        model_fp = {"model": written.get("model"), **sel}
     return result_fingerprint(
         method,
         config,
         model_fp,
-        exp.get("zeroshot") if method == "zeroshot" else None,
+        written.get("zeroshot") if method == "zeroshot" else None,
         None if method in RETRIEVAL_FREE else k,
         inputs.train_size,
         inputs.eval_sizes,
@@ -260,18 +263,20 @@ def _report(
     config_hash: str | None,
     results: dict[str, Any],
 ) -> dict[str, Any]:
-    """eval.json's content: the run's identity, splits and sizes, the configuration, every result."""
+    """eval.json's content: the run's identity, splits and sizes, the configuration (the sections as the
+    manifest gives them: `dump_given`), every result."""
     exp, info, k_values = ctx.exp, ctx.info, plan["k_values"]
+    written = dump_given(exp)
     return {
         "run": run_dir.name,
         "config_hash": config_hash,
         "dataset": ctx.ds.name,
         "kb": ctx.kb["name"],
-        "experiment": exp["name"],
+        "experiment": exp.name,
         "k": k_values[0] if len(k_values) == 1 else k_values,
         "neighbor_table_k": inputs.table_k,
         "eval_split": splits[0],
-        "select_split": exp.get("select_split"),
+        "select_split": exp.select_split,
         "recipe": plan["recipe"],
         "eval_splits": splits,
         "train_size": inputs.train_size,
@@ -281,13 +286,13 @@ def _report(
         "class_names": info.get("class_names"),
         "train_class_counts": info.get("train_class_counts"),
         "config": {
-            "train": exp.get("train", {}),
-            "method_train": exp.get("method_train", {}) or {},
-            "model": exp.get("model", {}),
-            "finetune": exp.get("finetune", {}) or {},
-            "zeroshot": exp.get("zeroshot", {}) or {},
+            "train": written.get("train", {}),
+            "method_train": written.get("method_train") or {},
+            "model": written.get("model", {}),
+            "finetune": written.get("finetune") or {},
+            "zeroshot": written.get("zeroshot") or {},
             "checkpoint": plan["checkpoint"],
-            "select": exp.get("select", {}) or {},
+            "select": written.get("select") or {},
         },
         "methods": results,
     }

@@ -17,6 +17,7 @@ from retformer.artifacts import manifest
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.names import INDEX_JSON, PREDICTIONS
 from retformer.artifacts.workspace import Workspace, read_json
+from retformer.pipelines.experiment_schema import ExperimentManifest
 from retformer.trainer.baselines import kb_label_problem
 from retformer.trainer.images import SplitImages, shard_images
 from retformer.trainer.methods import METHODS
@@ -37,7 +38,13 @@ class ExperimentContext:
     """What the methods of one experiment share, loaded once and only when a method needs it."""
 
     def __init__(
-        self, ws: Workspace, ds: DatasetManifest, kb: dict, exp: dict, info: dict, progress: bool
+        self,
+        ws: Workspace,
+        ds: DatasetManifest,
+        kb: dict,
+        exp: ExperimentManifest,
+        info: dict,
+        progress: bool,
     ) -> None:
         self.ws, self.ds, self.kb, self.exp, self.info, self.progress = ws, ds, kb, exp, info, progress
         self._images: dict[tuple[str, str], Any] = {}
@@ -138,9 +145,9 @@ class ExperimentContext:
                 "recall_check": index.get("recall_check"),
             },
             "train_config": asdict(config) if is_dataclass(config) else config,
-            "recipe": self.exp.get("recipe", "paper"),
-            "select_split": self.exp.get("select_split"),
-            "experiment": self.exp.get("name"),
+            "recipe": self.exp.recipe,
+            "select_split": self.exp.select_split,
+            "experiment": self.exp.name,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }

@@ -11,6 +11,7 @@ from retformer.artifacts.errors import UserError
 from retformer.artifacts.names import safe_name
 from retformer.pipelines.experiment_context import ExperimentContext
 from retformer.pipelines.experiment_plan import train_config
+from retformer.pipelines.experiment_schema import ExperimentManifest, ZeroshotSection, given
 from retformer.trainer import distributed
 from retformer.trainer.baselines import knn_vote, vote_threads
 from retformer.trainer.checkpoint import save_model
@@ -26,10 +27,10 @@ from retformer.trainer.zeroshot import prompt_class_names, zeroshot_logits, zero
 log = logging.getLogger(__name__)
 
 
-def selects(exp: dict[str, Any], method: str) -> bool:
+def selects(exp: ExperimentManifest, method: str) -> bool:
     """Whether the experiment chooses this method's settings on its select split (feature-mode training
     and the votes, when there is a select split)."""
-    return exp.get("select_split") is not None and METHODS[method].mode in ("frozen", "vote")
+    return exp.select_split is not None and METHODS[method].mode in ("frozen", "vote")
 
 
 def run_method(
@@ -62,13 +63,12 @@ def _zeroshot(ctx: ExperimentContext, evals: dict[str, tuple[Any, Any]]) -> dict
     """Zero-shot metrics per eval split; evals: split -> (image embeddings, labels)."""
     from retformer.kb_builder.encoders import build_text_encoder
 
-    spec = ctx.exp.get("zeroshot") or {}
-    names = spec.get("class_names") or ctx.info["class_names"]
+    names = ctx.info["class_names"]
     if len(names) != int(ctx.info["num_classes"]):
         raise UserError(f"zeroshot.class_names has {len(names)} names for {ctx.info['num_classes']} classes")
     names = prompt_class_names(names, ctx.ds.kind)
     text = build_text_encoder(ctx.kb["encoders"]["text"])
-    template_set = spec.get("templates", "openai")
+    template_set = (ctx.exp.zeroshot or ZeroshotSection()).templates
     weights = zeroshot_weights(text, names, template_set)
     out = {}
     for split, (img, labels) in evals.items():
@@ -96,7 +96,7 @@ def _train_method(
             config,
             train_f,
             evals,
-            model_options=ctx.exp.get("model", {}) or {},
+            model_options=given(ctx.exp.model),
             num_classes=int(ctx.info["num_classes"]),
             k=k,
             class_counts=ctx.info["train_class_counts"],
@@ -139,7 +139,7 @@ def _select_trained(
     num_classes, shot = int(ctx.info["num_classes"]), ctx.info["shot_split"]
     opts = plan["select"]
     common = {
-        "model_options": ctx.exp.get("model", {}) or {},
+        "model_options": given(ctx.exp.model),
         "num_classes": num_classes,
         "class_counts": ctx.info["train_class_counts"],
         "opts": opts,
@@ -183,7 +183,7 @@ def _select_trained(
         save_model(
             run_dir / f"{safe_name(key)}.pt", sel.model, info, selected=sel.selected, val_top1=sel.val_top1
         )
-    extra = {"mode": "frozen", "selected": sel.selected, "select_split": ctx.exp["select_split"]}
+    extra = {"mode": "frozen", "selected": sel.selected, "select_split": ctx.exp.select_split}
     val = {"val": val_metrics(predict(sel.model, val_f), val_f.labels, shot)}
     out = {}
     for split, f in evals.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from retformer.artifacts.schema import Section, dump_given, section_from_dataclass, validate_section
 from retformer.trainer.config import METHOD_NAMES, RECIPES, FinetuneConfig, SelectOptions, TrainConfig
@@ -63,7 +63,7 @@ class ExperimentManifest(Section):
 
     name: str | None = None
     description: str | None = None
-    k: PositiveInt | None = None
+    k: PositiveInt = 32  # the neighbours each query gets (k_values: a sweep instead)
     k_values: Annotated[list[PositiveInt], Field(min_length=1)] | None = None
     eval_split: str | Annotated[list[str], Field(min_length=1)] = "test"
     select_split: str | None = None
@@ -74,13 +74,32 @@ class ExperimentManifest(Section):
     finetune: FinetuneSection | None = None  # type: ignore[valid-type]
     method_train: dict[MethodName, FinetuneSection] | None = None  # type: ignore[valid-type]
     zeroshot: ZeroshotSection | None = None
-    checkpoint: CheckpointSection | bool | None = None
+    checkpoint: CheckpointSection | bool | None = True  # false (or null): no checkpoints
     select: SelectSection | None = None  # type: ignore[valid-type]
+    # Where the manifest was read from (None for one built in code): not a key of the manifest.
+    _manifest_path: str | None = PrivateAttr(default=None)
+
+    @property
+    def manifest_path(self) -> str | None:
+        return self._manifest_path
+
+    def seeded(self, seed: int) -> ExperimentManifest:
+        """This experiment with `train.seed` set, as a given key (a run's record and config hash show it)."""
+        train = self.train or TrainSection()
+        return self.model_copy(update={"train": train.model_copy(update={"seed": seed})})
+
+
+def given(section: BaseModel | None) -> dict[str, Any]:
+    """A section's given values (`dump_given`), {} for a section the manifest leaves out."""
+    return dump_given(section) if section is not None else {}
 
 
 def validate_experiment(
     spec: dict[str, Any], where: str, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    """`spec` checked against the schema; returns it with the given values coerced (`_` keys kept)."""
-    model = validate_section(ExperimentManifest, spec, where, overrides)
-    return {**{k: v for k, v in spec.items() if str(k).startswith("_")}, **dump_given(model)}
+) -> ExperimentManifest:
+    """`spec` checked against the schema, its values coerced; `_manifest_path` (the loader's) kept as
+    the model's `manifest_path`. Only the keys `spec` gives are set (`dump_given` writes those)."""
+    exp = validate_section(ExperimentManifest, spec, where, overrides)
+    assert isinstance(exp, ExperimentManifest)
+    exp._manifest_path = spec.get("_manifest_path")
+    return exp

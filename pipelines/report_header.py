@@ -48,8 +48,9 @@ def code_commit(where: Path | None = None) -> str:
     return commit if proc.returncode == 0 and commit else "unknown"
 
 
-def _encoder(spec: dict[str, Any] | None) -> str:
-    """`efficientnet_lite0 (image_size=64)`: the name, then every other key of the spec."""
+def _encoder(spec: dict[str, object] | None) -> str:
+    """`efficientnet_lite0 (image_size=64)`: the name, then every other key of the spec (as a JSON record
+    holds it: eval.json's or the embed record's, read back, not a validated manifest section)."""
     if not spec:
         return "none"
     rest = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")

@@ -12,6 +12,7 @@ from retformer.artifacts.errors import UserError
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.pipelines.experiment_schema import ExperimentManifest
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def load_dataset_manifest(name: str, overrides: list[str] | None) -> DatasetMani
     return validate_dataset(*_load("datasets", "dataset", name, overrides))
 
 
-def load_experiment(name: str, overrides: list[str] | None) -> dict[str, Any]:
+def load_experiment(name: str, overrides: list[str] | None) -> ExperimentManifest:
     """An experiment manifest (a name under manifests/experiments/ or a path) with its overrides,
     validated; values coerced to their types (pipelines/experiment_schema.py)."""
     from retformer.pipelines.experiment_schema import validate_experiment
@@ -100,13 +101,13 @@ _SELECTED_KEYS = {
 }
 
 
-def unread_overrides(exp: dict[str, Any], overrides: list[str]) -> list[tuple[str, str]]:
+def unread_overrides(exp: ExperimentManifest, overrides: list[str]) -> list[tuple[str, str]]:
     """(override, why) for each experiment override the run will never read: train.epochs / train.lr
     where every trained method is chosen on a select split (the grids set them)."""
     from retformer.trainer.methods import METHODS
 
-    methods = exp.get("methods") or []
-    selected = exp.get("select_split") and all(
+    methods = exp.methods or []
+    selected = exp.select_split and all(
         m not in METHODS or METHODS[m].mode in ("frozen", "vote") for m in methods
     )
     if not selected:

@@ -16,6 +16,7 @@ from retformer.pipelines.stages_neighbors import check_split_embeddings
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.pipelines.experiment_schema import ExperimentManifest
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def stage_train(
     ws: Workspace,
     ds: DatasetManifest,
     kb: dict[str, Any],
-    exp: dict[str, Any],
+    exp: ExperimentManifest,
     run: str | None = None,
     force: bool = False,
     tensorboard: Path | None = None,

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from retformer.artifacts.errors import UserError
 from retformer.pipelines import console, stages
+from retformer.pipelines.experiment_schema import validate_experiment
 from retformer.trainer.progress import ModelProgress
 from tests.helpers import dataset_manifest
 from tests.test_selection import EXPERIMENT, write_workspace
@@ -70,7 +71,7 @@ def test_train_console_is_one_line_per_model_and_no_json(tmp_path, capfd) -> Non
     its full count, and no per-epoch JSON anywhere; the epochs are in the metrics files instead.
     With --quiet nothing at all is drawn."""
     ws = write_workspace(tmp_path)
-    stages.stage_train(ws, DS, KB, SMALL, run="loud")
+    stages.stage_train(ws, DS, KB, validate_experiment(SMALL, "test"), run="loud")
     out, err = capfd.readouterr()
     assert out == "" and '{"epoch"' not in err
     grid = SMALL["select"]
@@ -83,7 +84,7 @@ def test_train_console_is_one_line_per_model_and_no_json(tmp_path, capfd) -> Non
     assert len((ws.run_dir("loud") / "mlp_only.metrics.jsonl").read_text().splitlines()) == mlp_total
 
     console.configure(quiet=True)
-    stages.stage_train(ws, DS, KB, SMALL, run="quiet")
+    stages.stage_train(ws, DS, KB, validate_experiment(SMALL, "test"), run="quiet")
     out, err = capfd.readouterr()
     assert out == "" and err == "", err
 

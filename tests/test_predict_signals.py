@@ -70,6 +70,7 @@ def test_stacked_gate_retrieval_used_is_what_the_rule_applied(tmp_path: Path):
     from retformer.kb_builder.index import run_index
     from retformer.kb_builder.neighbors import run_neighbors
     from retformer.pipelines.experiment import run_experiment
+    from retformer.pipelines.experiment_schema import validate_experiment
     from tests.test_python_api import _synthetic_workspace
 
     ws = _synthetic_workspace(tmp_path)
@@ -103,7 +104,8 @@ def test_stacked_gate_retrieval_used_is_what_the_rule_applied(tmp_path: Path):
         "checkpoint": False,
     }
     kb = {"name": "kbsyn", "source": {"kind": "world"}, "encoders": {"image": {"name": "efficientnet_lite0"}}}
-    run_experiment(ws, SYN, kb, exp, tmp_path / "runs" / "r", progress=False)
+    exp_m = validate_experiment(exp, "test experiment")
+    run_experiment(ws, SYN, kb, exp_m, tmp_path / "runs" / "r", progress=False)
     predictor = Predictor.open(tmp_path / "runs" / "r", device="cpu")
     gate_t = predictor.model.config["gate_t"]
     assert gate_t is not None and predictor.model.config["alpha"] == 1.0

@@ -172,6 +172,7 @@ def test_stacked_run_predicts_what_its_evaluation_reported(tmp_path: Path):
     from retformer.kb_builder.index import run_index
     from retformer.kb_builder.neighbors import run_neighbors
     from retformer.pipelines.experiment import run_experiment
+    from retformer.pipelines.experiment_schema import validate_experiment
 
     ws = _synthetic_workspace(tmp_path)
     index_cfg = {"kind": "hnsw", "recall_target": 0.9, "k": 8, "num_queries": 100}
@@ -209,7 +210,8 @@ def test_stacked_run_predicts_what_its_evaluation_reported(tmp_path: Path):
         "train": {"batch_size": 16, "seed": 0},
         "checkpoint": False,
     }
-    report = run_experiment(ws, SYN, kb, exp, tmp_path / "runs" / "r", progress=False)
+    exp_m = validate_experiment(exp, "test experiment")
+    report = run_experiment(ws, SYN, kb, exp_m, tmp_path / "runs" / "r", progress=False)
     run = load_run(tmp_path / "runs" / "r")
     selected = report["methods"]["retformer"]["selected"]
     assert selected["alpha"] == 1.0 and selected["gate_t"] is not None, selected

@@ -16,6 +16,7 @@ import torch
 
 from retformer.artifacts.errors import UserError
 from retformer.pipelines import stages
+from retformer.pipelines.experiment_schema import ExperimentManifest, validate_experiment
 from retformer.pipelines.runs import check_overwrite, config_hash, default_run_name
 from retformer.trainer.evaluate import evaluate, prediction_table
 from tests.helpers import dataset_manifest
@@ -37,12 +38,16 @@ SWEEP = {
 SWEEP.pop("k")
 
 
+def _exp(spec: dict) -> ExperimentManifest:
+    return validate_experiment(spec, "test experiment")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     """One finished `stage_train` run of SWEEP under its default name."""
     root = tmp_path_factory.mktemp("report")
     ws = write_workspace(root)
-    report = stages.stage_train(ws, DS, KB, SWEEP)
+    report = stages.stage_train(ws, DS, KB, _exp(SWEEP))
     return {"ws": ws, "report": report, "dir": ws.run_dir(report["run"])}
 
 
@@ -167,13 +172,13 @@ def test_report_compares_knowledge_bases_when_runs_exist(run, tmp_path) -> None:
 def test_run_name_hashes_the_resolved_manifests() -> None:
     """The default run name ends with 8 hex digits of the manifests after overrides: where a manifest
     was read from does not count, a changed value does."""
-    name = default_run_name(DS, KB, SWEEP)
+    name = default_run_name(DS, KB, _exp(SWEEP))
     assert re.fullmatch(r"syn-kbsyn-syn_sweep-[0-9a-f]{8}", name)
     moved = dataset_manifest({**DS_GIVEN, "_manifest_path": "/elsewhere/syn.yaml"})
-    assert config_hash(moved, KB, SWEEP) == config_hash(DS, KB, SWEEP)
+    assert config_hash(moved, KB, _exp(SWEEP)) == config_hash(DS, KB, _exp(SWEEP))
     changed = copy.deepcopy(SWEEP)
     changed["train"]["batch_size"] = 8
-    assert config_hash(DS, KB, changed) != config_hash(DS, KB, SWEEP)
+    assert config_hash(DS, KB, _exp(changed)) != config_hash(DS, KB, _exp(SWEEP))
 
 
 def test_finished_run_of_another_config_is_refused_unless_forced(run, tmp_path) -> None:
@@ -182,17 +187,17 @@ def test_finished_run_of_another_config_is_refused_unless_forced(run, tmp_path) 
     `retformer evaluate` shows."""
     ws = write_workspace(tmp_path)
     small = {**copy.deepcopy(SWEEP), "k_values": [4], "methods": ["knn_vote"]}
-    first = stages.stage_train(ws, DS, KB, small, run="mine")
+    first = stages.stage_train(ws, DS, KB, _exp(small), run="mine")
     before = (ws.run_dir("mine") / "eval.json").read_bytes()
     other = {**small, "select": {**small["select"], "knn_k": [1]}}
     with pytest.raises(UserError) as err:
-        stages.stage_train(ws, DS, KB, other, run="mine")
+        stages.stage_train(ws, DS, KB, _exp(other), run="mine")
     assert "already holds a finished run of another configuration" in str(err.value)
     assert "--force" in str(err.value) and "\n" not in str(err.value)
     assert (ws.run_dir("mine") / "eval.json").read_bytes() == before
-    assert stages.stage_train(ws, DS, KB, small, run="mine")["config_hash"] == first["config_hash"]
-    forced = stages.stage_train(ws, DS, KB, other, run="mine", force=True)
-    assert forced["config_hash"] == config_hash(DS, KB, other) != first["config_hash"]
+    assert stages.stage_train(ws, DS, KB, _exp(small), run="mine")["config_hash"] == first["config_hash"]
+    forced = stages.stage_train(ws, DS, KB, _exp(other), run="mine", force=True)
+    assert forced["config_hash"] == config_hash(DS, KB, _exp(other)) != first["config_hash"]
     name, shown = stages.stage_evaluate(ws)
     assert name == "mine" and shown["config_hash"] == forced["config_hash"]
 

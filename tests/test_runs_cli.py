@@ -24,7 +24,7 @@ from retformer.pipelines.run_index import (
     summarize,
 )
 from tests.helpers import run_cli
-from tests.test_report import DS, KB
+from tests.test_report import DS, KB, _exp
 from tests.test_selection import EXPERIMENT, write_workspace
 
 torch.set_num_threads(1)
@@ -51,8 +51,8 @@ def ws(tmp_path_factory) -> dict:
     one unfinished run folder."""
     root = tmp_path_factory.mktemp("runs_cli")
     workspace = write_workspace(root)
-    sel = stages.stage_train(workspace, DS, KB, SELECTED)["run"]
-    plain = stages.stage_train(workspace, DS, KB, PLAIN)["run"]
+    sel = stages.stage_train(workspace, DS, KB, _exp(SELECTED))["run"]
+    plain = stages.stage_train(workspace, DS, KB, _exp(PLAIN))["run"]
     os.utime(workspace.run_dir(plain) / "eval.json", (1_700_000_000, 1_700_000_000))
     os.utime(workspace.run_dir(sel) / "eval.json", (1_700_000_100, 1_700_000_100))
     (root / "runs" / "killed-run").mkdir()

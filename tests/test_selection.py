@@ -16,6 +16,7 @@ from retformer.artifacts.embeddings_io import EmbeddingTable, table_to_arrow, wr
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.workspace import Workspace
 from retformer.pipelines.experiment import run_experiment
+from retformer.pipelines.experiment_schema import validate_experiment
 from retformer.trainer.baselines import kb_label_problem
 from retformer.trainer.checkpoint import load_model
 from retformer.trainer.features import load_retrieval_features
@@ -129,7 +130,8 @@ def write_workspace(root: Path, test_labels: np.ndarray | None = None) -> Worksp
 def run(root: Path, exp: dict | None = None, kb: dict | None = None, **kw) -> dict:
     ws = write_workspace(root, **kw)
     kb = kb or {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}}
-    return run_experiment(ws, SYN, kb, exp or EXPERIMENT, root / "runs" / "r", progress=False)
+    exp_m = validate_experiment(exp or EXPERIMENT, "test experiment")
+    return run_experiment(ws, SYN, kb, exp_m, root / "runs" / "r", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +224,7 @@ def test_knn_vote_skips_a_foreign_label_space(tmp_path: Path) -> None:
     other = {"name": "fm", "class_names": ["t-shirt", "trouser", "pullover", "dress"]}
     (ws.dataset_dir("fm")).mkdir(parents=True)
     ws.dataset_info("fm").write_text(json.dumps(other))
-    exp = {**EXPERIMENT, "methods": ["knn_vote"]}
+    exp = validate_experiment({**EXPERIMENT, "methods": ["knn_vote"]}, "test experiment")
     kb = {"name": "kbsyn", "source": {"kind": "world", "dataset": "fm"}}
     rep = run_experiment(ws, SYN, kb, exp, tmp_path / "runs" / "x", progress=False)
     assert "not of syn" in rep["methods"]["knn_vote"]["skipped"]

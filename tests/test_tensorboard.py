@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from retformer.pipelines import stages
 from retformer.pipelines.tensorboard import SKIPPED
 from tests.helpers import run_cli
-from tests.test_report import DS, KB
+from tests.test_report import DS, KB, _exp
 from tests.test_selection import EXPERIMENT, write_workspace
 
 torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def test_tensorboard_scalars_equal_the_metrics_files(tmp_path: Path) -> None:
     them. kNN-style methods and unfinished runs log nothing."""
     ws = write_workspace(tmp_path)
     board = tmp_path / "tb"
-    report = stages.stage_train(ws, DS, KB, EXP, tensorboard=board)
+    report = stages.stage_train(ws, DS, KB, _exp(EXP), tensorboard=board)
     run_dir = ws.run_dir(report["run"])
     _assert_events_are_the_metrics(board / report["run"], run_dir, ["linear_probe", "mlp_only", "retformer"])
     mlp = _metrics(run_dir, "mlp_only")
@@ -86,9 +86,9 @@ def test_a_rerun_replaces_the_earlier_events(tmp_path: Path) -> None:
     (no step 3 left over from the longer first run)."""
     ws = write_workspace(tmp_path)
     board = tmp_path / "tb"
-    stages.stage_train(ws, DS, KB, EXP, run="mine", tensorboard=board)
+    stages.stage_train(ws, DS, KB, _exp(EXP), run="mine", tensorboard=board)
     shorter = {**copy.deepcopy(EXP), "select": {**EXP["select"], "lr_grid": [1e-2], "baseline_epochs": 2}}
-    stages.stage_train(ws, DS, KB, shorter, run="mine", force=True, tensorboard=board)
+    stages.stage_train(ws, DS, KB, _exp(shorter), run="mine", force=True, tensorboard=board)
     _assert_events_are_the_metrics(
         board / "mine", ws.run_dir("mine"), ["linear_probe", "mlp_only", "retformer"]
     )

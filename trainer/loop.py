@@ -31,7 +31,7 @@ from retformer.trainer.config import TrainConfig
 from retformer.trainer.feed import Batch, Feed, Micro
 from retformer.trainer.loss import loss_adjustment, mixed, soft_targets
 from retformer.trainer.optim import steps_per_epoch
-from retformer.trainer.progress import ModelProgress, fit_summary
+from retformer.trainer.progress import ModelProgress
 from retformer.trainer.progress import current as progress_tracker
 from retformer.trainer.runtime import amp_policy
 
@@ -178,7 +178,7 @@ def train_epochs(run: TrainingRun, **options: Unpack[LoopOptions]) -> list[dict[
     own_line = shown is None
     if shown is None:
         shown = ModelProgress("train", config.epochs, enabled=options.get("progress", True) and state.main)
-    shown.begin_fit(config.epochs, state.start_epoch, fit_summary(config))
+    shown.begin_fit(config.epochs, state.start_epoch, config)
     net = distributed.wrap(run.model, run.device, run.feed.find_unused)  # DDP under torchrun, else the model
     for epoch in range(state.start_epoch, config.epochs):
         net.train()

@@ -19,6 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from retformer.trainer.config import TrainConfig
+
 _CURRENT: ContextVar[ModelProgress | None] = ContextVar("model_progress", default=None)
 # (model name, epoch number over the model's fits, the epoch's metrics line) -> None: see `listening`
 EpochListener = Callable[[str, int, dict[str, Any]], None]
@@ -80,10 +82,11 @@ class ModelProgress:
         if log_path is not None:
             log_path.write_text("")
 
-    def begin_fit(self, epochs: int, start_epoch: int = 0, fit_config: dict[str, Any] | None = None) -> None:
-        """A fit of `epochs` epochs starts (at `start_epoch` when resumed)."""
+    def begin_fit(self, epochs: int, start_epoch: int = 0, config: TrainConfig | None = None) -> None:
+        """A fit of `epochs` epochs starts (at `start_epoch` when resumed); `config`: the fit's, whose
+        `fit_summary` its metrics lines carry as `fit_config`."""
         self.fit += 1
-        self.fit_config = dict(fit_config or {})
+        self.fit_config = fit_summary(config) if config is not None else {}
         self._epoch_started = time.monotonic()
         if self.total is None or self.done + epochs > self.total:
             self.total = self.done + epochs  # unknown (or underestimated) total: grow it
@@ -176,7 +179,7 @@ def listening(listener: EpochListener) -> Iterator[None]:
         _LISTENERS.reset(token)
 
 
-def fit_summary(config: Any) -> dict[str, Any]:
+def fit_summary(config: TrainConfig) -> dict[str, Any]:
     """What tells one fit of a selection grid from another in the metrics file: lr, loss, la_tau (with
     logit adjustment), epochs."""
     out = {"lr": config.lr, "loss": config.loss, "epochs": config.epochs}
