@@ -50,8 +50,6 @@ RETFORMER_VARIANTS = {"retformer": "full", "retformer_no_text": "no_text", "retf
 EVIDENCE_KINDS = (None, "label", "caption")
 VARIANTS = tuple(RETFORMER_VARIANTS.values())  # RetFormer's `variant`: "full", "no_text", "no_image"
 _KIND_OF_VARIANT = {v: kind for kind, v in RETFORMER_VARIANTS.items()}
-# How L_I and L_R are trained and combined: "paper" = one loss on tau/2 (L_I + L_R); "stacked" = L_I is
-# a trained mlp_only, frozen, L_R learns on its own loss, prediction L_I + alpha * 1[s > t] * L_R.
 # The keys of a RetFormer's stored config, in the order model files have always held them.
 STORED_KEYS = (
     *("kind", "img_dim", "txt_dim", "num_classes", "width", "depth", "heads", "k", "mlp_hidden", "tau"),
@@ -59,6 +57,8 @@ STORED_KEYS = (
     *("vote_temp", "caption_temp", "caption_null", "query_bias", "image_weight", "anchor", "anchor_temp"),
     *("vote_k", "closed_prior_tau"),
 )
+# How L_I and L_R are trained and combined: "paper" = one loss on tau/2 (L_I + L_R); "stacked" = L_I is
+# a trained mlp_only, frozen, L_R learns on its own loss, prediction L_I + alpha * 1[s > t] * L_R.
 
 
 class RetFormer(nn.Module):
