@@ -57,6 +57,7 @@ from retformer.pipelines.experiment_plan import plan_experiment  # noqa: E402
 from retformer.pipelines.experiment_schema import given  # noqa: E402
 from retformer.trainer.baselines import vote_threads  # noqa: E402
 from retformer.trainer.checkpoint import load_model  # noqa: E402
+from retformer.trainer.config import FusionOptions  # noqa: E402
 from retformer.trainer.evaluate import evaluate  # noqa: E402
 from retformer.trainer.evidence import class_text_embeddings, neighbour_vote  # noqa: E402
 from retformer.trainer.features import load_retrieval_features, neighbor_table_path  # noqa: E402
@@ -172,7 +173,7 @@ def _bare_fit(
         else:
             x, t, lab = train.z[s : s + bs], targets[s : s + bs], train.nn_label[s : s + bs]
             a, tx = train.nn_img[s : s + bs], train.nn_txt[s : s + bs]
-        logits = model(x, a, tx, nn_label=lab)
+        logits = model.training_logits(x, a, tx, nn_label=lab)
         loss = F.cross_entropy(logits + adjust if adjust is not None else logits, t)
         loss.backward()
         optimizer.step()
@@ -233,9 +234,7 @@ def bare_baseline(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, 
     seconds, steps, rows = 0.0, 0, 0
     for lr in opts.lr_grid:
         torch.manual_seed(config.seed)
-        model = build_model(
-            method, num_classes, train.img_dim, train.txt_dim, ctx["k"], **ctx["model_options"]
-        )
+        model = build_model(method, num_classes, train.img_dim, train.txt_dim, ctx["k"], ctx["model_options"])
         cfg = replace(config, lr=lr, epochs=epochs)
         kw = {"num_classes": num_classes, "data": data, "reads_nn": False}
         seconds += timed(bare_fit, model, res["train"], cfg, epochs * spe, spe, res["val"], **kw)
@@ -278,7 +277,8 @@ def bare_stacked(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, i
         rows += repeats * 2 * sizes["val"]
     with torch.inference_mode(), intra_op_threads(head_threads(model, torch.device("cpu"))):
         seconds += timed(lambda: [relevance(r.z, r.nn_img) for r in (res["val"], res["val_sh"])])
-    model.config.update({k: v for k, v in ctx["retformer_config"].items() if k in RULE_KEYS})
+    chosen = {k: v for k, v in ctx["retformer_config"].items() if k in RULE_KEYS}
+    model.set_rule(replace(model.rule, **chosen))
     for data_, n in (("val", "val"), ("test", "test"), ("val_sh", "val"), ("test", "test")):
         seconds += timed(eval_rows, model, res[data_], sizes[n], eb)
     return seconds, steps, rows + 2 * sizes["val"] + 2 * sizes["test"]
@@ -417,7 +417,7 @@ def main() -> None:
         "k": k,
         "sizes": sizes,
         "res": res,
-        "model_options": given(exp.model),
+        "model_options": FusionOptions(**given(exp.model)),
         "retformer_config": retformer_config,
         "stacked_best": stacked_best,
         "results": results,

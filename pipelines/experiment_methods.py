@@ -15,6 +15,7 @@ from retformer.pipelines.experiment_schema import ExperimentManifest, ZeroshotSe
 from retformer.trainer import distributed
 from retformer.trainer.baselines import knn_vote, vote_threads
 from retformer.trainer.checkpoint import save_model
+from retformer.trainer.config import FusionOptions
 from retformer.trainer.evaluate import evaluate
 from retformer.trainer.methods import METHODS, RETRIEVAL_FREE, select_method, train_method
 from retformer.trainer.progress import ModelProgress, tracking
@@ -96,7 +97,7 @@ def _train_method(
             config,
             train_f,
             evals,
-            model_options=given(ctx.exp.model),
+            model_options=FusionOptions(**given(ctx.exp.model)),
             num_classes=int(ctx.info["num_classes"]),
             k=k,
             class_counts=ctx.info["train_class_counts"],
@@ -139,7 +140,7 @@ def _select_trained(
     num_classes, shot = int(ctx.info["num_classes"]), ctx.info["shot_split"]
     opts = plan["select"]
     common = {
-        "model_options": given(ctx.exp.model),
+        "model_options": FusionOptions(**given(ctx.exp.model)),
         "num_classes": num_classes,
         "class_counts": ctx.info["train_class_counts"],
         "opts": opts,

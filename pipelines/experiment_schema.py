@@ -1,9 +1,9 @@
 """The experiment manifest's schema: methods, k, model, training, fine-tuning, selection, checkpoints.
 
-The training sections are the trainer's own dataclasses seen as schemas (`section_from_dataclass`),
-so a default or a limit lives in one place: TrainConfig / FinetuneConfig / SelectOptions. Values are
-coerced (YAML's `1e-3` is a string; a list becomes the tuple a grid is), and the coerced manifest is
-what the experiment runs with.
+The model and training sections are the trainer's own dataclasses seen as schemas
+(`section_from_dataclass`), so a default or a limit lives in one place: FusionOptions / TrainConfig /
+FinetuneConfig / SelectOptions. Values are coerced (YAML's `1e-3` is a string; a list becomes the tuple a
+grid is), and the coerced manifest is what the experiment runs with.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr
 
 from retformer.artifacts.schema import Section, dump_given, section_from_dataclass, validate_section
-from retformer.trainer.config import METHOD_NAMES, RECIPES, FinetuneConfig, SelectOptions, TrainConfig
+from retformer.trainer.config import (
+    METHOD_NAMES,
+    RECIPES,
+    FinetuneConfig,
+    FusionOptions,
+    SelectOptions,
+    TrainConfig,
+)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -21,27 +28,7 @@ MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 TrainSection = section_from_dataclass(TrainConfig, "train")
 FinetuneSection = section_from_dataclass(FinetuneConfig, "finetune")
 SelectSection = section_from_dataclass(SelectOptions, "select")
-
-
-class ModelSection(Section):
-    """The fusion model's shape (trainer/model_factory.py build_model options)."""
-
-    width: PositiveInt | None = None
-    depth: PositiveInt | None = None
-    heads: PositiveInt | None = None
-    tau: Annotated[float, Field(gt=0)] | None = None
-    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
-    ffn: bool | None = None
-    ffn_ratio: Annotated[float, Field(gt=0)] | None = None
-    mlp_hidden: PositiveInt | None = None
-    recipe: Literal[RECIPES] | None = None  # type: ignore[valid-type]
-    alpha: float | None = None
-    # Query-aware fusion: attention logits get sim_scale * (cos(z, neighbour) - 1) + a rank term (issue 18)
-    query_bias: bool | None = None
-    # Anchored L_R (stacked recipe): L_R = log(similarity-weighted vote) + a residual head that starts at 0;
-    # "auto" = the KB's labels where they are the dataset's classes, else the classes captions name
-    anchor: Literal["auto", "label", "caption"] | None = None
-    anchor_temp: Annotated[float, Field(gt=0)] | None = None
+ModelSection = section_from_dataclass(FusionOptions, "model")  # the fusion model (build_model's options)
 
 
 class ZeroshotSection(Section):
@@ -69,7 +56,7 @@ class ExperimentManifest(Section):
     select_split: str | None = None
     methods: Annotated[list[MethodName], Field(min_length=1)] | None = None
     recipe: Literal[RECIPES] = "paper"  # type: ignore[valid-type]
-    model: ModelSection | None = None
+    model: ModelSection | None = None  # type: ignore[valid-type]
     train: TrainSection | None = None  # type: ignore[valid-type]
     finetune: FinetuneSection | None = None  # type: ignore[valid-type]
     method_train: dict[MethodName, FinetuneSection] | None = None  # type: ignore[valid-type]

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from retformer.trainer import distributed
-from retformer.trainer.config import FinetuneConfig, TrainConfig
+from retformer.trainer.config import FinetuneConfig, FusionOptions, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # float rounding: the ranks' partial gradients are summed in another order
@@ -177,7 +177,8 @@ def _feature_setup():
 
     def model():
         torch.manual_seed(0)
-        return build_model("retformer", 4, f.img_dim, f.txt_dim, f.k, width=32, depth=1, heads=2)
+        options = FusionOptions(width=32, depth=1, heads=2)
+        return build_model("retformer", 4, f.img_dim, f.txt_dim, f.k, options)
 
     return f, cfg, model
 
@@ -241,7 +242,8 @@ def _select():
         retformer_epochs=2, alphas=(0.0, 0.5, 1.0), gate_quantiles=(None, 0.2),
     )  # fmt: skip
     cfg = TrainConfig(batch_size=16, device="cpu", seed=4, mixup_alpha=0.3)
-    common = {"model_options": {"width": 32, "depth": 1, "heads": 2}, "num_classes": 4, "class_counts": None}
+    options = FusionOptions(width=32, depth=1, heads=2)
+    common = {"model_options": options, "num_classes": 4, "class_counts": None}
     mlp = select_method("mlp_only", "paper", cfg, train, val, mlp_only=None, opts=opts, **common)
     sel = select_method("retformer", "stacked", cfg, train, val, mlp_only=lambda: mlp, opts=opts, **common)
     return {
@@ -331,7 +333,7 @@ def _finetune_setup():
         encoder_lr=1e-3, lr=1e-3, warmup_epochs=0.5,
     )  # fmt: skip
     torch.manual_seed(0)
-    head = build_model("retformer", 4, f.img_dim, f.txt_dim, f.k, width=32, depth=1, heads=2)
+    head = build_model("retformer", 4, f.img_dim, f.txt_dim, f.k, FusionOptions(width=32, depth=1, heads=2))
     return f, cfg, FinetuneModel(_tiny_encoder(), head), _TinyImages(len(f))
 
 

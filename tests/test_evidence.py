@@ -4,6 +4,7 @@ workspace of tests/test_selection.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from retformer.trainer.checkpoint import load_model
-from retformer.trainer.config import SelectOptions
+from retformer.trainer.config import FusionOptions, SelectOptions
 from retformer.trainer.evidence import (
     balanced_accuracy,
     caption_class_probs,
@@ -65,14 +66,15 @@ def test_stacked_rule_adds_prior_adjustment_and_beta_log_evidence() -> None:
     """The reloaded rule is the formula: L_I - prior_tau log prior + beta log e (no gate, alpha 0); with
     alpha = beta = prior_tau = 0 it is L_I exactly."""
     torch.manual_seed(0)
-    model = build_model("retformer", 3, 8, 4, 5, width=8, depth=1, heads=2, recipe="stacked").eval()
+    options = FusionOptions(width=8, depth=1, heads=2, recipe="stacked")
+    model = build_model("retformer", 3, 8, 4, 5, options).eval()
     model.set_prior([30, 10, 2])
     z, nn_img, nn_txt = torch.randn(6, 8), torch.randn(6, 5, 8), torch.randn(6, 5, 4)
     nn_label = torch.randint(0, 3, (6, 5))
     li = model.mlp(z)
-    model.config.update(alpha=0.0, beta=0.0, prior_tau=0.0)
+    model.set_rule(replace(model.rule, alpha=0.0, beta=0.0, prior_tau=0.0))
     assert torch.equal(model(z, nn_img, nn_txt, nn_label=nn_label), li)
-    model.config.update(beta=0.5, prior_tau=1.0, evidence="label", vote_temp=0.1)
+    model.set_rule(replace(model.rule, beta=0.5, prior_tau=1.0, evidence="label", vote_temp=0.1))
     e = weighted_vote(neighbour_weights(z, nn_img, 0.1), label_probs(nn_label, 3))
     want = li - model.log_prior + 0.5 * log_evidence(e)
     assert torch.allclose(model(z, nn_img, nn_txt, nn_label=nn_label), want, atol=1e-6)

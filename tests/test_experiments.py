@@ -233,6 +233,7 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
     the KB was embedded with is copied, never modified; (4) augmentation depends only on (seed, epoch,
     sample): the same batch with 0 or 2 DataLoader workers, another one next epoch."""
     from retformer.kb_builder.encoders import build_image_encoder
+    from retformer.trainer.config import FusionOptions
     from retformer.trainer.features import load_retrieval_features
     from retformer.trainer.finetune import (
         FinetuneConfig,
@@ -252,7 +253,8 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
 
     def trained(batch_size: int, accumulate: int) -> FinetuneModel:
         torch.manual_seed(0)
-        head = RetFormer(feats.img_dim, feats.txt_dim, 10, width=32, depth=1, heads=2, k=4)
+        options = FusionOptions(width=32, depth=1, heads=2)
+        head = RetFormer(feats.img_dim, feats.txt_dim, 10, k=4, options=options)
         model = FinetuneModel(encoder, head)
         cfg = FinetuneConfig(
             epochs=1, batch_size=batch_size, accumulate=accumulate, warmup_epochs=0, mixup_alpha=0.0,

@@ -4,6 +4,7 @@ diagnostics that measure them, and the multi-seed summary with its paired bootst
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from retformer.pipelines.seeds import comparison, mean_over_seeds, paired_bootstrap, seed_list
+from retformer.trainer.config import FusionOptions
 from retformer.trainer.diagnostics import (
     agreement_accuracy,
     attention_stats,
@@ -39,7 +41,8 @@ def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
 
 def _retformer(**kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model("retformer", C, DI, DT, K, width=16, depth=1, heads=2, recipe="stacked", **kw).eval()
+    options = FusionOptions(width=16, depth=1, heads=2, recipe="stacked", **kw)
+    return build_model("retformer", C, DI, DT, K, options).eval()
 
 
 def _neighbour_ratios(
@@ -85,11 +88,11 @@ def test_image_weight_zero_is_retrieval_alone_where_the_gate_opens() -> None:
     l_i, l_r = model.branches(z, a, t)
     log_e = log_evidence(neighbour_vote("label", z, a, t, lab, C, 0.05))
     s = torch.tensor([0.9, 0.1, 0.8, 0.2])
-    model.config.update(alpha=0.0, beta=1.0, gate_t=0.5, prior_tau=0.0, image_weight=0.0)
+    model.set_rule(replace(model.rule, alpha=0.0, beta=1.0, gate_t=0.5, prior_tau=0.0, image_weight=0.0))
     out = model.combine(l_i, l_r, s, log_e)
     torch.testing.assert_close(out[[0, 2]], log_e[[0, 2]])
     torch.testing.assert_close(out[[1, 3]], l_i[[1, 3]])
-    model.config.update(image_weight=0.5)
+    model.set_rule(replace(model.rule, image_weight=0.5))
     torch.testing.assert_close(model.combine(l_i, l_r, s, log_e)[0], 0.5 * l_i[0] + log_e[0])
 
 
@@ -139,11 +142,11 @@ def test_retrieval_share_follows_the_gate() -> None:
     gate, and the fraction above t otherwise."""
     f = _features()
     model = _retformer()
-    model.config.update(alpha=0.0, beta=0.0, gate_t=None)
+    model.set_rule(replace(model.rule, alpha=0.0, beta=0.0, gate_t=None))
     assert retrieval_share(model, f) == 0.0
-    model.config.update(alpha=1.0)
+    model.set_rule(replace(model.rule, alpha=1.0))
     assert retrieval_share(model, f) == 1.0
-    model.config.update(gate_t=1.1)  # a cosine mean never exceeds 1
+    model.set_rule(replace(model.rule, gate_t=1.1))  # a cosine mean never exceeds 1
     assert retrieval_share(model, f) == 0.0
 
 

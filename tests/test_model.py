@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import pytest
 import torch
 
+from retformer.trainer.config import FusionOptions
 from retformer.trainer.image_models import LinearProbe, MLPOnly
 from retformer.trainer.model import RetFormer, neighbor_attention
 from retformer.trainer.model_factory import build_model, model_from_config
@@ -29,7 +31,7 @@ def _inputs(seed: int = 0, k: int = K) -> tuple[torch.Tensor, torch.Tensor, torc
 def _model(kind: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = {"width": 32, "depth": 2, "heads": 4, **kw} if kind not in ("linear_probe", "mlp_only") else {}
-    return build_model(kind, C, DI, DT, K, **extra).eval()
+    return build_model(kind, C, DI, DT, K, FusionOptions(**extra)).eval()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -171,8 +173,8 @@ def test_mlp_only_is_exactly_retformers_image_branch(mlp_hidden: int | None) -> 
     says otherwise; never RetFormer's fusion width), the same state-dict keys, and with RetFormer's
     L_I weights it gives exactly RetFormer's L_I logits."""
     options = {"width": 32, "depth": 2, "heads": 4, "mlp_hidden": mlp_hidden}
-    ret = build_model("retformer", C, DI, DT, K, **options).eval()
-    mlp = build_model("mlp_only", C, DI, DT, K, **options).eval()
+    ret = build_model("retformer", C, DI, DT, K, FusionOptions(**options)).eval()
+    mlp = build_model("mlp_only", C, DI, DT, K, FusionOptions(**options)).eval()
     assert type(mlp.mlp) is type(ret.mlp)
     assert mlp.mlp.hidden == ret.mlp.hidden == (mlp_hidden or DI)
     assert mlp.config["mlp_hidden"] == ret.config["mlp_hidden"]
@@ -186,7 +188,7 @@ def test_mlp_only_is_exactly_retformers_image_branch(mlp_hidden: int | None) -> 
 
 @pytest.mark.parametrize("kind", ("retformer", "retformer_no_text", "retformer_no_image"))
 def test_stacked_recipe_combines_branches_by_alpha_and_gate(kind: str) -> None:
-    """Recipe "stacked": in training mode the logits are L_R alone (its own loss); in eval mode
+    """Recipe "stacked": the training logits are L_R alone (its own loss); the prediction
     L_I + alpha * 1[s > t] * L_R with s the mean query-neighbour image cosine; alpha 0 is exactly L_I;
     the paper recipe is tau/2 (L_I + L_R) on the same weights; alpha and t survive model_from_config."""
     from retformer.trainer.model import relevance
@@ -201,9 +203,9 @@ def test_stacked_recipe_combines_branches_by_alpha_and_gate(kind: str) -> None:
         torch.testing.assert_close(paper(z, nn_img, nn_txt), paper.tau / 2 * (li + lr))
         torch.testing.assert_close(stacked(z, nn_img, nn_txt), li + 0.5 * lr)
         stacked.train()
-        torch.testing.assert_close(stacked(z, nn_img, nn_txt), lr)
+        torch.testing.assert_close(stacked.training_logits(z, nn_img, nn_txt), lr)
         stacked.eval()
-        stacked.config.update(gate_t=0.9)
+        stacked.set_rule(replace(stacked.rule, gate_t=0.9))
         s = relevance(z, nn_img)
         assert s[0] > 0.99 and (s[1:] < 0.9).all()
         gated = stacked(z, nn_img, nn_txt)
@@ -212,5 +214,5 @@ def test_stacked_recipe_combines_branches_by_alpha_and_gate(kind: str) -> None:
         clone = model_from_config(stacked.config).eval()
         clone.load_state_dict(stacked.state_dict())
         assert torch.equal(clone(z, nn_img, nn_txt), gated)
-        stacked.config.update(alpha=0.0)
+        stacked.set_rule(replace(stacked.rule, alpha=0.0))
         assert torch.equal(stacked(z, nn_img, nn_txt), li)

@@ -6,6 +6,7 @@ paper) and a synthetic stacked run with a gate (tests/test_python_api.py's works
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_stacked_gate_retrieval_used_is_what_the_rule_applied(tmp_path: Path):
     for rec, li, lr in zip(records, l_i, l_r, strict=True):
         assert rec["class_index"] == int((li + lr).argmax() if rec["retrieval_used"] else li.argmax())
     # the rule without a retrieval term: never used, whatever s
-    predictor.model.config.update(alpha=0.0, beta=0.0)
+    predictor.model.set_rule(replace(predictor.model.rule, alpha=0.0, beta=0.0))
     assert not any(r["retrieval_used"] for r in predictor.predict_embeddings(z, test.uid.tolist()))
     # the threshold is the val split's (the run's select_split), percentile 1
     val_s = torch.tensor(list(split_s(ws, "syn", "kbsyn", 8, 8, "val").values()))

@@ -4,6 +4,7 @@ synthetic workspace whose KB neighbours carry class information."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -206,8 +207,8 @@ def test_alpha_zero_is_exactly_l_i_and_shuffling_lowers_s(clean) -> None:
     model = load_model(clean["root"] / "runs" / "r" / "retformer.pt")
     mlp = load_model(clean["root"] / "runs" / "r" / "mlp_only.pt")
     # The rule without retrieval (no L_R, no evidence, no prior adjustment on either model): L_I exactly.
-    model.config.update(alpha=0.0, beta=0.0, prior_tau=0.0, gate_t=0.5)
-    mlp.config.update(prior_tau=0.0)
+    model.set_rule(replace(model.rule, alpha=0.0, beta=0.0, prior_tau=0.0, gate_t=0.5))
+    mlp.set_prior_tau(0.0)
     assert torch.equal(predict(model, val), predict(mlp, val))
     li, _, s = branch_logits(model, val)
     assert torch.equal(li, predict(mlp, val))

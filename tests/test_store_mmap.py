@@ -14,6 +14,7 @@ import torch
 from retformer.artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
 from retformer.artifacts.workspace import Workspace
 from retformer.trainer import features as feat
+from retformer.trainer.config import FusionOptions
 from retformer.trainer.evaluate import evaluate
 from retformer.trainer.features import STORE_MMAP, load_retrieval_features, open_store
 from retformer.trainer.model_factory import build_model
@@ -163,7 +164,7 @@ def test_training_on_the_mapped_store_is_bitwise_the_in_ram_training(e2e_workspa
         torch.manual_seed(0)
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
         dims = (train.img_dim, train.txt_dim, K)
-        model = build_model("retformer", num_classes, *dims, width=32, depth=1, heads=2)
+        model = build_model("retformer", num_classes, *dims, FusionOptions(width=32, depth=1, heads=2))
         config = TrainConfig(epochs=2, batch_size=32, seed=0, device="cpu")
         history = fit(model, train, config)
         logits = predict(model, test, device="cpu")

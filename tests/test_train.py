@@ -17,6 +17,7 @@ from retformer.artifacts.errors import UserError
 from retformer.artifacts.workspace import Workspace
 from retformer.trainer.baselines import knn_vote
 from retformer.trainer.checkpoint import load_model
+from retformer.trainer.config import FusionOptions
 from retformer.trainer.evaluate import evaluate, shot_split_from_counts
 from retformer.trainer.features import RetrievalFeatures, load_retrieval_features
 from retformer.trainer.model_factory import build_model
@@ -57,7 +58,7 @@ def make_features(n: int = 64, k: int = 4, m: int = 50, di: int = 32, dt: int = 
 def tiny_model(feats: RetrievalFeatures, kind: str = "retformer", c: int = 4, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = {"width": 32, "depth": 2, "heads": 4, **kw} if kind not in ("linear_probe", "mlp_only") else kw
-    return build_model(kind, c, feats.img_dim, feats.txt_dim, feats.k, **extra)
+    return build_model(kind, c, feats.img_dim, feats.txt_dim, feats.k, FusionOptions(**extra))
 
 
 # ---------------------------------------------------------------- features
@@ -317,7 +318,8 @@ def test_resume_gives_the_same_weights(tmp_path: Path) -> None:
     h1 = fit(first, f, cfg, progress=False, checkpoint_path=ckpt, log_path=log, stop_after_epoch=2)
     assert len(h1) == 2 and len(log.read_text().splitlines()) == 2
     torch.manual_seed(99)  # other initial weights: equality below proves the checkpoint was loaded
-    resumed = build_model("retformer", 4, f.img_dim, f.txt_dim, f.k, width=32, depth=2, heads=4, dropout=0.1)
+    options = FusionOptions(width=32, depth=2, heads=4, dropout=0.1)
+    resumed = build_model("retformer", 4, f.img_dim, f.txt_dim, f.k, options)
     assert not torch.equal(resumed.head.weight, first.head.weight)
     h2 = fit(resumed, f, cfg, progress=False, checkpoint_path=ckpt, log_path=log)
 

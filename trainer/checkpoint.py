@@ -197,16 +197,17 @@ def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn
     return load_saved_model(path, map_location).model
 
 
-def mismatch(state: dict[str, Any], config: Any, model_config: dict | None, num_train: int) -> str | None:
+def mismatch(state: dict[str, Any], config: Any, model: nn.Module, num_train: int) -> str | None:
     """Why a checkpoint's `state` cannot be resumed with this config, model and training set; None if it
-    can. Fields in `config.RESUMABLE` may differ (they do not change the maths)."""
+    can. Fields in `config.RESUMABLE` may differ (they do not change the maths); the model is compared by
+    its stored config."""
     saved, now = jsonable(state.get("train_config") or {}), jsonable(asdict(config))
     names = [f.name for f in fields(config) if f.name not in config.RESUMABLE]
     diff = [name for name in names if saved.get(name) != now[name]]
     if diff:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
         return f"was written with a different training config ({details})"
-    if jsonable(state.get("model_config")) != jsonable(model_config):
+    if jsonable(state.get("model_config")) != jsonable(getattr(model, "config", None)):
         return f"holds a different model ({state.get('model_config')})"
     if state.get("num_train") != num_train:
         return f"was trained on {state.get('num_train')} samples, this run has {num_train}"
@@ -215,19 +216,19 @@ def mismatch(state: dict[str, Any], config: Any, model_config: dict | None, num_
 
 def check_resumable(path: Path, state: dict[str, Any], config: Any, model: nn.Module, num_train: int) -> None:
     """UserError naming what changed when `state` (read from `path`) cannot be resumed."""
-    why = mismatch(state, config, getattr(model, "config", None), num_train)
+    why = mismatch(state, config, model, num_train)
     if why:
         raise UserError(f"{path} {why}; use the same config or delete the checkpoint to start over")
 
 
-def discard_stale(path: Path, config: Any, model_config: dict | None, num_train: int) -> bool:
+def discard_stale(path: Path, config: Any, model: nn.Module, num_train: int) -> bool:
     """True when `path` can be resumed; an unreadable or incompatible one is deleted (with a warning),
     so that the method starts over instead of failing. Under torchrun rank 0 alone looks and deletes;
     every rank gets its answer."""
-    return distributed.from_main(lambda: _discard_stale(path, config, model_config, num_train))
+    return distributed.from_main(lambda: _discard_stale(path, config, model, num_train))
 
 
-def _discard_stale(path: Path, config: Any, model_config: dict | None, num_train: int) -> bool:
+def _discard_stale(path: Path, config: Any, model: nn.Module, num_train: int) -> bool:
     if not path.exists():
         return False
     try:
@@ -236,7 +237,7 @@ def _discard_stale(path: Path, config: Any, model_config: dict | None, num_train
         log.warning("%s; starting over", exc)
         path.unlink(missing_ok=True)
         return False
-    why = mismatch(state, config, model_config, num_train)
+    why = mismatch(state, config, model, num_train)
     if why:
         log.warning("%s %s; starting that method over", path, why)
         path.unlink(missing_ok=True)

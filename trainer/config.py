@@ -102,6 +102,64 @@ class FinetuneConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------------------------------- model
+# How sharply a caption is read as a class, and the "names no class" slot's cosine (trainer/evidence.py).
+CAPTION_TEMP = 0.05
+CAPTION_NULL = 0.0
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """RetFormer's options: its architecture, its training recipe, the rule's starting alpha. The experiment
+    manifest's `model:` section is this class seen as a schema (pipelines/experiment_schema.py) and
+    `trainer.model_factory.build_model` takes it; one section serves every method, a model ignores what it
+    has no use for (mlp_hidden sizes the L_I branch of RetFormer and mlp_only alike)."""
+
+    width: Annotated[int, Field(ge=1)] = 256
+    depth: Annotated[int, Field(ge=1)] = 4
+    heads: Annotated[int, Field(ge=1)] = 4
+    tau: Annotated[float, Field(gt=0)] = 2.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    ffn: bool = True
+    ffn_ratio: Annotated[float, Field(gt=0)] = 4.0
+    mlp_hidden: Annotated[int, Field(ge=1)] | None = None  # None: img_dim
+    recipe: Literal[RECIPES] = "paper"  # type: ignore[valid-type]
+    # The prediction rule's alpha a new model starts with (`PredictionRule.alpha`; selection chooses its own)
+    alpha: float = 1.0
+    # Query-aware fusion: attention logits get sim_scale * (cos(z, neighbour) - 1) + a rank term (issue 18)
+    query_bias: bool = False
+    # Anchored L_R (stacked recipe): L_R = log(similarity-weighted vote) + a residual head that starts at 0;
+    # "auto" = the KB's labels where they are the dataset's classes, else the classes captions name (the
+    # selection resolves it; a model itself is built with label, caption or None)
+    anchor: Literal["auto", "label", "caption"] | None = None
+    anchor_temp: Annotated[float, Field(gt=0)] = 0.05
+
+    def __post_init__(self) -> None:
+        # A Python caller's `tau=2` is stored as 2.0 (the model's config), as the manifest's would be.
+        for name in ("tau", "dropout", "ffn_ratio", "alpha", "anchor_temp"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class PredictionRule:
+    """How a stacked RetFormer's prediction combines its branches (`RetFormer.combine`):
+    w(g) * (L_I - prior_tau * log prior) + g * (alpha * L_R + beta * log e), g = 1[s > gate_t] (1 without a
+    gate), w(g) = image_weight where g = 1, 1 where g = 0 (L_I's shift there closed_prior_tau when set), e
+    the first vote_k neighbours' `evidence` vote at vote_temp. Chosen on val by the selection
+    (`model.set_rule`), saved with the weights in the model's config. The paper recipe reads none of it."""
+
+    alpha: float = 1.0
+    gate_t: float | None = None
+    prior_tau: float = 0.0
+    beta: float = 0.0
+    evidence: Literal["label", "caption"] | None = None
+    vote_temp: float = 0.05
+    caption_temp: float = CAPTION_TEMP
+    caption_null: float = CAPTION_NULL
+    image_weight: float = 1.0
+    vote_k: int | None = None
+    closed_prior_tau: float | None = None
+
+
 @dataclass(frozen=True)
 class SelectOptions:
     """The experiment manifest's `select:` section (the grids every method gets)."""

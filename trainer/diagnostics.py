@@ -109,13 +109,13 @@ def agreement_accuracy(
 def retrieval_share(model: RetFormer, features: RetrievalFeatures) -> float:
     """Share of the images where the selected rule adds its retrieval term (1 without a gate, 0 when
     alpha = beta = 0)."""
-    cfg = model.config
-    if not (float(cfg.get("alpha", 0)) or float(cfg.get("beta", 0))):
+    rule = model.rule
+    if not (float(rule.alpha) or float(rule.beta)):
         return 0.0
-    if cfg.get("gate_t") is None:
+    if rule.gate_t is None:
         return 1.0
     used = 0
     for start in range(0, len(features), 2048):
         b = features.inputs(start, min(start + 2048, len(features)))
-        used += int((relevance(b["z"], b["nn_img"]) > float(cfg["gate_t"])).sum())
+        used += int((relevance(b["z"], b["nn_img"]) > float(rule.gate_t)).sum())
     return used / max(len(features), 1)

@@ -23,14 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from retformer.trainer.config import CAPTION_NULL, CAPTION_TEMP
+
 # Prompts the class names are put into (averaged per class): the bare name and two short phrases, so a
 # caption matches the name it mentions whatever template it was written in.
 CAPTION_TEMPLATES = ("{name}", "a photo of a {name}.", "an image of {name}.")
 # Evidence is floored at this before its log: a class no neighbour supports costs a bounded amount.
 EVIDENCE_FLOOR = 1e-3
-# How sharply a caption is read as a class, and the "names no class" slot's cosine.
-CAPTION_TEMP = 0.05
-CAPTION_NULL = 0.0
 
 
 @torch.inference_mode()

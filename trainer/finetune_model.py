@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retformer.trainer.image_models import OptTensor
+
 
 class FinetuneModel(nn.Module):
     """A trainable copy of a KB image encoder followed by a head with the trainer's signature:
@@ -50,6 +52,12 @@ class FinetuneModel(nn.Module):
         nn_label: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.head(self.encode(images), nn_img, nn_txt, nn_label=nn_label)
+
+    def training_logits(
+        self, images: torch.Tensor, nn_img: OptTensor, nn_txt: OptTensor, *, nn_label: OptTensor = None
+    ) -> torch.Tensor:
+        """The head's training logits of the encoded images (`trainer.loop.Fitting`)."""
+        return self.head.training_logits(self.encode(images), nn_img, nn_txt, nn_label=nn_label)
 
     def no_weight_decay(self) -> set[str]:
         """Class / position embeddings of the encoder and the head (ViT practice)."""

@@ -20,6 +20,10 @@ def log_prior(class_counts: list[int] | torch.Tensor, num_classes: int) -> torch
     return torch.log(counts / counts.sum())
 
 
+# A model input that may be absent (the neighbours a model does not read).
+OptTensor = torch.Tensor | None
+
+
 class ImageBranch(nn.Sequential):
     """RetFormer's L_I branch, the paper's MLP(z): Linear(img_dim, hidden) -> ReLU -> Linear(hidden, C).
     The `mlp_only` ablation is this very module alone (`MLPOnly`); hidden defaults to img_dim."""
@@ -47,8 +51,14 @@ class ImageOnlyModel(nn.Module):
         """(B, C) logits of the query embeddings z (B, img_dim)."""
         return self.image_logits(z)
 
-    def image_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C) logits of z: the subclass's model."""
+    def training_logits(
+        self, z: torch.Tensor, nn_img: OptTensor, nn_txt: OptTensor, *, nn_label: OptTensor = None
+    ) -> torch.Tensor:
+        """(B, C) the logits training fits (`trainer.loop.Fitting`): before any post-hoc adjustment."""
+        return self.image_logits(z, adjust=False)
+
+    def image_logits(self, z: torch.Tensor, adjust: bool = True) -> torch.Tensor:
+        """(B, C) logits of z: the subclass's model (adjust=False: without its post-hoc adjustment)."""
         raise NotImplementedError
 
 
@@ -60,7 +70,7 @@ class LinearProbe(ImageOnlyModel):
         self.config: dict[str, Any] = {"kind": "linear_probe", "img_dim": img_dim, "num_classes": num_classes}
         self.fc = nn.Linear(img_dim, num_classes)
 
-    def image_logits(self, z: torch.Tensor) -> torch.Tensor:
+    def image_logits(self, z: torch.Tensor, adjust: bool = True) -> torch.Tensor:
         """(B, C) = fc(z)."""
         return self.fc(z)
 
@@ -101,9 +111,13 @@ class MLPOnly(ImageOnlyModel):
         self.log_prior.copy_(log_prior(class_counts, len(self.log_prior)))
         self.config["log_prior"] = self.log_prior.tolist()
 
-    def image_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C) = mlp(z), less prior_tau * log prior when evaluating (training sees mlp(z))."""
+    def set_prior_tau(self, prior_tau: float) -> None:
+        """Predict with the post-hoc adjustment prior_tau from now on (chosen on val; saved in the config)."""
+        self.config["prior_tau"] = prior_tau
+
+    def image_logits(self, z: torch.Tensor, adjust: bool = True) -> torch.Tensor:
+        """(B, C) = mlp(z), less prior_tau * log prior when `adjust` (prediction; training sees mlp(z))."""
         logits = self.mlp(z)
-        if self.training or not float(self.config["prior_tau"]):
+        if not adjust or not float(self.config["prior_tau"]):
             return logits
         return logits - float(self.config["prior_tau"]) * self.log_prior.to(logits)

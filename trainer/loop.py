@@ -36,6 +36,19 @@ from retformer.trainer.progress import current as progress_tracker
 from retformer.trainer.runtime import amp_policy
 
 
+class Fitting(nn.Module):
+    """The model as the training step calls it: forward is the model's `training_logits` (a stacked
+    RetFormer's L_R alone; else its prediction), while the model's own forward stays the prediction. DDP
+    wraps this module, so the step still goes through DDP's forward and its gradient hooks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Any, **options: Any) -> torch.Tensor:
+        return self.model.training_logits(*inputs, **options)
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -179,7 +192,8 @@ def train_epochs(run: TrainingRun, **options: Unpack[LoopOptions]) -> list[dict[
     if shown is None:
         shown = ModelProgress("train", config.epochs, enabled=options.get("progress", True) and state.main)
     shown.begin_fit(config.epochs, state.start_epoch, config)
-    net = distributed.wrap(run.model, run.device, run.feed.find_unused)  # DDP under torchrun, else the model
+    # DDP under torchrun, else the model; either way its forward gives the logits training fits
+    net = distributed.wrap(Fitting(run.model), run.device, run.feed.find_unused)
     for epoch in range(state.start_epoch, config.epochs):
         net.train()
         t0 = time.time()

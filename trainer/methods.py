@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from retformer.trainer.checkpoint import discard_stale
-from retformer.trainer.config import FINETUNE_NAMES, METHOD_NAMES
+from retformer.trainer.config import FINETUNE_NAMES, METHOD_NAMES, FusionOptions
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
 from retformer.trainer.model_factory import MODEL_KINDS, build_model
@@ -76,7 +76,7 @@ def train_method(
     config: TrainConfig,
     train: RetrievalFeatures,
     evals: dict[str, RetrievalFeatures],
-    model_options: dict[str, Any],
+    model_options: FusionOptions,
     num_classes: int,
     k: int,
     class_counts: list[int] | None,
@@ -98,7 +98,7 @@ def train_method(
     the experiment's self-describing model file, the one kind `trainer.checkpoint` loads."""
     spec = METHODS[method]
     torch.manual_seed(config.seed)
-    head = build_model(spec.model, num_classes, train.img_dim, train.txt_dim, k, **model_options)
+    head = build_model(spec.model, num_classes, train.img_dim, train.txt_dim, k, model_options)
     common = {
         "class_counts": class_counts,
         "progress": progress,
@@ -113,7 +113,7 @@ def train_method(
         model = FinetuneModel(image_encoder(), head)
         imgs = {s: images(s, f) for s, f in {"train": train, **evals}.items()}
         if checkpoint_path is not None:
-            discard_stale(checkpoint_path, config, model.config, len(train))
+            discard_stale(checkpoint_path, config, model, len(train))
         history = finetune_fit(model, imgs["train"], train, config, **common)
         for split, f in evals.items():
             logits[split] = finetune_predict(
@@ -122,7 +122,7 @@ def train_method(
     else:
         model = head
         if checkpoint_path is not None:
-            discard_stale(checkpoint_path, config, model.config, len(train))
+            discard_stale(checkpoint_path, config, model, len(train))
         history = fit(model, train, config, **common)
         for split, f in evals.items():
             logits[split] = predict(model, f, batch_size=config.eval_batch_size)
@@ -136,7 +136,7 @@ def select_method(
     config: TrainConfig,
     train: RetrievalFeatures,
     val: RetrievalFeatures,
-    model_options: dict[str, Any],
+    model_options: FusionOptions,
     num_classes: int,
     class_counts: list[int] | None,
     opts: SelectOptions,

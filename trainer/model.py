@@ -31,15 +31,16 @@ tests all build there.
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retformer.trainer.config import RECIPES
-from retformer.trainer.evidence import CAPTION_NULL, CAPTION_TEMP, log_evidence, neighbour_vote
-from retformer.trainer.image_models import ImageBranch, log_prior
+from retformer.trainer.config import RECIPES, FusionOptions, PredictionRule
+from retformer.trainer.evidence import log_evidence, neighbour_vote
+from retformer.trainer.image_models import ImageBranch, OptTensor, log_prior
 from retformer.trainer.layers import CrossFusionLayer, SelfAttentionLayer
 
 # RetFormer's model kinds (the names of the feature-mode methods that train them, `trainer/methods.py`;
@@ -49,6 +50,13 @@ RETFORMER_VARIANTS = {"retformer": "full", "retformer_no_text": "no_text", "retf
 EVIDENCE_KINDS = (None, "label", "caption")
 VARIANTS = tuple(RETFORMER_VARIANTS.values())  # RetFormer's `variant`: "full", "no_text", "no_image"
 _KIND_OF_VARIANT = {v: kind for kind, v in RETFORMER_VARIANTS.items()}
+# The keys of a RetFormer's stored config, in the order model files have always held them.
+STORED_KEYS = (
+    *("kind", "img_dim", "txt_dim", "num_classes", "width", "depth", "heads", "k", "mlp_hidden", "tau"),
+    *("variant", "dropout", "ffn", "ffn_ratio", "recipe", "alpha", "gate_t", "prior_tau", "beta", "evidence"),
+    *("vote_temp", "caption_temp", "caption_null", "query_bias", "image_weight", "anchor", "anchor_temp"),
+    *("vote_k", "closed_prior_tau"),
+)
 # How L_I and L_R are trained and combined: "paper" = one loss on tau/2 (L_I + L_R); "stacked" = L_I is
 # a trained mlp_only, frozen, L_R learns on its own loss, prediction L_I + alpha * 1[s > t] * L_R.
 
@@ -67,73 +75,25 @@ class RetFormer(nn.Module):
         img_dim: int,
         txt_dim: int,
         num_classes: int,
-        width: int = 256,
-        depth: int = 4,
-        heads: int = 4,
         k: int = 32,
-        mlp_hidden: int | None = None,
-        tau: float = 2.0,
         variant: str = "full",
-        dropout: float = 0.0,
-        ffn: bool = True,
-        ffn_ratio: float = 4.0,
-        recipe: str = "paper",
-        alpha: float = 1.0,
-        gate_t: float | None = None,
-        prior_tau: float = 0.0,
-        beta: float = 0.0,
-        evidence: str | None = None,
-        vote_temp: float = 0.05,
-        caption_temp: float = CAPTION_TEMP,
-        caption_null: float = CAPTION_NULL,
-        query_bias: bool = False,
-        image_weight: float = 1.0,
-        anchor: str | None = None,
-        anchor_temp: float = 0.05,
-        vote_k: int | None = None,
-        closed_prior_tau: float | None = None,
+        options: FusionOptions | None = None,
+        rule: PredictionRule | None = None,
     ) -> None:
+        """options: the architecture and recipe (defaults: `FusionOptions()`); rule: the prediction rule
+        (default: `FusionOptions.alpha`'s, the rest at their defaults; `set_rule` changes it)."""
         super().__init__()
+        options = options or FusionOptions()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-        if evidence not in EVIDENCE_KINDS or anchor not in EVIDENCE_KINDS:
-            raise ValueError(
-                f"evidence and anchor must be one of {EVIDENCE_KINDS}, got {evidence!r}, {anchor!r}"
-            )
-        mlp_hidden = mlp_hidden or img_dim
-        self.config: dict[str, Any] = {
-            "kind": _KIND_OF_VARIANT[variant],
-            "img_dim": img_dim,
-            "txt_dim": txt_dim,
-            "num_classes": num_classes,
-            "width": width,
-            "depth": depth,
-            "heads": heads,
-            "k": k,
-            "mlp_hidden": mlp_hidden,
-            "tau": tau,
-            "variant": variant,
-            "dropout": dropout,
-            "ffn": ffn,
-            "ffn_ratio": ffn_ratio,
-            "recipe": recipe,
-            "alpha": alpha,
-            "gate_t": gate_t,
-            "prior_tau": prior_tau,
-            "beta": beta,
-            "evidence": evidence,
-            "vote_temp": vote_temp,
-            "caption_temp": caption_temp,
-            "caption_null": caption_null,
-            "query_bias": query_bias,
-            "image_weight": image_weight,
-            "anchor": anchor,
-            "anchor_temp": anchor_temp,
-            "vote_k": vote_k,
-            "closed_prior_tau": closed_prior_tau,
-        }
+        if options.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {options.recipe!r}")
+        self.options = replace(options, mlp_hidden=options.mlp_hidden or img_dim)
+        self.img_dim, self.txt_dim, self.num_classes = img_dim, txt_dim, num_classes
+        self.set_rule(rule or PredictionRule(alpha=options.alpha))
+        width, depth, heads = options.width, options.depth, options.heads
+        ffn, ffn_ratio, dropout, tau = options.ffn, options.ffn_ratio, options.dropout, options.tau
+        mlp_hidden, query_bias, anchor = self.options.mlp_hidden, options.query_bias, options.anchor
         self.variant = variant
         self.k = k
         self.tau = tau
@@ -191,6 +151,27 @@ class RetFormer(nn.Module):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                     nn.init.zeros_(m.bias)
 
+    def set_rule(self, rule: PredictionRule) -> None:
+        """Predict with `rule` from now on (what the selection chose; saved with the model's config)."""
+        if rule.evidence not in EVIDENCE_KINDS or self.options.anchor not in EVIDENCE_KINDS:
+            raise ValueError(
+                f"evidence and anchor must be one of {EVIDENCE_KINDS}, got {rule.evidence!r}, "
+                f"{self.options.anchor!r}"
+            )
+        self.rule = rule
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The model as stored in checkpoints and model files (`model_from_config` rebuilds it): its kind,
+        sizes, options and rule in one flat dict, a copy (the rule changes through `set_rule`)."""
+        values = {
+            **{"kind": _KIND_OF_VARIANT[self.variant], "img_dim": self.img_dim, "txt_dim": self.txt_dim},
+            **{"num_classes": self.num_classes, "k": self.k, "variant": self.variant},
+            **asdict(self.options),
+            **asdict(self.rule),  # the rule's alpha, not the options' starting one
+        }
+        return {key: values[key] for key in STORED_KEYS}
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (class tokens, position embeddings), as in ViT."""
         return {
@@ -219,8 +200,8 @@ class RetFormer(nn.Module):
         P = k'+2, token order [cls, query, nn_1..nn_k']; stream "image" holds the weights over image
         tokens (queries from the text stream in the full variant), "text" over text tokens.
 
-        recipe "paper": tau/2 (L_I + L_R). recipe "stacked": in training mode L_R alone (L_I is the
-        frozen mlp_only, so the loss is L_R's own); in eval mode the rule
+        The prediction, in training mode too (what training fits: `training_logits`). recipe "paper":
+        tau/2 (L_I + L_R). recipe "stacked": the rule (`PredictionRule`)
         w(g) * (L_I - prior_tau * log prior) + g * (alpha * L_R + beta * log e), g = 1[s > gate_t] (1
         without a gate), w(g) = image_weight where g = 1 and 1 where g = 0 (image_weight 0: retrieval alone
         where it applies, L_I where the gate is closed; where the gate is closed L_I's shift is
@@ -228,8 +209,8 @@ class RetFormer(nn.Module):
         similarity-weighted vote of their KB labels (nn_label, "label") or of the classes their captions
         name ("caption")."""
         logits_r, attn = self._retrieval_logits(z, nn_img, nn_txt, return_attention, nn_label)
-        # s only where combine() reads it: a full-width pass over the neighbours (B, k', Di) that training
-        # and ungated prediction would compute and drop.
+        # s only where combine() reads it: a full-width pass over the neighbours (B, k', Di) that ungated
+        # prediction would compute and drop.
         s = relevance(z, nn_img) if nn_img is not None and self.gated() else None
         log_e = None
         if self.uses_evidence():
@@ -237,10 +218,19 @@ class RetFormer(nn.Module):
         logits = self.combine(self.mlp(z), logits_r, s, log_e)
         return (logits, attn) if return_attention else logits
 
+    def training_logits(
+        self, z: torch.Tensor, nn_img: OptTensor, nn_txt: OptTensor, *, nn_label: OptTensor = None
+    ) -> torch.Tensor:
+        """(B, C) the logits training fits: recipe "paper" the prediction tau/2 (L_I + L_R); recipe
+        "stacked" L_R alone (L_I is the frozen mlp_only, so the loss is L_R's own). The epoch loop calls
+        it through `trainer.loop.Fitting` (DDP wraps that one's forward)."""
+        if self.options.recipe == "paper":
+            return self(z, nn_img, nn_txt, nn_label=nn_label)
+        return self._retrieval_logits(z, nn_img, nn_txt, False, nn_label)[0]
+
     def uses_evidence(self) -> bool:
-        """Whether the prediction reads the neighbours' evidence now (stacked, eval mode, beta > 0)."""
-        cfg = self.config
-        return cfg["recipe"] == "stacked" and not self.training and float(cfg["beta"]) != 0
+        """Whether the prediction reads the neighbours' evidence (stacked, beta > 0)."""
+        return self.options.recipe == "stacked" and float(self.rule.beta) != 0
 
     def evidence(
         self,
@@ -255,23 +245,23 @@ class RetFormer(nn.Module):
         """(B, C) the neighbours' evidence under this model's settings (or the `kind` / `vote_temp` /
         `vote_k` given): the votes of the first vote_k neighbours (all when None) weighted by
         softmax(cos(z, neighbour image) / vote_temp) (uniform without nn_img)."""
-        cfg = self.config
+        rule = self.rule
         # The rule's own vote (no `kind` given) reads its first vote_k neighbours: the weighted-vote
         # baseline's k, chosen on val; an explicit kind (the anchor, a selection) says its own k.
-        k = vote_k if vote_k is not None else (cfg.get("vote_k") if kind is None else None)
+        k = vote_k if vote_k is not None else (rule.vote_k if kind is None else None)
         if k is not None:
             nn_img, nn_txt, nn_label = (None if x is None else x[:, :k] for x in (nn_img, nn_txt, nn_label))
         return neighbour_vote(
-            kind or cfg["evidence"],
+            kind or rule.evidence,
             z,
             nn_img,
             nn_txt,
             nn_label,
-            int(cfg["num_classes"]),
-            float(vote_temp if vote_temp is not None else cfg["vote_temp"]),
+            int(self.num_classes),
+            float(vote_temp if vote_temp is not None else rule.vote_temp),
             self.class_text,
-            cfg["caption_temp"],
-            cfg["caption_null"],
+            rule.caption_temp,
+            rule.caption_null,
         )
 
     def set_prior(self, class_counts: list[int] | torch.Tensor) -> None:
@@ -293,12 +283,11 @@ class RetFormer(nn.Module):
         return self.mlp(z), self._retrieval_logits(z, nn_img, nn_txt, False, nn_label)[0]
 
     def gated(self) -> bool:
-        """Whether `combine` reads the relevance s now: a stacked model in eval mode with a gate on
-        alpha L_R + beta log e (one of them non-zero)."""
-        cfg = self.config
-        stacked_eval = cfg["recipe"] == "stacked" and not self.training
-        retrieval = float(cfg["alpha"]) != 0 or float(cfg["beta"]) != 0
-        return stacked_eval and retrieval and cfg["gate_t"] is not None
+        """Whether `combine` reads the relevance s: a stacked model with a gate on alpha L_R + beta log e
+        (one of them non-zero)."""
+        rule = self.rule
+        retrieval = float(rule.alpha) != 0 or float(rule.beta) != 0
+        return self.options.recipe == "stacked" and retrieval and rule.gate_t is not None
 
     def combine(
         self,
@@ -310,16 +299,14 @@ class RetFormer(nn.Module):
         """The prediction from the branches under the model's recipe and rule (see `forward`); s (B,) is
         `relevance(z, nn_img)`, read only by a gated stacked model, log_e (B, C) the log evidence, read
         only when beta > 0."""
-        if self.config["recipe"] == "paper":
+        if self.options.recipe == "paper":
             return self.tau / 2 * (logits_i + logits_r)
-        if self.training:
-            return logits_r
-        cfg = self.config
-        alpha, beta, gate_t = float(cfg["alpha"]), float(cfg["beta"]), cfg["gate_t"]
-        w_i = float(cfg.get("image_weight", 1.0))
+        rule = self.rule
+        alpha, beta, gate_t = float(rule.alpha), float(rule.beta), rule.gate_t
+        w_i = float(rule.image_weight)
         out = logits_i
-        if float(cfg["prior_tau"]):
-            out = out - float(cfg["prior_tau"]) * self.log_prior.to(out)
+        if float(rule.prior_tau):
+            out = out - float(rule.prior_tau) * self.log_prior.to(out)
         if alpha == 0 and beta == 0:
             return out
         extra = alpha * logits_r if alpha else torch.zeros_like(out)
@@ -332,7 +319,7 @@ class RetFormer(nn.Module):
         if s is None:
             raise ValueError("a gated RetFormer needs nn_img to score its neighbors")
         g = (s > float(gate_t)).float()[:, None]
-        closed_tau = cfg.get("closed_prior_tau")
+        closed_tau = rule.closed_prior_tau
         if closed_tau is not None:  # a fitted rule (select.rule_fit stack): L_I's own shift where closed
             closed = logits_i - float(closed_tau) * self.log_prior.to(logits_i)
             return g * (w_i * out + extra) + (1 - g) * closed
@@ -401,11 +388,9 @@ class RetFormer(nn.Module):
             if w_txt:
                 attn["text"] = torch.stack(w_txt)
         logits = self.head(torch.cat(cls_out, dim=-1))
-        anchor = self.config["anchor"]
+        anchor = self.options.anchor
         if anchor is not None:
-            vote = self.evidence(
-                z, nn_img, nn_txt, nn_label, kind=anchor, vote_temp=self.config["anchor_temp"]
-            )
+            vote = self.evidence(z, nn_img, nn_txt, nn_label, kind=anchor, vote_temp=self.options.anchor_temp)
             logits = logits + log_evidence(vote).to(logits.dtype)
         return logits, attn
 

@@ -81,7 +81,7 @@ def select_fitted(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOp
     probe: RetFormer = task.build(recipe="stacked")
     probe.mlp.load_state_dict(mlp_state)
     prior = probe.log_prior.float().cpu()
-    default_temp = float(probe.config["vote_temp"])
+    default_temp = float(probe.rule.vote_temp)
     device = next(probe.parameters()).device
     s_val, s_sh = relevance_of(val, device), relevance_of(val_sh, device)
     # The evidence the rule may add, read once (key None: L_R without evidence).
@@ -175,7 +175,7 @@ def select_fitted(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOp
     else:  # L_I alone: any trained L_R state will do, alpha = beta = 0 never reads it
         row = {"lr": None, "la_tau": 0.0, "epoch": 0, **plain_rule, "val_nll": round(plain_stack.nll, 6)}
         row |= {"val_score": plain_score, "val_top1": top1(plain_val, y)}
-    model.config.update({key: row[key] for key in RULE_KEYS})
+    model.set_rule(replace(model.rule, **{key: row[key] for key in RULE_KEYS}))
     model.eval()
     selected = {k: v for k, v in row.items() if k != "val_top1"} | {"rule_fit": "stack"}
     return Selected(model, selected, row["val_top1"], trials)

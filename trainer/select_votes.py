@@ -35,8 +35,8 @@ def split_evidence(
 ) -> torch.Tensor:
     """(N, C) log evidence of every query under the model's evidence settings, `kind` and the vote's
     (k, temperature): what its rule adds, times beta (`RetFormer.evidence`'s values)."""
-    cfg = model.config
-    args = (int(cfg["num_classes"]), kind, model.class_text, cfg["caption_temp"], cfg["caption_null"])
+    rule = model.rule
+    args = (int(model.num_classes), kind, model.class_text, rule.caption_temp, rule.caption_null)
     parts = split_vote_parts(features, *args)
     if parts is not None:
         vote = vote_from_parts(*parts, vote_k, vote_temp)

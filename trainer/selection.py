@@ -19,8 +19,8 @@ or "top1". Recorded figures keep `val_top1` beside the criterion (`val_score`).
   rules: val criterion with neighbours shuffled across queries >= L_I's at its best prior adjustment -
   `tolerance` points. alpha = beta = 0 (L_I alone) at that adjustment always is, so the model is never
   below its own mlp_only on val. Ties go to the smaller alpha, the smaller beta, the larger image
-  weight, the smaller prior adjustment, the laxer gate, the earlier grid cell. The rule is stored in
-  `model.config`, so a reloaded model predicts the same;
+  weight, the smaller prior adjustment, the laxer gate, the earlier grid cell. The rule is the model's
+  (`model.set_rule`), saved in its config, so a reloaded model predicts the same;
 - RetFormer, recipe "paper": the manifest's `train:` run, best-on-val epoch;
 - knn_vote: k on val; knn_weighted and caption_vote: k and the vote temperature on val.
 """
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retformer.trainer.config import SelectOptions
+from retformer.trainer.config import FusionOptions, SelectOptions
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.image_models import MLPOnly
 from retformer.trainer.model import RetFormer, relevance
@@ -115,7 +115,7 @@ class Task:
     val: RetrievalFeatures
     base: TrainConfig
     num_classes: int
-    model_options: dict[str, Any]
+    model_options: FusionOptions
     class_counts: Any = None
     metric: str = "balanced"
     label_evidence: bool = False
@@ -123,14 +123,15 @@ class Task:
 
     def build(self, **options: Any) -> nn.Module:
         """A fresh model, seeded by the base config (every grid cell starts from the same weights), with
-        the training prior and the class-name vectors its rule may read."""
+        the training prior and the class-name vectors its rule may read. options: `FusionOptions` fields
+        that differ from the task's (e.g. recipe)."""
         torch.manual_seed(self.base.seed)
         f = self.train
-        opts = {**self.model_options, **options}
-        if opts.get("anchor") == "auto":  # the anchor vote reads the evidence this task has, if any
+        opts = replace(self.model_options, **options)
+        if opts.anchor == "auto":  # the anchor vote reads the evidence this task has, if any
             kinds = self.evidence_kinds()
-            opts["anchor"] = kinds[0] if kinds else None
-        model = build_model(self.kind, self.num_classes, f.img_dim, f.txt_dim, f.k, **opts)
+            opts = replace(opts, anchor=kinds[0] if kinds else None)
+        model = build_model(self.kind, self.num_classes, f.img_dim, f.txt_dim, f.k, opts)
         if self.class_counts is not None and hasattr(model, "set_prior"):
             model.set_prior(self.class_counts)
         if self.class_text is not None and hasattr(model, "set_class_text"):
@@ -177,7 +178,7 @@ def select_plain(
             (score_of(raw - tau * model.log_prior, val.labels), -i, tau) for i, tau in enumerate(prior_taus)
         ]
         _, _, tau = max(adjusted)
-        model.config["prior_tau"] = float(tau)
+        model.set_prior_tau(float(tau))
         selected["prior_tau"] = float(tau)
     val_logits = predict(model, val)
     selected["val_score"] = score_of(val_logits, val.labels)
@@ -221,8 +222,9 @@ def rule_logits(
     model: RetFormer, branches: tuple[torch.Tensor, ...], rule: dict[str, Any], log_e: Any
 ) -> Any:
     """The model's own combine() under `rule` (alpha, gate_t, beta, prior_tau, evidence, vote_temp,
-    image_weight; its gate_quantile is a record, not a setting): one formula for selection and prediction."""
-    model.config.update({k: v for k, v in rule.items() if k != "gate_quantile"})
+    image_weight; its gate_quantile is a record, not a setting), which becomes the model's rule: one formula
+    for selection and prediction."""
+    model.set_rule(replace(model.rule, **{k: v for k, v in rule.items() if k != "gate_quantile"}))
     li, lr, s = branches
     return model.combine(li, lr, s, log_e)
 
@@ -328,7 +330,7 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
             # not at the row's own adjustment; a rule whose over-adjusted L_I is weak must not pass the
             # shuffled-neighbour check against that weak figure.
             l_i = max(score_of(plain[0] - tau * prior, y) for tau in opts.prior_taus)
-            for rule, ranks in _rule_grid(alpha, opts, list(evidence), s_val, model.config["vote_temp"]):
+            for rule, ranks in _rule_grid(alpha, opts, list(evidence), s_val, model.rule.vote_temp):
                 key = (rule["evidence"], rule["vote_temp"], rule["vote_k"])
                 e_plain, e_mixed = evidence.get(key, (None, None))
                 rule_val = rule_logits(model, plain, rule, e_plain)
@@ -357,7 +359,7 @@ def select_stacked(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectO
             row, state = plain_row, plain_state
     model.load_state_dict(state)
     rule_keys = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "vote_k", "image_weight")
-    model.config.update({key: row[key] for key in rule_keys})
+    model.set_rule(replace(model.rule, **{key: row[key] for key in rule_keys}))
     model.eval()
     selected = {k: v for k, v in row.items() if k != "val_top1"}
     return Selected(model, selected, row["val_top1"], trials)
