@@ -36,7 +36,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,6 +54,9 @@ from retformer.trainer.checkpoint import result_fingerprint
 from retformer.trainer.evaluate import prediction_table
 from retformer.trainer.features import load_retrieval_features, neighbor_k_values
 from retformer.trainer.methods import RETRIEVAL_FREE
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import KBManifest
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class _Inputs:
 def run_experiment(
     ws: Workspace,
     ds: dict[str, Any],
-    kb: dict[str, Any],
+    kb: KBManifest,
     exp: dict[str, Any],
     run_dir: Path,
     progress: bool = True,
@@ -114,7 +117,7 @@ def run_experiment(
             f"select_split {select_split!r} must be one of the dataset's splits {list(info['splits'])} "
             f"and not an eval split ({', '.join(splits)})"
         )
-    inputs = _load_inputs(ws, ds["name"], kb["name"], plan, info, splits, select_split)
+    inputs = _load_inputs(ws, ds["name"], kb.name, plan, info, splits, select_split)
     main = distributed.is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +266,7 @@ def _report(
         "run": run_dir.name,
         "config_hash": config_hash,
         "dataset": ctx.ds["name"],
-        "kb": ctx.kb["name"],
+        "kb": ctx.kb.name,
         "experiment": exp["name"],
         "k": k_values[0] if len(k_values) == 1 else k_values,
         "neighbor_table_k": inputs.table_k,

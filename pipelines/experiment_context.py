@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from retformer.artifacts.workspace import Workspace, read_json
 from retformer.trainer.baselines import kb_label_problem
 from retformer.trainer.images import SplitImages, shard_images
 from retformer.trainer.methods import METHODS
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import KBManifest
 
 
 def start_over(run_dir: Path) -> None:
@@ -33,7 +36,9 @@ def start_over(run_dir: Path) -> None:
 class ExperimentContext:
     """What the methods of one experiment share, loaded once and only when a method needs it."""
 
-    def __init__(self, ws: Workspace, ds: dict, kb: dict, exp: dict, info: dict, progress: bool) -> None:
+    def __init__(
+        self, ws: Workspace, ds: dict, kb: KBManifest, exp: dict, info: dict, progress: bool
+    ) -> None:
         self.ws, self.ds, self.kb, self.exp, self.info, self.progress = ws, ds, kb, exp, info, progress
         self._images: dict[tuple[str, str], Any] = {}
         self._dataset = None
@@ -47,7 +52,7 @@ class ExperimentContext:
         """Why the KB's labels cannot vote as this dataset's classes (knn_vote, knn_weighted, RetFormer's
         label evidence), or None when they can; `features`: any split's (they share the store)."""
         if self._label_problem is None:
-            ds_name, kb_src = self.ds["name"], (self.kb.get("source") or {}).get("dataset")
+            ds_name, kb_src = self.ds["name"], getattr(self.kb.source, "dataset", None)
             if kb_src:  # a dataset manifest's name or path, as the shards stage reads it
                 try:
                     kb_src = manifest.load("datasets", kb_src).get("name", kb_src)
@@ -73,7 +78,7 @@ class ExperimentContext:
             from retformer.trainer.zeroshot import _PLACEHOLDER
 
             names = self.info.get("class_names") or []
-            spec = (self.kb.get("encoders") or {}).get("text")
+            spec = self.kb.encoders.text
             if not names or not spec or all(_PLACEHOLDER.match(n) for n in names):
                 self._class_text = (None,)
             else:
@@ -104,8 +109,9 @@ class ExperimentContext:
         the dataset and KB manifests, the encoders and embed options (the same preprocessing), the KB
         index it searched and its tuned search parameters, k and the k of the neighbor tables (the
         search depth of the run's own retrieval), class names, the training config and recipe."""
-        index_dir = self.ws.kb_index(self.kb["name"])
+        index_dir = self.ws.kb_index(self.kb.name)
         index = read_json(index_dir / INDEX_JSON) or {}
+        kb = self.kb.as_loaded()  # saved as loaded: the keys as written, with `_manifest_path`
         return {
             "method": method,
             "result": key,
@@ -113,9 +119,9 @@ class ExperimentContext:
             "uses_neighbors": METHODS[method].uses_neighbors,
             "workspace": str(self.ws.root.resolve()),
             "dataset": self.ds,
-            "kb": self.kb,
-            "encoders": self.kb.get("encoders") or {},
-            "embed": self.kb.get("embed") or {},
+            "kb": kb,
+            "encoders": kb.get("encoders") or {},
+            "embed": kb.get("embed") or {},
             "class_names": self.info.get("class_names"),
             "num_classes": int(self.info["num_classes"]),
             "shot_split": self.info.get("shot_split"),
@@ -146,5 +152,5 @@ class ExperimentContext:
 
         if self._encoder is None:
             torch.manual_seed(seed)  # random-weight encoders (tests) are then the same in every run
-            self._encoder = build_image_encoder(self.kb["encoders"]["image"])
+            self._encoder = build_image_encoder(self.kb.encoders.image)
         return self._encoder

@@ -5,7 +5,7 @@ loaded (pipelines/experiment_schema.py); what is left here needs the KB or the d
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.errors import UserError
 from retformer.trainer.finetune import FinetuneConfig
@@ -14,6 +14,9 @@ from retformer.trainer.model import RECIPES
 from retformer.trainer.selection import SelectOptions
 from retformer.trainer.train import TrainConfig
 from retformer.trainer.zeroshot import check_aligned, templates
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import KBManifest
 
 DEFAULT_CHECKPOINT = {"every_s": 60.0, "resume": True}
 
@@ -66,7 +69,7 @@ def train_config(exp: dict[str, Any], method: str) -> Any:
     return cls(**values)
 
 
-def plan_experiment(exp: dict[str, Any], kb: dict[str, Any]) -> dict[str, Any]:
+def plan_experiment(exp: dict[str, Any], kb: KBManifest) -> dict[str, Any]:
     """Validate the experiment before any data is read: methods, k values, configs, encoders."""
     methods = list(exp.get("methods", FEATURE_METHODS))
     for m in methods:
@@ -78,10 +81,10 @@ def plan_experiment(exp: dict[str, Any], kb: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"experiment {exp['name']} lists no methods")
     configs = {m: train_config(exp, m) for m in methods if m in TRAINED}
     if "zeroshot" in methods:
-        check_aligned(kb.get("encoders", {}), kb.get("name", ""))
+        check_aligned(kb.encoders.model_dump(), kb.name or "")
         templates((exp.get("zeroshot") or {}).get("templates", "openai"))
-    if any(m in FINETUNE_METHODS for m in methods) and not (kb.get("encoders") or {}).get("image"):
-        raise UserError(f"KB {kb.get('name')} has no encoders.image to fine-tune")
+    if any(m in FINETUNE_METHODS for m in methods) and kb.encoders.image is None:
+        raise UserError(f"KB {kb.name} has no encoders.image to fine-tune")
     recipe = exp.get("recipe", "paper")
     if recipe not in RECIPES:
         raise UserError(

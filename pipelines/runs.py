@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.atomic import atomic_path
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.names import prediction_file
 from retformer.artifacts.workspace import read_json
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import KBManifest
 
 
 def _without_private(value: Any) -> Any:
@@ -23,21 +26,22 @@ def _without_private(value: Any) -> Any:
     return value
 
 
-def run_config(ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any]) -> dict[str, Any]:
+def run_config(ds: dict[str, Any], kb: KBManifest, exp: dict[str, Any]) -> dict[str, Any]:
     """What a run's results depend on: the resolved dataset, KB and experiment manifests (after `--set`),
     without where they were read from."""
-    return {"dataset": _without_private(ds), "kb": _without_private(kb), "experiment": _without_private(exp)}
+    kb_loaded = _without_private(kb.as_loaded())
+    return {"dataset": _without_private(ds), "kb": kb_loaded, "experiment": _without_private(exp)}
 
 
-def config_hash(ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any]) -> str:
+def config_hash(ds: dict[str, Any], kb: KBManifest, exp: dict[str, Any]) -> str:
     """8 hex digits of the SHA-256 of `run_config` (canonical JSON): the default run name's suffix."""
     text = json.dumps(run_config(ds, kb, exp), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def default_run_name(ds: dict[str, Any], kb: dict[str, Any], exp: dict[str, Any]) -> str:
+def default_run_name(ds: dict[str, Any], kb: KBManifest, exp: dict[str, Any]) -> str:
     """`<dataset>-<kb>-<experiment>-<config hash>`: another configuration gets another run folder."""
-    return f"{ds['name']}-{kb['name']}-{exp['name']}-{config_hash(ds, kb, exp)}"
+    return f"{ds['name']}-{kb.name}-{exp['name']}-{config_hash(ds, kb, exp)}"
 
 
 def check_overwrite(run_dir: Path, wanted: str, force: bool = False) -> None:

@@ -7,12 +7,15 @@ import logging
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.lock import output_lock
 from retformer.artifacts.workspace import Workspace, read_json
 from retformer.pipelines.stages_neighbors import check_split_embeddings
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import KBManifest
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,7 @@ log = logging.getLogger(__name__)
 def stage_train(
     ws: Workspace,
     ds: dict[str, Any],
-    kb: dict[str, Any],
+    kb: KBManifest,
     exp: dict[str, Any],
     run: str | None = None,
     force: bool = False,
@@ -55,7 +58,7 @@ def stage_train(
     _refuse_stale_tables(ws, ds, kb, max(plan_experiment(exp, kb)["k_values"]))
     if (info := read_json(ws.dataset_info(ds["name"]))) is not None:
         eval_splits(exp, info)
-        check_split_embeddings(ws, ds["name"], kb["name"], info.get("splits", {}))
+        check_split_embeddings(ws, ds["name"], kb.name, info.get("splits", {}))
     wanted = config_hash(ds, kb, exp)
     run_dir = ws.run_dir(run or default_run_name(ds, kb, exp))
     asked = time.time()
@@ -93,19 +96,19 @@ def stage_train(
     return report
 
 
-def _refuse_stale_tables(ws: Workspace, ds: dict[str, Any], kb: dict[str, Any], kmax: int) -> None:
+def _refuse_stale_tables(ws: Workspace, ds: dict[str, Any], kb: KBManifest, kmax: int) -> None:
     """The neighbor tables a run would read were computed against the KB's index as it is (a KB grown
     in place, or re-indexed, makes them stale until `retformer neighbors` recomputes them)."""
     from retformer.kb_builder.neighbors import stale_reason
     from retformer.trainer.features import neighbor_k_values
 
-    usable = [k for k in neighbor_k_values(ws, ds["name"], kb["name"]) if k >= kmax]
+    usable = [k for k in neighbor_k_values(ws, ds["name"], kb.name) if k >= kmax]
     if usable and (
-        why := stale_reason(ws.neighbors_dir(ds["name"], kb["name"], usable[0]), ws.kb_index(kb["name"]))
+        why := stale_reason(ws.neighbors_dir(ds["name"], kb.name, usable[0]), ws.kb_index(kb.name))
     ):
         raise UserError(
-            f"the neighbor tables {ws.neighbors_dir(ds['name'], kb['name'], usable[0])} are stale ({why}): "
-            f"run `retformer neighbors --dataset {ds['name']} --kb {kb['name']}` first"
+            f"the neighbor tables {ws.neighbors_dir(ds['name'], kb.name, usable[0])} are stale ({why}): "
+            f"run `retformer neighbors --dataset {ds['name']} --kb {kb.name}` first"
         )
 
 
