@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 from retformer.artifacts.errors import UserError
 from retformer.pipelines import console, stages
 from retformer.trainer.progress import ModelProgress
-from tests.test_selection import EXPERIMENT, write_workspace
+from tests.test_selection import EXPERIMENT, synthetic_kb, write_workspace
 
 torch.set_num_threads(1)
 
 DS = {"name": "syn"}
-KB = {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}}
+KB = synthetic_kb()
 SMALL = {
     **copy.deepcopy(EXPERIMENT),
     "methods": ["retformer", "mlp_only", "knn_vote"],
