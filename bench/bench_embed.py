@@ -170,6 +170,13 @@ def bare_round(
     return {"image_wall": image_wall, "image_cpu": image_cpu, "text_wall": w2 - w1, "text_cpu": c2 - c1}
 
 
+def _typed(image_spec: dict, text_spec: dict | None) -> tuple[Any, Any]:
+    """The encoder specs as the KB schema's models (what `embed_shard` takes)."""
+    from retformer.kb_builder.kb_schema import image_encoder, text_encoder
+
+    return image_encoder(image_spec), (text_encoder(text_spec) if text_spec is not None else None)
+
+
 def with_autocast(spec: dict | None, autocast: bool | None) -> dict | None:
     """The encoder spec with its `autocast` key set (None: the encoder's default, on for CUDA)."""
     return spec if spec is None or autocast is None else {**spec, "autocast": autocast}
@@ -184,7 +191,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
     shard = write_shards(fashion_samples(n), shard_dir, "world", n)[0]
     workers = args.num_workers if workers_override is None else workers_override
     t0 = time.perf_counter()
-    image_enc, text_enc = embed._encoders(image_spec, text_spec, args.device)
+    image_enc, text_enc = embed._encoders(*_typed(image_spec, text_spec), args.device)
     load_s = time.perf_counter() - t0
     pixels, captions, split = bare_inputs(shard, image_enc, bs)
     images = sum(len(c) for c in captions)
@@ -194,7 +201,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
         embed.normalize_batch(pixels[0], split[1], split[2], args.device) if split else pixels[0]
     )
     embed.embed_shard(
-        (warm, "warmup"), root / "warmup", image_spec, text_spec, bs, args.device,
+        (warm, "warmup"), root / "warmup", *_typed(image_spec, text_spec), bs, args.device,
         args.threads, workers,
     )  # fmt: skip
     rounds = []
@@ -203,7 +210,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
         sync(args.device)
         w0, c0 = time.perf_counter(), cpu_seconds()
         stats = embed.embed_shard(
-            (shard, "bench"), out, image_spec, text_spec, bs, args.device, args.threads, workers
+            (shard, "bench"), out, *_typed(image_spec, text_spec), bs, args.device, args.threads, workers
         )
         sync(args.device)
         e2e_wall, e2e_cpu = time.perf_counter() - w0, cpu_seconds() - c0
@@ -283,7 +290,7 @@ def step_profile(args: argparse.Namespace, root: Path, n: int = 2500) -> dict[st
 
     image_spec, text_spec = CONFIGS["lite0_64_minilm"][:2]
     shard = write_shards(fashion_samples(n), root / "steps", "world", n)[0]
-    image_enc, text_enc = embed._encoders(image_spec, text_spec, args.device)
+    image_enc, text_enc = embed._encoders(*_typed(image_spec, text_spec), args.device)
     pil_steps, mean, std = embed.split_transform(image_enc)
     files = [f for _, _, f in embed.iter_shard_files(shard)]
     records = [_to_record(str(i), f) for i, f in enumerate(files)]
@@ -351,6 +358,7 @@ def step_profile(args: argparse.Namespace, root: Path, n: int = 2500) -> dict[st
 
 def run_stage(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """The embed stage through Dask on a demo-like KB (Lite0 64 px + MiniLM, shards of 2500)."""
+    from retformer.kb_builder.kb_schema import EmbedSection, Encoders
     from retformer.pipelines import stages_embed as stages
     from retformer.pipelines.dask_runner import dask_client
 
@@ -367,8 +375,8 @@ def run_stage(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             shards,
             shard_dir,
             out,
-            {"image": image_spec, "text": text_spec},
-            {"batch_size": args.batch_size},
+            Encoders.model_validate({"image": image_spec, "text": text_spec}),
+            EmbedSection(batch_size=args.batch_size),
             "embed (bench)",
         )
     closed = time.perf_counter()

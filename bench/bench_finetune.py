@@ -95,9 +95,10 @@ def random_features(n: int, store_rows: int, seed: int = 0) -> RetrievalFeatures
 
 def make_model(args: argparse.Namespace) -> FinetuneModel:
     from retformer.kb_builder.encoders import build_image_encoder
+    from retformer.kb_builder.kb_schema import ImageEncoder
 
     torch.manual_seed(0)
-    encoder = build_image_encoder({"name": "open_clip", "model": args.model, "pretrained": None})
+    encoder = build_image_encoder(ImageEncoder(name="open_clip", model=args.model, pretrained=None))
     head = build_model("retformer", NUM_CLASSES, DIM, DIM, K, width=args.width, depth=args.depth, heads=8)
     return FinetuneModel(encoder, head)
 

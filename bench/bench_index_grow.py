@@ -29,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
 from retformer.kb_builder.index import run_index  # noqa: E402
 from retformer.kb_builder.index.search import ShardedIndex  # noqa: E402
+from retformer.kb_builder.kb_schema import IndexSection  # noqa: E402
 from tests.helpers import synthetic_clustered_vectors, write_parts  # noqa: E402
 
 PART_ROWS = 10_000
 
 
 def bench_kind(kind: str, parts: list[Path], n_old_parts: int, x: np.ndarray, tmp: Path, k: int) -> dict:
-    cfg = {"kind": kind, "k": k, "recall_target": 0.95, "memory_budget_gb": 8, "num_queries": 1000}
+    cfg = IndexSection(kind=kind, k=k, recall_target=0.95, memory_budget_gb=8, num_queries=1000)
     grown_dir, rebuilt_dir = tmp / f"{kind}-grown", tmp / f"{kind}-rebuilt"
     t0 = time.perf_counter()
     base = run_index(parts[0].parent, grown_dir, cfg, parts=parts[:n_old_parts])

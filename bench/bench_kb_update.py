@@ -74,9 +74,9 @@ def kb_manifest(path: Path, name: str, src: Path) -> Path:
         "name": name,
         "description": f"{WORLD} as webdataset shards under {src}",
         "source": {"kind": "webdataset", "path": str(src)},
-        "encoders": world["encoders"],
-        "embed": world["embed"],
-        "index": world["index"],
+        "encoders": world.as_loaded()["encoders"],
+        "embed": world.as_loaded()["embed"],
+        "index": world.as_loaded()["index"],
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

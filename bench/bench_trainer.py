@@ -336,7 +336,7 @@ RULE_KEYS = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "v
 
 def caption_text_encoder(kb: dict[str, Any], info: dict[str, Any]) -> tuple[Any, list[str]] | None:
     """The KB's text tower and the class names caption_vote embeds (loaded before any clock)."""
-    spec = (kb.get("encoders") or {}).get("text")
+    spec = kb.encoders.text
     names = info.get("class_names") or []
     if not spec or not names:
         return None
@@ -377,7 +377,7 @@ def main() -> None:
     plan = plan_experiment(exp, kb)
     opts = plan["select"].for_dataset(ds.name)
     k = exp.k
-    ensure_tables(args.workdir, ds.name, kb["name"], k)
+    ensure_tables(args.workdir, ds.name, kb.name, k)
     ws = Workspace(args.workdir)
 
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
@@ -386,7 +386,7 @@ def main() -> None:
         report = run_experiment(ws, ds, kb, exp, run_dir, progress=not args.no_progress)
         experiment_s = time.perf_counter() - started
         info = read_json(ws.dataset_info(ds.name))
-        splits = {s: load_retrieval_features(ws, ds.name, kb["name"], k, s) for s in ("train", "val", "test")}
+        splits = {s: load_retrieval_features(ws, ds.name, kb.name, k, s) for s in ("train", "val", "test")}
         stacked_best = (
             best_epochs(
                 run_dir / "retformer.metrics.jsonl",
@@ -450,7 +450,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "torch_threads": torch.get_num_threads(),
         "dataset": ds.name,
-        "kb": kb["name"],
+        "kb": kb.name,
         "experiment": exp.name,
         "overrides": overrides,
         "sizes": {**sizes, "k": k},

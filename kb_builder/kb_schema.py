@@ -1,19 +1,20 @@
 """The knowledge-base manifest's schema: source, encoders, embed, index, shard size.
 
 Validated when the manifest is loaded, before any stage starts (a missing `encoders:` used to be a
-KeyError after a Dask cluster had started). The stages read the manifest as written, with their own
-defaults, so the schema is strict: a quoted number is refused here.
+KeyError after a Dask cluster had started); the stages read the validated `KBManifest`, and the
+defaults of its sections live here. The schema is strict: a quoted number is refused here.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import string
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from retformer.artifacts.schema import StrictSection, validate_section
+from retformer.artifacts.schema import StrictSection, dump_given, validate_section
 from retformer.kb_builder.index.select import KINDS as INDEX_KINDS
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -21,7 +22,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 # 4.8 GB float32 tensor per image at embed.
 MAX_IMAGE_SIZE = 1024
 
-# Each encoder's options besides `name`; the encoder classes check these very sets when built.
+# Each encoder's options besides `name` (checked here: the encoder classes take the validated models).
 ENCODER_OPTIONS: dict[str, dict[str, set[str]]] = {
     "image": {
         "efficientnet_lite0": {"image_size", "autocast"},
@@ -63,11 +64,11 @@ class _Encoder(StrictSection):
 
     model_config = ConfigDict(extra="allow")
     ROLE: ClassVar[str] = ""  # "image" | "text", set by the subclasses below
-    name: str
+    name: str = Field(description="an encoder needs a `name`, e.g. open_clip")
     model: str | None = None
     pretrained: str | None = None
-    image_size: Annotated[int, Field(ge=16, le=MAX_IMAGE_SIZE)] | None = None
-    autocast: bool | None = None
+    image_size: Annotated[int, Field(ge=16, le=MAX_IMAGE_SIZE)] | None = None  # None: the encoder's own
+    autocast: bool = True  # the forward pass under autocast on CUDA
     batch_size: PositiveInt | None = None
 
     @model_validator(mode="after")
@@ -143,13 +144,27 @@ class Img2datasetSource(StrictSection):
 
 
 class EmbedSection(StrictSection):
-    """Options of the embed tasks (kb_builder/embed/options.py holds their defaults)."""
+    """Options of the embed tasks (`kb_builder.embed.embed_shard`'s keywords): `batch_size` (images per
+    forward), `num_workers` (loader processes per task; None: none on a one-core worker, else a few,
+    kb_builder/embed/options.py), `threads` (torch threads of the task; None: torch's), `prefetch_factor`
+    (batches each loader worker keeps ready), `device` ("cpu", "cuda", "cuda:1"; None: cuda when
+    available)."""
 
-    batch_size: PositiveInt | None = None
+    batch_size: PositiveInt = 256
     num_workers: Annotated[int, Field(ge=0)] | None = None
     threads: PositiveInt | None = None
-    prefetch_factor: PositiveInt | None = None
+    prefetch_factor: PositiveInt = 2
     device: Annotated[str, Field(pattern=r"^(cpu|mps|cuda(:\d+)?)$")] | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The options the manifest gave (None values left out): what the embed records store."""
+        return {key: value for key, value in dump_given(self).items() if value is not None}
+
+
+def embed_options(section: dict[str, Any] | None) -> dict[str, Any]:
+    """The options an `embed:` mapping gives (None values left out), checked against `EmbedSection`
+    (a typo gets "did you mean")."""
+    return validate_section(EmbedSection, dict(section or {}), "embed").given()  # type: ignore[attr-defined]
 
 
 class IndexSection(StrictSection):
@@ -160,7 +175,12 @@ class IndexSection(StrictSection):
     memory_budget_gb: Annotated[float, Field(gt=0)] = 8
     num_shards: PositiveInt = 1
     k: PositiveInt = 32
-    num_queries: PositiveInt | None = None
+    num_queries: PositiveInt = 1000  # the recall check's queries (at most the KB's rows)
+
+    @field_validator("num_queries", mode="before")
+    @classmethod
+    def _default_queries(cls, value: Any) -> Any:
+        return 1000 if value is None else value  # `num_queries: null` read as the default
 
 
 class KBManifest(StrictSection):
@@ -174,11 +194,42 @@ class KBManifest(StrictSection):
         "ViT-B-16, pretrained: datacomp_xl_s13b_b90k}, text: {name: open_clip, ...}}"
     )
     shard_size: PositiveInt = 5000
-    embed: EmbedSection | None = None
-    index: IndexSection | None = None
+    embed: EmbedSection = Field(default_factory=EmbedSection)
+    index: IndexSection = Field(default_factory=IndexSection)
+    # The manifest as loaded (after `--set`, with the loader's `_manifest_path`): see `as_loaded`.
+    _loaded: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @field_validator("embed", "index", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any) -> Any:
+        return {} if value is None else value  # `embed:` with nothing under it: the defaults
+
+    @property
+    def manifest_path(self) -> str | None:
+        """The file the manifest was read from (None for one built in code)."""
+        return (self._loaded or {}).get("_manifest_path")
+
+    def as_loaded(self) -> dict[str, Any]:
+        """The manifest as the loader read it (a copy): the keys as written, their values unchanged (a
+        `memory_budget_gb: 4` stays the int 4, not the 4.0 the model holds), with `_manifest_path`;
+        the given keys for a manifest built in code. What run hashes and saved models record."""
+        return copy.deepcopy(self._loaded) if self._loaded is not None else dump_given(self)
 
 
-def validate_kb(spec: dict[str, Any], where: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """`spec` checked against the KB schema; returns `spec` unchanged (one `UserError` line if bad)."""
-    validate_section(KBManifest, spec, where, overrides)
-    return spec
+def validate_kb(spec: dict[str, Any], where: str, overrides: list[str] | None = None) -> KBManifest:
+    """`spec` checked against the KB schema, as a `KBManifest` that remembers `spec` (`as_loaded`,
+    `manifest_path`); one `UserError` line if bad."""
+    kb = validate_section(KBManifest, spec, where, overrides)
+    assert isinstance(kb, KBManifest)
+    kb._loaded = copy.deepcopy(spec)
+    return kb
+
+
+def image_encoder(spec: Any, where: str = "image encoder") -> ImageEncoder:
+    """An `encoders.image` mapping (a saved model's, a test's) as the schema's `ImageEncoder`."""
+    return spec if isinstance(spec, ImageEncoder) else validate_section(ImageEncoder, spec, where)  # type: ignore[return-value]
+
+
+def text_encoder(spec: Any, where: str = "text encoder") -> TextEncoder:
+    """An `encoders.text` mapping (a saved model's, a test's) as the schema's `TextEncoder`."""
+    return spec if isinstance(spec, TextEncoder) else validate_section(TextEncoder, spec, where)  # type: ignore[return-value]

@@ -73,7 +73,7 @@ def download(
     """Download a KB's url/text/uid Parquet metadata into webdataset shards with img2dataset."""
     kb_m = stages.load_kb(kb, ctx.overrides)
     rec = stages.stage_download(ctx.ws, kb_m, retry_failed, dask=ctx.dask)
-    _echo_record(f"download {kb_m['name']}", rec, ["totals", "failures", "seconds"])
+    _echo_record(f"download {kb_m.name}", rec, ["totals", "failures", "seconds"])
 
 
 @command("set", "dask")
@@ -89,7 +89,7 @@ def embed(
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides) if dataset else None
     records = stages.stage_embed(ctx.ws, kb_m, ds_m, ctx.overrides, dask=ctx.dask)
     for title, rec in records.items():
-        extra = ["embedded_this_run"] if title == kb_m["name"] else []  # KB first, then dataset splits
+        extra = ["embedded_this_run"] if title == kb_m.name else []  # KB first, then dataset splits
         _echo_record(f"embed {title}", rec, ["images", *extra, "skipped", "images_per_s"])
 
 
@@ -110,7 +110,7 @@ def index(
     rec = stages.stage_index(ctx.ws, kb_m, dask=ctx.dask, allow_partial=allow_partial)
     keys = ["factory", "reason", "recall", "qps", "params", "seconds"]
     keys += ["partial"] if allow_partial else []
-    _echo_record(f"index {kb_m['name']}", rec, keys)
+    _echo_record(f"index {kb_m.name}", rec, keys)
 
 
 @command("set", "dask")
@@ -126,7 +126,7 @@ def neighbors(
     ds_m = stages.load_dataset_manifest(dataset, ctx.overrides)
     kb_m = stages.load_kb(kb, ctx.overrides)
     rec = stages.stage_neighbors(ctx.ws, ds_m, kb_m, k, dask=ctx.dask)
-    _echo_record(f"neighbors {ds_m.name} x {kb_m['name']}", rec, ["k", "splits", "bytes_per_query_image"])
+    _echo_record(f"neighbors {ds_m.name} x {kb_m.name}", rec, ["k", "splits", "bytes_per_query_image"])
 
 
 @command("set")

@@ -122,7 +122,7 @@ def run_pair(
         {
             "dataset": ds_m.name,
             "description": ds_m.description,
-            "kb": kb_m["name"],
+            "kb": kb_m.name,
             "experiment": exp_m.name,
             "seeds": seed_values,
             "runs": [r.get("run") for r in reports],

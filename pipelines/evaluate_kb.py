@@ -76,6 +76,7 @@ def stage_evaluate_kb(
     from retformer.artifacts.names import safe_name
     from retformer.kb_builder.datasets.schema import validate_dataset
     from retformer.pipelines import stages
+    from retformer.pipelines.stages_embed import encoders_given
     from retformer.pipelines.use.model_file import model_files
     from retformer.trainer.baselines import kb_label_problem, knn_vote
     from retformer.trainer.checkpoint import load_saved_model
@@ -88,7 +89,7 @@ def stage_evaluate_kb(
     run_dir = _run_dir(ws, run)
     original = read_json(run_dir / "eval.json") or {}
     kb_m = stages.load_kb(kb, overrides)
-    other = kb_m["name"]
+    other = kb_m.name
     saved = {stem: load_saved_model(path) for stem, path in model_files(run_dir).items()}
     infos = [s.info for s in saved.values() if s.info]
     if infos:
@@ -97,7 +98,7 @@ def stage_evaluate_kb(
     else:  # a run of kNN vote / zero-shot only: its manifests as they are now
         ds = stages.load_dataset_manifest(original["dataset"], overrides)
         trained_kb = stages.load_kb(original["kb"], overrides)
-        encoders, embed = trained_kb["encoders"], trained_kb.get("embed")
+        encoders, embed = encoders_given(trained_kb.encoders), trained_kb.as_loaded().get("embed")
     index = check_kb_compatible(ws, other, run_dir.name, encoders, embed, kb_m)
     splits = list(original.get("eval_splits") or [original["eval_split"]])
     table_k = original.get("neighbor_table_k")
@@ -146,7 +147,7 @@ def stage_evaluate_kb(
                 continue
             split = next((s for s, n in row_names("knn_vote").items() if n == name), splits[0])
             f = feats[split]
-            source = (kb_m.get("source") or {}).get("dataset")
+            source = getattr(kb_m.source, "dataset", None)
             if source:  # a dataset manifest's name or path, as the shards stage reads it
                 try:
                     source = manifest.load("datasets", source).get("name", source)

@@ -59,6 +59,7 @@ from retformer.trainer.methods import RETRIEVAL_FREE
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.kb_builder.kb_schema import KBManifest
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class _Inputs:
 def run_experiment(
     ws: Workspace,
     ds: DatasetManifest,
-    kb: dict[str, Any],
+    kb: KBManifest,
     exp: ExperimentManifest,
     run_dir: Path,
     progress: bool = True,
@@ -119,7 +120,7 @@ def run_experiment(
             f"select_split {select_split!r} must be one of the dataset's splits {list(info['splits'])} "
             f"and not an eval split ({', '.join(splits)})"
         )
-    inputs = _load_inputs(ws, ds.name, kb["name"], plan, info, splits, select_split)
+    inputs = _load_inputs(ws, ds.name, kb.name, plan, info, splits, select_split)
     main = distributed.is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +272,7 @@ def _report(
         "run": run_dir.name,
         "config_hash": config_hash,
         "dataset": ctx.ds.name,
-        "kb": ctx.kb["name"],
+        "kb": ctx.kb.name,
         "experiment": exp.name,
         "k": k_values[0] if len(k_values) == 1 else k_values,
         "neighbor_table_k": inputs.table_k,

@@ -24,6 +24,7 @@ from retformer.trainer.methods import METHODS
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.kb_builder.kb_schema import KBManifest
 
 
 def start_over(run_dir: Path) -> None:
@@ -41,7 +42,7 @@ class ExperimentContext:
         self,
         ws: Workspace,
         ds: DatasetManifest,
-        kb: dict,
+        kb: KBManifest,
         exp: ExperimentManifest,
         info: dict,
         progress: bool,
@@ -59,7 +60,7 @@ class ExperimentContext:
         """Why the KB's labels cannot vote as this dataset's classes (knn_vote, knn_weighted, RetFormer's
         label evidence), or None when they can; `features`: any split's (they share the store)."""
         if self._label_problem is None:
-            ds_name, kb_src = self.ds.name, (self.kb.get("source") or {}).get("dataset")
+            ds_name, kb_src = self.ds.name, getattr(self.kb.source, "dataset", None)
             if kb_src:  # a dataset manifest's name or path, as the shards stage reads it
                 try:
                     kb_src = manifest.load("datasets", kb_src).get("name", kb_src)
@@ -85,7 +86,7 @@ class ExperimentContext:
             from retformer.trainer.zeroshot import _PLACEHOLDER
 
             names = self.info.get("class_names") or []
-            spec = (self.kb.get("encoders") or {}).get("text")
+            spec = self.kb.encoders.text
             if not names or not spec or all(_PLACEHOLDER.match(n) for n in names):
                 self._class_text = (None,)
             else:
@@ -116,8 +117,9 @@ class ExperimentContext:
         the dataset and KB manifests, the encoders and embed options (the same preprocessing), the KB
         index it searched and its tuned search parameters, k and the k of the neighbor tables (the
         search depth of the run's own retrieval), class names, the training config and recipe."""
-        index_dir = self.ws.kb_index(self.kb["name"])
+        index_dir = self.ws.kb_index(self.kb.name)
         index = read_json(index_dir / INDEX_JSON) or {}
+        kb = self.kb.as_loaded()  # saved as loaded: the keys as written, with `_manifest_path`
         return {
             "method": method,
             "result": key,
@@ -125,9 +127,9 @@ class ExperimentContext:
             "uses_neighbors": METHODS[method].uses_neighbors,
             "workspace": str(self.ws.root.resolve()),
             "dataset": self.ds.record(),
-            "kb": self.kb,
-            "encoders": self.kb.get("encoders") or {},
-            "embed": self.kb.get("embed") or {},
+            "kb": kb,
+            "encoders": kb.get("encoders") or {},
+            "embed": kb.get("embed") or {},
             "class_names": self.info.get("class_names"),
             "num_classes": int(self.info["num_classes"]),
             "shot_split": self.info.get("shot_split"),
@@ -158,5 +160,5 @@ class ExperimentContext:
 
         if self._encoder is None:
             torch.manual_seed(seed)  # random-weight encoders (tests) are then the same in every run
-            self._encoder = build_image_encoder(self.kb["encoders"]["image"])
+            self._encoder = build_image_encoder(self.kb.encoders.image)
         return self._encoder

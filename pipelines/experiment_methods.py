@@ -68,7 +68,7 @@ def _zeroshot(ctx: ExperimentContext, evals: dict[str, tuple[Any, Any]]) -> dict
     if len(names) != int(ctx.info["num_classes"]):
         raise UserError(f"zeroshot.class_names has {len(names)} names for {ctx.info['num_classes']} classes")
     names = prompt_class_names(names, ctx.ds.kind)
-    text = build_text_encoder(ctx.kb["encoders"]["text"])
+    text = build_text_encoder(ctx.kb.encoders.text)
     template_set = (ctx.exp.zeroshot or ZeroshotSection()).templates
     weights = zeroshot_weights(text, names, template_set)
     out = {}

@@ -5,7 +5,7 @@ loaded (pipelines/experiment_schema.py); what is left here needs the KB or the d
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.errors import UserError
 from retformer.pipelines.experiment_schema import (
@@ -19,6 +19,9 @@ from retformer.trainer.methods import FEATURE_METHODS, FINETUNE_METHODS, TRAINED
 from retformer.trainer.selection import SelectOptions
 from retformer.trainer.train import TrainConfig
 from retformer.trainer.zeroshot import check_aligned, templates
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import KBManifest
 
 
 def _k_values(exp: ExperimentManifest) -> list[int]:
@@ -51,16 +54,16 @@ def train_config(exp: ExperimentManifest, method: str) -> Any:
     return cls(**values)
 
 
-def plan_experiment(exp: ExperimentManifest, kb: dict[str, Any]) -> dict[str, Any]:
+def plan_experiment(exp: ExperimentManifest, kb: KBManifest) -> dict[str, Any]:
     """Plan the experiment before any data is read: methods, k values, configs, encoders (the keys and
     their types were checked when it was loaded)."""
     methods = list(exp.methods or FEATURE_METHODS)
     configs = {m: train_config(exp, m) for m in methods if m in TRAINED}
     if "zeroshot" in methods:
-        check_aligned(kb.get("encoders", {}), kb.get("name", ""))
+        check_aligned(kb.encoders.model_dump(), kb.name or "")
         templates((exp.zeroshot or ZeroshotSection()).templates)
-    if any(m in FINETUNE_METHODS for m in methods) and not (kb.get("encoders") or {}).get("image"):
-        raise UserError(f"KB {kb.get('name')} has no encoders.image to fine-tune")
+    if any(m in FINETUNE_METHODS for m in methods) and kb.encoders.image is None:
+        raise UserError(f"KB {kb.name} has no encoders.image to fine-tune")
     if exp.recipe == "stacked" and not exp.select_split:
         raise UserError(f"experiment {exp.name}: recipe stacked chooses alpha on a split: set select_split")
     return {

@@ -16,6 +16,7 @@ from retformer.artifacts.workspace import read_json
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.kb_builder.kb_schema import KBManifest
     from retformer.pipelines.experiment_schema import ExperimentManifest
 
 
@@ -28,21 +29,21 @@ def _without_private(value: Any) -> Any:
     return value
 
 
-def run_config(ds: DatasetManifest, kb: dict[str, Any], exp: ExperimentManifest) -> dict[str, Any]:
+def run_config(ds: DatasetManifest, kb: KBManifest, exp: ExperimentManifest) -> dict[str, Any]:
     """What a run's results depend on: the resolved dataset, KB and experiment manifests (after `--set`;
-    the experiment's given keys, `dump_given`), without where they were read from."""
-    return {"dataset": ds.given(), "kb": _without_private(kb), "experiment": dump_given(exp)}
+    the experiment's given keys, `dump_given`; the KB as loaded), without where they were read from."""
+    return {"dataset": ds.given(), "kb": _without_private(kb.as_loaded()), "experiment": dump_given(exp)}
 
 
-def config_hash(ds: DatasetManifest, kb: dict[str, Any], exp: ExperimentManifest) -> str:
+def config_hash(ds: DatasetManifest, kb: KBManifest, exp: ExperimentManifest) -> str:
     """8 hex digits of the SHA-256 of `run_config` (canonical JSON): the default run name's suffix."""
     text = json.dumps(run_config(ds, kb, exp), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def default_run_name(ds: DatasetManifest, kb: dict[str, Any], exp: ExperimentManifest) -> str:
+def default_run_name(ds: DatasetManifest, kb: KBManifest, exp: ExperimentManifest) -> str:
     """`<dataset>-<kb>-<experiment>-<config hash>`: another configuration gets another run folder."""
-    return f"{ds.name}-{kb['name']}-{exp.name}-{config_hash(ds, kb, exp)}"
+    return f"{ds.name}-{kb.name}-{exp.name}-{config_hash(ds, kb, exp)}"
 
 
 def check_overwrite(run_dir: Path, wanted: str, force: bool = False) -> None:

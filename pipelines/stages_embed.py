@@ -25,25 +25,32 @@ from retformer.pipelines.stages_shards import (
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.kb_builder.kb_schema import EmbedSection, Encoders, KBManifest
 
 log = logging.getLogger(__name__)
 
 
 def _embed_shards(
-    client: Any, shards: list[Path], root: Path, out_dir: Path, encoders: dict, options: dict, desc: str
+    client: Any,
+    shards: list[Path],
+    root: Path,
+    out_dir: Path,
+    encoders: Encoders,
+    embed: EmbedSection,
+    desc: str,
 ) -> dict[str, Any]:
-    """One embed task per shard on `client`; `options` are `embed_shard`'s (the manifest's `embed:`).
+    """One embed task per shard on `client`; `embed`: the manifest's `embed:` (`embed_shard`'s options).
     One writer per embeddings folder (a KB's, a dataset split's): a second run waits, then finds the
     parts written and skips them."""
     from retformer.kb_builder.embed import run_embed
 
     with output_lock(out_dir, f"the embeddings {out_dir}"):
-        return run_embed(shards, root, out_dir, encoders, options, desc, task_mapper(client))
+        return run_embed(shards, root, out_dir, encoders, embed, desc, task_mapper(client))
 
 
 def stage_embed(
     ws: Workspace,
-    kb: dict[str, Any],
+    kb: KBManifest,
     ds: DatasetManifest | None,
     overrides: list[str] | None,
     *,
@@ -52,20 +59,17 @@ def stage_embed(
     """`retformer embed`: the KB's shards (built first when missing) and, with `ds`, the dataset's
     splits with the KB's encoders, on `dask` (a LocalCluster by default: embedding is always parallel);
     records by title (`<kb>`, `<dataset>/<split>`)."""
-    from retformer.kb_builder.embed import embed_options
-
     dask = dask or DaskTarget()
-    options = embed_options(kb.get("embed"))  # a bad `embed:` option fails now, not after the shards
-    if dask.local:  # are built; GPUs torch cannot use fail now too
-        resolve_device(options.get("device"), f"embed of KB {kb['name']}")
+    if dask.local:  # GPUs torch cannot use fail now, not after the shards are built
+        resolve_device(kb.embed.device, f"embed of KB {kb.name}")
     if not kb_shard_paths(ws, kb):
         stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
     if ds and read_json(ws.dataset_info(ds.name), torn_ok=True) is None:
         stage_dataset_shards(ws, ds)
     with dask_client(**dask.client_options, gpu=True) as client:
-        records = {kb["name"]: stage_embed_kb(ws, kb, client)}
+        records = {kb.name: stage_embed_kb(ws, kb, client)}
         if ds:
-            for split, rec in stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed")).items():
+            for split, rec in stage_embed_dataset(ws, ds, kb.encoders, client, kb.embed).items():
                 records[f"{ds.name}/{split}"] = rec
     return records
 
@@ -77,51 +81,49 @@ def _shards_held(shard_dir: Path | None, what: str) -> Any:
     return output_lock(shard_dir, what) if shard_dir is not None else nullcontext()
 
 
-def stage_embed_kb(ws: Workspace, kb: dict[str, Any], client: Any) -> dict[str, Any]:
+def stage_embed_kb(ws: Workspace, kb: KBManifest, client: Any) -> dict[str, Any]:
     """Embed every KB shard (missing parts only) into work/kb/<kb>/embeddings/; the folder then holds
     exactly the parts of the KB's current shard set, and every uid in it is unique."""
-    from retformer.kb_builder.embed import embed_options
     from retformer.kb_builder.embed.parts import check_unique_uids, embed_coverage
 
-    own = kb.get("source", {}).get("kind") not in EXTERNAL_SHARD_KINDS
-    with _shards_held(ws.kb_shards(kb["name"]) if own else None, f"the shards of KB {kb['name']}"):
+    name = kb.name
+    own = kb.source.kind not in EXTERNAL_SHARD_KINDS
+    with _shards_held(ws.kb_shards(name) if own else None, f"the shards of KB {name}"):
         shards = kb_shard_paths(ws, kb)
         if not shards:
-            name = kb["name"]
             raise UserError(f"KB {name} has no shards yet: run `retformer shards --kb {name}` first")
-        out = ws.kb_embeddings(kb["name"])
-        _guard_encoder_change(ws.kb_stage_record(kb["name"], "embed"), kb["encoders"], out)
-        options = embed_options(kb.get("embed"))
+        out = ws.kb_embeddings(name)
+        _guard_encoder_change(ws.kb_stage_record(name, "embed"), kb.encoders, out)
         root = kb_shard_root(ws, kb)
-        summary = _embed_shards(client, shards, root, out, kb["encoders"], options, f"embed {kb['name']}")
+        summary = _embed_shards(client, shards, root, out, kb.encoders, kb.embed, f"embed {name}")
         covered = embed_coverage(shards, root, out)
-    check_unique_uids(covered.parts, covered.part_of, f"KB {kb['name']}")
+    check_unique_uids(covered.parts, covered.part_of, f"KB {name}")
     if summary["images"] == 0:
         # Refused here: the index stage would only report a k larger than a 0-row KB.
         more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
         named = ", ".join(str(s) for s in shards[:3]) + more
         raise UserError(
-            f"the KB {kb['name']} is empty: its {len(shards)} shard(s) ({named}) hold no embeddable "
+            f"the KB {name} is empty: its {len(shards)} shard(s) ({named}) hold no embeddable "
             f"sample (skipped: {summary['skipped'] or 'none'})"
         )
     record = {
-        "kb": kb["name"],
-        "encoders": kb["encoders"],
-        "embed": kb.get("embed") or {},  # evaluate / predict --kb compare them with a run's
+        "kb": name,
+        "encoders": encoders_given(kb.encoders),
+        "embed": kb.as_loaded().get("embed") or {},  # evaluate / predict --kb compare them with a run's
         "shards": len(shards),
         **summary,
     }
-    return write_stage_record(ws.kb_stage_record(kb["name"], "embed"), "embed", record)
+    return write_stage_record(ws.kb_stage_record(name, "embed"), "embed", record)
 
 
 def stage_embed_dataset(
-    ws: Workspace, ds: DatasetManifest, encoders: dict, client: Any, embed_cfg: dict | None = None
+    ws: Workspace, ds: DatasetManifest, encoders: Encoders, client: Any, embed: EmbedSection | None = None
 ) -> dict[str, Any]:
     """Embed a downstream dataset's splits with the KB's encoders (the same feature space);
-    `embed_cfg` is an `embed:` section (the KB's), defaults when None."""
-    from retformer.kb_builder.embed import embed_options
+    `embed` is an `embed:` section (the KB's), defaults when None."""
+    from retformer.kb_builder.kb_schema import EmbedSection
 
-    options = embed_options(embed_cfg)
+    embed = embed or EmbedSection()
     shard_dir = ws.dataset_shards(ds.name)
     info = read_json(ws.dataset_info(ds.name))
     if info is None:
@@ -133,7 +135,7 @@ def stage_embed_dataset(
         with _shards_held(shard_dir, f"the shards of dataset {ds.name}"):
             shards = split_shard_paths(ws, ds.name, split)
             records[split] = _embed_shards(
-                client, shards, shard_dir, out, encoders, options, f"embed {ds.name}/{split}"
+                client, shards, shard_dir, out, encoders, embed, f"embed {ds.name}/{split}"
             )
         if records[split]["images"] == 0:
             raise UserError(
@@ -143,7 +145,7 @@ def stage_embed_dataset(
         write_stage_record(
             ws.dataset_stage_record(ds.name, f"embed-{split}"),
             "embed",
-            {"dataset": ds.name, "split": split, "encoders": encoders, **records[split]},
+            {"dataset": ds.name, "split": split, "encoders": encoders_given(encoders), **records[split]},
         )
     return records
 
@@ -156,11 +158,11 @@ def split_shard_paths(ws: Workspace, dataset: str, split: str) -> list[Path]:
     return [p for p in list_shards(shard_dir) if p.name.startswith(f"{split}-")] if shard_dir.is_dir() else []
 
 
-def kb_coverage(ws: Workspace, kb: dict[str, Any]) -> Any:
+def kb_coverage(ws: Workspace, kb: KBManifest) -> Any:
     """How the KB's embeddings folder matches its current shard set (kb_builder/embed/parts.py)."""
     from retformer.kb_builder.embed.parts import embed_coverage
 
-    return embed_coverage(kb_shard_paths(ws, kb), kb_shard_root(ws, kb), ws.kb_embeddings(kb["name"]))
+    return embed_coverage(kb_shard_paths(ws, kb), kb_shard_root(ws, kb), ws.kb_embeddings(kb.name))
 
 
 def split_coverage(ws: Workspace, dataset: str, split: str) -> Any:
@@ -171,16 +173,21 @@ def split_coverage(ws: Workspace, dataset: str, split: str) -> Any:
     return embed_coverage(shards, ws.dataset_shards(dataset), ws.dataset_embeddings(dataset, split))
 
 
-def _guard_encoder_change(record_path: Path, encoders: dict, out_dir: Path) -> None:
+def encoders_given(encoders: Encoders) -> dict[str, Any]:
+    """The `encoders:` section as the manifest gave it: what the embed records store and compare."""
+    return encoders.model_dump(exclude_unset=True)
+
+
+def _guard_encoder_change(record_path: Path, encoders: Encoders, out_dir: Path) -> None:
     """Parts embedded with other encoders are stale: remove them so they are recomputed."""
     previous = read_json(record_path, torn_ok=True)
-    if previous and previous.get("encoders") != encoders and out_dir.is_dir():
+    if previous and previous.get("encoders") != encoders_given(encoders) and out_dir.is_dir():
         log.warning("encoders changed since the last embed of %s: re-embedding", out_dir)
         for part in out_dir.glob("part-*.parquet"):
             part.unlink()
 
 
-def ensure_dataset_embedded(ws: Workspace, ds: DatasetManifest, kb: dict[str, Any], dask: DaskTarget) -> None:
+def ensure_dataset_embedded(ws: Workspace, ds: DatasetManifest, kb: KBManifest, dask: DaskTarget) -> None:
     """Shard and embed the dataset with the KB's encoders, on `dask`, unless its embed records already
     match."""
     info = read_json(ws.dataset_info(ds.name), torn_ok=True)
@@ -190,10 +197,10 @@ def ensure_dataset_embedded(ws: Workspace, ds: DatasetManifest, kb: dict[str, An
     stale = False
     for split in info["splits"]:
         rec = read_json(ws.dataset_stage_record(ds.name, f"embed-{split}"), torn_ok=True)
-        stale |= rec is None or rec.get("encoders") != kb["encoders"]
+        stale |= rec is None or rec.get("encoders") != encoders_given(kb.encoders)
         # A part missing (an embed interrupted) or one of a shard no longer in the split (a take-down,
         # a re-sharding): the embed resumes, and removes the parts of vanished shards.
         stale |= not split_coverage(ws, ds.name, split).exact
     if stale:
         with dask_client(**dask.client_options, gpu=True) as client:
-            stage_embed_dataset(ws, ds, kb["encoders"], client, kb.get("embed"))
+            stage_embed_dataset(ws, ds, kb.encoders, client, kb.embed)

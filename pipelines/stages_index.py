@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.embeddings_io import list_parts, part_num_rows
 from retformer.artifacts.errors import UserError
@@ -13,14 +13,17 @@ from retformer.artifacts.lock import output_lock
 from retformer.artifacts.workspace import Workspace, read_json, write_stage_record
 from retformer.pipelines.dask_runner import task_mapper
 from retformer.pipelines.dask_target import DaskTarget
-from retformer.pipelines.stages_embed import kb_coverage
+from retformer.pipelines.stages_embed import encoders_given, kb_coverage
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import KBManifest
 
 log = logging.getLogger(__name__)
 
 
 def stage_index(
     ws: Workspace,
-    kb: dict[str, Any],
+    kb: KBManifest,
     client: Any | None = None,
     *,
     dask: DaskTarget | None = None,
@@ -41,7 +44,7 @@ def stage_index(
     from retformer.kb_builder.embed.parts import check_unique_uids
     from retformer.kb_builder.index import run_index
 
-    name = kb["name"]
+    name = kb.name
     if not list_parts(ws.kb_embeddings(name)):
         raise UserError(f"KB {name} has no embeddings: run `retformer embed --kb {name}` first")
     covered = kb_coverage(ws, kb)
@@ -72,28 +75,28 @@ def stage_index(
 
     def run(map_tasks: Any) -> dict[str, Any]:
         emb_dir, index_dir = ws.kb_embeddings(name), ws.kb_index(name)
-        cfg = kb.get("index", {})
-        return run_index(emb_dir, index_dir, cfg, map_tasks, parts=covered.parts, partial=partial)
+        return run_index(emb_dir, index_dir, kb.index, map_tasks, parts=covered.parts, partial=partial)
 
     # One writer per index folder; run_index skips a complete, recall-checked index (also after a wait).
-    with output_lock(ws.kb_index(kb["name"]), f"the index of KB {kb['name']}"), ExitStack() as stack:
+    with output_lock(ws.kb_index(kb.name), f"the index of KB {kb.name}"), ExitStack() as stack:
         if client is not None or in_process:
             record = run(task_mapper(client))
         else:
-            sharded = int(kb.get("index", {}).get("num_shards", 1)) > 1
+            sharded = kb.index.num_shards > 1
             record = run((dask or DaskTarget()).map_tasks(stack, parallel=sharded))
-    return write_stage_record(ws.kb_stage_record(kb["name"], "index"), "index", {"kb": kb["name"], **record})
+    return write_stage_record(ws.kb_stage_record(kb.name, "index"), "index", {"kb": kb.name, **record})
 
 
-def check_kb_encoders(ws: Workspace, kb: dict[str, Any]) -> None:
+def check_kb_encoders(ws: Workspace, kb: KBManifest) -> None:
     """The KB's embeddings (and so its index) were made with the encoders the manifest names now;
     otherwise the dataset would be embedded into another space than the one searched."""
-    done = read_json(ws.kb_stage_record(kb["name"], "embed"), torn_ok=True)
-    if done and done.get("encoders") != kb["encoders"]:
+    done = read_json(ws.kb_stage_record(kb.name, "embed"), torn_ok=True)
+    encoders = encoders_given(kb.encoders)
+    if done and done.get("encoders") != encoders:
         raise UserError(
-            f"KB {kb['name']} was embedded with encoders {_encoder_names(done.get('encoders'))}, the "
-            f"manifest names {_encoder_names(kb['encoders'])}: rerun `retformer embed --kb {kb['name']}` "
-            f"and `retformer index --kb {kb['name']}` (or use the encoders it was embedded with)"
+            f"KB {kb.name} was embedded with encoders {_encoder_names(done.get('encoders'))}, the "
+            f"manifest names {_encoder_names(encoders)}: rerun `retformer embed --kb {kb.name}` "
+            f"and `retformer index --kb {kb.name}` (or use the encoders it was embedded with)"
         )
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from retformer.artifacts import manifest
 from retformer.artifacts.errors import UserError
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.kb_builder.kb_schema import KBManifest
     from retformer.pipelines.experiment_schema import ExperimentManifest
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _load(category: str, kind: str, name: str, overrides: list[str] | None) -> t
     return data, data["_manifest_path"], typed
 
 
-def load_kb(name: str, overrides: list[str] | None) -> dict[str, Any]:
+def load_kb(name: str, overrides: list[str] | None) -> KBManifest:
     """A KB manifest (a name under manifests/kb/ or a path) with its `--set` overrides, validated."""
     from retformer.kb_builder.kb_schema import validate_kb
 
@@ -120,7 +121,7 @@ def unread_overrides(exp: ExperimentManifest, overrides: list[str]) -> list[tupl
     return out
 
 
-def datasets_for_kb(kb: dict[str, Any], overrides: list[str] | None) -> dict[str, DatasetManifest]:
+def datasets_for_kb(kb: KBManifest, overrides: list[str] | None) -> dict[str, DatasetManifest]:
     """The manifest of the dataset a KB is built from ({} for downloaded or external shards)."""
-    name = kb.get("source", {}).get("dataset")
+    name = getattr(kb.source, "dataset", None)  # a local source's (webdataset, img2dataset: none)
     return {name: load_dataset_manifest(name, overrides)} if name else {}

@@ -18,13 +18,14 @@ from retformer.pipelines.stages_index import check_kb_encoders
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.kb_builder.kb_schema import KBManifest
 
 
-def _check_index_matches_kb(ws: Workspace, kb: dict[str, Any], index_rec: dict[str, Any]) -> None:
+def _check_index_matches_kb(ws: Workspace, kb: KBManifest, index_rec: dict[str, Any]) -> None:
     """The KB's embeddings are those of its current shard set (all of them, unless the index was built
     with --allow-partial), and the index was built from exactly the parts in its folder now: the
     neighbor tables' kb_ids count rows over those parts."""
-    name = kb["name"]
+    name = kb.name
     covered = kb_coverage(ws, kb)
     if covered.extra or (covered.missing and not index_rec.get("partial")):
         raise UserError(
@@ -63,7 +64,7 @@ def _kb_rows(ws: Workspace, kb_name: str) -> int:
 def stage_neighbors(
     ws: Workspace,
     ds: DatasetManifest,
-    kb: dict[str, Any],
+    kb: KBManifest,
     k: int | None = None,
     client: Any | None = None,
     *,
@@ -85,23 +86,23 @@ def stage_neighbors(
     if k < 1:
         raise UserError(f"k must be >= 1 (got {k})")
     # index.json lands only after the recall check (kb_builder/index): its check is what makes it usable.
-    index_rec = read_json(ws.kb_index(kb["name"]) / INDEX_JSON) or {}
+    index_rec = read_json(ws.kb_index(kb.name) / INDEX_JSON) or {}
     if "recall_check" not in index_rec:
-        raise UserError(f"KB {kb['name']} has no index: run `retformer index --kb {kb['name']}` first")
+        raise UserError(f"KB {kb.name} has no index: run `retformer index --kb {kb.name}` first")
     check_kb_encoders(ws, kb)
     _check_index_matches_kb(ws, kb, index_rec)
-    rows = _kb_rows(ws, kb["name"])
+    rows = _kb_rows(ws, kb.name)
     if k > rows:
-        raise UserError(f"k={k} is larger than the knowledge base {kb['name']} ({rows} rows)")
+        raise UserError(f"k={k} is larger than the knowledge base {kb.name} ({rows} rows)")
     ensure_dataset_embedded(ws, ds, kb, dask)
     info = read_json(ws.dataset_info(ds.name))
     wanted = [s for s in info["splits"] if splits is None or s in splits]
     query_dirs = {split: ws.dataset_embeddings(ds.name, split) for split in wanted}
-    out = ws.neighbors_dir(ds.name, kb["name"], k)
+    out = ws.neighbors_dir(ds.name, kb.name, k)
 
     def run(map_tasks: Any) -> dict[str, Any]:
-        index_dir, emb_dir = ws.kb_index(kb["name"]), ws.kb_embeddings(kb["name"])
-        extra = {"dataset": ds.name, "kb": kb["name"]}
+        index_dir, emb_dir = ws.kb_index(kb.name), ws.kb_embeddings(kb.name)
+        extra = {"dataset": ds.name, "kb": kb.name}
         return run_neighbors(index_dir, emb_dir, query_dirs, out, k, map_tasks, record_extra=extra)
 
     # One writer per table set; run_neighbors skips a complete one (also after waiting here).

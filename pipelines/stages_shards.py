@@ -15,68 +15,66 @@ from retformer.pipelines.stages_manifests import datasets_for_kb
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.kb_builder.kb_schema import KBManifest
 
 EXTERNAL_SHARD_KINDS = ("webdataset", "img2dataset")
 
 
-def kb_shard_root(ws: Workspace, kb: dict[str, Any]) -> Path:
+def kb_shard_root(ws: Workspace, kb: KBManifest) -> Path:
     """The folder a KB's shards live under (part names are shard paths relative to it)."""
-    source = kb.get("source", {})
-    if source.get("kind") in EXTERNAL_SHARD_KINDS:
-        return Path(source["path"])
-    return ws.kb_shards(kb["name"])
+    source = kb.source
+    if source.kind in EXTERNAL_SHARD_KINDS:
+        return Path(source.path)  # type: ignore[union-attr]
+    return ws.kb_shards(kb.name)
 
 
-def kb_shard_paths(ws: Workspace, kb: dict[str, Any]) -> list[Path]:
+def kb_shard_paths(ws: Workspace, kb: KBManifest) -> list[Path]:
     """The webdataset shards of a KB: downloaded by img2dataset (complete chunks only), the user's
     own (`source.kind: webdataset`, any depth), or the ones the shards stage built."""
     from retformer.artifacts.atomic import is_leftover_tmp
 
-    source = kb.get("source", {})
-    if source.get("kind") in EXTERNAL_SHARD_KINDS:
+    if kb.source.kind in EXTERNAL_SHARD_KINDS:
         root = kb_shard_root(ws, kb)
-        if source["kind"] == "img2dataset":
+        if kb.source.kind == "img2dataset":
             from retformer.kb_builder.download import list_downloaded_shards
 
             return list_downloaded_shards(root) if root.is_dir() else []
         shards = sorted(p for p in root.rglob("*.tar") if not is_leftover_tmp(p))
         if not shards:
-            raise UserError(f"no webdataset shards (*.tar) under {root} (KB {kb['name']})")
+            raise UserError(f"no webdataset shards (*.tar) under {root} (KB {kb.name})")
         return shards
     from retformer.artifacts.shards import list_shards
 
-    shard_dir = ws.kb_shards(kb["name"])
+    shard_dir = ws.kb_shards(kb.name)
     # Only shards of complete sets: a set whose writer died before its _SUCCESS file is not listed.
     return list_shards(shard_dir) if shard_dir.is_dir() else []
 
 
-def stage_kb_shards(
-    ws: Workspace, kb: dict[str, Any], datasets: dict[str, DatasetManifest]
-) -> dict[str, Any]:
+def stage_kb_shards(ws: Workspace, kb: KBManifest, datasets: dict[str, DatasetManifest]) -> dict[str, Any]:
     """Build the KB's shards from its source (demo world pool, downstream split, or both)."""
     from retformer.kb_builder.datasets import load_dataset
     from retformer.kb_builder.kb_sources import build_kb_shards
 
-    source = kb.get("source", {})
-    if source.get("kind") in EXTERNAL_SHARD_KINDS:
+    source = kb.as_loaded()["source"]  # as written: the record keeps its values unchanged
+    if kb.source.kind in EXTERNAL_SHARD_KINDS:
         shards = kb_shard_paths(ws, kb)
         return {"source": source, "shards": len(shards)}
-    dataset_name = source.get("dataset")
+    dataset_name = kb.source.dataset  # type: ignore[union-attr]
     if dataset_name not in datasets:
-        raise UserError(f"KB {kb['name']}: source.dataset {dataset_name!r} has no manifest")
+        raise UserError(f"KB {kb.name}: source.dataset {dataset_name!r} has no manifest")
     started = time.perf_counter()
     dataset = load_dataset(datasets[dataset_name])
-    spec = {"name": kb["name"], **source}
+    spec = {"name": kb.name, **source}
     # One writer per shard folder; a complete set (its _SUCCESS manifest matches) is not rewritten.
-    with output_lock(ws.kb_shards(kb["name"]), f"the shards of KB {kb['name']}"):
-        info = build_kb_shards(spec, dataset, ws.kb_shards(kb["name"]), int(kb.get("shard_size", 5000)))
+    with output_lock(ws.kb_shards(kb.name), f"the shards of KB {kb.name}"):
+        info = build_kb_shards(spec, dataset, ws.kb_shards(kb.name), kb.shard_size)
     record = {
-        "kb": kb["name"],
+        "kb": kb.name,
         "source": source,
         "result": info,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return write_stage_record(ws.kb_stage_record(kb["name"], "shards"), "shards", record)
+    return write_stage_record(ws.kb_stage_record(kb.name, "shards"), "shards", record)
 
 
 def stage_dataset_shards(ws: Workspace, ds: DatasetManifest) -> dict[str, Any]:
@@ -99,14 +97,14 @@ def stage_dataset_shards(ws: Workspace, ds: DatasetManifest) -> dict[str, Any]:
 
 
 def stage_shards(
-    ws: Workspace, kb: dict[str, Any] | None, ds: DatasetManifest | None, overrides: list[str] | None
+    ws: Workspace, kb: KBManifest | None, ds: DatasetManifest | None, overrides: list[str] | None
 ) -> dict[str, dict[str, Any]]:
     """`retformer shards`: a KB's shards and / or a dataset's split shards; records by name."""
-    if not kb and not ds:
+    if kb is None and not ds:
         raise UserError("give --kb NAME and/or --dataset NAME")
     records = {}
-    if kb:
-        records[kb["name"]] = stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
+    if kb is not None:
+        records[kb.name] = stage_kb_shards(ws, kb, datasets_for_kb(kb, overrides))
     if ds:
         records[ds.name] = stage_dataset_shards(ws, ds)
     return records
@@ -114,7 +112,7 @@ def stage_shards(
 
 def stage_download(
     ws: Workspace,
-    kb: dict[str, Any],
+    kb: KBManifest,
     retry_failed: bool = False,
     *,
     dask: DaskTarget | None = None,
@@ -123,19 +121,13 @@ def stage_download(
     `dask` (a LocalCluster by default)."""
     from retformer.kb_builder.download import plan_download, run_download
 
-    source = kb.get("source", {})
-    if source.get("kind") != "img2dataset":
-        raise UserError(
-            f"KB {kb['name']} is not downloaded (source.kind is {source.get('kind')!r}, not img2dataset)"
-        )
-    for key in ("metadata", "path"):
-        if key not in source:
-            raise UserError(f"KB {kb['name']}: source.{key} is required for img2dataset downloads")
-    tasks = plan_download(source["metadata"], Path(source["path"]), source.get("settings"))
+    source = kb.source
+    if source.kind != "img2dataset":
+        raise UserError(f"KB {kb.name} is not downloaded (source.kind is {source.kind!r}, not img2dataset)")
+    # metadata and path: required by the schema (Img2datasetSource)
+    tasks = plan_download(source.metadata, Path(source.path), source.settings)
     with ExitStack() as stack:
         record = run_download(
             (dask or DaskTarget()).map_tasks(stack, parallel=True), tasks, retry_failed=retry_failed
         )
-    return write_stage_record(
-        ws.kb_stage_record(kb["name"], "download"), "download", {"kb": kb["name"], **record}
-    )
+    return write_stage_record(ws.kb_stage_record(kb.name, "download"), "download", {"kb": kb.name, **record})

@@ -16,6 +16,7 @@ from retformer.pipelines.stages_neighbors import check_split_embeddings
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
+    from retformer.kb_builder.kb_schema import KBManifest
     from retformer.pipelines.experiment_schema import ExperimentManifest
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 def stage_train(
     ws: Workspace,
     ds: DatasetManifest,
-    kb: dict[str, Any],
+    kb: KBManifest,
     exp: ExperimentManifest,
     run: str | None = None,
     force: bool = False,
@@ -59,7 +60,7 @@ def stage_train(
     _refuse_stale_tables(ws, ds, kb, max(plan_experiment(exp, kb)["k_values"]))
     if (info := read_json(ws.dataset_info(ds.name))) is not None:
         eval_splits(exp, info)
-        check_split_embeddings(ws, ds.name, kb["name"], info.get("splits", {}))
+        check_split_embeddings(ws, ds.name, kb.name, info.get("splits", {}))
     wanted = config_hash(ds, kb, exp)
     run_dir = ws.run_dir(run or default_run_name(ds, kb, exp))
     asked = time.time()
@@ -97,19 +98,17 @@ def stage_train(
     return report
 
 
-def _refuse_stale_tables(ws: Workspace, ds: DatasetManifest, kb: dict[str, Any], kmax: int) -> None:
+def _refuse_stale_tables(ws: Workspace, ds: DatasetManifest, kb: KBManifest, kmax: int) -> None:
     """The neighbor tables a run would read were computed against the KB's index as it is (a KB grown
     in place, or re-indexed, makes them stale until `retformer neighbors` recomputes them)."""
     from retformer.kb_builder.neighbors import stale_reason
     from retformer.trainer.features import neighbor_k_values
 
-    usable = [k for k in neighbor_k_values(ws, ds.name, kb["name"]) if k >= kmax]
-    if usable and (
-        why := stale_reason(ws.neighbors_dir(ds.name, kb["name"], usable[0]), ws.kb_index(kb["name"]))
-    ):
+    usable = [k for k in neighbor_k_values(ws, ds.name, kb.name) if k >= kmax]
+    if usable and (why := stale_reason(ws.neighbors_dir(ds.name, kb.name, usable[0]), ws.kb_index(kb.name))):
         raise UserError(
-            f"the neighbor tables {ws.neighbors_dir(ds.name, kb['name'], usable[0])} are stale ({why}): "
-            f"run `retformer neighbors --dataset {ds.name} --kb {kb['name']}` first"
+            f"the neighbor tables {ws.neighbors_dir(ds.name, kb.name, usable[0])} are stale ({why}): "
+            f"run `retformer neighbors --dataset {ds.name} --kb {kb.name}` first"
         )
 
 

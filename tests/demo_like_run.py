@@ -56,7 +56,7 @@ def build_demo_like(root: Path) -> Path:
     exp = stages.load_experiment("demo", overrides)
     stages.stage_shards(ws, kb, ds, None)
     stages.stage_embed_kb(ws, kb, None)
-    stages.stage_embed_dataset(ws, ds, kb["encoders"], None, kb.get("embed"))
+    stages.stage_embed_dataset(ws, ds, kb.encoders, None, kb.embed)
     stages.stage_index(ws, kb, in_process=True)
     stages.stage_neighbors(ws, ds, kb)
     stages.stage_train(ws, ds, kb, exp, RUN)

@@ -187,6 +187,7 @@ def test_neighbor_slices_on_a_cluster_match_one_pass(tmp_path, monkeypatch):
     (every task of the worker gets the same loaded object)."""
     from retformer.kb_builder import neighbors
     from retformer.kb_builder.index import run_index
+    from retformer.kb_builder.kb_schema import IndexSection
     from retformer.pipelines.dask_runner import dask_client, run_tasks, task_mapper
     from tests.helpers import synthetic_clustered_vectors, write_parts
 
@@ -198,7 +199,7 @@ def test_neighbor_slices_on_a_cluster_match_one_pass(tmp_path, monkeypatch):
     queries[:50] = kb[:50]
     write_parts(tmp_path / "q" / "train", queries, [n_q // 2, n_q - n_q // 2], uid_format="kb{:06d}")
     index_dir = tmp_path / "index"
-    cfg = {"kind": "flat", "num_shards": 2, "k": 5, "num_queries": 200}
+    cfg = IndexSection(kind="flat", num_shards=2, k=5, num_queries=200)
     run_index(tmp_path / "kb", index_dir, cfg)
     qdirs = {"train": tmp_path / "q" / "train"}
 

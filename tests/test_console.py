@@ -19,12 +19,12 @@ from retformer.pipelines import console, stages
 from retformer.pipelines.experiment_schema import validate_experiment
 from retformer.trainer.progress import ModelProgress
 from tests.helpers import dataset_manifest
-from tests.test_selection import EXPERIMENT, write_workspace
+from tests.test_selection import EXPERIMENT, synthetic_kb, write_workspace
 
 torch.set_num_threads(1)
 
 DS = dataset_manifest({"name": "syn", "kind": "imagefolder"})
-KB = {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}}
+KB = synthetic_kb()
 SMALL = {
     **copy.deepcopy(EXPERIMENT),
     "methods": ["retformer", "mlp_only", "knn_vote"],

@@ -22,6 +22,7 @@ from retformer.artifacts.embeddings_io import list_parts
 from retformer.artifacts.shards import Sample, write_shards
 from retformer.kb_builder import embed
 from retformer.kb_builder.datasets import fashion_mnist as fm
+from retformer.kb_builder.kb_schema import EmbedSection, Encoders, image_encoder
 from tests.conftest import FMNIST_DIR, REPO, needs_fmnist, write_manifest
 from tests.helpers import run_cli
 
@@ -64,7 +65,7 @@ def kb(tmp_path_factory) -> dict:
     ref = root / "reference"
     for shard in shards:
         embed.embed_shard(
-            (shard, embed.part_stem(shard, shard_dir)), ref, ENCODERS["image"], ENCODERS["text"],
+            (shard, embed.part_stem(shard, shard_dir)), ref, image_encoder(ENCODERS["image"]), None,
             num_workers=0, **OPTIONS,
         )  # fmt: skip
     return {"root": root, "shards": shards, "shard_dir": shard_dir, "manifest": manifest, "ref": ref}
@@ -157,7 +158,8 @@ def test_sigkill_of_one_dask_worker_is_survived(kb, tmp_path):
 
     out = tmp_path / "embeddings"
     options = {**OPTIONS, "num_workers": 0}
-    args = (kb["shards"], kb["shard_dir"], out, ENCODERS, options, "embed (fault test)")
+    typed = (Encoders.model_validate(ENCODERS), EmbedSection.model_validate(options))
+    args = (kb["shards"], kb["shard_dir"], out, *typed, "embed (fault test)")
     killed = None
     with dask_client(n_workers=2) as client, ThreadPoolExecutor(1) as pool:
         pids = client.run(os.getpid)

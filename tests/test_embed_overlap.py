@@ -16,9 +16,10 @@ from retformer.artifacts.embeddings_io import read_embeddings
 from retformer.artifacts.shards import Sample, write_shards
 from retformer.kb_builder import embed
 from retformer.kb_builder.embed.loader import _in_thread
+from retformer.kb_builder.kb_schema import ImageEncoder, TextEncoder
 
-IMAGE_SPEC = {"name": "efficientnet_lite0", "image_size": 32}
-TEXT_SPEC = {"name": "minilm"}
+IMAGE_SPEC = ImageEncoder(name="efficientnet_lite0", image_size=32)
+TEXT_SPEC = TextEncoder(name="minilm")
 
 
 class _Inline:
@@ -123,7 +124,7 @@ def test_cpu_chunks_give_the_whole_batch_bytes(side, n):
     from retformer.kb_builder.encoders import build_image_encoder
     from retformer.kb_builder.encoders.efficientnet_lite import cpu_chunks
 
-    enc = build_image_encoder({"name": "efficientnet_lite0", "image_size": side})
+    enc = build_image_encoder(ImageEncoder(name="efficientnet_lite0", image_size=side))
     assert len(cpu_chunks(n, side)) > 1 and min(cpu_chunks(n, side)) >= 16
     x = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
     try:

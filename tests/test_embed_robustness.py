@@ -22,10 +22,11 @@ from retformer.artifacts.embeddings_io import read_embeddings
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.shards import to_record as _to_record
 from retformer.kb_builder import embed
+from retformer.kb_builder.kb_schema import ImageEncoder, TextEncoder
 from tests.helpers import read_shard_tarfile as read_shard
 
-IMAGE_SPEC = {"name": "efficientnet_lite0", "image_size": 32}
-TEXT_SPEC = {"name": "minilm"}
+IMAGE_SPEC = ImageEncoder(name="efficientnet_lite0", image_size=32)
+TEXT_SPEC = TextEncoder(name="minilm")
 LONG_CAPTION = ("a very long caption " * 5000)[:100_000]
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from retformer.artifacts.errors import UserError
 from retformer.kb_builder.encoders import build_image_encoder, build_text_encoder, encoder_names
 from retformer.kb_builder.encoders.efficientnet_lite import map_state_dict
+from retformer.kb_builder.kb_schema import image_encoder, text_encoder
 
 TINY_CLIP = {"name": "open_clip", "model": "ViT-S-32", "pretrained": None, "image_size": 64}
 
@@ -36,22 +37,22 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def lite0():
-    return build_image_encoder({"name": "efficientnet_lite0", "image_size": 224})
+    return build_image_encoder(image_encoder({"name": "efficientnet_lite0", "image_size": 224}))
 
 
 @pytest.fixture(scope="module")
 def lite0_small():
-    return build_image_encoder({"name": "efficientnet_lite0", "image_size": 64})
+    return build_image_encoder(image_encoder({"name": "efficientnet_lite0", "image_size": 64}))
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    return build_text_encoder({"name": "minilm"})
+    return build_text_encoder(text_encoder({"name": "minilm"}))
 
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    return build_image_encoder(TINY_CLIP), build_text_encoder(TINY_CLIP)
+    return build_image_encoder(image_encoder(TINY_CLIP)), build_text_encoder(text_encoder(TINY_CLIP))
 
 
 def _odd_mode_images() -> dict[str, Image.Image]:
@@ -167,7 +168,7 @@ def test_open_clip_local_checkpoint_path(tiny_clip, tmp_path):
     image_enc, _ = tiny_clip
     ckpt = tmp_path / "tiny.pt"
     torch.save(image_enc.loaded.clip.state_dict(), ckpt)
-    other = build_image_encoder({**TINY_CLIP, "pretrained": str(ckpt)})
+    other = build_image_encoder(image_encoder({**TINY_CLIP, "pretrained": str(ckpt)}))
     assert other.loaded is not image_enc.loaded and other.spec["pretrained"] == str(ckpt.resolve())
     batch = torch.stack([image_enc.preprocess(i) for i in _odd_mode_images().values()])
     torch.testing.assert_close(other.encode(batch), image_enc.encode(batch))
@@ -202,8 +203,9 @@ def test_open_clip_local_checkpoint_path(tiny_clip, tmp_path):
 def test_bad_specs_are_user_errors(build, spec, message):
     """Unknown names, misspelt keys, bad sizes, unknown open_clip models/tags and missing checkpoint
     files are one-line UserErrors that name the problem (and list the known encoders)."""
+    validate = image_encoder if build is build_image_encoder else text_encoder
     with pytest.raises(UserError, match=message):
-        build(spec)
+        build(validate(spec))
 
 
 def test_encoder_names():

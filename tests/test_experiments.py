@@ -110,13 +110,13 @@ def clip_ws(tmp_path_factory, small_manifests) -> dict:
     )
     ws = Workspace(root / "work")
     ds_m = dataset_manifest(manifest.load("datasets", str(ds_path)))
-    kb_m = manifest.load("kb", str(kb_path))
+    kb_m = stages.load_kb(str(kb_path), None)
     stages.stage_dataset_shards(ws, ds_m)
-    stages.stage_kb_shards(ws, kb_m, {kb_m["source"]["dataset"]: ds_m})
+    stages.stage_kb_shards(ws, kb_m, {kb_m.source.dataset: ds_m})
     # Threads, not processes: the encoder is loaded once and stays cached in this process.
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
         stages.stage_embed_kb(ws, kb_m, client)
-        stages.stage_embed_dataset(ws, ds_m, kb_m["encoders"], client)
+        stages.stage_embed_dataset(ws, ds_m, kb_m.encoders, client)
     stages.stage_index(ws, kb_m, None)
     stages.stage_neighbors(ws, ds_m, kb_m, 8)
     return {"ws": ws.root, "dataset": str(ds_path), "kb": str(kb_path)}
@@ -212,9 +212,10 @@ def test_zeroshot_weights_follow_open_clip_prompts(clip_ws):
     """The zero-shot classifier averages open_clip's prompts per class: each row equals the renormalised
     mean of the text tower's embeddings of the class name in the 7 simple templates."""
     from retformer.kb_builder.encoders import build_text_encoder
+    from retformer.kb_builder.kb_schema import text_encoder
     from retformer.trainer.zeroshot import prompt_class_names, templates, zeroshot_weights
 
-    text = build_text_encoder(CLIP)
+    text = build_text_encoder(text_encoder(CLIP))
     names = prompt_class_names(["Ankle boot", "T-shirt/top", "aquarium_fish"])
     assert names[2] == "aquarium fish"
     w = zeroshot_weights(text, names, "simple")
@@ -233,6 +234,7 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
     the KB was embedded with is copied, never modified; (4) augmentation depends only on (seed, epoch,
     sample): the same batch with 0 or 2 DataLoader workers, another one next epoch."""
     from retformer.kb_builder.encoders import build_image_encoder
+    from retformer.kb_builder.kb_schema import image_encoder
     from retformer.trainer.config import FusionOptions
     from retformer.trainer.features import load_retrieval_features
     from retformer.trainer.finetune import (
@@ -248,7 +250,7 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
     feats = load_retrieval_features(ws, "tiny_lt", "tiny_clip", 8, "train").subset_k(4)
     feats = feats.subset(list(range(32)))
     images = shard_images(ws.dataset_shards("tiny_lt"), "train", feats.uids)
-    encoder = build_image_encoder(CLIP)
+    encoder = build_image_encoder(image_encoder(CLIP))
     frozen = {k: v.clone() for k, v in encoder.model.state_dict().items()}
 
     def trained(batch_size: int, accumulate: int) -> FinetuneModel:

@@ -18,6 +18,7 @@ import torch
 
 from retformer.artifacts import devices
 from retformer.artifacts.errors import UserError
+from retformer.kb_builder.kb_schema import validate_kb
 from retformer.pipelines.clusters import cpu_spec, load_cluster, slurm_kwargs, spec_from_dict
 from retformer.pipelines.gpu_worker import worker_gpu
 from tests.conftest import REPO
@@ -226,7 +227,15 @@ def test_only_embed_asks_for_a_gpu_cluster(monkeypatch):
     monkeypatch.setattr(stages, "stage_embed_kb", lambda *a, **k: {})
     monkeypatch.setattr(stages, "kb_shard_paths", lambda *a: ["x"])
     monkeypatch.setattr(stages, "run_download", None, raising=False)
-    stages.stage_embed(None, {"name": "kb", "encoders": {}}, None, None)
+    kb = validate_kb(
+        {
+            "name": "kb",
+            "source": {"kind": "webdataset", "path": "-"},
+            "encoders": {"image": {"name": "efficientnet_lite0"}},
+        },
+        "kb",
+    )
+    stages.stage_embed(None, kb, None, None)
     assert asked == [True]
     import inspect
 

@@ -35,8 +35,9 @@ RUN, DS, KB = "tiny", "tiny_lt", "tiny_all"
 # --------------------------------------------------------------------------------- index growth
 def _index(tmp: Path, name: str, parts: list[Path], kind: str = "flat") -> dict:
     from retformer.kb_builder.index import run_index
+    from retformer.kb_builder.kb_schema import IndexSection
 
-    cfg = {"kind": kind, "k": 10, "recall_target": 0.9, "num_queries": 200}
+    cfg = IndexSection(kind=kind, k=10, recall_target=0.9, num_queries=200)
     return run_index(parts[0].parent, tmp / name, cfg, parts=parts)
 
 
@@ -93,9 +94,10 @@ import sys
 from pathlib import Path
 from retformer.artifacts.embeddings_io import list_parts
 from retformer.kb_builder.index import run_index
+from retformer.kb_builder.kb_schema import IndexSection
 emb, out = Path(sys.argv[1]), Path(sys.argv[2])
 parts = list_parts(emb)
-cfg = {"kind": "flat", "k": 10, "recall_target": 0.9, "num_queries": 200}
+cfg = IndexSection(kind="flat", k=10, recall_target=0.9, num_queries=200)
 run_index(emb, out, cfg, parts=parts[: int(sys.argv[3])])
 """
 
@@ -169,8 +171,8 @@ def _other_kb(work: Path, manifests: dict, tmp: Path, shards: list[str], name: s
         {
             "name": name,
             "source": {"kind": "webdataset", "path": str(src)},
-            "encoders": run_kb["encoders"],
-            "embed": run_kb["embed"],
+            "encoders": run_kb.as_loaded()["encoders"],
+            "embed": run_kb.as_loaded()["embed"],
             "index": {"kind": "flat", "recall_target": 0.9, "k": 8},
         },
     )
@@ -298,7 +300,7 @@ def _foreign_kb(work: Path, small_manifests, tmp_path: Path) -> Path:
             "name": "tiny_foreign",
             "source": {"kind": "webdataset", "path": str(work / "kb" / KB / "shards")},
             "encoders": foreign,
-            "embed": run_kb["embed"],
+            "embed": run_kb.as_loaded()["embed"],
         },
     )
     ws = Workspace(work)

@@ -16,6 +16,7 @@ import torch
 from retformer import load_run, read_embeddings
 from retformer.artifacts.shards import read_shard
 from retformer.artifacts.workspace import Workspace
+from retformer.kb_builder.kb_schema import IndexSection, validate_kb
 from retformer.pipelines.relevance import OOD_PERCENTILE
 from retformer.pipelines.use.predictor import Predictor
 from retformer.trainer.features import load_retrieval_features
@@ -75,7 +76,7 @@ def test_stacked_gate_retrieval_used_is_what_the_rule_applied(tmp_path: Path):
     from tests.test_python_api import _synthetic_workspace
 
     ws = _synthetic_workspace(tmp_path)
-    run_index(ws.kb_embeddings("kbsyn"), ws.kb_index("kbsyn"), {"kind": "flat", "k": 8})
+    run_index(ws.kb_embeddings("kbsyn"), ws.kb_index("kbsyn"), IndexSection(kind="flat", k=8))
     queries = {s: ws.dataset_embeddings("syn", s) for s in ("train", "val", "test")}
     run_neighbors(
         ws.kb_index("kbsyn"), ws.kb_embeddings("kbsyn"), queries, ws.neighbors_dir("syn", "kbsyn", 8), 8
@@ -104,7 +105,14 @@ def test_stacked_gate_retrieval_used_is_what_the_rule_applied(tmp_path: Path):
         "train": {"batch_size": 16, "seed": 0},
         "checkpoint": False,
     }
-    kb = {"name": "kbsyn", "source": {"kind": "world"}, "encoders": {"image": {"name": "efficientnet_lite0"}}}
+    kb = validate_kb(
+        {
+            "name": "kbsyn",
+            "source": {"kind": "webdataset", "path": "-"},
+            "encoders": {"image": {"name": "efficientnet_lite0"}},
+        },
+        "kbsyn",
+    )
     exp_m = validate_experiment(exp, "test experiment")
     run_experiment(ws, SYN, kb, exp_m, tmp_path / "runs" / "r", progress=False)
     predictor = Predictor.open(tmp_path / "runs" / "r", device="cpu")

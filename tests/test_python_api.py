@@ -17,6 +17,7 @@ from retformer.artifacts.embeddings_io import EmbeddingTable, write_embeddings_p
 from retformer.artifacts.embeddings_io import read_embeddings as read_table
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.workspace import Workspace
+from retformer.kb_builder.kb_schema import IndexSection, validate_kb
 from retformer.trainer.checkpoint import load_model
 from retformer.trainer.features import load_retrieval_features
 from retformer.trainer.train import predict
@@ -175,14 +176,21 @@ def test_stacked_run_predicts_what_its_evaluation_reported(tmp_path: Path):
     from retformer.pipelines.experiment_schema import validate_experiment
 
     ws = _synthetic_workspace(tmp_path)
-    index_cfg = {"kind": "hnsw", "recall_target": 0.9, "k": 8, "num_queries": 100}
+    index_cfg = IndexSection(kind="hnsw", recall_target=0.9, k=8, num_queries=100)
     record = run_index(ws.kb_embeddings("kbsyn"), ws.kb_index("kbsyn"), index_cfg)
     assert record["params"], "the index stage tuned a search parameter (efSearch)"
     queries = {s: ws.dataset_embeddings("syn", s) for s in ("train", "val", "test")}
     run_neighbors(
         ws.kb_index("kbsyn"), ws.kb_embeddings("kbsyn"), queries, ws.neighbors_dir("syn", "kbsyn", 8), 8
     )
-    kb = {"name": "kbsyn", "source": {"kind": "world"}, "encoders": {"image": {"name": "efficientnet_lite0"}}}
+    kb = validate_kb(
+        {
+            "name": "kbsyn",
+            "source": {"kind": "webdataset", "path": "-"},
+            "encoders": {"image": {"name": "efficientnet_lite0"}},
+        },
+        "kbsyn",
+    )
     exp = {
         "name": "syn_stacked",
         "k": 8,

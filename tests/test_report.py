@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from retformer.artifacts.errors import UserError
+from retformer.kb_builder.kb_schema import validate_kb
 from retformer.pipelines import stages
 from retformer.pipelines.experiment_schema import ExperimentManifest, validate_experiment
 from retformer.pipelines.runs import check_overwrite, config_hash, default_run_name
@@ -26,7 +27,15 @@ torch.set_num_threads(1)
 
 DS_GIVEN = {"name": "syn", "kind": "imagefolder", "_manifest_path": "/somewhere/syn.yaml"}
 DS = dataset_manifest(DS_GIVEN)
-KB = {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}, "_manifest_path": "/x/kbsyn.yaml"}
+KB = validate_kb(
+    {
+        "name": "kbsyn",
+        "source": {"kind": "world", "dataset": "syn"},
+        "encoders": {"image": {"name": "efficientnet_lite0"}},
+        "_manifest_path": "/x/kbsyn.yaml",
+    },
+    "/x/kbsyn.yaml",
+)
 # The selection experiment at its smallest grid, swept over k = 4 and 8 (k-sweep names: retformer@k4).
 SWEEP = {
     **copy.deepcopy(EXPERIMENT),

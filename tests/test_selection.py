@@ -16,6 +16,7 @@ import torch
 from retformer.artifacts.embeddings_io import EmbeddingTable, table_to_arrow, write_embeddings_part
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.workspace import Workspace
+from retformer.kb_builder.kb_schema import KBManifest, validate_kb
 from retformer.pipelines.experiment import run_experiment
 from retformer.pipelines.experiment_schema import validate_experiment
 from retformer.trainer.baselines import kb_label_problem
@@ -128,9 +129,16 @@ def write_workspace(root: Path, test_labels: np.ndarray | None = None) -> Worksp
     return ws
 
 
-def run(root: Path, exp: dict | None = None, kb: dict | None = None, **kw) -> dict:
+def synthetic_kb(source_dataset: str = "syn") -> KBManifest:
+    """The synthetic workspace's KB manifest, validated (its encoders are never run here)."""
+    encoders = {"image": {"name": "efficientnet_lite0"}}
+    kb = {"name": "kbsyn", "source": {"kind": "world", "dataset": source_dataset}, "encoders": encoders}
+    return validate_kb(kb, "kbsyn")
+
+
+def run(root: Path, exp: dict | None = None, kb: KBManifest | None = None, **kw) -> dict:
     ws = write_workspace(root, **kw)
-    kb = kb or {"name": "kbsyn", "source": {"kind": "world", "dataset": "syn"}}
+    kb = kb or synthetic_kb()
     exp_m = validate_experiment(exp or EXPERIMENT, "test experiment")
     return run_experiment(ws, SYN, kb, exp_m, root / "runs" / "r", progress=False)
 
@@ -226,7 +234,7 @@ def test_knn_vote_skips_a_foreign_label_space(tmp_path: Path) -> None:
     (ws.dataset_dir("fm")).mkdir(parents=True)
     ws.dataset_info("fm").write_text(json.dumps(other))
     exp = validate_experiment({**EXPERIMENT, "methods": ["knn_vote"]}, "test experiment")
-    kb = {"name": "kbsyn", "source": {"kind": "world", "dataset": "fm"}}
+    kb = synthetic_kb("fm")
     rep = run_experiment(ws, SYN, kb, exp, tmp_path / "runs" / "x", progress=False)
     assert "not of syn" in rep["methods"]["knn_vote"]["skipped"]
     labels = torch.tensor([0, 1, 2, 3])

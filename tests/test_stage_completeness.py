@@ -23,12 +23,13 @@ from retformer.artifacts.lock import lock_path, output_lock
 from retformer.artifacts.names import INDEX_JSON
 from retformer.artifacts.workspace import Workspace
 from retformer.kb_builder import index as index_stage
+from retformer.kb_builder.kb_schema import IndexSection
 from retformer.kb_builder.neighbors import RECORD, run_neighbors
 from tests.conftest import REPO, needs_fmnist, write_manifest
 from tests.helpers import synthetic_clustered_vectors, write_parts
 
 N, D, K = 600, 16, 5
-INDEX_CFG = {"kind": "flat", "num_shards": 2, "k": K, "recall_target": 0.9, "num_queries": 50}
+INDEX_CFG = IndexSection(kind="flat", num_shards=2, k=K, recall_target=0.9, num_queries=50)
 
 # A process that holds an output's lock until its stdin closes (the test's "other run").
 HOLDER = """
@@ -193,7 +194,7 @@ def test_a_complete_index_is_skipped_and_a_changed_check_is_redone(
     again = index_stage.run_index(kb_parts, index_dir, INDEX_CFG)
     assert again["reused"] and (index_dir / INDEX_JSON).stat().st_mtime_ns == stamp
     monkeypatch.setattr(index_stage, "tune_and_check", real_check)
-    index_stage.run_index(kb_parts, index_dir, {**INDEX_CFG, "recall_target": 0.8})
+    index_stage.run_index(kb_parts, index_dir, INDEX_CFG.model_copy(update={"recall_target": 0.8}))
     assert json.loads((index_dir / INDEX_JSON).read_text())["recall_check"]["target"] == 0.8
 
 
@@ -212,7 +213,7 @@ def test_a_rebuild_removes_the_old_index_json_before_touching_shards(
 
     monkeypatch.setattr(build, "build_shard", dies)
     with pytest.raises(RuntimeError):
-        index_stage.run_index(kb_parts, index_dir, {**INDEX_CFG, "num_shards": 3})
+        index_stage.run_index(kb_parts, index_dir, INDEX_CFG.model_copy(update={"num_shards": 3}))
     assert not (index_dir / INDEX_JSON).exists()
 
 

@@ -47,7 +47,7 @@ def build_in_process(ws: Path, manifests: dict[str, Path]) -> Path:
     exp = stages.load_experiment(str(manifests["experiment"]), None)
     stages.stage_shards(workspace, kb, ds, None)
     stages.stage_embed_kb(workspace, kb, None)
-    stages.stage_embed_dataset(workspace, ds, kb["encoders"], None, kb.get("embed"))
+    stages.stage_embed_dataset(workspace, ds, kb.encoders, None, kb.embed)
     stages.stage_index(workspace, kb, in_process=True)
     stages.stage_neighbors(workspace, ds, kb)
     stages.stage_train(workspace, ds, kb, exp, RUN)

@@ -184,12 +184,14 @@ def load_saved_model(path: Path | str, map_location: str | torch.device = "cpu")
 def _finetune_model(path: Path, config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
     """A fine-tuned encoder + head, built from the KB's image encoder spec the file records."""
     from retformer.kb_builder.encoders import build_image_encoder
+    from retformer.kb_builder.kb_schema import image_encoder
     from retformer.trainer.finetune_model import FinetuneModel
 
     spec = (info.get("encoders") or {}).get("image")
     if spec is None:
         raise UserError(f"{path} is a fine-tuned model without its image encoder spec; cannot rebuild it")
-    return FinetuneModel(build_image_encoder(spec), model_from_config(config["head"]))
+    encoder = build_image_encoder(image_encoder(spec, str(path)))
+    return FinetuneModel(encoder, model_from_config(config["head"]))
 
 
 def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -44,7 +44,7 @@ from retformer.artifacts.step_timer import StepTimer
 from retformer.artifacts.tar_reader import iter_shard_files
 from retformer.kb_builder.embed.fast_transform import normalize_batch, split_transform
 from retformer.kb_builder.embed.loader import ShardBatches, iter_batches
-from retformer.kb_builder.embed.options import default_num_workers, embed_options
+from retformer.kb_builder.embed.options import default_num_workers
 from retformer.kb_builder.embed.parts import (
     embed_coverage,
     part_path_for,
@@ -54,6 +54,7 @@ from retformer.kb_builder.embed.parts import (
     shard_fingerprint,
     shard_record,
 )
+from retformer.kb_builder.kb_schema import EmbedSection, Encoders, ImageEncoder, TextEncoder, embed_options
 
 __all__ = [
     "embed_options",
@@ -67,19 +68,25 @@ __all__ = [
 ]
 
 _ENCODERS: dict[str, Any] = {}
+_DEFAULTS = EmbedSection()  # the `embed:` options' defaults (the KB schema's)
 MAX_EXAMPLES = 5  # skipped uids kept per reason in the part's stats (for a human to look at)
 # map_tasks(fn, items, desc=, unit=, count_key=, **kwargs) -> results in item order (pipelines/dask_runner.py)
 MapTasks = Callable[..., list[dict]]
 
 
-def _encoders(image_spec: dict, text_spec: dict | None, device: str) -> tuple[Any, Any]:
+def _given(spec: ImageEncoder | TextEncoder | None) -> dict[str, Any] | None:
+    """An encoder spec as the manifest gave it (what a part's metadata records)."""
+    return None if spec is None else spec.model_dump(exclude_unset=True)
+
+
+def _encoders(image_spec: ImageEncoder, text_spec: TextEncoder | None, device: str) -> tuple[Any, Any]:
     """Load (once per worker process) the frozen encoders for these specs."""
     from retformer.kb_builder.encoders import build_image_encoder, build_text_encoder
 
-    key = json.dumps([image_spec, text_spec, device], sort_keys=True)
+    key = json.dumps([_given(image_spec), _given(text_spec), device], sort_keys=True)
     if key not in _ENCODERS:
         image = build_image_encoder(image_spec).to(device)
-        text = build_text_encoder(text_spec).to(device) if text_spec else None
+        text = build_text_encoder(text_spec).to(device) if text_spec is not None else None
         _ENCODERS[key] = (image, text)
     return _ENCODERS[key]
 
@@ -222,7 +229,11 @@ def _embed_batches(
 
 
 def _table(
-    got: _Collected, texts: _TextCache, image_enc: Any, image_spec: dict, text_spec: dict | None
+    got: _Collected,
+    texts: _TextCache,
+    image_enc: Any,
+    image_spec: ImageEncoder,
+    text_spec: TextEncoder | None,
 ) -> EmbeddingTable:
     """The part's rows in shard order."""
     order = got.order()
@@ -240,20 +251,20 @@ def _table(
         caption=captions,
         label=np.array(got.column("label", order), dtype=np.int32),
         source=got.column("source", order),
-        meta={"image_encoder": image_spec, "text_encoder": text_spec},
+        meta={"image_encoder": _given(image_spec), "text_encoder": _given(text_spec)},
     )
 
 
 def embed_shard(
     task: tuple[Path, str],
     out_dir: Path,
-    image_spec: dict,
-    text_spec: dict | None,
-    batch_size: int = 256,
-    device: str | None = None,
-    threads: int | None = None,
-    num_workers: int | None = None,
-    prefetch_factor: int = 2,
+    image_spec: ImageEncoder,
+    text_spec: TextEncoder | None,
+    batch_size: int = _DEFAULTS.batch_size,
+    device: str | None = _DEFAULTS.device,
+    threads: int | None = _DEFAULTS.threads,
+    num_workers: int | None = _DEFAULTS.num_workers,
+    prefetch_factor: int = _DEFAULTS.prefetch_factor,
 ) -> dict[str, Any]:
     """Embed one shard (task = (shard path, part stem)) into its Parquet part; returns counts, skips
     by reason and timings.
@@ -386,13 +397,14 @@ def run_embed(
     shards: list[Path],
     shard_root: Path,
     out_dir: Path,
-    encoders: dict,
-    options: dict[str, Any],
+    encoders: Encoders,
+    embed: EmbedSection,
     desc: str,
     map_tasks: MapTasks,
 ) -> dict[str, Any]:
     """The embed stage: one `embed_shard` task per shard through `map_tasks`; returns the totals of
-    `summarize` plus wall seconds and images/s. `options` are `embed_options(manifest's embed:)`.
+    `summarize` plus wall seconds and images/s. `embed`: the manifest's `embed:` (`embed_shard`'s
+    keyword options).
 
     A broken shard does not stop the others: every task runs to its end (so each good shard's part
     is written and kept for a rerun), then one UserError line names the shard(s) that failed. Parts
@@ -408,9 +420,9 @@ def run_embed(
         desc=desc,
         count_key="images",
         out_dir=out_dir,
-        image_spec=encoders["image"],
-        text_spec=encoders.get("text"),
-        **options,
+        image_spec=encoders.image,
+        text_spec=encoders.text,
+        **embed.model_dump(),
     )
     # The folder holds exactly the parts of these shards: a shard that left the set (its images taken
     # down, a larger shard_size) takes its part with it.

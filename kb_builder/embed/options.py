@@ -1,27 +1,11 @@
-"""The manifest's `embed:` section as `embed_shard` options, and the loader's default width."""
+"""The embed loader's default width (the other `embed:` options and their defaults: the KB schema's
+`EmbedSection`, kb_builder/kb_schema.py)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
-
-
-def embed_options(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    """Keyword options for `embed_shard` from a manifest's `embed:` section, checked against the KB
-    schema's `EmbedSection` (one home for the allowed keys and ranges; a typo gets "did you mean").
-
-    `batch_size` (images per forward, default 256), `num_workers` (loader processes per task; default
-    0 on a one-core worker, else a few), `threads` (torch threads of the task), `prefetch_factor`
-    (batches each loader worker keeps ready, default 2), `device` ("cpu", "cuda", "cuda:1"; default:
-    cuda when available).
-    """
-    from retformer.artifacts.schema import dump_given, validate_section
-    from retformer.kb_builder.kb_schema import EmbedSection
-
-    section = validate_section(EmbedSection, dict(cfg or {}), "embed")
-    return {key: value for key, value in dump_given(section).items() if value is not None}
 
 
 def default_num_workers(device: str, threads: int | None = None) -> int:

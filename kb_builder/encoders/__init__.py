@@ -1,8 +1,9 @@
-"""Frozen encoders, built from a manifest entry (`encoders.image` / `encoders.text`).
+"""Frozen encoders, built from a validated manifest entry (`encoders.image` / `encoders.text`,
+kb_builder/kb_schema.py's `ImageEncoder` / `TextEncoder`):
 
-    build_image_encoder({"name": "open_clip", "model": "ViT-B-16", "pretrained": "datacomp_xl_s13b_b90k"})
-    build_image_encoder({"name": "efficientnet_lite0", "image_size": 64})
-    build_text_encoder({"name": "minilm"})
+    build_image_encoder(ImageEncoder(name="open_clip", model="ViT-B-16", pretrained="datacomp_xl_s13b_b90k"))
+    build_image_encoder(ImageEncoder(name="efficientnet_lite0", image_size=64))
+    build_text_encoder(TextEncoder(name="minilm"))
 
 Backends are imported on first use, so listing names or validating a manifest stays cheap.
 """
@@ -10,10 +11,13 @@ Backends are imported on first use, so listing names or validating a manifest st
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.errors import UserError
 from retformer.kb_builder.encoders.base import ImageEncoder, TextEncoder
+
+if TYPE_CHECKING:
+    from retformer.kb_builder import kb_schema
 
 __all__ = [
     "ImageEncoder",
@@ -49,23 +53,19 @@ def encoder_modules() -> dict[str, dict[str, str]]:
     }
 
 
-def _build(spec: Any, registry: dict[str, str], kind: str) -> Any:
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise UserError(
-            f"{kind} encoder spec must be a mapping with a `name` (known: {', '.join(sorted(registry))})"
-        )
-    name = spec["name"]
+def _build(spec: kb_schema.ImageEncoder | kb_schema.TextEncoder, registry: dict[str, str], kind: str) -> Any:
+    name = spec.name
     if name not in registry:
         raise UserError(f"unknown {kind} encoder '{name}' (known: {', '.join(sorted(registry))})")
     module, cls = registry[name].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(spec)
 
 
-def build_image_encoder(spec: dict[str, Any]) -> ImageEncoder:
+def build_image_encoder(spec: kb_schema.ImageEncoder) -> ImageEncoder:
     """A frozen image encoder (CPU, eval mode) for this manifest entry; UserError if the name is unknown."""
     return _build(spec, _IMAGE, "image")
 
 
-def build_text_encoder(spec: dict[str, Any]) -> TextEncoder:
+def build_text_encoder(spec: kb_schema.TextEncoder) -> TextEncoder:
     """A frozen text encoder (CPU, eval mode) for this manifest entry; UserError if the name is unknown."""
     return _build(spec, _TEXT, "text")

@@ -19,17 +19,7 @@ from PIL import Image
 from retformer.artifacts.decode import to_rgb
 from retformer.artifacts.errors import UserError
 
-__all__ = ["ImageEncoder", "TextEncoder", "check_spec_keys", "check_image_size", "to_rgb"]
-
-
-def check_spec_keys(spec: dict[str, Any], allowed: set[str], kind: str) -> None:
-    """Reject misspelt or unsupported manifest keys instead of silently ignoring them."""
-    unknown = sorted(set(spec) - allowed - {"name"})
-    if unknown:
-        raise UserError(
-            f"{kind} encoder '{spec.get('name')}' does not take {', '.join(unknown)} "
-            f"(allowed: {', '.join(sorted(allowed))})"
-        )
+__all__ = ["ImageEncoder", "TextEncoder", "check_image_size", "to_rgb"]
 
 
 def check_image_size(value: Any, default: int | None) -> int | None:

@@ -16,13 +16,11 @@ ImageNet mean/std gives 14-16/20 where 0.5/0.5 gives 17-18/20 on the same photos
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from PIL import Image
 
-from retformer.kb_builder.encoders.base import ImageEncoder, check_image_size, check_spec_keys
-from retformer.kb_builder.kb_schema import ENCODER_OPTIONS
+from retformer.kb_builder import kb_schema
+from retformer.kb_builder.encoders.base import ImageEncoder, check_image_size
 
 TIMM_ARCH = "tf_efficientnet_lite0"
 MEAN = (0.5, 0.5, 0.5)
@@ -118,13 +116,12 @@ def load_lite0() -> torch.nn.Module:
 class EfficientNetLite0Encoder(ImageEncoder):
     """1280-d globally pooled pre-classifier features of ImageNet EfficientNet-Lite0."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: kb_schema.ImageEncoder) -> None:
         from torchvision import transforms
 
-        check_spec_keys(spec, ENCODER_OPTIONS["image"]["efficientnet_lite0"], "image")
         self.name = "efficientnet_lite0"
-        self.image_size = check_image_size(spec.get("image_size"), 224)
-        self.autocast = bool(spec.get("autocast", True))
+        self.image_size = check_image_size(spec.image_size, 224)
+        self.autocast = spec.autocast
         self.dim = FEATURE_DIM
         # channels_last: 1.6-2x faster depthwise convolutions on CPU (measured); cuDNN prefers it too.
         self.model = load_lite0().to(memory_format=torch.channels_last)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from retformer.kb_builder.encoders.base import TextEncoder, check_spec_keys
-from retformer.kb_builder.kb_schema import ENCODER_OPTIONS
+from retformer.kb_builder import kb_schema
+from retformer.kb_builder.encoders.base import TextEncoder
 
 BATCH_SIZE = 256
 
@@ -44,13 +43,12 @@ def _quiet_transformers() -> Iterator[None]:
 class MiniLMEncoder(TextEncoder):
     """Frozen all-MiniLM-L6-v2: mean-pooled token states, L2-normalised, 384-d."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: kb_schema.TextEncoder) -> None:
         from sentence_transformers import SentenceTransformer
 
-        check_spec_keys(spec, ENCODER_OPTIONS["text"]["minilm"], "text")
         self.name = "minilm"
-        self.autocast = bool(spec.get("autocast", True))
-        self.batch_size = int(spec.get("batch_size", BATCH_SIZE))
+        self.autocast = spec.autocast
+        self.batch_size = spec.batch_size or BATCH_SIZE
         with _quiet_transformers():
             self.model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
         self.model.requires_grad_(False)

@@ -12,16 +12,17 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from retformer.artifacts.errors import UserError
-from retformer.kb_builder.encoders.base import ImageEncoder, TextEncoder, check_image_size, check_spec_keys
-from retformer.kb_builder.kb_schema import ENCODER_OPTIONS
+from retformer.kb_builder.encoders.base import ImageEncoder, TextEncoder, check_image_size
 
-SPEC_KEYS = ENCODER_OPTIONS["image"]["open_clip"]  # the manifest schema's set (same for text)
+if TYPE_CHECKING:
+    from retformer.kb_builder import kb_schema
+
 TEXT_BATCH = 512
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -47,17 +48,17 @@ def _is_hub(model_name: str) -> bool:
     return model_name.startswith(("hf-hub:", "local-dir:"))
 
 
-def _resolve(spec: dict[str, Any]) -> tuple[str, str | None, int | None]:
+def _resolve(spec: kb_schema.ImageEncoder | kb_schema.TextEncoder) -> tuple[str, str | None, int | None]:
     """Validate (model, pretrained, image_size) before any weights are touched."""
     import open_clip
 
-    model_name = spec.get("model")
+    model_name = spec.model
     if not isinstance(model_name, str) or not model_name:
         raise UserError("open_clip encoder needs `model`, e.g. ViT-B-16 (see open_clip.list_models())")
     hub_model = _is_hub(model_name)
     if not hub_model and model_name not in open_clip.list_models():
         raise UserError(f"open_clip has no model '{model_name}' (see open_clip.list_models())")
-    pretrained = spec.get("pretrained")
+    pretrained = spec.pretrained
     if pretrained is not None:
         if not isinstance(pretrained, str) or not pretrained:
             raise UserError(
@@ -77,7 +78,7 @@ def _resolve(spec: dict[str, Any]) -> tuple[str, str | None, int | None]:
                 raise UserError(
                     f"open_clip model {model_name} has no pretrained tag '{pretrained}' (known: {known})"
                 )
-    image_size = check_image_size(spec.get("image_size"), None)
+    image_size = check_image_size(spec.image_size, None)
     cfg = None if hub_model else open_clip.get_model_config(model_name)
     if cfg and image_size == cfg.get("vision_cfg", {}).get("image_size"):
         image_size = None  # the default size: same model as a spec that leaves it out
@@ -130,11 +131,10 @@ def _spec_record(loaded: LoadedClip) -> dict[str, Any]:
 class OpenClipImageEncoder(ImageEncoder):
     """open_clip's image tower (`clip.visual`), frozen; `dim` = the joint embedding width."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        check_spec_keys(spec, SPEC_KEYS, "image")
+    def __init__(self, spec: kb_schema.ImageEncoder) -> None:
         self.loaded = load_clip(*_resolve(spec))
         self.name = "open_clip"
-        self.autocast = bool(spec.get("autocast", True))
+        self.autocast = spec.autocast
         self.model = self.loaded.clip.visual
         size = self.model.image_size
         self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
@@ -152,15 +152,14 @@ class OpenClipTextEncoder(TextEncoder):
     """open_clip's text tower (token embedding, transformer, projection), frozen; truncates at the
     model's context length (77 tokens for CLIP)."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        check_spec_keys(spec, SPEC_KEYS, "text")
+    def __init__(self, spec: kb_schema.TextEncoder) -> None:
         model_name, pretrained, image_size = _resolve(spec)
         self.loaded = _shared_for_text(model_name, pretrained) or load_clip(
             model_name, pretrained, image_size
         )
         self.name = "open_clip"
-        self.autocast = bool(spec.get("autocast", True))
-        self.batch_size = int(spec.get("batch_size", TEXT_BATCH))
+        self.autocast = spec.autocast
+        self.batch_size = spec.batch_size or TEXT_BATCH
         self.dim = self.loaded.dim
         self.spec = _spec_record(self.loaded)
 

@@ -1,6 +1,6 @@
 """The index stage: choose the index from the KB's size, build it in shards, tune it, check recall.
 
-Entry point `run_index(emb_dir, index_dir, cfg, map_tasks)`; per-shard task `build.build_shard`.
+Entry point `run_index(emb_dir, index_dir, section, map_tasks)`; per-shard task `build.build_shard`.
 Modules: select (which faiss index for N, d, memory, recall), build (sharded, resumable build and the
 one index.json writer), search (ShardedIndex, exact merge, recall tuning).
 
@@ -13,8 +13,9 @@ place (grow.py: the new rows become one more shard, recall is checked again on a
 its kind no longer fits or recall falls below the target; index.json's `grown` lists each growth,
 `rebuilt` says why a grown KB was rebuilt instead.
 
-Manifest section `index:` — kind (auto | flat | hnsw | ivf_flat | ivf_sq8 | ivf_pq | ivf_pq_refine),
-recall_target, memory_budget_gb, num_shards, k (the k recall is measured at), num_queries.
+Manifest section `index:` (kb_builder/kb_schema.py's `IndexSection`, with the defaults) — kind (auto |
+flat | hnsw | ivf_flat | ivf_sq8 | ivf_pq | ivf_pq_refine), recall_target, memory_budget_gb, num_shards,
+k (the k recall is measured at), num_queries.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.atomic import remove_dead_temps
 from retformer.artifacts.embeddings_io import list_parts, part_num_rows
@@ -49,15 +50,16 @@ from retformer.kb_builder.index.search import (
 )
 from retformer.kb_builder.index.select import choose_index, make_plan
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import IndexSection
 
-DEFAULT_QUERIES = 1000
+log = logging.getLogger(__name__)
 
 
 def run_index(
     emb_dir: Path,
     index_dir: Path,
-    cfg: dict[str, Any],
+    section: IndexSection,
     map_tasks: MapTasks | None = None,
     *,
     parts: list[Path] | None = None,
@@ -74,12 +76,12 @@ def run_index(
         raise UserError(f"no embeddings parts in {emb_dir}: run the embed stage first")
     n = sum(part_num_rows(p) for p in parts)
     d = part_dim(parts[0])
-    k = int(cfg.get("k", 32))
+    k = section.k
     if k >= n:
         raise UserError(f"index.k={k} must be smaller than the KB ({n} rows)")
-    target = float(cfg.get("recall_target", 0.95))
-    budget = int(float(cfg.get("memory_budget_gb", 8)) * 1e9)
-    kind = cfg.get("kind", "auto")
+    target = section.recall_target
+    budget = int(section.memory_budget_gb * 1e9)
+    kind = section.kind
     if kind == "auto":
         plan = choose_index(n, d, budget, target, k)
     else:
@@ -89,7 +91,7 @@ def run_index(
             )
         except ValueError as exc:
             raise UserError(f"index.kind: {exc}") from exc
-    settings = {"target": target, "k": k, "queries": min(int(cfg.get("num_queries", DEFAULT_QUERIES)), n)}
+    checked_at = {"target": target, "k": k, "queries": min(section.num_queries, n)}
     table = part_table(parts)
     existing = read_json(Path(index_dir) / INDEX_JSON, torn_ok=True) if Path(index_dir).is_dir() else None
     rebuilt: dict[str, Any] | None = None
@@ -98,25 +100,23 @@ def run_index(
             why = grow_decision(existing, table, plan)
             if why is None:
                 try:
-                    meta, report = grow_index(index_dir, existing, table, cfg, map_tasks, partial=partial)
+                    meta, report = grow_index(index_dir, existing, table, section, map_tasks, partial=partial)
                     return _body(meta, report, plan, n, d, partial, started, grown=meta["grown"][-1])
                 except Rebuild as exc:
                     why = exc.reason
             log.info("rebuilding the index of %s: %s", index_dir, why)
             rebuilt = {"reason": why, "from_n": existing.get("n"), "to_n": n}
-        elif existing.get("grown") and _grown_current(index_dir, existing, plan, settings):
+        elif existing.get("grown") and _grown_current(index_dir, existing, plan, checked_at):
             log.info("index in %s (grown in place) is complete and recall-checked: skipping", index_dir)
             report, meta = existing["tuning"], existing
             if meta.get("partial") != partial:
                 meta = {k: v for k, v in meta.items() if k != "partial"}
                 write_index_record(Path(index_dir), {**meta, **({"partial": partial} if partial else {})})
             return _body(meta, report, plan, n, d, partial, started, reused=True)
-    built = build_index(
-        parts, index_dir, plan, int(cfg.get("num_shards", 1)), map_tasks=map_tasks, write_record=False
-    )
-    num_queries = settings["queries"]
+    built = build_index(parts, index_dir, plan, section.num_shards, map_tasks=map_tasks, write_record=False)
+    num_queries = checked_at["queries"]
     checked = built.get("recall_check") or {}
-    if built.get("reused") and {name: checked.get(name) for name in settings} == settings:
+    if built.get("reused") and {name: checked.get(name) for name in checked_at} == checked_at:
         log.info("index in %s is complete and recall-checked with these settings: skipping", index_dir)
         remove_dead_temps(Path(index_dir).iterdir())
         report, meta = built["tuning"], built
@@ -144,7 +144,7 @@ def run_index(
         # The record tests and users read: what was chosen, why, and what it measured.
         recall_check = {
             "recall": report["recall"],
-            **settings,
+            **checked_at,
             "queries": report["num_queries"],
             "sample_file": sample,
         }
@@ -155,11 +155,11 @@ def run_index(
     )
 
 
-def _grown_current(index_dir: Path, existing: dict[str, Any], plan: Any, settings: dict[str, Any]) -> bool:
+def _grown_current(index_dir: Path, existing: dict[str, Any], plan: Any, checked_at: dict[str, Any]) -> bool:
     """A grown index of exactly the parts now is reused when its shards are intact, its kind still the
     one the stage would choose and its recall checked at these settings (target, k)."""
     checked = existing.get("recall_check") or {}
-    if (checked.get("target"), checked.get("k")) != (settings["target"], settings["k"]):
+    if (checked.get("target"), checked.get("k")) != (checked_at["target"], checked_at["k"]):
         return False
     if (existing.get("plan") or {}).get("kind") != plan.kind:
         return False

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
@@ -59,6 +59,9 @@ from retformer.kb_builder.index.search import (
     tune_and_check,
 )
 from retformer.kb_builder.index.select import IndexPlan, ivf_nlist
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import IndexSection
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +198,7 @@ def grow_index(
     index_dir: Path,
     existing: dict[str, Any],
     table: list[dict[str, Any]],
-    cfg: dict[str, Any],
+    section: IndexSection,
     map_tasks: MapTasks | None = None,
     *,
     partial: dict[str, int] | None = None,
@@ -256,8 +259,7 @@ def grow_index(
     # Recall on a fresh sample: the last check's queries (exact top-k extended by the new rows) plus new
     # rows at the same sampling rate; without a kept sample, a fresh one over the whole KB.
     t1 = time.perf_counter()
-    k = int(cfg.get("k", 32))
-    target = float(cfg.get("recall_target", 0.95))
+    k, target = section.k, section.recall_target
     paths = [Path(t["path"]) for t in table]
     kept = read_recall_sample(index_dir, existing, k)
     rng = np.random.default_rng(QUERY_SEED + n_new)
@@ -283,7 +285,7 @@ def grow_index(
             f"+ {fresh} new rows"
         )
     else:
-        num = min(int(cfg.get("num_queries") or 1000), n_new)
+        num = min(section.num_queries, n_new)
         ids, xq = sample_queries(paths, num, QUERY_SEED + n_new)
         gt_s, gt_i = exact_ground_truth(paths, xq, k, ids)
         fresh = len(ids)

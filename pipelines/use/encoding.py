@@ -3,18 +3,21 @@ its batched form (`kb_builder/embed/fast_transform.py`), forward, z rounded to f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from retformer.artifacts.decode import decode_image, to_rgb
 
+if TYPE_CHECKING:
+    from retformer.kb_builder import kb_schema
+
 
 class ImageEncoder:
     """The KB's frozen image encoder (the one that embedded the run's dataset), built on first use."""
 
-    def __init__(self, spec: dict[str, Any], device: torch.device) -> None:
+    def __init__(self, spec: kb_schema.ImageEncoder, device: torch.device) -> None:
         self.spec, self.device = spec, device
         self._encoder: Any = None
         self._split: Any = None  # (PIL part, mean, std) of the preprocessing, or None: the whole of it

@@ -4,11 +4,14 @@ evaluate --kb`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.names import INDEX_JSON
 from retformer.artifacts.workspace import Workspace, read_json
+
+if TYPE_CHECKING:
+    from retformer.kb_builder.kb_schema import KBManifest
 
 # The embed options that can change the stored vectors: the device (CUDA embeds under autocast). The
 # others (batch_size, num_workers, threads, prefetch_factor) only schedule the work: a KB embedded in
@@ -38,7 +41,7 @@ def check_kb_compatible(
     run: str,
     encoders: dict[str, Any],
     embed: dict[str, Any] | None,
-    manifest: dict[str, Any] | None = None,
+    manifest: KBManifest | None = None,
 ) -> dict[str, Any]:
     """KB `kb` in `ws` was embedded with these encoders and vector-shaping embed options (the run's) and
     is indexed; returns its index.json. One UserError line naming both sides otherwise. The KB's embed
@@ -47,7 +50,7 @@ def check_kb_compatible(
     record = read_json(ws.kb_stage_record(kb, "embed"), torn_ok=True)
     if record is None:
         raise UserError(f"KB {kb} is not embedded in {ws.root}: run `retformer embed --kb {kb}` first")
-    kb_embed = record.get("embed", (manifest or {}).get("embed"))
+    kb_embed = record.get("embed", manifest.as_loaded().get("embed") if manifest is not None else None)
     if record.get("encoders") != encoders or _vector_options(kb_embed) != _vector_options(embed):
         raise UserError(
             f"KB {kb} was embedded with {_describe(record.get('encoders'), kb_embed)}, but run {run} was "

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from retformer.artifacts.devices import resolve_device
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.workspace import Workspace
+from retformer.kb_builder.kb_schema import EmbedSection, image_encoder
 from retformer.pipelines.relevance import OodThreshold, mean_similarity, ood_threshold, retrieval_applied
 from retformer.pipelines.use.encoding import ImageEncoder
 from retformer.pipelines.use.inputs import ImageInput, NotAnImage, class_label
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Images per retrieval chunk: one index search and one read of the KB rows the chunk's neighbors use.
 CHUNK = 1024
-DEFAULT_BATCH = 256  # images per encoder forward when the KB manifest's embed: section gives none
+DEFAULT_BATCH = EmbedSection().batch_size  # images per forward when the KB manifest's embed: gives none
 
 
 class Predictor:
@@ -66,7 +67,7 @@ class Predictor:
             check_kb_compatible(ws, self.kb, run, info["encoders"], info.get("embed"))
         embed = info.get("embed") or {}
         self.batch_size = int(embed.get("batch_size") or DEFAULT_BATCH)
-        self._images = ImageEncoder(info["encoders"]["image"], self.device)
+        self._images = ImageEncoder(image_encoder(info["encoders"]["image"], saved.path.name), self.device)
         self._kb_index: KbIndex | None = None
         self._ood: OodThreshold | None = None
 
