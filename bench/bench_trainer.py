@@ -51,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
 from retformer.artifacts.workspace import Workspace, read_json  # noqa: E402
+from retformer.kb_builder.kb_schema import KBManifest  # noqa: E402
 from retformer.pipelines import stages  # noqa: E402
 from retformer.pipelines.experiment import run_experiment  # noqa: E402
 from retformer.pipelines.experiment_plan import plan_experiment  # noqa: E402
@@ -334,7 +335,7 @@ TRAINED_HERE = ("mlp_only", "linear_probe", "retformer")
 RULE_KEYS = ("alpha", "gate_t", "beta", "prior_tau", "evidence", "vote_temp", "vote_k", "image_weight")
 
 
-def caption_text_encoder(kb: dict[str, Any], info: dict[str, Any]) -> tuple[Any, list[str]] | None:
+def caption_text_encoder(kb: KBManifest, info: dict[str, Any]) -> tuple[Any, list[str]] | None:
     """The KB's text tower and the class names caption_vote embeds (loaded before any clock)."""
     spec = kb.encoders.text
     names = info.get("class_names") or []
