@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,16 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    return build_image_encoder(image_encoder(TINY_CLIP)), build_text_encoder(text_encoder(TINY_CLIP))
+    # Built against an empty model cache: a ViT-S-32 another module left loaded in this process (the
+    # embed cache of test_experiments' 32 px CLIP) would otherwise be the one the text encoder shares.
+    from retformer.kb_builder.encoders import open_clip_encoder
+
+    cache = open_clip_encoder._CACHE
+    open_clip_encoder._CACHE = weakref.WeakValueDictionary()
+    try:
+        return build_image_encoder(image_encoder(TINY_CLIP)), build_text_encoder(text_encoder(TINY_CLIP))
+    finally:
+        open_clip_encoder._CACHE = cache
 
 
 def _odd_mode_images() -> dict[str, Image.Image]:
