@@ -63,10 +63,9 @@ def stage_kb_shards(ws: Workspace, kb: KBManifest, datasets: dict[str, dict]) ->
         raise UserError(f"KB {kb.name}: source.dataset {dataset_name!r} has no manifest")
     started = time.perf_counter()
     dataset = load_dataset(datasets[dataset_name])
-    spec = {"name": kb.name, **source}
     # One writer per shard folder; a complete set (its _SUCCESS manifest matches) is not rewritten.
     with output_lock(ws.kb_shards(kb.name), f"the shards of KB {kb.name}"):
-        info = build_kb_shards(spec, dataset, ws.kb_shards(kb.name), kb.shard_size)
+        info = build_kb_shards(kb.source, dataset, ws.kb_shards(kb.name), kb.shard_size, kb.name)  # type: ignore[arg-type]
     record = {
         "kb": kb.name,
         "source": source,
