@@ -117,13 +117,13 @@ def stage_download(
 ) -> dict[str, Any]:
     """`retformer download`: a KB's image-text pairs with img2dataset, one task per metadata chunk, on
     `dask` (a LocalCluster by default)."""
-    from retformer.kb_builder.download import plan_download, run_download
+    from retformer.kb_builder.download import normalize_settings, plan_download, run_download
 
     source = kb.source
     if source.kind != "img2dataset":
         raise UserError(f"KB {kb.name} is not downloaded (source.kind is {source.kind!r}, not img2dataset)")
     # metadata and path: required by the schema (Img2datasetSource)
-    tasks = plan_download(source.metadata, Path(source.path), source.settings)
+    tasks = plan_download(source.metadata, Path(source.path), normalize_settings(source.settings))
     with ExitStack() as stack:
         record = run_download(
             (dask or DaskTarget()).map_tasks(stack, parallel=True), tasks, retry_failed=retry_failed
