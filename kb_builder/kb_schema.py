@@ -112,7 +112,8 @@ class LocalSource(StrictSection):
     kind: Literal["world", "fashion_mnist_world", "downstream", "all"]
     dataset: str
     size: PositiveInt | None = None
-    wrong_caption_fraction: Annotated[float, Field(ge=0, le=1)] | None = None
+    # The share of world captions naming a wrong class (noisy like web alt-text).
+    wrong_caption_fraction: Annotated[float, Field(ge=0, le=1)] = 0.2
     seed: Annotated[int, Field(ge=0)] = 0
     templates: list[str] | None = None
 

@@ -4,7 +4,7 @@ No package ships real image-text pairs offline, so the captions written here are
 a class name put into one of a handful of templates ("a photo of a bag.", "product photo: bag.", ...).
 They stand in for alt-text; they carry no information beyond the class they name.
 
-KB sources (`kind` of the `source:` mapping of a KB manifest, which is the `kb_spec` passed here):
+KB sources (`kind` of the `source:` mapping of a KB manifest, the `LocalSource` passed here):
 
 - `world` (alias `fashion_mnist_world`): the demo KB, for ANY dataset with a pool of labelled images
   outside its train / val / test splits (`DownstreamDataset.pool`: Fashion-MNIST-LT's training
@@ -20,10 +20,11 @@ KB sources (`kind` of the `source:` mapping of a KB manifest, which is the `kb_s
   query retrieving itself by uid).
 - `all`: both, as two shard sets (`world-*.tar` and `downstream-*.tar`) in one directory.
 
-Keys read here: `kind` (world / fashion_mnist_world / downstream / all), `size` (None = the whole
-pool), `seed` (0), `wrong_caption_fraction` (0.2), `templates` (optional list; each contains
-`{name}` or `{a}`, the class name with its indefinite article), `name` (only for messages). Other
-keys (e.g. `dataset`) belong to the caller and are ignored.
+Keys read here (their defaults live in `kb_schema.LocalSource`): `kind` (world / fashion_mnist_world
+/ downstream / all), `size` (None = the whole pool), `seed`, `wrong_caption_fraction`, `templates`
+(optional list; each contains `{name}` or `{a}`, the class name with its indefinite article); the KB's
+`name` only for messages. `dataset` belongs to the caller. `source_from_mapping` validates a plain
+`source:` mapping (a test's) into a `LocalSource`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from typing import Any
 import numpy as np
 
 from retformer.artifacts.errors import UserError
+from retformer.artifacts.schema import validate_section
 from retformer.artifacts.shards import Sample, write_shards
 from retformer.kb_builder.datasets.base import DatasetSplit, DownstreamDataset
-from retformer.kb_builder.kb_schema import TEMPLATES_EMPTY, template_problem
+from retformer.kb_builder.kb_schema import LocalSource
 
 SOURCES = ("world", "downstream", "all")
 _ALIASES = {"fashion_mnist_world": "world"}
-DEFAULT_WRONG_CAPTION_FRACTION = 0.2
 TEMPLATES: tuple[str, ...] = (
     "a photo of {a}.",
     "{a} on a white background.",
@@ -57,8 +58,19 @@ TEMPLATES: tuple[str, ...] = (
 _FINGERPRINT_VERSION = 1
 
 
-def _label(kb_spec: dict[str, Any]) -> str:
-    return repr(kb_spec.get("name") or f"source {kb_spec.get('kind')}")
+def _label(source: LocalSource, kb_name: str | None) -> str:
+    return repr(kb_name or f"source {source.kind}")
+
+
+def source_from_mapping(raw: dict[str, Any], kb_name: str | None = None) -> LocalSource:
+    """A KB manifest's `source:` mapping (a test's, a notebook's) checked as a `LocalSource`: an unknown
+    kind names the known ones, any other problem is the schema's one `UserError` line."""
+    kind = raw.get("kind")
+    label = repr(kb_name or f"source {kind}")
+    if (_ALIASES.get(kind, kind) if isinstance(kind, str) else kind) not in SOURCES:
+        known = ", ".join([*SOURCES, *_ALIASES])
+        raise UserError(f"KB {label}: unknown local source kind {kind!r}: known kinds are {known}")
+    return validate_section(LocalSource, raw, f"KB {label}")  # type: ignore[return-value]
 
 
 def caption_for(template: str, class_name: str) -> str:
@@ -68,17 +80,9 @@ def caption_for(template: str, class_name: str) -> str:
     return template.format(name=name, a=f"{article} {name}")
 
 
-def _templates(kb_spec: dict[str, Any]) -> list[str]:
-    templates = kb_spec.get("templates")
-    if templates is None:
-        return list(TEMPLATES)
-    if not templates:  # `templates: []` silently became the default templates
-        raise UserError(f"KB {_label(kb_spec)}: {TEMPLATES_EMPTY}")
-    for t in templates:
-        problem = template_problem(t)
-        if problem is not None:
-            raise UserError(f"KB {_label(kb_spec)}: {problem}")
-    return list(templates)
+def _templates(source: LocalSource) -> list[str]:
+    # The schema refused an empty list and bad templates.
+    return list(TEMPLATES) if source.templates is None else list(source.templates)
 
 
 def _fingerprint(description: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> str:
@@ -110,7 +114,7 @@ def _rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator, np.rando
 
 
 def world_samples(
-    kb_spec: dict[str, Any], dataset: DownstreamDataset
+    source: LocalSource, dataset: DownstreamDataset, kb_name: str | None = None
 ) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """The world KB's metadata, before any image is encoded.
 
@@ -120,7 +124,7 @@ def world_samples(
     `class_names` display names) through the templates.
 
     Returns (uids, captions, named labels, true labels, source indices of the chosen pool items,
-    info). Every draw is seeded by `kb_spec["seed"]`.
+    info). Every draw is seeded by `source.seed`.
     """
     pool_split = dataset.pool
     if pool_split is None or len(pool_split) == 0:
@@ -129,15 +133,14 @@ def world_samples(
             "its train / val / test splits (Fashion-MNIST: use kind fashion_mnist_lt; imagefolder: add "
             "root/world/<class>/ or an imbalance_ratio)"
         )
-    seed = int(kb_spec.get("seed", 0))
-    frac = float(kb_spec.get("wrong_caption_fraction", DEFAULT_WRONG_CAPTION_FRACTION))
-    if not 0.0 <= frac <= 1.0:
-        raise UserError(f"KB {_label(kb_spec)}: wrong_caption_fraction must be in [0, 1], got {frac}")
-    templates = _templates(kb_spec)
+    seed = source.seed
+    frac = float(source.wrong_caption_fraction)  # the schema keeps it in [0, 1]
+    templates = _templates(source)
     pool = np.arange(len(pool_split), dtype=np.int64)
-    size = kb_spec.get("size")
+    size = source.size
     if size is not None and (int(size) < 1 or int(size) > len(pool)):
-        raise UserError(f"KB {_label(kb_spec)}: size {size} must be between 1 and the pool size {len(pool)}")
+        label = _label(source, kb_name)
+        raise UserError(f"KB {label}: size {size} must be between 1 and the pool size {len(pool)}")
     rng_sub, rng_wrong, rng_tpl = _rngs(seed)
     # Uniform without replacement: the class proportions of the pool carry over.
     pos = np.sort(rng_sub.choice(pool, int(size), replace=False)) if size is not None else pool
@@ -166,8 +169,10 @@ def world_samples(
     return uids, captions, named, true, pool_split.source_index[pos], info
 
 
-def _build_world(kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: Path, shard_size: int) -> dict:
-    uids, captions, named, true, rows, info = world_samples(kb_spec, dataset)
+def _build_world(
+    source: LocalSource, dataset: DownstreamDataset, out_dir: Path, shard_size: int, kb_name: str | None
+) -> dict:
+    uids, captions, named, true, rows, info = world_samples(source, dataset, kb_name)
     assert dataset.pool is not None  # world_samples refuses a dataset without one
     pool = dataset.pool.subset(np.searchsorted(dataset.pool.source_index, rows))
     if pool.uids != uids:  # source_index is sorted for every loader; guard the mapping anyway
@@ -197,11 +202,11 @@ def _build_world(kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: P
 
 
 def _build_downstream(
-    kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: Path, shard_size: int
+    source: LocalSource, dataset: DownstreamDataset, out_dir: Path, shard_size: int
 ) -> dict:
     split = dataset.train
-    seed = int(kb_spec.get("seed", 0))
-    templates = _templates(kb_spec)
+    seed = source.seed
+    templates = _templates(source)
     _, _, rng_tpl = _rngs(seed)
     tpl = rng_tpl.integers(0, len(templates), len(split))
     captions = [
@@ -228,33 +233,33 @@ def _build_downstream(
 
 
 def build_kb_shards(
-    kb_spec: dict[str, Any], dataset: DownstreamDataset, out_dir: Path, shard_size: int
+    source: LocalSource,
+    dataset: DownstreamDataset,
+    out_dir: Path,
+    shard_size: int,
+    kb_name: str | None = None,
 ) -> dict[str, Any]:
-    """Write the shard sets of the KB `kb_spec` describes (source world / downstream / all) into `out_dir`.
+    """Write the shard sets of the KB whose `source` is local (world / downstream / all) into `out_dir`.
 
     Idempotent (see `shards.write_shards`). Returns the facts for the stage record: shards, counts,
     seeds, requested and measured wrong-caption fraction, class counts, templates.
     """
-    kind = kb_spec.get("kind")
-    source = _ALIASES.get(kind, kind) if isinstance(kind, str) else kind
-    if source not in SOURCES:
-        known = ", ".join([*SOURCES, *_ALIASES])
-        raise UserError(f"KB {_label(kb_spec)}: unknown local source kind {kind!r}: known kinds are {known}")
+    kind = _ALIASES.get(source.kind, source.kind)
     out_dir = Path(out_dir)
     parts: dict[str, dict[str, Any]] = {}
-    if source in ("world", "all"):
-        parts["world"] = _build_world(kb_spec, dataset, out_dir, shard_size)
-    if source in ("downstream", "all"):
-        parts["downstream"] = _build_downstream(kb_spec, dataset, out_dir, shard_size)
+    if kind in ("world", "all"):
+        parts["world"] = _build_world(source, dataset, out_dir, shard_size, kb_name)
+    if kind in ("downstream", "all"):
+        parts["downstream"] = _build_downstream(source, dataset, out_dir, shard_size)
     shards = sorted(s for p in parts.values() for s in p["shards"])
     world = parts.get("world", {})
     return {
-        "kb": kb_spec.get("name"),
-        "kind": source,
+        "kb": kb_name,
+        "kind": kind,
         "dataset": dataset.name,
         "synthetic_captions": True,
-        "templates": _templates(kb_spec),
-        "seed": int(kb_spec.get("seed", 0)),
+        "templates": _templates(source),
+        "seed": source.seed,
         "shard_size": shard_size,
         "counts": {
             **{k: v["count"] for k, v in parts.items()},

@@ -64,10 +64,9 @@ def stage_kb_shards(ws: Workspace, kb: KBManifest, datasets: dict[str, DatasetMa
         raise UserError(f"KB {kb.name}: source.dataset {dataset_name!r} has no manifest")
     started = time.perf_counter()
     dataset = load_dataset(datasets[dataset_name])
-    spec = {"name": kb.name, **source}
     # One writer per shard folder; a complete set (its _SUCCESS manifest matches) is not rewritten.
     with output_lock(ws.kb_shards(kb.name), f"the shards of KB {kb.name}"):
-        info = build_kb_shards(spec, dataset, ws.kb_shards(kb.name), kb.shard_size)
+        info = build_kb_shards(kb.source, dataset, ws.kb_shards(kb.name), kb.shard_size, kb.name)  # type: ignore[arg-type]
     record = {
         "kb": kb.name,
         "source": source,
@@ -119,13 +118,13 @@ def stage_download(
 ) -> dict[str, Any]:
     """`retformer download`: a KB's image-text pairs with img2dataset, one task per metadata chunk, on
     `dask` (a LocalCluster by default)."""
-    from retformer.kb_builder.download import plan_download, run_download
+    from retformer.kb_builder.download import normalize_settings, plan_download, run_download
 
     source = kb.source
     if source.kind != "img2dataset":
         raise UserError(f"KB {kb.name} is not downloaded (source.kind is {source.kind!r}, not img2dataset)")
     # metadata and path: required by the schema (Img2datasetSource)
-    tasks = plan_download(source.metadata, Path(source.path), source.settings)
+    tasks = plan_download(source.metadata, Path(source.path), normalize_settings(source.settings))
     with ExitStack() as stack:
         record = run_download(
             (dask or DaskTarget()).map_tasks(stack, parallel=True), tasks, retry_failed=retry_failed

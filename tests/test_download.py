@@ -208,7 +208,7 @@ def test_download_counts_uids_and_read_shard(site: Site, tmp_path: Path) -> None
     read_shard with the metadata's uids and captions, label None, source "img2dataset" and 64x64 images."""
     meta = write_metadata(site, tmp_path / "metadata", "first")
     out = tmp_path / "shards"
-    tasks = plan_download(meta.dir, out, SETTINGS)
+    tasks = plan_download(meta.dir, out, normalize_settings(SETTINGS))
     assert [t.name for t in tasks] == ["a", "b"]
     record = run_download(None, tasks)
 
@@ -257,7 +257,7 @@ def test_rerun_skips_redo_and_retry_failed(site: Site, tmp_path: Path) -> None:
     is still read back once, and a further plain rerun writes nothing."""
     meta = write_metadata(site, tmp_path / "metadata", "rerun")
     out = tmp_path / "shards"
-    tasks = plan_download(meta.dir, out, SETTINGS)
+    tasks = plan_download(meta.dir, out, normalize_settings(SETTINGS))
     first = run_download(None, tasks)
     assert first["totals"]["successes"] == 40
 
@@ -301,10 +301,14 @@ def test_rerun_skips_redo_and_retry_failed(site: Site, tmp_path: Path) -> None:
     assert run_download(None, tasks)["status"] == {"done_before": 2}
     assert snapshot(out) == settled
     # Fetch-only settings (threads, timeout) never redo a chunk; content settings (image size) do.
-    faster = plan_download(meta.dir / "a.parquet", out, {**SETTINGS, "thread_count": 8, "timeout": 9})
+    faster = plan_download(
+        meta.dir / "a.parquet", out, normalize_settings({**SETTINGS, "thread_count": 8, "timeout": 9})
+    )
     assert run_download(None, faster)["status"] == {"done_before": 1}
     assert snapshot(out) == settled
-    smaller = run_download(None, plan_download(meta.dir / "a.parquet", out, {**SETTINGS, "image_size": 48}))
+    smaller = run_download(
+        None, plan_download(meta.dir / "a.parquet", out, normalize_settings({**SETTINGS, "image_size": 48}))
+    )
     assert smaller["status"] == {"redone": 1} and smaller["totals"]["successes"] == 20
     assert not (out / "a" / "retry-001").exists()  # from scratch: the old retry round is gone
     sizes = {decode_image(s["image_bytes"])[0].size for p in out.glob("a/*.tar") for s in read_shard(p)}
@@ -318,7 +322,7 @@ def test_dask_cluster_runs_the_same_tasks(site: Site, tmp_path: Path) -> None:
 
     meta = write_metadata(site, tmp_path / "metadata", "dask")
     out = tmp_path / "shards"
-    tasks = plan_download(meta.dir, out, SETTINGS)
+    tasks = plan_download(meta.dir, out, normalize_settings(SETTINGS))
     with dask_client(n_workers=1) as client:
         record = run_download(task_mapper(client), tasks)
         assert record["status"] == {"downloaded": 2}
@@ -334,7 +338,9 @@ def test_process_pool_engine_writes_the_same_layout(site: Site, tmp_path: Path) 
     and writes the same files: chunk b's 20 PNGs stored, the 503s and the 404 counted, uids readable."""
     meta = write_metadata(site, tmp_path / "metadata", "pool")
     out = tmp_path / "shards"
-    (task,) = plan_download(meta.dir / "b.parquet", out, {**SETTINGS, "processes_count": 2})
+    (task,) = plan_download(
+        meta.dir / "b.parquet", out, normalize_settings({**SETTINGS, "processes_count": 2})
+    )
     summary = download_chunk(task.chunk, task.out_dir, task.settings)
     assert summary["status"] == "downloaded"
     assert summary["successes"] == 20 and summary["failures"] == {"http_404": 1, "http_503": 3}
@@ -371,11 +377,11 @@ def test_bad_input_is_a_user_error(tmp_path: Path) -> None:
     for name, (cols, message) in cases.items():
         pq.write_table(pa.table(cols), tmp_path / name)
         with pytest.raises(UserError, match=message):
-            download_chunk(tmp_path / name, tmp_path / "out", SETTINGS)
+            download_chunk(tmp_path / name, tmp_path / "out", normalize_settings(SETTINGS))
         assert not (tmp_path / "out" / name.removesuffix(".parquet")).exists()
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(UserError, match="not a readable Parquet"):
-        download_chunk(tmp_path / "bad.parquet", tmp_path / "out", SETTINGS)
+        download_chunk(tmp_path / "bad.parquet", tmp_path / "out", normalize_settings(SETTINGS))
     with pytest.raises(UserError, match="not found"):
         list_downloaded_shards(tmp_path / "never")
 

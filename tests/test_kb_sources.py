@@ -18,6 +18,7 @@ from retformer.kb_builder.kb_sources import (
     TEMPLATES,
     build_kb_shards,
     caption_for,
+    source_from_mapping,
     world_samples,
     write_dataset_shards,
 )
@@ -57,14 +58,22 @@ def dataset(lt_spec):
     return load_dataset(lt_spec)
 
 
-# A KB manifest's `source:` mapping, as the shards stage passes it.
-WORLD = {
+# A KB manifest's `source:` mapping, validated as the shards stage passes it (`_src`).
+WORLD_SPEC = {
     "kind": "fashion_mnist_world",
     "dataset": "fm_lt",
     "size": 300,
     "seed": 0,
     "wrong_caption_fraction": 0.2,
 }
+
+
+def _src(raw: dict):
+    """A `source:` mapping (dataset fm_lt unless given) as the builder's `LocalSource`."""
+    return source_from_mapping({"dataset": "fm_lt", **raw})
+
+
+WORLD = _src(WORLD_SPEC)
 
 
 def _parse(caption: str) -> tuple[int, str]:
@@ -96,7 +105,7 @@ def test_world_pool_is_disjoint_from_the_long_tailed_train_split(dataset, lt_spe
 
 def test_world_captions_noise_fraction_labels_and_uniform_wrong_classes(dataset):
     """round(0.2 N) captions name a wrong class, label = named class, wrong classes use every offset."""
-    uids, captions, named, true, rows, info = world_samples({**WORLD, "size": None}, dataset)
+    uids, captions, named, true, rows, info = world_samples(_src({**WORLD_SPEC, "size": None}), dataset)
     n = len(uids)
     assert info["wrong_caption_fraction"]["measured"] == pytest.approx(0.2, abs=1 / n)
     assert [_named_class(c) for c in captions] == named.tolist()
@@ -141,7 +150,7 @@ def test_rerun_is_idempotent_and_a_changed_spec_rewrites(dataset, tmp_path):
     assert again["shards"] == first["shards"]
     assert {p: os.stat(p).st_mtime_ns for p in again["shards"]} == mtimes
     assert manifest_path(tmp_path, "world").stat().st_mtime_ns == manifest_mtime
-    smaller = build_kb_shards({**WORLD, "size": 150, "seed": 1}, dataset, tmp_path, shard_size=100)
+    smaller = build_kb_shards(_src({**WORLD_SPEC, "size": 150, "seed": 1}), dataset, tmp_path, shard_size=100)
     assert len(smaller["shards"]) == 2 and not (tmp_path / "world-00002.tar").exists()
     assert [r["uid"] for r in _read_all(smaller["shards"])] != first_uids[:150]
 
@@ -160,7 +169,7 @@ def test_leftover_tmp_and_unfinished_set_are_not_trusted(dataset, tmp_path):
 
 def test_downstream_kb_uses_the_train_uids(dataset, tmp_path):
     """The downstream KB's uids and labels are the train uids and labels; captions name the true class."""
-    record = build_kb_shards({"kind": "downstream", "seed": 0}, dataset, tmp_path, shard_size=500)
+    record = build_kb_shards(_src({"kind": "downstream", "seed": 0}), dataset, tmp_path, shard_size=500)
     recs = _read_all(record["shards"])
     assert [r["uid"] for r in recs] == dataset.train.uids
     assert [r["label"] for r in recs] == dataset.train.labels.tolist()
@@ -170,7 +179,7 @@ def test_downstream_kb_uses_the_train_uids(dataset, tmp_path):
 
 def test_all_kb_is_the_union_of_the_parts(dataset, tmp_path):
     """source=all writes the world and downstream sets side by side, same uids as each part, no uid shared."""
-    record = build_kb_shards({**WORLD, "kind": "all"}, dataset, tmp_path, shard_size=1000)
+    record = build_kb_shards(_src({**WORLD_SPEC, "kind": "all"}), dataset, tmp_path, shard_size=1000)
     recs = _read_all(record["shards"])
     world = [r["uid"] for r in recs if r["source"] == "world"]
     down = [r["uid"] for r in recs if r["source"] == "downstream"]
@@ -197,17 +206,20 @@ def test_dataset_shards_have_every_split_without_captions(dataset, tmp_path):
 def test_bad_kb_specs_are_user_errors(dataset, tmp_path, fake_root):
     """Unknown source, oversized world, bad template, world of a balanced dataset -> UserError."""
     with pytest.raises(UserError, match="world, downstream, all, fashion_mnist_world"):
-        build_kb_shards({"kind": "datacomp"}, dataset, tmp_path, 10)
+        build_kb_shards(_src({"kind": "datacomp"}), dataset, tmp_path, 10)
     assert (
-        build_kb_shards({**WORLD, "kind": "world", "size": 5}, dataset, tmp_path, 10)["counts"]["world"] == 5
+        build_kb_shards(_src({**WORLD_SPEC, "kind": "world", "size": 5}), dataset, tmp_path, 10)["counts"][
+            "world"
+        ]
+        == 5
     )
     with pytest.raises(UserError, match="pool size"):
-        build_kb_shards({**WORLD, "size": 10**6}, dataset, tmp_path, 10)
+        build_kb_shards(_src({**WORLD_SPEC, "size": 10**6}), dataset, tmp_path, 10)
     balanced = load_dataset({"kind": "fashion_mnist", "root": str(fake_root)})
     with pytest.raises(UserError, match="empty"):
         build_kb_shards(WORLD, balanced, tmp_path, 10)
     with pytest.raises(UserError, match="template"):
-        build_kb_shards({**WORLD, "templates": ["no placeholder"]}, dataset, tmp_path, 10)
+        build_kb_shards(_src({**WORLD_SPEC, "templates": ["no placeholder"]}), dataset, tmp_path, 10)
 
 
 def test_shard_writer_rejects_unsafe_uids_and_reads_corrupt_shard_as_user_error(tmp_path):

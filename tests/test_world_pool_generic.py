@@ -9,7 +9,7 @@ from PIL import Image
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.shards import read_shard
 from retformer.kb_builder.datasets import fashion_mnist as fm
-from retformer.kb_builder.kb_sources import build_kb_shards, world_samples
+from retformer.kb_builder.kb_sources import build_kb_shards, source_from_mapping, world_samples
 from tests.helpers import fashion_mnist_world_pool, load_dataset
 
 DIGITS = {
@@ -50,7 +50,7 @@ def test_fmnist_val_is_balanced_and_outside_train_and_world_pool(fake_fmnist):
     assert not set(train) & set(val) and not set(val) & set(pool) and not set(train) & set(pool)
     assert len(train) + len(val) + len(pool) == 2000
     np.testing.assert_array_equal(ds.pool.source_index, pool)
-    uids, *_ = world_samples({"kind": "world", "size": None}, ds)
+    uids, *_ = world_samples(source_from_mapping({"kind": "world", "dataset": ds.name, "size": None}), ds)
     assert not set(uids) & (set(ds.train.uids) | set(ds.splits["val"].uids))
     assert "val" not in load_dataset(spec).splits
 
@@ -74,7 +74,7 @@ def test_digits_world_kb_uses_manifest_templates_and_class_names(tmp_path):
     20% naming a wrong class, and writes none of train / val / test."""
     ds = load_dataset(DIGITS)
     spec = {"kind": "world", "templates": ["a handwritten {name}."], "wrong_caption_fraction": 0.2}
-    record = build_kb_shards(spec, ds, tmp_path, shard_size=500)
+    record = build_kb_shards(source_from_mapping({**spec, "dataset": ds.name}), ds, tmp_path, shard_size=500)
     recs = [r for p in record["shards"] for r in read_shard(p)]
     assert len(recs) == len(ds.pool) and {r["uid"] for r in recs} == set(ds.pool.uids)
     assert all(r["caption"] == f"a handwritten {ds.class_names[r['label']]}." for r in recs)
@@ -109,7 +109,10 @@ def test_imagefolder_val_holdout_world_dir_and_class_names(tmp_path):
     assert not set(ds.train.uids) & set(ds.splits["val"].uids) and len(ds.pool) == 24
     assert "hold-out" in ds.notes["val"]
     uids, captions, *_ = world_samples(
-        {"kind": "world", "templates": ["{name}"], "wrong_caption_fraction": 0}, ds
+        source_from_mapping(
+            {"kind": "world", "dataset": ds.name, "templates": ["{name}"], "wrong_caption_fraction": 0}
+        ),
+        ds,
     )
     assert set(uids) == set(ds.pool.uids) and set(captions) == {"zero", "one"}
     with pytest.raises(UserError, match="unknown classes"):
@@ -151,5 +154,5 @@ def test_label_noise_keeps_the_pool_val_and_notes(tmp_path):
     assert noisy.pool is not None and noisy.pool.uids == clean.pool.uids
     np.testing.assert_array_equal(noisy.splits["val"].labels, clean.splits["val"].labels)
     assert noisy.notes == clean.notes and noisy.describe()["world_pool_size"] == len(clean.pool)
-    uids, *_ = world_samples({"kind": "world", "size": 50}, noisy)
+    uids, *_ = world_samples(source_from_mapping({"kind": "world", "dataset": noisy.name, "size": 50}), noisy)
     assert set(uids) <= set(clean.pool.uids)

@@ -61,13 +61,16 @@ from retformer.kb_builder.download.chunk import (
     read_chunk_marker,
 )
 from retformer.kb_builder.download.settings import (
-    DEFAULT_SETTINGS,
     RETRY_INPUT_NAME,
     SUCCESS_NAME,
     DownloadTask,
     failure_class,
-    normalize_settings,
     plan_download,
+)
+from retformer.kb_builder.download.settings_schema import (
+    DEFAULT_SETTINGS,
+    DownloadSettings,
+    normalize_settings,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "RETRY_INPUT_NAME",
     "SUCCESS_NAME",
+    "DownloadSettings",
     "DownloadTask",
     "download_chunk",
     "failure_class",
@@ -117,7 +121,7 @@ def run_download(
         "stage": "download",
         "retry_failed": retry_failed,
         "img2dataset_version": _img2dataset_version(),
-        "settings": tasks[0].settings if tasks else {},
+        "settings": tasks[0].settings.model_dump() if tasks else {},
         "totals": {
             "chunks": len(results),
             "samples": sum(r["count"] for r in results),

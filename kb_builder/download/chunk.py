@@ -30,21 +30,20 @@ from retformer.kb_builder.download.settings import (
     RETRY_PREFIX,
     RUN_ONLY_KEYS,
     SUCCESS_NAME,
-    UID_COL,
     chunk_name,
     failure_class,
-    normalize_settings,
     settings_fingerprint,
 )
+from retformer.kb_builder.download.settings_schema import UID_COL, DownloadSettings, normalize_settings
 
 log = logging.getLogger(__name__)
 
 
-def _read_input(chunk: Path, settings: dict[str, Any]) -> pa.Table:
+def _read_input(chunk: Path, settings: DownloadSettings) -> pa.Table:
     """The url / caption / uid columns of a chunk, validated (UserError on bad input)."""
     if not chunk.is_file():
         raise UserError(f"metadata chunk not found: {chunk}")
-    cols = [settings["url_col"], UID_COL] + ([settings["caption_col"]] if settings["caption_col"] else [])
+    cols = [settings.url_col, UID_COL] + ([settings.caption_col] if settings.caption_col else [])
     try:
         names = pq.read_schema(chunk).names
     except (OSError, pa.ArrowInvalid) as exc:
@@ -75,13 +74,13 @@ def _shard_stem(index: int) -> str:
 
 
 def _round_record(
-    chunk_dir: Path, round_name: str, n_rows: int, settings: dict[str, Any], seconds: float
+    chunk_dir: Path, round_name: str, n_rows: int, settings: DownloadSettings, seconds: float
 ) -> dict:
     """Check that img2dataset finished every shard of a round (tar, status Parquet and stats json) and
     summarise it; a RuntimeError (the chunk stays incomplete) names the shards it did not finish."""
     folder = chunk_dir if round_name == MAIN_ROUND else chunk_dir / round_name
     prefix = "" if round_name == MAIN_ROUND else f"{round_name}/"
-    n_shards = math.ceil(n_rows / settings["number_sample_per_shard"])
+    n_shards = math.ceil(n_rows / settings.number_sample_per_shard)
     shards: list[dict[str, Any]] = []
     totals: Counter[str] = Counter()
     failures: Counter[str] = Counter()
@@ -208,7 +207,7 @@ def _listed_shards(marker: dict) -> list[str]:
 def download_chunk(
     chunk_parquet: Path | str,
     out_dir: Path | str,
-    settings: dict[str, Any] | None = None,
+    settings: DownloadSettings | None = None,
     retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Download one metadata chunk into `out_dir/<chunk stem>/` (idempotent; see the module doc).
@@ -251,7 +250,7 @@ def download_chunk(
             "input_rows": table.num_rows,
             "input_bytes": chunk.stat().st_size,
             "fingerprint": fingerprint,
-            "settings": {k: v for k, v in settings.items() if k not in RUN_ONLY_KEYS},
+            "settings": settings.model_dump(exclude=set(RUN_ONLY_KEYS)),
             "img2dataset_version": _img2dataset_version(),
             "rounds": [
                 _round_record(chunk_dir, MAIN_ROUND, table.num_rows, settings, time.perf_counter() - t0)

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retformer.kb_builder.download.settings import _OOM_SHARD_COUNT, FETCH_LIMIT_KEYS, LOG_NAME, UID_COL
+from retformer.kb_builder.download.settings import _OOM_SHARD_COUNT, FETCH_LIMIT_KEYS, LOG_NAME
+from retformer.kb_builder.download.settings_schema import UID_COL, DownloadSettings
 
 
 def _img2dataset_version() -> str:
@@ -29,14 +30,14 @@ def _quiet_env() -> dict[str, str]:
     return {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
 
 
-def _download_kwargs(input_parquet: Path, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def _download_kwargs(input_parquet: Path, folder: Path, settings: DownloadSettings) -> dict[str, Any]:
     """img2dataset.download() arguments for one run (also what the in-process engine mirrors)."""
     s = settings
     return {
         "url_list": str(input_parquet),
         "input_format": "parquet",
-        "url_col": s["url_col"],
-        "caption_col": s["caption_col"],
+        "url_col": s.url_col,
+        "caption_col": s.caption_col,
         "save_additional_columns": [UID_COL],
         "output_format": "webdataset",
         "output_folder": str(folder),
@@ -45,28 +46,28 @@ def _download_kwargs(input_parquet: Path, folder: Path, settings: dict[str, Any]
         "incremental_mode": "incremental",
         "enable_wandb": False,
         "distributor": "multiprocessing",
-        "processes_count": s["processes_count"],
-        "thread_count": s["thread_count"],
-        "image_size": s["image_size"],
-        "resize_mode": s["resize_mode"],
-        "resize_only_if_bigger": s["resize_only_if_bigger"],
-        "upscale_interpolation": s["upscale_interpolation"],
-        "downscale_interpolation": s["downscale_interpolation"],
-        "encode_format": s["encode_format"],
-        "encode_quality": s["encode_quality"],
-        "skip_reencode": s["skip_reencode"],
-        "disable_all_reencoding": s["disable_all_reencoding"],
-        "min_image_size": s["min_image_size"],
-        "max_image_area": float("inf") if s["max_image_area"] is None else s["max_image_area"],
-        "max_aspect_ratio": float("inf") if s["max_aspect_ratio"] is None else s["max_aspect_ratio"],
-        "number_sample_per_shard": s["number_sample_per_shard"],
-        "extract_exif": s["extract_exif"],
-        "compute_hash": s["compute_hash"],
-        "timeout": s["timeout"],
-        "retries": s["retries"],
-        "max_shard_retry": s["max_shard_retry"],
-        "user_agent_token": s["user_agent_token"],
-        "disallowed_header_directives": s["disallowed_header_directives"],
+        "processes_count": s.processes_count,
+        "thread_count": s.thread_count,
+        "image_size": s.image_size,
+        "resize_mode": s.resize_mode,
+        "resize_only_if_bigger": s.resize_only_if_bigger,
+        "upscale_interpolation": s.upscale_interpolation,
+        "downscale_interpolation": s.downscale_interpolation,
+        "encode_format": s.encode_format,
+        "encode_quality": s.encode_quality,
+        "skip_reencode": s.skip_reencode,
+        "disable_all_reencoding": s.disable_all_reencoding,
+        "min_image_size": s.min_image_size,
+        "max_image_area": float("inf") if s.max_image_area is None else s.max_image_area,
+        "max_aspect_ratio": float("inf") if s.max_aspect_ratio is None else s.max_aspect_ratio,
+        "number_sample_per_shard": s.number_sample_per_shard,
+        "extract_exif": s.extract_exif,
+        "compute_hash": s.compute_hash,
+        "timeout": s.timeout,
+        "retries": s.retries,
+        "max_shard_retry": s.max_shard_retry,
+        "user_agent_token": s.user_agent_token,
+        "disallowed_header_directives": s.disallowed_header_directives,
     }
 
 
@@ -170,14 +171,14 @@ _SUBPROCESS_MAIN = (
 )
 
 
-def _run_img2dataset(input_parquet: Path, folder: Path, settings: dict[str, Any]) -> None:
+def _run_img2dataset(input_parquet: Path, folder: Path, settings: DownloadSettings) -> None:
     """Run img2dataset on `input_parquet` into the empty folder `folder`; its console output goes to
     `folder/_img2dataset.log`."""
     kwargs = _download_kwargs(input_parquet, folder, settings)
-    limits = {key: settings[key] for key in FETCH_LIMIT_KEYS}
+    limits = {key: getattr(settings, key) for key in FETCH_LIMIT_KEYS}
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / LOG_NAME
-    if settings["processes_count"] > 1 or not _in_process_supported():
+    if settings.processes_count > 1 or not _in_process_supported():
         # JSON has no infinity: leave unset limits to img2dataset's defaults (no limit).
         kwargs = {k: v for k, v in kwargs.items() if not (isinstance(v, float) and math.isinf(v))}
         with open(log_path, "ab") as out:

@@ -37,6 +37,8 @@ import img2dataset.downloader as _i2d
 from img2dataset.downloader import Downloader
 from PIL import Image, UnidentifiedImageError
 
+from retformer.kb_builder.download.settings_schema import DownloadSettings
+
 ALLOWED_SCHEMES = ("http", "https")
 _READ_SIZE = 1 << 16
 # img2dataset's browser-like agent string (servers answer it as they answer img2dataset).
@@ -220,12 +222,12 @@ def install_in_download(limits: dict[str, Any]) -> None:
     img2dataset.main.Downloader = SafeDownloader
 
 
-def limits_from_settings(settings: dict[str, Any]) -> FetchLimits:
+def limits_from_settings(settings: DownloadSettings) -> FetchLimits:
     """The FetchLimits of normalised download settings."""
     return FetchLimits(
-        max_bytes=int(settings["max_bytes"]),
-        max_pixels=int(settings["max_pixels"]),
-        deadline=float(settings["deadline"]),
+        max_bytes=int(settings.max_bytes),
+        max_pixels=int(settings.max_pixels),
+        deadline=float(settings.deadline),
     )
 
 

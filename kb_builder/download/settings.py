@@ -8,53 +8,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from retformer.artifacts.atomic import is_leftover_tmp
 from retformer.artifacts.errors import UserError
+from retformer.kb_builder.download.settings_schema import DownloadSettings, normalize_settings
 
 FORMAT_VERSION = 1
 SUCCESS_NAME = "_SUCCESS"
 LOG_NAME = "_img2dataset.log"
 RETRY_PREFIX = "retry-"
 RETRY_INPUT_NAME = "_input.parquet"
-UID_COL = "uid"
 MAIN_ROUND = "."
 
-# img2dataset's own defaults, except caption_col ("text", DataComp's) and thread_count (its 256 is sized
-# for one process per core over the open internet).
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "url_col": "url",
-    "caption_col": "text",
-    "image_size": 256,
-    "resize_mode": "border",
-    "resize_only_if_bigger": False,
-    "upscale_interpolation": "lanczos",
-    "downscale_interpolation": "area",
-    "encode_format": "jpg",
-    "encode_quality": None,  # None: 95 for jpg/webp, 9 for png (png's "quality" is a 0-9 compression)
-    "skip_reencode": False,
-    "disable_all_reencoding": False,
-    "min_image_size": 0,
-    "max_image_area": None,  # None: no limit (img2dataset's float("inf"), which JSON cannot hold)
-    "max_aspect_ratio": None,
-    "number_sample_per_shard": 10000,
-    "extract_exif": True,
-    "compute_hash": "sha256",
-    "user_agent_token": None,
-    "disallowed_header_directives": None,  # None: img2dataset's default (noai, noimageai, noindex, ...)
-    "processes_count": 1,
-    "thread_count": 64,
-    "timeout": 10,
-    "retries": 0,
-    "max_shard_retry": 1,
-    # Our limits per request (kb_builder/download/fetch.py; img2dataset has none of them): bytes of one
-    # response, pixels of one image (read from its header before anything is decoded: Pillow's own
-    # decompression-bomb limit), and seconds for the whole request (`timeout` is per socket operation).
-    "max_bytes": 20 * 1024 * 1024,
-    "max_pixels": 89_478_485,
-    "deadline": 60,
-}
 FETCH_LIMIT_KEYS = ("max_bytes", "max_pixels", "deadline")
 # Settings that change how a chunk is fetched but not what it contains: changing them never redoes a chunk.
 # The fetch limits are here too, as `timeout` is: a chunk fetched under other limits is kept (use
@@ -62,16 +27,6 @@ FETCH_LIMIT_KEYS = ("max_bytes", "max_pixels", "deadline")
 RUN_ONLY_KEYS = frozenset(
     {"processes_count", "thread_count", "timeout", "retries", "max_shard_retry", *FETCH_LIMIT_KEYS}
 )
-# download() arguments this stage fixes itself.
-_FIXED_KEYS = frozenset(
-    {
-        "url_list", "input_format", "output_format", "output_folder", "save_additional_columns",
-        "incremental_mode", "enable_wandb", "wandb_project", "distributor", "subjob_size",
-        "oom_shard_count", "bbox_col", "verify_hash",
-    }
-)  # fmt: skip
-_RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-_ENCODE_FORMATS = ("jpg", "png", "webp")
 _OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5-digit (00000.tar)
 
 
@@ -81,7 +36,7 @@ class DownloadTask:
 
     chunk: Path
     out_dir: Path
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: DownloadSettings = field(default_factory=lambda: normalize_settings(None))
 
     @property
     def name(self) -> str:
@@ -96,55 +51,9 @@ def chunk_name(chunk: Path | str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- settings
-def normalize_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
-    """`settings` over DEFAULT_SETTINGS, validated; a UserError names the first bad key."""
-    settings = dict(settings or {})
-    fixed = sorted(set(settings) & _FIXED_KEYS)
-    if fixed:
-        raise UserError(f"download settings: {', '.join(fixed)} is set by the download stage itself")
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
-    if unknown:
-        raise UserError(
-            f"download settings: unknown key(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(DEFAULT_SETTINGS))}"
-        )
-    out = {**DEFAULT_SETTINGS, **settings}
-    for key in (
-        "image_size", "number_sample_per_shard", "processes_count", "thread_count", "timeout",
-        "max_bytes", "max_pixels",
-    ):  # fmt: skip
-        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
-            raise UserError(f"download settings: {key} must be an integer >= 1, got {out[key]!r}")
-    for key in ("retries", "max_shard_retry", "min_image_size"):
-        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 0:
-            raise UserError(f"download settings: {key} must be an integer >= 0, got {out[key]!r}")
-    deadline = out["deadline"]
-    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
-        raise UserError(f"download settings: deadline must be a number of seconds > 0, got {deadline!r}")
-    if out["resize_mode"] not in _RESIZE_MODES:
-        raise UserError(
-            f"download settings: resize_mode must be one of {_RESIZE_MODES}, got {out['resize_mode']!r}"
-        )
-    if out["encode_format"] not in _ENCODE_FORMATS:
-        raise UserError(
-            f"download settings: encode_format must be one of {_ENCODE_FORMATS}, got {out['encode_format']!r}"
-        )
-    if out["encode_quality"] is None:
-        out["encode_quality"] = 9 if out["encode_format"] == "png" else 95
-    if not isinstance(out["url_col"], str) or not out["url_col"]:
-        raise UserError(f"download settings: url_col must be a column name, got {out['url_col']!r}")
-    if out["caption_col"] is not None and not isinstance(out["caption_col"], str):
-        raise UserError(
-            f"download settings: caption_col must be a column name or null, got {out['caption_col']!r}"
-        )
-    if UID_COL in (out["url_col"], out["caption_col"]):
-        raise UserError(f"download settings: the {UID_COL!r} column cannot also be the url or caption column")
-    return out
-
-
-def settings_fingerprint(settings: dict[str, Any]) -> str:
+def settings_fingerprint(settings: DownloadSettings) -> str:
     """Hash of the settings that determine a chunk's content (everything but RUN_ONLY_KEYS)."""
-    content = {k: v for k, v in sorted(normalize_settings(settings).items()) if k not in RUN_ONLY_KEYS}
+    content = {k: v for k, v in sorted(settings.model_dump().items()) if k not in RUN_ONLY_KEYS}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -206,9 +115,12 @@ def failure_class(message: str | None, status: str | None = None) -> str:
 
 # ----------------------------------------------------------------------------------------------- plan
 def plan_download(
-    metadata: Path | str | Sequence[Path | str], out_dir: Path | str, settings: dict[str, Any] | None = None
+    metadata: Path | str | Sequence[Path | str],
+    out_dir: Path | str,
+    settings: DownloadSettings | None = None,
 ) -> list[DownloadTask]:
-    """One task per metadata Parquet chunk: a directory means its `*.parquet` files (sorted)."""
+    """One task per metadata Parquet chunk: a directory means its `*.parquet` files (sorted); `settings`
+    as `normalize_settings` checked them (None: the defaults)."""
     settings = normalize_settings(settings)
     items = [metadata] if isinstance(metadata, (str, Path)) else list(metadata)
     chunks: list[Path] = []
