@@ -33,6 +33,7 @@ from retformer.artifacts.atomic import atomic_path
 from retformer.artifacts.errors import UserError
 from retformer.trainer import distributed
 from retformer.trainer.model_factory import model_from_config
+from retformer.trainer.stored_model import StoredFinetune, parse_stored_model
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +167,14 @@ def load_saved_model(path: Path | str, map_location: str | torch.device = "cpu")
         raise UserError(f"{path} is not a RetFormer trainer checkpoint")
     if raw.get("model_config") is None:
         raise UserError(f"{path} has no model config; cannot rebuild the model")
-    config, info = raw["model_config"], dict(raw.get("info") or {})
+    info = dict(raw.get("info") or {})
     try:
-        model = _finetune_model(path, config, info) if config.get("kind") == "finetune" else None
-        model = model or model_from_config(config)
+        stored = parse_stored_model(raw["model_config"])
+        model = (
+            _finetune_model(path, stored, info)
+            if isinstance(stored, StoredFinetune)
+            else model_from_config(stored)
+        )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{path}: cannot rebuild the model from its config ({exc})") from exc
     try:
@@ -181,7 +186,7 @@ def load_saved_model(path: Path | str, map_location: str | torch.device = "cpu")
     return SavedModel(model.eval(), info, extra, path)
 
 
-def _finetune_model(path: Path, config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
+def _finetune_model(path: Path, stored: StoredFinetune, info: dict[str, Any]) -> nn.Module:
     """A fine-tuned encoder + head, built from the KB's image encoder spec the file records."""
     from retformer.kb_builder.encoders import build_image_encoder
     from retformer.trainer.finetune_model import FinetuneModel
@@ -189,7 +194,7 @@ def _finetune_model(path: Path, config: dict[str, Any], info: dict[str, Any]) ->
     spec = (info.get("encoders") or {}).get("image")
     if spec is None:
         raise UserError(f"{path} is a fine-tuned model without its image encoder spec; cannot rebuild it")
-    return FinetuneModel(build_image_encoder(spec), model_from_config(config["head"]))
+    return FinetuneModel(build_image_encoder(spec), model_from_config(stored.head))
 
 
 def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:
