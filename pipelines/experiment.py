@@ -44,13 +44,15 @@ from retformer.artifacts.atomic import write_json_atomic
 from retformer.artifacts.embeddings_io import read_embeddings
 from retformer.artifacts.errors import UserError
 from retformer.artifacts.names import prediction_file, safe_name
+from retformer.artifacts.schema import Section
 from retformer.artifacts.workspace import Workspace, read_json
 from retformer.pipelines.experiment_context import ExperimentContext, start_over
 from retformer.pipelines.experiment_methods import run_method, selects
 from retformer.pipelines.experiment_plan import eval_splits, plan_experiment
+from retformer.pipelines.experiment_schema import ModelSection, SelectSection, ZeroshotSection
 from retformer.pipelines.runs import write_predictions
 from retformer.trainer import distributed
-from retformer.trainer.checkpoint import result_fingerprint
+from retformer.trainer.checkpoint import Selection, result_fingerprint
 from retformer.trainer.evaluate import prediction_table
 from retformer.trainer.features import load_retrieval_features, neighbor_k_values
 from retformer.trainer.methods import RETRIEVAL_FREE
@@ -233,19 +235,26 @@ def _fingerprint(exp: dict[str, Any], plan: dict[str, Any], method: str, k: int,
     """`result_fingerprint` of what a method's result depends on (with selection: its grid too, so a
     changed grid reruns the method)."""
     config = plan["configs"].get(method)
-    model_fp = exp.get("model") if config is not None else None
+    selection = None
     if selects(exp, method):
-        sel = {"select_split": exp.get("select_split"), "recipe": plan["recipe"], "select": exp.get("select")}
-        model_fp = {"model": exp.get("model"), **sel}
+        select = _section(SelectSection, exp.get("select"))
+        selection = Selection(exp.get("select_split"), plan["recipe"], select)
+    trained = config is not None or selection is not None
     return result_fingerprint(
         method,
         config,
-        model_fp,
-        exp.get("zeroshot") if method == "zeroshot" else None,
+        _section(ModelSection, exp.get("model")) if trained else None,
+        _section(ZeroshotSection, exp.get("zeroshot")) if method == "zeroshot" else None,
         None if method in RETRIEVAL_FREE else k,
         inputs.train_size,
         inputs.eval_sizes,
+        selection,
     )
+
+
+def _section(schema: type[Section], given: dict[str, Any] | None) -> Section | None:
+    """The experiment's section as given (its values already checked by the manifest loader)."""
+    return None if given is None else schema.model_validate(given)
 
 
 def _report(

@@ -31,6 +31,7 @@ from torch import nn
 
 from retformer.artifacts.atomic import atomic_path
 from retformer.artifacts.errors import UserError
+from retformer.artifacts.schema import Section, dump_given
 from retformer.trainer import distributed
 from retformer.trainer.model_factory import model_from_config
 from retformer.trainer.stored_model import StoredFinetune, parse_stored_model
@@ -251,23 +252,43 @@ def _discard_stale(path: Path, config: Any, model: nn.Module, num_train: int) ->
     return True
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a method whose hyper-parameters are selected on val also depends on: the split it selects on,
+    the recipe, and the experiment's `select:` section as given (None: not given)."""
+
+    split: str | None
+    recipe: str
+    select: Section | None
+
+
+def _given(section: Section | None) -> dict[str, Any] | None:
+    return None if section is None else dump_given(section)
+
+
 def result_fingerprint(
     method: str,
     config: Any,
-    model_spec: dict | None,
-    zeroshot_spec: dict | None,
+    model: Section | None,
+    zeroshot: Section | None,
     k: int | None,
     n_train: int,
     n_eval: dict[str, int],
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """What a finished method's result depends on (a killed run's rerun reuses it only if equal).
-    `k` is None for retrieval-free methods, `model_spec` None for untrained ones."""
+    """What a finished method's result depends on (a killed run's rerun reuses it only if equal): the
+    experiment's `model:` and `zeroshot:` sections as given (`dump_given`), with `selection` the model's
+    with the selection's. `k` is None for retrieval-free methods, `model` None for untrained ones."""
+    model_fp = _given(model)
+    if selection is not None:
+        split, recipe, select = selection.split, selection.recipe, _given(selection.select)
+        model_fp = {"model": model_fp, "select_split": split, "recipe": recipe, "select": select}
     return jsonable(
         {
             "method": method,
             "train": asdict(config) if config is not None else None,
-            "model": model_spec,
-            "zeroshot": zeroshot_spec,
+            "model": model_fp,
+            "zeroshot": _given(zeroshot),
             "k": k,
             "n_train": n_train,
             "n_eval": n_eval,
