@@ -65,6 +65,7 @@ from retformer.trainer.features import load_retrieval_features, neighbor_table_p
 from retformer.trainer.model import relevance  # noqa: E402
 from retformer.trainer.model_factory import build_model, model_from_config  # noqa: E402
 from retformer.trainer.selection import shuffled  # noqa: E402
+from retformer.trainer.stored_model import parse_stored_model  # noqa: E402
 from retformer.trainer.train import (  # noqa: E402
     head_threads,
     intra_op_threads,
@@ -261,7 +262,7 @@ def bare_stacked(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, i
     seconds, steps, rows = 0.0, 0, 0
     for cell, (lr, la_tau) in enumerate(opts.retformer_grid):
         torch.manual_seed(config.seed)
-        model = model_from_config(ctx["retformer_config"])
+        model = model_from_config(parse_stored_model(ctx["retformer_config"]))
         model.mlp.requires_grad_(False)
         cfg = replace(config, lr=lr, epochs=epochs)
         adjust = logit_adjustment(info.get("train_class_counts"), la_tau) if la_tau else None

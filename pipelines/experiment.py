@@ -52,7 +52,7 @@ from retformer.pipelines.experiment_plan import eval_splits, plan_experiment
 from retformer.pipelines.experiment_schema import ExperimentManifest
 from retformer.pipelines.runs import write_predictions
 from retformer.trainer import distributed
-from retformer.trainer.checkpoint import result_fingerprint
+from retformer.trainer.checkpoint import Selection, result_fingerprint
 from retformer.trainer.evaluate import prediction_table
 from retformer.trainer.features import load_retrieval_features, neighbor_k_values
 from retformer.trainer.methods import RETRIEVAL_FREE
@@ -239,19 +239,19 @@ def _fingerprint(exp: ExperimentManifest, plan: dict[str, Any], method: str, k: 
     """`result_fingerprint` of what a method's result depends on (with selection: its grid too, so a
     changed grid reruns the method): the sections as the manifest gives them (`dump_given`)."""
     config = plan["configs"].get(method)
-    written = dump_given(exp)
-    model_fp = written.get("model") if config is not None else None
+    selection = None
     if selects(exp, method):
-        sel = {"select_split": exp.select_split, "recipe": plan["recipe"], "select": written.get("select")}
-        model_fp = {"model": written.get("model"), **sel}
+        selection = Selection(exp.select_split, plan["recipe"], exp.select)
+    trained = config is not None or selection is not None
     return result_fingerprint(
         method,
         config,
-        model_fp,
-        written.get("zeroshot") if method == "zeroshot" else None,
+        exp.model if trained else None,
+        exp.zeroshot if method == "zeroshot" else None,
         None if method in RETRIEVAL_FREE else k,
         inputs.train_size,
         inputs.eval_sizes,
+        selection,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,33 @@ def code_commit(where: Path | None = None) -> str:
     return commit if proc.returncode == 0 and commit else "unknown"
 
 
-def _encoder(spec: dict[str, object] | None) -> str:
-    """`efficientnet_lite0 (image_size=64)`: the name, then every other key of the spec (as a JSON record
-    holds it: eval.json's or the embed record's, read back, not a validated manifest section)."""
-    if not spec:
-        return "none"
-    rest = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-    return f"{spec.get('name')}" + (f" ({rest})" if rest else "")
+@dataclass(frozen=True)
+class EncoderRecord:
+    """An encoder as eval.json or a KB's embed record names it: its `name`, then its other keys in the
+    record's order. Read leniently (`read`): the header never fails on an old record."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def read(cls, recorded: object) -> EncoderRecord | None:
+        """The record's encoder entry; None where it is missing or empty, its text as the name where it is
+        no mapping."""
+        if not recorded:
+            return None
+        if not isinstance(recorded, dict):
+            return cls(str(recorded))
+        return cls(str(recorded.get("name")), tuple((str(k), v) for k, v in recorded.items() if k != "name"))
+
+    def __str__(self) -> str:
+        """`efficientnet_lite0 (image_size=64)`: the name, then every other key of the record."""
+        rest = ", ".join(f"{k}={v}" for k, v in self.params)
+        return self.name + (f" ({rest})" if rest else "")
+
+
+def _encoder(encoder: EncoderRecord | None) -> str:
+    """The encoder's text, "none" where the record names none."""
+    return "none" if encoder is None else str(encoder)
 
 
 def browse_command(run_dir: Path, ws: Workspace | None, cwd: Path | None = None) -> str:
@@ -81,8 +102,8 @@ def header_facts(run_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         source = f"KB {kb}'s embed record"
     facts: dict[str, str] = {}
     if encoders:
-        facts["image encoder"] = f"{_encoder(encoders.get('image'))} ({source})"
-        facts["text encoder"] = f"{_encoder(encoders.get('text'))} ({source})"
+        facts["image encoder"] = f"{_encoder(EncoderRecord.read(encoders.get('image')))} ({source})"
+        facts["text encoder"] = f"{_encoder(EncoderRecord.read(encoders.get('text')))} ({source})"
     else:
         where = "the run is outside a workspace" if ws is None else f"no embed record for KB {kb}"
         facts["encoders"] = f"unknown ({where})"

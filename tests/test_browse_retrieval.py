@@ -17,6 +17,7 @@ from retformer.trainer.checkpoint import load_saved_model, save_model
 from retformer.trainer.features import load_retrieval_features
 from retformer.trainer.model import relevance
 from retformer.trainer.model_factory import model_from_config
+from retformer.trainer.stored_model import parse_stored_model
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -109,7 +110,7 @@ def test_gated_rule_uses_retrieval_only_above_t(e2e_workspace: Path, tmp_path: P
     s = np.sort(direct(e2e_workspace, saved.model)["s"])
     t = float((s[len(s) // 2 - 1] + s[len(s) // 2]) / 2)  # between two images: no tie with any s
     rule = {"recipe": "stacked", "alpha": 1.0, "beta": 0.0, "gate_t": t, "prior_tau": 1.0}
-    model = model_from_config({**saved.model.config, **rule})
+    model = model_from_config(parse_stored_model({**saved.model.config, **rule}))
     model.load_state_dict(saved.model.state_dict())
     model.set_prior(report["train_class_counts"])
     copy = tmp_path / "runs" / "gated"

@@ -12,6 +12,7 @@ from retformer.trainer.config import FusionOptions
 from retformer.trainer.image_models import LinearProbe, MLPOnly
 from retformer.trainer.model import RetFormer, neighbor_attention
 from retformer.trainer.model_factory import build_model, model_from_config
+from retformer.trainer.stored_model import parse_stored_model
 
 torch.set_num_threads(1)
 
@@ -150,7 +151,7 @@ def test_logits_are_tau_half_sum_of_branches() -> None:
 def test_model_from_config_roundtrip(kind: str) -> None:
     """A model rebuilt from its .config and state_dict gives identical logits (what checkpoints rely on)."""
     model = _model(kind)
-    clone = model_from_config(model.config).eval()
+    clone = model_from_config(parse_stored_model(model.config)).eval()
     clone.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(model(*_inputs()), clone(*_inputs()))
@@ -211,7 +212,7 @@ def test_stacked_recipe_combines_branches_by_alpha_and_gate(kind: str) -> None:
         gated = stacked(z, nn_img, nn_txt)
         torch.testing.assert_close(gated[0], li[0] + 0.5 * lr[0])
         torch.testing.assert_close(gated[1:], li[1:])
-        clone = model_from_config(stacked.config).eval()
+        clone = model_from_config(parse_stored_model(stacked.config)).eval()
         clone.load_state_dict(stacked.state_dict())
         assert torch.equal(clone(z, nn_img, nn_txt), gated)
         stacked.set_rule(replace(stacked.rule, alpha=0.0))

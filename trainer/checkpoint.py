@@ -31,8 +31,10 @@ from torch import nn
 
 from retformer.artifacts.atomic import atomic_path
 from retformer.artifacts.errors import UserError
+from retformer.artifacts.schema import Section, dump_given
 from retformer.trainer import distributed
 from retformer.trainer.model_factory import model_from_config
+from retformer.trainer.stored_model import StoredFinetune, parse_stored_model
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +168,14 @@ def load_saved_model(path: Path | str, map_location: str | torch.device = "cpu")
         raise UserError(f"{path} is not a RetFormer trainer checkpoint")
     if raw.get("model_config") is None:
         raise UserError(f"{path} has no model config; cannot rebuild the model")
-    config, info = raw["model_config"], dict(raw.get("info") or {})
+    info = dict(raw.get("info") or {})
     try:
-        model = _finetune_model(path, config, info) if config.get("kind") == "finetune" else None
-        model = model or model_from_config(config)
+        stored = parse_stored_model(raw["model_config"])
+        model = (
+            _finetune_model(path, stored, info)
+            if isinstance(stored, StoredFinetune)
+            else model_from_config(stored)
+        )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{path}: cannot rebuild the model from its config ({exc})") from exc
     try:
@@ -181,7 +187,7 @@ def load_saved_model(path: Path | str, map_location: str | torch.device = "cpu")
     return SavedModel(model.eval(), info, extra, path)
 
 
-def _finetune_model(path: Path, config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
+def _finetune_model(path: Path, stored: StoredFinetune, info: dict[str, Any]) -> nn.Module:
     """A fine-tuned encoder + head, built from the KB's image encoder spec the file records."""
     from retformer.kb_builder.encoders import build_image_encoder
     from retformer.kb_builder.kb_schema import image_encoder
@@ -191,7 +197,7 @@ def _finetune_model(path: Path, config: dict[str, Any], info: dict[str, Any]) ->
     if spec is None:
         raise UserError(f"{path} is a fine-tuned model without its image encoder spec; cannot rebuild it")
     encoder = build_image_encoder(image_encoder(spec, str(path)))
-    return FinetuneModel(encoder, model_from_config(config["head"]))
+    return FinetuneModel(encoder, model_from_config(stored.head))
 
 
 def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -248,23 +254,43 @@ def _discard_stale(path: Path, config: Any, model: nn.Module, num_train: int) ->
     return True
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a method whose hyper-parameters are selected on val also depends on: the split it selects on,
+    the recipe, and the experiment's `select:` section as given (None: not given)."""
+
+    split: str | None
+    recipe: str
+    select: Section | None
+
+
+def _given(section: Section | None) -> dict[str, Any] | None:
+    return None if section is None else dump_given(section)
+
+
 def result_fingerprint(
     method: str,
     config: Any,
-    model_spec: dict | None,
-    zeroshot_spec: dict | None,
+    model: Section | None,
+    zeroshot: Section | None,
     k: int | None,
     n_train: int,
     n_eval: dict[str, int],
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """What a finished method's result depends on (a killed run's rerun reuses it only if equal).
-    `k` is None for retrieval-free methods, `model_spec` None for untrained ones."""
+    """What a finished method's result depends on (a killed run's rerun reuses it only if equal): the
+    experiment's `model:` and `zeroshot:` sections as given (`dump_given`), with `selection` the model's
+    with the selection's. `k` is None for retrieval-free methods, `model` None for untrained ones."""
+    model_fp = _given(model)
+    if selection is not None:
+        split, recipe, select = selection.split, selection.recipe, _given(selection.select)
+        model_fp = {"model": model_fp, "select_split": split, "recipe": recipe, "select": select}
     return jsonable(
         {
             "method": method,
             "train": asdict(config) if config is not None else None,
-            "model": model_spec,
-            "zeroshot": zeroshot_spec,
+            "model": model_fp,
+            "zeroshot": _given(zeroshot),
             "k": k,
             "n_train": n_train,
             "n_eval": n_eval,

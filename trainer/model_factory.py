@@ -1,17 +1,18 @@
 """The one model factory: a method's model from the experiment's `model:` options (`build_model`), and a
-saved model rebuilt from its stored `.config` (`model_from_config`, trainer/checkpoint.py).
+saved model rebuilt from its stored `.config` (`model_from_config` of `parse_stored_model`'s typed
+value, trainer/stored_model.py; trainer/checkpoint.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
-from typing import Any
+from dataclasses import replace
 
 from torch import nn
 
 from retformer.trainer.config import FusionOptions, PredictionRule
 from retformer.trainer.image_models import LinearProbe, MLPOnly
-from retformer.trainer.model import RETFORMER_VARIANTS, STORED_KEYS, RetFormer
+from retformer.trainer.model import RETFORMER_VARIANTS, RetFormer
+from retformer.trainer.stored_model import StoredLinearProbe, StoredMLPOnly, StoredModel, StoredRetFormer
 
 # Model kinds: the names of the feature-mode methods that train them (`trainer/methods.py`).
 MODEL_KINDS = (*RETFORMER_VARIANTS, "mlp_only", "linear_probe")
@@ -46,26 +47,17 @@ def build_model(
     raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
 
 
-def model_from_config(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its `.config` dict (as stored in checkpoints; a RetFormer's keys that a file
-    written before an option existed lacks take their defaults, an unknown key is a TypeError)."""
-    cfg = dict(config)
-    kind = cfg.pop("kind")
-    if kind in RETFORMER_VARIANTS:
-        unknown = sorted(set(cfg) - set(STORED_KEYS))
-        missing = [key for key in ("img_dim", "txt_dim", "num_classes") if key not in cfg]
-        if unknown or missing:
-            raise TypeError(f"RetFormer config: unexpected keys {unknown}, missing keys {missing}")
-        options = FusionOptions(**{f.name: cfg[f.name] for f in fields(FusionOptions) if f.name in cfg})
-        rule = PredictionRule(**{f.name: cfg[f.name] for f in fields(PredictionRule) if f.name in cfg})
-        shape = {key: cfg[key] for key in ("k", "variant") if key in cfg}
-        dims = cfg["img_dim"], cfg["txt_dim"], cfg["num_classes"]
-        return RetFormer(*dims, **shape, options=options, rule=rule)
-    if kind == "linear_probe":
-        return LinearProbe(**cfg)
-    if kind == "mlp_only":
-        hidden = cfg.get("mlp_hidden")
-        return MLPOnly(
-            cfg["img_dim"], cfg["num_classes"], hidden, float(cfg.get("prior_tau", 0.0)), cfg.get("log_prior")
-        )
-    raise ValueError(f"unknown model kind {kind!r} in config")
+def model_from_config(stored: StoredModel) -> nn.Module:
+    """Rebuild a model from its stored form (`parse_stored_model` of a checkpoint's `.config` dict; a
+    fine-tune model needs its encoder too: `trainer.checkpoint.load_saved_model`)."""
+    if isinstance(stored, StoredRetFormer):
+        shape = {key: v for key, v in (("k", stored.k), ("variant", stored.variant)) if v is not None}
+        dims = stored.img_dim, stored.txt_dim, stored.num_classes
+        return RetFormer(*dims, **shape, options=stored.options, rule=stored.rule)
+    if isinstance(stored, StoredLinearProbe):
+        return LinearProbe(stored.img_dim, stored.num_classes)
+    if isinstance(stored, StoredMLPOnly):
+        prior = {} if stored.prior_tau is None else {"prior_tau": stored.prior_tau}
+        sizes = stored.img_dim, stored.num_classes, stored.mlp_hidden
+        return MLPOnly(*sizes, log_prior=stored.log_prior, **prior)
+    raise ValueError("unknown model kind 'finetune' in config")
