@@ -354,7 +354,6 @@ def test_no_repeated_blocks():
     assert not found, f"{len(found)} repeated blocks:\n{report}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22: 88 dict[str, Any] config parameters below the loaders")
 def test_no_untyped_config_parameters():
     """No function outside the manifest loaders (schema modules, artifacts/manifest.py) takes a
     config-named parameter annotated `dict[str, Any]` (or a bare `dict`, `Mapping[str, Any]`); the
