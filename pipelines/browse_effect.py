@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from retformer.pipelines.relevance import mean_similarity, retrieval_applied
+from retformer.trainer.feature_batches import map_batches
 from retformer.trainer.features import RetrievalFeatures
 
 EFFECTS = ("helped", "hurt", "same")
@@ -44,14 +45,14 @@ def image_only_logits(model: nn.Module, features: RetrievalFeatures) -> torch.Te
     """(N, C) L_I of a RetFormer in eval mode: `branches(...)[0]`, minus prior_tau log prior under the
     stacked recipe (what `combine` starts from)."""
     cfg = model.config
-    out = []
-    for start in range(0, len(features), _BATCH):
-        b = features.inputs(start, min(start + _BATCH, len(features)))
+
+    def image_only(b: dict[str, torch.Tensor]) -> torch.Tensor:
         logits_i = model.branches(b["z"], b["nn_img"], b["nn_txt"], b.get("nn_label"))[0]
         if cfg["recipe"] == "stacked" and float(cfg["prior_tau"]):
             logits_i = logits_i - float(cfg["prior_tau"]) * model.log_prior.to(logits_i)
-        out.append(logits_i.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, int(cfg["num_classes"]))
+        return logits_i.float().cpu()
+
+    return map_batches(features, image_only, _BATCH, lambda: torch.zeros(0, int(cfg["num_classes"])))
 
 
 def effects(correct: np.ndarray, image_correct: np.ndarray) -> np.ndarray:

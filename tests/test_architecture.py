@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
-import pytest
-
 from tests.package_layout import module_of
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from retformer.trainer.evidence import caption_class_probs
+from retformer.trainer.feature_batches import map_batches
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.model import RetFormer, neighbor_attention, neighbour_similarity, relevance
 
@@ -114,8 +115,11 @@ def retrieval_share(model: RetFormer, features: RetrievalFeatures) -> float:
         return 0.0
     if rule.gate_t is None:
         return 1.0
-    used = 0
-    for start in range(0, len(features), 2048):
-        b = features.inputs(start, min(start + 2048, len(features)))
-        used += int((relevance(b["z"], b["nn_img"]) > float(rule.gate_t)).sum())
-    return used / max(len(features), 1)
+    gate_t = float(rule.gate_t)
+    passed = map_batches(
+        features,
+        lambda b: relevance(b["z"], b["nn_img"]) > gate_t,
+        2048,
+        lambda: torch.zeros(0, dtype=torch.bool),
+    )
+    return int(passed.sum()) / max(len(features), 1)

@@ -19,6 +19,7 @@ from retformer.trainer.evidence import (
     vote_from_parts,
     vote_parts,
 )
+from retformer.trainer.feature_batches import map_batches
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.model import RetFormer
 from retformer.trainer.val_criteria import criterion, top1
@@ -63,15 +64,16 @@ def split_vote_parts(
     hold (`VOTE_PARTS_MAX`)."""
     if len(features) * features.k * num_classes > VOTE_PARTS_MAX:
         return None
-    cos, probs = [], []
-    for start in range(0, len(features), batch_size):
-        b = features.inputs(start, min(start + batch_size, len(features)))
+
+    def parts(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
         c, p = vote_parts(kind, _neighbours(b), num_classes, class_text, caption_temp, caption_null)
-        cos.append(c)
-        probs.append(p.cpu())
-    if not probs:
+        return c, p.cpu()
+
+    out = map_batches(features, parts, batch_size)
+    if out is None:
         return None
-    return (None if cos[0] is None else torch.cat(cos).cpu()), torch.cat(probs)
+    cos, probs = out
+    return (None if cos is None else cos.cpu()), probs
 
 
 def select_knn_k(
@@ -106,12 +108,12 @@ def vote_scores(
     caption_vote, with the class-name prompt vectors `class_text`; caption: its (temperature, null
     similarity))."""
     f = features.subset_k(min(k, features.k))
-    out = []
-    for start in range(0, len(f), batch_size):
-        b = f.inputs(start, min(start + batch_size, len(f)))
-        vote = neighbour_vote(kind, *_neighbours(b), num_classes, vote_temp, class_text, *caption)
-        out.append(vote.cpu())
-    return torch.cat(out) if out else torch.zeros(0, num_classes)
+    return map_batches(
+        f,
+        lambda b: neighbour_vote(kind, *_neighbours(b), num_classes, vote_temp, class_text, *caption).cpu(),
+        batch_size,
+        lambda: torch.zeros(0, num_classes),
+    )
 
 
 def select_vote(

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from retformer.trainer.config import FusionOptions, SelectOptions
+from retformer.trainer.feature_batches import map_batches
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.image_models import MLPOnly
 from retformer.trainer.model import RetFormer, relevance
@@ -193,29 +194,29 @@ def branch_logits(
     (with_relevance=False: (L_I, L_R) only; s does not depend on the model, `relevance_of` computes it
     once per split)."""
     model.eval()
-    out: list[tuple[torch.Tensor, ...]] = []
     device = next(model.parameters()).device
     features.make_resident()  # read every epoch of a selection: its neighbours are gathered once
-    for start in range(0, len(features), batch_size):
-        stop = min(start + batch_size, len(features))
-        b = {k: v.to(device) for k, v in features.inputs(start, stop).items()}
+
+    def parts(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         li, lr = model.branches(b["z"], b["nn_img"], b["nn_txt"], b.get("nn_label"))
-        parts = (li.float().cpu(), lr.float().cpu())
+        out = (li.float().cpu(), lr.float().cpu())
         if with_relevance:
-            parts += (relevance(b["z"], b["nn_img"]).float().cpu(),)
-        out.append(parts)
-    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
+            out += (relevance(b["z"], b["nn_img"]).float().cpu(),)
+        return out
+
+    return map_batches(features, parts, batch_size, tuple, device=device)
 
 
 @torch.inference_mode()
 def relevance_of(features: RetrievalFeatures, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
     """s (N,) of every query, computed on `device` in `branch_logits`' batches: its values, bit for bit."""
     features.make_resident()
-    out = []
-    for start in range(0, len(features), batch_size):
-        b = features.inputs(start, min(start + batch_size, len(features)))
-        out.append(relevance(b["z"].to(device), b["nn_img"].to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    return map_batches(
+        features,
+        lambda b: relevance(b["z"].to(device), b["nn_img"].to(device)).float().cpu(),
+        batch_size,
+        lambda: torch.zeros(0),
+    )
 
 
 def rule_logits(

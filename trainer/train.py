@@ -42,6 +42,7 @@ from retformer.artifacts.errors import UserError
 from retformer.trainer import distributed
 from retformer.trainer.config import TrainConfig
 from retformer.trainer.evaluate import evaluate
+from retformer.trainer.feature_batches import map_batches
 from retformer.trainer.feature_feed import EPOCH_INPUT_BYTES, feature_feed
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.feed import Batch, Feed, Micro, split_micro
@@ -171,14 +172,14 @@ def predict(
     use_nn = needs_neighbors(model)
     if use_nn:
         features.make_resident()  # a split evaluated every epoch gathers its neighbours once
-    out = []
-    with intra_op_threads(head_threads(model, device)):
-        for start in range(0, len(features), batch_size):
-            stop = min(start + batch_size, len(features))
-            b = {k: v.to(device, non_blocking=True) for k, v in features.inputs(start, stop, use_nn).items()}
-            out.append(
-                model(b["z"], b.get("nn_img"), b.get("nn_txt"), nn_label=b.get("nn_label")).float().cpu()
-            )
-    if not out:
+
+    def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(b["z"], b.get("nn_img"), b.get("nn_txt"), nn_label=b.get("nn_label")).float().cpu()
+
+    def empty() -> torch.Tensor:
         return torch.zeros(0, _num_classes(model, features))
-    return torch.cat(out)
+
+    with intra_op_threads(head_threads(model, device)):
+        return map_batches(
+            features, forward, batch_size, empty, neighbors=use_nn, device=device, non_blocking=True
+        )
