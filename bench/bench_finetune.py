@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from retformer.artifacts.atomic import write_json_atomic  # noqa: E402
-from retformer.trainer.config import FinetuneConfig  # noqa: E402
+from retformer.trainer.config import FinetuneConfig, FusionOptions  # noqa: E402
 from retformer.trainer.features import RetrievalFeatures  # noqa: E402
 from retformer.trainer.finetune import FinetuneModel, finetune_fit, make_finetune_optimizer  # noqa: E402
 from retformer.trainer.model_factory import build_model  # noqa: E402
@@ -99,7 +99,8 @@ def make_model(args: argparse.Namespace) -> FinetuneModel:
 
     torch.manual_seed(0)
     encoder = build_image_encoder(ImageEncoder(name="open_clip", model=args.model, pretrained=None))
-    head = build_model("retformer", NUM_CLASSES, DIM, DIM, K, width=args.width, depth=args.depth, heads=8)
+    options = FusionOptions(width=args.width, depth=args.depth, heads=8)
+    head = build_model("retformer", NUM_CLASSES, DIM, DIM, K, options)
     return FinetuneModel(encoder, head)
 
 
