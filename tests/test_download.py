@@ -315,6 +315,7 @@ def test_rerun_skips_redo_and_retry_failed(site: Site, tmp_path: Path) -> None:
     assert sizes == {(48, 48)}
 
 
+@pytest.mark.system  # starts a Dask LocalCluster of worker processes
 def test_dask_cluster_runs_the_same_tasks(site: Site, tmp_path: Path) -> None:
     """The same tasks on a Dask LocalCluster (1 worker process) give the same counts and shards as the
     inline path, and retry_failed works there too."""

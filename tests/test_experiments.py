@@ -149,7 +149,15 @@ def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+# The default tier runs the demo's experiment, the feature recipe, zero-shot and a fine-tune (each a different
+# code path); the other manifests' small runs (~35 s together on 2 cores) run in the slow tier.
+DEFAULT_TIER_EXPERIMENTS = {"demo", "ours_fe", "clip_zeroshot", "ours_finetune"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in DEFAULT_TIER_EXPERIMENTS else pytest.param(n, marks=pytest.mark.slow) for n in EXPERIMENTS],
+)
 def test_experiment_manifest_runs_end_to_end(clip_ws, name):
     """`retformer train --experiment <name>` at small scale: exit 0, a table on stdout, and eval.json
     with every expected result (one per k in a sweep, one per eval split) in the expected mode,

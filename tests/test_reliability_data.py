@@ -659,6 +659,8 @@ def test_test_images_taken_down_leave_the_evaluation(embedded_user_kb, tmp_path)
     assert record(ws.run_dir("r17") / "eval.json")["methods"]["mlp_only"]["num_samples"] == 8
 
 
+# Embeds and indexes a user KB, then index / neighbors / predict per damage (~30 s, 2 cores): slow tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
 def test_a_damaged_faiss_shard_is_rebuilt_by_index_and_one_line_elsewhere(embedded_user_kb, tmp_path, damage):
     """Issue 17 (6): a faiss shard cut to 1000 bytes, or overwritten with random bytes of its size.

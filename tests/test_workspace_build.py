@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from tests.conftest import needs_fmnist
@@ -60,6 +61,8 @@ def _records(path: Path, root: Path) -> list:
     return [_strip(json.loads(line), str(root)) for line in lines]
 
 
+# Builds a second workspace through the real CLI (~40 s on 2 cores): the slow tier (make test-all).
+@pytest.mark.slow
 def test_in_process_workspace_is_byte_equal_to_the_cli_built_one(
     e2e_workspace: Path, small_manifests, tmp_path
 ):
