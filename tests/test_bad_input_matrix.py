@@ -429,6 +429,7 @@ def test_a_torn_record_read_by_another_stage_is_one_error_line(
 
 
 @needs_fmnist
+@pytest.mark.slow  # a full rerun of the stages on a copy of the workspace (~9 s on 2 cores)
 def test_a_torn_record_of_a_stage_output_makes_the_stage_redo_it(small_manifests, e2e_workspace, tmp_path):
     """Issue 17 (7): the stage that writes a record treats a torn one as absent and redoes the output
     (index.json: `retformer index`; _neighbors.json: `retformer neighbors`) instead of a traceback."""
