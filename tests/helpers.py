@@ -3,6 +3,7 @@ process-pool `map_tasks`, and the one CLI runner."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import tarfile
@@ -130,3 +131,15 @@ def fashion_mnist_world_pool(spec: Any) -> np.ndarray:
     from retformer.kb_builder import datasets
 
     return datasets.fashion_mnist_world_pool(dataset_manifest(spec))
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], fmt: int = tarfile.PAX_FORMAT) -> Path:
+    """A webdataset tar written member by member, `<key>.<ext>` per file (write_shards would refuse broken
+    images and keeps no odd member order)."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path

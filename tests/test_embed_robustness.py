@@ -24,6 +24,7 @@ from retformer.artifacts.shards import to_record as _to_record
 from retformer.kb_builder import embed
 from retformer.kb_builder.kb_schema import ImageEncoder, TextEncoder
 from tests.helpers import read_shard_tarfile as read_shard
+from tests.helpers import write_tar
 
 IMAGE_SPEC = ImageEncoder(name="efficientnet_lite0", image_size=32)
 TEXT_SPEC = TextEncoder(name="minilm")
@@ -56,17 +57,6 @@ def bomb_png() -> bytes:
     idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], fmt: int = tarfile.PAX_FORMAT) -> Path:
-    """A webdataset tar written member by member (write_shards would refuse the broken images)."""
-    with tarfile.open(path, "w", format=fmt) as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _meta(uid: str, label: int | None = 1) -> bytes:

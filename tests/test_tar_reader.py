@@ -3,9 +3,7 @@ every reader of shard images finds a sample under the same uid."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,10 @@ from retformer.artifacts.shards import IMAGE_EXTS, image_ext_of, image_members, 
 from retformer.artifacts.tar_reader import iter_shard_members
 from retformer.pipelines.shard_images import ShardImageReader
 from retformer.trainer.images import ShardImages
+from tests.helpers import write_tar
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"png-body"
 JPEG = b"\xff\xd8\xff" + b"jpeg-body"
-
-
-def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _img2dataset_shard(path: Path) -> Path:
@@ -37,7 +26,7 @@ def _img2dataset_shard(path: Path) -> Path:
         meta = {"uid": uid, "url": f"http://x/{i}", "key": f"{i:05d}", "status": "success", "caption": ""}
         files = {"jpg": JPEG + bytes([i]), "txt": b"", "json": json.dumps(meta).encode()}
         samples.append((f"{i:05d}", files))
-    return _write_tar(path, samples)
+    return write_tar(path, samples)
 
 
 def _webdataset_shard(path: Path) -> Path:
@@ -46,7 +35,7 @@ def _webdataset_shard(path: Path) -> Path:
     for i, uid in enumerate(["s0", "s1"]):
         meta = {"uid": uid, "label": i, "source": "test"}
         samples.append((uid, {"png": PNG + bytes([i]), "json": json.dumps(meta).encode()}))
-    return _write_tar(path, samples)
+    return write_tar(path, samples)
 
 
 @pytest.mark.parametrize("make", [_img2dataset_shard, _webdataset_shard])
@@ -92,7 +81,7 @@ def test_image_ext_picks_in_the_declared_order(tmp_path):
     assert IMAGE_EXTS[0] == "png"
     assert image_ext_of({"jpg": b"", "png": b"", "json": b""}) == "png"
     assert image_ext_of({"txt": b""}) is None
-    shard = _write_tar(tmp_path / "t.tar", [("a", {"jpg": JPEG, "png": PNG})])
+    shard = write_tar(tmp_path / "t.tar", [("a", {"jpg": JPEG, "png": PNG})])
     member = image_members(shard)["a"]
     assert member.ext == next(iter(read_shard(shard)))["image_ext"] == "png"
     assert member.size == len(PNG)
