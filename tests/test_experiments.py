@@ -232,15 +232,18 @@ def test_zeroshot_weights_follow_open_clip_prompts(clip_ws):
     assert torch.allclose(w.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
-# slow tier: in the full default tier it fails now and then at atol 1e-6 (AdamW's first step divides by
-# |g|, so the other summation order of near-zero gradients shows up in the weights); it passes run on its
-# own and with its module. Cause not found; the bound stays 1e-6 (see the issue 16 closing note).
+# The accumulation check compares the gradients AdamW receives, not the weights after its step: Adam's
+# first step is about lr * g / |g|, so a near-zero gradient summed in the other order (16 + 16 vs 32, or
+# another CPU's kernels: CI failed here at stop 25 with atol 1e-6 on the weights) can move a weight by
+# up to 2 lr. The gradients themselves agree to float rounding.
 @pytest.mark.slow
 def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
     """Fine-tune mechanics on the real shards: (1) two accumulated micro-batches of 16 give the same
     update as one batch of 32; (2) the encoder trains at encoder_lr, the head at lr; (3) the encoder
     the KB was embedded with is copied, never modified; (4) augmentation depends only on (seed, epoch,
     sample): the same batch with 0 or 2 DataLoader workers, another one next epoch."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     from retformer.kb_builder.encoders import build_image_encoder
     from retformer.kb_builder.kb_schema import image_encoder
     from retformer.trainer.config import FusionOptions
@@ -261,7 +264,8 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
     encoder = build_image_encoder(image_encoder(CLIP))
     frozen = {k: v.clone() for k, v in encoder.model.state_dict().items()}
 
-    def trained(batch_size: int, accumulate: int) -> FinetuneModel:
+    def trained(batch_size: int, accumulate: int) -> tuple[FinetuneModel, list[dict[str, torch.Tensor]]]:
+        """The model after one epoch, and the gradients of every parameter at each optimizer step."""
         torch.manual_seed(0)
         options = FusionOptions(width=32, depth=1, heads=2)
         head = RetFormer(feats.img_dim, feats.txt_dim, 10, k=4, options=options)
@@ -277,12 +281,27 @@ def test_finetune_accumulation_lr_and_shared_encoder(clip_ws):
         assert {
             g["lr"] for g in groups if any(p is q for p in g["params"] for q in model.head.parameters())
         } == {1e-3}
-        finetune_fit(model, images, feats, cfg, progress=False)
-        return model
+        names = {p: n for n, p in model.named_parameters()}
+        steps: list[dict[str, torch.Tensor]] = []
 
-    one, two = trained(32, 1), trained(16, 2)
-    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6), name
+        def record(optimizer, *_):
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            steps.append({names[p]: p.grad.clone() for p in params})
+
+        hook = register_optimizer_step_pre_hook(record)
+        try:
+            finetune_fit(model, images, feats, cfg, progress=False)
+        finally:
+            hook.remove()
+        return model, steps
+
+    (one, grads_one), (_, grads_two) = trained(32, 1), trained(16, 2)
+    assert len(grads_one) == len(grads_two) == 1, "32 samples: one optimizer step either way"
+    (a,), (b,) = grads_one, grads_two
+    assert a.keys() == b.keys() and any(n.startswith("encoder.") for n in a)
+    for name in a:
+        scale = float(a[name].abs().max())
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5 * scale + 1e-9), name
     assert not torch.equal(one.state_dict()["encoder.proj"], frozen["proj"]), "the encoder trained"
     for name, value in encoder.model.state_dict().items():
         assert torch.equal(value, frozen[name]), f"the shared encoder changed: {name}"
