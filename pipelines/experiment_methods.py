@@ -165,7 +165,7 @@ def _select_trained(
         sel = mlp_only()
     else:
         evidence = {"label_evidence": ctx.label_problem(train_f) is None}
-        if not evidence["label_evidence"] and plan["recipe"] == "stacked":
+        if not evidence["label_evidence"] and (plan["recipe"] == "stacked" or method == "mlp_vote"):
             evidence["class_text"] = ctx.class_text()
         with tracking(line(key, plan["configs"][method])):
             sel = select_method(
@@ -267,6 +267,8 @@ def _grid_epochs(method: str, plan: dict[str, Any], config: Any) -> int | None:
     base = method.split("@", 1)[0]
     if base in ("mlp_only", "linear_probe"):
         return len(opts.lr_grid) * int(opts.baseline_epochs)
+    if base == "mlp_vote":
+        return None  # nothing trained beyond mlp_only
     if plan["recipe"] == "stacked":
         return len(opts.retformer_grid) * int(opts.retformer_epochs)
     return int(config.epochs) if config is not None else None

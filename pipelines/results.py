@@ -56,17 +56,28 @@ def selected_rule_lines(report: dict[str, Any]) -> list[str]:
     )
 
 
+# What a single-source rule is, in words (select.single_source: the fitted rule did not beat it on val).
+SOURCES = {
+    "l_i": "L_I alone beat the fitted rule on val",
+    "vote": "the vote alone beat the fitted rule on val",
+}
+
+
 def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
     """One line: `retformer selected on val: lr .., epoch .., rule ..., retrieval used on ..%`."""
-    parts = [f"lr {sel.get('lr')}", f"epoch {sel.get('epoch')}"]
+    trained = sel.get("lr") is not None or sel.get("alpha")
+    parts = [f"lr {sel.get('lr')}", f"epoch {sel.get('epoch')}"] if trained else ["no L_R"]
+    if sel.get("source") in SOURCES:  # a single source: the fitted rule did not beat it on val
+        parts.append(SOURCES[sel["source"]])
     if sel.get("la_tau"):
         parts.append(f"L_R logit-adjusted (tau {sel['la_tau']})")
-    if sel.get("rule_fit") == "stack":  # weights fitted on val (trainer/stacking.py), not picked from a grid
+    # weights fitted on val (trainer/stacking.py), not picked from a grid
+    if sel.get("rule_fit") == "stack" and sel.get("source") != "vote":
         parts.append("weights fitted on val")
     # the image weight only applies with a retrieval term (combine() returns L_I alone otherwise)
     w = sel.get("image_weight", 1.0) if (sel.get("alpha") or sel.get("beta")) else 1.0
     image = f"L_I - {sel['prior_tau']:g} log prior" if sel.get("prior_tau") else "L_I"
-    terms = [image if w == 1 else f"{w:g} * ({image})"]
+    terms = [image if w == 1 else f"{w:g} * ({image})"] if w else []
     retrieval = []
     if sel.get("alpha"):
         retrieval.append(f"{sel['alpha']:g} L_R")
@@ -86,8 +97,10 @@ def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
             terms.append(f"({image_closed} where the gate is closed)")
         elif w != 1 and sel.get("gate_t") is not None:
             terms.append("(L_I alone where the gate is closed)")
-    line = f"retformer selected on val: {', '.join(parts)}; rule {' + '.join(terms[:2])}"
-    line += f" {terms[2]}" if len(terms) > 2 else ""
+    closed_text = [t for t in terms if t.startswith("(")]
+    summed = [t for t in terms if not t.startswith("(")]
+    line = f"retformer selected on val: {', '.join(parts)}; rule {' + '.join(summed)}"
+    line += f" {closed_text[0]}" if closed_text else ""
     if share is not None:
         line += f"; retrieval used on {100 * share:.1f}% of eval images"
     return line

@@ -66,7 +66,7 @@ def test_class_balance_makes_the_fit_blind_to_class_frequency() -> None:
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fitted")
-    exp = {**EXPERIMENT, "methods": ["retformer", "mlp_only", "knn_vote"]}
+    exp = {**EXPERIMENT, "methods": ["retformer", "mlp_only", "knn_vote", "mlp_vote"]}
     exp["select"] = {**EXPERIMENT["select"], "rule_fit": "stack"}
     return {"root": root, "report": run(root, exp)}
 
@@ -93,13 +93,31 @@ def test_fitted_rule_is_recorded_and_the_reloaded_model_reproduces_it(fitted) ->
 def test_fitted_selection_reads_no_test_label(fitted, tmp_path: Path) -> None:
     """Proves the fitted rule is chosen on val only: with every test label replaced, the selection
     (weights, epoch, evidence, val figures) is the same; only the test figures move."""
-    exp = {**EXPERIMENT, "methods": ["retformer", "mlp_only", "knn_vote"]}
+    exp = {**EXPERIMENT, "methods": ["retformer", "mlp_only", "knn_vote", "mlp_vote"]}
     exp["select"] = {**EXPERIMENT["select"], "rule_fit": "stack"}
     n_test = 40
     labels = torch.randint(0, 4, (n_test,), generator=torch.Generator().manual_seed(9)).numpy()
     poisoned = run(tmp_path, exp, test_labels=labels)
-    a, b = fitted["report"]["methods"]["retformer"], poisoned["methods"]["retformer"]
-    assert a["selected"] == b["selected"] and a["val"] == b["val"]
+    for method in ("retformer", "mlp_vote"):
+        a, b = fitted["report"]["methods"][method], poisoned["methods"][method]
+        assert a["selected"] == b["selected"] and a["val"] == b["val"], method
+
+
+def test_mlp_vote_is_the_fitted_rule_without_l_r_and_retformer_can_reach_it(fitted) -> None:
+    """Proves mlp_vote is the floor RetFormer is measured against: its rule never reads L_R (alpha 0, no
+    L_R trained: no lr, no metrics file), its model file reproduces its figures, and RetFormer's fitted
+    selection, whose candidates include these rules, ends at a val likelihood at least as high."""
+    methods = fitted["report"]["methods"]
+    floor, ours = methods["mlp_vote"]["selected"], methods["retformer"]["selected"]
+    assert floor["alpha"] == 0.0 and floor["lr"] is None and floor["rule_fit"] == "stack"
+    assert floor["beta"] > 0, "the synthetic KB's vote is informative: the floor uses it"
+    assert ours["val_nll"] <= floor["val_nll"] + 1e-9
+    root = Path(fitted["root"])
+    assert (root / "runs" / "r" / "mlp_vote.metrics.jsonl").read_text() == "", "no epoch trained"
+    model = load_model(root / "runs" / "r" / "mlp_vote.pt")
+    f = load_retrieval_features(Workspace(root), "syn", "kbsyn", K, "test")
+    got = float((predict(model, f).argmax(1) == f.labels).float().mean())
+    assert got == pytest.approx(methods["mlp_vote"]["top1"], abs=1e-9)
 
 
 def test_fitted_selection_logs_its_likelihood_under_its_own_name(fitted) -> None:
@@ -133,3 +151,34 @@ def test_a_fitted_rule_is_said_with_its_closed_gate_shift() -> None:
         "retformer selected on val: lr 0.003, epoch 0, weights fitted on val; rule 1.0627 * (L_I - 0.9771 "
         "log prior) + [s > 0.789 (val q 0.1)] 0.5543 L_R (L_I - 0.8 log prior where the gate is closed)"
     )
+
+
+def test_single_source_fallback_takes_a_gated_vote_only_where_it_wins_on_val(fitted, tmp_path: Path) -> None:
+    """Proves `select.single_source: l_i_or_vote` is a val-only choice between the fitted rule and the
+    single sources: on the same workspace and training, its selection is the default's (L_I fallback only)
+    unless a gated vote alone scored higher on val, in which case that vote rule (image weight 0, no L_R,
+    L_I where the gate is closed) is selected and its val score is at least the fitted rule's."""
+    exp = {**EXPERIMENT, "methods": ["retformer", "mlp_only", "knn_vote", "mlp_vote"]}
+    exp["select"] = {**EXPERIMENT["select"], "rule_fit": "stack", "single_source": "l_i_or_vote"}
+    both = run(tmp_path, exp)["methods"]
+    for method in ("retformer", "mlp_vote"):
+        default, fallback = fitted["report"]["methods"][method]["selected"], both[method]["selected"]
+        if fallback["source"] == "vote":
+            assert fallback["val_score"] >= default["val_score"], method
+            assert fallback["image_weight"] == 0 and fallback["alpha"] == 0 and fallback["beta"] == 1.0
+            assert fallback["gate_t"] is not None and fallback["closed_prior_tau"] is not None
+        else:
+            assert fallback == default, method
+    # With a gain no fitted rule can show (min_gain 50 points), only the single sources remain: the default
+    # takes L_I alone; l_i_or_vote the gated vote, which beats L_I on val here (the KB's rows sit near the
+    # class centres), and the reloaded model predicts with it.
+    exp["select"] = {**exp["select"], "min_gain": 50.0}
+    singles = run(tmp_path / "singles", exp)["methods"]["retformer"]
+    exp["select"] = {**exp["select"], "single_source": "l_i"}
+    plain = run(tmp_path / "plain", exp)["methods"]["retformer"]
+    assert plain["selected"]["source"] == "l_i" and singles["selected"]["source"] == "vote"
+    assert singles["selected"]["val_score"] > plain["selected"]["val_score"]
+    model = load_model(tmp_path / "singles" / "runs" / "r" / "retformer.pt")
+    f = load_retrieval_features(Workspace(tmp_path / "singles"), "syn", "kbsyn", K, "test")
+    got = float((predict(model, f).argmax(1) == f.labels).float().mean())
+    assert got == pytest.approx(singles["top1"], abs=1e-9) and got != pytest.approx(plain["top1"], abs=1e-9)

@@ -19,7 +19,7 @@ FINETUNE_NAMES = ("retformer_ft", "retformer_no_text_ft", "retformer_no_image_ft
 # The method names an experiment may list, in table order (trainer/methods.py holds what each is).
 METHOD_NAMES = (
     *("retformer", "retformer_no_text", "retformer_no_image", "mlp_only", "linear_probe", "knn_vote"),
-    *("knn_weighted", "caption_vote"),
+    *("knn_weighted", "caption_vote", "mlp_vote"),
     *FINETUNE_NAMES,
     "zeroshot",
 )
@@ -195,6 +195,10 @@ class SelectOptions:
     # "stack" = its linear weights fitted on val by class-balanced log-likelihood (trainer/stacking.py),
     # the checkpoint and the evidence chosen by that likelihood (the gate and image-weight grids unused)
     rule_fit: Literal["grid", "stack"] = "grid"
+    # With rule_fit stack: what RetFormer falls back to when its fitted rule does not beat it on val by
+    # min_gain: "l_i" = L_I alone; "l_i_or_vote" = the better on val of L_I alone and the evidence's vote
+    # alone where a gate opens (L_I where closed; the gate must pass the shuffled-neighbour control)
+    single_source: Literal["l_i", "l_i_or_vote"] = "l_i"
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any] | None) -> SelectOptions:

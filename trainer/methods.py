@@ -9,6 +9,9 @@ fine-tune method trains the model of its feature-mode twin as the head on top of
 - vote: `knn_vote`, the majority label of the retrieved KB items (where the KB has labels);
   `knn_weighted`, their labels weighted by exp(cos / T) (DINO's kNN); `caption_vote`, the classes their
   captions name (text to text against class-name prompts: no KB labels needed), weighted alike;
+- frozen, no retrieval training: `mlp_vote`, the selected mlp_only mixed with that weighted vote by the
+  weights RetFormer's rule fits on val (L_I, prior shift, log vote, gate; no L_R): the floor that needs
+  no fusion model, which RetFormer has to beat;
 - finetune: `retformer_ft` (the paper's "Ours"), `retformer_no_text_ft`, `retformer_no_image_ft`
   and `full_finetune` (encoder + linear head, no retrieval: "CLIP full FT");
 - zeroshot: `zeroshot`, class-name prompts through the KB's text tower ("CLIP zero-shot").
@@ -52,6 +55,7 @@ _ALL = (
     Method("knn_vote", "vote", None, True),
     Method("knn_weighted", "vote", None, True),
     Method("caption_vote", "vote", None, True),
+    Method("mlp_vote", "frozen", "retformer", True),
     Method("retformer_ft", "finetune", "retformer", True),
     Method("retformer_no_text_ft", "finetune", "retformer_no_text", True),
     Method("retformer_no_image_ft", "finetune", "retformer_no_image", True),
@@ -169,6 +173,8 @@ def select_method(
         return select_plain(task, opts.lr_grid, opts.baseline_epochs, opts.prior_taus)
     if method == "linear_probe":
         return select_plain(task, opts.lr_grid, opts.baseline_epochs)
+    if method == "mlp_vote":  # the same fitted rule with L_R left out, whatever the recipe
+        return select_fitted(task, mlp_only().model.mlp.state_dict(), opts, retrieval_branch=False)
     if recipe == "paper":
         return select_plain(task, (config.lr,), config.epochs, recipe="paper")
     if opts.rule_fit == "stack":

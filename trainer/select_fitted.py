@@ -58,6 +58,10 @@ RULE_KEYS = (
 )
 
 
+def _rows(values: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values[mask]
+
+
 def _rule(stack: Stack, evidence: tuple[str, float, int] | None, default_temp: float) -> dict[str, Any]:
     rule = {k: round(v, RULE_DECIMALS) for k, v in stack.rule().items()}
     kind, temp, k = evidence if evidence is not None and rule["beta"] else (None, default_temp, None)
@@ -71,9 +75,43 @@ def _gated(rule: dict[str, Any], q: float | None, t: float | None, plain: dict[s
     return rule | {"gate_t": t, "gate_quantile": q, "closed_prior_tau": plain["prior_tau"]}
 
 
-def select_fitted(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOptions) -> Selected:
+def _gated_votes(
+    model: RetFormer,
+    evidence: dict[Any, tuple[Any, Any]],
+    gates: dict[float | None, tuple[float | None, torch.Tensor, float]],
+    val_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    plain_rule: dict[str, Any],
+    y: torch.Tensor,
+    score_of: Any,
+) -> list[tuple[float, dict[str, Any]]]:
+    """(val score, row) of each evidence's vote alone where gate q opens, L_I with its fitted shift where it
+    is closed (no gate: the vote everywhere); val_parts: L_I on val and on shuffled val, s on both."""
+    l_i, li_sh, s_val, s_sh = val_parts
+    out = []
+    for key, (e_plain, e_mixed) in evidence.items():
+        if key is None:
+            continue
+        kind, temp, k = key
+        for q, (t, _, _) in gates.items():
+            rule = {"image_weight": 0.0, "prior_tau": 0.0, "alpha": 0.0, "beta": 1.0, "evidence": kind}
+            rule |= {"vote_temp": temp, "vote_k": k, "gate_t": t, "gate_quantile": q}
+            rule["closed_prior_tau"] = None if t is None else plain_rule["prior_tau"]
+            rule_val = rule_logits(model, (l_i, l_i, s_val), rule, e_plain)
+            rule_sh = rule_logits(model, (li_sh, li_sh, s_sh), rule, e_mixed)
+            score = score_of(rule_val, y)
+            row = {"lr": None, "la_tau": 0.0, "epoch": 0, **rule, "val_nll": None, "source": "vote"}
+            row |= {"val_score": score, "val_top1": top1(rule_val, y)}
+            row["val_shuffled_score"] = score_of(rule_sh, y)
+            out.append((score, row))
+    return out
+
+
+def select_fitted(
+    task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOptions, retrieval_branch: bool = True
+) -> Selected:
     """The stacked RetFormer, its checkpoint, evidence, gate and rule weights fitted on val: see the module
-    docstring. mlp_state: the selected mlp_only's `mlp` weights (L_I)."""
+    docstring. mlp_state: the selected mlp_only's `mlp` weights (L_I). retrieval_branch False: L_R is never
+    trained and the rule is fitted over L_I, the prior and the evidence alone (`mlp_vote`)."""
     train, val = task.train, task.val
     score_of = criterion(task.metric)
     y = val.labels
@@ -106,22 +144,65 @@ def select_fitted(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOp
         open_ = torch.ones_like(y, dtype=torch.bool) if t is None else s_val > t
         gates[q] = (t, open_, float(plain_nll[~open_].sum()))
 
-    def split_nll(stack: Stack, li: torch.Tensor, lr_: torch.Tensor, log_e: Any, q: float | None) -> float:
+    def split_nll(stack: Stack, li: torch.Tensor, lr_: Any, log_e: Any, q: float | None) -> float:
         """The whole val split's weighted nll: `stack` where gate q is open, L_I alone where closed."""
         _, open_, closed_nll = gates[q]
-        e_open = None if log_e is None else log_e[open_]
-        logits = stack_logits(stack, li[open_], prior, lr_[open_], e_open)
+        logits = stack_logits(stack, li[open_], prior, _rows(lr_, open_), _rows(log_e, open_))
         return float(weighted_nll(logits, y[open_], sw[open_]).sum()) + closed_nll
 
-    def fit_open(li: torch.Tensor, lr_: torch.Tensor, log_e: Any, open_: torch.Tensor) -> Stack:
-        """The stack fitted on the val images a gate opens, with their weights in the whole split."""
-        e_open = None if log_e is None else log_e[open_]
-        return fit_stack(li[open_], prior, y[open_], lr_[open_], e_open, sample_weight=sw[open_])
+    def fit_open(li: torch.Tensor, lr_: Any, log_e: Any, open_: torch.Tensor) -> Stack:
+        """The stack fitted on the val images a gate opens, with their weights in the whole split (lr_ or
+        log_e None: that term stays out)."""
+        return fit_stack(
+            li[open_], prior, y[open_], _rows(lr_, open_), _rows(log_e, open_), sample_weight=sw[open_]
+        )
 
     trials: list[dict[str, Any]] = []
     candidates = []
-    model = None
-    for cell, (lr, la_tau) in enumerate(opts.retformer_grid):
+    # tolerance is in points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
+    control = opts.tolerance / 100 + 1e-9
+
+    def consider(m: RetFormer, branches: tuple, key: Any, q: float | None, meta: dict[str, Any]) -> None:
+        """Fit the rule of (evidence key, gate q) on m's val branches (li, lr_ or None, li_sh, lr_sh), shrink
+        its retrieval weights until the shuffled control passes, and keep it as a candidate if it gains."""
+        li, lr_, li_sh, lr_sh = branches
+        e_plain, e_mixed = evidence[key]
+        t, open_, _ = gates[q]
+        fitted = fit_open(li, lr_, e_plain, open_)
+        for shrink in SHRINKS:
+            stack = replace(fitted, alpha=fitted.alpha * shrink, beta=fitted.beta * shrink)
+            rule = _gated(_rule(stack, key, default_temp), q, t, plain_rule)
+            rule_val = rule_logits(m, (li, li if lr_ is None else lr_, s_val), rule, e_plain)
+            rule_sh = rule_logits(m, (li_sh, li_sh if lr_sh is None else lr_sh, s_sh), rule, e_mixed)
+            nll = split_nll(stack, li, lr_, e_plain, q)
+            row = {
+                **meta,
+                **rule,
+                "source": "fitted",
+                "shrink": shrink,
+                "val_nll": round(nll, 6),
+                "val_score": score_of(rule_val, y),
+                "val_top1": top1(rule_val, y),
+                "val_shuffled_score": score_of(rule_sh, y),
+                "l_i_val_score": l_i_score,
+            }
+            trials.append(row)
+            if row["val_shuffled_score"] >= l_i_score - control:
+                # the largest shrink of the fitted retrieval weights that passes the control
+                if row["val_score"] >= plain_score + opts.min_gain / 100 - 1e-9:
+                    candidates.append(
+                        (nll, len(candidates), row, {k: v.clone() for k, v in m.state_dict().items()})
+                    )
+                break
+
+    # L_I and the evidence without L_R (alpha = 0): what mlp_vote is, and candidates of RetFormer too
+    li_sh = branch_logits(probe, val_sh, with_relevance=False)[0]
+    for key in evidence:
+        if key is not None:
+            for q in gates:
+                consider(probe, (l_i, None, li_sh, None), key, q, {"lr": None, "la_tau": 0.0, "epoch": 0})
+    model = probe
+    for lr, la_tau in opts.retformer_grid if retrieval_branch else ():
         model, config = stacked_cell(task, mlp_state, opts, lr, la_tau)
 
         def score(m: RetFormer = model) -> dict[Any, float]:
@@ -137,44 +218,27 @@ def select_fitted(task: Task, mlp_state: dict[str, torch.Tensor], opts: SelectOp
         )
         for (key, q), (ep, _, state) in best.best.items():
             model.load_state_dict(state)
-            li, lr_ = branch_logits(model, val, with_relevance=False)
-            li_sh, lr_sh = branch_logits(model, val_sh, with_relevance=False)
-            e_plain, e_mixed = evidence[key]
-            t, open_, _ = gates[q]
             # the fit this epoch won with, refitted (deterministic: the same branches, the same weights)
-            fitted = fit_open(li, lr_, e_plain, open_)
-            for shrink in SHRINKS:
-                stack = replace(fitted, alpha=fitted.alpha * shrink, beta=fitted.beta * shrink)
-                rule = _gated(_rule(stack, key, default_temp), q, t, plain_rule)
-                rule_val = rule_logits(model, (li, lr_, s_val), rule, e_plain)
-                rule_sh = rule_logits(model, (li_sh, lr_sh, s_sh), rule, e_mixed)
-                nll = split_nll(stack, li, lr_, e_plain, q)
-                row = {
-                    "lr": lr,
-                    "la_tau": la_tau,
-                    "epoch": ep,
-                    **rule,
-                    "shrink": shrink,
-                    "val_nll": round(nll, 6),
-                    "val_score": score_of(rule_val, y),
-                    "val_top1": top1(rule_val, y),
-                    "val_shuffled_score": score_of(rule_sh, y),
-                    "l_i_val_score": l_i_score,
-                }
-                trials.append(row)
-                # tolerance is in points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
-                if row["val_shuffled_score"] >= l_i_score - opts.tolerance / 100 - 1e-9:
-                    # the largest shrink of the fitted retrieval weights that passes the control
-                    if row["val_score"] >= plain_score + opts.min_gain / 100 - 1e-9:
-                        candidates.append((nll, cell, row, state))
-                    break
-    assert model is not None
-    if candidates:
-        _, _, row, state = min(candidates, key=lambda c: (c[0], c[1]))
+            branches = (
+                *branch_logits(model, val, with_relevance=False),
+                *branch_logits(model, val_sh, with_relevance=False),
+            )
+            consider(model, branches, key, q, {"lr": lr, "la_tau": la_tau, "epoch": ep})
+    # The single sources the fitted rule must beat on val: L_I alone, and (single_source l_i_or_vote)
+    # each evidence's vote alone behind a gate that passes the shuffled-neighbour control.
+    plain_row = {"lr": None, "la_tau": 0.0, "epoch": 0, **plain_rule, "val_nll": round(plain_stack.nll, 6)}
+    singles = [(plain_score, plain_row | {"val_score": plain_score, "val_top1": top1(plain_val, y)})]
+    singles[0][1]["source"] = "l_i"
+    if opts.single_source == "l_i_or_vote":
+        votes = _gated_votes(probe, evidence, gates, (l_i, li_sh, s_val, s_sh), plain_rule, y, score_of)
+        singles += [(sc, r) for sc, r in votes if r["val_shuffled_score"] >= l_i_score - control]
+    best_single, single_row = max(singles, key=lambda c: c[0])  # ties: L_I, the first
+    mix = min(candidates, key=lambda c: (c[0], c[1])) if candidates else None
+    if mix is not None and mix[2]["val_score"] >= best_single + opts.min_gain / 100 - 1e-9:
+        _, _, row, state = mix
         model.load_state_dict(state)
-    else:  # L_I alone: any trained L_R state will do, alpha = beta = 0 never reads it
-        row = {"lr": None, "la_tau": 0.0, "epoch": 0, **plain_rule, "val_nll": round(plain_stack.nll, 6)}
-        row |= {"val_score": plain_score, "val_top1": top1(plain_val, y)}
+    else:  # a single source: any trained L_R state will do, alpha = 0 never reads it
+        row = single_row
     model.set_rule(replace(model.rule, **{key: row[key] for key in RULE_KEYS}))
     model.eval()
     selected = {k: v for k, v in row.items() if k != "val_top1"} | {"rule_fit": "stack"}
