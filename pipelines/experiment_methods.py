@@ -13,7 +13,7 @@ from retformer.pipelines.experiment_context import ExperimentContext
 from retformer.pipelines.experiment_plan import train_config
 from retformer.pipelines.experiment_schema import ExperimentManifest, ZeroshotSection, given
 from retformer.trainer import distributed
-from retformer.trainer.baselines import knn_vote, vote_threads
+from retformer.trainer.baselines import class_means, knn_vote, ncm_scores, vote_threads
 from retformer.trainer.checkpoint import save_model
 from retformer.trainer.config import FusionOptions
 from retformer.trainer.evaluate import evaluate
@@ -52,6 +52,8 @@ def run_method(
         return _weighted_vote(ctx, plan, method, train_f, val_f, evals)
     if method == "knn_vote":
         return _knn(ctx, plan, k, train_f, val_f, evals)
+    if method == "ncm":
+        return _ncm(ctx, train_f, val_f, evals)
     if selects(ctx.exp, method):
         return _select_trained(ctx, plan, method, key, train_f, val_f, evals, run_dir)
     if method == "zeroshot":
@@ -226,6 +228,19 @@ def _knn_votes(
         scores = knn_vote(f.subset_k(min(k, f.k)), num_classes)
         out[s] = {**_scored(scores, f.labels, shot), "mode": "vote", "k": k, **extra}
     return out
+
+
+def _ncm(
+    ctx: ExperimentContext, train_f: Any, val_f: Any, evals: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Nearest class mean per eval split: nothing is chosen on val (its figure is recorded)."""
+    num_classes, shot = int(ctx.info["num_classes"]), ctx.info["shot_split"]
+    means = class_means(train_f, num_classes)
+    extra = {} if val_f is None else {"val": val_metrics(ncm_scores(val_f, means), val_f.labels, shot)}
+    return {
+        s: {**_scored(ncm_scores(f, means), f.labels, shot), "mode": "vote", **extra}
+        for s, f in evals.items()
+    }
 
 
 def _weighted_vote(

@@ -83,3 +83,20 @@ def kb_label_problem(
         names = ", ".join(kb_class_names[:3])
         return f"the KB's labels are classes of {kb_label_dataset} ({names}, ...), not of {dataset}"
     return None
+
+
+def class_means(train: RetrievalFeatures, num_classes: int) -> torch.Tensor:
+    """(C, D) unit-length mean of each class's unit-length training embeddings (the nearest-class-mean
+    classifier's prototypes); a class without a labelled training image gets a zero row (never chosen
+    over a class with one, whose cosine is not exactly 0 in practice)."""
+    z = torch.nn.functional.normalize(train.query_img.float(), dim=1)
+    y = train.labels.long()
+    known = (y >= 0) & (y < num_classes)
+    sums = torch.zeros(num_classes, z.shape[1]).index_add_(0, y[known], z[known])
+    return torch.nn.functional.normalize(sums, dim=1)
+
+
+def ncm_scores(features: RetrievalFeatures, means: torch.Tensor) -> torch.Tensor:
+    """(N, C) cosine of each query's embedding with every class mean: nearest class mean, which reads
+    no neighbour and weighs every class alike however many training images it has."""
+    return torch.nn.functional.normalize(features.query_img.float(), dim=1) @ means.T

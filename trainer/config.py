@@ -19,7 +19,7 @@ FINETUNE_NAMES = ("retformer_ft", "retformer_no_text_ft", "retformer_no_image_ft
 # The method names an experiment may list, in table order (trainer/methods.py holds what each is).
 METHOD_NAMES = (
     *("retformer", "retformer_no_text", "retformer_no_image", "mlp_only", "linear_probe", "knn_vote"),
-    *("knn_weighted", "caption_vote", "mlp_vote"),
+    *("knn_weighted", "caption_vote", "mlp_vote", "ncm"),
     *FINETUNE_NAMES,
     "zeroshot",
 )

@@ -9,6 +9,8 @@ fine-tune method trains the model of its feature-mode twin as the head on top of
 - vote: `knn_vote`, the majority label of the retrieved KB items (where the KB has labels);
   `knn_weighted`, their labels weighted by exp(cos / T) (DINO's kNN); `caption_vote`, the classes their
   captions name (text to text against class-name prompts: no KB labels needed), weighted alike;
+- `ncm`: nearest class mean, the cosine of the image's embedding with each class's mean training embedding
+  (no neighbours, no training, every class weighed alike: the classic long-tail baseline on frozen features);
 - frozen, no retrieval training: `mlp_vote`, the selected mlp_only mixed with that weighted vote by the
   weights RetFormer's rule fits on val (L_I, prior shift, log vote, gate; no L_R): the floor that needs
   no fusion model, which RetFormer has to beat;
@@ -56,6 +58,7 @@ _ALL = (
     Method("knn_weighted", "vote", None, True),
     Method("caption_vote", "vote", None, True),
     Method("mlp_vote", "frozen", "retformer", True),
+    Method("ncm", "vote", None, False),
     Method("retformer_ft", "finetune", "retformer", True),
     Method("retformer_no_text_ft", "finetune", "retformer_no_text", True),
     Method("retformer_no_image_ft", "finetune", "retformer_no_image", True),
