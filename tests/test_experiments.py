@@ -133,8 +133,6 @@ def train_args(env: dict, experiment: str, run: str, overrides: list[str]) -> li
 def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     """Result name -> mode the experiment should report, from its manifest and the overrides."""
     from retformer.trainer.methods import METHODS, RETRIEVAL_FREE
-    from retformer.trainer.model import RETFORMER_VARIANTS
-
     exp = manifest.load("experiments", name, [o.split(".", 1)[1] for o in overrides])
     ks = exp.get("k_values") or [exp.get("k", 32)]
     splits = exp.get("eval_split", "test")
@@ -144,7 +142,8 @@ def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
         mode = METHODS[m].mode
         keys = [m] if len(ks) == 1 or m in RETRIEVAL_FREE else [f"{m}@k{k}" for k in ks]
         out.update({key + suffix: mode for key in keys for suffix in suffixes})
-        if exp.get("select_split") and m in RETFORMER_VARIANTS:  # the shuffled-neighbour control
+        # the shuffled-neighbour control: every selected model that reads neighbours (RetFormer, mlp_vote)
+        if exp.get("select_split") and mode == "frozen" and m not in RETRIEVAL_FREE:
             out.update({f"{key}{suffix}:shuffled": mode for key in keys for suffix in suffixes})
     return out
 
