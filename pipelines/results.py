@@ -77,7 +77,8 @@ def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
     # the image weight only applies with a retrieval term (combine() returns L_I alone otherwise)
     w = sel.get("image_weight", 1.0) if (sel.get("alpha") or sel.get("beta")) else 1.0
     image = f"L_I - {sel['prior_tau']:g} log prior" if sel.get("prior_tau") else "L_I"
-    terms = [image if w == 1 else f"{w:g} * ({image})"] if w else []
+    terms = [image if w == 1 else f"{w:g} * ({image})"] if w else []  # summed; w = 0: the vote alone
+    when_closed = ""  # what predicts where the gate is closed
     retrieval = []
     if sel.get("alpha"):
         retrieval.append(f"{sel['alpha']:g} L_R")
@@ -94,13 +95,10 @@ def rule_text(sel: dict[str, Any], share: float | None = None) -> str:
         closed = sel.get("closed_prior_tau")
         if closed is not None and sel.get("gate_t") is not None:  # a fitted rule: L_I's own shift there
             image_closed = f"L_I - {closed:g} log prior" if closed else "L_I"
-            terms.append(f"({image_closed} where the gate is closed)")
+            when_closed = f" ({image_closed} where the gate is closed)"
         elif w != 1 and sel.get("gate_t") is not None:
-            terms.append("(L_I alone where the gate is closed)")
-    closed_text = [t for t in terms if t.startswith("(")]
-    summed = [t for t in terms if not t.startswith("(")]
-    line = f"retformer selected on val: {', '.join(parts)}; rule {' + '.join(summed)}"
-    line += f" {closed_text[0]}" if closed_text else ""
+            when_closed = " (L_I alone where the gate is closed)"
+    line = f"retformer selected on val: {', '.join(parts)}; rule {' + '.join(terms)}{when_closed}"
     if share is not None:
         line += f"; retrieval used on {100 * share:.1f}% of eval images"
     return line

@@ -19,7 +19,14 @@ from retformer.pipelines.runs import predictions_path, read_predictions
 METRICS = ("top1", "top5", "many", "medium", "few", "macro_f1", "worst_class")
 # Methods RetFormer is compared with in the bootstrap line (the strongest of them on the mean test top-1).
 BASELINES = (
-    *("mlp_only", "linear_probe", "knn_vote", "knn_weighted", "caption_vote", "mlp_vote", "ncm", "zeroshot"),
+    "mlp_only",
+    "linear_probe",
+    "knn_vote",
+    "knn_weighted",
+    "caption_vote",
+    "mlp_vote",
+    "ncm",
+    "zeroshot",
 )
 
 

@@ -133,6 +133,7 @@ def train_args(env: dict, experiment: str, run: str, overrides: list[str]) -> li
 def expected_results(name: str, overrides: list[str]) -> dict[str, str]:
     """Result name -> mode the experiment should report, from its manifest and the overrides."""
     from retformer.trainer.methods import METHODS, RETRIEVAL_FREE
+
     exp = manifest.load("experiments", name, [o.split(".", 1)[1] for o in overrides])
     ks = exp.get("k_values") or [exp.get("k", 32)]
     splits = exp.get("eval_split", "test")

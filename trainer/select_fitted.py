@@ -162,9 +162,12 @@ def select_fitted(
     # tolerance is in points; 1e-9: 0.81 - 0.01 is a hair above 0.8 in floating point
     control = opts.tolerance / 100 + 1e-9
 
-    def consider(m: RetFormer, branches: tuple, key: Any, q: float | None, meta: dict[str, Any]) -> None:
+    def consider(
+        m: RetFormer, state: dict[str, torch.Tensor], branches: tuple, key: Any, q: float | None, meta: dict
+    ) -> None:
         """Fit the rule of (evidence key, gate q) on m's val branches (li, lr_ or None, li_sh, lr_sh), shrink
-        its retrieval weights until the shuffled control passes, and keep it as a candidate if it gains."""
+        its retrieval weights until the shuffled control passes, and keep it as a candidate if it gains.
+        state: m's weights the branches came from (a copy no later training touches)."""
         li, lr_, li_sh, lr_sh = branches
         e_plain, e_mixed = evidence[key]
         t, open_, _ = gates[q]
@@ -190,17 +193,17 @@ def select_fitted(
             if row["val_shuffled_score"] >= l_i_score - control:
                 # the largest shrink of the fitted retrieval weights that passes the control
                 if row["val_score"] >= plain_score + opts.min_gain / 100 - 1e-9:
-                    candidates.append(
-                        (nll, len(candidates), row, {k: v.clone() for k, v in m.state_dict().items()})
-                    )
+                    candidates.append((nll, len(candidates), row, state))
                 break
 
     # L_I and the evidence without L_R (alpha = 0): what mlp_vote is, and candidates of RetFormer too
+    # (the probe is never trained: its weights stay as they are)
     li_sh = branch_logits(probe, val_sh, with_relevance=False)[0]
+    probe_state, probe_meta = probe.state_dict(), {"lr": None, "la_tau": 0.0, "epoch": 0}
     for key in evidence:
         if key is not None:
             for q in gates:
-                consider(probe, (l_i, None, li_sh, None), key, q, {"lr": None, "la_tau": 0.0, "epoch": 0})
+                consider(probe, probe_state, (l_i, None, li_sh, None), key, q, probe_meta)
     model = probe
     for lr, la_tau in opts.retformer_grid if retrieval_branch else ():
         model, config = stacked_cell(task, mlp_state, opts, lr, la_tau)
@@ -223,12 +226,12 @@ def select_fitted(
                 *branch_logits(model, val, with_relevance=False),
                 *branch_logits(model, val_sh, with_relevance=False),
             )
-            consider(model, branches, key, q, {"lr": lr, "la_tau": la_tau, "epoch": ep})
+            consider(model, state, branches, key, q, {"lr": lr, "la_tau": la_tau, "epoch": ep})
     # The single sources the fitted rule must beat on val: L_I alone, and (single_source l_i_or_vote)
     # each evidence's vote alone behind a gate that passes the shuffled-neighbour control.
     plain_row = {"lr": None, "la_tau": 0.0, "epoch": 0, **plain_rule, "val_nll": round(plain_stack.nll, 6)}
-    singles = [(plain_score, plain_row | {"val_score": plain_score, "val_top1": top1(plain_val, y)})]
-    singles[0][1]["source"] = "l_i"
+    plain_row |= {"source": "l_i", "val_score": plain_score, "val_top1": top1(plain_val, y)}
+    singles = [(plain_score, plain_row)]
     if opts.single_source == "l_i_or_vote":
         votes = _gated_votes(probe, evidence, gates, (l_i, li_sh, s_val, s_sh), plain_rule, y, score_of)
         singles += [(sc, r) for sc, r in votes if r["val_shuffled_score"] >= l_i_score - control]
