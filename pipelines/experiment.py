@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,8 @@ from retformer.trainer import distributed
 from retformer.trainer.checkpoint import Selection, result_fingerprint
 from retformer.trainer.evaluate import prediction_table
 from retformer.trainer.features import load_retrieval_features, neighbor_k_values
-from retformer.trainer.methods import RETRIEVAL_FREE
+from retformer.trainer.kb_episodes import class_counts, with_kb_episodes
+from retformer.trainer.methods import METHODS, RETRIEVAL_FREE
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
@@ -128,6 +129,8 @@ def run_experiment(
             start_over(run_dir)
     ctx = ExperimentContext(ws, ds, kb, exp, info, progress and main)
     ctx.table_k = inputs.table_k
+    if exp.kb_episodes and inputs.need_nn:
+        _add_kb_episodes(ctx, plan, inputs, exp.kb_episodes)
     results: dict[str, Any] = {}
     k_values = plan["k_values"]
     for k in k_values:
@@ -145,6 +148,37 @@ def run_experiment(
         for p in run_dir.glob("*.result.json"):
             p.unlink()
     return report
+
+
+def _add_kb_episodes(ctx: ExperimentContext, plan: dict[str, Any], inputs: _Inputs, max_items: int) -> None:
+    """Append up to `max_items` labelled KB items to the training features (`trainer.kb_episodes`), count
+    them into the prior the heads learn, and scale every fit's epochs by train / (train + KB items), so a
+    fit takes the steps it takes without them. Nothing changes where the KB's labels are not the
+    dataset's classes (a warning says why)."""
+    finetune = [m for m in plan["methods"] if METHODS[m].mode == "finetune"]
+    if finetune:
+        raise UserError(f"kb_episodes trains on KB embeddings, not for fine-tune methods ({finetune[0]})")
+    problem = ctx.label_problem(inputs.train_all)
+    if problem is not None:
+        log.warning("kb_episodes: no KB item joins training: %s", problem)
+        return
+    num_classes = int(ctx.info["num_classes"])
+    before = len(inputs.train_all)
+    inputs.train_all, added = with_kb_episodes(inputs.train_all, num_classes, max_items)
+    if not added:
+        return
+    ctx.kb_episodes = added
+    ctx.class_counts = class_counts(inputs.train_all.labels, num_classes)
+    scale = before / len(inputs.train_all)
+
+    def scaled(epochs: int) -> int:
+        return max(2, round(epochs * scale))
+
+    sel = plan["select"]
+    plan["select"] = replace(
+        sel, baseline_epochs=scaled(sel.baseline_epochs), retformer_epochs=scaled(sel.retformer_epochs)
+    )
+    plan["configs"] = {m: replace(c, epochs=scaled(c.epochs)) for m, c in plan["configs"].items()}
 
 
 def _load_inputs(
@@ -281,6 +315,7 @@ def _report(
         "recipe": plan["recipe"],
         "eval_splits": splits,
         "train_size": inputs.train_size,
+        "kb_episodes": ctx.kb_episodes,
         "eval_size": inputs.eval_sizes[splits[0]],
         "eval_sizes": inputs.eval_sizes,
         "shot_split": info["shot_split"],

@@ -55,6 +55,10 @@ class ExperimentContext:
         self.table_k: int | None = None  # k of the neighbor tables the run reads (set by run_experiment)
         self._label_problem: tuple[str | None] | None = None
         self._class_text: tuple[Any] | None = None
+        # Training images per class of what the trained methods fit (the dataset's train split, plus the
+        # KB episodes where the experiment adds them): the prior their heads learn and unlearn.
+        self.class_counts: list[int] | None = info.get("train_class_counts")
+        self.kb_episodes = 0  # KB items that joined the training split (pipelines.experiment)
 
     def label_problem(self, features: Any) -> str | None:
         """Why the KB's labels cannot vote as this dataset's classes (knn_vote, knn_weighted, RetFormer's

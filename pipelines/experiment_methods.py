@@ -102,7 +102,7 @@ def _train_method(
             model_options=FusionOptions(**given(ctx.exp.model)),
             num_classes=int(ctx.info["num_classes"]),
             k=k,
-            class_counts=ctx.info["train_class_counts"],
+            class_counts=ctx.class_counts,
             log_path=run_dir / f"{safe_name(key)}.metrics.jsonl",
             weights_path=run_dir / f"{safe_name(key)}.pt",
             checkpoint_path=run_dir / f"{safe_name(key)}.ckpt.pt" if policy else None,
@@ -144,7 +144,7 @@ def _select_trained(
     common = {
         "model_options": FusionOptions(**given(ctx.exp.model)),
         "num_classes": num_classes,
-        "class_counts": ctx.info["train_class_counts"],
+        "class_counts": ctx.class_counts,
         "opts": opts,
     }
 

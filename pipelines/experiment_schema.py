@@ -63,6 +63,10 @@ class ExperimentManifest(Section):
     zeroshot: ZeroshotSection | None = None
     checkpoint: CheckpointSection | bool | None = True  # false (or null): no checkpoints
     select: SelectSection | None = None  # type: ignore[valid-type]
+    # Up to this many of the KB's items labelled with the dataset's classes join the training split of
+    # every feature-mode method, each with its leave-one-out neighbours (trainer/kb_episodes.py); the
+    # epochs are scaled so that a fit takes the steps it takes without them. 0 = off.
+    kb_episodes: Annotated[int, Field(ge=0)] = 0
     # Where the manifest was read from (None for one built in code): not a key of the manifest.
     _manifest_path: str | None = PrivateAttr(default=None)
 

@@ -10,8 +10,9 @@ split's likelihood, smooth where val accuracy moves in steps of one image. The g
 heavily weighted retrieval term safe when the neighbours are not relevant (shuffled val, another KB).
 Kept from the grid recipe: the evidence is the weighted-vote baseline's (its (k, T) chosen on val as
 knn_weighted / caption_vote choose them), the shuffled-neighbour admissibility rule (val with neighbours
-shuffled across queries must score >= L_I's best - `tolerance` points), and L_I alone as the fallback: a
-fitted rule whose val criterion is below L_I's stack by more than -`min_gain` points is not taken.
+shuffled across queries must score >= L_I's best - `tolerance` points), and L_I alone as the fallback (at
+the prior adjustment mlp_only chose: then RetFormer predicts as mlp_only): a fitted rule whose val
+criterion is below L_I's stack by more than -`min_gain` points, or below the fallback's, is not taken.
 """
 
 from __future__ import annotations
@@ -229,9 +230,14 @@ def select_fitted(
             consider(model, state, branches, key, q, {"lr": lr, "la_tau": la_tau, "epoch": ep})
     # The single sources the fitted rule must beat on val: L_I alone, and (single_source l_i_or_vote)
     # each evidence's vote alone behind a gate that passes the shuffled-neighbour control.
-    plain_row = {"lr": None, "la_tau": 0.0, "epoch": 0, **plain_rule, "val_nll": round(plain_stack.nll, 6)}
-    plain_row |= {"source": "l_i", "val_score": plain_score, "val_top1": top1(plain_val, y)}
-    singles = [(plain_score, plain_row)]
+    # L_I alone is mlp_only's own rule (the prior adjustment tau mlp_only chose on val, as
+    # `select_plain` chooses it), so a RetFormer whose retrieval adds nothing on val predicts as mlp_only.
+    _, _, mlp_tau = max((score_of(l_i - tau * prior, y), -i, tau) for i, tau in enumerate(opts.prior_taus))
+    mlp_rule = plain_rule | {"image_weight": 1.0, "prior_tau": float(mlp_tau)}
+    mlp_val = rule_logits(probe, (l_i, l_i, s_val), mlp_rule, None)
+    plain_row = {"lr": None, "la_tau": 0.0, "epoch": 0, **mlp_rule, "val_nll": None}
+    plain_row |= {"source": "l_i", "val_score": score_of(mlp_val, y), "val_top1": top1(mlp_val, y)}
+    singles = [(plain_row["val_score"], plain_row)]
     if opts.single_source == "l_i_or_vote":
         votes = _gated_votes(probe, evidence, gates, (l_i, li_sh, s_val, s_sh), plain_rule, y, score_of)
         singles += [(sc, r) for sc, r in votes if r["val_shuffled_score"] >= l_i_score - control]

@@ -1,0 +1,133 @@
+"""KB episodes (trainer/kb_episodes.py, the experiment's `kb_episodes`): the KB's labelled items as
+training queries with leave-one-out neighbours, and RetFormer's fallback being mlp_only's own rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from retformer.trainer.checkpoint import load_model
+from retformer.trainer.features import load_retrieval_features
+from retformer.trainer.kb_episodes import (
+    class_counts,
+    leave_one_out_neighbors,
+    sample_kb_items,
+    with_kb_episodes,
+)
+from tests.test_selection import EXPERIMENT, GRID, SPLITS, K, run, synthetic_kb, write_workspace
+
+torch.set_num_threads(1)
+
+
+def test_sampling_takes_every_labelled_item_that_fits_else_even_shares() -> None:
+    """Proves the sample: unlabelled (-1) and out-of-range labels never join; all labelled items when they
+    fit; over the cap, equal shares where a class has enough and a small class's remainder to the others;
+    rows unique and ascending; the same seed gives the same rows."""
+    labels = np.array([0] * 5 + [1] * 50 + [-1] * 9 + [2] * 40 + [3] * 4)  # 3 is outside 3 classes
+    everything = sample_kb_items(labels, 3, 1000, seed=0)
+    assert len(everything) == 95 and set(labels[everything]) == {0, 1, 2}
+    rows = sample_kb_items(labels, 3, 31, seed=0)
+    assert len(rows) == 31 and (np.diff(rows) > 0).all()
+    counts = np.bincount(labels[rows], minlength=3)
+    assert counts[0] == 5 and sorted(counts[1:]) == [13, 13]
+    assert np.array_equal(rows, sample_kb_items(labels, 3, 31, seed=0))
+    assert not np.array_equal(rows, sample_kb_items(labels, 3, 31, seed=1))
+
+
+def test_leave_one_out_neighbours_are_the_exact_search_without_the_item_itself() -> None:
+    """Proves the neighbour lists: each item's k neighbours are the k highest cosines among the other
+    store rows (brute force in numpy), best first, never the item itself, also where a duplicate of the
+    item ties with it."""
+    rng = np.random.default_rng(0)
+    store = rng.standard_normal((60, 12)).astype(np.float32)
+    store[7] = store[3]  # a duplicate: row 3's best other neighbour is row 7 at cosine 1
+    rows = np.array([0, 3, 7, 59])
+    nn_rows, nn_score = leave_one_out_neighbors(torch.from_numpy(store), rows, k=5)
+    unit = store / np.linalg.norm(store, axis=1, keepdims=True)
+    for i, row in enumerate(rows):
+        sims = unit @ unit[row]
+        sims[row] = -np.inf
+        expected = np.argsort(-sims, kind="stable")[:5]
+        assert row not in nn_rows[i]
+        assert set(nn_rows[i]) == set(expected)
+        np.testing.assert_allclose(nn_score[i], sims[expected], atol=1e-5)
+        assert (np.diff(nn_score[i]) <= 1e-6).all()
+    assert nn_rows[1][0] == 7 and nn_rows[2][0] == 3
+
+
+def test_episodes_join_the_training_features_and_leave_them_unchanged(tmp_path: Path) -> None:
+    """Proves `with_kb_episodes`: the training queries come first and unchanged, then one query per
+    labelled KB item (its store vector, its KB label, uid kb:<row>) whose gathered neighbours never include
+    itself; the store is shared; the class counts add the KB's."""
+    ws = write_workspace(tmp_path)
+    train = load_retrieval_features(ws, "syn", "kbsyn", K, "train")
+    union, added = with_kb_episodes(train, 4, 10_000)
+    n = len(train)
+    assert added == 80 and len(union) == n + 80
+    assert torch.equal(union.query_img[:n], train.query_img.float()) and union.uids[:n] == train.uids
+    assert union.store_img is train.store_img
+    rows = torch.tensor([int(u[3:]) for u in union.uids[n:]])
+    assert torch.equal(union.labels[n:], train.store_label[rows])
+    assert torch.equal(union.query_img[n:], train.store_img[rows].float())
+    assert not (union.nn_rows[n:] == rows[:, None]).any()
+    assert union.batch(torch.arange(n, n + 4))["nn_img"].shape == (4, K, train.img_dim)
+    assert class_counts(union.labels, 4) == [c + 20 for c in SPLITS["train"]]
+
+
+def _exp(**extra) -> dict:
+    return {**EXPERIMENT, "methods": ["retformer", "mlp_only", "knn_vote"], **extra}
+
+
+@pytest.fixture(scope="module")
+def with_episodes(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("episodes")
+    select = {**GRID, "rule_fit": "stack"}
+    return {"root": root, "report": run(root, _exp(kb_episodes=1000, select=select))}
+
+
+def test_an_experiment_with_kb_episodes_trains_on_them_at_the_same_steps(with_episodes) -> None:
+    """Proves the experiment's wiring: eval.json says 80 KB items joined; the fits' epochs are scaled by
+    train / (train + KB items) (6 -> 2 for mlp_only, 4 -> 2 for RetFormer's cells, at least 2), so no
+    selected epoch is beyond that; the saved heads learned the union's prior (their log prior is that of
+    the counts plus the KB's 20 per class)."""
+    rep = with_episodes["report"]
+    assert rep["kb_episodes"] == 80 and rep["train_size"] == sum(SPLITS["train"])
+    m = rep["methods"]
+    assert m["mlp_only"]["selected"]["epoch"] <= 2
+    assert m["retformer"]["selected"]["epoch"] <= 2
+    counts = torch.tensor([c + 20 for c in SPLITS["train"]], dtype=torch.float64)
+    model = load_model(with_episodes["root"] / "runs" / "r" / "mlp_only.pt")
+    expected = torch.log(counts / counts.sum()).float()
+    torch.testing.assert_close(model.log_prior.float().cpu(), expected, atol=1e-5, rtol=0)
+
+
+def test_a_kb_without_the_datasets_labels_adds_no_episode(tmp_path: Path) -> None:
+    """Proves the guard: a KB labelled with another dataset's classes (no class names to match) adds no
+    episode, and the run is the run without `kb_episodes` (the same selections and figures)."""
+    kb = synthetic_kb("other_dataset")
+    exp = _exp(methods=["mlp_only"])
+    with_key = run(tmp_path / "a", {**exp, "kb_episodes": 1000}, kb=kb)
+    without = run(tmp_path / "b", exp, kb=kb)
+    assert with_key["kb_episodes"] == 0
+    assert with_key["methods"]["mlp_only"]["selected"] == without["methods"]["mlp_only"]["selected"]
+    assert with_key["methods"]["mlp_only"]["top1"] == without["methods"]["mlp_only"]["top1"]
+
+
+def test_retformer_without_retrieval_predicts_exactly_as_mlp_only(tmp_path: Path) -> None:
+    """Proves the fallback is mlp_only's own rule: when no rule with retrieval may win (min_gain 100
+    points), the fitted RetFormer takes L_I alone at the prior adjustment mlp_only chose, so its test
+    predictions are mlp_only's, image for image."""
+    select = {**GRID, "rule_fit": "stack", "min_gain": 100.0}
+    rep = run(tmp_path, _exp(methods=["retformer", "mlp_only"], select=select))
+    ret, mlp = rep["methods"]["retformer"], rep["methods"]["mlp_only"]
+    assert ret["selected"]["source"] == "l_i"
+    assert ret["selected"]["prior_tau"] == mlp["selected"]["prior_tau"]
+    assert ret["selected"]["alpha"] == ret["selected"]["beta"] == 0
+    run_dir = tmp_path / "runs" / "r"
+    a = pq.read_table(run_dir / ret["predictions"]).column("pred").to_pylist()
+    b = pq.read_table(run_dir / mlp["predictions"]).column("pred").to_pylist()
+    assert a == b and ret["top1"] == mlp["top1"]

@@ -1,0 +1,115 @@
+"""The KB's labelled items as training queries ("KB episodes"): each item of the neighbour store whose
+label is one of the dataset's classes joins the training split with its own top-k neighbours in the
+store, itself left out.
+
+Why: a labelled KB is labelled data the kNN votes already read at prediction; training on it too gives
+the image branch and the fusion tens of thousands of (image, neighbours, label) examples where the
+long-tailed split has a few per tail class, and teaches the fusion how neighbour lists relate to labels
+from lists that look like the ones it sees at test (a query's neighbours, never the query itself).
+
+The neighbours come from the store (the KB items some split's tables reference: the KB's neighbourhood
+of the dataset), searched exactly (faiss `IndexFlatIP` on unit vectors, the cosine the tables hold). A
+KB without the dataset's labels adds nothing (`kb_label_problem` decides, as for the votes).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import faiss
+import numpy as np
+import torch
+
+from retformer.trainer.features import RetrievalFeatures
+
+log = logging.getLogger(__name__)
+
+# Queries searched per faiss call (bounds the (B, M) score matrix of the exact search).
+SEARCH_BATCH = 4096
+
+
+def sample_kb_items(store_label: np.ndarray, num_classes: int, max_items: int, seed: int) -> np.ndarray:
+    """Store rows (ascending) of up to `max_items` items labelled with one of the dataset's classes:
+    all of them when they fit, else as even a share per class as the classes allow (a class with fewer
+    items gives its remainder to the others), drawn with `seed`."""
+    labelled = [np.flatnonzero(store_label == c) for c in range(num_classes)]
+    total = sum(len(rows) for rows in labelled)
+    if total <= max_items:
+        return np.sort(np.concatenate(labelled)) if total else np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    quota, left = np.zeros(num_classes, np.int64), max_items
+    sizes = np.array([len(rows) for rows in labelled])
+    while left > 0:  # water-filling: equal shares, capped by what each class has
+        open_classes = np.flatnonzero(quota < sizes)
+        share = max(left // len(open_classes), 1)
+        for c in open_classes:
+            take = min(share, sizes[c] - quota[c], left)
+            quota[c] += take
+            left -= take
+            if left == 0:
+                break
+    picked = [rng.choice(rows, size=int(q), replace=False) for rows, q in zip(labelled, quota, strict=True)]
+    return np.sort(np.concatenate(picked))
+
+
+def leave_one_out_neighbors(
+    store_img: torch.Tensor, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(nn_rows (N, k) int64, nn_score (N, k) float32) of the store rows `rows` among all store rows,
+    by cosine, best first, each row's own entry removed (exact search for k + 1)."""
+    vectors = store_img.float().numpy().astype(np.float32, copy=True)
+    faiss.normalize_L2(vectors)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    depth = min(k + 1, len(vectors))
+    nn_rows = np.empty((len(rows), k), np.int64)
+    nn_score = np.empty((len(rows), k), np.float32)
+    for start in range(0, len(rows), SEARCH_BATCH):
+        part = rows[start : start + SEARCH_BATCH]
+        scores, ids = index.search(vectors[part], depth)
+        for i, row in enumerate(part):
+            keep = ids[i] != row
+            if keep.all():  # a duplicate outranked the row itself: drop the deepest instead
+                keep[-1] = False
+            nn_rows[start + i] = ids[i][keep][:k]
+            nn_score[start + i] = scores[i][keep][:k]
+    return nn_rows, nn_score
+
+
+def with_kb_episodes(
+    train: RetrievalFeatures, num_classes: int, max_items: int, seed: int = 0
+) -> tuple[RetrievalFeatures, int]:
+    """`train` with up to `max_items` labelled KB items appended as queries (uids `kb:<store row>`),
+    each with its leave-one-out neighbours in the shared store; and how many were added. The store must
+    hold at least k + 1 rows."""
+    labels = train.store_label.cpu().numpy()
+    rows = sample_kb_items(labels, num_classes, max_items, seed)
+    if len(rows) == 0 or train.store_img.shape[0] <= train.k:
+        return train, 0
+    nn_rows, nn_score = leave_one_out_neighbors(train.store_img.cpu(), rows, train.k)
+    row_t = torch.from_numpy(rows)
+    added = replace(
+        train,
+        query_img=train.store_img[row_t].float(),
+        labels=torch.from_numpy(labels[rows]),
+        uids=[f"kb:{r}" for r in rows.tolist()],
+        nn_rows=torch.from_numpy(nn_rows),
+        nn_score=torch.from_numpy(nn_score),
+    )
+    union = replace(
+        train,
+        query_img=torch.cat([train.query_img.float(), added.query_img]),
+        labels=torch.cat([train.labels, added.labels]),
+        uids=[*train.uids, *added.uids],
+        nn_rows=torch.cat([train.nn_rows, added.nn_rows]),
+        nn_score=torch.cat([train.nn_score, added.nn_score]),
+    )
+    log.info("KB episodes: %d labelled KB items join the %d training images", len(rows), len(train))
+    return union, len(rows)
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
+    """Training images per class (labels < 0 not counted): the prior a trained head learns."""
+    known = labels[labels >= 0].long()
+    return torch.bincount(known, minlength=num_classes)[:num_classes].tolist()
