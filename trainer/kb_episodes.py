@@ -8,7 +8,8 @@ long-tailed split has a few per tail class, and teaches the fusion how neighbour
 from lists that look like the ones it sees at test (a query's neighbours, never the query itself).
 
 The neighbours come from the store (the KB items some split's tables reference: the KB's neighbourhood
-of the dataset), searched exactly (faiss `IndexFlatIP` on unit vectors, the cosine the tables hold). A
+of the dataset), searched exactly on unit vectors (the cosine the tables hold) by the index stage's
+`exact_ground_truth`. A
 KB without the dataset's labels adds nothing (`kb_label_problem` decides, as for the votes).
 """
 
@@ -24,9 +25,6 @@ import torch
 from retformer.trainer.features import RetrievalFeatures
 
 log = logging.getLogger(__name__)
-
-# Queries searched per faiss call (bounds the (B, M) score matrix of the exact search).
-SEARCH_BATCH = 4096
 
 
 def sample_kb_items(store_label: np.ndarray, num_classes: int, max_items: int, seed: int) -> np.ndarray:
@@ -57,24 +55,14 @@ def leave_one_out_neighbors(
     store_img: torch.Tensor, rows: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(nn_rows (N, k) int64, nn_score (N, k) float32) of the store rows `rows` among all store rows,
-    by cosine, best first, each row's own entry removed (exact search for k + 1)."""
-    vectors = store_img.float().numpy().astype(np.float32, copy=True)
+    by cosine, best first, each row's own entry removed: the index stage's exact search
+    (`exact_ground_truth`: faiss.contrib's knn_ground_truth for k + 1, then the row itself dropped)."""
+    from retformer.kb_builder.index.search import exact_ground_truth
+
+    vectors = store_img.numpy().astype(np.float32)  # a copy: normalised in place below
     faiss.normalize_L2(vectors)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    depth = min(k + 1, len(vectors))
-    nn_rows = np.empty((len(rows), k), np.int64)
-    nn_score = np.empty((len(rows), k), np.float32)
-    for start in range(0, len(rows), SEARCH_BATCH):
-        part = rows[start : start + SEARCH_BATCH]
-        scores, ids = index.search(vectors[part], depth)
-        for i, row in enumerate(part):
-            keep = ids[i] != row
-            if keep.all():  # a duplicate outranked the row itself: drop the deepest instead
-                keep[-1] = False
-            nn_rows[start + i] = ids[i][keep][:k]
-            nn_score[start + i] = scores[i][keep][:k]
-    return nn_rows, nn_score
+    scores, ids = exact_ground_truth(vectors, vectors[rows], k, query_ids=rows)
+    return ids, scores
 
 
 def with_kb_episodes(
@@ -89,21 +77,13 @@ def with_kb_episodes(
         return train, 0
     nn_rows, nn_score = leave_one_out_neighbors(train.store_img.cpu(), rows, train.k)
     row_t = torch.from_numpy(rows)
-    added = replace(
-        train,
-        query_img=train.store_img[row_t].float(),
-        labels=torch.from_numpy(labels[rows]),
-        uids=[f"kb:{r}" for r in rows.tolist()],
-        nn_rows=torch.from_numpy(nn_rows),
-        nn_score=torch.from_numpy(nn_score),
-    )
     union = replace(
         train,
-        query_img=torch.cat([train.query_img.float(), added.query_img]),
-        labels=torch.cat([train.labels, added.labels]),
-        uids=[*train.uids, *added.uids],
-        nn_rows=torch.cat([train.nn_rows, added.nn_rows]),
-        nn_score=torch.cat([train.nn_score, added.nn_score]),
+        query_img=torch.cat([train.query_img.float(), train.store_img[row_t].float()]),
+        labels=torch.cat([train.labels, torch.from_numpy(labels[rows])]),
+        uids=[*train.uids, *(f"kb:{r}" for r in rows.tolist())],
+        nn_rows=torch.cat([train.nn_rows, torch.from_numpy(nn_rows)]),
+        nn_score=torch.cat([train.nn_score, torch.from_numpy(nn_score)]),
     )
     log.info("KB episodes: %d labelled KB items join the %d training images", len(rows), len(train))
     return union, len(rows)
