@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ from retformer.artifacts.names import prediction_file, safe_name
 from retformer.artifacts.schema import dump_given
 from retformer.artifacts.workspace import Workspace, read_json
 from retformer.pipelines.experiment_context import ExperimentContext, start_over
+from retformer.pipelines.experiment_episodes import add_kb_episodes
 from retformer.pipelines.experiment_methods import run_method, selects
 from retformer.pipelines.experiment_plan import eval_splits, plan_experiment
 from retformer.pipelines.experiment_schema import ExperimentManifest
@@ -55,8 +56,7 @@ from retformer.trainer import distributed
 from retformer.trainer.checkpoint import Selection, result_fingerprint
 from retformer.trainer.evaluate import prediction_table
 from retformer.trainer.features import load_retrieval_features, neighbor_k_values
-from retformer.trainer.kb_episodes import class_counts, with_kb_episodes
-from retformer.trainer.methods import METHODS, RETRIEVAL_FREE
+from retformer.trainer.methods import RETRIEVAL_FREE
 
 if TYPE_CHECKING:
     from retformer.kb_builder.datasets.schema import DatasetManifest
@@ -130,7 +130,7 @@ def run_experiment(
     ctx = ExperimentContext(ws, ds, kb, exp, info, progress and main)
     ctx.table_k = inputs.table_k
     if exp.kb_episodes and inputs.need_nn:
-        _add_kb_episodes(ctx, plan, inputs, exp.kb_episodes)
+        inputs.train_all = add_kb_episodes(ctx, plan, inputs.train_all, inputs.val_all, exp.kb_episodes)
     results: dict[str, Any] = {}
     k_values = plan["k_values"]
     for k in k_values:
@@ -148,37 +148,6 @@ def run_experiment(
         for p in run_dir.glob("*.result.json"):
             p.unlink()
     return report
-
-
-def _add_kb_episodes(ctx: ExperimentContext, plan: dict[str, Any], inputs: _Inputs, max_items: int) -> None:
-    """Append up to `max_items` labelled KB items to the training features (`trainer.kb_episodes`), count
-    them into the prior the heads learn, and scale every fit's epochs by train / (train + KB items), so a
-    fit takes the steps it takes without them. Nothing changes where the KB's labels are not the
-    dataset's classes (a warning says why)."""
-    finetune = [m for m in plan["methods"] if METHODS[m].mode == "finetune"]
-    if finetune:
-        raise UserError(f"kb_episodes trains on KB embeddings, not for fine-tune methods ({finetune[0]})")
-    problem = ctx.label_problem(inputs.train_all)
-    if problem is not None:
-        log.warning("kb_episodes: no KB item joins training: %s", problem)
-        return
-    num_classes = int(ctx.info["num_classes"])
-    before = len(inputs.train_all)
-    inputs.train_all, added = with_kb_episodes(inputs.train_all, num_classes, max_items)
-    if not added:
-        return
-    ctx.kb_episodes = added
-    ctx.class_counts = class_counts(inputs.train_all.labels, num_classes)
-    scale = before / len(inputs.train_all)
-
-    def scaled(epochs: int) -> int:
-        return max(2, round(epochs * scale))
-
-    sel = plan["select"]
-    plan["select"] = replace(
-        sel, baseline_epochs=scaled(sel.baseline_epochs), retformer_epochs=scaled(sel.retformer_epochs)
-    )
-    plan["configs"] = {m: replace(c, epochs=scaled(c.epochs)) for m, c in plan["configs"].items()}
 
 
 def _load_inputs(
@@ -316,6 +285,8 @@ def _report(
         "eval_splits": splits,
         "train_size": inputs.train_size,
         "kb_episodes": ctx.kb_episodes,
+        "kb_episode_labels": ctx.exp.kb_episode_labels,
+        "kb_episode_check": ctx.kb_episode_check,
         "eval_size": inputs.eval_sizes[splits[0]],
         "eval_sizes": inputs.eval_sizes,
         "shot_split": info["shot_split"],

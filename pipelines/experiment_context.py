@@ -59,6 +59,7 @@ class ExperimentContext:
         # KB episodes where the experiment adds them): the prior their heads learn and unlearn.
         self.class_counts: list[int] | None = info.get("train_class_counts")
         self.kb_episodes = 0  # KB items that joined the training split (pipelines.experiment)
+        self.kb_episode_check: dict[str, Any] | None = None  # caption labels' val admission
 
     def label_problem(self, features: Any) -> str | None:
         """Why the KB's labels cannot vote as this dataset's classes (knn_vote, knn_weighted, RetFormer's

@@ -10,15 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from retformer.pipelines.experiment_context import ExperimentContext
 from retformer.trainer.checkpoint import load_model
 from retformer.trainer.features import load_retrieval_features
 from retformer.trainer.kb_episodes import (
+    caption_labels,
     class_counts,
     leave_one_out_neighbors,
     sample_kb_items,
     with_kb_episodes,
 )
-from tests.test_selection import EXPERIMENT, GRID, SPLITS, K, run, synthetic_kb, write_workspace
+from tests.test_selection import EXPERIMENT, GRID, SPLITS, C, K, run, synthetic_kb, write_workspace
 
 torch.set_num_threads(1)
 
@@ -131,3 +133,65 @@ def test_retformer_without_retrieval_predicts_exactly_as_mlp_only(tmp_path: Path
     a = pq.read_table(run_dir / ret["predictions"]).column("pred").to_pylist()
     b = pq.read_table(run_dir / mlp["predictions"]).column("pred").to_pylist()
     assert a == b and ret["top1"] == mlp["top1"]
+
+
+def test_caption_labels_name_a_class_only_with_most_of_the_captions_mass() -> None:
+    """Proves the caption reading: a caption at a class prompt labels its item with that class; no caption,
+    a caption nearer the "names no class" slot than any class, and one split evenly between two classes
+    (neither gets half the mass) leave the item unlabelled (-1); chunking changes nothing."""
+    class_text = torch.eye(3, 5)
+    txt = torch.stack(
+        [
+            class_text[1],
+            torch.zeros(5),
+            torch.tensor([0, 0, 0, 1.0, 0]),  # orthogonal to every class: cosine 0 = the null slot's
+            torch.nn.functional.normalize(class_text[0] + class_text[2], dim=0),
+            class_text[2],
+        ]
+    )
+    labels = caption_labels(txt, class_text)
+    assert labels.tolist() == [1, -1, -1, -1, 2]
+    assert caption_labels(txt, class_text, chunk=2).tolist() == labels.tolist()
+
+
+def test_item_labels_choose_the_episodes_and_leave_the_kbs_labels_alone(tmp_path: Path) -> None:
+    """Proves `item_labels`: only the items it labels join, with its labels, not the KB's; the store (and
+    so every vote's KB labels) is unchanged."""
+    ws = write_workspace(tmp_path)
+    train = load_retrieval_features(ws, "syn", "kbsyn", K, "train")
+    inferred = np.full(len(train.store_label), -1)
+    inferred[:10] = 3  # ten items, read as class 3 whatever the KB says
+    union, added = with_kb_episodes(train, C, 10_000, item_labels=inferred)
+    assert added == 10 and union.labels[len(train) :].tolist() == [3] * 10
+    assert union.store_label is train.store_label
+
+
+def _class_words(root: Path) -> torch.Tensor:
+    """The synthetic KB's class prompts: each class's mean caption vector (its captions name it)."""
+    from retformer.artifacts.workspace import Workspace
+
+    store = load_retrieval_features(Workspace(root), "syn", "kbsyn", K, "train")
+    rows = [store.store_txt[store.store_label == c].float().mean(0) for c in range(C)]
+    return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+
+@pytest.mark.parametrize("names_the_class", [True, False])
+def test_caption_labelled_episodes_join_only_where_val_admits_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, names_the_class: bool
+) -> None:
+    """Proves `kb_episode_labels: caption` on a KB without the dataset's labels (labelled with another
+    dataset's classes): the captions label the items when they name the dataset's classes, the
+    mlp_only check on val admits them and all 80 join; when the class prompts are rotated (every
+    caption read as the next class: a KB whose captions mislead), val drops, nothing joins, and eval.json
+    records the two val scores."""
+    write_workspace(tmp_path / "probe")
+    words = _class_words(tmp_path / "probe")
+    prompts = words if names_the_class else words.roll(1, dims=0)
+    monkeypatch.setattr(ExperimentContext, "class_text", lambda self: prompts)
+    exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_labels="caption")
+    rep = run(tmp_path / "run", exp, kb=synthetic_kb("other_dataset"))
+    check = rep["kb_episode_check"]
+    assert rep["kb_episode_labels"] == "caption" and check["items"] == 80
+    assert check["admitted"] is names_the_class
+    assert (check["val_with"] >= check["val_without"]) is names_the_class
+    assert rep["kb_episodes"] == (80 if names_the_class else 0)

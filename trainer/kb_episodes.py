@@ -10,21 +10,26 @@ from lists that look like the ones it sees at test (a query's neighbours, never 
 The neighbours come from the store (the KB items some split's tables reference: the KB's neighbourhood
 of the dataset), searched exactly on unit vectors (the cosine the tables hold) by the index stage's
 `exact_ground_truth`. A
-KB without the dataset's labels adds nothing (`kb_label_problem` decides, as for the votes).
+KB without the dataset's labels adds nothing (`kb_label_problem` decides, as for the votes), unless
+the experiment asks for the classes the items' captions name (`caption_labels`, for web pairs; the
+experiment admits them on val: `pipelines.experiment_episodes`).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 
 import faiss
 import numpy as np
 import torch
 
+from retformer.trainer.config import CAPTION_NULL, CAPTION_TEMP
+from retformer.trainer.evidence import caption_class_probs
 from retformer.trainer.features import RetrievalFeatures
 
-log = logging.getLogger(__name__)
+# A caption labels its item when more than half its mass names one class: the "names no class" slot
+# and the runner-up together hold less.
+CAPTION_MIN_PROB = 0.5
 
 
 def sample_kb_items(store_label: np.ndarray, num_classes: int, max_items: int, seed: int) -> np.ndarray:
@@ -65,13 +70,36 @@ def leave_one_out_neighbors(
     return ids, scores
 
 
+def caption_labels(
+    store_txt: torch.Tensor,
+    class_text: torch.Tensor,
+    min_prob: float = CAPTION_MIN_PROB,
+    chunk: int = 65_536,
+) -> np.ndarray:
+    """(M,) int64: the class each store item's caption names (`trainer.evidence.caption_class_probs`:
+    text to text against the class-name prompts, with the "names no class" slot), or -1 where no class
+    gets at least `min_prob` of the caption's mass (an unrelated caption, an ambiguous one, none)."""
+    out = np.full(store_txt.shape[0], -1, np.int64)
+    for start in range(0, store_txt.shape[0], chunk):  # (chunk, C) at a time: a web store has millions
+        probs = caption_class_probs(store_txt[start : start + chunk], class_text, CAPTION_TEMP, CAPTION_NULL)
+        best, cls = probs.max(dim=1)
+        named = (best >= min_prob).numpy()
+        out[start : start + len(probs)][named] = cls.numpy()[named]
+    return out
+
+
 def with_kb_episodes(
-    train: RetrievalFeatures, num_classes: int, max_items: int, seed: int = 0
+    train: RetrievalFeatures,
+    num_classes: int,
+    max_items: int,
+    seed: int = 0,
+    item_labels: np.ndarray | None = None,
 ) -> tuple[RetrievalFeatures, int]:
     """`train` with up to `max_items` labelled KB items appended as queries (uids `kb:<store row>`),
-    each with its leave-one-out neighbours in the shared store; and how many were added. The store must
-    hold at least k + 1 rows."""
-    labels = train.store_label.cpu().numpy()
+    each with its leave-one-out neighbours in the shared store; and how many were added. item_labels:
+    (M,) the store items' labels for this (default: the KB's own, `store_label`; -1 = not an episode);
+    the store itself is unchanged. The store must hold at least k + 1 rows."""
+    labels = train.store_label.cpu().numpy() if item_labels is None else np.asarray(item_labels, np.int64)
     rows = sample_kb_items(labels, num_classes, max_items, seed)
     if len(rows) == 0 or train.store_img.shape[0] <= train.k:
         return train, 0
@@ -85,7 +113,6 @@ def with_kb_episodes(
         nn_rows=torch.cat([train.nn_rows, torch.from_numpy(nn_rows)]),
         nn_score=torch.cat([train.nn_score, torch.from_numpy(nn_score)]),
     )
-    log.info("KB episodes: %d labelled KB items join the %d training images", len(rows), len(train))
     return union, len(rows)
 
 

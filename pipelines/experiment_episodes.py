@@ -1,0 +1,134 @@
+"""KB episodes in an experiment (the manifest's `kb_episodes`, `kb_episode_labels`): which KB items join
+the training split (`trainer.kb_episodes`), and what that changes for every fit after it.
+
+Items labelled by their captions (`kb_episode_labels: caption`, for web pairs without labels) are
+admitted on val: the image head every fused method builds on, selected as the `mlp_only` baseline is
+(its lr grid, best-on-val epoch, post-hoc prior adjustment), is fitted with them and without, and they
+join only where val scores at least as high with them. A KB whose captions name other things than the
+dataset's classes, or a text tower that misreads the class names (MiniLM reads "two" captions as
+"nine" on the own-data digits), would otherwise teach every method wrong labels; the check costs two
+mlp_only selections. (A linear probe was tried first: it missed a misreading that cost mlp_only 2
+points of val.)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from retformer.artifacts.errors import UserError
+from retformer.pipelines.experiment_context import ExperimentContext
+from retformer.pipelines.experiment_plan import train_config
+from retformer.pipelines.experiment_schema import given
+from retformer.trainer.config import FusionOptions
+from retformer.trainer.kb_episodes import caption_labels, class_counts, with_kb_episodes
+from retformer.trainer.methods import METHODS, select_method
+
+log = logging.getLogger(__name__)
+
+NONE_JOINS = "kb_episodes: no KB item joins training: %s"
+
+
+def add_kb_episodes(
+    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, max_items: int
+) -> Any:
+    """`train` with up to `max_items` KB items appended (`trainer.kb_episodes`); counts them into the prior
+    the heads learn (`ctx.class_counts`) and scales every fit's epochs in `plan` by train / (train + KB
+    items), so a fit takes the steps it takes without them. Returns `train` unchanged (a warning says
+    why) where no item joins: the KB's labels are not the dataset's classes, or its captions name none
+    of them, or val does not admit them."""
+    finetune = [m for m in plan["methods"] if METHODS[m].mode == "finetune"]
+    if finetune:
+        raise UserError(f"kb_episodes trains on KB embeddings, not for fine-tune methods ({finetune[0]})")
+    num_classes = int(ctx.info["num_classes"])
+    if ctx.exp.kb_episode_labels == "caption":
+        union, added = _caption_episodes(ctx, plan, train, val, num_classes, max_items)
+    else:
+        problem = ctx.label_problem(train)
+        if problem is not None:
+            log.warning(NONE_JOINS, problem)
+            return train
+        union, added = with_kb_episodes(train, num_classes, max_items)
+    if not added:
+        return train
+    log.info("KB episodes: %d KB items join the %d training images", added, len(train))
+    ctx.kb_episodes = added
+    ctx.class_counts = class_counts(union.labels, num_classes)
+    plan.update(_scaled_epochs(plan, len(train) / len(union)))
+    return union
+
+
+def _scaled_epochs(plan: dict[str, Any], scale: float) -> dict[str, Any]:
+    """The plan's `select` and `configs` with every epoch count times `scale` (at least 2)."""
+
+    def scaled(epochs: int) -> int:
+        return max(2, round(epochs * scale))
+
+    sel = plan["select"]
+    return {
+        "select": replace(
+            sel, baseline_epochs=scaled(sel.baseline_epochs), retformer_epochs=scaled(sel.retformer_epochs)
+        ),
+        "configs": {m: replace(c, epochs=scaled(c.epochs)) for m, c in plan["configs"].items()},
+    }
+
+
+def _caption_episodes(
+    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, num_classes: int, max_items: int
+) -> tuple[Any, int]:
+    """(the training features with caption-labelled KB episodes, how many) where the captions name the
+    dataset's classes and val admits them; else (train, 0) and a warning that says why. The verdict is
+    recorded in `ctx.kb_episode_check` (eval.json's `kb_episode_check`)."""
+    class_text = ctx.class_text()
+    if class_text is None:
+        log.warning(NONE_JOINS, "no class names or KB text tower to read the captions with")
+        return train, 0
+    if val is None:
+        log.warning(NONE_JOINS, "caption labels are admitted on val, and the experiment has no select_split")
+        return train, 0
+    named = caption_labels(train.store_txt, class_text)
+    union, added = with_kb_episodes(train, num_classes, max_items, item_labels=named)
+    if not added:
+        log.warning(NONE_JOINS, "no KB caption names one of the dataset's classes")
+        return train, 0
+    without = _probe_score(ctx, plan, train, val, class_counts(train.labels, num_classes))
+    scaled_plan = {**plan, **_scaled_epochs(plan, len(train) / len(union))}
+    with_them = _probe_score(ctx, scaled_plan, union, val, class_counts(union.labels, num_classes))
+    admitted = with_them >= without
+    ctx.kb_episode_check = {
+        "labels": "caption",
+        "items": added,
+        "val_without": without,
+        "val_with": with_them,
+        "admitted": admitted,
+    }
+    if not admitted:
+        log.warning(
+            NONE_JOINS,
+            f"mlp_only scores {with_them:.3f} on val with the {added} caption-labelled items, "
+            f"{without:.3f} without (their captions do not name these images' classes)",
+        )
+        return train, 0
+    return union, added
+
+
+def _probe_score(
+    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, counts: list[int]
+) -> float:
+    """Val score (the experiment's select_metric) of the image head selected on `train` as the `mlp_only`
+    baseline would be."""
+    config = plan["configs"].get("mlp_only") or train_config(ctx.exp, "mlp_only")
+    sel = select_method(
+        "mlp_only",
+        plan["recipe"],
+        config,
+        train,
+        val,
+        model_options=FusionOptions(**given(ctx.exp.model)),
+        num_classes=int(ctx.info["num_classes"]),
+        class_counts=counts,
+        opts=plan["select"],
+        mlp_only=lambda: None,
+    )
+    return round(float(sel.selected["val_score"]), 6)
