@@ -92,9 +92,9 @@ def _caption_episodes(
     if not added:
         log.warning(NONE_JOINS, "no KB caption names one of the dataset's classes")
         return train, 0
-    without = _probe_score(ctx, plan, train, val, class_counts(train.labels, num_classes))
+    without = _mlp_only_val_score(ctx, plan, train, val, class_counts(train.labels, num_classes))
     scaled_plan = {**plan, **_scaled_epochs(plan, len(train) / len(union))}
-    with_them = _probe_score(ctx, scaled_plan, union, val, class_counts(union.labels, num_classes))
+    with_them = _mlp_only_val_score(ctx, scaled_plan, union, val, class_counts(union.labels, num_classes))
     admitted = with_them >= without
     ctx.kb_episode_check = {
         "labels": "caption",
@@ -113,7 +113,7 @@ def _caption_episodes(
     return union, added
 
 
-def _probe_score(
+def _mlp_only_val_score(
     ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, counts: list[int]
 ) -> float:
     """Val score (the experiment's select_metric) of the image head selected on `train` as the `mlp_only`
