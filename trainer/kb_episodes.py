@@ -9,10 +9,9 @@ from lists that look like the ones it sees at test (a query's neighbours, never 
 
 The neighbours come from the store (the KB items some split's tables reference: the KB's neighbourhood
 of the dataset), searched exactly on unit vectors (the cosine the tables hold) by the index stage's
-`exact_ground_truth`. A
-KB without the dataset's labels adds nothing (`kb_label_problem` decides, as for the votes), unless
-the experiment asks for the classes the items' captions name (`caption_labels`, for web pairs; the
-experiment admits them on val: `pipelines.experiment_episodes`).
+`exact_ground_truth`. A KB without the dataset's labels adds nothing (`kb_label_problem` decides, as for
+the votes), unless the experiment asks for the classes the items' captions name (`caption_labels`, for
+web pairs; the experiment admits them on val: `pipelines.experiment_episodes`).
 """
 
 from __future__ import annotations

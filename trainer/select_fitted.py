@@ -27,6 +27,7 @@ from retformer.trainer.model import RetFormer
 from retformer.trainer.selection import (
     Selected,
     Task,
+    best_prior_tau,
     branch_logits,
     relevance_of,
     rule_evidence,
@@ -232,8 +233,8 @@ def select_fitted(
     # each evidence's vote alone behind a gate that passes the shuffled-neighbour control.
     # L_I alone is mlp_only's own rule (the prior adjustment tau mlp_only chose on val, as
     # `select_plain` chooses it), so a RetFormer whose retrieval adds nothing on val predicts as mlp_only.
-    _, _, mlp_tau = max((score_of(l_i - tau * prior, y), -i, tau) for i, tau in enumerate(opts.prior_taus))
-    mlp_rule = plain_rule | {"image_weight": 1.0, "prior_tau": float(mlp_tau)}
+    mlp_tau = best_prior_tau(l_i, prior, y, opts.prior_taus, score_of)
+    mlp_rule = plain_rule | {"image_weight": 1.0, "prior_tau": mlp_tau}
     mlp_val = rule_logits(probe, (l_i, l_i, s_val), mlp_rule, None)
     plain_row = {"lr": None, "la_tau": 0.0, "epoch": 0, **mlp_rule, "val_nll": None}
     plain_row |= {"source": "l_i", "val_score": score_of(mlp_val, y), "val_top1": top1(mlp_val, y)}

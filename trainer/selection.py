@@ -175,15 +175,21 @@ def select_plain(
     selected: dict[str, Any] = {"lr": chosen[0], "epoch": chosen[1]}
     if isinstance(model, MLPOnly):
         raw = predict(model, val)  # prior_tau is 0 while training: the unadjusted logits
-        adjusted = [
-            (score_of(raw - tau * model.log_prior, val.labels), -i, tau) for i, tau in enumerate(prior_taus)
-        ]
-        _, _, tau = max(adjusted)
-        model.set_prior_tau(float(tau))
+        tau = best_prior_tau(raw, model.log_prior, val.labels, prior_taus, score_of)
+        model.set_prior_tau(tau)
         selected["prior_tau"] = float(tau)
     val_logits = predict(model, val)
     selected["val_score"] = score_of(val_logits, val.labels)
     return Selected(model, selected, top1(val_logits, val.labels), trials)
+
+
+def best_prior_tau(
+    raw: torch.Tensor, log_prior: torch.Tensor, labels: torch.Tensor, taus: tuple[float, ...], score_of: Any
+) -> float:
+    """The post-hoc prior adjustment tau in `taus` whose logits raw - tau * log_prior score best on val
+    (ties: the earlier tau): mlp_only's choice, and RetFormer's "L_I alone" rule, which is mlp_only's."""
+    _, _, tau = max((score_of(raw - tau * log_prior, labels), -i, tau) for i, tau in enumerate(taus))
+    return float(tau)
 
 
 @torch.inference_mode()
