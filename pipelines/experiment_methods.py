@@ -280,8 +280,10 @@ def _grid_epochs(method: str, plan: dict[str, Any], config: Any) -> int | None:
     not known here (the line then grows fit by fit)."""
     opts = plan["select"]
     base = method.split("@", 1)[0]
-    if base in ("mlp_only", "linear_probe"):
+    if base == "mlp_only":
         return len(opts.lr_grid) * int(opts.baseline_epochs)
+    if base == "linear_probe":
+        return len(opts.probe_l2)  # one L-BFGS fit per L2 strength
     if base == "mlp_vote":
         return None  # nothing trained beyond mlp_only
     if plan["recipe"] == "stacked":

@@ -248,11 +248,9 @@ def _firsts(series: list[tuple[str, int, int, list[dict[str, Any]]]], name: str)
 
 
 def _fit_label(entry: dict[str, Any]) -> str:
-    """A fit's grid cell in a few characters: `lr 0.003` or `lr 0.003 la_tau 1.0`."""
+    """A fit's grid cell in a few characters: `lr 0.003`, `lr 0.003 la_tau 1.0` or `l2 0.0001`."""
     cfg = entry.get("fit_config") or {}
-    parts = [f"lr {cfg['lr']:g}"] if "lr" in cfg else []
-    if "la_tau" in cfg:
-        parts.append(f"la_tau {cfg['la_tau']:g}")
+    parts = [f"{key} {cfg[key]:g}" for key in ("lr", "la_tau", "l2") if key in cfg]
     return " ".join(parts) or f"fit {entry.get('fit', 1)}"
 
 

@@ -96,9 +96,10 @@ def load_experiment(name: str, overrides: list[str] | None) -> ExperimentManifes
 
 # Keys of `train:` a selection replaces from its `select:` grids: an override of them changes nothing.
 _SELECTED_KEYS = {
-    "train.epochs": "epochs come from select.baseline_epochs (mlp_only, linear_probe) and "
-    "select.retformer_epochs (RetFormer)",
-    "train.lr": "lr comes from select.lr_grid (mlp_only, linear_probe) and select.retformer_grid (RetFormer)",
+    "train.epochs": "epochs come from select.baseline_epochs (mlp_only) and select.retformer_epochs "
+    "(RetFormer); linear_probe is fitted by L-BFGS (select.probe_l2)",
+    "train.lr": "lr comes from select.lr_grid (mlp_only) and select.retformer_grid (RetFormer); linear_probe "
+    "is fitted by L-BFGS (select.probe_l2)",
 }
 
 

@@ -53,7 +53,8 @@ def _assert_events_are_the_metrics(board: Path, run_dir: Path, methods: list[str
         keys = {
             k for line in lines for k, v in line.items() if isinstance(v, float | int) and k not in SKIPPED
         }
-        assert {"loss", "train_acc", "lr"} <= keys and any(k.startswith("val_top1") for k in keys)
+        fitted_by = {"l2"} if method == "linear_probe" else {"lr"}  # the probe: L-BFGS per L2 strength
+        assert {"loss", "train_acc"} | fitted_by <= keys and any(k.startswith("val_top1") for k in keys)
         assert set(acc.Tags()["scalars"]) == keys, method
         for key in keys:
             want = [(n, float(np.float32(line[key]))) for n, line in enumerate(lines, 1) if key in line]
@@ -62,9 +63,9 @@ def _assert_events_are_the_metrics(board: Path, run_dir: Path, methods: list[str
 
 def test_tensorboard_scalars_equal_the_metrics_files(tmp_path: Path) -> None:
     """Each trained method gets its own TensorBoard run under DIR/<run>/; its scalars are every figure
-    of its metrics.jsonl (loss, train_acc, lr, time_s, the val figures), one step per line: a
-    selection grid's second fit continues at step 4 after a first fit of 3 epochs, and each fit's
-    start is a text event. Values are the metrics file's, rounded to float32 as TensorBoard stores
+    of its metrics.jsonl (loss, train_acc, lr or the probe's l2, time_s, the val figures), one step per
+    line: a selection grid's second fit continues at step 4 after a first fit of 3 epochs, and each
+    fit's start is a text event. Values are the metrics file's, rounded to float32 as TensorBoard stores
     them. kNN-style methods and unfinished runs log nothing."""
     ws = write_workspace(tmp_path)
     board = tmp_path / "tb"

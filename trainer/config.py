@@ -164,8 +164,10 @@ class PredictionRule:
 class SelectOptions:
     """The experiment manifest's `select:` section (the grids every method gets)."""
 
-    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # mlp_only
     baseline_epochs: int = 200
+    # linear_probe: L2 strengths of its logistic regression (trainer/logistic_probe.py), chosen on val
+    probe_l2: tuple[float, ...] = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
     # (lr, la_tau) cells of the stacked RetFormer; la_tau 0 = plain cross-entropy
     retformer_grid: tuple[tuple[float, float], ...] = ((3e-3, 0.0), (1e-2, 0.0), (3e-3, 1.0))
     # epochs of each (lr, la_tau) cell: a number, or {dataset name: epochs, default: epochs}
@@ -225,6 +227,8 @@ class SelectOptions:
             raise UserError("select.betas and select.prior_taus must contain 0 (the rule without them)")
         if opts.rule_fit not in ("grid", "stack"):
             raise UserError(f"select.rule_fit must be grid or stack, got {opts.rule_fit!r}")
+        if not opts.probe_l2 or min(opts.probe_l2) <= 0:
+            raise UserError(f"select.probe_l2 must be > 0, got {list(opts.probe_l2)}")
         if not opts.vote_temps or min(opts.vote_temps) <= 0:
             raise UserError(f"select.vote_temps must be > 0, got {list(opts.vote_temps)}")
         epochs = opts.retformer_epochs

@@ -1,7 +1,7 @@
 """The image-only models: RetFormer's L_I branch (`ImageBranch`) and the baselines that read the query
 embedding alone (`LinearProbe`, the `mlp_only` ablation `MLPOnly`), with the class prior's log that
-RetFormer and mlp_only adjust their logits by. They take RetFormer's forward arguments (one call serves
-every model, trainer/train.py) and ignore the neighbours.
+RetFormer, mlp_only and the linear probe adjust their logits by. They take RetFormer's forward
+arguments (one call serves every model, trainer/train.py) and ignore the neighbours.
 """
 
 from __future__ import annotations
@@ -62,20 +62,59 @@ class ImageOnlyModel(nn.Module):
         raise NotImplementedError
 
 
-class LinearProbe(ImageOnlyModel):
-    """Linear classifier on the query embedding ("CLIP classifier FT"); ignores the neighbors."""
+class PriorAdjusted(ImageOnlyModel):
+    """An image-only model with the post-hoc logit adjustment at prediction (Menon et al.): logits -
+    prior_tau * log prior, prior_tau chosen on val; training is unchanged (it sees the logits before the
+    adjustment). The prior lives in the config, not the state dict (so mlp_only's state dict stays exactly
+    RetFormer's L_I branch, `mlp.*`)."""
 
-    def __init__(self, img_dim: int, num_classes: int) -> None:
+    def __init__(
+        self, sizes: dict[str, Any], num_classes: int, prior_tau: float, prior: list[float] | None
+    ) -> None:
+        """sizes: the subclass's kind and sizes, the start of its config."""
         super().__init__()
-        self.config: dict[str, Any] = {"kind": "linear_probe", "img_dim": img_dim, "num_classes": num_classes}
-        self.fc = nn.Linear(img_dim, num_classes)
+        values = torch.zeros(num_classes) if prior is None else torch.tensor(prior, dtype=torch.float32)
+        self.config: dict[str, Any] = {**sizes, "prior_tau": prior_tau, "log_prior": values.tolist()}
+        self.register_buffer("log_prior", values, persistent=False)
+
+    def set_prior(self, class_counts: list[int] | torch.Tensor) -> None:
+        """log of the training class prior, for the post-hoc adjustment."""
+        self.log_prior.copy_(log_prior(class_counts, len(self.log_prior)))
+        self.config["log_prior"] = self.log_prior.tolist()
+
+    def set_prior_tau(self, prior_tau: float) -> None:
+        """Predict with the post-hoc adjustment prior_tau from now on (chosen on val; saved in the config)."""
+        self.config["prior_tau"] = prior_tau
 
     def image_logits(self, z: torch.Tensor, adjust: bool = True) -> torch.Tensor:
+        """(B, C) = the model's raw logits, less prior_tau * log prior when `adjust` (prediction)."""
+        logits = self.raw_logits(z)
+        if not adjust or not float(self.config["prior_tau"]):
+            return logits
+        return logits - float(self.config["prior_tau"]) * self.log_prior.to(logits)
+
+    def raw_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits of z before the adjustment: the subclass's model."""
+        raise NotImplementedError
+
+
+class LinearProbe(PriorAdjusted):
+    """Linear classifier on the query embedding ("CLIP classifier FT"), fitted as a logistic regression
+    (trainer/logistic_probe.py), with the post-hoc prior adjustment; ignores the neighbors."""
+
+    def __init__(
+        self, img_dim: int, num_classes: int, prior_tau: float = 0.0, log_prior: list[float] | None = None
+    ) -> None:
+        sizes = {"kind": "linear_probe", "img_dim": img_dim, "num_classes": num_classes}
+        super().__init__(sizes, num_classes, prior_tau, log_prior)
+        self.fc = nn.Linear(img_dim, num_classes)
+
+    def raw_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C) = fc(z)."""
         return self.fc(z)
 
 
-class MLPOnly(ImageOnlyModel):
+class MLPOnly(PriorAdjusted):
     """The `mlp_only` ablation: exactly RetFormer's L_I branch alone (the same `ImageBranch` module, same
     hidden width: `mlp_hidden`, default img_dim, as in RetFormer), no retrieval; ignores the neighbors.
     Its state dict has RetFormer's `mlp.*` keys."""
@@ -88,36 +127,11 @@ class MLPOnly(ImageOnlyModel):
         prior_tau: float = 0.0,
         log_prior: list[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.mlp = ImageBranch(img_dim, num_classes, mlp_hidden)
-        prior = (
-            torch.zeros(num_classes) if log_prior is None else torch.tensor(log_prior, dtype=torch.float32)
-        )
-        self.config: dict[str, Any] = {
-            "kind": "mlp_only",
-            "img_dim": img_dim,
-            "num_classes": num_classes,
-            "mlp_hidden": self.mlp.hidden,
-            "prior_tau": prior_tau,
-            "log_prior": prior.tolist(),
-        }
-        # Post-hoc logit adjustment at prediction (Menon et al.): logits - prior_tau * log prior, with
-        # prior_tau chosen on val; training is unchanged (it sees logits before the adjustment). The prior
-        # lives in the config, so the state dict stays exactly RetFormer's L_I branch (`mlp.*`).
-        self.register_buffer("log_prior", prior, persistent=False)
+        branch = ImageBranch(img_dim, num_classes, mlp_hidden)
+        sizes = {"kind": "mlp_only", "img_dim": img_dim, "num_classes": num_classes}
+        super().__init__({**sizes, "mlp_hidden": branch.hidden}, num_classes, prior_tau, log_prior)
+        self.mlp = branch
 
-    def set_prior(self, class_counts: list[int] | torch.Tensor) -> None:
-        """log of the training class prior, for the post-hoc adjustment."""
-        self.log_prior.copy_(log_prior(class_counts, len(self.log_prior)))
-        self.config["log_prior"] = self.log_prior.tolist()
-
-    def set_prior_tau(self, prior_tau: float) -> None:
-        """Predict with the post-hoc adjustment prior_tau from now on (chosen on val; saved in the config)."""
-        self.config["prior_tau"] = prior_tau
-
-    def image_logits(self, z: torch.Tensor, adjust: bool = True) -> torch.Tensor:
-        """(B, C) = mlp(z), less prior_tau * log prior when `adjust` (prediction; training sees mlp(z))."""
-        logits = self.mlp(z)
-        if not adjust or not float(self.config["prior_tau"]):
-            return logits
-        return logits - float(self.config["prior_tau"]) * self.log_prior.to(logits)
+    def raw_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C) = mlp(z)."""
+        return self.mlp(z)

@@ -5,7 +5,7 @@ fine-tune method trains the model of its feature-mode twin as the head on top of
 
 - frozen ("w/ FE", the fast path): `retformer` (Eq. 3-6), `retformer_no_text`, `retformer_no_image`
   (the paper's ablations, Sec. 4.5), `mlp_only` (RetFormer's L_I branch alone: no retrieval) and
-  `linear_probe` ("CLIP classifier FT");
+  `linear_probe` ("CLIP classifier FT": a logistic regression, L-BFGS, its L2 on val);
 - vote: `knn_vote`, the majority label of the retrieved KB items (where the KB has labels);
   `knn_weighted`, their labels weighted by exp(cos / T) (DINO's kNN); `caption_vote`, the classes their
   captions name (text to text against class-name prompts: no KB labels needed), weighted alike;
@@ -32,6 +32,7 @@ from retformer.trainer.checkpoint import discard_stale
 from retformer.trainer.config import FINETUNE_NAMES, METHOD_NAMES, FusionOptions
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
+from retformer.trainer.logistic_probe import select_logistic
 from retformer.trainer.model_factory import MODEL_KINDS, build_model
 from retformer.trainer.select_fitted import select_fitted
 from retformer.trainer.selection import Selected, SelectOptions, Task, select_plain, select_stacked
@@ -175,7 +176,7 @@ def select_method(
     if method == "mlp_only":
         return select_plain(task, opts.lr_grid, opts.baseline_epochs, opts.prior_taus)
     if method == "linear_probe":
-        return select_plain(task, opts.lr_grid, opts.baseline_epochs)
+        return select_logistic(task, opts.probe_l2, opts.prior_taus)
     if method == "mlp_vote":  # the same fitted rule with L_R left out, whatever the recipe
         return select_fitted(task, mlp_only().model.mlp.state_dict(), opts, retrieval_branch=False)
     if recipe == "paper":

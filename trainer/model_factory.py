@@ -54,10 +54,10 @@ def model_from_config(stored: StoredModel) -> nn.Module:
         shape = {key: v for key, v in (("k", stored.k), ("variant", stored.variant)) if v is not None}
         dims = stored.img_dim, stored.txt_dim, stored.num_classes
         return RetFormer(*dims, **shape, options=stored.options, rule=stored.rule)
-    if isinstance(stored, StoredLinearProbe):
-        return LinearProbe(stored.img_dim, stored.num_classes)
-    if isinstance(stored, StoredMLPOnly):
+    if isinstance(stored, StoredLinearProbe | StoredMLPOnly):
         prior = {} if stored.prior_tau is None else {"prior_tau": stored.prior_tau}
+        if isinstance(stored, StoredLinearProbe):
+            return LinearProbe(stored.img_dim, stored.num_classes, log_prior=stored.log_prior, **prior)
         sizes = stored.img_dim, stored.num_classes, stored.mlp_hidden
         return MLPOnly(*sizes, log_prior=stored.log_prior, **prior)
     raise ValueError("unknown model kind 'finetune' in config")

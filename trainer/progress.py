@@ -82,11 +82,18 @@ class ModelProgress:
         if log_path is not None:
             log_path.write_text("")
 
-    def begin_fit(self, epochs: int, start_epoch: int = 0, config: TrainConfig | None = None) -> None:
+    def begin_fit(
+        self,
+        epochs: int,
+        start_epoch: int = 0,
+        config: TrainConfig | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
         """A fit of `epochs` epochs starts (at `start_epoch` when resumed); `config`: the fit's, whose
-        `fit_summary` its metrics lines carry as `fit_config`."""
+        `fit_summary` its metrics lines carry as `fit_config` (`summary`: that dict itself, for a fit
+        without a TrainConfig, e.g. the linear probe's L-BFGS)."""
         self.fit += 1
-        self.fit_config = fit_summary(config) if config is not None else {}
+        self.fit_config = fit_summary(config) if config is not None else dict(summary or {})
         self._epoch_started = time.monotonic()
         if self.total is None or self.done + epochs > self.total:
             self.total = self.done + epochs  # unknown (or underestimated) total: grow it

@@ -4,9 +4,10 @@ Every choice maximises `select_metric` on val: "balanced" (mean per-class accura
 class-balanced test reports, while a val held out of long-tailed training data is long-tailed itself)
 or "top1". Recorded figures keep `val_top1` beside the criterion (`val_score`).
 
-- baselines (`linear_probe`, `mlp_only`): lr grid x `baseline_epochs`, best-on-val epoch per lr, then the
-  best lr on val (ties: the smaller lr, the earlier epoch); mlp_only then gets its post-hoc logit
-  adjustment tau (logits - tau log prior) on val;
+- `mlp_only`: lr grid x `baseline_epochs`, best-on-val epoch per lr, then the best lr on val (ties: the
+  smaller lr, the earlier epoch), then its post-hoc logit adjustment tau (logits - tau log prior) on val;
+- `linear_probe`: a logistic regression per L2 strength in `probe_l2`, then the same adjustment
+  (trainer/logistic_probe.py);
 - RetFormer, recipe "stacked" (docs/method-notes.md): L_I = the selected mlp_only's weights, frozen; L_R
   trained on its own cross-entropy (optionally anchored: log of the neighbours' vote plus a residual head
   that starts at zero, `anchor`), with logit adjustment la_tau as a grid option; per (lr, la_tau) cell

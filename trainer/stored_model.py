@@ -33,10 +33,13 @@ class StoredRetFormer:
 
 @dataclass(frozen=True)
 class StoredLinearProbe:
-    """A linear probe: its sizes."""
+    """A linear probe: its sizes, and the post-hoc prior adjustment chosen on val (None: as the model starts;
+    files written before the probe had one)."""
 
     img_dim: int
     num_classes: int
+    prior_tau: float | None = None
+    log_prior: list[float] | None = None
 
 
 @dataclass(frozen=True)
