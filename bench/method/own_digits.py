@@ -3,7 +3,7 @@
 hold-out), `imbalance_ratio: 10`, and a world KB from the training images the cut left out, captions
 from templates used nowhere else (20% name a wrong class). Writes the images and the two manifests:
 
-    python bench/method/own_digits.py /tmp/own
+    python bench/method/own_digits.py /tmp/own [IMBALANCE_RATIO]     # default 10
     RETFORMER_MANIFESTS=/tmp/own/manifests retformer demo --dataset mine --kb mine_world \\
         --workdir /tmp/own/work --seeds 3
 """
@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DATASET = """kind: imagefolder
 root: {root}/data
-imbalance_ratio: 10
+imbalance_ratio: {ratio}
 seed: 0
 neighbors: {{k: 32}}
 """
@@ -28,6 +28,7 @@ encoders: {image: {name: efficientnet_lite0}, text: {name: minilm}}
 """
 
 root = Path(sys.argv[1])
+ratio = int(sys.argv[2]) if len(sys.argv) > 2 else 10
 digits = load_digits()
 rng = np.random.default_rng(0)
 for c, name in enumerate(NAMES):
@@ -39,7 +40,8 @@ for c, name in enumerate(NAMES):
             pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
             image = Image.fromarray(pixels).resize((32, 32), Image.BICUBIC).convert("RGB")
             image.save(out / f"{i:04d}.jpg", quality=95)
-for kind, text in (("datasets/mine.yaml", DATASET.format(root=root)), ("kb/mine_world.yaml", KB)):
+manifests = {"datasets/mine.yaml": DATASET.format(root=root, ratio=ratio), "kb/mine_world.yaml": KB}
+for kind, text in manifests.items():
     (root / "manifests" / kind).parent.mkdir(parents=True, exist_ok=True)
     (root / "manifests" / kind).write_text(text)
 print("written", sum(1 for _ in (root / "data").rglob("*.jpg")), "images and", root / "manifests")

@@ -56,6 +56,7 @@ def report(name: str, predict, grid: list) -> None:
     pred = predict(choice, x_test)
     in_few = np.isin(y_test, few)
     row = {
+        "workdir": str(root),
         "dataset": dataset,
         "kb": kb,
         "train": "train" if train_only else "train+kb",
