@@ -188,7 +188,9 @@ def best_prior_tau(
     raw: torch.Tensor, log_prior: torch.Tensor, labels: torch.Tensor, taus: tuple[float, ...], score_of: Any
 ) -> float:
     """The post-hoc prior adjustment tau in `taus` whose logits raw - tau * log_prior score best on val
-    (ties: the earlier tau): mlp_only's choice, and RetFormer's "L_I alone" rule, which is mlp_only's."""
+    (ties: the earlier tau): mlp_only's choice, and RetFormer's "L_I alone" rule, which is mlp_only's.
+    raw: `predict`'s CPU logits; log_prior may be the model's buffer, still on the GPU it trained on."""
+    log_prior = log_prior.to(raw)
     _, _, tau = max((score_of(raw - tau * log_prior, labels), -i, tau) for i, tau in enumerate(taus))
     return float(tau)
 
