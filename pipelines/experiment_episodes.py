@@ -19,11 +19,9 @@ from typing import Any
 
 from retformer.artifacts.errors import UserError
 from retformer.pipelines.experiment_context import ExperimentContext
-from retformer.pipelines.experiment_plan import train_config
-from retformer.pipelines.experiment_schema import given
-from retformer.trainer.config import FusionOptions
+from retformer.pipelines.experiment_methods import select_mlp_only
 from retformer.trainer.kb_episodes import caption_labels, class_counts, with_kb_episodes
-from retformer.trainer.methods import METHODS, select_method
+from retformer.trainer.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +116,5 @@ def _mlp_only_val_score(
 ) -> float:
     """Val score (the experiment's select_metric) of the image head selected on `train` as the `mlp_only`
     baseline would be."""
-    config = plan["configs"].get("mlp_only") or train_config(ctx.exp, "mlp_only")
-    sel = select_method(
-        "mlp_only",
-        plan["recipe"],
-        config,
-        train,
-        val,
-        model_options=FusionOptions(**given(ctx.exp.model)),
-        num_classes=int(ctx.info["num_classes"]),
-        class_counts=counts,
-        opts=plan["select"],
-        mlp_only=lambda: None,
-    )
+    sel = select_mlp_only(ctx, plan, train, val, counts)
     return round(float(sel.selected["val_score"]), 6)

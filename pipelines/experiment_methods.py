@@ -127,6 +127,32 @@ def _save_main(path: Path, model: Any, info: dict[str, Any]) -> None:
         save_model(path, model, info)
 
 
+def selection_inputs(ctx: ExperimentContext, opts: Any, class_counts: list[int] | None) -> dict[str, Any]:
+    """The keyword arguments every `select_method` of this experiment shares: the model options, the
+    number of classes, the training class counts (the prior the heads learn), the select options."""
+    return {
+        "model_options": FusionOptions(**given(ctx.exp.model)),
+        "num_classes": int(ctx.info["num_classes"]),
+        "class_counts": class_counts,
+        "opts": opts,
+    }
+
+
+def mlp_only_config(ctx: ExperimentContext, plan: dict[str, Any]) -> Any:
+    """The TrainConfig mlp_only is selected with (the plan's, else the experiment's `train:` for it)."""
+    return plan["configs"].get("mlp_only") or train_config(ctx.exp, "mlp_only")
+
+
+def select_mlp_only(
+    ctx: ExperimentContext, plan: dict[str, Any], train_f: Any, val_f: Any, class_counts: list[int] | None
+) -> Any:
+    """The mlp_only baseline selected on `train_f` (its lr grid, best-on-val epoch, prior adjustment):
+    the experiment's own mlp_only, and the KB episodes' admission check (`pipelines.experiment_episodes`)."""
+    config = mlp_only_config(ctx, plan)
+    inputs = selection_inputs(ctx, plan["select"], class_counts)
+    return select_method("mlp_only", "paper", config, train_f, val_f, mlp_only=None, **inputs)
+
+
 def _select_trained(
     ctx: ExperimentContext,
     plan: dict[str, Any],
@@ -139,14 +165,9 @@ def _select_trained(
 ) -> dict[str, dict[str, Any]]:
     """A feature-mode method selected on val, then evaluated once on each eval split. RetFormer variants
     also get their eval split with shuffled neighbours (`<split>:shuffled`)."""
-    num_classes, shot = int(ctx.info["num_classes"]), ctx.info["shot_split"]
+    shot = ctx.info["shot_split"]
     opts = plan["select"]
-    common = {
-        "model_options": FusionOptions(**given(ctx.exp.model)),
-        "num_classes": num_classes,
-        "class_counts": ctx.class_counts,
-        "opts": opts,
-    }
+    common = selection_inputs(ctx, opts, ctx.class_counts)
 
     def line(name: str, cfg: Any) -> ModelProgress:
         # One console line per model over its whole grid; every fit's epochs in <name>.metrics.jsonl.
@@ -156,11 +177,8 @@ def _select_trained(
 
     def mlp_only() -> Any:
         if ctx.mlp_only is None:
-            cfg = plan["configs"].get("mlp_only") or train_config(ctx.exp, "mlp_only")
-            with tracking(line("mlp_only", cfg)):
-                ctx.mlp_only = select_method(
-                    "mlp_only", "paper", cfg, train_f, val_f, mlp_only=None, **common
-                )
+            with tracking(line("mlp_only", mlp_only_config(ctx, plan))):
+                ctx.mlp_only = select_mlp_only(ctx, plan, train_f, val_f, ctx.class_counts)
         return ctx.mlp_only
 
     if method == "mlp_only":

@@ -45,16 +45,19 @@ def fit_logistic(probe: LinearProbe, z: torch.Tensor, labels: torch.Tensor, l2: 
         line_search_fn="strong_wolfe",
     )
 
+    def value() -> torch.Tensor:
+        return F.cross_entropy(probe.raw_logits(z), labels) + 0.5 * l2 * weight.pow(2).sum()
+
     def objective() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(probe.raw_logits(z), labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss = value()
         loss.backward()
         return loss
 
     probe.train()
     opt.step(objective)
     with torch.no_grad():
-        return float(F.cross_entropy(probe.raw_logits(z), labels) + 0.5 * l2 * weight.pow(2).sum())
+        return float(value())
 
 
 def select_logistic(task: Task, l2_grid: tuple[float, ...], prior_taus: tuple[float, ...]) -> Selected:
@@ -69,6 +72,7 @@ def select_logistic(task: Task, l2_grid: tuple[float, ...], prior_taus: tuple[fl
     probe = task.build().to(device)
     assert isinstance(probe, LinearProbe), f"select_logistic fits a linear probe, not {task.kind}"
     z, labels = train.query_img.to(device, torch.float32), train.labels.to(device)
+    prior = probe.log_prior.cpu()  # predict() returns CPU logits
     score_of = criterion(task.metric)
     progress, trials = current(), []
     best: tuple[float, float, float, dict[str, torch.Tensor]] | None = None
@@ -76,10 +80,9 @@ def select_logistic(task: Task, l2_grid: tuple[float, ...], prior_taus: tuple[fl
         if progress is not None:
             progress.begin_fit(1, summary={"l2": l2, "solver": "lbfgs"})
         loss = fit_logistic(probe, z, labels, l2)
-        probe.set_prior_tau(0.0)
-        raw = predict(probe, val)
-        tau = best_prior_tau(raw, probe.log_prior.cpu(), val.labels, prior_taus, score_of)
-        score = score_of(raw - tau * probe.log_prior.cpu(), val.labels)
+        raw = predict(probe, val)  # prior_tau stays 0 until the end: the unadjusted logits
+        tau = best_prior_tau(raw, prior, val.labels, prior_taus, score_of)
+        score = score_of(raw - tau * prior, val.labels)
         trials.append({"l2": l2, "prior_tau": tau, "val_score": score, "loss": loss})
         if progress is not None:
             with torch.no_grad():
