@@ -10,10 +10,13 @@
 #   4 embed        `retformer embed` of a tiny KB (digits world pool + digits_lt splits) with open_clip
 #                  ViT-B-16 (random weights) on cuda; every part says it was computed on cuda
 #   5 index        `retformer index` + `retformer neighbors` of that KB and dataset
-#   6 torchrun     2 GPUs: a 2-rank `torchrun ... train` (one GPU each); 1 GPU: the clean refusal
+#   6 recipe       one-process `retformer train` of the demo's stacked recipe with every trained method
+#                  (mlp_only with its prior tau, the L-BFGS linear_probe, mlp_vote, RetFormer, kb_episodes)
+#                  on the device, small grids: the code paths `make demo` takes, checked off the CPU
+#   7 torchrun     2 GPUs: a 2-rank `torchrun ... train` (one GPU each); 1 GPU: the clean refusal
 #                  (one error line naming the rank without a GPU, shown in torchrun's summary)
-#   7 finetune     bench/bench_finetune.py: ViT-B-16 fine-tune steps under AMP (bf16 where native)
-#   8 gpu_check    bash bench/gpu_check.sh --quick (a faiss without GPU support is a FAIL here)
+#   8 finetune     bench/bench_finetune.py: ViT-B-16 fine-tune steps under AMP (bf16 where native)
+#   9 gpu_check    bash bench/gpu_check.sh --quick (a faiss without GPU support is a FAIL here)
 #
 # --keep-going: run every step (a step whose input failed is a SKIP) instead of stopping at the first
 # FAIL. --device cpu: steps 4-6 on the CPU (a rehearsal of the pipeline steps on a machine without a
@@ -32,7 +35,7 @@ while [ $# -gt 0 ]; do
     --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; OUT_DIR="$2"; shift ;;
     --keep-going) KEEP_GOING=1 ;;
     --device) [ $# -ge 2 ] || { echo "error: --device needs cuda or cpu" >&2; exit 2; }; DEVICE="$2"; shift ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument '$1' (bash bench/gpu_first_hour.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -50,6 +53,7 @@ WORK="$OUT_DIR/work"
 KB=first_hour_kb
 KB_YAML="$OUT_DIR/$KB.yaml"
 EXP_YAML="$OUT_DIR/first_hour_exp.yaml"
+RECIPE_YAML="$OUT_DIR/first_hour_recipe.yaml"
 RET=("$PY" -m retformer.pipelines.cli)
 
 # The tiny KB: the digits world pool, open_clip ViT-B-16 with random weights (no download); the CPU
@@ -81,6 +85,22 @@ methods: [retformer]
 model: {width: 64, depth: 1, heads: 4}
 train: {epochs: 2, batch_size: 64, lr: 3.0e-3, seed: 0}
 select: {retformer_grid: [[3.0e-3, 0.0]], retformer_epochs: {default: 2}}
+EOF
+# The demo's recipe (manifests/experiments/demo.yaml) with one-cell grids: every trained method the demo
+# selects on val, so a tensor left on the wrong device anywhere in selection stops this step.
+cat >"$RECIPE_YAML" <<EOF
+description: gpu_first_hour - the demo's stacked recipe, small grids
+k: 8
+eval_split: test
+select_split: val
+recipe: stacked
+methods: [retformer, mlp_only, linear_probe, mlp_vote, knn_weighted, caption_vote]
+model: {width: 64, depth: 1, heads: 4, ffn: false, tau: 2.0, dropout: 0.0, mlp_hidden: 128, anchor: auto}
+train: {epochs: 2, batch_size: 64, lr: 3.0e-3, seed: 0}
+method_train: {retformer: {mixup_alpha: 0.0}}
+kb_episodes: 20000
+select: {lr_grid: [3.0e-3], baseline_epochs: 3, probe_l2: [1.0e-3, 1.0e-4], retformer_grid: [[3.0e-3, 0.0]],
+         retformer_epochs: {default: 2}, knn_k: [5], rule_fit: stack}
 EOF
 
 declare -A RESULT
@@ -236,6 +256,22 @@ step_index() {
   echo "reason: index + neighbor tables written ($gpu_shards shard(s) added on the GPU)"
 }
 
+step_recipe() {
+  "${RET[@]}" train --dataset digits_lt --kb "$KB_YAML" --experiment "$RECIPE_YAML" --workdir "$WORK" \
+    --set "train.device=$DEVICE" || { echo "reason: $(grep '^error: ' "$OUT_DIR/06-recipe.log" | tail -1 || true)"; return 1; }
+  "$PY" - "$WORK" <<'PYEOF'
+import json, sys
+from pathlib import Path
+found = sorted(Path(sys.argv[1]).glob("runs/*first_hour_recipe*/eval.json"))
+if not found:
+    print("reason: no eval.json of the recipe run")
+    sys.exit(1)
+rows = json.loads(found[-1].read_text())["methods"]
+line = ", ".join(f"{m} {100 * r['top1']:.1f}" for m, r in rows.items() if isinstance(r, dict) and "top1" in r)
+print(f"reason: test top-1 {line}")
+PYEOF
+}
+
 step_torchrun() {
   local gpus
   gpus=$(torch_gpus)
@@ -248,8 +284,8 @@ step_torchrun() {
   fi
   "${trun[@]}"
   local rc=$?
-  if [ "$rc" != 0 ] && grep -q "has no GPU of its own" "$OUT_DIR/06-torchrun.log"; then
-    echo "reason: $gpus GPU(s): the clean refusal ($(grep -o 'training process 1[^"]*GPU(s)' "$OUT_DIR/06-torchrun.log" | head -1))"
+  if [ "$rc" != 0 ] && grep -q "has no GPU of its own" "$OUT_DIR/07-torchrun.log"; then
+    echo "reason: $gpus GPU(s): the clean refusal ($(grep -o 'training process 1[^"]*GPU(s)' "$OUT_DIR/07-torchrun.log" | head -1))"
     return 0
   fi
   echo "reason: $gpus GPU(s): expected the one-line refusal of rank 1 (exit $rc)"
@@ -261,7 +297,7 @@ step_finetune() {
   [ "$DEVICE" = cpu ] && size=(--batch-size 2 --steps 1 --warmup 0 --images 4)  # ViT-B-16 on a CPU: tiny
   "$PY" bench/bench_finetune.py --device "$DEVICE" --model ViT-B-16 "${size[@]}" --amp on --num-workers 2 \
     --out "$OUT_DIR/finetune.json" || {
-    echo "reason: $(grep -iE 'error' "$OUT_DIR/07-finetune.log" | tail -1 | cut -c1-200)"; return 1; }
+    echo "reason: $(grep -iE 'error' "$OUT_DIR/08-finetune.log" | tail -1 | cut -c1-200)"; return 1; }
   echo "reason: $("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(f"AMP {d[\"bare\"][\"dtype\"]}, {d[\"images_per_s\"]} img/s trainer loop")' "$OUT_DIR/finetune.json")"
 }
 
@@ -272,8 +308,8 @@ step_gpu_check() {
     echo "reason: faiss-gpu missing: $(cat "$OUT_DIR/gpu_check/index.log")"
     return 1
   fi
-  [ "$rc" = 0 ] || { echo "reason: $(grep -E '^error|failed' "$OUT_DIR/08-gpu_check.log" | tail -1)"; return 1; }
-  echo "reason: table in $OUT_DIR/08-gpu_check.log"
+  [ "$rc" = 0 ] || { echo "reason: $(grep -E '^error|failed' "$OUT_DIR/09-gpu_check.log" | tail -1)"; return 1; }
+  echo "reason: table in $OUT_DIR/09-gpu_check.log"
 }
 
 say "gpu_first_hour: $(date -u +%FT%TZ), device $DEVICE, logs in $OUT_DIR"
@@ -283,6 +319,7 @@ step faiss "environment" "torch + faiss-gpu in one process"
 if [ "$DEVICE" = cpu ]; then ENV_DEP=""; else ENV_DEP="environment"; fi
 step embed "$ENV_DEP" "retformer embed, $ENCODER_NAME on $DEVICE"
 step index "embed" "retformer index + neighbors"
+step recipe "index" "the demo's stacked recipe, one process on $DEVICE"
 step torchrun "index" "2-rank torchrun train (or the refusal)"
 step finetune "$ENV_DEP" "fine-tune AMP steps"
 step gpu_check "$ENV_DEP" "bench/gpu_check.sh --quick"
