@@ -314,3 +314,35 @@ def test_on_a_real_gpu_auto_picks_cuda_and_amp_follows_the_capability():
     assert devices.gpu_problem() is None and devices.pick(None, "embed") == "cuda"
     native = torch.cuda.get_device_capability(0) >= (8, 0)
     assert amp_policy(True, torch.device("cuda", 0)) == (True, torch.bfloat16 if native else torch.float16)
+
+
+@pytest.mark.system
+def test_first_hour_rehearsal_on_cpu_passes_every_pipeline_step(tmp_path):
+    """`bench/gpu_first_hour.sh --device cpu` runs its pipeline steps for real on the CPU: embed, index,
+    the demo's stacked recipe with every trained method (the step that reaches mlp_only's prior tau and
+    the L-BFGS probe on the device) and the 2-rank torchrun train each print PASS; the script's exit
+    status still says a GPU step failed here."""
+    run = subprocess.run(
+        [
+            "bash",
+            str(REPO / "bench" / "gpu_first_hour.sh"),
+            "--device",
+            "cpu",
+            "--keep-going",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PY": sys.executable},
+    )
+    lines = {
+        line.split()[1]: line
+        for line in run.stdout.splitlines()
+        if line.split()[:1] in (["PASS"], ["FAIL"], ["SKIP"])
+    }
+    for name in ("embed", "index", "recipe", "torchrun"):
+        assert lines.get(name, "").startswith("PASS"), run.stdout + run.stderr
+    assert "mlp_only" in lines["recipe"] and "linear_probe" in lines["recipe"]
+    assert run.returncode == (0 if torch.cuda.is_available() else 1)
