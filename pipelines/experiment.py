@@ -320,7 +320,7 @@ def _diagnostics(
     from retformer.pipelines.run_diagnostics import diagnose
 
     kind = "label" if ctx.label_problem(features) is None else None
-    class_text = ctx.class_text() if kind is None else None
+    class_text = ctx.class_text(features) if kind is None else None
     kind = kind or ("caption" if class_text is not None else None)
     return diagnose(run_dir, features, results, int(ctx.info["num_classes"]), class_text, kind)
 

@@ -83,11 +83,13 @@ class ExperimentContext:
             self._label_problem = (problem,)
         return self._label_problem[0]
 
-    def class_text(self) -> Any:
-        """The class names' prompt vectors from the KB's text tower (caption evidence; `trainer.evidence`),
-        or None where the dataset has no real class names or the KB no text encoder."""
+    def class_text(self, features: Any) -> Any:
+        """What captions are read against (caption evidence; `trainer.evidence.ClassText`): the class names'
+        prompt vectors from the KB's text tower and the mean caption of the neighbour store of `features`
+        (every split of a run shares that store), or None where the dataset has no real class names or
+        the KB no text encoder. Computed once per run."""
         if self._class_text is None:
-            from retformer.trainer.evidence import class_text_embeddings
+            from retformer.trainer.evidence import ClassText, caption_centre, class_text_embeddings
             from retformer.trainer.zeroshot import _PLACEHOLDER
 
             names = self.info.get("class_names") or []
@@ -97,7 +99,8 @@ class ExperimentContext:
             else:
                 from retformer.kb_builder.encoders import build_text_encoder
 
-                self._class_text = (class_text_embeddings(build_text_encoder(spec), names),)
+                prompts = class_text_embeddings(build_text_encoder(spec), names)
+                self._class_text = (ClassText(prompts, caption_centre(features.store_txt)),)
         return self._class_text[0]
 
     def images(self, split: str, uids: list[str], source: str) -> Any:

@@ -78,7 +78,7 @@ def _caption_episodes(
     """(the training features with caption-labelled KB episodes, how many) where the captions name the
     dataset's classes and val admits them; else (train, 0) and a warning that says why. The verdict is
     recorded in `ctx.kb_episode_check` (eval.json's `kb_episode_check`)."""
-    class_text = ctx.class_text()
+    class_text = ctx.class_text(train)
     if class_text is None:
         log.warning(NONE_JOINS, "no class names or KB text tower to read the captions with")
         return train, 0

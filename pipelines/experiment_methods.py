@@ -186,7 +186,7 @@ def _select_trained(
     else:
         evidence = {"label_evidence": ctx.label_problem(train_f) is None}
         if not evidence["label_evidence"] and (plan["recipe"] == "stacked" or method == "mlp_vote"):
-            evidence["class_text"] = ctx.class_text()
+            evidence["class_text"] = ctx.class_text(train_f)
         with tracking(line(key, plan["configs"][method])):
             sel = select_method(
                 method,
@@ -267,7 +267,7 @@ def _weighted_vote(
     """knn_weighted (KB labels) or caption_vote (the classes the captions name), k and the vote
     temperature chosen on val; or why it is skipped (no usable labels; no class names or text tower)."""
     kind = "label" if method == "knn_weighted" else "caption"
-    class_text = ctx.class_text() if kind == "caption" else None
+    class_text = ctx.class_text(train_f) if kind == "caption" else None
     problem = ctx.label_problem(train_f) if kind == "label" else None
     if kind == "caption" and class_text is None:
         problem = "the dataset has no class names or the KB no text encoder to read captions with"

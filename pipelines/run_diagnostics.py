@@ -19,6 +19,7 @@ from retformer.trainer.diagnostics import (
     neighbour_classes,
     retrieval_share,
 )
+from retformer.trainer.evidence import ClassText
 from retformer.trainer.model import RetFormer
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def diagnose(
     features: Any,
     results: dict[str, Any],
     num_classes: int,
-    class_text: torch.Tensor | None,
+    class_text: ClassText | None,
     evidence_kind: str | None,
 ) -> dict[str, Any]:
     """The diagnostics of a run whose eval split's features (at the run's k) are `features`;

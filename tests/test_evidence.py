@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from retformer.trainer.checkpoint import load_model
 from retformer.trainer.config import FusionOptions, SelectOptions
 from retformer.trainer.evidence import (
+    ClassText,
     balanced_accuracy,
+    caption_centre,
     caption_class_probs,
     label_probs,
     log_evidence,
@@ -49,6 +51,68 @@ def test_caption_probs_name_the_class_and_an_empty_caption_votes_nothing() -> No
     assert int(probs[0].argmax()) == 2 and float(probs[0, 2]) > 0.99
     assert torch.equal(probs[1], torch.zeros(4))
     assert float(probs[2].sum()) < 0.01
+
+
+def test_centred_reading_ignores_the_direction_every_caption_shares() -> None:
+    """Captions that all lean on one template direction u, and a class ("nine") whose prompt leans on u
+    more than the others': uncentred, the class-2 caption is read as that class; centred on the captions'
+    mean (and the prompts on theirs) it is read as 2, and every caption names its own class."""
+    dim, classes = 8, 4
+    u, e = torch.eye(dim)[-1], torch.eye(dim)[:classes]
+    prompts = F.normalize(torch.stack([u + e[0], u + e[1], u + e[2], 3 * u + e[3]]), dim=-1)
+    captions = F.normalize(3 * u + e, dim=-1)  # one caption per class, each mostly template
+    raw = caption_class_probs(captions, prompts, temperature=0.05, null_sim=0.0)
+    assert int(raw[2].argmax()) == 3  # the misreading centring removes
+    reader = ClassText(prompts, caption_centre(captions))
+    assert reader.centred and not ClassText.of(prompts).centred
+    centred = caption_class_probs(captions, reader, temperature=0.05, null_sim=0.1)
+    assert centred.argmax(dim=1).tolist() == [0, 1, 2, 3]
+    assert bool((centred.max(dim=1).values > 0.9).all())
+
+
+def test_caption_centre_is_the_mean_unit_caption_of_the_rows_with_text() -> None:
+    """Rows without a caption (all zeros) do not pull the centre; the chunked mean equals the direct one;
+    a store without any caption has a zero centre (captions then read uncentred)."""
+    txt = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 3.0], [0.0, 0.0]])
+    assert caption_centre(txt).tolist() == [0.5, 0.5]
+    assert caption_centre(txt, chunk=1).tolist() == [0.5, 0.5]
+    assert caption_centre(torch.zeros(3, 2)).tolist() == [0.0, 0.0]
+
+
+def test_minilm_reads_number_word_captions_only_when_centred() -> None:
+    """The real text tower (MiniLM, offline): captions of the ten digit names in two templates the prompts
+    never use. Uncentred (as before), some are read as another digit or as none ("one" and "two" as
+    "nine"); centred on the captions' own mean, every one names its digit."""
+    from retformer.kb_builder.encoders import build_text_encoder
+    from retformer.kb_builder.kb_schema import text_encoder
+    from retformer.trainer.evidence import class_text_embeddings
+    from retformer.trainer.kb_episodes import caption_labels
+
+    encoder = build_text_encoder(text_encoder({"name": "minilm"}))
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    templates = ["a scanned handwritten {name}.", "the digit {name}, written by hand."]
+    txt = encoder.encode([t.format(name=n) for n in names for t in templates]).float()
+    truth = torch.arange(10).repeat_interleave(len(templates)).tolist()
+    prompts = class_text_embeddings(encoder, names)
+    assert caption_labels(txt, prompts, null=0.0).tolist() != truth
+    assert caption_labels(txt, ClassText(prompts, caption_centre(txt))).tolist() == truth
+
+
+def test_retformer_keeps_its_caption_centre_and_loads_a_file_saved_without_one() -> None:
+    """set_class_text stores the prompts and the centre as buffers (saved with the weights); a state dict
+    from before centring (no `caption_centre`) loads with a zero centre, so that model keeps reading its
+    captions uncentred, as when it was selected."""
+    opts = FusionOptions(width=16, depth=1, heads=2, mlp_hidden=8)
+    model = build_model("retformer", 3, 6, 5, 4, opts)
+    reader = ClassText(F.normalize(torch.randn(3, 5), dim=-1), torch.full((5,), 0.2))
+    model.set_class_text(reader)
+    again = build_model("retformer", 3, 6, 5, 4, opts)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.class_reader().centre, reader.centre)
+    assert torch.equal(again.class_reader().prompts, reader.prompts)
+    old = {k: v for k, v in model.state_dict().items() if k != "caption_centre"}
+    again.load_state_dict(old)
+    assert not again.class_reader().centred
 
 
 def test_weighted_vote_follows_the_most_similar_neighbours() -> None:

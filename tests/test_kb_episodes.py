@@ -187,7 +187,7 @@ def test_caption_labelled_episodes_join_only_where_val_admits_them(
     write_workspace(tmp_path / "probe")
     words = _class_words(tmp_path / "probe")
     prompts = words if names_the_class else words.roll(1, dims=0)
-    monkeypatch.setattr(ExperimentContext, "class_text", lambda self: prompts)
+    monkeypatch.setattr(ExperimentContext, "class_text", lambda self, features: prompts)
     exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_labels="caption")
     rep = run(tmp_path / "run", exp, kb=synthetic_kb("other_dataset"))
     check = rep["kb_episode_check"]

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from retformer.trainer.evidence import caption_class_probs
+from retformer.trainer.config import CAPTION_NULL, CAPTION_TEMP
+from retformer.trainer.evidence import ClassText, caption_class_probs
 from retformer.trainer.feature_batches import map_batches
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.model import RetFormer, neighbor_attention, neighbour_similarity, relevance
@@ -26,7 +27,7 @@ AGREEMENT_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def neighbour_classes(
-    features: RetrievalFeatures, num_classes: int, class_text: torch.Tensor | None, kind: str | None
+    features: RetrievalFeatures, num_classes: int, class_text: ClassText | None, kind: str | None
 ) -> torch.Tensor:
     """(N, k) each neighbour's class: its KB label ("label"), else the class its caption names most
     ("caption", -1 where it names none or has no caption); -1 everywhere without either."""
@@ -36,7 +37,7 @@ def neighbour_classes(
         return torch.where((labels >= 0) & (labels < num_classes), labels, torch.full_like(labels, -1))
     if kind == "caption" and class_text is not None:
         txt = features.store_txt[rows].float()
-        probs = caption_class_probs(txt, class_text, 0.05, 0.0)
+        probs = caption_class_probs(txt, class_text, CAPTION_TEMP, CAPTION_NULL)
         best = probs.max(dim=-1)
         return torch.where(best.values > 0.5, best.indices, torch.full_like(best.indices, -1))
     return torch.full(rows.shape, -1, dtype=torch.long)

@@ -10,6 +10,11 @@ similarity-weighted vote, w_j = softmax_j(cos(z, e_j) / T) over the k neighbours
   encoder works, not only a CLIP pair), q_j = softmax_c(cos(t_j, p_c) / T_c) over the C classes and a
   "names no class" slot whose similarity is `null_sim`; a caption nearer to no class name than that
   votes mostly for nothing, and a neighbour without a caption votes nothing (`caption_vote`).
+  Both sides are read **centred** (`ClassText`): each caption less the mean caption vector of the KB's
+  neighbour store, each prompt less the prompts' mean. Every caption of a KB shares its template's
+  direction, every prompt the prompts' one; uncentred, a class whose prompt leans on the captions' shared
+  direction wins captions that never name it (MiniLM read 15% of the own-data digits captions as "nine";
+  centred: none, docs/method-notes.md "eighth round").
 
 RetFormer's stacked rule adds beta * log(evidence) to its logits (trainer/model.py), so everything here
 is also what a reloaded model computes from (z, nn_img, nn_txt) alone.
@@ -18,6 +23,7 @@ is also what a reloaded model computes from (z, nn_img, nn_txt) alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,14 +50,58 @@ def class_text_embeddings(
     return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
 
 
+@dataclass(frozen=True)
+class ClassText:
+    """What a caption is read against: the class-name prompts' unit text vectors `prompts` (C, Dt) and the
+    KB's mean unit caption vector `centre` (Dt,) (`caption_centre`); an all-zero centre reads captions
+    uncentred (a model saved before centring; a bare (C, Dt) tensor passed as class text)."""
+
+    prompts: torch.Tensor
+    centre: torch.Tensor
+
+    @classmethod
+    def of(cls, class_text: ClassText | torch.Tensor) -> ClassText:
+        """`class_text` itself, or a bare prompt tensor (C, Dt) with a zero centre (read uncentred)."""
+        if isinstance(class_text, ClassText):
+            return class_text
+        return cls(class_text, torch.zeros(class_text.shape[-1], dtype=class_text.dtype))
+
+    @property
+    def centred(self) -> bool:
+        """Whether captions are read centred (the centre is not all zero)."""
+        return bool(self.centre.abs().sum() > 0)
+
+
+@torch.inference_mode()
+def caption_centre(store_txt: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:
+    """(Dt,) float32 mean of the unit caption vectors of `store_txt` (M, Dt) over the rows with a caption
+    (all-zero rows have none); zeros where no row has one. Chunked: a web store has millions of rows."""
+    total = torch.zeros(store_txt.shape[1], dtype=torch.float64)
+    count = 0
+    for start in range(0, store_txt.shape[0], chunk):
+        rows = store_txt[start : start + chunk].float()
+        rows = rows[rows.abs().sum(-1) > 0]
+        total += F.normalize(rows, dim=-1).sum(0).double()
+        count += len(rows)
+    return (total / max(count, 1)).float()
+
+
 def caption_class_probs(
-    txt: torch.Tensor, class_text: torch.Tensor, temperature: float, null_sim: float
+    txt: torch.Tensor, class_text: ClassText | torch.Tensor, temperature: float, null_sim: float
 ) -> torch.Tensor:
     """(..., C) class distribution of each caption vector in `txt` (..., Dt): softmax over the C class
     prompts and a "names no class" slot at similarity null_sim, the slot then dropped (its mass is a vote
-    for nothing). An all-zero vector (no caption) gives all zeros."""
+    for nothing), cosines taken centred where `class_text` has a centre (`ClassText`). An all-zero vector
+    (no caption) gives all zeros."""
+    reader = ClassText.of(class_text)
     has_text = txt.abs().sum(-1, keepdim=True) > 0
-    sims = F.normalize(txt.float(), dim=-1) @ class_text.to(txt.device, torch.float32).T
+    captions = F.normalize(txt.float(), dim=-1)
+    prompts = reader.prompts.to(txt.device, torch.float32)
+    if reader.centred:
+        captions = captions - reader.centre.to(txt.device, torch.float32)
+        if len(prompts) > 1:  # one class has no prompt direction of its own to centre on
+            prompts = F.normalize(prompts - prompts.mean(dim=0), dim=-1)
+    sims = F.normalize(captions, dim=-1) @ prompts.T
     null = torch.full_like(sims[..., :1], float(null_sim))
     probs = torch.softmax(torch.cat([sims, null], dim=-1) / temperature, dim=-1)[..., :-1]
     return probs * has_text
@@ -76,7 +126,7 @@ def neighbour_vote(
     nn_label: torch.Tensor | None,
     num_classes: int,
     vote_temp: float,
-    class_text: torch.Tensor | None = None,
+    class_text: ClassText | torch.Tensor | None = None,
     caption_temp: float = CAPTION_TEMP,
     caption_null: float = CAPTION_NULL,
 ) -> torch.Tensor:
@@ -96,7 +146,7 @@ def vote_parts(
     kind: str,
     neighbours: Neighbours,
     num_classes: int,
-    class_text: torch.Tensor | None = None,
+    class_text: ClassText | torch.Tensor | None = None,
     caption_temp: float = CAPTION_TEMP,
     caption_null: float = CAPTION_NULL,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from retformer.trainer.config import CAPTION_NULL, CAPTION_TEMP
-from retformer.trainer.evidence import caption_class_probs
+from retformer.trainer.evidence import ClassText, caption_class_probs
 from retformer.trainer.features import RetrievalFeatures
 
 # A caption labels its item when more than half its mass names one class: the "names no class" slot
@@ -71,16 +71,18 @@ def leave_one_out_neighbors(
 
 def caption_labels(
     store_txt: torch.Tensor,
-    class_text: torch.Tensor,
+    class_text: ClassText | torch.Tensor,
     min_prob: float = CAPTION_MIN_PROB,
     chunk: int = 65_536,
+    null: float = CAPTION_NULL,
 ) -> np.ndarray:
     """(M,) int64: the class each store item's caption names (`trainer.evidence.caption_class_probs`:
-    text to text against the class-name prompts, with the "names no class" slot), or -1 where no class
-    gets at least `min_prob` of the caption's mass (an unrelated caption, an ambiguous one, none)."""
+    text to text against the class-name prompts, centred where `class_text` has a centre, with the "names
+    no class" slot at cosine `null`), or -1 where no class gets at least `min_prob` of the caption's mass
+    (an unrelated caption, an ambiguous one, none)."""
     out = np.full(store_txt.shape[0], -1, np.int64)
     for start in range(0, store_txt.shape[0], chunk):  # (chunk, C) at a time: a web store has millions
-        probs = caption_class_probs(store_txt[start : start + chunk], class_text, CAPTION_TEMP, CAPTION_NULL)
+        probs = caption_class_probs(store_txt[start : start + chunk], class_text, CAPTION_TEMP, null)
         best, cls = probs.max(dim=1)
         named = (best >= min_prob).numpy()
         out[start : start + len(probs)][named] = cls.numpy()[named]

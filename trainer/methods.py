@@ -30,6 +30,7 @@ import torch
 
 from retformer.trainer.checkpoint import discard_stale
 from retformer.trainer.config import FINETUNE_NAMES, METHOD_NAMES, FusionOptions
+from retformer.trainer.evidence import ClassText
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.finetune import FinetuneModel, finetune_fit, finetune_predict
 from retformer.trainer.logistic_probe import select_logistic
@@ -150,7 +151,7 @@ def select_method(
     opts: SelectOptions,
     mlp_only: Callable[[], Selected],
     label_evidence: bool = False,
-    class_text: torch.Tensor | None = None,
+    class_text: ClassText | None = None,
 ) -> Selected:
     """Train a feature-mode method with every choice made on `val` (`trainer/selection.py`).
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retformer.trainer.config import RECIPES, FusionOptions, PredictionRule
-from retformer.trainer.evidence import log_evidence, neighbour_vote
+from retformer.trainer.evidence import ClassText, log_evidence, neighbour_vote
 from retformer.trainer.image_models import ImageBranch, OptTensor, log_prior
 from retformer.trainer.layers import CrossFusionLayer, SelfAttentionLayer
 
@@ -57,6 +57,16 @@ STORED_KEYS = (
     *("vote_temp", "caption_temp", "caption_null", "query_bias", "image_weight", "anchor", "anchor_temp"),
     *("vote_k", "closed_prior_tau"),
 )
+
+
+def _zero_centre_if_missing(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A model file saved before captions were read centred has no `caption_centre`: load it as zeros (its
+    captions are read uncentred, as they were when it was selected)."""
+    key = prefix + "caption_centre"
+    if key not in state and (prefix + "class_text") in state:
+        state[key] = torch.zeros(state[prefix + "class_text"].shape[-1])
+
+
 # How L_I and L_R are trained and combined: "paper" = one loss on tau/2 (L_I + L_R); "stacked" = L_I is
 # a trained mlp_only, frozen, L_R learns on its own loss, prediction L_I + alpha * 1[s > t] * L_R.
 
@@ -128,9 +138,12 @@ class RetFormer(nn.Module):
         self.mlp = ImageBranch(img_dim, num_classes, mlp_hidden)  # L_I branch
         # The stacked rule's fixed inputs (saved with the weights, never trained): the log of the training
         # class prior (post-hoc logit adjustment of L_I) and the class-name prompts' text vectors (caption
-        # evidence); zeros until `set_prior` / `set_class_text`.
+        # evidence) with the KB's mean caption vector they are read centred on; zeros until `set_prior` /
+        # `set_class_text` (a zero centre reads captions uncentred, as a model saved before centring did).
         self.register_buffer("log_prior", torch.zeros(num_classes))
         self.register_buffer("class_text", torch.zeros(num_classes, txt_dim))
+        self.register_buffer("caption_centre", torch.zeros(txt_dim))
+        self.register_load_state_dict_pre_hook(_zero_centre_if_missing)
         self._init_weights()
         if anchor is not None:
             # Anchored L_R = log e + h(r(z, V_NN)): h starts at zero, so the untrained L_R (epoch 0) is the
@@ -259,7 +272,7 @@ class RetFormer(nn.Module):
             nn_label,
             int(self.num_classes),
             float(vote_temp if vote_temp is not None else rule.vote_temp),
-            self.class_text,
+            self.class_reader(),
             rule.caption_temp,
             rule.caption_null,
         )
@@ -268,9 +281,16 @@ class RetFormer(nn.Module):
         """log of the training class prior (a count of 0 counts as 1), for the post-hoc adjustment."""
         self.log_prior.copy_(log_prior(class_counts, len(self.log_prior)))
 
-    def set_class_text(self, class_text: torch.Tensor) -> None:
-        """The class-name prompts' unit text vectors (C, txt_dim) the caption evidence compares with."""
-        self.class_text.copy_(class_text.to(self.class_text))
+    def set_class_text(self, class_text: ClassText | torch.Tensor) -> None:
+        """What the caption evidence reads captions against: the class-name prompts' unit text vectors
+        (C, txt_dim) and the KB's caption centre (`evidence.ClassText`; a bare tensor: no centre)."""
+        reader = ClassText.of(class_text)
+        self.class_text.copy_(reader.prompts.to(self.class_text))
+        self.caption_centre.copy_(reader.centre.to(self.caption_centre))
+
+    def class_reader(self) -> ClassText:
+        """The class text this model reads captions with (`set_class_text`'s)."""
+        return ClassText(self.class_text, self.caption_centre)
 
     def branches(
         self,

@@ -13,6 +13,7 @@ from retformer.trainer.config import SelectOptions
 from retformer.trainer.evidence import (
     CAPTION_NULL,
     CAPTION_TEMP,
+    ClassText,
     Neighbours,
     log_evidence,
     neighbour_vote,
@@ -37,7 +38,7 @@ def split_evidence(
     """(N, C) log evidence of every query under the model's evidence settings, `kind` and the vote's
     (k, temperature): what its rule adds, times beta (`RetFormer.evidence`'s values)."""
     rule = model.rule
-    args = (int(model.num_classes), kind, model.class_text, rule.caption_temp, rule.caption_null)
+    args = (int(model.num_classes), kind, model.class_reader(), rule.caption_temp, rule.caption_null)
     parts = split_vote_parts(features, *args)
     if parts is not None:
         vote = vote_from_parts(*parts, vote_k, vote_temp)
@@ -54,7 +55,7 @@ def split_vote_parts(
     features: RetrievalFeatures,
     num_classes: int,
     kind: str,
-    class_text: torch.Tensor | None = None,
+    class_text: ClassText | None = None,
     caption_temp: float = CAPTION_TEMP,
     caption_null: float = CAPTION_NULL,
     batch_size: int = 4096,
@@ -99,7 +100,7 @@ def vote_scores(
     kind: str,
     k: int,
     vote_temp: float,
-    class_text: torch.Tensor | None = None,
+    class_text: ClassText | None = None,
     batch_size: int = 4096,
     caption: tuple[float, float] = (CAPTION_TEMP, CAPTION_NULL),
 ) -> torch.Tensor:
@@ -121,7 +122,7 @@ def select_vote(
     num_classes: int,
     kind: str,
     opts: SelectOptions,
-    class_text: torch.Tensor | None = None,
+    class_text: ClassText | None = None,
     metric: str = "balanced",
 ) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
     """k and the vote temperature of a weighted vote (`vote_scores`) on val; ties to the smaller k, then

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from retformer.trainer.config import FusionOptions, SelectOptions
+from retformer.trainer.evidence import ClassText
 from retformer.trainer.feature_batches import map_batches
 from retformer.trainer.features import RetrievalFeatures
 from retformer.trainer.image_models import MLPOnly
@@ -110,7 +111,7 @@ class Task:
     manifest's `train:`), the number of classes, the `model:` options and the train class counts;
     `metric` the val criterion; the neighbours' evidence RetFormer's rule may use: `label_evidence`
     (the KB is labelled with the dataset's classes) and `class_text` (class-name prompt vectors of the
-    KB's text tower, for caption evidence; None: none)."""
+    KB's text tower and its caption centre, `evidence.ClassText`, for caption evidence; None: none)."""
 
     kind: str
     train: RetrievalFeatures
@@ -121,7 +122,7 @@ class Task:
     class_counts: Any = None
     metric: str = "balanced"
     label_evidence: bool = False
-    class_text: torch.Tensor | None = None
+    class_text: ClassText | None = None
 
     def build(self, **options: Any) -> nn.Module:
         """A fresh model, seeded by the base config (every grid cell starts from the same weights), with
@@ -293,7 +294,7 @@ def rule_evidence(
     caption_vote), its (k, T) chosen on val the same way, so beta alone reaches it."""
     val, out = task.val, {}
     for kind in task.evidence_kinds():
-        chosen, _, _ = select_vote(val, task.num_classes, kind, opts, model.class_text, task.metric)
+        chosen, _, _ = select_vote(val, task.num_classes, kind, opts, model.class_reader(), task.metric)
         k, temp = chosen["k"], chosen["vote_temp"]
         out[(kind, temp, k)] = (
             split_evidence(model, val, kind, temp, k),
