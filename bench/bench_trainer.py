@@ -60,7 +60,7 @@ from retformer.trainer.baselines import vote_threads  # noqa: E402
 from retformer.trainer.checkpoint import load_model  # noqa: E402
 from retformer.trainer.config import FusionOptions  # noqa: E402
 from retformer.trainer.evaluate import evaluate  # noqa: E402
-from retformer.trainer.evidence import class_text_embeddings, neighbour_vote  # noqa: E402
+from retformer.trainer.evidence import ClassText, caption_centre, class_text_embeddings, neighbour_vote  # noqa: E402
 from retformer.trainer.features import load_retrieval_features, neighbor_table_path  # noqa: E402
 from retformer.trainer.model import relevance  # noqa: E402
 from retformer.trainer.model_factory import build_model, model_from_config  # noqa: E402
@@ -317,9 +317,10 @@ def bare_votes(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, int
         return 0.0, 0, 0
     with intra_op_threads(vote_threads(sizes["val"] + sizes["test"], k, num_classes)):
         seconds = timed(work)
-    if kind == "caption":  # the class-name prompts through the text tower (loaded before the clock)
+    if kind == "caption":  # the prompts through the text tower (loaded before the clock) and the centre
         encoder, names = ctx["text_encoder"]
         seconds += timed(class_text_embeddings, encoder, names)
+        seconds += timed(caption_centre, ctx["features"]["val"].store_txt)
     rows = len(ks) * len(opts.vote_temps) * sizes["val"] + sizes["val"] + sizes["test"]
     return seconds, 0, rows
 
@@ -426,7 +427,12 @@ def main() -> None:
         "features": {"val": val, "test": test},
     }
     ctx["text_encoder"] = caption_text_encoder(kb, info) if "caption_vote" in methods else None
-    ctx["class_text"] = class_text_embeddings(*ctx["text_encoder"]) if ctx["text_encoder"] else None
+    # What caption_vote reads with: the prompts and the store's caption centre (captions read centred).
+    ctx["class_text"] = (
+        ClassText(class_text_embeddings(*ctx["text_encoder"]), caption_centre(val.store_txt))
+        if ctx["text_encoder"]
+        else None
+    )
     out: dict[str, Any] = {}
     for method in order:
         if method not in BARE:
