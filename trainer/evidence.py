@@ -13,8 +13,8 @@ similarity-weighted vote, w_j = softmax_j(cos(z, e_j) / T) over the k neighbours
   Both sides are read **centred** (`ClassText`): each caption less the mean caption vector of the KB's
   neighbour store, each prompt less the prompts' mean. Every caption of a KB shares its template's
   direction, every prompt the prompts' one; uncentred, a class whose prompt leans on the captions' shared
-  direction wins captions that never name it (MiniLM read 15% of the own-data digits captions as "nine";
-  centred: none, docs/method-notes.md "eighth round").
+  direction wins captions that never name it (MiniLM read 132 of the 616 own-data digit captions as
+  another digit, mostly "nine", or as none; centred: none, docs/method-notes.md "eighth round").
 
 RetFormer's stacked rule adds beta * log(evidence) to its logits (trainer/model.py), so everything here
 is also what a reloaded model computes from (z, nn_img, nn_txt) alone.
