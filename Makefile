@@ -37,8 +37,19 @@ export WANDB_MODE := disabled
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
+# A new venv takes ~7 GB (the pinned torch 2.14.1 is a CUDA 13 build): with less free space than this,
+# setup stops with one line before pip does, instead of pip's OSError half-way through an install.
+VENV_MIN_FREE_GB ?= 8
+
 # Reinstalled when pyproject.toml changes or other extras are asked for (FORCE).
 $(VENV)/.installed: pyproject.toml $(if $(filter-out $(SAVED_EXTRAS),$(EXTRAS)),FORCE,)
+	@test -x $(PY) || { \
+	  at="$(abspath $(VENV))"; while [ ! -d "$$at" ]; do at=$$(dirname "$$at"); done; \
+	  free=$$(df -Pk "$$at" 2>/dev/null | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	  if [ -n "$$free" ] && [ "$$free" -lt $(VENV_MIN_FREE_GB) ]; then \
+	    echo "setup: $(VENV) needs about 7 GB (torch 2.14.1 is a CUDA build) and its filesystem has $$free GB free; free some space (VENV_MIN_FREE_GB=$(VENV_MIN_FREE_GB))" >&2; \
+	    exit 1; \
+	  fi; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	@# faiss-cpu and faiss-gpu-cu12 both provide `faiss`: drop the one the extras do not ask for.
