@@ -13,8 +13,12 @@ epochs and 3 RetFormer epochs per grid cell (a minute or two instead of several)
       the selected mlp_only: in the demo's order its time would count in RetFormer's), each method's
       `seconds` as the experiment records it (selection grid, per-epoch val scoring, the final
       predictions, the shuffled control, model files).
-  bare: the same work on tensors resident before the clock starts, written as the shortest loop that
-      does it, with the threads the trainer gives each model (`trainer.train.head_threads`): for each
+  bare: the same work on tensors resident before the clock starts, on what the experiment's fits train
+      on (train plus its KB episodes, `kb_episodes`, each fit's epochs scaled as the experiment scales
+      them: `pipelines.experiment_episodes.add_kb_episodes`, run outside the clock), written as the
+      shortest loop that does it, with the threads the trainer gives each model
+      (`trainer.train.head_threads`): linear_probe's L-BFGS fit per L2 value by the solver itself
+      (`fit_logistic`) and a val forward after each; for each
       grid cell a fresh model; per epoch a shuffle and, where the method's recipe has mixup, the mixup
       of each batch (`lam * x + (1 - lam) * x[perm]` on the batch's rows: the data work the recipe asks
       for, done the plain way); as many optimizer steps (forward, soft-target cross-entropy, backward,
@@ -54,6 +58,8 @@ from retformer.artifacts.workspace import Workspace, read_json  # noqa: E402
 from retformer.kb_builder.kb_schema import KBManifest  # noqa: E402
 from retformer.pipelines import stages  # noqa: E402
 from retformer.pipelines.experiment import run_experiment  # noqa: E402
+from retformer.pipelines.experiment_context import ExperimentContext  # noqa: E402
+from retformer.pipelines.experiment_episodes import add_kb_episodes  # noqa: E402
 from retformer.pipelines.experiment_plan import plan_experiment  # noqa: E402
 from retformer.pipelines.experiment_schema import given  # noqa: E402
 from retformer.trainer.baselines import vote_threads  # noqa: E402
@@ -62,6 +68,7 @@ from retformer.trainer.config import FusionOptions  # noqa: E402
 from retformer.trainer.evaluate import evaluate  # noqa: E402
 from retformer.trainer.evidence import ClassText, caption_centre, class_text_embeddings, neighbour_vote  # noqa: E402
 from retformer.trainer.features import load_retrieval_features, neighbor_table_path  # noqa: E402
+from retformer.trainer.logistic_probe import fit_logistic  # noqa: E402
 from retformer.trainer.model import relevance  # noqa: E402
 from retformer.trainer.model_factory import build_model, model_from_config  # noqa: E402
 from retformer.trainer.selection import shuffled  # noqa: E402
@@ -228,8 +235,28 @@ def bare_knn(val: Any, test: Any, num_classes: int, ks: list[int], chosen: int, 
         return timed(work)
 
 
+def bare_probe(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, int, int]:
+    """(seconds, L-BFGS fits, eval rows) of linear_probe's selection and final evaluation: one full-batch
+    L-BFGS fit per L2 strength, strongest first, each from the one before (`fit_logistic`, the solver
+    itself: what is measured around it is the experiment's selection, prior search and bookkeeping), a val
+    forward after each, then val and the eval split."""
+    opts, config, res, sizes = ctx["opts"], ctx["plan"]["configs"][method], ctx["res"], ctx["sizes"]
+    num_classes, train = int(ctx["info"]["num_classes"]), ctx["features"]["val"]
+    torch.manual_seed(config.seed)
+    probe = build_model(method, num_classes, train.img_dim, train.txt_dim, ctx["k"], ctx["model_options"])
+    z, labels = res["train"].z, res["train"].y
+    seconds = 0.0
+    for l2 in sorted(opts.probe_l2, reverse=True):
+        seconds += timed(fit_logistic, probe, z, labels, l2)
+        seconds += timed(eval_rows, probe, res["val"], sizes["val"], config.eval_batch_size)
+    seconds += timed(eval_rows, probe, res["val"], sizes["val"], config.eval_batch_size)
+    seconds += timed(eval_rows, probe, res["test"], sizes["test"], config.eval_batch_size)
+    fits = len(opts.probe_l2)
+    return seconds, fits, (fits + 1) * sizes["val"] + sizes["test"]
+
+
 def bare_baseline(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, int, int]:
-    """(seconds, optimizer steps, eval rows) of mlp_only / linear_probe's selection and final evaluation."""
+    """(seconds, optimizer steps, eval rows) of mlp_only's selection and final evaluation."""
     opts, config, res, sizes = ctx["opts"], ctx["plan"]["configs"][method], ctx["res"], ctx["sizes"]
     num_classes, train = int(ctx["info"]["num_classes"]), ctx["features"]["val"]
     epochs, spe = int(opts.baseline_epochs), math.ceil(sizes["train"] / config.batch_size)
@@ -253,7 +280,7 @@ def bare_stacked(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, i
     branch forwards, the selection's branch forwards per distinct best epoch (val and shuffled val), s,
     and the selected model's predictions on val, test and both shuffled."""
     opts, config, res, sizes = ctx["opts"], ctx["plan"]["configs"][method], ctx["res"], ctx["sizes"]
-    num_classes, info = int(ctx["info"]["num_classes"]), ctx["info"]
+    num_classes = int(ctx["info"]["num_classes"])
     epochs, spe, eb = (
         int(opts.retformer_epochs),
         math.ceil(sizes["train"] / config.batch_size),
@@ -265,7 +292,7 @@ def bare_stacked(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, i
         model = model_from_config(parse_stored_model(ctx["retformer_config"]))
         model.mlp.requires_grad_(False)
         cfg = replace(config, lr=lr, epochs=epochs)
-        adjust = logit_adjustment(info.get("train_class_counts"), la_tau) if la_tau else None
+        adjust = logit_adjustment(ctx["class_counts"], la_tau) if la_tau else None
         kw = {"num_classes": num_classes, "adjust": adjust, "branches": True, "data": data}
         seconds += timed(bare_fit, model, res["train"], cfg, epochs * spe, spe, res["val"], **kw)
         steps += epochs * spe
@@ -327,7 +354,7 @@ def bare_votes(ctx: dict[str, Any], method: str, data: bool) -> tuple[float, int
 
 BARE = {
     "mlp_only": bare_baseline,
-    "linear_probe": bare_baseline,
+    "linear_probe": bare_probe,
     "retformer": bare_stacked,
     "knn_vote": bare_votes,
     "knn_weighted": bare_votes,
@@ -378,7 +405,7 @@ def main() -> None:
     order = sorted(methods, key=lambda m: m != "mlp_only")  # mlp_only first: see the docstring
     exp = exp.model_copy(update={"methods": order})
     plan = plan_experiment(exp, kb)
-    opts = plan["select"].for_dataset(ds.name)
+    plan["select"] = plan["select"].for_dataset(ds.name)
     k = exp.k
     ensure_tables(args.workdir, ds.name, kb.name, k)
     ws = Workspace(args.workdir)
@@ -395,7 +422,7 @@ def main() -> None:
                 run_dir / "retformer.metrics.jsonl",
                 # the figure the stacked selection keeps its checkpoints by: val top-1 per alpha (grid)
                 # or the fitted rule's val log-likelihood per (evidence, gate) (select.rule_fit: stack)
-                "val_loglik_" if opts.rule_fit == "stack" else "val_top1_",
+                "val_loglik_" if plan["select"].rule_fit == "stack" else "val_top1_",
             )
             if "retformer" in methods and plan["recipe"] == "stacked"
             else None
@@ -406,6 +433,12 @@ def main() -> None:
         )
     results = report["methods"]
     train, val, test = (splits[s] for s in ("train", "val", "test"))
+    # What the experiment's fits train on: train plus its KB episodes, every fit's epochs scaled to keep
+    # its steps (`add_kb_episodes` updates `plan`); the prior their heads learn counts the episodes.
+    episodes = ExperimentContext(ws, ds, kb, exp, info, progress=False)
+    if exp.kb_episodes:
+        train = add_kb_episodes(episodes, plan, train, val, exp.kb_episodes)
+    opts = plan["select"]
     sizes = {"train": len(train), "val": len(val), "test": len(test)}
     res = {
         "train": Resident(train),
@@ -425,6 +458,7 @@ def main() -> None:
         "stacked_best": stacked_best,
         "results": results,
         "features": {"val": val, "test": test},
+        "class_counts": episodes.class_counts,
     }
     ctx["text_encoder"] = caption_text_encoder(kb, info) if "caption_vote" in methods else None
     # What caption_vote reads with: the prompts and the store's caption centre (captions read centred).
@@ -461,7 +495,7 @@ def main() -> None:
         "kb": kb.name,
         "experiment": exp.name,
         "overrides": overrides,
-        "sizes": {**sizes, "k": k},
+        "sizes": {**sizes, "k": k, "kb_episodes": episodes.kb_episodes},
         "experiment_seconds": round(experiment_s, 1),
         "methods": out,
         "goal": "wall_over_bare <= 1.25 for every method",
