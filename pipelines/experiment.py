@@ -285,7 +285,8 @@ def _report(
         "eval_splits": splits,
         "train_size": inputs.train_size,
         "kb_episodes": ctx.kb_episodes,
-        "kb_episode_labels": ctx.exp.kb_episode_labels,
+        # what labelled the episodes ("auto" resolved), else what the experiment asked for
+        "kb_episode_labels": ctx.kb_episode_labels or ctx.exp.kb_episode_labels,
         "kb_episode_check": ctx.kb_episode_check,
         "eval_size": inputs.eval_sizes[splits[0]],
         "eval_sizes": inputs.eval_sizes,

@@ -1,10 +1,11 @@
 """KB episodes in an experiment (the manifest's `kb_episodes`, `kb_episode_labels`): which KB items join
 the training split (`trainer.kb_episodes`), and what that changes for every fit after it.
 
-Items labelled by their captions (`kb_episode_labels: caption`, for web pairs without labels) are
-admitted on val: the image head every fused method builds on, selected as the `mlp_only` baseline is
-(its lr grid, best-on-val epoch, post-hoc prior adjustment), is fitted with them and without, and they
-join only where val scores at least as high with them. A KB whose captions name other things than the
+Items labelled by their captions (`kb_episode_labels: caption`, for web pairs without labels; `auto`,
+the default, does so where the KB's labels are not the dataset's classes) are admitted on val: the
+image head every fused method builds on, selected as the `mlp_only` baseline is (its lr grid,
+best-on-val epoch, post-hoc prior adjustment), is fitted with them and without, and they join only
+where val scores at least as high with them. A KB whose captions name other things than the
 dataset's classes, or a text tower that misreads the class names (MiniLM reads "two" captions as
 "nine" on the own-data digits), would otherwise teach every method wrong labels; the check costs two
 mlp_only selections. (A linear probe was tried first: it missed a misreading that cost mlp_only 2
@@ -40,7 +41,8 @@ def add_kb_episodes(
     if finetune:
         raise UserError(f"kb_episodes trains on KB embeddings, not for fine-tune methods ({finetune[0]})")
     num_classes = int(ctx.info["num_classes"])
-    if ctx.exp.kb_episode_labels == "caption":
+    ctx.kb_episode_labels = episode_labels(ctx, train)
+    if ctx.kb_episode_labels == "caption":
         union, added = _caption_episodes(ctx, plan, train, val, num_classes, max_items)
     else:
         problem = ctx.label_problem(train)
@@ -55,6 +57,16 @@ def add_kb_episodes(
     ctx.class_counts = class_counts(union.labels, num_classes)
     plan.update(_scaled_epochs(plan, len(train) / len(union)))
     return union
+
+
+def episode_labels(ctx: ExperimentContext, train: Any) -> str:
+    """What labels the KB episodes, "label" or "caption": the experiment's `kb_episode_labels`, "auto"
+    resolved to the KB's own labels where they are the dataset's classes (`ctx.label_problem`), else the
+    classes its captions name (a KB of web pairs, or one labelled with another dataset's classes)."""
+    asked = ctx.exp.kb_episode_labels
+    if asked != "auto":
+        return asked
+    return "label" if ctx.label_problem(train) is None else "caption"
 
 
 def _scaled_epochs(plan: dict[str, Any], scale: float) -> dict[str, Any]:

@@ -95,9 +95,11 @@ def test_an_experiment_with_kb_episodes_trains_on_them_at_the_same_steps(with_ep
     """Proves the experiment's wiring: eval.json says 80 KB items joined; the fits' epochs are scaled by
     train / (train + KB items) (6 -> 2 for mlp_only, 4 -> 2 for RetFormer's cells, at least 2), so no
     selected epoch is beyond that; the saved heads learned the union's prior (their log prior is that of
-    the counts plus the KB's 20 per class)."""
+    the counts plus the KB's 20 per class). `kb_episode_labels` is left at its default, auto: the KB's
+    labels are the dataset's classes, so they label the episodes."""
     rep = with_episodes["report"]
     assert rep["kb_episodes"] == 80 and rep["train_size"] == sum(SPLITS["train"])
+    assert rep["kb_episode_labels"] == "label" and rep["kb_episode_check"] is None
     m = rep["methods"]
     assert m["mlp_only"]["selected"]["epoch"] <= 2
     assert m["retformer"]["selected"]["epoch"] <= 2
@@ -108,11 +110,12 @@ def test_an_experiment_with_kb_episodes_trains_on_them_at_the_same_steps(with_ep
 
 
 def test_a_kb_without_the_datasets_labels_adds_no_episode(tmp_path: Path) -> None:
-    """Proves the guard: a KB labelled with another dataset's classes (no class names to match) adds no
-    episode, and the run is the run without `kb_episodes` (the same selections and figures)."""
+    """Proves the guard: with `kb_episode_labels: label`, a KB labelled with another dataset's classes
+    (no class names to match) adds no episode, and the run is the run without `kb_episodes` (the same
+    selections and figures)."""
     kb = synthetic_kb("other_dataset")
     exp = _exp(methods=["mlp_only"])
-    with_key = run(tmp_path / "a", {**exp, "kb_episodes": 1000}, kb=kb)
+    with_key = run(tmp_path / "a", {**exp, "kb_episodes": 1000, "kb_episode_labels": "label"}, kb=kb)
     without = run(tmp_path / "b", exp, kb=kb)
     assert with_key["kb_episodes"] == 0
     assert with_key["methods"]["mlp_only"]["selected"] == without["methods"]["mlp_only"]["selected"]
@@ -175,20 +178,22 @@ def _class_words(root: Path) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.stack(rows), dim=1)
 
 
-@pytest.mark.parametrize("names_the_class", [True, False])
+@pytest.mark.parametrize(
+    ("labels", "names_the_class"), [("caption", True), ("caption", False), ("auto", True)]
+)
 def test_caption_labelled_episodes_join_only_where_val_admits_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, names_the_class: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, labels: str, names_the_class: bool
 ) -> None:
     """Proves `kb_episode_labels: caption` on a KB without the dataset's labels (labelled with another
     dataset's classes): the captions label the items when they name the dataset's classes, the
     mlp_only check on val admits them and all 80 join; when the class prompts are rotated (every
     caption read as the next class: a KB whose captions mislead), val drops, nothing joins, and eval.json
-    records the two val scores."""
+    records the two val scores. `auto` (the default) takes the captions on such a KB."""
     write_workspace(tmp_path / "probe")
     words = _class_words(tmp_path / "probe")
     prompts = words if names_the_class else words.roll(1, dims=0)
     monkeypatch.setattr(ExperimentContext, "class_text", lambda self, features: prompts)
-    exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_labels="caption")
+    exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_labels=labels)
     rep = run(tmp_path / "run", exp, kb=synthetic_kb("other_dataset"))
     check = rep["kb_episode_check"]
     assert rep["kb_episode_labels"] == "caption" and check["items"] == 80
