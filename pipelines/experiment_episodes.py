@@ -2,7 +2,7 @@
 the training split (`trainer.kb_episodes`), and what that changes for every fit after it.
 
 Items labelled by their captions (`kb_episode_labels: caption`, for web pairs without labels; `auto`,
-the default, does so where the KB's labels are not the dataset's classes) are admitted on val: the
+the default, does so where the KB has no label at all) are admitted on val: the
 image head every fused method builds on, selected as the `mlp_only` baseline is (its lr grid,
 best-on-val epoch, post-hoc prior adjustment), is fitted with them and without, and they join only
 where val scores at least as high with them. A KB whose captions name other things than the
@@ -61,12 +61,18 @@ def add_kb_episodes(
 
 def episode_labels(ctx: ExperimentContext, train: Any) -> str:
     """What labels the KB episodes, "label" or "caption": the experiment's `kb_episode_labels`, "auto"
-    resolved to the KB's own labels where they are the dataset's classes (`ctx.label_problem`), else the
-    classes its captions name (a KB of web pairs, or one labelled with another dataset's classes)."""
+    resolved to "caption" where the KB has no label at all (web pairs), else "label" (its labels join
+    where they are the dataset's classes: `ctx.label_problem`).
+
+    Why not captions for a KB labelled with another dataset's classes too: that KB is another label
+    space, its captions name its own classes, and the few a text tower reads as the dataset's are
+    wrong. On digits_lt x fmnist_world 11 Fashion-MNIST captions read as digits joined in 2 of 3 seeds
+    (val +1.3 and +0.7 points with them on 300 images: the admission check is that noisy) and mlp_only
+    lost 1.0 and 0.4 points of test (docs/method-notes.md, "ninth round")."""
     asked = ctx.exp.kb_episode_labels
     if asked != "auto":
         return asked
-    return "label" if ctx.label_problem(train) is None else "caption"
+    return "label" if bool((train.store_label >= 0).any()) else "caption"
 
 
 def _scaled_epochs(plan: dict[str, Any], scale: float) -> dict[str, Any]:

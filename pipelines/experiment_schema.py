@@ -72,7 +72,7 @@ class ExperimentManifest(Section):
     # more than half the caption's mass on one class, else the item stays out), for KBs of web pairs
     # without labels; admitted only where the mlp_only selection with them scores at least as well on
     # val as without (an irrelevant KB's captions, or a misread class name, teach wrong labels);
-    # "auto" = "label" where the KB's labels are the dataset's classes, else "caption".
+    # "auto" = "caption" where the KB has no label at all (web pairs), else "label".
     kb_episode_labels: Literal["auto", "label", "caption"] = "auto"
     # Where the manifest was read from (None for one built in code): not a key of the manifest.
     _manifest_path: str | None = PrivateAttr(default=None)

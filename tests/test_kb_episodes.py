@@ -110,14 +110,15 @@ def test_an_experiment_with_kb_episodes_trains_on_them_at_the_same_steps(with_ep
 
 
 def test_a_kb_without_the_datasets_labels_adds_no_episode(tmp_path: Path) -> None:
-    """Proves the guard: with `kb_episode_labels: label`, a KB labelled with another dataset's classes
-    (no class names to match) adds no episode, and the run is the run without `kb_episodes` (the same
-    selections and figures)."""
+    """Proves the guard: a KB labelled with another dataset's classes (no class names to match) adds no
+    episode, its captions not asked by the default `kb_episode_labels: auto` either (another label
+    space), and the run is the run without `kb_episodes` (the same selections and figures)."""
     kb = synthetic_kb("other_dataset")
     exp = _exp(methods=["mlp_only"])
-    with_key = run(tmp_path / "a", {**exp, "kb_episodes": 1000, "kb_episode_labels": "label"}, kb=kb)
+    with_key = run(tmp_path / "a", {**exp, "kb_episodes": 1000}, kb=kb)
     without = run(tmp_path / "b", exp, kb=kb)
     assert with_key["kb_episodes"] == 0
+    assert with_key["kb_episode_labels"] == "label" and with_key["kb_episode_check"] is None
     assert with_key["methods"]["mlp_only"]["selected"] == without["methods"]["mlp_only"]["selected"]
     assert with_key["methods"]["mlp_only"]["top1"] == without["methods"]["mlp_only"]["top1"]
 
@@ -188,13 +189,15 @@ def test_caption_labelled_episodes_join_only_where_val_admits_them(
     dataset's classes): the captions label the items when they name the dataset's classes, the
     mlp_only check on val admits them and all 80 join; when the class prompts are rotated (every
     caption read as the next class: a KB whose captions mislead), val drops, nothing joins, and eval.json
-    records the two val scores. `auto` (the default) takes the captions on such a KB."""
+    records the two val scores. `auto` (the default) reads the captions of a KB without any label (the
+    same KB, its labels -1: web pairs)."""
     write_workspace(tmp_path / "probe")
     words = _class_words(tmp_path / "probe")
     prompts = words if names_the_class else words.roll(1, dims=0)
     monkeypatch.setattr(ExperimentContext, "class_text", lambda self, features: prompts)
     exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_labels=labels)
-    rep = run(tmp_path / "run", exp, kb=synthetic_kb("other_dataset"))
+    unlabelled = labels == "auto"
+    rep = run(tmp_path / "run", exp, kb=synthetic_kb("other_dataset"), kb_labels=not unlabelled)
     check = rep["kb_episode_check"]
     assert rep["kb_episode_labels"] == "caption" and check["items"] == 80
     assert check["admitted"] is names_the_class

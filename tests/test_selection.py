@@ -58,10 +58,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def write_workspace(root: Path, test_labels: np.ndarray | None = None) -> Workspace:
+def write_workspace(root: Path, test_labels: np.ndarray | None = None, kb_labels: bool = True) -> Workspace:
     """Dataset `syn` (long-tailed train, balanced val / test; noisy class clusters) and KB `kbsyn` whose
     rows sit near the class centres with class-coded texts; neighbour tables by exact cosine search.
-    test_labels replaces the test split's labels (the poisoning test)."""
+    test_labels replaces the test split's labels (the poisoning test); kb_labels=False writes the KB
+    without labels (-1: web pairs, captions only)."""
     ws = Workspace(root)
     rng = np.random.default_rng(0)
     centres = _unit(rng.standard_normal((C, DI)))
@@ -76,7 +77,7 @@ def write_workspace(root: Path, test_labels: np.ndarray | None = None) -> Worksp
         text_emb=kb_txt.astype(np.float16),
         has_text=np.ones(len(kb_lab), bool),
         caption=["c"] * len(kb_lab),
-        label=kb_lab.astype(np.int32),
+        label=(kb_lab if kb_labels else np.full_like(kb_lab, -1)).astype(np.int32),
         source=["kb"] * len(kb_lab),
     )
     nn_dir = ws.neighbors_dir("syn", "kbsyn", K)
