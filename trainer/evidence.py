@@ -97,10 +97,13 @@ def caption_class_probs(
     has_text = txt.abs().sum(-1, keepdim=True) > 0
     captions = F.normalize(txt.float(), dim=-1)
     prompts = reader.prompts.to(txt.device, torch.float32)
-    if reader.centred:
-        captions = captions - reader.centre.to(txt.device, torch.float32)
-        if len(prompts) > 1:  # one class has no prompt direction of its own to centre on
-            prompts = F.normalize(prompts - prompts.mean(dim=0), dim=-1)
+    centre = reader.centre.to(txt.device, torch.float32)
+    captions = captions - centre  # a zero centre (read uncentred) leaves them as they are, bit for bit
+    if len(prompts) > 1:  # one class has no prompt direction of its own to centre on
+        # prompts centred only with a centre: chosen on the device, so a GPU batch does not wait for
+        # the host to read `reader.centred`
+        centred = centre.abs().sum() > 0
+        prompts = torch.where(centred, F.normalize(prompts - prompts.mean(dim=0), dim=-1), prompts)
     sims = F.normalize(captions, dim=-1) @ prompts.T
     null = torch.full_like(sims[..., :1], float(null_sim))
     probs = torch.softmax(torch.cat([sims, null], dim=-1) / temperature, dim=-1)[..., :-1]
