@@ -51,7 +51,7 @@ from retformer.pipelines.experiment_episodes import add_kb_episodes
 from retformer.pipelines.experiment_methods import run_method, selects
 from retformer.pipelines.experiment_plan import eval_splits, plan_experiment
 from retformer.pipelines.experiment_schema import ExperimentManifest
-from retformer.pipelines.runs import write_predictions
+from retformer.pipelines.runs import code_version, write_predictions
 from retformer.trainer import distributed
 from retformer.trainer.checkpoint import Selection, result_fingerprint
 from retformer.trainer.evaluate import prediction_table
@@ -274,6 +274,7 @@ def _report(
     return {
         "run": run_dir.name,
         "config_hash": config_hash,
+        "code_version": code_version(),
         "dataset": ctx.ds.name,
         "kb": ctx.kb.name,
         "experiment": exp.name,

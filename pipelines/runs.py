@@ -3,8 +3,11 @@ finished run of another configuration, and the per-sample predictions files of t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import subprocess
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,36 @@ def config_hash(ds: DatasetManifest, kb: KBManifest, exp: ExperimentManifest) ->
     """8 hex digits of the SHA-256 of `run_config` (canonical JSON): the default run name's suffix."""
     text = json.dumps(run_config(ds, kb, exp), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The code a run is trained by, for eval.json's `code_version`: the installed package version, plus
+    `+g<commit>` where the package is a git checkout (an editable install) and `.dirty` where its tracked
+    files differ from that commit. The config hash leaves the code out on purpose (a new default would
+    rename every run); this lets a reused run say that other code trained it."""
+    try:
+        version = metadata.version("retformer")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(source), "diff", "--quiet", "HEAD", "--"], capture_output=True, timeout=10
+            ).returncode
+            != 0
+        )
+    except (OSError, subprocess.SubprocessError):
+        return version  # not a git checkout (a wheel), or no git on this machine
+    return f"{version}+g{commit}" + (".dirty" if dirty else "") if commit else version
 
 
 def default_run_name(ds: DatasetManifest, kb: KBManifest, exp: ExperimentManifest) -> str:

@@ -49,7 +49,7 @@ def stage_train(
     from retformer.pipelines.experiment import run_experiment
     from retformer.pipelines.experiment_plan import eval_splits, plan_experiment
     from retformer.pipelines.report import write_report
-    from retformer.pipelines.runs import check_overwrite, config_hash, default_run_name
+    from retformer.pipelines.runs import check_overwrite, code_version, config_hash, default_run_name
     from retformer.pipelines.tensorboard import tensorboard_logging
     from retformer.trainer import distributed
 
@@ -79,6 +79,15 @@ def stage_train(
                 if not (run_dir / "report.html").is_file():
                     write_report(run_dir)  # killed between eval.json and its report
                 log.info("run %s is complete with this configuration (--force trains it again)", run_dir.name)
+                trained_by = report.get("code_version")
+                if trained_by != code_version():
+                    log.warning(
+                        "run %s was trained by retformer %s, this is %s: its figures are that code's "
+                        "(--force trains it again with this one)",
+                        run_dir.name,
+                        trained_by or "(not recorded: eval.json predates code versions)",
+                        code_version(),
+                    )
                 return report
             if run_dir.is_dir():
                 remove_dead_temps(run_dir.iterdir())  # a killed run's half-written checkpoint, model, ...

@@ -18,7 +18,7 @@ from retformer.artifacts.errors import UserError
 from retformer.kb_builder.kb_schema import validate_kb
 from retformer.pipelines import stages
 from retformer.pipelines.experiment_schema import ExperimentManifest, validate_experiment
-from retformer.pipelines.runs import check_overwrite, config_hash, default_run_name
+from retformer.pipelines.runs import check_overwrite, code_version, config_hash, default_run_name
 from retformer.trainer.evaluate import evaluate, prediction_table
 from tests.helpers import dataset_manifest
 from tests.test_selection import EXPERIMENT, write_workspace
@@ -209,6 +209,27 @@ def test_finished_run_of_another_config_is_refused_unless_forced(run, tmp_path) 
     assert forced["config_hash"] == config_hash(DS, KB, _exp(other)) != first["config_hash"]
     name, shown = stages.stage_evaluate(ws)
     assert name == "mine" and shown["config_hash"] == forced["config_hash"]
+
+
+def test_a_run_reused_from_other_code_says_so(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """The config hash leaves the code out, so a finished run is reused after an upgrade; eval.json
+    records the code that trained it (`code_version`), and a rerun under other code warns with both
+    versions (and reuses the run unchanged); under the same code it says nothing more."""
+    ws = write_workspace(tmp_path)
+    small = {**copy.deepcopy(SWEEP), "k_values": [4], "methods": ["knn_vote"]}
+    first = stages.stage_train(ws, DS, KB, _exp(small), run="mine")
+    assert first["code_version"] == code_version()
+    caplog.set_level("INFO", logger="retformer")
+    stages.stage_train(ws, DS, KB, _exp(small), run="mine")
+    assert "complete with this configuration" in caplog.text and "was trained by" not in caplog.text
+    path = ws.run_dir("mine") / "eval.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "code_version": "0.0.1+gdeadbeef0000"}))
+    before = path.read_bytes()
+    caplog.clear()
+    again = stages.stage_train(ws, DS, KB, _exp(small), run="mine")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "0.0.1+gdeadbeef0000" in warned[0] and code_version() in warned[0]
+    assert again["code_version"] == "0.0.1+gdeadbeef0000" and path.read_bytes() == before
 
 
 def test_check_overwrite_leaves_unfinished_and_unhashed_runs_alone(tmp_path: Path) -> None:
