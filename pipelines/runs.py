@@ -54,23 +54,25 @@ def code_version() -> str:
         version = metadata.version("retformer")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    source = Path(__file__).resolve().parent
+    return checkout_version(Path(__file__).resolve(), version)
+
+
+def checkout_version(source_file: Path, version: str) -> str:
+    """`version`, plus `+g<commit>[.dirty]` where `source_file` is tracked by the git repository around it.
+    Tracked, not merely inside: a wheel installed into a project's ignored .venv sits inside that
+    project's work tree, whose commit says nothing about this code."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        cmd = ["git", "-C", str(source_file.parent), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = (
-            subprocess.run(
-                ["git", "-C", str(source), "diff", "--quiet", "HEAD", "--"], capture_output=True, timeout=10
-            ).returncode
-            != 0
-        )
+        if git("ls-files", "--error-unmatch", source_file.name).returncode != 0:
+            return version  # not a git checkout of this code (a wheel), wherever it was installed
+        commit = git("rev-parse", "--short=12", "HEAD").stdout.strip()
+        dirty = git("diff", "--quiet", "HEAD", "--").returncode != 0
     except (OSError, subprocess.SubprocessError):
-        return version  # not a git checkout (a wheel), or no git on this machine
+        return version  # no git on this machine
     return f"{version}+g{commit}" + (".dirty" if dirty else "") if commit else version
 
 

@@ -18,7 +18,13 @@ from retformer.artifacts.errors import UserError
 from retformer.kb_builder.kb_schema import validate_kb
 from retformer.pipelines import stages
 from retformer.pipelines.experiment_schema import ExperimentManifest, validate_experiment
-from retformer.pipelines.runs import check_overwrite, code_version, config_hash, default_run_name
+from retformer.pipelines.runs import (
+    check_overwrite,
+    checkout_version,
+    code_version,
+    config_hash,
+    default_run_name,
+)
 from retformer.trainer.evaluate import evaluate, prediction_table
 from tests.helpers import dataset_manifest
 from tests.test_selection import EXPERIMENT, write_workspace
@@ -230,6 +236,31 @@ def test_a_run_reused_from_other_code_says_so(tmp_path, caplog: pytest.LogCaptur
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "0.0.1+gdeadbeef0000" in warned[0] and code_version() in warned[0]
     assert again["code_version"] == "0.0.1+gdeadbeef0000" and path.read_bytes() == before
+
+
+def test_checkout_version_names_a_commit_only_for_code_git_tracks(tmp_path: Path) -> None:
+    """A tracked file gets the commit (and `.dirty` once a tracked file changes); a file in an ignored
+    folder of the same work tree (a wheel in a project's .venv) gets the bare version."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True
+        ).stdout
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    venv = tmp_path / ".venv" / "site"
+    venv.mkdir(parents=True)
+    (venv / "runs.py").write_text("y = 1\n")
+    git("add", ".gitignore", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    commit = git("rev-parse", "--short=12", "HEAD").strip()
+    assert checkout_version(tmp_path / "code.py", "1.0") == f"1.0+g{commit}"
+    assert checkout_version(venv / "runs.py", "1.0") == "1.0"
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert checkout_version(tmp_path / "code.py", "1.0") == f"1.0+g{commit}.dirty"
 
 
 def test_check_overwrite_leaves_unfinished_and_unhashed_runs_alone(tmp_path: Path) -> None:
