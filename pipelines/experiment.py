@@ -289,6 +289,7 @@ def _report(
         # what labelled the episodes ("auto" resolved), else what the experiment asked for
         "kb_episode_labels": ctx.kb_episode_labels or ctx.exp.kb_episode_labels,
         "kb_episode_check": ctx.kb_episode_check,
+        "kb_episode_filter": ctx.kb_episode_filter,
         "eval_size": inputs.eval_sizes[splits[0]],
         "eval_sizes": inputs.eval_sizes,
         "shot_split": info["shot_split"],

@@ -61,6 +61,7 @@ class ExperimentContext:
         self.kb_episodes = 0  # KB items that joined the training split (pipelines.experiment)
         self.kb_episode_check: dict[str, Any] | None = None  # caption labels' val admission
         self.kb_episode_labels: str | None = None  # "label" / "caption": what labelled the KB episodes
+        self.kb_episode_filter: dict[str, Any] | None = None  # the kNN label filter: items labelled / kept
 
     def label_problem(self, features: Any) -> str | None:
         """Why the KB's labels cannot vote as this dataset's classes (knn_vote, knn_weighted, RetFormer's

@@ -18,10 +18,12 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from retformer.artifacts.errors import UserError
 from retformer.pipelines.experiment_context import ExperimentContext
 from retformer.pipelines.experiment_methods import select_mlp_only
-from retformer.trainer.kb_episodes import caption_labels, class_counts, with_kb_episodes
+from retformer.trainer.kb_episodes import caption_labels, class_counts, knn_agreeing_labels, with_kb_episodes
 from retformer.trainer.methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,9 @@ def add_kb_episodes(
         if problem is not None:
             log.warning(NONE_JOINS, problem)
             return train
-        union, added = with_kb_episodes(train, num_classes, max_items)
+        union, added = with_kb_episodes(
+            train, num_classes, max_items, item_labels=_filtered(ctx, train, train.store_label.cpu().numpy())
+        )
     if not added:
         return train
     log.info("KB episodes: %d KB items join the %d training images", added, len(train))
@@ -73,6 +77,24 @@ def episode_labels(ctx: ExperimentContext, train: Any) -> str:
     if asked != "auto":
         return asked
     return "label" if bool((train.store_label >= 0).any()) else "caption"
+
+
+def _filtered(ctx: ExperimentContext, train: Any, labels: np.ndarray) -> np.ndarray:
+    """The KB items' episode labels after the experiment's `kb_episode_filter` (-1: the item stays out);
+    what it kept is recorded in `ctx.kb_episode_filter` (eval.json)."""
+    labelled = int((labels >= 0).sum())
+    if ctx.exp.kb_episode_filter == "none":
+        ctx.kb_episode_filter = {"filter": "none", "labelled": labelled, "kept": labelled}
+        return labels
+    kept = knn_agreeing_labels(train.store_img, labels, train.query_img, train.labels)
+    ctx.kb_episode_filter = {"filter": "knn", "labelled": labelled, "kept": int((kept >= 0).sum())}
+    log.info(
+        "kb_episode_filter knn: %d of %d labelled KB items share their label with 2+ of their 10 nearest "
+        "images; the rest stay out",
+        ctx.kb_episode_filter["kept"],
+        labelled,
+    )
+    return kept
 
 
 def _scaled_epochs(plan: dict[str, Any], scale: float) -> dict[str, Any]:
@@ -103,7 +125,7 @@ def _caption_episodes(
     if val is None:
         log.warning(NONE_JOINS, "caption labels are admitted on val, and the experiment has no select_split")
         return train, 0
-    named = caption_labels(train.store_txt, class_text)
+    named = _filtered(ctx, train, caption_labels(train.store_txt, class_text))
     union, added = with_kb_episodes(train, num_classes, max_items, item_labels=named)
     if not added:
         log.warning(NONE_JOINS, "no KB caption names one of the dataset's classes")

@@ -74,6 +74,10 @@ class ExperimentManifest(Section):
     # val as without (an irrelevant KB's captions, or a misread class name, teach wrong labels);
     # "auto" = "caption" where the KB has no label at all (web pairs), else "label".
     kb_episode_labels: Literal["auto", "label", "caption"] = "auto"
+    # "knn": an item joins only where at least 2 of its 10 nearest images (the other KB items, the training
+    # split) carry its label (KB or caption): drops most wrong labels, few right ones
+    # (trainer/kb_episodes.knn_agreeing_labels); "none": every labelled item may join.
+    kb_episode_filter: Literal["knn", "none"] = "knn"
     # Where the manifest was read from (None for one built in code): not a key of the manifest.
     _manifest_path: str | None = PrivateAttr(default=None)
 

@@ -16,6 +16,7 @@ from retformer.trainer.features import load_retrieval_features
 from retformer.trainer.kb_episodes import (
     caption_labels,
     class_counts,
+    knn_agreeing_labels,
     leave_one_out_neighbors,
     sample_kb_items,
     with_kb_episodes,
@@ -80,6 +81,33 @@ def test_episodes_join_the_training_features_and_leave_them_unchanged(tmp_path: 
     assert class_counts(union.labels, 4) == [c + 20 for c in SPLITS["train"]]
 
 
+def test_the_knn_filter_drops_labels_that_sit_among_another_class() -> None:
+    """Proves `knn_agreeing_labels`: three well-separated clusters of 30 store items; three items carry a
+    wrong label (one per cluster) and are dropped (-1), as is the unlabelled item (it stays -1); every right
+    label is kept. A store item whose class has a single other store item still joins when training
+    images of its class are near (the training split counts as neighbours), and is dropped without them."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 3
+    store = torch.tensor(np.repeat(centres, 30, axis=0) + rng.normal(size=(90, 16)), dtype=torch.float32)
+    true = np.repeat(np.arange(3), 30)
+    noisy = true.copy()
+    noisy[[0, 31, 62]] = [1, 2, 0]  # each a wrong label inside another class's cluster
+    noisy[5] = -1
+    no_train = (torch.zeros(0, 16), torch.zeros(0, dtype=torch.long))
+    kept = knn_agreeing_labels(store, noisy, *no_train)
+    assert np.flatnonzero(kept < 0).tolist() == [0, 5, 31, 62]
+    assert (kept[kept >= 0] == true[kept >= 0]).all()
+
+    # A fourth class: two store items near centre 4, one labelled; alone it has one agreeing neighbour
+    # at most (the other is unlabelled), with five training images of class 3 there it has enough.
+    far = rng.normal(size=16) * 3
+    store4 = torch.cat([store, torch.tensor(far + 0.1 * rng.normal(size=(2, 16)), dtype=torch.float32)])
+    labels4 = np.concatenate([true, [3, -1]])
+    assert knn_agreeing_labels(store4, labels4, *no_train)[90] == -1
+    train_img = torch.tensor(far + 0.1 * rng.normal(size=(5, 16)), dtype=torch.float32)
+    assert knn_agreeing_labels(store4, labels4, train_img, torch.full((5,), 3))[90] == 3
+
+
 def _exp(**extra) -> dict:
     return {**EXPERIMENT, "methods": ["retformer", "mlp_only", "knn_vote"], **extra}
 
@@ -107,6 +135,18 @@ def test_an_experiment_with_kb_episodes_trains_on_them_at_the_same_steps(with_ep
     model = load_model(with_episodes["root"] / "runs" / "r" / "mlp_only.pt")
     expected = torch.log(counts / counts.sum()).float()
     torch.testing.assert_close(model.log_prior.float().cpu(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kb_filter", ["knn", "none"])
+def test_wrong_kb_labels_stay_out_of_the_episodes_by_default(tmp_path: Path, kb_filter: str) -> None:
+    """Proves the experiment's `kb_episode_filter`: with 8 of the 80 KB labels wrong (each item labelled
+    with the next class, its image among its true class), the default `knn` lets the 72 right ones join
+    and eval.json records 80 labelled, 72 kept; `none` lets all 80 join."""
+    exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_filter=kb_filter)
+    rep = run(tmp_path, exp, kb_wrong_every=10)
+    kept = 72 if kb_filter == "knn" else 80
+    assert rep["kb_episode_filter"] == {"filter": kb_filter, "labelled": 80, "kept": kept}
+    assert rep["kb_episodes"] == kept
 
 
 def test_a_kb_without_the_datasets_labels_adds_no_episode(tmp_path: Path) -> None:
@@ -195,7 +235,9 @@ def test_caption_labelled_episodes_join_only_where_val_admits_them(
     words = _class_words(tmp_path / "probe")
     prompts = words if names_the_class else words.roll(1, dims=0)
     monkeypatch.setattr(ExperimentContext, "class_text", lambda self, features: prompts)
-    exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_labels=labels)
+    # The kNN filter left out: the admission alone is under test (rotated prompts label every item wrong,
+    # all alike, which a neighbour vote cannot see and val does).
+    exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_labels=labels, kb_episode_filter="none")
     unlabelled = labels == "auto"
     rep = run(tmp_path / "run", exp, kb=synthetic_kb("other_dataset"), kb_labels=not unlabelled)
     check = rep["kb_episode_check"]

@@ -58,11 +58,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def write_workspace(root: Path, test_labels: np.ndarray | None = None, kb_labels: bool = True) -> Workspace:
+def write_workspace(
+    root: Path, test_labels: np.ndarray | None = None, kb_labels: bool = True, kb_wrong_every: int = 0
+) -> Workspace:
     """Dataset `syn` (long-tailed train, balanced val / test; noisy class clusters) and KB `kbsyn` whose
     rows sit near the class centres with class-coded texts; neighbour tables by exact cosine search.
     test_labels replaces the test split's labels (the poisoning test); kb_labels=False writes the KB
-    without labels (-1: web pairs, captions only)."""
+    without labels (-1: web pairs, captions only); kb_wrong_every=n labels every n-th KB row with the
+    next class (a wrong label, its image and caption those of its true class)."""
     ws = Workspace(root)
     rng = np.random.default_rng(0)
     centres = _unit(rng.standard_normal((C, DI)))
@@ -77,7 +80,9 @@ def write_workspace(root: Path, test_labels: np.ndarray | None = None, kb_labels
         text_emb=kb_txt.astype(np.float16),
         has_text=np.ones(len(kb_lab), bool),
         caption=["c"] * len(kb_lab),
-        label=(kb_lab if kb_labels else np.full_like(kb_lab, -1)).astype(np.int32),
+        label=(_kb_labels(kb_lab, kb_wrong_every) if kb_labels else np.full_like(kb_lab, -1)).astype(
+            np.int32
+        ),
         source=["kb"] * len(kb_lab),
     )
     nn_dir = ws.neighbors_dir("syn", "kbsyn", K)
@@ -128,6 +133,14 @@ def write_workspace(root: Path, test_labels: np.ndarray | None = None, kb_labels
     }
     ws.dataset_info("syn").write_text(json.dumps(info))
     return ws
+
+
+def _kb_labels(true: np.ndarray, wrong_every: int) -> np.ndarray:
+    """The KB's label column: `true`, every `wrong_every`-th row moved to the next class (0: none)."""
+    labels = true.copy()
+    if wrong_every:
+        labels[::wrong_every] = (labels[::wrong_every] + 1) % C
+    return labels
 
 
 def synthetic_kb(source_dataset: str = "syn") -> KBManifest:
