@@ -23,6 +23,7 @@ import numpy as np
 from retformer.artifacts.errors import UserError
 from retformer.pipelines.experiment_context import ExperimentContext
 from retformer.pipelines.experiment_methods import select_mlp_only
+from retformer.trainer.baselines import kb_has_labels
 from retformer.trainer.kb_episodes import caption_labels, class_counts, knn_agreeing_labels, with_kb_episodes
 from retformer.trainer.methods import METHODS
 
@@ -76,7 +77,7 @@ def episode_labels(ctx: ExperimentContext, train: Any) -> str:
     asked = ctx.exp.kb_episode_labels
     if asked != "auto":
         return asked
-    return "label" if bool((train.store_label >= 0).any()) else "caption"
+    return "label" if kb_has_labels(train.store_label) else "caption"
 
 
 def _filtered(ctx: ExperimentContext, train: Any, labels: np.ndarray) -> np.ndarray:

@@ -56,6 +56,11 @@ def _vote(features: RetrievalFeatures, num_classes: int, batch_size: int, k: int
         out[start : start + batch_size] = votes + tie
 
 
+def kb_has_labels(store_label: torch.Tensor) -> bool:
+    """Whether any KB item carries a label (-1 = none): a KB of web pairs has none."""
+    return bool((store_label >= 0).any())
+
+
 def kb_label_problem(
     store_label: torch.Tensor,
     num_classes: int,
@@ -70,9 +75,9 @@ def kb_label_problem(
     kb_class_names: that dataset's class names (its dataset.json). Another dataset with other class
     names (Fashion-MNIST's world KB for digits) is a foreign label space, as are labels outside
     [0, num_classes) and a KB without labels."""
-    labelled = store_label[store_label >= 0]
-    if len(labelled) == 0:
+    if not kb_has_labels(store_label):
         return "the KB has no labels"
+    labelled = store_label[store_label >= 0]
     if int(labelled.max()) >= num_classes:
         return f"the KB's labels reach {int(labelled.max())}, outside the dataset's {num_classes} classes"
     if kb_label_dataset is None or kb_label_dataset == dataset:
