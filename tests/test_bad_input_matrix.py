@@ -306,7 +306,34 @@ def _assert_one_error_line(proc, says: tuple[str, ...]) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# More cases of a family already in the default tier (a CLI subprocess costs ~2 s; the matrix was a
+# third of `make test`): they run in the slow tier (`make test-all`, CI).
+SLOW_CASES = frozenset(
+    {
+        "set-epochs-abc",
+        "set-lr-abc",
+        "set-list-index-out-of-range",
+        "experiment-method-typo",
+        "experiment-loss-unknown",
+        "kb-no-encoders",
+        "kb-encoder-option-typo",
+        "kb-index-kind",
+        "kb-embed-device",
+        "kb-source-kind",
+        "kb-template-attribute",
+        "dataset-key-of-other-kind",
+        "dataset-ratio-below-1",
+        "dataset-unknown-kind",
+        "dataset-quoted-number",
+        "kb-name-absolute",
+        "run-name-absolute",
+        "workers-minus-one",
+    }
+)
+TIERED_CASES = [pytest.param(c, id=c.id, marks=pytest.mark.slow if c.id in SLOW_CASES else ()) for c in CASES]
+
+
+@pytest.mark.parametrize("case", TIERED_CASES)
 def test_bad_input_is_one_error_line_and_writes_nothing(case: Case, small_manifests, tmp_path) -> None:
     """Each bad input exits with its status and one `error:` line naming the thing; the workdir (a
     fresh one) stays empty, and nothing is written beside it: the check comes before any work."""
