@@ -24,7 +24,13 @@ from retformer.artifacts.errors import UserError
 from retformer.pipelines.experiment_context import ExperimentContext
 from retformer.pipelines.experiment_methods import select_mlp_only
 from retformer.trainer.baselines import kb_has_labels
-from retformer.trainer.kb_episodes import caption_labels, class_counts, knn_agreeing_labels, with_kb_episodes
+from retformer.trainer.kb_episodes import (
+    caption_labels,
+    class_counts,
+    knn_agreeing_labels,
+    sample_kb_items,
+    with_kb_episodes,
+)
 from retformer.trainer.methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -52,9 +58,8 @@ def add_kb_episodes(
         if problem is not None:
             log.warning(NONE_JOINS, problem)
             return train
-        union, added = with_kb_episodes(
-            train, num_classes, max_items, item_labels=_filtered(ctx, train, train.store_label.cpu().numpy())
-        )
+        labels = _filtered(ctx, train, train.store_label.cpu().numpy(), num_classes, max_items)
+        union, added = with_kb_episodes(train, num_classes, max_items, item_labels=labels)
     if not added:
         return train
     log.info("KB episodes: %d KB items join the %d training images", added, len(train))
@@ -80,14 +85,18 @@ def episode_labels(ctx: ExperimentContext, train: Any) -> str:
     return "label" if kb_has_labels(train.store_label) else "caption"
 
 
-def _filtered(ctx: ExperimentContext, train: Any, labels: np.ndarray) -> np.ndarray:
-    """The KB items' episode labels after the experiment's `kb_episode_filter` (-1: the item stays out);
+def _filtered(
+    ctx: ExperimentContext, train: Any, labels: np.ndarray, num_classes: int, max_items: int
+) -> np.ndarray:
+    """The KB items' episode labels after the experiment's `kb_episode_filter` (-1: the item stays out):
+    the items `with_kb_episodes` would sample (all that fit in `max_items`), judged by the kNN filter;
     what it kept is recorded in `ctx.kb_episode_filter` (eval.json)."""
-    labelled = int((labels >= 0).sum())
+    labelled = int(((labels >= 0) & (labels < num_classes)).sum())
     if ctx.exp.kb_episode_filter == "none":
         ctx.kb_episode_filter = {"filter": "none", "labelled": labelled, "kept": labelled}
         return labels
-    kept = knn_agreeing_labels(train.store_img, labels, train.query_img, train.labels)
+    candidates = sample_kb_items(labels, num_classes, max_items, seed=0)
+    kept = knn_agreeing_labels(train.store_img, labels, train.query_img, train.labels, rows=candidates)
     ctx.kb_episode_filter = {"filter": "knn", "labelled": labelled, "kept": int((kept >= 0).sum())}
     log.info(
         "kb_episode_filter knn: %d of %d labelled KB items share their label with 2+ of their 10 nearest "
@@ -126,7 +135,7 @@ def _caption_episodes(
     if val is None:
         log.warning(NONE_JOINS, "caption labels are admitted on val, and the experiment has no select_split")
         return train, 0
-    named = _filtered(ctx, train, caption_labels(train.store_txt, class_text))
+    named = _filtered(ctx, train, caption_labels(train.store_txt, class_text), num_classes, max_items)
     union, added = with_kb_episodes(train, num_classes, max_items, item_labels=named)
     if not added:
         log.warning(NONE_JOINS, "no KB caption names one of the dataset's classes")

@@ -84,8 +84,9 @@ def test_episodes_join_the_training_features_and_leave_them_unchanged(tmp_path: 
 def test_the_knn_filter_drops_labels_that_sit_among_another_class() -> None:
     """Proves `knn_agreeing_labels`: three well-separated clusters of 30 store items; three items carry a
     wrong label (one per cluster) and are dropped (-1), as is the unlabelled item (it stays -1); every right
-    label is kept. A store item whose class has a single other store item still joins when training
-    images of its class are near (the training split counts as neighbours), and is dropped without them."""
+    label is kept, also when only some rows are judged (the rest come back -1). A store item whose class
+    has a single other store item still joins when training images of its class are near (the training
+    split counts as neighbours), and is dropped without them."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 16)) * 3
     store = torch.tensor(np.repeat(centres, 30, axis=0) + rng.normal(size=(90, 16)), dtype=torch.float32)
@@ -97,6 +98,10 @@ def test_the_knn_filter_drops_labels_that_sit_among_another_class() -> None:
     kept = knn_agreeing_labels(store, noisy, *no_train)
     assert np.flatnonzero(kept < 0).tolist() == [0, 5, 31, 62]
     assert (kept[kept >= 0] == true[kept >= 0]).all()
+    # Judging only some rows (the items that may join) leaves the others out, the verdicts unchanged.
+    first = knn_agreeing_labels(store, noisy, *no_train, rows=np.arange(30))
+    assert np.flatnonzero(first >= 0).tolist() == [r for r in range(30) if r not in (0, 5)]
+    assert (first[:30] == kept[:30]).all()
 
     # A fourth class: two store items near centre 4, one labelled; alone it has one agreeing neighbour
     # at most (the other is unlabelled), with five training images of class 3 there it has enough.

@@ -129,6 +129,7 @@ def knn_agreeing_labels(
     item_labels: np.ndarray,
     train_img: torch.Tensor,
     train_labels: torch.Tensor,
+    rows: np.ndarray | None = None,
     k: int = KNN_FILTER_K,
     min_agree: int = KNN_FILTER_MIN_AGREE,
 ) -> np.ndarray:
@@ -136,22 +137,25 @@ def knn_agreeing_labels(
     store items and the training images) carry its label: a kNN filter for noisy labels (after Bahri et
     al. 2020, "Deep k-NN for noisy labels"). KB labels come from alt-text or captions (a fifth of the world
     KB's name a wrong class), and a wrong label sits among images of the true class, where almost none of
-    its neighbours carry it. Unlabelled items (-1) stay -1."""
-    labels = np.asarray(item_labels, np.int64).copy()
-    rows = np.flatnonzero(labels >= 0)
-    if len(rows) == 0:
-        return labels
-    pool = torch.cat([store_img.float(), train_img.float()]).numpy().copy()
+    its neighbours carry it. rows: the store rows to judge (default: every labelled one; the others come
+    back -1), so a web-scale store costs one exact search of the items that may join. Unlabelled items
+    (-1) stay -1. The search is the index stage's exact one (`exact_ground_truth`, GPUs where present)."""
+    from retformer.kb_builder.index.search import exact_ground_truth
+
+    labels = np.asarray(item_labels, np.int64)
+    judged = np.flatnonzero(labels >= 0) if rows is None else np.asarray(rows, np.int64)
+    judged = judged[labels[judged] >= 0]
+    out = np.full(len(labels), -1, np.int64)
+    if len(judged) == 0:
+        return out
+    pool = torch.cat([store_img.float(), train_img.float()]).numpy()  # a new array: normalised in place
     pool_labels = np.concatenate([labels, train_labels.cpu().numpy().astype(np.int64)])
     faiss.normalize_L2(pool)
-    kk = min(k, len(pool) - 1)
-    _, ids = faiss.knn(pool[rows], pool, kk + 1)
-    is_self = ids == rows[:, None]
-    # Each row's own entry out (it is first unless a duplicate ties with it), kk neighbours kept.
-    keep = ~is_self & (np.cumsum(~is_self, axis=1) <= kk)
-    agree = ((pool_labels[ids] == labels[rows][:, None]) & keep).sum(axis=1)
-    labels[rows[agree < min_agree]] = -1
-    return labels
+    _, ids = exact_ground_truth(pool, pool[judged], min(k, len(pool) - 1), query_ids=judged)
+    agree = ((pool_labels[ids] == labels[judged][:, None]) & (ids >= 0)).sum(axis=1)
+    keep = judged[agree >= min_agree]
+    out[keep] = labels[keep]
+    return out
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
