@@ -25,6 +25,8 @@ from retformer.pipelines.experiment_context import ExperimentContext
 from retformer.pipelines.experiment_methods import select_mlp_only
 from retformer.trainer.baselines import kb_has_labels
 from retformer.trainer.kb_episodes import (
+    KNN_FILTER_K,
+    KNN_FILTER_MIN_AGREE,
     caption_labels,
     class_counts,
     knn_agreeing_labels,
@@ -99,10 +101,12 @@ def _filtered(
     kept = knn_agreeing_labels(train.store_img, labels, train.query_img, train.labels, rows=candidates)
     ctx.kb_episode_filter = {"filter": "knn", "labelled": labelled, "kept": int((kept >= 0).sum())}
     log.info(
-        "kb_episode_filter knn: %d of %d labelled KB items share their label with 2+ of their 10 nearest "
+        "kb_episode_filter knn: %d of %d labelled KB items share their label with %d+ of their %d nearest "
         "images; the rest stay out",
         ctx.kb_episode_filter["kept"],
         labelled,
+        KNN_FILTER_MIN_AGREE,
+        KNN_FILTER_K,
     )
     return kept
 

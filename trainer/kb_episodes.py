@@ -119,7 +119,8 @@ def with_kb_episodes(
 
 # The deep-kNN filter's neighbourhood and how many of it must share an item's label. "Plurality" (keep
 # where the label is the neighbours' commonest) was tried first and dropped: it also dropped a third of
-# the right labels of confusable classes (Fashion-MNIST's shirts) and cost val on every dataset.
+# the right labels of confusable classes (Fashion-MNIST's shirts), cost Fashion-MNIST's mlp_only val and
+# the probe's val on every dataset (docs/method-notes.md, "tenth round").
 KNN_FILTER_K = 10
 KNN_FILTER_MIN_AGREE = 2
 
