@@ -7,7 +7,8 @@ evidence is what the captions name, and KB episodes come from captions or not at
     RETFORMER_MANIFESTS=/tmp/own/manifests retformer demo --dataset mine --kb mine_web \\
         --workdir /tmp/own_web --seeds 3
 
-Writes OUT/web_shards/*.tar and OUT/manifests/kb/NAME.yaml (the world KB's encoders).
+Writes OUT/web_shards/*.tar and OUT/manifests/kb/NAME.yaml (the encoders of the world KB the shards came
+from: OUT/manifests/kb/<world>.yaml, <world> the folder above `shards`).
 """
 
 import io
@@ -20,7 +21,7 @@ import yaml
 
 shards, out = Path(sys.argv[1]), Path(sys.argv[2])
 name = sys.argv[3] if len(sys.argv) > 3 else "mine_web"
-world_manifest = out / "manifests" / "kb" / "mine_world.yaml"
+world_manifest = out / "manifests" / "kb" / f"{shards.parent.name}.yaml"
 target = out / "web_shards"
 target.mkdir(parents=True, exist_ok=True)
 items = 0
