@@ -34,7 +34,8 @@ encoders: {{image: {{name: efficientnet_lite0{size}}}, text: {{name: minilm}}}}
 
 
 def view(pixels: np.ndarray, v: int) -> Image.Image:
-    """View v of a garment: v % 4 quarter turns, mirrored for 4-7; 8 and 9 inverted, upright / upside down."""
+    """View v of a garment: v % 4 quarter turns, mirrored for 4-7; 8 and 9 inverted, upright / upside down
+    (view 0 is the image as stored)."""
     image = Image.fromarray(pixels)
     if v >= 8:
         image, v = ImageOps.invert(image), (0 if v == 8 else 2)
@@ -59,9 +60,7 @@ def main() -> None:
                 out = args.root / "data" / split / (f"{garment} {view_name}" if view_name else garment)
                 out.mkdir(parents=True, exist_ok=True)
                 for i in rows[v * per_class : (v + 1) * per_class]:
-                    (view(images[i], v) if view_name else Image.fromarray(images[i])).save(
-                        out / f"{i:05d}.png"
-                    )
+                    view(images[i], v).save(out / f"{i:05d}.png")  # v = 0 without views: as stored
     manifests = {
         "datasets/minef.yaml": DATASET.format(root=args.root, ratio=ratio),
         "kb/minef_world.yaml": KB.format(size=", image_size: 64" if args.views else ""),
