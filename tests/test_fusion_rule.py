@@ -12,7 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from retformer.pipelines.seeds import comparison, mean_over_seeds, paired_bootstrap, seed_list
+from retformer.pipelines.seeds import (
+    comparison,
+    comparison_line,
+    mean_over_seeds,
+    paired_bootstrap,
+    seed_list,
+)
 from retformer.trainer.config import FusionOptions
 from retformer.trainer.diagnostics import (
     agreement_accuracy,
@@ -176,6 +182,31 @@ def test_paired_bootstrap_difference_and_interval(tmp_path: Path) -> None:
     assert paired_bootstrap(runs, "retformer", "knn_vote", group="few")["diff"] == 0.0
     methods = {"retformer": {"top1": 0.8}, "knn_vote": {"top1": 0.5}, "mlp_only": {"top1": 0.8}}
     assert comparison(runs, methods)["baseline"] == "mlp_only"  # the strongest baseline, ties by name
+
+
+def test_comparison_names_the_best_baseline_on_few_and_every_baseline_above(tmp_path: Path) -> None:
+    """Where a vote leads on few while far under on top-1, the comparison pairs RetFormer with it on both
+    columns (few: under by 1 of 4 images; top-1: above by 2 of 10) beside the strongest baseline, and
+    lists per column the baselines whose mean is above RetFormer's; the console names both."""
+    groups = ["few"] * 4 + ["many"] * 6
+    run = tmp_path / "s0"
+    _predictions(run, "retformer", [True, True, True, False] + [True] * 6, groups)
+    _predictions(run, "mlp_only", [True, True, True, False] + [True] * 5 + [False], groups)
+    _predictions(run, "knn_vote", [True] * 4 + [True, True, False, False, False, False], groups)
+    methods = {
+        "retformer": {"top1": 0.9, "few": 0.75},
+        "mlp_only": {"top1": 0.8, "few": 0.75},
+        "knn_vote": {"top1": 0.6, "few": 1.0},
+    }
+    cmp = comparison([run], methods)
+    assert cmp["baseline"] == "mlp_only" and cmp["few_best"]["baseline"] == "knn_vote"
+    assert cmp["few_best"]["few"]["diff"] == pytest.approx(-0.25)
+    assert cmp["few_best"]["top1"]["diff"] == pytest.approx(0.3)
+    assert cmp["above"] == {"top1": [], "few": ["knn_vote"]}
+    text = comparison_line(cmp)
+    assert "knn_vote (best baseline on few): few -25.00" in text and "few: knn_vote" in text
+    methods["knn_vote"]["few"] = 0.5  # the strongest baseline also leads on few: no second pairing
+    assert "few_best" not in comparison([run], methods)
 
 
 def test_mean_over_seeds_keeps_each_seed_and_the_spread() -> None:
