@@ -11,6 +11,13 @@ Writes the images and the two manifests (dataset `minef`, KB `minef_world`):
 `--views` makes 100 classes, each garment in 10 views (8 rotations / mirror images, 2 inverted), 125 /
 20 per class, ratio 20, 64-px encoder input: many classes, 1 val image for a tail class, and classes
 a frozen encoder confuses (a mirrored T-shirt is a T-shirt): a check that the path scales in classes.
+
+`--long-tailed-folders` writes a dataset that is long-tailed on disk, as a real one is: `train/<class>/`
+already holds the CIFAR-LT profile (600 ... 6, ratio 100, classes in a seeded order unrelated to folder
+order), no `imbalance_ratio` key, and `world/<class>/` the rest of each class's 600 for the world KB. The
+default hold-out then takes 20% of each *long-tailed* class (rounded down, one image kept): val is
+long-tailed too (120 ... 1 images), the case every other own-data run here (val taken before the cut,
+balanced) left unmeasured.
 """
 
 import argparse
@@ -20,13 +27,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from retformer.kb_builder.datasets.fashion_mnist import load_arrays
+from retformer.kb_builder.datasets.longtail import longtail_counts
 
 # Folder names a user might have: spaces, a hyphen; captions and reports use them as they are
 GARMENTS = ["t-shirt or top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker"]
 GARMENTS += ["bag", "ankle boot"]
 VIEWS = ["upright", "turned left", "upside down", "turned right", "mirrored", "mirrored left"]
 VIEWS += ["mirrored upside down", "mirrored right", "negative", "negative upside down"]
-DATASET = "kind: imagefolder\nroot: {root}/data\nimbalance_ratio: {ratio}\nseed: 0\nneighbors: {{k: 32}}\n"
+DATASET = "kind: imagefolder\nroot: {root}/data\n{cut}seed: 0\nneighbors: {{k: 32}}\n"
 KB = """source: {{kind: world, dataset: minef, wrong_caption_fraction: 0.2,
          templates: ["a catalogue photo of a {{name}}.", "{{name}}, product picture on white."]}}
 encoders: {{image: {{name: efficientnet_lite0{size}}}, text: {{name: minilm}}}}
@@ -48,21 +56,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("--views", action="store_true", help="100 classes: garment x view")
+    parser.add_argument(
+        "--long-tailed-folders", action="store_true", help="train/ long-tailed on disk, world/ the rest"
+    )
     args = parser.parse_args()
     views = VIEWS if args.views else [None]
     per_train, per_test, ratio = (125, 20, 20) if args.views else (600, 200, 100)
     rng = np.random.default_rng(0)
+    # On-disk long tail: class g keeps counts[rank[g]] training images, the rest go to world/
+    rank = np.random.default_rng(1).permutation(len(GARMENTS))
+    counts = longtail_counts(len(GARMENTS), per_train, ratio)
     for split, per_class in (("train", per_train), ("test", per_test)):
         images, labels = load_arrays(split=split)
         for g, garment in enumerate(GARMENTS):
             rows = rng.permutation(np.nonzero(labels == g)[0])[: per_class * len(views)]
             for v, view_name in enumerate(views):
-                out = args.root / "data" / split / (f"{garment} {view_name}" if view_name else garment)
-                out.mkdir(parents=True, exist_ok=True)
-                for i in rows[v * per_class : (v + 1) * per_class]:
-                    view(images[i], v).save(out / f"{i:05d}.png")  # v = 0 without views: as stored
+                name = f"{garment} {view_name}" if view_name else garment
+                for i, row in enumerate(rows[v * per_class : (v + 1) * per_class]):
+                    to = split
+                    if args.long_tailed_folders and split == "train" and i >= counts[rank[g]]:
+                        to = "world"
+                    out = args.root / "data" / to / name
+                    out.mkdir(parents=True, exist_ok=True)
+                    view(images[row], v).save(out / f"{row:05d}.png")  # v = 0 without views: as stored
+    cut = "" if args.long_tailed_folders else f"imbalance_ratio: {ratio}\n"
     manifests = {
-        "datasets/minef.yaml": DATASET.format(root=args.root, ratio=ratio),
+        "datasets/minef.yaml": DATASET.format(root=args.root, cut=cut),
         "kb/minef_world.yaml": KB.format(size=", image_size: 64" if args.views else ""),
     }
     for kind, text in manifests.items():
