@@ -17,7 +17,7 @@ already holds the CIFAR-LT profile (600 ... 6, ratio 100, classes in a seeded or
 order), no `imbalance_ratio` key, and `world/<class>/` the rest of each class's 600 for the world KB. The
 default hold-out then takes 20% of each *long-tailed* class (rounded down, one image kept): val is
 long-tailed too (120 ... 1 images), the case every other own-data run here (val taken before the cut,
-balanced) left unmeasured.
+balanced) left unmeasured. With `--views` as well: 100 classes, 125 ... 6 (ratio 20), val 25 ... 1.
 """
 
 import argparse
@@ -63,9 +63,11 @@ def main() -> None:
     views = VIEWS if args.views else [None]
     per_train, per_test, ratio = (125, 20, 20) if args.views else (600, 200, 100)
     rng = np.random.default_rng(0)
-    # On-disk long tail: class g keeps counts[rank[g]] training images, the rest go to world/
-    rank = np.random.default_rng(1).permutation(len(GARMENTS))
-    counts = longtail_counts(len(GARMENTS), per_train, ratio)
+    # On-disk long tail: class c (garment g, view v) keeps counts[rank[c]] training images, the rest go
+    # to world/
+    num_classes = len(GARMENTS) * len(views)
+    rank = np.random.default_rng(1).permutation(num_classes)
+    counts = longtail_counts(num_classes, per_train, ratio)
     for split, per_class in (("train", per_train), ("test", per_test)):
         images, labels = load_arrays(split=split)
         for g, garment in enumerate(GARMENTS):
@@ -74,7 +76,11 @@ def main() -> None:
                 name = f"{garment} {view_name}" if view_name else garment
                 for i, row in enumerate(rows[v * per_class : (v + 1) * per_class]):
                     to = split
-                    if args.long_tailed_folders and split == "train" and i >= counts[rank[g]]:
+                    if (
+                        args.long_tailed_folders
+                        and split == "train"
+                        and i >= counts[rank[g * len(views) + v]]
+                    ):
                         to = "world"
                     out = args.root / "data" / to / name
                     out.mkdir(parents=True, exist_ok=True)
