@@ -106,11 +106,14 @@ def paired_bootstrap(
     return {"diff": float(diffs.mean()), "lo": float(lo), "hi": float(hi), "images": int(diffs.size)}
 
 
+def _baseline_scores(methods: dict[str, Any], metric: str) -> dict[str, float]:
+    """Each baseline's mean test `metric`, where it has one (a skipped method has none)."""
+    return {name: m[metric] for name, m in methods.items() if name in BASELINES and m.get(metric) is not None}
+
+
 def best_baseline(methods: dict[str, Any], metric: str = "top1") -> str | None:
     """The baseline with the highest mean test `metric` (ties: the later name)."""
-    scored = [
-        (m[metric], name) for name, m in methods.items() if name in BASELINES and m.get(metric) is not None
-    ]
+    scored = [(value, name) for name, value in _baseline_scores(methods, metric).items()]
     return max(scored)[1] if scored else None
 
 
@@ -131,11 +134,7 @@ def baselines_above(methods: dict[str, Any], metric: str) -> list[str]:
     own = methods.get("retformer", {}).get(metric)
     if own is None:
         return []
-    return sorted(
-        name
-        for name, m in methods.items()
-        if name in BASELINES and m.get(metric) is not None and m[metric] > own
-    )
+    return sorted(name for name, value in _baseline_scores(methods, metric).items() if value > own)
 
 
 def comparison(run_dirs: list[Path], methods: dict[str, Any]) -> dict[str, Any] | None:

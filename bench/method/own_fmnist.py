@@ -74,17 +74,16 @@ def main() -> None:
             rows = rng.permutation(np.nonzero(labels == g)[0])[: per_class * len(views)]
             for v, view_name in enumerate(views):
                 name = f"{garment} {view_name}" if view_name else garment
-                for i, row in enumerate(rows[v * per_class : (v + 1) * per_class]):
-                    to = split
-                    if (
-                        args.long_tailed_folders
-                        and split == "train"
-                        and i >= counts[rank[g * len(views) + v]]
-                    ):
-                        to = "world"
+                class_rows = rows[v * per_class : (v + 1) * per_class]
+                on_disk_tail = args.long_tailed_folders and split == "train"
+                keep = counts[rank[g * len(views) + v]] if on_disk_tail else len(class_rows)
+                for to, part in ((split, class_rows[:keep]), ("world", class_rows[keep:])):
+                    if not len(part):
+                        continue  # no empty folders: the head class has no world/ images
                     out = args.root / "data" / to / name
                     out.mkdir(parents=True, exist_ok=True)
-                    view(images[row], v).save(out / f"{row:05d}.png")  # v = 0 without views: as stored
+                    for row in part:  # v = 0 without views: the image as stored
+                        view(images[row], v).save(out / f"{row:05d}.png")
     cut = "" if args.long_tailed_folders else f"imbalance_ratio: {ratio}\n"
     manifests = {
         "datasets/minef.yaml": DATASET.format(root=args.root, cut=cut),
