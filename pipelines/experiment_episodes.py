@@ -10,6 +10,12 @@ dataset's classes, or a text tower that misreads the class names (MiniLM reads "
 "nine" on the own-data digits), would otherwise teach every method wrong labels; the check costs two
 mlp_only selections. (A linear probe was tried first: it missed a misreading that cost mlp_only 2
 points of val.)
+
+The kNN label filter (`kb_episode_filter`) is a choice of the same kind: at 10 classes it keeps out most
+wrong alt-text labels and val rises with it; at 100 confusable classes it also drops many right labels of
+the tail, where the KB is most of what a tail class has, and val falls with it. `auto` (the default)
+fits the same image head with the filtered and the unfiltered items and keeps the filter unless val
+scores higher without it (docs/method-notes.md, "thirteenth round").
 """
 
 from __future__ import annotations
@@ -60,8 +66,8 @@ def add_kb_episodes(
         if problem is not None:
             log.warning(NONE_JOINS, problem)
             return train
-        labels = _filtered(ctx, train, train.store_label.cpu().numpy(), num_classes, max_items)
-        union, added = with_kb_episodes(train, num_classes, max_items, item_labels=labels)
+        options = _filter_options(ctx, train, train.store_label.cpu().numpy(), num_classes, max_items)
+        union, added, _ = _chosen_on_val(ctx, plan, train, val, options)
     if not added:
         return train
     log.info("KB episodes: %d KB items join the %d training images", added, len(train))
@@ -87,28 +93,70 @@ def episode_labels(ctx: ExperimentContext, train: Any) -> str:
     return "label" if kb_has_labels(train.store_label) else "caption"
 
 
-def _filtered(
+def _filter_options(
     ctx: ExperimentContext, train: Any, labels: np.ndarray, num_classes: int, max_items: int
-) -> np.ndarray:
-    """The KB items' episode labels after the experiment's `kb_episode_filter` (-1: the item stays out):
-    the items `with_kb_episodes` would sample (all that fit in `max_items`), judged by the kNN filter;
-    what it kept is recorded in `ctx.kb_episode_filter` (eval.json)."""
+) -> dict[str, tuple[Any, int]]:
+    """The training features with KB episodes under each filter the experiment's `kb_episode_filter`
+    allows, {"knn" | "none": (union, items added)}: one entry for `knn` or `none`, both for `auto` (one
+    where the filter keeps every item it judged: the two would be the same episodes). `labels` are the
+    store items' episode labels (-1: not an episode); the filter judges the items `with_kb_episodes`
+    would sample (all that fit in `max_items`). Starts `ctx.kb_episode_filter` (eval.json): the filter
+    asked for, the items labelled and those the kNN filter kept."""
+    asked = ctx.exp.kb_episode_filter
     labelled = int(((labels >= 0) & (labels < num_classes)).sum())
-    if ctx.exp.kb_episode_filter == "none":
-        ctx.kb_episode_filter = {"filter": "none", "labelled": labelled, "kept": labelled}
-        return labels
-    candidates = sample_kb_items(labels, num_classes, max_items, seed=0)
-    kept = knn_agreeing_labels(train.store_img, labels, train.query_img, train.labels, rows=candidates)
-    ctx.kb_episode_filter = {"filter": "knn", "labelled": labelled, "kept": int((kept >= 0).sum())}
+    ctx.kb_episode_filter = {"filter": asked, "labelled": labelled, "kept": labelled}
+    options: dict[str, tuple[Any, int]] = {}
+    if asked in ("knn", "auto"):
+        candidates = sample_kb_items(labels, num_classes, max_items, seed=0)
+        kept = knn_agreeing_labels(train.store_img, labels, train.query_img, train.labels, rows=candidates)
+        ctx.kb_episode_filter["kept"] = int((kept >= 0).sum())
+        log.info(
+            "kb_episode_filter %s: %d of %d labelled KB items share their label with %d+ of their %d "
+            "nearest images",
+            asked,
+            ctx.kb_episode_filter["kept"],
+            labelled,
+            KNN_FILTER_MIN_AGREE,
+            KNN_FILTER_K,
+        )
+        options["knn"] = with_kb_episodes(train, num_classes, max_items, item_labels=kept)
+        if asked == "knn" or ctx.kb_episode_filter["kept"] == len(candidates):
+            return options
+    options["none"] = with_kb_episodes(train, num_classes, max_items, item_labels=labels)
+    return options
+
+
+def _chosen_on_val(
+    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, options: dict[str, tuple[Any, int]]
+) -> tuple[Any, int, float | None]:
+    """(union, items added, its mlp_only val score or None where nothing was fitted) of the filter
+    option val prefers: the only one, or with two (`kb_episode_filter: auto`) the unfiltered items only
+    where the mlp_only selection with them scores higher on val than with the filtered ones (a tie keeps
+    the filter). Records the choice and both scores in `ctx.kb_episode_filter`."""
+    record = ctx.kb_episode_filter
+    assert record is not None
+    options = {name: option for name, option in options.items() if option[1] > 0}
+    if len(options) == 2 and val is None:
+        log.warning("kb_episode_filter auto: no select_split to choose on; the kNN filter is kept")
+        options = {"knn": options["knn"]}
+    if len(options) < 2:
+        chosen = next(iter(options), None)
+        record["chosen"] = chosen
+        union, added = options[chosen] if chosen else (train, 0)
+        return union, added, None
+    scores = {name: _episodes_val_score(ctx, plan, train, val, option[0]) for name, option in options.items()}
+    chosen = "none" if scores["none"] > scores["knn"] else "knn"
+    record.update(chosen=chosen, val_knn=scores["knn"], val_none=scores["none"])
     log.info(
-        "kb_episode_filter knn: %d of %d labelled KB items share their label with %d+ of their %d nearest "
-        "images; the rest stay out",
-        ctx.kb_episode_filter["kept"],
-        labelled,
-        KNN_FILTER_MIN_AGREE,
-        KNN_FILTER_K,
+        "kb_episode_filter auto: mlp_only val %.4f with the kNN filter (%d items), %.4f without (%d): %s",
+        scores["knn"],
+        options["knn"][1],
+        scores["none"],
+        options["none"][1],
+        "kept" if chosen == "knn" else "dropped",
     )
-    return kept
+    union, added = options[chosen]
+    return union, added, scores[chosen]
 
 
 def _scaled_epochs(plan: dict[str, Any], scale: float) -> dict[str, Any]:
@@ -139,14 +187,15 @@ def _caption_episodes(
     if val is None:
         log.warning(NONE_JOINS, "caption labels are admitted on val, and the experiment has no select_split")
         return train, 0
-    named = _filtered(ctx, train, caption_labels(train.store_txt, class_text), num_classes, max_items)
-    union, added = with_kb_episodes(train, num_classes, max_items, item_labels=named)
-    if not added:
+    named = caption_labels(train.store_txt, class_text)
+    options = _filter_options(ctx, train, named, num_classes, max_items)
+    if not any(added for _, added in options.values()):
         log.warning(NONE_JOINS, "no KB caption names one of the dataset's classes")
         return train, 0
     without = _mlp_only_val_score(ctx, plan, train, val, class_counts(train.labels, num_classes))
-    scaled_plan = {**plan, **_scaled_epochs(plan, len(train) / len(union))}
-    with_them = _mlp_only_val_score(ctx, scaled_plan, union, val, class_counts(union.labels, num_classes))
+    union, added, with_them = _chosen_on_val(ctx, plan, train, val, options)
+    if with_them is None:
+        with_them = _episodes_val_score(ctx, plan, train, val, union)
     admitted = with_them >= without
     ctx.kb_episode_check = {
         "labels": "caption",
@@ -163,6 +212,16 @@ def _caption_episodes(
         )
         return train, 0
     return union, added
+
+
+def _episodes_val_score(
+    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, union: Any
+) -> float:
+    """`_mlp_only_val_score` on `union` (train and its KB items), its epochs scaled as the run's will be
+    with them."""
+    num_classes = int(ctx.info["num_classes"])
+    scaled_plan = {**plan, **_scaled_epochs(plan, len(train) / len(union))}
+    return _mlp_only_val_score(ctx, scaled_plan, union, val, class_counts(union.labels, num_classes))
 
 
 def _mlp_only_val_score(

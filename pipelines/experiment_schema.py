@@ -76,8 +76,9 @@ class ExperimentManifest(Section):
     kb_episode_labels: Literal["auto", "label", "caption"] = "auto"
     # "knn": an item joins only where at least 2 of its 10 nearest images (the other KB items, the training
     # split) carry its label (KB or caption): drops most wrong labels, few right ones
-    # (trainer/kb_episodes.knn_agreeing_labels); "none": every labelled item may join.
-    kb_episode_filter: Literal["knn", "none"] = "knn"
+    # (trainer/kb_episodes.knn_agreeing_labels); "none": every labelled item may join; "auto": the one
+    # whose mlp_only selection scores higher on val (the filter on a tie; pipelines/experiment_episodes).
+    kb_episode_filter: Literal["auto", "knn", "none"] = "auto"
     # Where the manifest was read from (None for one built in code): not a key of the manifest.
     _manifest_path: str | None = PrivateAttr(default=None)
 

@@ -143,15 +143,48 @@ def test_an_experiment_with_kb_episodes_trains_on_them_at_the_same_steps(with_ep
 
 
 @pytest.mark.parametrize("kb_filter", ["knn", "none"])
-def test_wrong_kb_labels_stay_out_of_the_episodes_by_default(tmp_path: Path, kb_filter: str) -> None:
-    """Proves the experiment's `kb_episode_filter`: with 8 of the 80 KB labels wrong (each item labelled
-    with the next class, its image among its true class), the default `knn` lets the 72 right ones join
-    and eval.json records 80 labelled, 72 kept; `none` lets all 80 join."""
+def test_wrong_kb_labels_stay_out_of_the_episodes_with_the_knn_filter(tmp_path: Path, kb_filter: str) -> None:
+    """Proves the experiment's `kb_episode_filter` when one is forced: with 8 of the 80 KB labels wrong
+    (each item labelled with the next class, its image among its true class), `knn` lets the 72 right
+    ones join and eval.json records 80 labelled, 72 kept; `none` lets all 80 join. Neither fits anything
+    to choose (no val scores recorded)."""
     exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_filter=kb_filter)
     rep = run(tmp_path, exp, kb_wrong_every=10)
     kept = 72 if kb_filter == "knn" else 80
-    assert rep["kb_episode_filter"] == {"filter": kb_filter, "labelled": 80, "kept": kept}
+    assert rep["kb_episode_filter"] == {
+        "filter": kb_filter,
+        "labelled": 80,
+        "kept": kept,
+        "chosen": kb_filter,
+    }
     assert rep["kb_episodes"] == kept
+
+
+# On this synthetic workspace val prefers the filter with every 10th KB label wrong (0.65 vs 0.60) and
+# the unfiltered items with every 4th wrong (0.575 vs 0.55: the filter keeps 70, and its 10 dropped
+# items include right labels), so both of auto's outcomes are exercised.
+@pytest.mark.parametrize(("wrong_every", "chosen", "kept"), [(10, "knn", 72), (4, "none", 70)])
+def test_auto_filter_trains_on_the_items_val_prefers(
+    tmp_path: Path, wrong_every: int, chosen: str, kept: int
+) -> None:
+    """Proves `kb_episode_filter: auto` (the default): the mlp_only selection is fitted with the
+    filtered and with the unfiltered KB items, eval.json records both val scores and the choice (the
+    unfiltered items only where they score higher), the run trains on the chosen items (its mlp_only
+    selects the same val score the check recorded for them), and the items that joined are the chosen
+    option's."""
+    rep = run(tmp_path, _exp(methods=["mlp_only"], kb_episodes=1000), kb_wrong_every=wrong_every)
+    rec = rep["kb_episode_filter"]
+    assert rec["filter"] == "auto" and rec["labelled"] == 80 and rec["kept"] == kept
+    assert rec["chosen"] == ("none" if rec["val_none"] > rec["val_knn"] else "knn") == chosen
+    assert rep["kb_episodes"] == (80 if chosen == "none" else kept)
+    assert rep["methods"]["mlp_only"]["selected"]["val_score"] == pytest.approx(rec[f"val_{chosen}"])
+
+
+def test_auto_filter_fits_nothing_extra_where_the_filter_keeps_every_item(with_episodes) -> None:
+    """Proves auto's shortcut: where every KB label is right the filter keeps all 80 items, the two
+    options are the same episodes, and nothing is fitted to choose between them (no val scores)."""
+    rec = with_episodes["report"]["kb_episode_filter"]
+    assert rec == {"filter": "auto", "labelled": 80, "kept": 80, "chosen": "knn"}
 
 
 def test_a_kb_without_the_datasets_labels_adds_no_episode(tmp_path: Path) -> None:
