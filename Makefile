@@ -92,10 +92,16 @@ noisy: setup data  ## the noisy-label sets alone (fmnist_lt_noisy, fmnist_lt_noi
 # Test tiers (README "Tests"): `make test` is the default tier, `make test-all` adds the tests marked
 # slow (kill-matrix cases beyond one, full reruns) and system (SLURM, torchrun, Chromium, several
 # interpreters) as a second pytest run, so CI's `make test-all` runs the README's `make test` first.
+# The default tier runs on TEST_WORKERS pytest-xdist processes (auto: one per CPU core; 0: in this process),
+# one test file per worker (`--dist loadfile`: a file's module fixtures are built once); every test already
+# runs torch on one thread (tests/conftest.py), so 2 cores run it in ~3 min instead of ~5.5.
+TEST_WORKERS ?= auto
 PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 test: setup data  ## the default test tier, <= 5 min on 2 cores (offline: models from installed packages only)
-	$(PYTEST) -m "not slow and not system"
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not slow and not system"
 
+# The slow and system tiers stay in one process: on xdist workers the CLI-built workspace twin
+# (tests/test_workspace_build.py) once differed from the in-process one (README "Development").
 test-all: test  ## every test: the default tier, then the slow and system tiers (CI)
 	$(PYTEST) -m "slow or system"
 
