@@ -40,6 +40,7 @@ from retformer.trainer.kb_episodes import (
     with_kb_episodes,
 )
 from retformer.trainer.methods import METHODS
+from retformer.trainer.progress import ModelProgress, tracking
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,10 @@ def _chosen_on_val(
         record["chosen"] = chosen
         union, added = options[chosen] if chosen else (train, 0)
         return union, added, None
-    scores = {name: _episodes_val_score(ctx, plan, train, val, option[0]) for name, option in options.items()}
+    scores = {
+        name: _episodes_val_score(ctx, plan, train, val, option[0], f"mlp_only [KB episodes, filter {name}]")
+        for name, option in options.items()
+    }
     chosen = "none" if scores["none"] > scores["knn"] else "knn"
     record.update(chosen=chosen, val_knn=scores["knn"], val_none=scores["none"])
     log.info(
@@ -192,10 +196,11 @@ def _caption_episodes(
     if not any(added for _, added in options.values()):
         log.warning(NONE_JOINS, "no KB caption names one of the dataset's classes")
         return train, 0
-    without = _mlp_only_val_score(ctx, plan, train, val, class_counts(train.labels, num_classes))
+    counts = class_counts(train.labels, num_classes)
+    without = _mlp_only_val_score(ctx, plan, train, val, counts, "mlp_only [without KB episodes]")
     union, added, with_them = _chosen_on_val(ctx, plan, train, val, options)
     if with_them is None:
-        with_them = _episodes_val_score(ctx, plan, train, val, union)
+        with_them = _episodes_val_score(ctx, plan, train, val, union, "mlp_only [with KB episodes]")
     admitted = with_them >= without
     ctx.kb_episode_check = {
         "labels": "caption",
@@ -215,19 +220,22 @@ def _caption_episodes(
 
 
 def _episodes_val_score(
-    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, union: Any
+    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, union: Any, line: str
 ) -> float:
     """`_mlp_only_val_score` on `union` (train and its KB items), its epochs scaled as the run's will be
     with them."""
     num_classes = int(ctx.info["num_classes"])
     scaled_plan = {**plan, **_scaled_epochs(plan, len(train) / len(union))}
-    return _mlp_only_val_score(ctx, scaled_plan, union, val, class_counts(union.labels, num_classes))
+    return _mlp_only_val_score(ctx, scaled_plan, union, val, class_counts(union.labels, num_classes), line)
 
 
 def _mlp_only_val_score(
-    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, counts: list[int]
+    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, counts: list[int], line: str
 ) -> float:
     """Val score (the experiment's select_metric) of the image head selected on `train` as the `mlp_only`
-    baseline would be."""
-    sel = select_mlp_only(ctx, plan, train, val, counts)
+    baseline would be. `line`: the name on its console line (a check fits for minutes at 100 classes;
+    its epochs go to no metrics file: the run's own mlp_only writes that)."""
+    sel_opts = plan["select"]
+    with tracking(ModelProgress(line, len(sel_opts.lr_grid) * int(sel_opts.baseline_epochs), ctx.progress)):
+        sel = select_mlp_only(ctx, plan, train, val, counts)
     return round(float(sel.selected["val_score"]), 6)

@@ -89,6 +89,31 @@ def test_train_console_is_one_line_per_model_and_no_json(tmp_path, capfd) -> Non
     assert out == "" and err == "", err
 
 
+def test_kb_episode_filter_checks_each_draw_a_named_line(tmp_path, capfd) -> None:
+    """The two fits `kb_episode_filter: auto` makes to choose (every 4th KB label wrong: the filter drops
+    some items, so the image head is selected with the filtered and with all KB items) each draw their
+    own named line at its full count before the run's mlp_only line, instead of minutes of silence; the
+    run's metrics file holds its own mlp_only's epochs only."""
+    ws = write_workspace(tmp_path, kb_wrong_every=4)
+    exp = {**SMALL, "methods": ["mlp_only"], "kb_episodes": 1000}
+    stages.stage_train(ws, DS, KB, validate_experiment(exp, "test"), run="episodes")
+    _, err = capfd.readouterr()
+    shown = [line for line in final_lines(err) if not line.startswith(("INFO", "WARNING"))]
+    names = ["mlp_only [KB episodes, filter knn]", "mlp_only [KB episodes, filter none]", "mlp_only"]
+    assert len(shown) == 3, shown
+    counts = []
+    for name, line in zip(names, shown, strict=True):
+        assert line.startswith(name + " ") and " val " in line, line
+        done, total = line[len(name) + 1 :].split(" ", 1)[0].split("/")
+        assert done == total, line
+        counts.append(int(total))
+    # Epochs are scaled by train / (train + items): 70 filtered items give 6, all 80 give 4; val chose all
+    # 80 here, and the run's mlp_only fits what that check fitted
+    assert counts == [6, 4, 4]
+    metrics = (ws.run_dir("episodes") / "mlp_only.metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == counts[2]
+
+
 def test_quiet_and_verbose_set_levels_and_bars() -> None:
     """--quiet: WARNING and no bars (also tqdm bars the stages do not create); --verbose: DEBUG; both:
     one error."""
