@@ -52,6 +52,9 @@ class ExperimentContext:
         self._dataset = None
         self._encoder = None
         self.mlp_only: Any = None  # the selected mlp_only (recipe stacked builds on it), once per run
+        # The mlp_only selection a KB-episode check fitted on the run's very training items (a
+        # RecordedSelection, pipelines.experiment_methods): the run's mlp_only takes it instead of a refit
+        self.checked_mlp_only: Any = None
         self.table_k: int | None = None  # k of the neighbor tables the run reads (set by run_experiment)
         self._label_problem: tuple[str | None] | None = None
         self._class_text: tuple[Any] | None = None

@@ -7,15 +7,19 @@ image head every fused method builds on, selected as the `mlp_only` baseline is 
 best-on-val epoch, post-hoc prior adjustment), is fitted with them and without, and they join only
 where val scores at least as high with them. A KB whose captions name other things than the
 dataset's classes, or a text tower that misreads the class names (MiniLM reads "two" captions as
-"nine" on the own-data digits), would otherwise teach every method wrong labels; the check costs two
-mlp_only selections. (A linear probe was tried first: it missed a misreading that cost mlp_only 2
-points of val.)
+"nine" on the own-data digits), would otherwise teach every method wrong labels. (A linear probe was
+tried first: it missed a misreading that cost mlp_only 2 points of val.)
 
 The kNN label filter (`kb_episode_filter`) is a choice of the same kind: at 10 classes it keeps out most
 wrong alt-text labels and val rises with it; at 100 confusable classes it also drops many right labels of
 the tail, where the KB is most of what a tail class has, and val falls with it. `auto` (the default)
 fits the same image head with the filtered and the unfiltered items and keeps the filter unless val
 scores higher without it (docs/method-notes.md, "thirteenth round").
+
+Each check fit is the run's own mlp_only selection on the items it tries (the same epochs, prior and
+seed), so where those items join, the run's mlp_only takes that fit (`ctx.checked_mlp_only`, replayed
+onto its console line and metrics file) instead of fitting it again: the checks cost one mlp_only
+selection per option the run does not keep.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 
 from retformer.artifacts.errors import UserError
 from retformer.pipelines.experiment_context import ExperimentContext
-from retformer.pipelines.experiment_methods import select_mlp_only
+from retformer.pipelines.experiment_methods import RecordedSelection, select_mlp_only_recorded
 from retformer.trainer.baselines import kb_has_labels
 from retformer.trainer.kb_episodes import (
     KNN_FILTER_K,
@@ -40,7 +44,6 @@ from retformer.trainer.kb_episodes import (
     with_kb_episodes,
 )
 from retformer.trainer.methods import METHODS
-from retformer.trainer.progress import ModelProgress, tracking
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +64,19 @@ def add_kb_episodes(
     num_classes = int(ctx.info["num_classes"])
     ctx.kb_episode_labels = episode_labels(ctx, train)
     if ctx.kb_episode_labels == "caption":
-        union, added = _caption_episodes(ctx, plan, train, val, num_classes, max_items)
+        union, added, checked = _caption_episodes(ctx, plan, train, val, num_classes, max_items)
     else:
         problem = ctx.label_problem(train)
         if problem is not None:
             log.warning(NONE_JOINS, problem)
             return train
         options = _filter_options(ctx, train, train.store_label.cpu().numpy(), num_classes, max_items)
-        union, added, _ = _chosen_on_val(ctx, plan, train, val, options)
+        union, added, checked = _chosen_on_val(ctx, plan, train, val, options)
     if not added:
         return train
     log.info("KB episodes: %d KB items join the %d training images", added, len(train))
     ctx.kb_episodes = added
+    ctx.checked_mlp_only = checked  # fitted on `union` at the epochs and prior set below: the run's mlp_only
     ctx.class_counts = class_counts(union.labels, num_classes)
     plan.update(_scaled_epochs(plan, len(train) / len(union)))
     return union
@@ -129,8 +133,8 @@ def _filter_options(
 
 def _chosen_on_val(
     ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, options: dict[str, tuple[Any, int]]
-) -> tuple[Any, int, float | None]:
-    """(union, items added, its mlp_only val score or None where nothing was fitted) of the filter
+) -> tuple[Any, int, RecordedSelection | None]:
+    """(union, items added, its mlp_only selection or None where nothing was fitted) of the filter
     option val prefers: the only one, or with two (`kb_episode_filter: auto`) the unfiltered items only
     where the mlp_only selection with them scores higher on val than with the filtered ones (a tie keeps
     the filter). Records the choice and both scores in `ctx.kb_episode_filter`."""
@@ -145,10 +149,11 @@ def _chosen_on_val(
         record["chosen"] = chosen
         union, added = options[chosen] if chosen else (train, 0)
         return union, added, None
-    scores = {
-        name: _episodes_val_score(ctx, plan, train, val, option[0], f"mlp_only [KB episodes, filter {name}]")
+    fits = {
+        name: _episodes_selection(ctx, plan, train, val, option[0], f"mlp_only [KB episodes, filter {name}]")
         for name, option in options.items()
     }
+    scores = {name: fit.val_score for name, fit in fits.items()}
     chosen = "none" if scores["none"] > scores["knn"] else "knn"
     record.update(chosen=chosen, val_knn=scores["knn"], val_none=scores["none"])
     log.info(
@@ -160,7 +165,7 @@ def _chosen_on_val(
         "kept" if chosen == "knn" else "dropped",
     )
     union, added = options[chosen]
-    return union, added, scores[chosen]
+    return union, added, fits[chosen]
 
 
 def _scaled_epochs(plan: dict[str, Any], scale: float) -> dict[str, Any]:
@@ -180,27 +185,30 @@ def _scaled_epochs(plan: dict[str, Any], scale: float) -> dict[str, Any]:
 
 def _caption_episodes(
     ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, num_classes: int, max_items: int
-) -> tuple[Any, int]:
-    """(the training features with caption-labelled KB episodes, how many) where the captions name the
-    dataset's classes and val admits them; else (train, 0) and a warning that says why. The verdict is
-    recorded in `ctx.kb_episode_check` (eval.json's `kb_episode_check`)."""
+) -> tuple[Any, int, RecordedSelection | None]:
+    """(the training features with caption-labelled KB episodes, how many, the mlp_only selection fitted
+    on them) where the captions name the dataset's classes and val admits them; else (train, 0, None)
+    and a warning that says why. The verdict is recorded in `ctx.kb_episode_check` (eval.json's
+    `kb_episode_check`)."""
     class_text = ctx.class_text(train)
     if class_text is None:
         log.warning(NONE_JOINS, "no class names or KB text tower to read the captions with")
-        return train, 0
+        return train, 0, None
     if val is None:
         log.warning(NONE_JOINS, "caption labels are admitted on val, and the experiment has no select_split")
-        return train, 0
+        return train, 0, None
     named = caption_labels(train.store_txt, class_text)
     options = _filter_options(ctx, train, named, num_classes, max_items)
     if not any(added for _, added in options.values()):
         log.warning(NONE_JOINS, "no KB caption names one of the dataset's classes")
-        return train, 0
+        return train, 0, None
     counts = class_counts(train.labels, num_classes)
-    without = _mlp_only_val_score(ctx, plan, train, val, counts, "mlp_only [without KB episodes]")
-    union, added, with_them = _chosen_on_val(ctx, plan, train, val, options)
-    if with_them is None:
-        with_them = _episodes_val_score(ctx, plan, train, val, union, "mlp_only [with KB episodes]")
+    alone = select_mlp_only_recorded(ctx, plan, train, val, counts, "mlp_only [without KB episodes]")
+    without = alone.val_score
+    union, added, checked = _chosen_on_val(ctx, plan, train, val, options)
+    if checked is None:
+        checked = _episodes_selection(ctx, plan, train, val, union, "mlp_only [with KB episodes]")
+    with_them = checked.val_score
     admitted = with_them >= without
     ctx.kb_episode_check = {
         "labels": "caption",
@@ -215,27 +223,16 @@ def _caption_episodes(
             f"mlp_only scores {with_them:.3f} on val with the {added} caption-labelled items, "
             f"{without:.3f} without (their captions do not name these images' classes)",
         )
-        return train, 0
-    return union, added
+        return train, 0, None
+    return union, added, checked
 
 
-def _episodes_val_score(
+def _episodes_selection(
     ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, union: Any, line: str
-) -> float:
-    """`_mlp_only_val_score` on `union` (train and its KB items), its epochs scaled as the run's will be
-    with them."""
+) -> RecordedSelection:
+    """The mlp_only selection on `union` (train and its KB items) as the run's mlp_only would be fitted
+    if these items joined: its epochs scaled, its prior their class counts. `line`: its console line."""
     num_classes = int(ctx.info["num_classes"])
     scaled_plan = {**plan, **_scaled_epochs(plan, len(train) / len(union))}
-    return _mlp_only_val_score(ctx, scaled_plan, union, val, class_counts(union.labels, num_classes), line)
-
-
-def _mlp_only_val_score(
-    ctx: ExperimentContext, plan: dict[str, Any], train: Any, val: Any, counts: list[int], line: str
-) -> float:
-    """Val score (the experiment's select_metric) of the image head selected on `train` as the `mlp_only`
-    baseline would be. `line`: the name on its console line (a check fits for minutes at 100 classes;
-    its epochs go to no metrics file: the run's own mlp_only writes that)."""
-    sel_opts = plan["select"]
-    with tracking(ModelProgress(line, len(sel_opts.lr_grid) * int(sel_opts.baseline_epochs), ctx.progress)):
-        sel = select_mlp_only(ctx, plan, train, val, counts)
-    return round(float(sel.selected["val_score"]), 6)
+    counts = class_counts(union.labels, num_classes)
+    return select_mlp_only_recorded(ctx, scaled_plan, union, val, counts, line)

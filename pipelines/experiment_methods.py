@@ -4,6 +4,7 @@ val, voted, or zero-shot (`run_method` dispatches); its metrics and scores per e
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from retformer.trainer.checkpoint import save_model
 from retformer.trainer.config import FusionOptions
 from retformer.trainer.evaluate import evaluate
 from retformer.trainer.methods import METHODS, RETRIEVAL_FREE, select_method, train_method
-from retformer.trainer.progress import ModelProgress, tracking
+from retformer.trainer.progress import ModelProgress, listening, tracking
 from retformer.trainer.select_votes import select_knn_k, select_vote, vote_scores
 from retformer.trainer.selection import shuffled
 from retformer.trainer.train import intra_op_threads, predict
@@ -153,6 +154,52 @@ def select_mlp_only(
     return select_method("mlp_only", "paper", config, train_f, val_f, mlp_only=None, **inputs)
 
 
+@dataclass
+class RecordedSelection:
+    """A selection fitted under its own console line with every epoch's metrics line kept, so that a run
+    whose own model it turns out to be takes it as fitted there (`replay`) instead of fitting it again."""
+
+    selection: Any
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def val_score(self) -> float:
+        """The selected model's val score (the experiment's select_metric), rounded as eval.json keeps it."""
+        return round(float(self.selection.selected["val_score"]), 6)
+
+    def replay(self, progress: ModelProgress) -> None:
+        """Report the recorded fits to `progress` (its console line, metrics file and epoch listeners such
+        as --tensorboard) as they were reported while trained: one begin_fit per fit, then its epochs."""
+        fits: dict[int, list[dict[str, Any]]] = {}
+        for line in self.epochs:
+            fits.setdefault(line["fit"], []).append(line)
+        for lines in fits.values():
+            summary = lines[0]["fit_config"]
+            progress.begin_fit(int(summary.get("epochs", len(lines))), summary=summary)
+            for line in lines:
+                progress.epoch({k: v for k, v in line.items() if k not in ("fit", "fit_config")})
+
+
+def select_mlp_only_recorded(
+    ctx: ExperimentContext,
+    plan: dict[str, Any],
+    train_f: Any,
+    val_f: Any,
+    class_counts: list[int] | None,
+    name: str,
+) -> RecordedSelection:
+    """`select_mlp_only` under a console line of its own called `name`, its epochs recorded (a check
+    that fits for minutes at 100 classes says so; the run's mlp_only may replay it)."""
+    opts = plan["select"]
+    recorded = RecordedSelection(selection=None)
+    with (
+        listening(lambda _name, _n, line: recorded.epochs.append(line)),
+        tracking(ModelProgress(name, len(opts.lr_grid) * int(opts.baseline_epochs), ctx.progress)),
+    ):
+        recorded.selection = select_mlp_only(ctx, plan, train_f, val_f, class_counts)
+    return recorded
+
+
 def _select_trained(
     ctx: ExperimentContext,
     plan: dict[str, Any],
@@ -177,8 +224,15 @@ def _select_trained(
 
     def mlp_only() -> Any:
         if ctx.mlp_only is None:
-            with tracking(line("mlp_only", mlp_only_config(ctx, plan))):
-                ctx.mlp_only = select_mlp_only(ctx, plan, train_f, val_f, ctx.class_counts)
+            with tracking(line("mlp_only", mlp_only_config(ctx, plan))) as progress:
+                checked = ctx.checked_mlp_only
+                if checked is not None:
+                    # Fitted on these very items, epochs and prior by the KB-episode check: not again
+                    log.info("mlp_only: the selection the KB-episode check fitted on these training items")
+                    checked.replay(progress)
+                    ctx.mlp_only = checked.selection
+                else:
+                    ctx.mlp_only = select_mlp_only(ctx, plan, train_f, val_f, ctx.class_counts)
         return ctx.mlp_only
 
     if method == "mlp_only":

@@ -3,6 +3,7 @@ training queries with leave-one-out neighbours, and RetFormer's fallback being m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,36 @@ def test_auto_filter_trains_on_the_items_val_prefers(
     assert rec["chosen"] == ("none" if rec["val_none"] > rec["val_knn"] else "knn") == chosen
     assert rep["kb_episodes"] == (80 if chosen == "none" else kept)
     assert rep["methods"]["mlp_only"]["selected"]["val_score"] == pytest.approx(rec[f"val_{chosen}"])
+
+
+def test_the_run_takes_the_check_fit_and_it_equals_a_fresh_fit(tmp_path: Path, caplog) -> None:
+    """Proves the run's mlp_only may take the fit `auto` made to choose (every 4th KB label wrong: val
+    keeps all 80 items): a run that forces those same items (`kb_episode_filter: none`, no check fitted)
+    fits mlp_only afresh, and the two runs' mlp_only have the same selection, the same test predictions
+    image for image, and the same metrics file (each epoch's figures, wall times aside)."""
+    runs, took = {}, {}
+    for filter_ in ("auto", "none"):
+        exp = _exp(methods=["mlp_only"], kb_episodes=1000, kb_episode_filter=filter_)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="retformer.pipelines.experiment_methods"):
+            runs[filter_] = run(tmp_path / filter_, exp, kb_wrong_every=4)
+        took[filter_] = "the KB-episode check fitted" in caplog.text
+    assert took == {"auto": True, "none": False}
+    assert (
+        runs["auto"]["kb_episode_filter"]["chosen"] == runs["none"]["kb_episode_filter"]["chosen"] == "none"
+    )
+    a, b = runs["auto"]["methods"]["mlp_only"], runs["none"]["methods"]["mlp_only"]
+    assert a["selected"] == b["selected"] and a["top1"] == b["top1"]
+    preds = [
+        pq.read_table(tmp_path / f / "runs" / "r" / m["predictions"]) for f, m in (("auto", a), ("none", b))
+    ]
+    assert preds[0].column("pred").to_pylist() == preds[1].column("pred").to_pylist()
+
+    def epochs(filter_: str) -> list[dict]:
+        lines = (tmp_path / filter_ / "runs" / "r" / "mlp_only.metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in lines]
+
+    assert epochs("auto") and epochs("auto") == epochs("none")
 
 
 def test_auto_filter_fits_nothing_extra_where_the_filter_keeps_every_item(with_episodes) -> None:
