@@ -13,21 +13,21 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from retformer.artifacts.workspace import Workspace, read_json
 from retformer.pipelines import stages
 from retformer.pipelines.experiment import _load_inputs
 from retformer.pipelines.experiment_context import ExperimentContext
-from retformer.pipelines.experiment_episodes import _filter_options, _scaled_epochs
-from retformer.pipelines.experiment_methods import select_mlp_only
+from retformer.pipelines.experiment_episodes import _episodes_selection, _filter_options
 from retformer.pipelines.experiment_plan import eval_splits, plan_experiment
-from retformer.trainer.kb_episodes import class_counts
+from retformer.trainer.evidence import balanced_accuracy
 from retformer.trainer.train import predict
 
 
-def balanced(right: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    """Mean per-class accuracy over the classes val has."""
-    return float(np.mean([right[labels == c].mean() for c in range(num_classes) if (labels == c).any()]))
+def gain(logits: dict[str, torch.Tensor], y: torch.Tensor, rows: np.ndarray | slice) -> float:
+    """Balanced val accuracy without the filter minus with it, on the val rows `rows`."""
+    return balanced_accuracy(logits["none"][rows], y[rows]) - balanced_accuracy(logits["knn"][rows], y[rows])
 
 
 def main() -> None:
@@ -42,41 +42,43 @@ def main() -> None:
     ws = Workspace(args.workdir)
     ds, kb = stages.load_dataset_manifest(args.dataset, None), stages.load_kb(args.kb, None)
     base = stages.load_experiment(args.experiment, None)
+    info = read_json(ws.dataset_info(ds.name))
+    # The features are the same for every seed (a seed changes what training draws, nothing read)
+    plan = plan_experiment(base, kb)
+    plan["select"] = plan["select"].for_dataset(ds.name)
+    inputs = _load_inputs(ws, ds.name, kb.name, plan, info, eval_splits(base, info), base.select_split)
+    train, val, num_classes = inputs.train_all, inputs.val_all, int(info["num_classes"])
+    y = val.labels.long()
+    by_class = [torch.nonzero(y == c).flatten().numpy() for c in range(num_classes) if (y == c).any()]
     first = base.train.seed if base.train else 0
     for seed in range(first, first + args.seeds):
         exp = base.seeded(seed)
         plan = plan_experiment(exp, kb)
-        info = read_json(ws.dataset_info(ds.name))
         plan["select"] = plan["select"].for_dataset(ds.name)
-        inputs = _load_inputs(ws, ds.name, kb.name, plan, info, eval_splits(exp, info), exp.select_split)
         ctx = ExperimentContext(ws, ds, kb, exp, info, False)
         ctx.table_k = inputs.table_k
-        train, val, num_classes = inputs.train_all, inputs.val_all, int(info["num_classes"])
-        labels = train.store_label.cpu().numpy()
-        options = _filter_options(ctx, train, labels, num_classes, exp.kb_episodes)
-        right, scores = {}, {}
-        for name, (union, _) in options.items():
-            scaled = {**plan, **_scaled_epochs(plan, len(train) / len(union))}
-            sel = select_mlp_only(ctx, scaled, union, val, class_counts(union.labels, num_classes))
-            scores[name] = float(sel.selected["val_score"])
-            right[name] = (predict(sel.model, val).argmax(1).cpu().numpy() == val.labels.cpu().numpy()) * 1.0
-        y = val.labels.cpu().numpy()
-        diff = balanced(right["none"], y, num_classes) - balanced(right["knn"], y, num_classes)
+        options = _filter_options(ctx, train, train.store_label.cpu().numpy(), num_classes, exp.kb_episodes)
+        # Each option's fit as the run fits it (`_chosen_on_val`), then its val scores for the bootstrap
+        fits = {
+            name: _episodes_selection(ctx, plan, train, val, union, name)
+            for name, (union, _) in options.items()
+        }
+        logits = {name: predict(fit.selection.model, val) for name, fit in fits.items()}
+
         rng = np.random.default_rng(0)
-        by_class = [np.nonzero(y == c)[0] for c in range(num_classes) if (y == c).any()]
-        draws = []
-        for _ in range(args.draws):
-            rows = np.concatenate([rng.choice(r, len(r)) for r in by_class])
-            draws.append(
-                balanced(right["none"][rows], y[rows], num_classes)
-                - balanced(right["knn"][rows], y[rows], num_classes)
-            )
+        draws = np.array(
+            [
+                gain(logits, y, np.concatenate([rng.choice(r, len(r)) for r in by_class]))
+                for _ in range(args.draws)
+            ]
+        )
         lo, hi = np.percentile(draws, [2.5, 97.5])
-        p_worse = float(np.mean(np.array(draws) <= 0))
+        right = {name: out.argmax(1) == y for name, out in logits.items()}
+        discordant = int((right["none"] != right["knn"]).sum())
         print(
-            f"seed {seed}: val knn {scores['knn']:.4f} none {scores['none']:.4f}; none - knn {diff:+.4f} "
-            f"[{lo:+.4f}, {hi:+.4f}] (95%), share of draws <= 0: {p_worse:.3f}; "
-            f"discordant images {int((right['none'] != right['knn']).sum())} of {len(y)}",
+            f"seed {seed}: val knn {fits['knn'].val_score:.4f} none {fits['none'].val_score:.4f}; none - knn "
+            f"{gain(logits, y, slice(None)):+.4f} [{lo:+.4f}, {hi:+.4f}] (95%), share of draws <= 0: "
+            f"{float(np.mean(draws <= 0)):.3f}; images right in one fit only {discordant} of {len(y)}",
             flush=True,
         )
 
