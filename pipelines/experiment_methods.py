@@ -190,11 +190,10 @@ def select_mlp_only_recorded(
 ) -> RecordedSelection:
     """`select_mlp_only` under a console line of its own called `name`, its epochs recorded (a check
     that fits for minutes at 100 classes says so; the run's mlp_only may replay it)."""
-    opts = plan["select"]
     recorded = RecordedSelection(selection=None)
     with (
         listening(lambda _name, _n, line: recorded.epochs.append(line)),
-        tracking(ModelProgress(name, len(opts.lr_grid) * int(opts.baseline_epochs), ctx.progress)),
+        tracking(ModelProgress(name, _grid_epochs("mlp_only", plan, None), ctx.progress)),
     ):
         recorded.selection = select_mlp_only(ctx, plan, train_f, val_f, class_counts)
     return recorded
